@@ -1,0 +1,50 @@
+"""multispool: a crash-safe multi-process queue that lives in a directory.
+
+Producers enqueue entries into named queues; consumers wake on filesystem events, claim
+an entry with an atomic rename(2), and move it to another queue or remove it.
+See API.md for the contract; everything here is re-exported from private modules.
+"""
+
+from __future__ import annotations
+
+from ._errors import CorruptEntryError as CorruptEntryError
+from ._errors import EntryNotFoundError as EntryNotFoundError
+from ._errors import InvalidNameError as InvalidNameError
+from ._errors import NotASpoolError as NotASpoolError
+from ._errors import SpoolError as SpoolError
+from ._layout import Dir as Dir
+from ._spool import NOT_FOUND as NOT_FOUND
+from ._spool import REMOVE as REMOVE
+from ._spool import CheckedOutEntry as CheckedOutEntry
+from ._spool import DataFile as DataFile
+from ._spool import Entry as Entry
+from ._spool import Save as Save
+from ._spool import Spool as Spool
+from ._spoolable import BytesData as BytesData
+from ._spoolable import MsgspecData as MsgspecData
+from ._spoolable import PrefixNames as PrefixNames
+from ._spoolable import Spoolable as Spoolable
+from ._spoolable import TimeOrderedNames as TimeOrderedNames
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NOT_FOUND",
+    "REMOVE",
+    "BytesData",
+    "CheckedOutEntry",
+    "CorruptEntryError",
+    "DataFile",
+    "Dir",
+    "Entry",
+    "EntryNotFoundError",
+    "InvalidNameError",
+    "MsgspecData",
+    "NotASpoolError",
+    "PrefixNames",
+    "Save",
+    "Spool",
+    "SpoolError",
+    "Spoolable",
+    "TimeOrderedNames",
+]

@@ -1,0 +1,187 @@
+"""Atomic, durable and symlink-safe file primitives. Every disk write of the spool goes
+through here, so the durable-write recipe and the platform details live in one place.
+
+Durability levels (see Spoolable.durability):
+    "full"  fsync written files and every directory whose entries changed
+    "file"  fsync file contents only (what the OCaml library does)
+    "none"  fsync nothing
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from typing import Final
+
+# O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
+# descriptors must not leak into exec'd children (they would keep checkouts locked).
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+_BINARY: Final = getattr(os, "O_BINARY", 0)
+_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
+O_READ: Final = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _BINARY
+O_CREATE_EXCL: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
+O_CREATE_TRUNC: Final = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC | _BINARY
+
+if sys.platform == "darwin":  # pragma: no cover - macOS only
+    import fcntl
+
+    def fsync_fd(fd: int) -> None:
+        """Flush a file to stable storage (F_FULLFSYNC: plain fsync on macOS does not)."""
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+        except OSError:
+            os.fsync(fd)
+else:
+
+    def fsync_fd(fd: int) -> None:
+        """Flush a file to stable storage."""
+        os.fsync(fd)
+
+
+if os.name == "nt":  # pragma: no cover - Windows only
+
+    def fsync_dir(path: str) -> None:
+        """Directories cannot be opened for fsync on Windows; NTFS journals metadata."""
+
+else:
+
+    def fsync_dir(path: str) -> None:
+        """Make the entries of directory ``path`` durable."""
+        fd = os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+        try:
+            fsync_fd(fd)
+        finally:
+            os.close(fd)
+
+
+def write_file(path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False) -> None:
+    """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
+    fsync it when ``sync``. On failure the partly written file is removed."""
+    fd = os.open(path, O_CREATE_EXCL if exclusive else O_CREATE_TRUNC, mode)
+    try:
+        view = memoryview(contents)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if sync:
+            fsync_fd(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quiet(path)
+        raise
+    os.close(fd)
+
+
+def read_file(path: str) -> bytes:
+    """Read a whole file without following a symlink at ``path``."""
+    fd = os.open(path, O_READ)
+    try:
+        size = os.fstat(fd).st_size
+        chunks = []
+        # Read past st_size too: the file may grow (or st_size may be 0 on special files).
+        while True:
+            chunk = os.read(fd, max(size, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file that some other code wrote (a user data codec)."""
+    fd = os.open(path, O_READ)
+    try:
+        fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quiet(path: str) -> bool:
+    """Unlink ``path``; False if it was already gone. Other errors propagate."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def rename_if_exists(src: str, dst: str) -> bool:
+    """rename(2) ``src`` to ``dst``; False if ``src`` does not exist."""
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def is_real_dir(path: str) -> bool:
+    """True if ``path`` is a directory and not a symlink to one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    import stat as _stat
+
+    return _stat.S_ISDIR(st.st_mode)
+
+
+def mkdir_durable(path: str, mode: int, *, sync: bool) -> bool:
+    """Create directory ``path``; True if created, False if it already was a directory."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not is_real_dir(path):
+            raise
+        return False
+    if sync:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return True
+
+
+# -- owner locks ------------------------------------------------------------------------
+# A checkout (or an enqueue in progress) is owned by whoever holds an exclusive flock on
+# the entry's registry file. flock locks belong to the open file description, so two
+# descriptors in one process exclude each other too, and the kernel drops the lock when
+# the owning process dies: that is what recover_checkouts and clean_abandoned rely on.
+
+try:
+    import fcntl as _fcntl
+
+    HAVE_LOCKS: Final = True
+
+    def try_lock(fd: int) -> bool:
+        """Take an exclusive lock on ``fd`` without waiting; False if another holds it."""
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+except ImportError:  # pragma: no cover - Windows: no owner locks, recovery is disabled
+    HAVE_LOCKS = False  # type: ignore[misc]
+
+    def try_lock(fd: int) -> bool:
+        return True
+
+
+def open_locked(path: str) -> int | None:
+    """Open an existing registry file and lock it. None if it does not exist, another
+    process holds it, or it was unlinked while we took the lock (a stale inode)."""
+    try:
+        fd = os.open(path, O_READ)
+    except FileNotFoundError:
+        return None
+    try:
+        if not try_lock(fd) or (HAVE_LOCKS and os.fstat(fd).st_nlink == 0):
+            os.close(fd)
+            return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

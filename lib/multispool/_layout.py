@@ -1,0 +1,194 @@
+"""The on-disk layout of a spool: the one module that builds spool paths.
+
+    SPOOL/.registry/NAME        name reservation; lives for the entry's whole life; its
+                                flock is the owner lock of an enqueue or a checkout
+    SPOOL/.tmp/NAME             metadata (or data) being written, before its atomic rename
+    SPOOL/.data/NAME            the entry's data payload
+    SPOOL/QUEUE/NAME            metadata of an entry waiting in QUEUE
+    SPOOL/QUEUE/.checkout/NAME  metadata of an entry some process has checked out
+
+An entry's life, and the single rename or unlink that makes each step (every other module
+follows this table):
+
+    reserve      create .registry/NAME (O_EXCL)                         -> reserved
+    enqueue      .tmp/NAME + .data/NAME, rename .tmp/NAME -> Q/NAME     -> queued in Q
+    checkout     lock registry, rename Q/NAME -> Q/.checkout/NAME       -> checked out of Q
+    save(Q2)     [rewrite via .tmp], rename Q/.checkout/NAME -> Q2/NAME -> queued in Q2
+    release      rename Q/.checkout/NAME -> Q/NAME                      -> queued in Q
+    remove       unlink Q/.checkout/NAME, .data/NAME, .registry/NAME    -> gone
+    recover      (owner dead) rename Q/.checkout/NAME -> Q/NAME         -> queued in Q
+    abandon      (enqueuer dead) unlink .tmp/NAME, .data/NAME, .registry/NAME -> gone
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from ._errors import InvalidNameError
+
+REGISTRY: Final = ".registry"
+TMP: Final = ".tmp"
+DATA: Final = ".data"
+CHECKOUT: Final = ".checkout"
+
+MAX_NAME_BYTES: Final = 255
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is a safe entry name, else raise InvalidNameError.
+
+    Safe: a non-empty str, not starting with '.', without '/' or NUL (or '\\' on Windows,
+    where it is a separator), at most 255 bytes in UTF-8.
+    """
+    if not isinstance(name, str):
+        raise InvalidNameError(name, "not a str")
+    if not name:
+        raise InvalidNameError(name, "empty")
+    if name[0] == ".":
+        raise InvalidNameError(name, "starts with '.' (names '.', '..' and dot-names are reserved)")
+    if "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        raise InvalidNameError(name, "contains a path separator")
+    if "\0" in name:
+        raise InvalidNameError(name, "contains NUL")
+    try:
+        n = len(name.encode("utf-8", "surrogateescape"))
+    except UnicodeError as e:
+        raise InvalidNameError(name, f"cannot be encoded: {e}") from None
+    if n > MAX_NAME_BYTES:
+        raise InvalidNameError(name, f"longer than {MAX_NAME_BYTES} bytes ({n})")
+    return name
+
+
+def check_queue_dirname(value: object) -> str:
+    """Return ``value`` if it can name a queue directory, else raise ValueError."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"queue value must be a non-empty str, got {value!r}")
+    if value.startswith("."):
+        raise ValueError(f"queue value must not start with '.': {value!r}")
+    if "/" in value or "\0" in value or os.sep in value or (os.altsep and os.altsep in value):
+        raise ValueError(f"queue value must not contain '/' or NUL: {value!r}")
+    if value in (".", ".."):
+        raise ValueError(f"queue value {value!r} is reserved")
+    return value
+
+
+class Layout:
+    """Paths of one spool. Pure: builds strings, touches nothing."""
+
+    __slots__ = ("data", "dir", "registry", "tmp")
+
+    def __init__(self, spool_dir: str) -> None:
+        self.dir = spool_dir
+        self.registry = os.path.join(spool_dir, REGISTRY)
+        self.tmp = os.path.join(spool_dir, TMP)
+        self.data = os.path.join(spool_dir, DATA)
+
+    def queue(self, dirname: str) -> str:
+        return os.path.join(self.dir, dirname)
+
+    def checkout(self, dirname: str) -> str:
+        return os.path.join(self.dir, dirname, CHECKOUT)
+
+    def registry_file(self, name: str) -> str:
+        return os.path.join(self.registry, name)
+
+    def tmp_file(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+    def data_file(self, name: str) -> str:
+        return os.path.join(self.data, name)
+
+    def queue_file(self, dirname: str, name: str) -> str:
+        return os.path.join(self.dir, dirname, name)
+
+    def checkout_file(self, dirname: str, name: str) -> str:
+        return os.path.join(self.dir, dirname, CHECKOUT, name)
+
+    def fixed_dirs(self) -> tuple[str, str, str]:
+        return (self.registry, self.tmp, self.data)
+
+
+class _Kind(enum.IntEnum):
+    # Order matters: it is the sort order of Dir values, as in the OCaml Monitor.
+    REGISTRY = 0
+    TMP = 1
+    DATA = 2
+    QUEUE = 3
+    CHECKOUT = 4
+
+
+@dataclass(frozen=True, eq=True)
+class Dir:
+    """A directory of the spool, as the Monitor reports it.
+
+    ``Dir.REGISTRY``, ``Dir.TMP``, ``Dir.DATA``, ``Dir.queue(q)``, ``Dir.checkout(q)``.
+    Values are frozen, hashable and ordered: registry < tmp < data < queues (in queue
+    definition order, each queue's dir before its checkout dir).
+    """
+
+    kind: _Kind
+    queue_member: Any = None
+
+    REGISTRY: ClassVar[Dir]  # assigned below: a class cannot hold instances of itself yet
+    TMP: ClassVar[Dir]
+    DATA: ClassVar[Dir]
+
+    @staticmethod
+    def queue(q: enum.Enum) -> Dir:
+        return Dir(_Kind.QUEUE, q)
+
+    @staticmethod
+    def checkout(q: enum.Enum) -> Dir:
+        return Dir(_Kind.CHECKOUT, q)
+
+    @property
+    def name_on_disk(self) -> str:
+        if self.kind is _Kind.REGISTRY:
+            return REGISTRY
+        if self.kind is _Kind.TMP:
+            return TMP
+        if self.kind is _Kind.DATA:
+            return DATA
+        dirname = str(self.queue_member.value)
+        return dirname if self.kind is _Kind.QUEUE else f"{dirname}/{CHECKOUT}"
+
+    def _sort_key(self) -> tuple[int, int, int]:
+        if self.queue_member is None:
+            return (int(self.kind), 0, 0)
+        members = list(type(self.queue_member))
+        is_co = 1 if self.kind is _Kind.CHECKOUT else 0
+        return (int(_Kind.QUEUE), members.index(self.queue_member), is_co)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Dir):
+            return NotImplemented
+        return self._sort_key() < other._sort_key()
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, Dir):
+            return NotImplemented
+        return self._sort_key() <= other._sort_key()
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Dir):
+            return NotImplemented
+        return self._sort_key() > other._sort_key()
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, Dir):
+            return NotImplemented
+        return self._sort_key() >= other._sort_key()
+
+    def __repr__(self) -> str:
+        if self.queue_member is None:
+            return f"Dir.{self.kind.name}"
+        fn = "queue" if self.kind is _Kind.QUEUE else "checkout"
+        return f"Dir.{fn}({self.queue_member!r})"
+
+
+Dir.REGISTRY = Dir(_Kind.REGISTRY)
+Dir.TMP = Dir(_Kind.TMP)
+Dir.DATA = Dir(_Kind.DATA)

@@ -1,0 +1,849 @@
+"""The spool: entries, enqueue, listing, checkouts, recovery.
+
+Every transition follows the table in ``_layout``. Ownership: whoever holds the flock on
+``.registry/NAME`` owns the entry's enqueue or checkout (see ``_fs.open_locked``).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import stat as stat_mod
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
+
+from . import _fs
+from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
+from ._layout import CHECKOUT, Layout, check_name
+from ._spoolable import Duration, Spoolable, names_for, seconds
+
+if TYPE_CHECKING:
+    from ._reader import QueueReader
+
+log = logging.getLogger("multispool")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# How many name proposals reserve_name tries before giving up (a generator that always
+# collides must not loop forever).
+MAX_NAME_ATTEMPTS: Final = 100_000
+# A registry lock that is busy while the entry still sits in its queue belongs to an
+# enqueuer finishing its rename or to a claimer about to rename: both take microseconds.
+BUSY_WAIT: Final = 0.05
+
+# errnos that mean "this queue file is not a regular entry file" (planted symlink, dir...)
+_NOT_A_FILE = {errno.ELOOP, errno.EISDIR, errno.ENXIO, getattr(errno, "EFTYPE", -1), errno.EMLINK}
+
+
+@dataclass(frozen=True)
+class Save:
+    """Action: write ``metadata`` and move the entry into ``queue``."""
+
+    metadata: Any
+    queue: enum.Enum
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"multispool.{self._name}"
+
+    def __reduce__(self) -> str:
+        return self._name
+
+
+REMOVE: Final = _Sentinel("REMOVE")
+"""Action: delete the entry (data, metadata and reservation)."""
+NOT_FOUND: Final = _Sentinel("NOT_FOUND")
+"""Returned by ``with_entry_if_found`` when the entry could not be checked out."""
+
+Action = Save | _Sentinel
+
+# Reservations made by reserve_name, locked until enqueue(use=NAME) consumes them, keyed by
+# the registry file's (st_dev, st_ino) so that any Spool object of this process finds them.
+_reserved: dict[tuple[int, int], int] = {}
+_reserved_lock = threading.Lock()
+
+
+def _forget_reserved_in_child() -> None:
+    # A forked child must not think it owns its parent's reservations.
+    _reserved.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_reserved_in_child)
+
+
+class _Claim:
+    """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
+
+    __slots__ = ("done", "fd")
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.done = False
+
+    def release(self) -> None:
+        self.done = True
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+class DataFile(Generic[T]):
+    """An entry's data payload in ``.data/NAME``."""
+
+    __slots__ = ("name", "spool")
+
+    def __init__(self, spool: Spool[T], name: str) -> None:
+        self.spool = spool
+        self.name = name
+
+    @property
+    def path(self) -> str:
+        return self.spool._layout.data_file(self.name)
+
+    def load(self) -> T:
+        """The decoded data (via the Spoolable's data codec)."""
+        sp = self.spool.spoolable
+        with sp.throttled():
+            dec = getattr(sp.data, "_decode", None)
+            if dec is not None:
+                return dec(_fs.read_file(self.path))  # type: ignore[no-any-return]
+            return sp.data.load(self.path)  # type: ignore[no-any-return]
+
+    def save(self, contents: T) -> None:
+        """Atomically replace the data (written to ``.tmp/NAME``, then renamed)."""
+        sp = self.spool.spoolable
+        lay = self.spool._layout
+        tmp = lay.tmp_file(self.name)
+        with sp.throttled():
+            try:
+                sp.encode_data(contents, tmp, sync=sp.durability != "none")
+                os.rename(tmp, self.path)
+            except BaseException:
+                _fs.unlink_quiet(tmp)
+                raise
+            if sp.durability == "full":
+                _fs.fsync_dir(lay.data)
+
+    def stat(self) -> os.stat_result:
+        """``os.stat_result`` of the data file (not following a symlink)."""
+        with self.spool.spoolable.throttled():
+            return os.stat(self.path, follow_symlinks=False)
+
+    def __repr__(self) -> str:
+        return f"DataFile({self.path!r})"
+
+
+class _Direct(Generic[T]):
+    """Operations on a queued entry without checking it out (no exclusivity)."""
+
+    __slots__ = ("_entry",)
+
+    def __init__(self, entry: Entry[T]) -> None:
+        self._entry = entry
+
+    def _path(self) -> str:
+        e = self._entry
+        return e.spool._layout.queue_file(e.spool.spoolable.dirname(e.queue), e.name)
+
+    def contents(self) -> Any:
+        """The metadata in ``QUEUE/NAME``; EntryNotFoundError if it is not there."""
+        path = self._path()
+        sp = self._entry.spool.spoolable
+        with sp.throttled():
+            try:
+                raw = _fs.read_file(path)
+            except FileNotFoundError:
+                raise EntryNotFoundError("no such entry", path) from None
+        return sp._codec.decode(raw, path)
+
+    def data_file(self) -> DataFile[T]:
+        return DataFile(self._entry.spool, self._entry.name)
+
+    def save(self, metadata: Any) -> None:
+        """Atomically replace ``QUEUE/NAME`` with ``metadata`` (EntryNotFoundError if absent)."""
+        e = self._entry
+        e.spool._write_metadata(e.name, metadata, self._path(), must_exist=True)
+
+    def remove(self) -> None:
+        """Delete the queued entry: queue file first (that is the claim), then data and
+        registry. EntryNotFoundError if it is not in its queue (e.g. checked out)."""
+        e = self._entry
+        sp = e.spool.spoolable
+        lay = e.spool._layout
+        path = self._path()
+        with sp.throttled():
+            if not _fs.unlink_quiet(path):
+                raise EntryNotFoundError("no such entry", path)
+            if sp.durability == "full":
+                _fs.fsync_dir(os.path.dirname(path))
+            _fs.unlink_quiet(lay.data_file(e.name))
+            _fs.unlink_quiet(lay.registry_file(e.name))
+
+
+class Entry(Generic[T]):
+    """A name in a queue. Creating one checks the name, not the disk."""
+
+    __slots__ = ("name", "queue", "spool")
+
+    def __init__(self, spool: Spool[T], queue: enum.Enum, name: str) -> None:
+        spool.spoolable.dirname(queue)
+        self.spool = spool
+        self.queue = queue
+        self.name = check_name(name)
+
+    @classmethod
+    def create(cls, spool: Spool[T], queue: enum.Enum, name: str) -> Entry[T]:
+        return cls(spool, queue, name)
+
+    @classmethod
+    def _trusted(cls, spool: Spool[T], queue: enum.Enum, name: str) -> Entry[T]:
+        e = cls.__new__(cls)
+        e.spool, e.queue, e.name = spool, queue, name
+        return e
+
+    def stat(self) -> os.stat_result:
+        """``os.stat_result`` of ``.registry/NAME``; EntryNotFoundError if absent."""
+        path = self.spool._layout.registry_file(self.name)
+        with self.spool.spoolable.throttled():
+            try:
+                return os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                raise EntryNotFoundError("no such entry", path) from None
+
+    @property
+    def direct(self) -> _Direct[T]:
+        return _Direct(self)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return (self.spool.dir, self.queue, self.name) == (other.spool.dir, other.queue, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.spool.dir, self.queue, self.name))
+
+    def __repr__(self) -> str:
+        return f"Entry({self.spool.dir!r}, {self.queue}, {self.name!r})"
+
+
+class CheckedOutEntry(Generic[T]):
+    """An entry this process has claimed. Exactly one of ``save``, ``remove`` or
+    ``release`` ends it; leaving a ``with`` block without one returns it unchanged."""
+
+    __slots__ = ("_claim", "_raw", "contents", "name", "queue", "spool")
+
+    def __init__(
+        self,
+        spool: Spool[T],
+        queue: enum.Enum,
+        name: str,
+        contents: Any,
+        raw: bytes | None,
+        claim: _Claim,
+    ) -> None:
+        self.spool = spool
+        self.queue = queue
+        self.name = name
+        self.contents = contents
+        self._raw = raw
+        self._claim = claim
+
+    @property
+    def data_file(self) -> DataFile[T]:
+        return DataFile(self.spool, self.name)
+
+    @property
+    def path(self) -> str:
+        """Where the metadata is while checked out: ``QUEUE/.checkout/NAME``."""
+        return self.spool._layout.checkout_file(self.spool.spoolable.dirname(self.queue), self.name)
+
+    @property
+    def done(self) -> bool:
+        """True once saved, removed or released."""
+        return self._claim.done
+
+    def update(self, f: Callable[[Any], Any]) -> CheckedOutEntry[T]:
+        """A new handle on the same checkout, with contents ``f(contents)``."""
+        return CheckedOutEntry(self.spool, self.queue, self.name, f(self.contents), self._raw, self._claim)
+
+    def _check_live(self) -> None:
+        if self._claim.done:
+            raise SpoolError(f"checkout of {self.name!r} already ended (saved, removed or released)")
+
+    def save(self, queue: enum.Enum) -> None:
+        """Write the contents (only if they changed) and move the entry into ``queue``."""
+        self._check_live()
+        sp = self.spool.spoolable
+        lay = self.spool._layout
+        dst_dir = sp.dirname(queue)
+        src = self.path
+        dst = lay.queue_file(dst_dir, self.name)
+        raw = sp._codec.encode(self.contents)
+        with sp.throttled():
+            if raw != self._raw:
+                self.spool._write_metadata(self.name, raw, src, must_exist=False, encoded=True)
+            else:
+                # A fresh mtime in the new queue: the Monitor measures queue age from it.
+                _touch(src)
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError:
+                raise EntryNotFoundError("checked-out entry vanished", src) from None
+            self._claim.release()
+            if sp.durability == "full":
+                _fs.fsync_dir(lay.queue(dst_dir))
+
+    def remove(self) -> None:
+        """Delete the entry: checkout file, data, then the reservation."""
+        self._check_live()
+        sp = self.spool.spoolable
+        lay = self.spool._layout
+        path = self.path
+        with sp.throttled():
+            if not _fs.unlink_quiet(path):
+                raise EntryNotFoundError("checked-out entry vanished", path)
+            if sp.durability == "full":
+                _fs.fsync_dir(os.path.dirname(path))
+            _fs.unlink_quiet(lay.data_file(self.name))
+            _fs.unlink_quiet(lay.registry_file(self.name))
+            self._claim.release()
+
+    def release(self) -> None:
+        """Return the entry unchanged to the queue it came from."""
+        if self._claim.done:
+            return
+        sp = self.spool.spoolable
+        lay = self.spool._layout
+        dirname = sp.dirname(self.queue)
+        with sp.throttled():
+            try:
+                moved = _fs.rename_if_exists(self.path, lay.queue_file(dirname, self.name))
+            finally:
+                self._claim.release()
+            if moved and sp.durability == "full":
+                _fs.fsync_dir(lay.queue(dirname))
+
+    def __enter__(self) -> CheckedOutEntry[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "done" if self._claim.done else "held"
+        return f"CheckedOutEntry({self.spool.dir!r}, {self.queue}, {self.name!r}, {state})"
+
+
+_UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
+
+
+def _touch(path: str) -> None:
+    """Set mtime to now, without following a symlink where the OS allows."""
+    if _UTIME_NOFOLLOW:
+        os.utime(path, follow_symlinks=False)
+    else:  # pragma: no cover
+        os.utime(path)
+
+
+class Spool(Generic[T]):
+    """A spool directory and what is spooled in it."""
+
+    def __init__(self, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> None:
+        # Prefer Spool.load / Spool.create / Spool.load_unsafe.
+        if not isinstance(spoolable, Spoolable):
+            raise TypeError(f"spoolable must be a multispool.Spoolable, got {spoolable!r}")
+        self.dir: str = os.fspath(path)
+        self.spoolable: Spoolable[T] = spoolable
+        self._layout = Layout(self.dir)
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], spoolable: Spoolable[T], create_if_missing: bool = False
+    ) -> Spool[T]:
+        """Open the spool at ``path``, validating its layout (and creating what is missing
+        when ``create_if_missing``; a non-empty non-spool directory is never converted)."""
+        spool = cls(path, spoolable)
+        with spoolable.throttled():
+            spool._validate(create_if_missing)
+        return spool
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> Spool[T]:
+        """``load(path, spoolable, create_if_missing=True)``."""
+        return cls.load(path, spoolable, create_if_missing=True)
+
+    @classmethod
+    def load_unsafe(cls, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> Spool[T]:
+        """A Spool for ``path`` without validation or disk access."""
+        return cls(path, spoolable)
+
+    def _validate(self, create: bool) -> None:
+        lay = self._layout
+        sp = self.spoolable
+        sync = sp.durability == "full"
+        root = self.dir
+        if not os.path.isdir(root):
+            if not create:
+                raise NotASpoolError("spool directory does not exist", root)
+            if os.path.lexists(root):
+                raise NotASpoolError("spool path exists and is not a directory", root)
+            os.makedirs(root, mode=sp.dir_mode, exist_ok=True)
+            if sync:
+                _fs.fsync_dir(os.path.dirname(os.path.abspath(root)))
+        looks_like_spool = _fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)
+        if not looks_like_spool:
+            if not create:
+                raise NotASpoolError("directory does not look like a spool (no .registry and .tmp)", root)
+            if os.listdir(root):
+                raise NotASpoolError("dir is not empty while creating new spool", root)
+        dirs = [lay.registry, lay.tmp, lay.data]
+        for q in sp._queue_list:
+            dirname = sp.dirname(q)
+            dirs += [lay.queue(dirname), lay.checkout(dirname)]
+        devices: dict[int, str] = {}
+        for d in dirs:
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                if not create:
+                    if d == lay.data:
+                        continue  # as the OCaml library: .data is created with the spool only
+                    raise NotASpoolError("spool is missing directory", d) from None
+                _fs.mkdir_durable(d, sp.dir_mode, sync=sync)
+                st = os.lstat(d)
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise NotASpoolError("not a directory (symlinks are not followed)", d)
+            devices.setdefault(st.st_dev, d)
+        if len(devices) > 1:
+            # rename(2) cannot cross filesystems (EXDEV): every spool dir must share one.
+            where = ", ".join(sorted(devices.values()))
+            raise NotASpoolError(f"spool directories are on different filesystems ({where})", root)
+
+    # -- names and enqueue ----------------------------------------------------------------
+    def _reserve(self, seed: Any) -> tuple[str, int]:
+        sp = self.spoolable
+        lay = self._layout
+        for attempt, proposal in names_for(sp.name_generator, seed):
+            name = check_name(proposal)
+            path = lay.registry_file(name)
+            try:
+                fd = os.open(path, _fs.O_CREATE_EXCL, sp.file_mode)
+            except FileExistsError:
+                if attempt + 1 >= MAX_NAME_ATTEMPTS:
+                    raise SpoolError(
+                        f"no free name after {MAX_NAME_ATTEMPTS} attempts in {lay.registry} "
+                        f"(name generator {sp.name_generator!r}, seed {seed!r})"
+                    ) from None
+                continue
+            try:
+                _fs.try_lock(fd)  # fresh file: nobody else can hold it
+                if sp.durability == "full":
+                    _fs.fsync_dir(lay.registry)
+            except BaseException:
+                os.close(fd)
+                _fs.unlink_quiet(path)
+                raise
+            return name, fd
+        raise AssertionError("unreachable")
+
+    def reserve_name(self, seed: Any = None) -> str:
+        """Reserve a fresh name (``.registry/NAME``, created with O_CREAT|O_EXCL), to be
+        used by ``enqueue(..., use=NAME)``. This process holds the reservation locked
+        until then, so ``clean_abandoned`` never removes it while the process lives."""
+        with self.spoolable.throttled():
+            name, fd = self._reserve(seed)
+            st = os.fstat(fd)
+        with _reserved_lock:
+            _reserved[(st.st_dev, st.st_ino)] = fd
+        return name
+
+    def _take_reservation(self, name: str) -> int:
+        path = self._layout.registry_file(name)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise EntryNotFoundError("name is not reserved", path) from None
+        with _reserved_lock:
+            fd = _reserved.pop((st.st_dev, st.st_ino), None)
+        if fd is None:
+            fd = _fs.open_locked(path)
+            if fd is None:
+                raise EntryNotFoundError("reservation is held by another process", path)
+        return fd
+
+    def enqueue(
+        self,
+        queue: enum.Enum,
+        metadata: Any,
+        data: T,
+        *,
+        reserve: Any = None,
+        use: str | None = None,
+    ) -> Entry[T]:
+        """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
+        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
+        the enqueue created (the reservation included) is removed and the error raised."""
+        sp = self.spoolable
+        lay = self._layout
+        dirname = sp.dirname(queue)
+        if use is not None:
+            check_name(use)
+        raw = sp._codec.encode(metadata)  # before touching disk: a bad value leaves nothing
+        sync_files = sp.durability != "none"
+        full = sp.durability == "full"
+        with sp.throttled():
+            if use is not None:
+                name, fd = use, self._take_reservation(use)
+            else:
+                name, fd = self._reserve(reserve)
+            tmp = lay.tmp_file(name)
+            data_path = lay.data_file(name)
+            queued = False
+            try:
+                _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode)
+                sp.encode_data(data, data_path, sync=sync_files)
+                if full:
+                    _fs.fsync_dir(lay.data)
+                os.rename(tmp, lay.queue_file(dirname, name))
+                queued = True
+            except BaseException:
+                _fs.unlink_quiet(tmp)
+                _fs.unlink_quiet(data_path)
+                _fs.unlink_quiet(lay.registry_file(name))
+                os.close(fd)
+                raise
+            finally:
+                if queued:
+                    # Release the enqueue's lock only once the entry is in its queue, so
+                    # clean_abandoned can never take a live enqueue for a dead one.
+                    os.close(fd)
+            if full:
+                _fs.fsync_dir(lay.queue(dirname))
+        return Entry._trusted(self, queue, name)
+
+    def _write_metadata(
+        self, name: str, metadata: Any, path: str, *, must_exist: bool, encoded: bool = False
+    ) -> None:
+        """Atomically replace ``path`` with metadata, staged in ``.tmp/NAME``."""
+        sp = self.spoolable
+        raw: bytes = metadata if encoded else sp._codec.encode(metadata)
+        tmp = self._layout.tmp_file(name)
+        with sp.throttled():
+            if must_exist and not os.path.lexists(path):
+                raise EntryNotFoundError("no such entry", path)
+            try:
+                _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode)
+                os.rename(tmp, path)
+            except BaseException:
+                _fs.unlink_quiet(tmp)
+                raise
+            if sp.durability == "full":
+                _fs.fsync_dir(os.path.dirname(path))
+
+    # -- listing ----------------------------------------------------------------------
+    def list(self, queue: enum.Enum) -> list[Entry[T]]:
+        """Entries waiting in ``queue``, sorted by name (dot-names skipped)."""
+        qdir = self._layout.queue(self.spoolable.dirname(queue))
+        with self.spoolable.throttled():
+            names = os.listdir(qdir)
+        names.sort()
+        return [Entry._trusted(self, queue, n) for n in names if n[0] != "."]
+
+    def list_checkouts_unsafe(self, queue: enum.Enum) -> list[CheckedOutEntry[T]]:
+        """Entries checked out of ``queue`` by anyone, decoded. Handles returned here hold
+        no lock: saving or removing one races with its real owner."""
+        sp = self.spoolable
+        dirname = sp.dirname(queue)
+        co_dir = self._layout.checkout(dirname)
+        with sp.throttled():
+            names = sorted(n for n in os.listdir(co_dir) if n[0] != ".")
+        out: list[CheckedOutEntry[T]] = []
+        for n in names:
+            path = self._layout.checkout_file(dirname, n)
+            try:
+                with sp.throttled():
+                    raw = _fs.read_file(path)
+            except FileNotFoundError:
+                continue  # its owner finished with it meanwhile
+            out.append(CheckedOutEntry(self, queue, n, sp._codec.decode(raw, path), raw, _Claim(None)))
+        return out
+
+    # -- checkouts ----------------------------------------------------------------------
+    def _claim(self, queue: enum.Enum, name: str, busy_wait: float = BUSY_WAIT) -> CheckedOutEntry[T] | None:
+        """Check out ``queue``/``name``: lock its registry file, then rename it into the
+        checkout dir. None if it is gone or another process owns it."""
+        sp = self.spoolable
+        lay = self._layout
+        dirname = sp.dirname(queue)
+        reg = lay.registry_file(name)
+        qfile = lay.queue_file(dirname, name)
+        with sp.throttled():
+            fd = _fs.open_locked(reg)
+            if fd is None:
+                fd = self._wait_busy(reg, qfile, busy_wait)
+                if fd is None:
+                    return None
+            cofile = lay.checkout_file(dirname, name)
+            try:
+                _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
+                os.rename(qfile, cofile)
+            except FileNotFoundError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            claim = _Claim(fd)
+            try:
+                raw = _fs.read_file(cofile)
+            except OSError as e:
+                if e.errno in _NOT_A_FILE:
+                    self._corrupt(queue, name, cofile, f"not a regular file ({os.strerror(e.errno or 0)})", claim)
+                # Unreadable for now (permissions, I/O): give it back, untouched.
+                self._give_back(cofile, qfile, claim)
+                raise
+            except BaseException:
+                self._give_back(cofile, qfile, claim)
+                raise
+        try:
+            contents = sp._codec.decode(raw, cofile)
+        except CorruptEntryError as e:
+            self._corrupt(queue, name, cofile, e.reason, claim, cause=e)
+        return CheckedOutEntry(self, queue, name, contents, raw, claim)
+
+    def _wait_busy(self, reg: str, qfile: str, limit: float) -> int | None:
+        deadline = time.monotonic() + limit
+        delay = 0.0001
+        while os.path.lexists(qfile) and time.monotonic() < deadline:
+            time.sleep(delay)  # lock holders finish within microseconds; back off gently
+            delay = min(delay * 2, 0.005)
+            fd = _fs.open_locked(reg)
+            if fd is not None:
+                return fd
+        return None
+
+    def _give_back(self, cofile: str, qfile: str, claim: _Claim) -> None:
+        try:
+            _fs.rename_if_exists(cofile, qfile)
+        finally:
+            claim.release()
+
+    def _corrupt(
+        self,
+        queue: enum.Enum,
+        name: str,
+        cofile: str,
+        reason: str,
+        claim: _Claim,
+        cause: BaseException | None = None,
+    ) -> NoReturn:
+        """Undecodable metadata: quarantine it (bytes untouched) if the Spoolable says so,
+        else leave it checked out; then raise CorruptEntryError naming the file."""
+        sp = self.spoolable
+        try:
+            q = sp.quarantine
+            if q is not None and q != queue:
+                dst = self._layout.queue_file(sp.dirname(q), name)
+                os.rename(cofile, dst)
+                if sp.durability == "full":
+                    _fs.fsync_dir(os.path.dirname(dst))
+                log.warning("multispool: quarantined %s to %s: %s", cofile, dst, reason)
+                raise CorruptEntryError(cofile, reason, quarantined_to=dst) from cause
+            raise CorruptEntryError(cofile, reason) from cause
+        finally:
+            claim.release()
+
+    def checkout(self, entry: Entry[T]) -> CheckedOutEntry[T]:
+        """Claim ``entry``; EntryNotFoundError if it is gone or another process holds it."""
+        co = self._claim(entry.queue, entry.name)
+        if co is None:
+            raise EntryNotFoundError(
+                "entry is gone or checked out by another process",
+                self._layout.queue_file(self.spoolable.dirname(entry.queue), entry.name),
+            )
+        return co
+
+    def checkout_if_found(self, entry: Entry[T]) -> CheckedOutEntry[T] | None:
+        """Claim ``entry``, or None if it is gone or another process holds it."""
+        return self._claim(entry.queue, entry.name)
+
+    def _apply(self, co: CheckedOutEntry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]) -> R:
+        try:
+            action, result = f(co.contents, co.data_file)
+            self._finish(co, action)
+        except BaseException:
+            co.release()
+            raise
+        return result
+
+    @staticmethod
+    def _finish(co: CheckedOutEntry[T], action: Any) -> None:
+        if isinstance(action, Save):
+            co.contents = action.metadata
+            co.save(action.queue)
+        elif action is REMOVE:
+            co.remove()
+        else:
+            raise TypeError(f"expected multispool.Save(...) or multispool.REMOVE, got {action!r}")
+
+    def with_entry(self, entry: Entry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]) -> R:
+        """Check out ``entry``, run ``f(metadata, data_file) -> (action, result)``, apply
+        the action, return the result. If ``f`` raises, the entry goes back unchanged."""
+        return self._apply(self.checkout(entry), f)
+
+    def with_entry_if_found(
+        self, entry: Entry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]
+    ) -> R | _Sentinel:
+        """As ``with_entry``, but ``NOT_FOUND`` when the entry cannot be checked out."""
+        co = self.checkout_if_found(entry)
+        if co is None:
+            return NOT_FOUND
+        return self._apply(co, f)
+
+    # -- crash recovery ---------------------------------------------------------------
+    def recover_checkouts(self, queue: enum.Enum | None = None) -> list[Entry[T]]:
+        """Move back to their queues the checkouts whose owner process has died (their
+        registry lock is free). Never touches the checkout of a live process. An entry
+        whose metadata cannot be decoded is quarantined if the Spoolable has a quarantine
+        queue, else left checked out for a person (moving it back would loop)."""
+        sp = self.spoolable
+        lay = self._layout
+        queues = sp._queue_list if queue is None else (queue,)
+        recovered: list[Entry[T]] = []
+        for q in queues:
+            dirname = sp.dirname(q)
+            with sp.throttled():
+                names = sorted(n for n in os.listdir(lay.checkout(dirname)) if n[0] != ".")
+            for name in names:
+                with sp.throttled():
+                    if self._recover_one(q, dirname, name):
+                        recovered.append(Entry._trusted(self, q, name))
+        return recovered
+
+    def _recover_one(self, q: enum.Enum, dirname: str, name: str) -> bool:
+        sp = self.spoolable
+        lay = self._layout
+        fd = _fs.open_locked(lay.registry_file(name))
+        if fd is None:
+            return False  # a live owner, or no registry file (an orphan for the Monitor)
+        claim = _Claim(fd)
+        try:
+            cofile = lay.checkout_file(dirname, name)
+            try:
+                sp._codec.decode(_fs.read_file(cofile), cofile)
+            except FileNotFoundError:
+                return False  # its owner finished with it before dying
+            except (CorruptEntryError, OSError) as e:
+                if sp.quarantine is None:
+                    log.warning("multispool: left undecodable checkout %s for a person: %s", cofile, e)
+                    return False
+                reason = e.reason if isinstance(e, CorruptEntryError) else str(e)
+                try:
+                    self._corrupt(q, name, cofile, reason, claim)
+                except CorruptEntryError:
+                    pass
+                return False
+            _fs.unlink_quiet(lay.tmp_file(name))  # a rewrite the dead owner left half done
+            if not _fs.rename_if_exists(cofile, lay.queue_file(dirname, name)):
+                return False
+            if sp.durability == "full":
+                _fs.fsync_dir(lay.queue(dirname))
+            log.info("multispool: recovered %s/%s from a dead owner", dirname, name)
+            return True
+        finally:
+            claim.release()
+
+    def clean_abandoned(self, older_than: Duration = 600) -> list[str]:
+        """Remove the registry, tmp and data files of enqueues whose process died before
+        the entry reached a queue: registry older than ``older_than`` seconds, in no queue
+        or checkout dir, and not locked by a live process. Returns the removed names."""
+        sp = self.spoolable
+        lay = self._layout
+        limit = seconds(older_than)
+        with sp.throttled():
+            regs = os.listdir(lay.registry)
+            present: set[str] = set()
+            for q in sp._queue_list:
+                dirname = sp.dirname(q)
+                present.update(os.listdir(lay.queue(dirname)))
+                present.update(os.listdir(lay.checkout(dirname)))
+        now = time.time()
+        removed: list[str] = []
+        for name in sorted(set(regs) - present):
+            if name[0] == ".":
+                continue
+            reg = lay.registry_file(name)
+            with sp.throttled():
+                try:
+                    if now - os.lstat(reg).st_mtime < limit:
+                        continue
+                except FileNotFoundError:
+                    continue
+                fd = _fs.open_locked(reg)
+                if fd is None:
+                    continue
+                try:
+                    # It may have reached a queue after the listing above; with the lock
+                    # held, nobody can move it into one now.
+                    if any(
+                        os.path.lexists(lay.queue_file(sp.dirname(q), name))
+                        or os.path.lexists(lay.checkout_file(sp.dirname(q), name))
+                        for q in sp._queue_list
+                    ):
+                        continue
+                    _fs.unlink_quiet(lay.tmp_file(name))
+                    _fs.unlink_quiet(lay.data_file(name))
+                    _fs.unlink_quiet(reg)
+                    removed.append(name)
+                finally:
+                    os.close(fd)
+        if removed and sp.durability == "full":
+            _fs.fsync_dir(lay.registry)
+        return removed
+
+    # -- readers ------------------------------------------------------------------------
+    def reader(
+        self,
+        queue: enum.Enum,
+        observer: str = "auto",
+        rescan_interval: Duration = 5.0,
+        recover: bool = False,
+    ) -> QueueReader[T]:
+        """An event-driven reader of ``queue`` (see QueueReader)."""
+        from ._reader import QueueReader
+
+        return QueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
+
+    def __repr__(self) -> str:
+        return f"Spool({self.dir!r}, {self.spoolable!r})"
+
+
+__all__ = [
+    "CHECKOUT",
+    "NOT_FOUND",
+    "REMOVE",
+    "Action",
+    "CheckedOutEntry",
+    "DataFile",
+    "Entry",
+    "Save",
+    "Spool",
+]
