@@ -158,7 +158,7 @@ class Dir:
     def _sort_key(self) -> tuple[int, int, int]:
         if self.queue_member is None:
             return (int(self.kind), 0, 0)
-        members = list(type(self.queue_member))
+        members: list[Any] = list(type(self.queue_member).__members__.values())
         is_co = 1 if self.kind is _Kind.CHECKOUT else 0
         return (int(_Kind.QUEUE), members.index(self.queue_member), is_co)
 

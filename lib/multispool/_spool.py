@@ -6,6 +6,8 @@ Every transition follows the table in ``_layout``. Ownership: whoever holds the 
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import enum
 import errno
 import logging
@@ -39,6 +41,10 @@ BUSY_WAIT: Final = 0.05
 
 # errnos that mean "this queue file is not a regular entry file" (planted symlink, dir...)
 _NOT_A_FILE = {errno.ELOOP, errno.EISDIR, errno.ENXIO, getattr(errno, "EFTYPE", -1), errno.EMLINK}
+
+
+class _Busy(Exception):
+    """A claim found the registry locked while the entry still sat in its queue."""
 
 
 @dataclass(frozen=True)
@@ -559,22 +565,24 @@ class Spool(Generic[T]):
                 _fs.fsync_dir(os.path.dirname(path))
 
     # -- listing ----------------------------------------------------------------------
+    def _list_names(self, directory: str) -> list[str]:
+        """Unsorted entry names in ``directory`` (dot-names such as .checkout skipped)."""
+        with self.spoolable.throttled():
+            return [n for n in os.listdir(directory) if n[0] != "."]
+
     def list(self, queue: enum.Enum) -> list[Entry[T]]:
         """Entries waiting in ``queue``, sorted by name (dot-names skipped)."""
-        qdir = self._layout.queue(self.spoolable.dirname(queue))
-        with self.spoolable.throttled():
-            names = os.listdir(qdir)
+        names = self._list_names(self._layout.queue(self.spoolable.dirname(queue)))
         names.sort()
-        return [Entry._trusted(self, queue, n) for n in names if n[0] != "."]
+        return [Entry._trusted(self, queue, n) for n in names]
 
-    def list_checkouts_unsafe(self, queue: enum.Enum) -> list[CheckedOutEntry[T]]:
+    def list_checkouts_unsafe(self, queue: enum.Enum) -> builtins.list[CheckedOutEntry[T]]:
         """Entries checked out of ``queue`` by anyone, decoded. Handles returned here hold
         no lock: saving or removing one races with its real owner."""
         sp = self.spoolable
         dirname = sp.dirname(queue)
         co_dir = self._layout.checkout(dirname)
-        with sp.throttled():
-            names = sorted(n for n in os.listdir(co_dir) if n[0] != ".")
+        names = sorted(self._list_names(co_dir))
         out: list[CheckedOutEntry[T]] = []
         for n in names:
             path = self._layout.checkout_file(dirname, n)
@@ -589,7 +597,9 @@ class Spool(Generic[T]):
     # -- checkouts ----------------------------------------------------------------------
     def _claim(self, queue: enum.Enum, name: str, busy_wait: float = BUSY_WAIT) -> CheckedOutEntry[T] | None:
         """Check out ``queue``/``name``: lock its registry file, then rename it into the
-        checkout dir. None if it is gone or another process owns it."""
+        checkout dir. None if it is gone or another process owns it. A lock that is busy
+        while the entry still sits in its queue is waited for up to ``busy_wait`` seconds;
+        with ``busy_wait <= 0`` that case raises _Busy instead (readers retry later)."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
@@ -598,6 +608,10 @@ class Spool(Generic[T]):
         with sp.throttled():
             fd = _fs.open_locked(reg)
             if fd is None:
+                if busy_wait <= 0:
+                    if os.path.lexists(qfile) and os.path.lexists(reg):
+                        raise _Busy(name)
+                    return None
                 fd = self._wait_busy(reg, qfile, busy_wait)
                 if fd is None:
                     return None
@@ -616,7 +630,8 @@ class Spool(Generic[T]):
                 raw = _fs.read_file(cofile)
             except OSError as e:
                 if e.errno in _NOT_A_FILE:
-                    self._corrupt(queue, name, cofile, f"not a regular file ({os.strerror(e.errno or 0)})", claim)
+                    why = f"not a regular file ({os.strerror(e.errno or 0)})"
+                    self._corrupt(queue, name, cofile, why, claim)
                 # Unreadable for now (permissions, I/O): give it back, untouched.
                 self._give_back(cofile, qfile, claim)
                 raise
@@ -695,7 +710,8 @@ class Spool(Generic[T]):
         return result
 
     @staticmethod
-    def _finish(co: CheckedOutEntry[T], action: Any) -> None:
+    def _finish(co: CheckedOutEntry[Any], action: Any) -> None:
+        """Carry out a callback's action on its checkout."""
         if isinstance(action, Save):
             co.contents = action.metadata
             co.save(action.queue)
@@ -719,7 +735,7 @@ class Spool(Generic[T]):
         return self._apply(co, f)
 
     # -- crash recovery ---------------------------------------------------------------
-    def recover_checkouts(self, queue: enum.Enum | None = None) -> list[Entry[T]]:
+    def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[Entry[T]]:
         """Move back to their queues the checkouts whose owner process has died (their
         registry lock is free). Never touches the checkout of a live process. An entry
         whose metadata cannot be decoded is quarantined if the Spoolable has a quarantine
@@ -730,9 +746,7 @@ class Spool(Generic[T]):
         recovered: list[Entry[T]] = []
         for q in queues:
             dirname = sp.dirname(q)
-            with sp.throttled():
-                names = sorted(n for n in os.listdir(lay.checkout(dirname)) if n[0] != ".")
-            for name in names:
+            for name in sorted(self._list_names(lay.checkout(dirname))):
                 with sp.throttled():
                     if self._recover_one(q, dirname, name):
                         recovered.append(Entry._trusted(self, q, name))
@@ -756,10 +770,8 @@ class Spool(Generic[T]):
                     log.warning("multispool: left undecodable checkout %s for a person: %s", cofile, e)
                     return False
                 reason = e.reason if isinstance(e, CorruptEntryError) else str(e)
-                try:
+                with contextlib.suppress(CorruptEntryError):
                     self._corrupt(q, name, cofile, reason, claim)
-                except CorruptEntryError:
-                    pass
                 return False
             _fs.unlink_quiet(lay.tmp_file(name))  # a rewrite the dead owner left half done
             if not _fs.rename_if_exists(cofile, lay.queue_file(dirname, name)):
@@ -771,7 +783,7 @@ class Spool(Generic[T]):
         finally:
             claim.release()
 
-    def clean_abandoned(self, older_than: Duration = 600) -> list[str]:
+    def clean_abandoned(self, older_than: Duration = 600) -> builtins.list[str]:
         """Remove the registry, tmp and data files of enqueues whose process died before
         the entry reached a queue: registry older than ``older_than`` seconds, in no queue
         or checkout dir, and not locked by a live process. Returns the removed names."""

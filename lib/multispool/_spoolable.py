@@ -84,7 +84,7 @@ class BytesData:
 class MsgspecData(Generic[T]):
     """Data encoded with msgspec as JSON or MessagePack, decoded (and validated) as ``type``."""
 
-    def __init__(self, type: Any = Any, format: Literal["json", "msgpack"] = "json") -> None:  # noqa: A002
+    def __init__(self, type: Any = Any, format: Literal["json", "msgpack"] = "json") -> None:
         if format == "json":
             self._enc: Any = msgspec.json.Encoder()
             self._dec: Any = msgspec.json.Decoder(type)

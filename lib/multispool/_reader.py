@@ -1,0 +1,205 @@
+"""Event-driven queue readers.
+
+Filesystem events are only hints: every wake re-lists the queue directory, and while
+waiting the reader re-lists every ``rescan_interval`` seconds anyway, so a lost event
+delays an entry by at most that interval and never loses it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Final, Generic, TypeVar
+
+from . import _watch
+from ._errors import CorruptEntryError, NotASpoolError
+from ._spool import CheckedOutEntry, DataFile, Save, Spool, _Busy
+from ._spoolable import Duration, seconds
+
+log = logging.getLogger("multispool")
+
+T = TypeVar("T")
+
+# How often a wait looks at a caller's stop Event (threading cannot wait on two Events).
+STOP_POLL: Final = 0.02
+# After a claim found the entry locked while still queued (an enqueuer finishing, or a
+# competing claimer about to rename), look again after this, doubling up to the cap.
+BUSY_RETRY_FIRST: Final = 0.0005
+BUSY_RETRY_MAX: Final = 0.1
+
+Callback = Callable[[Any, DataFile[Any]], "Save | object"]
+
+
+class QueueReader(Generic[T]):
+    """Hands out the entries of one queue, each to exactly one reader among all the
+    processes reading it, in name order of each directory listing; waits for new entries
+    on filesystem events. Use from one thread at a time; ``close()`` from any thread."""
+
+    def __init__(
+        self,
+        spool: Spool[T],
+        queue: enum.Enum,
+        *,
+        observer: str = "auto",
+        rescan_interval: Duration = 5.0,
+        recover: bool = False,
+    ) -> None:
+        self.spool = spool
+        self.queue = queue
+        self._dirname = spool.spoolable.dirname(queue)
+        self._qdir = spool._layout.queue(self._dirname)
+        self.rescan_interval = seconds(rescan_interval)
+        if not self.rescan_interval > 0:
+            raise ValueError(f"rescan_interval must be > 0, got {rescan_interval!r}")
+        self.observer, self.observer_reason = _watch.choose_observer(self._qdir, observer)
+        self._wake = threading.Event()
+        self._closed = False
+        # Names of the last listing not yet tried, in reverse order (pop() takes the least).
+        self._pending: list[str] = []
+        self._busy_seen = False
+        self._busy_delay = BUSY_RETRY_FIRST
+        if recover:
+            spool.recover_checkouts(queue)
+            spool.clean_abandoned()
+        # Subscribe before the first listing, so nothing that lands after it goes unseen.
+        self._sub: _watch.Subscription | None = _watch.subscribe(
+            self._qdir, self._wake.set, self.observer
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop watching; a ``dequeue`` waiting in another thread returns None. Idempotent."""
+        self._closed = True
+        self._wake.set()
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            sub.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> QueueReader[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- taking entries -------------------------------------------------------------------
+    def _relist(self) -> None:
+        # The wake flag is cleared BEFORE listing: an entry that lands after the listing
+        # sets it again, so the next wait returns at once instead of missing the entry.
+        self._wake.clear()
+        try:
+            names = self.spool._list_names(self._qdir)
+        except FileNotFoundError:
+            raise NotASpoolError("queue directory disappeared", self._qdir) from None
+        names.sort(reverse=True)
+        self._pending = names
+
+    def _take_pending(self) -> CheckedOutEntry[T] | None:
+        pending = self._pending
+        while pending and not self._closed:
+            name = pending.pop()
+            try:
+                co = self.spool._claim(self.queue, name, busy_wait=0.0)
+            except _Busy:
+                self._busy_seen = True
+                continue
+            except CorruptEntryError as e:
+                if e.quarantined_to is None:
+                    raise
+                continue  # quarantined (and logged): go on with the next one
+            except PermissionError as e:
+                # This one entry cannot be read now; it is back in its queue untouched.
+                log.warning("multispool: skipping %s/%s: %s", self._qdir, name, e)
+                continue
+            if co is not None:
+                self._busy_delay = BUSY_RETRY_FIRST
+                return co
+        return None
+
+    def dequeue_available(self) -> CheckedOutEntry[T] | None:
+        """The next entry if one can be claimed now, else None. Never waits."""
+        co = self._take_pending()
+        if co is None and not self._closed:
+            self._relist()
+            co = self._take_pending()
+        return co
+
+    def dequeue(
+        self, stop: threading.Event | None = None, timeout: Duration | None = None
+    ) -> CheckedOutEntry[T] | None:
+        """The next entry, waiting for one (filesystem events, plus a re-list every
+        ``rescan_interval``). None once ``stop`` is set, ``timeout`` passes, or the reader
+        is closed."""
+        deadline = None if timeout is None else time.monotonic() + seconds(timeout)
+        while True:
+            if self._closed or (stop is not None and stop.is_set()):
+                return None
+            co = self.dequeue_available()
+            if co is not None:
+                return co
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return None
+            wait = self.rescan_interval
+            if self._busy_seen:
+                self._busy_seen = False
+                wait = self._busy_delay
+                self._busy_delay = min(self._busy_delay * 2, BUSY_RETRY_MAX)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            self._wait(wait, stop)
+
+    def _wait(self, wait: float, stop: threading.Event | None) -> None:
+        if stop is None:
+            self._wake.wait(wait)
+            return
+        end = time.monotonic() + wait
+        while not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0 or self._wake.wait(min(left, STOP_POLL)):
+                return
+
+    def __iter__(self) -> Iterator[CheckedOutEntry[T]]:
+        """Blocking iteration; ends when the reader is closed."""
+        while True:
+            co = self.dequeue()
+            if co is None:
+                return
+            yield co
+
+    # -- processing -----------------------------------------------------------------------
+    def _process(self, co: CheckedOutEntry[T], f: Callback) -> None:
+        try:
+            Spool._finish(co, f(co.contents, co.data_file))
+        except BaseException:
+            co.release()
+            raise
+
+    def iter(self, f: Callback, stop: threading.Event | None = None) -> None:
+        """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
+        are left, wait for new ones, until ``stop`` is set (or the reader is closed). If
+        ``f`` raises, that entry goes back unchanged and the exception propagates."""
+        while True:
+            co = self.dequeue(stop=stop)
+            if co is None:
+                return
+            self._process(co, f)
+
+    def iter_available(self, f: Callback) -> None:
+        """Process the entries present in one fresh listing of the queue, then return."""
+        self._relist()
+        while True:
+            co = self._take_pending()
+            if co is None:
+                return
+            self._process(co, f)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self.observer
+        return f"QueueReader({self.spool.dir!r}, {self.queue}, {state})"
