@@ -13,6 +13,7 @@ from ._errors import InvalidNameError as InvalidNameError
 from ._errors import NotASpoolError as NotASpoolError
 from ._errors import SpoolError as SpoolError
 from ._layout import Dir as Dir
+from ._reader import QueueReader as QueueReader
 from ._spool import NOT_FOUND as NOT_FOUND
 from ._spool import REMOVE as REMOVE
 from ._spool import CheckedOutEntry as CheckedOutEntry
@@ -42,6 +43,7 @@ __all__ = [
     "MsgspecData",
     "NotASpoolError",
     "PrefixNames",
+    "QueueReader",
     "Save",
     "Spool",
     "SpoolError",
