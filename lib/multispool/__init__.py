@@ -13,6 +13,15 @@ from ._errors import InvalidNameError as InvalidNameError
 from ._errors import NotASpoolError as NotASpoolError
 from ._errors import SpoolError as SpoolError
 from ._layout import Dir as Dir
+from ._monitor import Duplicated as Duplicated
+from ._monitor import End as End
+from ._monitor import FileWithMtime as FileWithMtime
+from ._monitor import Limits as Limits
+from ._monitor import Monitor as Monitor
+from ._monitor import MonitorDaemon as MonitorDaemon
+from ._monitor import Orphaned as Orphaned
+from ._monitor import Start as Start
+from ._monitor import TooOld as TooOld
 from ._reader import QueueReader as QueueReader
 from ._spool import NOT_FOUND as NOT_FOUND
 from ._spool import REMOVE as REMOVE
@@ -37,16 +46,25 @@ __all__ = [
     "CorruptEntryError",
     "DataFile",
     "Dir",
+    "Duplicated",
+    "End",
     "Entry",
     "EntryNotFoundError",
+    "FileWithMtime",
     "InvalidNameError",
+    "Limits",
+    "Monitor",
+    "MonitorDaemon",
     "MsgspecData",
     "NotASpoolError",
+    "Orphaned",
     "PrefixNames",
     "QueueReader",
     "Save",
     "Spool",
     "SpoolError",
     "Spoolable",
+    "Start",
     "TimeOrderedNames",
+    "TooOld",
 ]

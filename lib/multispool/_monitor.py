@@ -1,0 +1,370 @@
+"""Monitor (fsck) of a spool, and the daemon that turns its findings into alerts.
+
+The checks are those of the OCaml ``Multispool.Monitor``: tmp files older than a limit,
+queue entries older than their queue's limit, checkouts older than a limit, files with no
+registry file (``Orphaned`` in their dir), registry files with no queue or checkout file
+(``Orphaned`` in ``Dir.REGISTRY``) or with more than one (``Duplicated``).
+
+Cost: one ``os.scandir`` pass per spool directory; a file is stat'ed only when its mtime
+is needed (every tmp and checkout file, the files of queues that have an age limit, and
+candidate problems). Candidates are re-checked on disk before they are reported, so an
+entry that moves between two listings (an enqueue, a claim, a save) is not reported.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, Union
+
+from ._layout import Dir, Layout
+from ._spool import Spool
+from ._spoolable import Duration, Spoolable, seconds
+
+log = logging.getLogger("multispool")
+
+__all__ = [
+    "Duplicated",
+    "End",
+    "Event",
+    "FileWithMtime",
+    "Limits",
+    "Monitor",
+    "MonitorDaemon",
+    "Orphaned",
+    "Problem",
+    "Start",
+    "TooOld",
+]
+
+
+@dataclass(frozen=True, order=True)
+class FileWithMtime:
+    """A file name in one spool directory and its mtime (float seconds since the epoch)."""
+
+    filename: str
+    mtime: float
+
+
+class _Ordered:
+    """Total order across the kinds of a sum type: first by kind (``_RANK``, the order of
+    the OCaml variant), then by the fields."""
+
+    _RANK: ClassVar[int]
+
+    def _key(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def _cmp_key(self, other: object) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+        if not isinstance(other, _Ordered) or _family(self) is not _family(other):
+            return None
+        return (self._RANK, *self._key()), (other._RANK, *other._key())
+
+    def __lt__(self, other: object) -> bool:
+        k = self._cmp_key(other)
+        return NotImplemented if k is None else k[0] < k[1]
+
+    def __le__(self, other: object) -> bool:
+        k = self._cmp_key(other)
+        return NotImplemented if k is None else k[0] <= k[1]
+
+    def __gt__(self, other: object) -> bool:
+        k = self._cmp_key(other)
+        return NotImplemented if k is None else k[0] > k[1]
+
+    def __ge__(self, other: object) -> bool:
+        k = self._cmp_key(other)
+        return NotImplemented if k is None else k[0] >= k[1]
+
+
+def _family(x: _Ordered) -> type:
+    return _ProblemBase if isinstance(x, _ProblemBase) else _EventBase
+
+
+class _ProblemBase(_Ordered):
+    __slots__ = ()
+
+
+class _EventBase(_Ordered):
+    __slots__ = ()
+
+
+@dataclass(frozen=True, eq=True)
+class TooOld(_ProblemBase):
+    """A file older than its directory's limit."""
+
+    file: FileWithMtime
+    dir: Dir
+    _RANK: ClassVar[int] = 0
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.file, self.dir)
+
+
+@dataclass(frozen=True, eq=True)
+class Orphaned(_ProblemBase):
+    """A file with no registry file, or (in ``Dir.REGISTRY``) a registry file with no
+    queue or checkout file."""
+
+    file: FileWithMtime
+    dir: Dir
+    _RANK: ClassVar[int] = 1
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.file, self.dir)
+
+
+@dataclass(frozen=True, eq=True)
+class Duplicated(_ProblemBase):
+    """A registered name present in more than one queue or checkout dir (``dirs`` in
+    queue order, each queue's dir before its checkout dir)."""
+
+    file: FileWithMtime
+    dirs: tuple[Dir, ...]
+    _RANK: ClassVar[int] = 2
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.file, self.dirs)
+
+
+Problem = Union[TooOld, Orphaned, Duplicated]  # noqa: UP007 - a runtime alias on 3.10
+
+
+@dataclass(frozen=True, eq=True)
+class Start(_EventBase):
+    """``problem`` has been seen in more than ``alert_after_cycles`` consecutive checks."""
+
+    time: float
+    problem: Problem
+    _RANK: ClassVar[int] = 0
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.time, self.problem)
+
+
+@dataclass(frozen=True, eq=True)
+class End(_EventBase):
+    """A problem that was alerted (``Start``) is no longer seen."""
+
+    time: float
+    problem: Problem
+    _RANK: ClassVar[int] = 1
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.time, self.problem)
+
+
+Event = Union[Start, End]  # noqa: UP007
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Age limits in seconds (float, int or timedelta accepted). ``max_queue_ages`` maps a
+    queue member to its limit; queues without one have no age limit."""
+
+    max_checked_out_age: float = 600.0
+    max_tmp_file_age: float = 600.0
+    max_queue_ages: Mapping[enum.Enum, float] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+
+    def __init__(
+        self,
+        max_checked_out_age: Duration = 600,
+        max_tmp_file_age: Duration = 600,
+        max_queue_ages: Mapping[enum.Enum, Duration] | None = None,
+    ) -> None:
+        ages = {q: seconds(a) for q, a in (max_queue_ages or {}).items()}
+        object.__setattr__(self, "max_checked_out_age", seconds(max_checked_out_age))
+        object.__setattr__(self, "max_tmp_file_age", seconds(max_tmp_file_age))
+        object.__setattr__(self, "max_queue_ages", MappingProxyType(ages))
+
+
+def _lstat_mtime(path: str) -> float | None:
+    try:
+        return os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+class _Listing:
+    """One scandir pass of a directory: name -> DirEntry, dot-names skipped."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, path: str) -> None:
+        self.entries: dict[str, os.DirEntry[str]] = {}
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    if e.name[0] != ".":
+                        self.entries[e.name] = e
+        except FileNotFoundError:
+            pass  # .data may be absent in an OCaml-made spool; a vanished dir is empty
+
+    @staticmethod
+    def mtime(e: os.DirEntry[str]) -> float | None:
+        """The entry's mtime, None if it vanished since the listing."""
+        try:
+            return e.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            return None
+
+
+class Monitor:
+    """Checks a spool for the problems listed in the module docstring.
+
+    Construction loads the spool with validation (``Spool.load``) and never creates
+    anything; a missing or malformed spool raises ``NotASpoolError``.
+    """
+
+    def __init__(
+        self, spool_dir: str | os.PathLike[str], spoolable: Spoolable[Any], limits: Limits | None = None
+    ) -> None:
+        limits = Limits() if limits is None else limits
+        for q in limits.max_queue_ages:
+            spoolable.dirname(q)  # ValueError if q is not one of the spoolable's queues
+        self.spool: Spool[Any] = Spool.load(spool_dir, spoolable)
+        self.limits = limits
+        self._layout = Layout(self.spool.dir)
+
+    def run_once(self) -> list[Problem]:
+        """Check the spool now; the problems found, sorted."""
+        now = time.time()
+        sp = self.spool.spoolable
+        lay = self._layout
+        lim = self.limits
+        problems: list[Problem] = []
+        # Listing order: queue files before the registry, so that a registry file removed
+        # after its queue file (the order of every removal) is rarely a false orphan;
+        # candidates are re-checked on disk anyway.
+        queue_dirs: list[tuple[Dir, str, _Listing]] = []
+        for q in sp._queue_list:
+            dn = sp.dirname(q)
+            queue_dirs.append((Dir.queue(q), lay.queue(dn), _Listing(lay.queue(dn))))
+            queue_dirs.append((Dir.checkout(q), lay.checkout(dn), _Listing(lay.checkout(dn))))
+        tmp = _Listing(lay.tmp)
+        data = _Listing(lay.data)
+        registry = _Listing(lay.registry)
+        reg = registry.entries
+
+        def too_old(listing: _Listing, d: Dir, limit: float) -> None:
+            for name, e in listing.entries.items():
+                m = listing.mtime(e)
+                if m is not None and now - m > limit:
+                    problems.append(TooOld(FileWithMtime(name, m), d))
+
+        def orphans(listing: _Listing, d: Dir, dir_path: str) -> None:
+            for name in listing.entries.keys() - reg.keys():
+                # Re-check: an enqueue may have registered the name after our listing.
+                if os.path.lexists(lay.registry_file(name)):
+                    continue
+                m = _lstat_mtime(os.path.join(dir_path, name))
+                if m is not None:
+                    problems.append(Orphaned(FileWithMtime(name, m), d))
+
+        too_old(tmp, Dir.TMP, lim.max_tmp_file_age)
+        orphans(tmp, Dir.TMP, lay.tmp)
+        orphans(data, Dir.DATA, lay.data)
+        for d, path, listing in queue_dirs:
+            if d == Dir.checkout(d.queue_member):
+                too_old(listing, d, lim.max_checked_out_age)
+            else:
+                limit = lim.max_queue_ages.get(d.queue_member)
+                if limit is not None:
+                    too_old(listing, d, limit)
+            orphans(listing, d, path)
+
+        # Registry files in no queue/checkout dir, or in several.
+        counts: dict[str, int] = {}
+        for _, _, listing in queue_dirs:
+            for name in listing.entries:
+                if name in reg:
+                    counts[name] = counts.get(name, 0) + 1
+        for name in reg.keys() - {n for n, c in counts.items() if c == 1}:
+            # Re-check where it is now: it may have moved between two of our listings.
+            where = [d for d, path, _ in queue_dirs if os.path.lexists(os.path.join(path, name))]
+            if len(where) == 1:
+                continue
+            m = _Listing.mtime(reg[name])
+            if m is None:
+                continue  # removed meanwhile
+            fwm = FileWithMtime(name, m)
+            problems.append(Orphaned(fwm, Dir.REGISTRY) if not where else Duplicated(fwm, tuple(where)))
+        problems.sort()
+        return problems
+
+
+class _Alerter:
+    """The alerting state machine of MonitorDaemon, apart from threads and clocks:
+    counts consecutive sightings of each problem and emits Start/End events."""
+
+    def __init__(self, alert_after_cycles: int) -> None:
+        self.alert_after_cycles = alert_after_cycles
+        self._seen: dict[Problem, int] = {}
+        self._public: set[Problem] = set()
+
+    def update(self, problems: Iterable[Problem], now: float) -> list[Event]:
+        """Feed one check's problems; the events it causes, ends first (as OCaml)."""
+        seen = {p: self._seen.get(p, 0) + 1 for p in problems}
+        self._seen = seen
+        public = {p for p, n in seen.items() if n > self.alert_after_cycles}
+        ends: list[Event] = [End(now, p) for p in sorted(self._public - public)]
+        starts: list[Event] = [Start(now, p) for p in sorted(public - self._public)]
+        self._public = public
+        return ends + starts
+
+
+class MonitorDaemon:
+    """Runs a Monitor every ``check_every`` seconds and reports problems that persist."""
+
+    def __init__(self, check_every: Duration = 15, alert_after_cycles: int = 2) -> None:
+        self.check_every = seconds(check_every)
+        if not self.check_every > 0:
+            raise ValueError(f"check_every must be positive, got {check_every!r}")
+        if isinstance(alert_after_cycles, bool) or not isinstance(alert_after_cycles, int):
+            raise TypeError(f"alert_after_cycles must be an int, got {alert_after_cycles!r}")
+        if alert_after_cycles < 0:
+            raise ValueError(f"alert_after_cycles must be >= 0, got {alert_after_cycles}")
+        self.alert_after_cycles = alert_after_cycles
+
+    def start(
+        self,
+        monitor: Monitor,
+        callback: Callable[[Event], object],
+        stop: threading.Event | None = None,
+    ) -> threading.Thread:
+        """Start a daemon thread that checks at once, then every ``check_every`` seconds,
+        calling ``callback(Start(...))`` when a problem has been seen in more than
+        ``alert_after_cycles`` consecutive checks and ``callback(End(...))`` when an
+        alerted problem is no longer seen. It runs until ``stop`` is set (forever if None).
+        A check or callback that raises is logged; the daemon goes on."""
+        stop_event = threading.Event() if stop is None else stop
+        alerter = _Alerter(self.alert_after_cycles)
+        every = self.check_every
+
+        def loop() -> None:
+            while not stop_event.is_set():
+                started = time.monotonic()
+                try:
+                    events = alerter.update(monitor.run_once(), time.time())
+                except Exception:
+                    log.exception("multispool monitor: check of %s failed", monitor.spool.dir)
+                    events = []
+                for ev in events:
+                    try:
+                        callback(ev)
+                    except Exception:
+                        log.exception("multispool monitor: callback raised on %r", ev)
+                # Keep a steady period whatever the check cost.
+                stop_event.wait(max(0.0, every - (time.monotonic() - started)))
+
+        t = threading.Thread(target=loop, name=f"multispool-monitor {monitor.spool.dir}", daemon=True)
+        t.start()
+        return t
