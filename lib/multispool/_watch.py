@@ -1,0 +1,748 @@
+# Requires watchdog>=4.0 (the project pin); best with watchdog>=7.1 on Linux.
+#   * watchdog>=7.0 (Python>=3.11): the Linux native backend registers callbacks on
+#     watchdog.observers.inotify_c.InotifyFD: one inotify instance and one thread for
+#     every watched directory, and every event -- departures included -- delivered
+#     without delay. 7.1 adds the on_queue_overflow hook (7.0 drops IN_Q_OVERFLOW, so
+#     lost events wake nobody and the reader's periodic re-listing has to find them).
+#   * watchdog 4.0 - 6.x (the only choice on Python 3.10): a watchdog InotifyEmitter
+#     subclass whose kernel mask leaves out IN_MOVED_FROM, so watchdog's move grouper
+#     never holds an event back. Costs two threads per watched directory plus the
+#     observer thread, and renames out of a directory wake nobody there.
+#   inotify_c is a public module but not a documented API: the 7.1 backend is chosen by
+#   feature detection, and an incompatible future watchdog falls back to the emitter.
+"""Filesystem events on queue directories, turned into wake-up calls.
+
+Events are hints only: a reader re-lists its directory on every wake (and on a slow
+timer), so this module promises "a callback soon after something may have changed",
+never an exact account of what changed.
+
+Why the Linux native backend does not use watchdog's ``InotifyObserver``: its
+``InotifyEmitter`` passes every event through ``InotifyMoveEventGrouper``, which
+holds an unmatched ``IN_MOVED_FROM`` for 0.5 s hoping to pair it with an
+``IN_MOVED_TO``, and every event queued behind it waits too. A consumer's claim is
+the rename ``QUEUE/NAME -> QUEUE/.checkout/NAME``; with a non-recursive watch on
+``QUEUE`` that is always an unmatched moved-from, so under a steady stream every
+arrival was reported ~0.25 s late on average. We register our own callbacks on
+watchdog's ``InotifyFD`` instead: events reach us as the kernel delivers them, with
+no grouping, no delay, and one thread per process however many directories are
+watched. (watchdog's emitter API costs one thread per watched directory plus the
+observer thread; with watchdog older than 7.1 we use it, with IN_MOVED_FROM left out
+of the kernel mask so that nothing waits in the grouper.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import logging
+import os
+import re
+import stat
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from watchdog.observers.api import BaseObserver, EventEmitter, ObservedWatch
+    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, WatchDescriptor
+
+__all__ = ["ENV_VAR", "ObserverMode", "Subscription", "choose_observer", "subscribe"]
+
+logger = logging.getLogger(__name__)
+
+ObserverMode = Literal["native", "polling"]
+
+ENV_VAR: Final = "MULTISPOOL_OBSERVER"
+_REQUESTS: Final = ("auto", "native", "polling")
+
+_IS_LINUX: Final = sys.platform.startswith("linux")
+
+
+# --------------------------------------------------------------------------------------
+# Choosing the observer
+# --------------------------------------------------------------------------------------
+
+# Filesystems where a change made by another host, another mount of the same files, or
+# a FUSE daemon raises no native event here. Names as Linux (/proc/self/mountinfo) and
+# macOS (statfs f_fstypename) report them; any name containing "fuse" also counts
+# (fuse, fuseblk, fuse.sshfs, fuse.bindfs, fuse.glusterfs, macfuse, osxfuse...).
+_REMOTE_FS_TYPES: Final = frozenset(
+    {
+        "9p", "acfs", "afpfs", "afs", "beegfs", "ceph", "cifs", "coda", "cvfs", "davfs",
+        "gfs", "gfs2", "glusterfs", "gpfs", "kafs", "lustre", "ncp", "ncpfs", "nfs",
+        "nfs4", "ocfs2", "orangefs", "panfs", "prl_fs", "pvfs2", "smb", "smb2", "smb3",
+        "smbfs", "sshfs", "vboxsf", "virtiofs", "vmhgfs", "webdav",
+    }
+)  # fmt: skip
+
+# Linux statfs f_type magic numbers (linux/magic.h and the filesystems' own headers),
+# used only when /proc/self/mountinfo cannot be read.
+_LINUX_REMOTE_MAGIC: Final = {
+    0x6969: "nfs",
+    0x517B: "smb",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+    0x01021997: "9p",
+    0x00C36400: "ceph",
+    0x5346414F: "afs",
+    0x6B414653: "afs",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0x73757245: "coda",
+    0x564C: "ncp",
+    0x7461636F: "ocfs2",
+    0x01161970: "gfs2",
+    0xAAD7AAEA: "panfs",
+    0x20030528: "orangefs",
+    0x786F4256: "vboxsf",
+}
+
+
+def _is_remote(fstype: str) -> bool:
+    name = fstype.lower()
+    return name in _REMOTE_FS_TYPES or "fuse" in name or name.split(".", 1)[0] in _REMOTE_FS_TYPES
+
+
+def choose_observer(path: str | os.PathLike[str], requested: str = "auto") -> tuple[ObserverMode, str]:
+    """Pick the observer for watching `path`; the only place in multispool that does so.
+
+    `requested` is ``"auto"``, ``"native"`` or ``"polling"``. An explicit ``"native"`` or
+    ``"polling"`` wins. With ``"auto"``, the environment variable ``MULTISPOOL_OBSERVER``
+    (``native``, ``polling`` or ``auto``; unset or empty means ``auto``) decides; if it
+    too says ``auto``, the filesystem holding `path` decides: polling on network and FUSE
+    filesystems (NFS, CIFS/SMB, FUSE, 9p, Ceph, Lustre...), where changes made through
+    other hosts or mounts raise no native event, native otherwise. When the filesystem
+    cannot be identified the answer is native, and the reason says why.
+
+    Returns ``(mode, reason)``, the reason being a sentence for logs and error messages.
+    Raises ValueError naming the allowed values for a bad `requested` or environment value.
+    """
+    if requested not in _REQUESTS:
+        msg = f"observer must be one of {', '.join(map(repr, _REQUESTS))}, got {requested!r}"
+        raise ValueError(msg)
+    if requested == "native":
+        return "native", "native observer requested explicitly"
+    if requested == "polling":
+        return "polling", "polling observer requested explicitly"
+
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env not in _REQUESTS:
+        msg = f"environment variable {ENV_VAR} must be one of {', '.join(_REQUESTS)}, got {env!r}"
+        raise ValueError(msg)
+    if env == "native":
+        return "native", f"{ENV_VAR}=native"
+    if env == "polling":
+        return "polling", f"{ENV_VAR}=polling"
+
+    where = os.fspath(path)
+    try:
+        found = _filesystem_type(where)
+    except OSError as exc:
+        reason = f"could not identify the filesystem of {where!r} ({exc}); assuming it is local"
+        return "native", reason
+    if found is None:
+        reason = f"cannot identify filesystems on {sys.platform}; assuming {where!r} is local"
+        return "native", reason
+    fstype, mount_point = found
+    if _is_remote(fstype):
+        return "polling", (
+            f"{where!r} is on a {fstype} filesystem (mounted at {mount_point!r}), where changes "
+            "made through other hosts or mounts raise no native events"
+        )
+    return "native", f"{where!r} is on a local {fstype} filesystem (mounted at {mount_point!r})"
+
+
+def _existing_ancestor(path: str) -> str:
+    """The realpath of `path`, or of its nearest existing ancestor (a queue directory
+    may be asked about before it is created)."""
+    current = os.path.realpath(path)
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return current
+
+
+def _filesystem_type(path: str) -> tuple[str, str] | None:
+    """``(fstype, mount point)`` of the filesystem holding `path`; None where this
+    platform offers no way to ask. Raises OSError when asking fails."""
+    real = _existing_ancestor(path)
+    if _IS_LINUX:
+        try:
+            return _linux_mountinfo_type(real)
+        except OSError:
+            # No /proc (some sandboxes, early boot): statfs still gives the magic number.
+            return _linux_statfs_type(real)
+    if sys.platform == "darwin":
+        return _darwin_statfs_type(real)
+    if sys.platform == "win32":
+        return _windows_drive_type(real)
+    return None
+
+
+_OCTAL_ESCAPE: Final = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape_mountinfo(field_: bytes) -> str:
+    # The kernel escapes space, tab, newline and backslash in mount points as \ooo.
+    return os.fsdecode(_OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), field_))
+
+
+def _linux_mountinfo_type(real: str) -> tuple[str, str]:
+    with open("/proc/self/mountinfo", "rb") as f:
+        lines = f.read().splitlines()
+    best: tuple[str, str] | None = None
+    best_len = -1
+    for line in lines:
+        # "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+        before, sep, after = line.partition(b" - ")
+        fields = before.split()
+        if not sep or len(fields) < 5 or not after:
+            continue
+        mount_point = _unescape_mountinfo(fields[4])
+        matches = mount_point == "/" or real == mount_point or real.startswith(mount_point + "/")
+        # ">=": a later line with the same mount point is mounted on top of the earlier.
+        if matches and len(mount_point) >= best_len:
+            best = (os.fsdecode(after.split()[0]), mount_point)
+            best_len = len(mount_point)
+    if best is None:
+        raise OSError(errno.ENOENT, f"no mount point in /proc/self/mountinfo contains {real!r}")
+    return best
+
+
+def _linux_statfs_type(real: str) -> tuple[str, str]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    # struct statfs begins with f_type, a machine word; 512 bytes covers the whole struct.
+    buf = ctypes.create_string_buffer(512)
+    if libc.statfs(os.fsencode(real), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), real)
+    magic = ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+    return _LINUX_REMOTE_MAGIC.get(magic, f"0x{magic:x}"), "?"
+
+
+class _DarwinStatfs(ctypes.Structure):
+    # struct statfs with 64-bit inodes (<sys/mount.h>): the only layout on arm64, and
+    # the one behind the statfs$INODE64 symbol on x86_64.
+    _fields_ = (
+        ("f_bsize", ctypes.c_uint32),
+        ("f_iosize", ctypes.c_int32),
+        ("f_blocks", ctypes.c_uint64),
+        ("f_bfree", ctypes.c_uint64),
+        ("f_bavail", ctypes.c_uint64),
+        ("f_files", ctypes.c_uint64),
+        ("f_ffree", ctypes.c_uint64),
+        ("f_fsid", ctypes.c_int32 * 2),
+        ("f_owner", ctypes.c_uint32),
+        ("f_type", ctypes.c_uint32),
+        ("f_flags", ctypes.c_uint32),
+        ("f_fssubtype", ctypes.c_uint32),
+        ("f_fstypename", ctypes.c_char * 16),
+        ("f_mntonname", ctypes.c_char * 1024),
+        ("f_mntfromname", ctypes.c_char * 1024),
+        ("f_flags_ext", ctypes.c_uint32),
+        ("f_reserved", ctypes.c_uint32 * 7),
+    )
+
+
+def _darwin_statfs_type(real: str) -> tuple[str, str]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        statfs = libc["statfs$INODE64"]
+    except AttributeError:
+        statfs = libc["statfs"]
+    result = _DarwinStatfs()
+    if statfs(os.fsencode(real), ctypes.byref(result)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), real)
+    return os.fsdecode(result.f_fstypename), os.fsdecode(result.f_mntonname)
+
+
+def _windows_drive_type(real: str) -> tuple[str, str]:
+    # GetDriveTypeW wants the root ("C:\\", "\\\\server\\share\\"); 4 is DRIVE_REMOTE.
+    root = os.path.splitdrive(real)[0] + "\\"
+    kind = int(ctypes.windll.kernel32.GetDriveTypeW(root))  # type: ignore[attr-defined,unused-ignore]
+    return ("smb" if kind == 4 else "local"), root
+
+
+# --------------------------------------------------------------------------------------
+# Subscriptions
+# --------------------------------------------------------------------------------------
+
+
+class Subscription:
+    """A callback registered on one directory; see :func:`subscribe`."""
+
+    __slots__ = ("_callback", "_closed", "_entry", "departures", "directory", "mode")
+
+    def __init__(
+        self, directory: str, callback: Callable[[], None], mode: ObserverMode, *, departures: bool
+    ) -> None:
+        self.directory: Final = directory
+        self.mode: Final[ObserverMode] = mode
+        self.departures: Final = departures
+        self._callback = callback
+        self._closed = False
+        self._entry: _Entry | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def _fire(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._callback()
+        except Exception:
+            # The callback runs on the shared observer thread: letting it raise would
+            # stop every subscription in the process.
+            logger.exception("multispool watch callback for %r raised", self.directory)
+
+    def close(self) -> None:
+        """Stop calling the callback. Idempotent.
+
+        The last subscription of a directory removes its watch; the last subscription
+        of an observer stops and joins the observer's threads (unless called from that
+        thread, which then ends on its own). The callback may still run once if an event
+        was being dispatched while close() ran: wakes are hints.
+        """
+        stop: _Backend | None = None
+        with _state.lock:
+            if self._closed:
+                return
+            self._closed = True
+            entry = self._entry
+            self._entry = None
+            if entry is None or entry.backend.pid != os.getpid():
+                # Inherited across fork(): the watch belongs to the parent's threads.
+                return
+            entry.subs = tuple(s for s in entry.subs if s is not self)
+            backend = entry.backend
+            backend.n_subs -= 1
+            if not entry.subs:
+                backend.drop(entry)
+            if backend.n_subs == 0:
+                if _state.backends.get(backend.key) is backend:
+                    del _state.backends[backend.key]
+                stop = backend
+        if stop is not None:
+            # Outside the lock: joining waits for the observer thread, which may be
+            # running a callback that itself calls subscribe() or close().
+            stop.shutdown()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Subscription {self.mode} {self.directory!r} {state}>"
+
+
+def subscribe(
+    directory: str | os.PathLike[str],
+    callback: Callable[[], None],
+    mode: ObserverMode,
+    *,
+    polling_interval: float = 0.1,
+    departures: bool = True,
+) -> Subscription:
+    """Call ``callback()`` whenever something may have changed in `directory`.
+
+    Changes that wake: an entry created, renamed in, or written and closed, the
+    directory itself deleted, moved or unmounted, and events lost by the kernel
+    (inotify queue overflow). With ``departures=True`` (the default) an entry deleted
+    or renamed out also wakes; a consumer passes False so that its own claims
+    (renames into ``.checkout``) do not wake it and every other reader of the queue.
+    Renames into the directory are reported as fast as the kernel delivers them: no
+    wake waits for a rename out to be paired (see the module docstring).
+
+    The callback runs on the observer thread and must be cheap (set a flag or an
+    Event); it should not call :func:`subscribe` or :meth:`Subscription.close`, which
+    may deadlock with the polling observer. Exceptions it raises are logged.
+
+    One observer per process and mode (per interval for polling) is shared by all
+    subscriptions and started lazily: in native mode on Linux that is a single
+    thread for all directories; watchdog's polling and non-Linux observers add one
+    emitter thread per watched directory. Subscriptions to one directory share one
+    non-recursive watch. Closing the last subscription stops and joins the threads.
+
+    In polling mode no inotify instance is opened; `polling_interval` is the seconds
+    between two listings. If native mode cannot start because an inotify limit is
+    reached, the subscription falls back to polling, logs a warning, and its
+    ``mode`` attribute says ``"polling"``.
+
+    Raises FileNotFoundError / NotADirectoryError if `directory` is not a directory,
+    ValueError for a bad `mode` or `polling_interval`, and OSError if it cannot be
+    watched.
+    """
+    if mode not in ("native", "polling"):
+        msg = f"mode must be 'native' or 'polling', got {mode!r}"
+        raise ValueError(msg)
+    if not polling_interval > 0:
+        msg = f"polling_interval must be a positive number of seconds, got {polling_interval!r}"
+        raise ValueError(msg)
+    path = os.path.realpath(directory)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+    if mode == "native":
+        try:
+            return _subscribe(path, callback, "native", polling_interval, departures=departures)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOSYS):
+                raise
+            logger.warning(
+                "cannot watch %r natively (%s); polling it every %s s", path, exc, polling_interval
+            )
+    return _subscribe(path, callback, "polling", polling_interval, departures=departures)
+
+
+def _subscribe(
+    path: str,
+    callback: Callable[[], None],
+    mode: ObserverMode,
+    interval: float,
+    *,
+    departures: bool,
+) -> Subscription:
+    sub = Subscription(path, callback, mode, departures=departures)
+    stop: _Backend | None = None
+    error: BaseException | None = None
+    with _state.lock:
+        key: _BackendKey = (mode, interval if mode == "polling" else 0.0)
+        backend = _state.backends.get(key)
+        if backend is None:
+            backend = _new_backend(key)
+            _state.backends[key] = backend
+        entry = backend.entries.get(path)
+        if entry is None or entry.stale:
+            entry = _Entry(backend, path)
+            try:
+                backend.add(entry)
+            except BaseException as exc:
+                error = exc
+                if backend.n_subs == 0:
+                    # The failed watch may have started the observer thread.
+                    del _state.backends[key]
+                    stop = backend
+                entry = None
+        if entry is not None:
+            entry.subs = (*entry.subs, sub)
+            backend.n_subs += 1
+            sub._entry = entry
+    if stop is not None:
+        stop.shutdown()
+    if error is not None:
+        raise error
+    return sub
+
+
+# --------------------------------------------------------------------------------------
+# Shared state and backends
+# --------------------------------------------------------------------------------------
+
+_BackendKey = tuple[ObserverMode, float]
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One watched directory: the watch shared by every subscription to it."""
+
+    backend: _Backend
+    path: str
+    # Replaced, never mutated, under _state.lock, so the observer thread can iterate
+    # it without taking the lock.
+    subs: tuple[Subscription, ...] = ()
+    # The path no longer leads to the watched directory (deleted, moved, unmounted):
+    # the next subscribe() to the path sets up a new watch.
+    stale: bool = False
+    # The kernel already dropped the watch; do not remove it again.
+    gone: bool = False
+    handle: object = None
+
+    def notify(self, *, departure: bool) -> None:
+        for sub in self.subs:
+            if departure and not sub.departures:
+                continue
+            sub._fire()
+
+
+class _Backend:
+    """An observer shared by the subscriptions of one mode (and polling interval)."""
+
+    def __init__(self, key: _BackendKey) -> None:
+        self.key: Final = key
+        self.pid: Final = os.getpid()
+        self.entries: dict[str, _Entry] = {}
+        self.n_subs = 0
+
+    def add(self, entry: _Entry) -> None:
+        """Start watching `entry.path` (under _state.lock)."""
+        old = self.entries.get(entry.path)
+        if old is not None:
+            # A stale watch (its directory was deleted or moved away) still has
+            # subscribers, but watches nothing useful: remove it now, since watchdog
+            # observers key watches by path and would hand the new one the old emitter.
+            self._unwatch(old)
+        self._watch(entry)
+        self.entries[entry.path] = entry
+
+    def drop(self, entry: _Entry) -> None:
+        """Stop watching `entry.path` (under _state.lock)."""
+        if self.entries.get(entry.path) is entry:
+            del self.entries[entry.path]
+        self._unwatch(entry)
+
+    def _watch(self, entry: _Entry) -> None:
+        raise NotImplementedError
+
+    def _unwatch(self, entry: _Entry) -> None:
+        """Remove the watch if it is still there; idempotent."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop and join the threads (never under _state.lock)."""
+        raise NotImplementedError
+
+
+def _join_unless_current(thread: threading.Thread) -> None:
+    # A callback that closes the last subscription runs on this very thread, which
+    # cannot join itself; it leaves its loop once it returns from the callback.
+    if thread is not threading.current_thread() and thread.ident is not None:
+        thread.join()
+
+
+class _InotifyTarget:
+    """Receives raw inotify events for one directory from watchdog's InotifyFD
+    (implements watchdog.observers.inotify_c.WatchCallback)."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: _Entry) -> None:
+        self.entry = entry
+
+    def on_event(self, event: InotifyEvent) -> None:
+        mask = event.mask
+        if mask & _IN_SELF:
+            self.entry.stale = True
+            self.entry.notify(departure=False)
+        elif mask & _IN_ARRIVAL:
+            self.entry.notify(departure=False)
+        elif mask & _IN_DEPARTURE:
+            self.entry.notify(departure=True)
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        # IN_IGNORED: the kernel removed the watch (directory deleted, unmounted).
+        self.entry.stale = True
+        self.entry.gone = True
+        self.entry.notify(departure=False)
+
+    def on_queue_overflow(self) -> None:
+        # Events were lost; any of them might have been an arrival.
+        self.entry.notify(departure=False)
+
+
+# inotify(7) event bits: kernel ABI, spelled out so this module imports without
+# watchdog's inotify_c (which refuses to import off Linux).
+_IN_CLOSE_WRITE: Final = 0x00000008
+_IN_MOVED_FROM: Final = 0x00000040
+_IN_MOVED_TO: Final = 0x00000080
+_IN_CREATE: Final = 0x00000100
+_IN_DELETE: Final = 0x00000200
+_IN_DELETE_SELF: Final = 0x00000400
+_IN_MOVE_SELF: Final = 0x00000800
+_IN_UNMOUNT: Final = 0x00002000
+_IN_ONLYDIR: Final = 0x01000000
+
+_IN_ARRIVAL: Final = _IN_CREATE | _IN_MOVED_TO | _IN_CLOSE_WRITE
+_IN_DEPARTURE: Final = _IN_DELETE | _IN_MOVED_FROM
+_IN_SELF: Final = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT
+# Departures are always in the kernel mask and filtered per subscription: one watch
+# serves both the subscribers that want them and those that do not. Without
+# IN_MOVED_FROM in a grouper nothing is delayed, so watching it costs only the wake.
+_IN_MASK: Final = _IN_ARRIVAL | _IN_DEPARTURE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
+
+
+class _InotifyBackend(_Backend):
+    """Linux native: one watchdog InotifyFD (one inotify instance, one thread)."""
+
+    def __init__(self, key: _BackendKey) -> None:
+        super().__init__(key)
+        self._fd: InotifyFD | None = None
+        self._ids = itertools.count(1)
+
+    def _watch(self, entry: _Entry) -> None:
+        from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask
+
+        if self._fd is None:
+            fd = InotifyFD()
+            fd.start()
+            self._fd = fd
+        target = _InotifyTarget(entry)
+        id_ = CallbackId(next(self._ids))
+        wd = self._fd.add_callback(os.fsencode(entry.path), Mask(_IN_MASK), target, id_)
+        if wd == -1:
+            # watchdog 7.1 returns -1 instead of raising for EACCES.
+            self._fd.remove_callbacks([(wd, id_)])
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), entry.path)
+        entry.handle = (wd, id_)
+
+    def _unwatch(self, entry: _Entry) -> None:
+        handle, entry.handle = entry.handle, None
+        if self._fd is not None and not entry.gone and isinstance(handle, tuple):
+            self._fd.remove_callbacks([handle])
+
+    def shutdown(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fd.stop()
+            _join_unless_current(fd)
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns one watched directory's watchdog events into wakes."""
+
+    def __init__(self, entry: _Entry) -> None:
+        super().__init__()
+        self.entry = entry
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        entry = self.entry
+        src = os.fsdecode(event.src_path)
+        if event.event_type in ("opened", "closed_no_write", "attrib"):
+            return
+        if src == entry.path:
+            if event.event_type in ("deleted", "moved"):
+                entry.stale = True
+                entry.notify(departure=False)
+            else:
+                # The directory's own mtime changed: an entry came or went; an arrival
+                # also raises its own created/moved event, so treat this as a departure.
+                entry.notify(departure=True)
+            return
+        if isinstance(event, FileSystemMovedEvent):
+            dest = os.fsdecode(event.dest_path)
+            arrived = os.path.dirname(dest) == entry.path
+            entry.notify(departure=not arrived)
+        elif event.event_type == "deleted":
+            entry.notify(departure=True)
+        elif event.is_directory and event.event_type == "modified":
+            # A subdirectory's own content changed (QUEUE/.checkout on every claim).
+            return
+        else:
+            # created, modified, closed, and anything a native backend may add.
+            entry.notify(departure=False)
+
+
+class _WatchdogBackend(_Backend):
+    """A watchdog BaseObserver: polling anywhere, native outside Linux, and native on
+    Linux with watchdog older than 7.1."""
+
+    def __init__(self, key: _BackendKey) -> None:
+        super().__init__(key)
+        self._observer: BaseObserver | None = None
+
+    def _make_observer(self) -> BaseObserver:
+        mode, interval = self.key
+        if mode == "polling":
+            from watchdog.observers.polling import PollingObserver
+
+            return PollingObserver(timeout=interval)
+        if _IS_LINUX:
+            from watchdog.observers.api import BaseObserver
+
+            return BaseObserver(_arrivals_emitter_class())
+        from watchdog.observers import Observer
+
+        return Observer()
+
+    def _watch(self, entry: _Entry) -> None:
+        if self._observer is None:
+            observer = self._make_observer()
+            observer.start()
+            self._observer = observer
+        entry.handle = self._observer.schedule(_Handler(entry), entry.path, recursive=False)
+
+    def _unwatch(self, entry: _Entry) -> None:
+        watch = entry.handle
+        entry.handle = None
+        if self._observer is not None and watch is not None:
+            self._observer.unschedule(_as_watch(watch))
+
+    def shutdown(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            _join_unless_current(observer)
+
+
+def _arrivals_emitter_class() -> type[EventEmitter]:
+    """watchdog's InotifyEmitter with IN_MOVED_FROM left out of the kernel mask, so
+    that its move grouper, which delays every unmatched IN_MOVED_FROM and all events
+    behind it by 0.5 s, never sees one."""
+    from watchdog.observers.inotify import InotifyEmitter
+
+    class _ArrivalsInotifyEmitter(InotifyEmitter):
+        # The return type is int | None up to watchdog 6 and Mask from 7.0.
+        def get_event_mask_from_filter(self) -> Any:
+            return _IN_ARRIVAL | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
+
+    return _ArrivalsInotifyEmitter
+
+
+def _as_watch(handle: object) -> ObservedWatch:
+    from watchdog.observers.api import ObservedWatch
+
+    assert isinstance(handle, ObservedWatch)
+    return handle
+
+
+def _has_inotify_fd() -> bool:
+    """Whether the installed watchdog (7.0+) has the InotifyFD callback API."""
+    try:
+        from watchdog.observers.inotify_c import InotifyFD
+    except ImportError:
+        return False
+    return all(hasattr(InotifyFD, name) for name in ("add_callback", "remove_callbacks"))
+
+
+def _new_backend(key: _BackendKey) -> _Backend:
+    if key[0] == "native" and _IS_LINUX and _has_inotify_fd():
+        return _InotifyBackend(key)
+    return _WatchdogBackend(key)
+
+
+@dataclass
+class _State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    backends: dict[_BackendKey, _Backend] = field(default_factory=dict)
+
+
+_state = _State()
+
+
+def _reset_after_fork() -> None:
+    # The child has none of the parent's threads, and the lock may have been held by
+    # one of them at fork time. Forget everything; subscriptions inherited from the
+    # parent become inert (their close() checks the pid). The inherited inotify and
+    # pipe descriptors are left open: closing them through watchdog would remove the
+    # watches of the inotify instance the parent still shares.
+    _state.lock = threading.Lock()
+    _state.backends = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
