@@ -1,0 +1,359 @@
+"""Monitor (fsck) and MonitorDaemon: the OCaml "Monitor: ..." expect tests, ported, plus
+ordering, hashing, races and the daemon's start/end cycle."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import multispool
+from conftest import Cog, Queue
+from multispool import Dir, Duplicated, End, FileWithMtime, Limits, Monitor, Orphaned, Start, TooOld
+from multispool._monitor import _Alerter
+
+DAY = 86400.0
+
+
+def make(spool: multispool.Spool[bytes], **limits: object) -> Monitor:
+    lim = Limits(
+        max_checked_out_age=limits.pop("max_checked_out_age", DAY),  # type: ignore[arg-type]
+        max_tmp_file_age=limits.pop("max_tmp_file_age", DAY),  # type: ignore[arg-type]
+        max_queue_ages=limits.pop("max_queue_ages", None),  # type: ignore[arg-type]
+    )
+    assert not limits
+    return Monitor(spool.dir, spool.spoolable, lim)
+
+
+def touch(spool: multispool.Spool[bytes], d: Dir, name: str, age: float = 0.0) -> None:
+    path = os.path.join(spool.dir, d.name_on_disk, name)
+    Path(path).touch()
+    if age:
+        t = time.time() - age
+        os.utime(path, (t, t))
+
+
+def rm(spool: multispool.Spool[bytes], d: Dir, name: str) -> None:
+    os.unlink(os.path.join(spool.dir, d.name_on_disk, name))
+
+
+def shape(problems: list[multispool.TooOld | Orphaned | Duplicated]) -> list[tuple[object, ...]]:
+    """Problems without mtimes (the OCaml tests print ``mtime <omitted>``)."""
+    out: list[tuple[object, ...]] = []
+    for p in problems:
+        where = p.dirs if isinstance(p, Duplicated) else p.dir
+        out.append((type(p).__name__, p.file.filename, where))
+    return out
+
+
+Q1, Q2 = Dir.queue(Queue.QUEUE1), Dir.queue(Queue.QUEUE2)
+CO1 = Dir.checkout(Queue.QUEUE1)
+
+
+def test_empty(spool: multispool.Spool[bytes]) -> None:
+    assert make(spool).run_once() == []
+
+
+@pytest.mark.parametrize("where", [Q1, CO1], ids=["queue", "checkout"])
+def test_registered_entry_no_issues(spool: multispool.Spool[bytes], where: Dir) -> None:
+    touch(spool, Dir.REGISTRY, "foo")
+    touch(spool, where, "foo")
+    assert make(spool).run_once() == []
+
+
+def test_queue_entry_with_tmp_file_no_issues(spool: multispool.Spool[bytes]) -> None:
+    touch(spool, Dir.REGISTRY, "foo")
+    touch(spool, Q1, "foo")
+    touch(spool, Dir.TMP, "foo")
+    assert make(spool).run_once() == []
+
+
+def test_no_entries_for_registered_file(spool: multispool.Spool[bytes]) -> None:
+    m = make(spool)
+    touch(spool, Dir.REGISTRY, "foo")
+    problems = m.run_once()
+    assert shape(problems) == [("Orphaned", "foo", Dir.REGISTRY)]
+    st = os.lstat(os.path.join(spool.dir, ".registry", "foo"))
+    assert problems[0].file == FileWithMtime("foo", st.st_mtime)
+    rm(spool, Dir.REGISTRY, "foo")
+    assert m.run_once() == []
+
+
+def test_duplicate_entries_for_registered_file(spool: multispool.Spool[bytes]) -> None:
+    m = make(spool)
+    touch(spool, Dir.REGISTRY, "foo")
+    touch(spool, Q2, "foo")
+    touch(spool, Q1, "foo")
+    touch(spool, CO1, "foo")
+    # dirs in queue order, each queue dir before its checkout dir, whatever the creation order
+    assert shape(m.run_once()) == [("Duplicated", "foo", (Q1, CO1, Q2))]
+    rm(spool, Q2, "foo")
+    rm(spool, CO1, "foo")
+    assert m.run_once() == []
+
+
+@pytest.mark.parametrize("where", [Dir.TMP, Dir.DATA, Q1, CO1], ids=["tmp", "data", "queue", "checkout"])
+def test_file_not_registered(spool: multispool.Spool[bytes], where: Dir) -> None:
+    m = make(spool)
+    touch(spool, where, "foo")
+    assert shape(m.run_once()) == [("Orphaned", "foo", where)]
+    rm(spool, where, "foo")
+    assert m.run_once() == []
+
+
+def test_checked_out_entry_too_old(spool: multispool.Spool[bytes]) -> None:
+    touch(spool, Dir.REGISTRY, "foo")
+    touch(spool, CO1, "foo", age=2)
+    assert shape(make(spool, max_checked_out_age=1).run_once()) == [("TooOld", "foo", CO1)]
+    # the same file under a limit it does not exceed: no problem
+    assert make(spool, max_checked_out_age=60).run_once() == []
+
+
+def test_tmp_file_too_old(spool: multispool.Spool[bytes]) -> None:
+    touch(spool, Dir.REGISTRY, "foo")
+    touch(spool, Q1, "foo")
+    touch(spool, Dir.TMP, "foo", age=2)
+    m = make(spool, max_tmp_file_age=datetime.timedelta(seconds=1))
+    assert shape(m.run_once()) == [("TooOld", "foo", Dir.TMP)]
+    assert make(spool, max_tmp_file_age=60).run_once() == []
+
+
+def test_queue_entry_too_old(spool: multispool.Spool[bytes]) -> None:
+    touch(spool, Dir.REGISTRY, "foo")
+    touch(spool, Q1, "foo", age=2)
+    assert shape(make(spool, max_queue_ages={Queue.QUEUE1: 1}).run_once()) == [("TooOld", "foo", Q1)]
+    # only the queue that has a limit is checked
+    assert make(spool, max_queue_ages={Queue.QUEUE2: 1}).run_once() == []
+    assert make(spool).run_once() == []
+
+
+def test_zero_limits_flag_fresh_files(spool: multispool.Spool[bytes]) -> None:
+    # The OCaml tests use limits of 0 s on just-touched files: age > 0 as soon as time moves.
+    touch(spool, Dir.REGISTRY, "foo")
+    touch(spool, CO1, "foo", age=0.01)
+    assert shape(make(spool, max_checked_out_age=0).run_once()) == [("TooOld", "foo", CO1)]
+
+
+def test_real_entries_are_clean_and_problems_sorted(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    spool.enqueue(Queue.QUEUE2, Cog(n=2), b"y")
+    co = spool.checkout(e)
+    m = make(spool)
+    assert m.run_once() == []
+    touch(spool, Dir.DATA, "zz")
+    touch(spool, Dir.TMP, "aa")
+    touch(spool, Dir.REGISTRY, "mm")
+    touch(spool, Dir.TMP, "old", age=5)
+    touch(spool, Dir.REGISTRY, "old")
+    touch(spool, Q1, "old")
+    got = make(spool, max_tmp_file_age=1).run_once()
+    assert got == sorted(got)
+    assert shape(got) == [
+        ("TooOld", "old", Dir.TMP),
+        ("Orphaned", "aa", Dir.TMP),
+        ("Orphaned", "mm", Dir.REGISTRY),
+        ("Orphaned", "zz", Dir.DATA),
+    ]
+    co.remove()
+
+
+def test_dot_names_and_missing_data_dir_are_ignored(spool: multispool.Spool[bytes]) -> None:
+    touch(spool, Q1, ".hidden")
+    touch(spool, Dir.REGISTRY, ".lock")
+    os.rmdir(os.path.join(spool.dir, ".data"))  # OCaml-made spools may lack .data
+    assert make(spool).run_once() == []
+
+
+def test_monitor_never_creates(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> None:
+    with pytest.raises(multispool.NotASpoolError):
+        Monitor(tmp_path / "nope", spoolable)
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(multispool.NotASpoolError):
+        Monitor(tmp_path / "empty", spoolable)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_limits_accept_timedelta_and_reject_unknown_queue(spool: multispool.Spool[bytes]) -> None:
+    lim = Limits(max_checked_out_age=datetime.timedelta(minutes=1), max_queue_ages={Queue.QUEUE1: 5})
+    assert lim.max_checked_out_age == 60.0 and lim.max_tmp_file_age == 600.0
+    assert lim.max_queue_ages == {Queue.QUEUE1: 5.0}
+    assert Limits().max_queue_ages == {}
+    import enum
+
+    class Other(enum.Enum):
+        X = "x"
+
+    with pytest.raises(ValueError, match="not a member"):
+        Monitor(spool.dir, spool.spoolable, Limits(max_queue_ages={Other.X: 1}))
+
+
+def test_problem_values_are_ordered_hashable_frozen() -> None:
+    f1, f2 = FileWithMtime("a", 1.0), FileWithMtime("a", 2.0)
+    too_old = TooOld(f2, Dir.TMP)
+    orphan_reg = Orphaned(f1, Dir.REGISTRY)
+    orphan_q = Orphaned(f1, Dir.queue(Queue.QUEUE2))
+    dup = Duplicated(f1, (Q1, CO1))
+    # variant order first (TooOld < Orphaned < Duplicated), then file, then dir
+    assert sorted([dup, orphan_q, orphan_reg, too_old]) == [too_old, orphan_reg, orphan_q, dup]
+    assert too_old < orphan_reg and orphan_reg <= orphan_reg and dup > orphan_q and dup >= dup
+    assert Orphaned(f1, Dir.TMP) != TooOld(f1, Dir.TMP)
+    assert len({too_old, TooOld(FileWithMtime("a", 2.0), Dir.TMP), orphan_reg}) == 2
+    with pytest.raises(AttributeError):
+        too_old.dir = Dir.DATA  # type: ignore[misc]
+    assert Start(5.0, dup) < End(1.0, too_old)  # Start before End, then time
+    assert End(1.0, too_old) < End(1.0, dup) < End(2.0, too_old)
+    assert hash(Start(1.0, dup)) == hash(Start(1.0, Duplicated(f1, (Q1, CO1))))
+    with pytest.raises(TypeError):
+        _ = too_old < Start(1.0, too_old)  # problems and events do not compare
+
+
+def test_moving_entry_is_not_reported(spool: multispool.Spool[bytes]) -> None:
+    """Candidates are re-checked: an entry that moves while the Monitor lists the queues
+    (here: between the listing of queue1 and queue2) is not a Duplicated/Orphaned."""
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    m = make(spool)
+    real_scandir = os.scandir
+    q1 = os.path.join(spool.dir, "queue1")
+
+    def scandir_then_move(path: str) -> object:
+        it = real_scandir(path)
+        if os.path.normpath(path) == os.path.normpath(q1):
+            listed = list(it)
+            it.close()
+            co = spool.checkout(e)
+            co.save(Queue.QUEUE2)  # now in queue2, after queue1 was listed: no false problem
+            return _ListIt(listed)
+        return it
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "scandir", scandir_then_move)
+    try:
+        assert m.run_once() == []
+    finally:
+        mp.undo()
+    assert [x.name for x in spool.list(Queue.QUEUE2)] == [e.name]
+
+
+class _ListIt:
+    def __init__(self, items: list[os.DirEntry[str]]) -> None:
+        self.items = items
+
+    def __enter__(self) -> list[os.DirEntry[str]]:
+        return self.items
+
+    def __exit__(self, *a: object) -> None:
+        pass
+
+
+def test_vanishing_files_are_skipped(spool: multispool.Spool[bytes]) -> None:
+    touch(spool, Dir.TMP, "gone", age=100)
+    m = make(spool, max_tmp_file_age=1)
+    real_scandir = os.scandir
+    tmp = os.path.join(spool.dir, ".tmp")
+
+    def scandir_then_delete(path: str) -> object:
+        it = real_scandir(path)
+        if os.path.normpath(path) == os.path.normpath(tmp):
+            listed = list(it)
+            it.close()
+            os.unlink(os.path.join(tmp, "gone"))
+            return _ListIt(listed)
+        return it
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "scandir", scandir_then_delete)
+    try:
+        assert m.run_once() == []
+    finally:
+        mp.undo()
+
+
+def test_alerter_start_after_more_than_n_cycles_and_end() -> None:
+    a = _Alerter(alert_after_cycles=2)
+    p = Orphaned(FileWithMtime("foo", 1.0), Dir.TMP)
+    q = Orphaned(FileWithMtime("bar", 1.0), Dir.DATA)
+    assert a.update([p], 1.0) == []
+    assert a.update([p], 2.0) == []
+    assert a.update([p, q], 3.0) == [Start(3.0, p)]  # seen 3 > 2 times
+    assert a.update([p, q], 4.0) == []
+    assert a.update([q], 5.0) == [End(5.0, p), Start(5.0, q)]  # ends first, then starts
+    assert a.update([], 6.0) == [End(6.0, q)]
+    # a gap resets the count
+    assert a.update([p], 7.0) == [] and a.update([], 8.0) == [] and a.update([p], 9.0) == []
+    assert a.update([p], 10.0) == [] and a.update([p], 11.0) == [Start(11.0, p)]
+    b = _Alerter(alert_after_cycles=0)
+    assert b.update([p], 1.0) == [Start(1.0, p)]
+
+
+def test_daemon_start_and_end(spool: multispool.Spool[bytes]) -> None:
+    m = make(spool)
+    events: list[Start | End] = []
+    cond = threading.Condition()
+
+    def callback(ev: Start | End) -> None:
+        with cond:
+            events.append(ev)
+            cond.notify_all()
+
+    def wait_for(pred: object, what: str) -> None:
+        deadline = time.monotonic() + 10
+        with cond:
+            while not pred():  # type: ignore[operator]
+                left = deadline - time.monotonic()
+                assert left > 0, f"timed out waiting for {what}; events: {events}"
+                cond.wait(left)
+
+    stop = threading.Event()
+    touch(spool, Dir.DATA, "foo")
+    t = multispool.MonitorDaemon(check_every=0.02, alert_after_cycles=2).start(m, callback, stop)
+    try:
+        assert t.daemon
+        wait_for(lambda: len(events) >= 1, "Start")
+        (start,) = events
+        assert isinstance(start, Start) and shape([start.problem]) == [("Orphaned", "foo", Dir.DATA)]
+        rm(spool, Dir.DATA, "foo")
+        wait_for(lambda: len(events) >= 2, "End")
+        assert events[1] == End(events[1].time, start.problem)
+        assert events[1].time >= start.time
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+    assert len(events) == 2
+
+
+def test_daemon_survives_failing_check(
+    spool: multispool.Spool[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    m = make(spool)
+    calls = threading.Semaphore(0)
+    real = m.run_once
+
+    def flaky() -> list[TooOld | Orphaned | Duplicated]:
+        calls.release()
+        if not hasattr(flaky, "failed"):
+            flaky.failed = True  # type: ignore[attr-defined]
+            raise OSError("disk on fire")
+        return real()
+
+    m.run_once = flaky  # type: ignore[method-assign]
+    stop = threading.Event()
+    t = multispool.MonitorDaemon(check_every=0.01).start(m, lambda ev: None, stop)
+    try:
+        assert calls.acquire(timeout=10) and calls.acquire(timeout=10)  # it went on
+    finally:
+        stop.set()
+        t.join(5)
+    assert "disk on fire" in caplog.text
+
+
+def test_daemon_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        multispool.MonitorDaemon(check_every=0)
+    with pytest.raises(ValueError):
+        multispool.MonitorDaemon(alert_after_cycles=-1)
