@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
-from ._layout import Dir, Layout
+from . import _fs
+from ._layout import CHECKOUT, REGISTRY, TMP, Dir, Layout
 from ._spool import Spool
 from ._spoolable import Duration, Spoolable, seconds
 
@@ -368,3 +369,143 @@ class MonitorDaemon:
         t = threading.Thread(target=loop, name=f"multispool-monitor {monitor.spool.dir}", daemon=True)
         t.start()
         return t
+
+
+# -- repair ---------------------------------------------------------------------------------
+def _reserve_locked(path: str) -> int | None:
+    """Create registry file ``path`` (O_EXCL) and lock it: while we hold it, nobody can
+    reserve, enqueue under, or claim that name. None if it exists already."""
+    try:
+        fd = os.open(path, _fs.O_READ | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return None
+    _fs.try_lock(fd)  # a file we just created: nobody else holds it
+    return fd
+
+
+def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool) -> list[str]:
+    """Fix what is safe to fix among ``problems`` (as found by a Monitor with ``limits``);
+    the actions taken (or, with ``dry_run``, that would be taken: then nothing changes),
+    one sentence each.
+
+    Never touches an entry a live process owns (its registry lock is held):
+      * Duplicated: under the registry lock, keep the copy with the newest mtime (the last
+        transition written: claims and saves set it), ties to the one latest in queue
+        order; unlink the others.
+      * dead checkouts go back to their queues (``Spool.recover_checkouts``).
+      * Orphaned files in .tmp, .data, a queue or checkout dir: the name is reserved first
+        (``.registry/NAME`` created with O_EXCL and locked, so nobody can start using the
+        name meanwhile), the files are unlinked, then the reservation.
+      * Orphaned registry files (abandoned enqueues) older than ``max_tmp_file_age`` and
+        not locked: ``Spool.clean_abandoned`` removes them with their tmp and data files.
+      * TooOld tmp files of a registered entry: unlinked under the registry lock.
+    Entries that are merely too old in a queue or a live checkout are left alone.
+    """
+    lay = Layout(spool.dir)
+    sp = spool.spoolable
+    problems = sorted(problems)
+    done: list[str] = []
+
+    def verb(s: str) -> str:
+        return "would " + s if dry_run else s
+
+    def where(d: Dir, name: str) -> str:
+        return os.path.join(lay.dir, d.name_on_disk, name)
+
+    # 1. duplicates
+    for p in problems:
+        if not isinstance(p, Duplicated):
+            continue
+        name = p.file.filename
+        fd = _fs.open_locked(lay.registry_file(name))
+        if fd is None:
+            done.append(f"left duplicated {name}: held by a live process")
+            continue
+        try:
+            copies = [
+                (m, i, d) for i, d in enumerate(p.dirs) if (m := _lstat_mtime(where(d, name))) is not None
+            ]
+            if len(copies) < 2:
+                continue
+            keep = max(copies)[2]
+            for _, _, d in copies:
+                if d != keep:
+                    if not dry_run:
+                        _fs.unlink_quiet(where(d, name))
+                    kept = f"{keep.name_on_disk}/{name}"
+                    done.append(verb(f"remove duplicate {d.name_on_disk}/{name} (keeping {kept})"))
+        finally:
+            os.close(fd)
+
+    # 2. dead checkouts
+    if dry_run:
+        for q in sp._queue_list:
+            dn = sp.dirname(q)
+            for name in sorted(_Listing(lay.checkout(dn)).entries):
+                fd = _fs.open_locked(lay.registry_file(name))
+                if fd is not None:
+                    os.close(fd)
+                    done.append(verb(f"recover dead checkout {dn}/{CHECKOUT}/{name} into {dn}"))
+    else:
+        for e in spool.recover_checkouts():
+            dn = sp.dirname(e.queue)
+            done.append(f"recovered dead checkout {dn}/{CHECKOUT}/{e.name} into {dn}")
+
+    # 3. orphaned files (no registry file)
+    orphans: dict[str, list[Dir]] = {}
+    for p in problems:
+        if isinstance(p, Orphaned) and p.dir != Dir.REGISTRY:
+            orphans.setdefault(p.file.filename, []).append(p.dir)
+    for name, dirs in orphans.items():
+        reg = lay.registry_file(name)
+        if dry_run:
+            if not os.path.lexists(reg):
+                done.extend(verb(f"remove orphan {d.name_on_disk}/{name}") for d in dirs)
+            continue
+        fd = _reserve_locked(reg)
+        if fd is None:
+            continue  # registered meanwhile: no longer an orphan
+        try:
+            for d in dirs:
+                if _fs.unlink_quiet(where(d, name)):
+                    done.append(f"removed orphan {d.name_on_disk}/{name}")
+        finally:
+            _fs.unlink_quiet(reg)
+            os.close(fd)
+
+    # 4. abandoned enqueues
+    if dry_run:
+        now = time.time()
+        for p in problems:
+            if isinstance(p, Orphaned) and p.dir == Dir.REGISTRY:
+                name = p.file.filename
+                if now - p.file.mtime < limits.max_tmp_file_age:
+                    done.append(f"left {REGISTRY}/{name}: younger than --max-tmp-file-age")
+                    continue
+                fd = _fs.open_locked(lay.registry_file(name))
+                if fd is None:
+                    done.append(f"left {REGISTRY}/{name}: held by a live process")
+                    continue
+                os.close(fd)
+                done.append(verb(f"remove abandoned enqueue {name}"))
+    else:
+        for name in spool.clean_abandoned(older_than=limits.max_tmp_file_age):
+            done.append(f"removed abandoned enqueue {name}")
+
+    # 5. stale tmp files of registered entries
+    for p in problems:
+        if not (isinstance(p, TooOld) and p.dir == Dir.TMP):
+            continue
+        name = p.file.filename
+        fd = _fs.open_locked(lay.registry_file(name))
+        if fd is None:
+            continue  # an orphan (handled above) or a live owner's
+        try:
+            m = _lstat_mtime(lay.tmp_file(name))
+            if m is None or time.time() - m <= limits.max_tmp_file_age:
+                continue
+            if dry_run or _fs.unlink_quiet(lay.tmp_file(name)):
+                done.append(verb(f"remove stale {TMP}/{name}"))
+        finally:
+            os.close(fd)
+    return done
