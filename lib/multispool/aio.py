@@ -1,0 +1,854 @@
+"""asyncio front end: the whole multispool API as coroutines (API.md §10).
+
+One core, two fronts: every operation here runs the very code of the sync API
+(``Spool``, ``CheckedOutEntry``, ``QueueReader``), off the event loop, in a small
+``ThreadPoolExecutor`` owned by the ``AsyncSpool`` (the Spoolable's throttle is entered
+there, by that code). Waiting for new entries uses the same shared watchdog observer as
+the sync reader; its wake-up is handed to the loop with ``call_soon_threadsafe``, and a
+wait on a caller's ``stop`` (an ``asyncio.Event``) wakes on either event, without polling.
+
+Cancellation never loses or strands an entry:
+
+* a claim (``checkout``, ``dequeue``...) whose awaiting task is cancelled after the claim
+  started in the executor is released back to its queue as soon as the claim finishes;
+  one cancelled before it started never happens;
+* ``save``, ``remove`` and ``release``, once called, always complete in the executor even
+  if the awaiting task is cancelled (the cancellation is delivered at once); a save or
+  remove that then fails releases the entry;
+* ``enqueue`` cancelled before it started does not happen; once started, it completes.
+
+An ``AsyncSpool`` belongs to one event loop at a time. Close it (``await spool.aclose()``
+or ``async with spool:``) to close its readers and stop its executor threads; closing
+waits for the disk operations still running, including those of cancelled tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import contextlib
+import enum
+import functools
+import inspect
+import logging
+import os
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import Any, Final, Generic, TypeVar
+
+from . import _watch
+from ._reader import QueueReader
+from ._spool import NOT_FOUND, CheckedOutEntry, DataFile, Entry, Spool
+from ._spoolable import Duration, Spoolable, seconds
+
+__all__ = [
+    "DEFAULT_MAX_WORKERS",
+    "AsyncCheckedOutEntry",
+    "AsyncDataFile",
+    "AsyncEntry",
+    "AsyncQueueReader",
+    "AsyncSpool",
+]
+
+log = logging.getLogger("multispool")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+DEFAULT_MAX_WORKERS: Final = 4
+"""Executor threads per AsyncSpool: disk operations are short; a few threads keep the
+loop free without letting one spool flood the disk."""
+
+# After a claim found an entry locked while still queued, retry after this (doubling).
+_BUSY_RETRY_FIRST: Final = 0.0005
+_BUSY_RETRY_MAX: Final = 0.1
+
+
+def _is_async(f: Callable[..., Any]) -> bool:
+    """Whether ``f`` is a coroutine function (also through partials and ``__call__``)."""
+    if inspect.iscoroutinefunction(f):
+        return True
+    call = getattr(f, "__call__", None)  # noqa: B004 - an instance with async __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class _Call:
+    """One function run in the executor on behalf of an awaiting task.
+
+    If that task is cancelled while the function runs, the task "abandons" the call;
+    whichever side finishes last undoes what nobody will receive: ``undo(result)`` for a
+    result (a claim to give back), ``on_error()`` for an exception nobody will see."""
+
+    __slots__ = ("abandoned", "args", "fn", "handed", "lock", "on_error", "result", "undo")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        undo: Callable[[Any], None] | None,
+        on_error: Callable[[], None] | None,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.undo = undo
+        self.on_error = on_error
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.handed = False
+        self.result: Any = None
+
+    def run(self) -> Any:
+        try:
+            result = self.fn(*self.args)
+        except BaseException:
+            with self.lock:
+                abandoned = self.abandoned
+            if abandoned and self.on_error is not None:
+                self.on_error()
+            raise
+        with self.lock:
+            if not self.abandoned:
+                self.handed = True
+                self.result = result
+                return result
+        if self.undo is not None and result is not None:
+            self.undo(result)
+        return None
+
+    def abandon(self) -> Any:
+        """Mark the call abandoned; the result to undo if the function already finished."""
+        with self.lock:
+            self.abandoned = True
+            return self.result if self.handed else None
+
+
+def _bridge(
+    cf: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop, *, outcome: bool = True
+) -> asyncio.Future[Any]:
+    """A loop future with ``cf``'s outcome (or just None once ``cf`` is done, when not
+    ``outcome``). Unlike ``asyncio.wrap_future``, cancelling it never cancels ``cf``."""
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def copy(_: object) -> None:
+        if fut.done():
+            return
+        if not outcome:
+            fut.set_result(None)
+        elif cf.cancelled():
+            fut.cancel()
+            return
+        exc = cf.exception()
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(cf.result())
+
+    def done(_: object) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(copy, None)
+
+    cf.add_done_callback(done)
+    return fut
+
+
+def _log_failure(cf: concurrent.futures.Future[Any]) -> None:
+    if not cf.cancelled() and cf.exception() is not None:
+        log.error("multispool.aio: background operation failed", exc_info=cf.exception())
+
+
+def _finish_or_release(co: CheckedOutEntry[Any], action: Any) -> None:
+    """Apply a callback's action; if that fails, the entry goes back unchanged."""
+    try:
+        Spool._finish(co, action)
+    except BaseException:
+        co.release()
+        raise
+
+
+def _apply_with_result(co: CheckedOutEntry[Any], pair: Any) -> Any:
+    action, result = pair
+    _finish_or_release(co, action)
+    return result
+
+
+def _release(co: CheckedOutEntry[Any] | AsyncCheckedOutEntry[Any]) -> None:
+    (co.sync if isinstance(co, AsyncCheckedOutEntry) else co).release()
+
+
+class AsyncSpool(Generic[T]):
+    """A spool used from asyncio; wraps a sync ``Spool`` (``.sync``) and runs its disk
+    operations in a private executor of ``max_workers`` threads."""
+
+    def __init__(self, spool: Spool[T], *, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
+        if not isinstance(spool, Spool):
+            raise TypeError(f"AsyncSpool wraps a multispool.Spool, got {spool!r}")
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
+        self.sync: Spool[T] = spool
+        self._max_workers = max_workers
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        self._inflight_lock = threading.Lock()
+        self._readers: weakref.WeakSet[AsyncQueueReader[T]] = weakref.WeakSet()
+        self._closed = False
+
+    # -- opening ----------------------------------------------------------------------
+    @classmethod
+    async def load(
+        cls,
+        path: str | os.PathLike[str],
+        spoolable: Spoolable[T],
+        create_if_missing: bool = False,
+        *,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+    ) -> AsyncSpool[T]:
+        """``Spool.load`` (validation, and creation when ``create_if_missing``), run in
+        the new AsyncSpool's executor."""
+        spool = cls(Spool.load_unsafe(path, spoolable), max_workers=max_workers)
+        try:
+            spool.sync = await spool._run(Spool.load, path, spoolable, create_if_missing)
+        except BaseException:
+            await spool.aclose()
+            raise
+        return spool
+
+    @classmethod
+    async def create(
+        cls, path: str | os.PathLike[str], spoolable: Spoolable[T], *, max_workers: int = DEFAULT_MAX_WORKERS
+    ) -> AsyncSpool[T]:
+        """``load(path, spoolable, create_if_missing=True)``."""
+        return await cls.load(path, spoolable, True, max_workers=max_workers)
+
+    @classmethod
+    def load_unsafe(
+        cls, path: str | os.PathLike[str], spoolable: Spoolable[T], *, max_workers: int = DEFAULT_MAX_WORKERS
+    ) -> AsyncSpool[T]:
+        """An AsyncSpool for ``path`` without validation or disk access. Returned
+        directly; awaiting an AsyncSpool gives itself, so ``await load_unsafe(...)`` works
+        too."""
+        return cls(Spool.load_unsafe(path, spoolable), max_workers=max_workers)
+
+    def __await__(self) -> Generator[Any, None, AsyncSpool[T]]:
+        return self
+        yield  # pragma: no cover - makes this a generator
+
+    @property
+    def dir(self) -> str:
+        return self.sync.dir
+
+    @property
+    def spoolable(self) -> Spoolable[T]:
+        return self.sync.spoolable
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- running disk work off the loop ---------------------------------------------------
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        ex = self._executor
+        if ex is None:
+            if self._closed:
+                raise RuntimeError(f"AsyncSpool for {self.dir!r} is closed")
+            ex = self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self._max_workers, thread_name_prefix="multispool-aio"
+            )
+        cf = ex.submit(fn, *args)
+        with self._inflight_lock:
+            self._inflight.add(cf)
+        cf.add_done_callback(self._forget)
+        return cf
+
+    def _forget(self, cf: concurrent.futures.Future[Any]) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(cf)
+
+    def _background(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` in the executor for nobody (undoing a cancelled claim); errors are
+        logged. If the executor is already gone, run it here (only in a late cancel)."""
+        try:
+            cf = self._submit(fn, *args)
+        except RuntimeError:
+            fn(*args)
+            return
+        cf.add_done_callback(_log_failure)
+
+    async def _run(
+        self,
+        fn: Callable[..., R],
+        *args: Any,
+        undo: Callable[[Any], None] | None = None,
+        on_error: Callable[[], None] | None = None,
+        cancellable: bool = True,
+    ) -> R:
+        """``fn(*args)`` in the executor. If the awaiting task is cancelled: a call not yet
+        started is dropped when ``cancellable``; one that started completes, and its
+        result goes to ``undo`` (its exception to ``on_error``) since nobody receives it."""
+        if self._closed:
+            raise RuntimeError(f"AsyncSpool for {self.dir!r} is closed")
+        loop = asyncio.get_running_loop()
+        call = _Call(fn, args, undo, on_error)
+        cf = self._submit(call.run)
+        fut = _bridge(cf, loop)
+        try:
+            return await fut  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if cancellable and cf.cancel():
+                raise
+            leftover = call.abandon()
+            if leftover is not None and undo is not None:
+                self._background(undo, leftover)
+            raise
+
+    # -- closing ----------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close this spool's readers, wait for the disk operations still running (also
+        those of cancelled tasks), and stop the executor threads. Idempotent."""
+        for reader in list(self._readers):
+            await reader.aclose()
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._inflight_lock:
+                pending = list(self._inflight)
+            if not pending:
+                break
+            await asyncio.wait([_bridge(cf, loop, outcome=False) for cf in pending])
+        ex, self._executor = self._executor, None
+        if ex is not None:
+            # Every worker is idle now: they only need to see the shutdown and exit.
+            ex.shutdown(wait=True)
+
+    async def __aenter__(self) -> AsyncSpool[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- wrapping ---------------------------------------------------------------------
+    def _entry(self, e: Entry[T]) -> AsyncEntry[T]:
+        return AsyncEntry(self, e)
+
+    def _co(self, co: CheckedOutEntry[T] | None) -> AsyncCheckedOutEntry[T] | None:
+        return None if co is None else AsyncCheckedOutEntry(self, co)
+
+    @staticmethod
+    def _sync_entry(e: AsyncEntry[T] | Entry[T]) -> Entry[T]:
+        return e.sync if isinstance(e, AsyncEntry) else e
+
+    # -- names, enqueue, listing ------------------------------------------------------
+    async def reserve_name(self, seed: Any = None) -> str:
+        """``Spool.reserve_name``."""
+        return await self._run(self.sync.reserve_name, seed)
+
+    async def enqueue(
+        self, queue: enum.Enum, metadata: Any, data: T, *, reserve: Any = None, use: str | None = None
+    ) -> AsyncEntry[T]:
+        """``Spool.enqueue``. Cancelled before it started, it does not happen; once
+        started, it completes."""
+        fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use)
+        return self._entry(await self._run(fn, queue, metadata, data))
+
+    async def list(self, queue: enum.Enum) -> builtins.list[AsyncEntry[T]]:
+        """Entries waiting in ``queue``, sorted by name."""
+        return [self._entry(e) for e in await self._run(self.sync.list, queue)]
+
+    async def list_checkouts_unsafe(self, queue: enum.Enum) -> builtins.list[AsyncCheckedOutEntry[T]]:
+        """``Spool.list_checkouts_unsafe``: handles that hold no lock."""
+        return [
+            AsyncCheckedOutEntry(self, co) for co in await self._run(self.sync.list_checkouts_unsafe, queue)
+        ]
+
+    # -- checkouts --------------------------------------------------------------------
+    async def checkout(self, entry: AsyncEntry[T] | Entry[T]) -> AsyncCheckedOutEntry[T]:
+        """Claim ``entry``; EntryNotFoundError if it is gone or another process holds it."""
+        co = await self._run(self.sync.checkout, self._sync_entry(entry), undo=_release)
+        return AsyncCheckedOutEntry(self, co)
+
+    async def checkout_if_found(self, entry: AsyncEntry[T] | Entry[T]) -> AsyncCheckedOutEntry[T] | None:
+        """Claim ``entry``, or None if it is gone or another process holds it."""
+        return self._co(await self._run(self.sync.checkout_if_found, self._sync_entry(entry), undo=_release))
+
+    async def _with(self, co: AsyncCheckedOutEntry[T], f: Callable[..., Any]) -> Any:
+        # An async f runs on the loop; the action is then applied in the executor.
+        try:
+            pair = await f(co.contents, co.data_file)
+        except BaseException:
+            await co.release()
+            raise
+        return await self._run(_apply_with_result, co.sync, pair, cancellable=False)
+
+    async def with_entry(self, entry: AsyncEntry[T] | Entry[T], f: Callable[..., Any]) -> Any:
+        """Check out ``entry``, run ``f(metadata, data_file) -> (action, result)``, apply
+        the action, return the result; if ``f`` raises, the entry goes back unchanged.
+        A coroutine function ``f`` runs on the loop and gets an AsyncDataFile; a plain
+        function runs in the executor (it may block) and gets the sync DataFile."""
+        e = self._sync_entry(entry)
+        if not _is_async(f):
+            return await self._run(self.sync.with_entry, e, f, cancellable=True)
+        return await self._with(await self.checkout(e), f)
+
+    async def with_entry_if_found(self, entry: AsyncEntry[T] | Entry[T], f: Callable[..., Any]) -> Any:
+        """As ``with_entry``, but ``multispool.NOT_FOUND`` when it cannot be checked out."""
+        e = self._sync_entry(entry)
+        if not _is_async(f):
+            return await self._run(self.sync.with_entry_if_found, e, f, cancellable=True)
+        co = await self.checkout_if_found(e)
+        if co is None:
+            return NOT_FOUND
+        return await self._with(co, f)
+
+    # -- recovery ---------------------------------------------------------------------
+    async def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[AsyncEntry[T]]:
+        """``Spool.recover_checkouts``."""
+        return [self._entry(e) for e in await self._run(self.sync.recover_checkouts, queue)]
+
+    async def clean_abandoned(self, older_than: Duration = 600) -> builtins.list[str]:
+        """``Spool.clean_abandoned``."""
+        return await self._run(self.sync.clean_abandoned, older_than)
+
+    # -- readers ------------------------------------------------------------------------
+    def reader(
+        self,
+        queue: enum.Enum,
+        observer: str = "auto",
+        rescan_interval: Duration = 5.0,
+        recover: bool = False,
+    ) -> AsyncQueueReader[T]:
+        """An event-driven async reader of ``queue``; it opens (recovery, watch) on
+        ``async with`` or its first use, off the loop."""
+        r = AsyncQueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
+        self._readers.add(r)
+        return r
+
+    def __repr__(self) -> str:
+        return f"AsyncSpool({self.dir!r}, {self.spoolable!r})"
+
+
+class AsyncDataFile(Generic[T]):
+    """An entry's data payload; ``load``/``save``/``stat`` run off the loop."""
+
+    __slots__ = ("_aspool", "sync")
+
+    def __init__(self, aspool: AsyncSpool[T], data_file: DataFile[T]) -> None:
+        self._aspool = aspool
+        self.sync = data_file
+
+    @property
+    def path(self) -> str:
+        return self.sync.path
+
+    async def load(self) -> T:
+        """The decoded data."""
+        return await self._aspool._run(self.sync.load)
+
+    async def save(self, contents: T) -> None:
+        """Atomically replace the data."""
+        await self._aspool._run(self.sync.save, contents, cancellable=False)
+
+    async def stat(self) -> os.stat_result:
+        """``os.stat_result`` of the data file."""
+        return await self._aspool._run(self.sync.stat)
+
+    def __repr__(self) -> str:
+        return f"AsyncDataFile({self.path!r})"
+
+
+class _AsyncDirect(Generic[T]):
+    """``Entry.direct`` as coroutines: no checkout, no exclusivity."""
+
+    __slots__ = ("_entry",)
+
+    def __init__(self, entry: AsyncEntry[T]) -> None:
+        self._entry = entry
+
+    async def contents(self) -> Any:
+        return await self._entry.spool._run(self._entry.sync.direct.contents)
+
+    def data_file(self) -> AsyncDataFile[T]:
+        return AsyncDataFile(self._entry.spool, self._entry.sync.direct.data_file())
+
+    async def save(self, metadata: Any) -> None:
+        await self._entry.spool._run(self._entry.sync.direct.save, metadata, cancellable=False)
+
+    async def remove(self) -> None:
+        await self._entry.spool._run(self._entry.sync.direct.remove, cancellable=False)
+
+
+class AsyncEntry(Generic[T]):
+    """A name in a queue (wraps a sync ``Entry``, ``.sync``)."""
+
+    __slots__ = ("spool", "sync")
+
+    def __init__(self, spool: AsyncSpool[T], entry: Entry[T]) -> None:
+        self.spool = spool
+        self.sync = entry
+
+    @classmethod
+    def create(cls, spool: AsyncSpool[T], queue: enum.Enum, name: str) -> AsyncEntry[T]:
+        """No existence check (``Entry.create``)."""
+        return cls(spool, Entry(spool.sync, queue, name))
+
+    @property
+    def name(self) -> str:
+        return self.sync.name
+
+    @property
+    def queue(self) -> enum.Enum:
+        return self.sync.queue
+
+    async def stat(self) -> os.stat_result:
+        """``os.stat_result`` of ``.registry/NAME``; EntryNotFoundError if absent."""
+        return await self.spool._run(self.sync.stat)
+
+    @property
+    def direct(self) -> _AsyncDirect[T]:
+        return _AsyncDirect(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AsyncEntry):
+            return self.sync == other.sync
+        if isinstance(other, Entry):
+            return self.sync == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.sync)
+
+    def __repr__(self) -> str:
+        return f"AsyncEntry({self.spool.dir!r}, {self.queue}, {self.name!r})"
+
+
+class AsyncCheckedOutEntry(Generic[T]):
+    """An entry this process has claimed (wraps a sync ``CheckedOutEntry``, ``.sync``).
+    Exactly one of ``save``, ``remove`` or ``release`` ends it; leaving ``async with``
+    without one returns it unchanged to its queue."""
+
+    __slots__ = ("spool", "sync")
+
+    def __init__(self, spool: AsyncSpool[T], co: CheckedOutEntry[T]) -> None:
+        self.spool = spool
+        self.sync = co
+
+    @property
+    def name(self) -> str:
+        return self.sync.name
+
+    @property
+    def queue(self) -> enum.Enum:
+        return self.sync.queue
+
+    @property
+    def contents(self) -> Any:
+        return self.sync.contents
+
+    @property
+    def data_file(self) -> AsyncDataFile[T]:
+        return AsyncDataFile(self.spool, self.sync.data_file)
+
+    @property
+    def path(self) -> str:
+        return self.sync.path
+
+    @property
+    def done(self) -> bool:
+        return self.sync.done
+
+    def update(self, f: Callable[[Any], Any]) -> AsyncCheckedOutEntry[T]:
+        """A new handle on the same checkout, with contents ``f(contents)``."""
+        return AsyncCheckedOutEntry(self.spool, self.sync.update(f))
+
+    async def save(self, queue: enum.Enum) -> None:
+        """Write the contents and move the entry into ``queue``. Completes even if the
+        awaiting task is cancelled; if it then fails, the entry is released."""
+        await self.spool._run(self.sync.save, queue, cancellable=False, on_error=self.sync.release)
+
+    async def remove(self) -> None:
+        """Delete the entry. Completes even if the awaiting task is cancelled."""
+        await self.spool._run(self.sync.remove, cancellable=False, on_error=self.sync.release)
+
+    async def release(self) -> None:
+        """Return the entry unchanged to its queue (no-op once ended). Completes even if
+        the awaiting task is cancelled."""
+        if self.sync.done:
+            return
+        await self.spool._run(self.sync.release, cancellable=False)
+
+    async def __aenter__(self) -> AsyncCheckedOutEntry[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+    def __repr__(self) -> str:
+        state = "done" if self.sync.done else "held"
+        return f"AsyncCheckedOutEntry({self.spool.dir!r}, {self.queue}, {self.name!r}, {state})"
+
+
+class _LoopWake:
+    """A flag set from the observer thread and awaited on the loop."""
+
+    __slots__ = ("event", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        # Observer thread: hand the wake to the loop, never touch loop objects here.
+        with contextlib.suppress(RuntimeError):  # loop closed: the reader is gone with it
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+class AsyncQueueReader(Generic[T]):
+    """The async form of ``QueueReader``: same claims (run in the executor by a sync
+    QueueReader core), waiting on filesystem events without blocking the loop. Use
+    ``async with`` (or ``await reader.aclose()``); one task at a time per reader."""
+
+    def __init__(
+        self,
+        spool: AsyncSpool[T],
+        queue: enum.Enum,
+        *,
+        observer: str = "auto",
+        rescan_interval: Duration = 5.0,
+        recover: bool = False,
+    ) -> None:
+        # Cheap checks now; everything touching the disk happens in _open, off the loop.
+        spool.spoolable.dirname(queue)
+        if observer not in ("auto", "native", "polling"):
+            raise ValueError(f"observer must be 'auto', 'native' or 'polling', got {observer!r}")
+        self.rescan_interval = seconds(rescan_interval)
+        if not self.rescan_interval > 0:
+            raise ValueError(f"rescan_interval must be > 0, got {rescan_interval!r}")
+        self.spool = spool
+        self.queue = queue
+        self._observer_request = observer
+        self._recover = recover
+        self._core: QueueReader[T] | None = None
+        self._sub: _watch.Subscription | None = None
+        self._wake: _LoopWake | None = None
+        self._opening: asyncio.Future[None] | None = None
+        # The core is a sync QueueReader: one thread at a time (a cancelled call may
+        # still be running in the executor when the next one starts).
+        self._core_lock = threading.Lock()
+        self._closed = False
+        self._busy_delay = _BUSY_RETRY_FIRST
+        self._waiting = False  # for tests: a dequeue is parked waiting for a wake
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _open_sync(self, wake: _LoopWake) -> tuple[QueueReader[T], _watch.Subscription]:
+        core = QueueReader(
+            self.spool.sync,
+            self.queue,
+            observer=self._observer_request,
+            rescan_interval=self.rescan_interval,
+            recover=self._recover,
+        )
+        try:
+            # Our own subscription to the same directory (one shared watch): it wakes the
+            # loop; the core's own Event is not waited on. Departures (claims) wake nobody.
+            sub = _watch.subscribe(core._qdir, wake, core.observer, departures=False)
+        except BaseException:
+            core.close()
+            raise
+        return core, sub
+
+    @staticmethod
+    def _close_sync(opened: tuple[QueueReader[Any], _watch.Subscription]) -> None:
+        core, sub = opened
+        sub.close()
+        core.close()
+
+    async def _ensure_open(self) -> QueueReader[T] | None:
+        if self._closed:
+            return None
+        if self._core is not None:
+            return self._core
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        # Shielded: a cancelled caller must not cancel the open others may wait on; the
+        # open's own cleanup handles a reader closed meanwhile.
+        await asyncio.shield(self._opening)
+        return self._core
+
+    async def _open(self) -> None:
+        wake = _LoopWake(asyncio.get_running_loop())
+        opened = await self.spool._run(self._open_sync, wake, undo=self._close_sync)
+        if self._closed:
+            await self.spool._run(self._close_sync, opened, cancellable=False)
+            return
+        self._core, self._sub = opened
+        self._wake = wake
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def observer(self) -> str | None:
+        """The observer mode in use once open (``"native"`` or ``"polling"``)."""
+        return None if self._sub is None else self._sub.mode
+
+    async def aclose(self) -> None:
+        """Stop watching; a ``dequeue`` waiting in another task returns None. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._wake is not None:
+            self._wake.event.set()
+        if self._opening is not None and not self._opening.done():
+            await asyncio.wait([self._opening])
+        if self._opening is not None and not self._opening.cancelled():
+            self._opening.exception()  # retrieved: an open failure was already raised
+        core, sub = self._core, self._sub
+        self._core = self._sub = None
+        if core is not None and sub is not None:
+            await self.spool._run(self._close_sync, (core, sub), cancellable=False)
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncQueueReader[T]:
+        await self._ensure_open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- taking entries -------------------------------------------------------------------
+    def _dequeue_available_sync(self, core: QueueReader[T]) -> tuple[CheckedOutEntry[T] | None, bool]:
+        with self._core_lock:
+            co = core.dequeue_available()
+            busy, core._busy_seen = core._busy_seen, False
+            return co, busy
+
+    async def _take(self, core: QueueReader[T]) -> tuple[AsyncCheckedOutEntry[T] | None, bool]:
+        co, busy = await self.spool._run(
+            self._dequeue_available_sync, core, undo=lambda r: _release(r[0]) if r[0] is not None else None
+        )
+        return self.spool._co(co), busy
+
+    async def dequeue_available(self) -> AsyncCheckedOutEntry[T] | None:
+        """The next entry if one can be claimed now, else None. Never waits for one."""
+        core = await self._ensure_open()
+        if core is None:
+            return None
+        assert self._wake is not None
+        self._wake.event.clear()
+        co, _ = await self._take(core)
+        return co
+
+    async def dequeue(
+        self, stop: asyncio.Event | None = None, timeout: Duration | None = None
+    ) -> AsyncCheckedOutEntry[T] | None:
+        """The next entry, waiting for one (filesystem events, plus a re-list every
+        ``rescan_interval``). None once ``stop`` is set, ``timeout`` passes, or the
+        reader is closed. Cancelling it never loses an entry: a claim that completes
+        for a cancelled caller goes back to the queue."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + seconds(timeout)
+        core = await self._ensure_open()
+        while True:
+            if core is None or self._closed or (stop is not None and stop.is_set()):
+                return None
+            wake = self._wake
+            assert wake is not None
+            # Cleared BEFORE the listing is submitted: an entry landing after the listing
+            # sets it again (the wake is applied on the loop after this line).
+            wake.event.clear()
+            co, busy = await self._take(core)
+            if co is not None:
+                self._busy_delay = _BUSY_RETRY_FIRST
+                return co
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                return None
+            wait = self.rescan_interval
+            if busy:
+                wait = self._busy_delay
+                self._busy_delay = min(self._busy_delay * 2, _BUSY_RETRY_MAX)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            if self._closed:
+                return None
+            await self._wait(wake.event, stop, wait)
+
+    async def _wait(self, wake: asyncio.Event, stop: asyncio.Event | None, timeout: float) -> None:
+        """Until ``wake`` or ``stop`` is set, or ``timeout`` seconds pass."""
+        waiters = [asyncio.ensure_future(wake.wait())]
+        if stop is not None:
+            waiters.append(asyncio.ensure_future(stop.wait()))
+        self._waiting = True
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiting = False
+            for w in waiters:
+                w.cancel()
+            # Let the cancelled waiters finish now, so that no task outlives this call.
+            await asyncio.wait(waiters)
+
+    def __aiter__(self) -> AsyncIterator[AsyncCheckedOutEntry[T]]:
+        return self
+
+    async def __anext__(self) -> AsyncCheckedOutEntry[T]:
+        """The next entry, waiting; StopAsyncIteration once the reader is closed."""
+        co = await self.dequeue()
+        if co is None:
+            raise StopAsyncIteration
+        return co
+
+    # -- processing -----------------------------------------------------------------------
+    async def _process(self, co: AsyncCheckedOutEntry[T], f: Callable[..., Any]) -> None:
+        if not _is_async(f):
+            # The sync reader's own processing (f, then the action, or a release if either
+            # raises), in the executor; once started it completes even if we are cancelled.
+            core = self._core
+            if core is None:
+                await co.release()
+                return
+            await self.spool._run(core._process, co.sync, f, cancellable=False)
+            return
+        try:
+            action = await f(co.contents, co.data_file)
+        except BaseException:
+            await co.release()
+            raise
+        await self.spool._run(_finish_or_release, co.sync, action, cancellable=False)
+
+    async def iter(self, f: Callable[..., Any], stop: asyncio.Event | None = None) -> None:
+        """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
+        are left, wait for new ones until ``stop`` is set or the reader is closed. A
+        coroutine function ``f`` runs on the loop with an AsyncDataFile; a plain function
+        runs in the executor with the sync DataFile. If ``f`` raises (or the task is
+        cancelled in it), that entry goes back unchanged and the exception propagates."""
+        while True:
+            co = await self.dequeue(stop=stop)
+            if co is None:
+                return
+            await self._process(co, f)
+
+    async def iter_available(self, f: Callable[..., Any]) -> None:
+        """Process the entries present in one fresh listing of the queue, then return."""
+        core = await self._ensure_open()
+        if core is None:
+            return
+        first = True
+        while not self._closed:
+            co = await self.spool._run(self._take_listed_sync, core, first, undo=lambda c: _release(c))
+            first = False
+            if co is None:
+                return
+            await self._process(AsyncCheckedOutEntry(self.spool, co), f)
+
+    def _take_listed_sync(self, core: QueueReader[T], relist: bool) -> CheckedOutEntry[T] | None:
+        with self._core_lock:
+            if relist:
+                core._relist()
+            return core._take_pending()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else (self.observer or "not open")
+        return f"AsyncQueueReader({self.spool.dir!r}, {self.queue}, {state})"
