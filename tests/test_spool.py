@@ -1,0 +1,518 @@
+"""API.md §4 and §5: names, enqueue (and its cleanup on failure), listing, entries, direct
+operations, data files, checkouts, with_entry; two real processes racing for one entry."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multispool
+import multispool._fs
+import multispool._spool
+from _procs import Worker, broadcast, find_sort, workers
+from conftest import Cog, Queue, Sprocket
+
+N = "n000000"  # the first name PrefixNames gives for seed "n"
+
+
+def _snapshot(root: str) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for directories)."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = Path(p).read_bytes()
+    return out
+
+
+# -- names --------------------------------------------------------------------------------
+
+
+def test_reserve_name_creates_only_the_registry_file(spool: multispool.Spool[bytes]) -> None:
+    before = find_sort(spool.dir)
+    name = spool.reserve_name("r")
+    assert name == "r000000"
+    assert find_sort(spool.dir) == sorted([*before, "spool/.registry/r000000"])
+    assert (Path(spool.dir) / ".registry" / name).read_bytes() == b""
+    assert spool.reserve_name("r") == "r000001"
+
+
+def test_reserve_name_retries_on_collision(spool: multispool.Spool[bytes]) -> None:
+    reg = Path(spool.dir) / ".registry"
+    for n in ("r000000", "r000001"):
+        (reg / n).write_bytes(b"someone else's")
+    assert spool.reserve_name("r") == "r000002"
+    assert (reg / "r000000").read_bytes() == b"someone else's"
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="r")
+    assert e.name == "r000003"
+
+
+def test_reserve_name_gives_up_on_a_generator_that_always_collides(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Same:
+        def next(self, seed: Any, attempt: int) -> str:
+            return "same"
+
+    monkeypatch.setattr(multispool._spool, "MAX_NAME_ATTEMPTS", 20)
+    spool.spoolable.name_generator = Same()
+    spool.reserve_name()
+    before = find_sort(spool.dir)
+    with pytest.raises(multispool.SpoolError):
+        spool.reserve_name()
+    assert find_sort(spool.dir) == before
+
+
+def test_reserve_name_then_enqueue_use(spool: multispool.Spool[bytes]) -> None:
+    name = spool.reserve_name("u")
+    e = spool.enqueue(Queue.QUEUE2, Cog(n=5), b"payload", use=name)
+    assert (e.name, e.queue) == (name, Queue.QUEUE2)
+    assert "spool/queue2/u000000" in find_sort(spool.dir)
+    assert e.direct.contents() == Cog(n=5)
+    assert e.direct.data_file().load() == b"payload"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: enqueue(use=NAME) accepts the name of an entry already queued (its registry "
+    "file exists and is unlocked), overwrites that entry's .data/NAME and puts a second "
+    "QUEUE/NAME in another queue",
+)
+def test_enqueue_use_a_name_already_in_use(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE2, Cog(n=5), b"payload", reserve="u")
+    before = _snapshot(spool.dir)
+    with pytest.raises(multispool.SpoolError):
+        spool.enqueue(Queue.QUEUE1, Cog(n=6), b"other", use=e.name)
+    assert _snapshot(spool.dir) == before
+
+
+def test_enqueue_use_unreserved_name(spool: multispool.Spool[bytes]) -> None:
+    before = find_sort(spool.dir)
+    with pytest.raises(multispool.EntryNotFoundError):
+        spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", use="never_reserved")
+    assert find_sort(spool.dir) == before
+
+
+RESERVE_CHILD = """
+import sys, enum, multispool
+from _procs import serve
+class Q(enum.Enum):
+    QUEUE1 = "queue1"
+    QUEUE2 = "queue2"
+    QUEUE3 = "queue3"
+spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(
+    queues=Q, name_generator=multispool.PrefixNames()))
+serve(lambda line: spool.reserve_name(line))
+"""
+
+
+def test_enqueue_use_name_reserved_by_a_live_process(spool: multispool.Spool[bytes]) -> None:
+    w = Worker(RESERVE_CHILD, spool.dir)
+    try:
+        assert w.recv() == "ready"
+        w.send("theirs")
+        name = w.recv()
+        assert name == "theirs000000"
+        with pytest.raises(multispool.EntryNotFoundError):
+            spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", use=name)
+        assert spool.list(Queue.QUEUE1) == []
+    finally:
+        w.close()
+    # Its process is gone, so is its lock: the reservation can be used now.
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", use=name)
+    assert spool.list(Queue.QUEUE1) == [e]
+
+
+def test_enqueue_reserve_seed(spool: multispool.Spool[bytes]) -> None:
+    names = [spool.enqueue(Queue.QUEUE1, Cog(n=i), b"", reserve="s_").name for i in range(3)]
+    assert names == ["s_000000", "s_000001", "s_000002"]
+    assert spool.enqueue(Queue.QUEUE1, Cog(n=1), b"").name == "000000"  # seed None
+
+
+# -- enqueue cleanup ----------------------------------------------------------------------
+
+
+class FailingData:
+    """Writes part of the file, then fails (as a full disk or a buggy codec would)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.armed = False
+
+    def load(self, path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    def save(self, value: bytes, path: str) -> None:
+        if not self.armed:
+            Path(path).write_bytes(value)
+            return
+        Path(path).write_bytes(value[:1])
+        raise self.exc
+
+
+def _cleanup_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, durability: str, how: str
+) -> tuple[multispool.Spool[Any], Any, type[BaseException], str | None]:
+    data: Any = None
+    payload: Any = b"payload"
+    meta: Any = Cog(n=1)
+    exc: type[BaseException] = OSError
+    if case == "codec_raises":
+        data, exc = FailingData(OSError(errno.ENOSPC, "No space left on device")), OSError
+    elif case == "codec_interrupted":
+        data, exc = FailingData(KeyboardInterrupt()), KeyboardInterrupt
+    elif case == "not_bytes":
+        payload, exc = "a str", TypeError
+    elif case == "bad_metadata":
+        meta, exc = object(), TypeError
+    sp = multispool.Spoolable(
+        queues=Queue, data=data, name_generator=multispool.PrefixNames(), durability=durability  # type: ignore[arg-type]
+    )
+    spool: multispool.Spool[Any] = multispool.Spool.create(tmp_path / "spool", sp)
+    spool.enqueue(Queue.QUEUE1, Cog(n=0), b"existing", reserve="keep")
+    if isinstance(data, FailingData):
+        data.armed = True
+    use = spool.reserve_name("u") if how == "use" else None
+    if case == "rename_fails":
+
+        def rename(src: Any, dst: Any, **kw: Any) -> None:
+            raise OSError(errno.EIO, "Input/output error", src)
+
+        monkeypatch.setattr(os, "rename", rename)
+    elif case == "fsync_fails":
+
+        def fsync_fd(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(multispool._fs, "fsync_fd", fsync_fd)
+    return spool, (meta, payload), exc, use
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["codec_raises", "codec_interrupted", "not_bytes", "bad_metadata", "rename_fails", "fsync_fails"],
+)
+@pytest.mark.parametrize("how", ["reserve", "use"])
+def test_enqueue_failure_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, how: str
+) -> None:
+    durability = "full" if case == "fsync_fails" else "none"
+    spool, (meta, payload), exc, use = _cleanup_case(tmp_path, monkeypatch, case, durability, how)
+    before = _snapshot(spool.dir)
+    with pytest.raises(exc):
+        spool.enqueue(Queue.QUEUE1, meta, payload, reserve="n", use=use)
+    monkeypatch.undo()
+    after = _snapshot(spool.dir)
+    if how == "use" and case in ("bad_metadata",):
+        assert after == before  # failed before touching anything: the reservation stays
+    else:
+        # Everything the enqueue created is gone; with use=, the reservation it consumed too.
+        before.pop(f".registry/{use}", None)
+        assert after == before
+    assert [e.name for e in spool.list(Queue.QUEUE1)] == ["keep000000"]
+
+
+# -- listing ------------------------------------------------------------------------------
+
+
+def test_list_sorted_skips_dot_names_and_checkouts(spool: multispool.Spool[bytes]) -> None:
+    for n in ("b", "a", "c", "ab"):
+        spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", use=spool.reserve_name(n))
+    (Path(spool.dir) / "queue1" / ".hidden").write_bytes(b"")
+    co = spool.checkout(multispool.Entry(spool, Queue.QUEUE1, "c000000"))
+    listed = spool.list(Queue.QUEUE1)
+    assert [e.name for e in listed] == ["a000000", "ab000000", "b000000"]
+    assert all(isinstance(e, multispool.Entry) and e.queue is Queue.QUEUE1 for e in listed)
+    assert all(e.spool is spool for e in listed)
+    assert spool.list(Queue.QUEUE2) == []
+    assert [c.name for c in spool.list_checkouts_unsafe(Queue.QUEUE1)] == ["c000000"]
+    co.release()
+
+
+def test_list_is_bytewise_sorted(spool: multispool.Spool[bytes]) -> None:
+    for n in ("Z", "a", "_", "0", "é"):
+        spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", use=spool.reserve_name(n))
+    assert [e.name[0] for e in spool.list(Queue.QUEUE1)] == ["0", "Z", "_", "a", "é"]
+
+
+# -- entries ------------------------------------------------------------------------------
+
+
+def test_entry_does_not_check_existence(spool: multispool.Spool[bytes]) -> None:
+    before = find_sort(spool.dir)
+    e = multispool.Entry(spool, Queue.QUEUE2, "ghost")
+    assert (e.spool, e.queue, e.name) == (spool, Queue.QUEUE2, "ghost")
+    assert multispool.Entry.create(spool, Queue.QUEUE2, "ghost") == e
+    assert find_sort(spool.dir) == before
+    with pytest.raises(multispool.EntryNotFoundError):
+        e.stat()
+    with pytest.raises(multispool.EntryNotFoundError):
+        e.direct.contents()
+    assert spool.checkout_if_found(e) is None
+    assert find_sort(spool.dir) == before
+
+
+def test_entry_stat_is_registry_stat(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"xyz", reserve="n")
+    st = e.stat()
+    reg = os.stat(Path(spool.dir) / ".registry" / N)
+    assert (st.st_ino, st.st_dev, st.st_size) == (reg.st_ino, reg.st_dev, 0)
+    spool.checkout(e).remove()
+    with pytest.raises(multispool.EntryNotFoundError) as ei:
+        e.stat()
+    assert N in str(ei.value)
+
+
+def test_direct_operations(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"xyz", reserve="n")
+    assert e.direct.contents() == Cog(n=1)
+    df = e.direct.data_file()
+    assert isinstance(df, multispool.DataFile)
+    assert df.path == os.path.join(spool.dir, ".data", N)
+    assert df.load() == b"xyz"
+    df.save(b"new data")
+    assert (Path(spool.dir) / ".data" / N).read_bytes() == b"new data"
+    assert df.stat().st_size == len(b"new data")
+    ino = os.stat(Path(spool.dir) / "queue1" / N).st_ino
+    e.direct.save(Sprocket(text="replaced"))
+    assert e.direct.contents() == Sprocket(text="replaced")
+    # Atomically replaced: a new inode, no temp file left.
+    assert os.stat(Path(spool.dir) / "queue1" / N).st_ino != ino
+    assert os.listdir(Path(spool.dir) / ".tmp") == []
+    before = find_sort(spool.dir)
+    e.direct.remove()
+    assert find_sort(spool.dir) == [p for p in before if not p.endswith(N)]
+    with pytest.raises(multispool.EntryNotFoundError):
+        e.direct.remove()
+    with pytest.raises(multispool.EntryNotFoundError):
+        e.direct.save(Cog(n=2))
+    assert find_sort(spool.dir) == [p for p in before if not p.endswith(N)]
+
+
+def test_direct_ops_do_not_touch_a_checked_out_entry(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"xyz", reserve="n")
+    co = spool.checkout(e)
+    before = _snapshot(spool.dir)
+    with pytest.raises(multispool.EntryNotFoundError):
+        e.direct.remove()
+    with pytest.raises(multispool.EntryNotFoundError):
+        e.direct.save(Cog(n=9))
+    with pytest.raises(multispool.EntryNotFoundError):
+        e.direct.contents()
+    assert _snapshot(spool.dir) == before
+    co.release()
+
+
+# -- checkouts ----------------------------------------------------------------------------
+
+
+def test_checkout_and_checkout_if_found(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"xyz", reserve="n")
+    co = spool.checkout(e)
+    assert isinstance(co, multispool.CheckedOutEntry)
+    assert (co.name, co.queue, co.contents) == (N, Queue.QUEUE1, Cog(n=1))
+    assert co.data_file.path == os.path.join(spool.dir, ".data", N)
+    assert co.data_file.load() == b"xyz"
+    # Taken: a second claim fails, by exception or by None.
+    with pytest.raises(multispool.EntryNotFoundError) as ei:
+        spool.checkout(e)
+    assert N in str(ei.value)
+    assert spool.checkout_if_found(e) is None
+    co.remove()
+    with pytest.raises(multispool.EntryNotFoundError):
+        spool.checkout(e)
+    assert spool.checkout_if_found(e) is None
+
+
+def test_update_returns_a_new_entry(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="n")
+    co = spool.checkout(e)
+    co2 = co.update(lambda m: Cog(n=m.n + 41))
+    assert co2 is not co
+    assert (co.contents, co2.contents) == (Cog(n=1), Cog(n=42))
+    assert (co2.name, co2.queue) == (co.name, co.queue)
+    co2.save(Queue.QUEUE3)
+    assert multispool.Entry(spool, Queue.QUEUE3, N).direct.contents() == Cog(n=42)
+    assert "spool/queue1/.checkout/" + N not in find_sort(spool.dir)
+
+
+def test_save_to_same_queue_and_to_another(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
+    spool.checkout(e).save(Queue.QUEUE1)
+    assert spool.list(Queue.QUEUE1) == [e]
+    co = spool.checkout(e)
+    co.save(Queue.QUEUE2)
+    assert spool.list(Queue.QUEUE1) == [] and [x.name for x in spool.list(Queue.QUEUE2)] == [N]
+    with pytest.raises(multispool.SpoolError):
+        co.save(Queue.QUEUE3)  # already ended
+
+
+def test_checked_out_remove(spool: multispool.Spool[bytes]) -> None:
+    before = find_sort(spool.dir)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
+    spool.checkout(e).remove()
+    assert find_sort(spool.dir) == before
+
+
+@pytest.mark.parametrize("raise_inside", [False, True])
+def test_context_manager_returns_entry_unchanged(spool: multispool.Spool[bytes], raise_inside: bool) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
+    before = _snapshot(spool.dir)
+
+    class Boom(Exception):
+        pass
+
+    try:
+        with spool.checkout(e) as co:
+            assert "queue1/.checkout/" + N in _snapshot(spool.dir)
+            co.contents = Cog(n=99)  # not saved: must not reach the disk
+            if raise_inside:
+                raise Boom
+    except Boom:
+        assert raise_inside
+    assert _snapshot(spool.dir) == before
+    assert spool.checkout(e).contents == Cog(n=1)
+
+
+def test_context_manager_after_save_or_remove_does_nothing(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
+    with spool.checkout(e) as co:
+        co.save(Queue.QUEUE2)
+    assert [x.name for x in spool.list(Queue.QUEUE2)] == [N] and spool.list(Queue.QUEUE1) == []
+    with spool.checkout(multispool.Entry(spool, Queue.QUEUE2, N)) as co:
+        co.remove()
+    assert spool.list(Queue.QUEUE2) == []
+
+
+def test_with_entry_save_and_result(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
+
+    def f(meta: Any, df: multispool.DataFile[bytes]) -> tuple[multispool.Save, str]:
+        df.save(df.load() + b"!")
+        return multispool.Save(Cog(n=meta.n + 1), Queue.QUEUE2), "result"
+
+    assert spool.with_entry(e, f) == "result"
+    e2 = multispool.Entry(spool, Queue.QUEUE2, N)
+    assert e2.direct.contents() == Cog(n=2)
+    assert e2.direct.data_file().load() == b"d!"
+    assert spool.with_entry_if_found(e2, lambda m, d: (multispool.REMOVE, 7)) == 7
+    assert spool.list(Queue.QUEUE2) == []
+    assert "spool/.registry/" + N not in find_sort(spool.dir)
+
+
+def test_with_entry_not_found(spool: multispool.Spool[bytes]) -> None:
+    ghost = multispool.Entry(spool, Queue.QUEUE1, "ghost")
+    called = []
+    with pytest.raises(multispool.EntryNotFoundError):
+        spool.with_entry(ghost, lambda m, d: called.append(1))  # type: ignore[arg-type, func-returns-value]
+    assert spool.with_entry_if_found(ghost, lambda m, d: called.append(1)) is multispool.NOT_FOUND  # type: ignore[arg-type, func-returns-value]
+    assert called == []
+    # Held by someone: also not found.
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
+    co = spool.checkout(e)
+    assert spool.with_entry_if_found(e, lambda m, d: (multispool.REMOVE, 1)) is multispool.NOT_FOUND
+    co.release()
+
+
+@pytest.mark.parametrize("bad_action", [False, True])
+def test_with_entry_exception_puts_entry_back_unchanged(
+    spool: multispool.Spool[bytes], bad_action: bool
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
+    before = _snapshot(spool.dir)
+
+    class Boom(Exception):
+        pass
+
+    def f(meta: Any, df: Any) -> Any:
+        assert "queue1/.checkout/" + N in _snapshot(spool.dir)
+        if bad_action:
+            return "not an action", None
+        raise Boom
+
+    with pytest.raises(TypeError if bad_action else Boom):
+        spool.with_entry(e, f)
+    assert _snapshot(spool.dir) == before
+    assert spool.with_entry(e, lambda m, d: (multispool.REMOVE, m)) == Cog(n=1)
+
+
+def test_save_action_and_remove_are_exported_values() -> None:
+    s = multispool.Save(Cog(n=1), Queue.QUEUE2)
+    assert (s.metadata, s.queue) == (Cog(n=1), Queue.QUEUE2)
+    assert s == multispool.Save(Cog(n=1), Queue.QUEUE2)
+    assert multispool.REMOVE is not multispool.NOT_FOUND
+
+
+def test_list_checkouts_unsafe_decodes(spool: multispool.Spool[bytes]) -> None:
+    a = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="a")
+    b = spool.enqueue(Queue.QUEUE1, Sprocket(text="s"), b"", reserve="b")
+    cos = [spool.checkout(b), spool.checkout(a)]
+    listed = spool.list_checkouts_unsafe(Queue.QUEUE1)
+    assert [(c.name, c.queue, c.contents) for c in listed] == [
+        ("a000000", Queue.QUEUE1, Cog(n=1)),
+        ("b000000", Queue.QUEUE1, Sprocket(text="s")),
+    ]
+    for c in cos:
+        c.release()
+    assert spool.list_checkouts_unsafe(Queue.QUEUE1) == []
+
+
+# -- two processes racing for one entry ----------------------------------------------------
+
+RACE_CHILD = """
+import sys, enum, multispool
+from _procs import serve
+class Q(enum.Enum):
+    QUEUE1 = "queue1"
+    QUEUE2 = "queue2"
+    QUEUE3 = "queue3"
+spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(queues=Q))
+held = []
+def handle(line):
+    how, name = line.split()
+    e = multispool.Entry(spool, Q.QUEUE1, name)
+    if how == "if_found":
+        co = spool.checkout_if_found(e)
+    else:
+        try:
+            co = spool.checkout(e)
+        except multispool.EntryNotFoundError:
+            co = None
+    if co is None:
+        return "lost"
+    held.append(co)  # keep it until told: the loser must not see it come back
+    return "won " + co.contents["who"]
+def serve_line(line):
+    if line == "finish":
+        for co in held:
+            co.remove()
+        held.clear()
+        return "done"
+    return handle(line)
+serve(serve_line)
+"""
+
+
+def test_two_processes_race_for_one_entry(spool: multispool.Spool[bytes]) -> None:
+    rounds = int(os.environ.get("MULTISPOOL_RACE_ROUNDS", "50"))
+    with workers(RACE_CHILD, 2, spool.dir) as ws:
+        wins = [0, 0]
+        for r in range(rounds):
+            e = spool.enqueue(Queue.QUEUE1, {"who": f"r{r}"}, b"data", reserve=f"race{r}_")
+            how = "if_found" if r % 2 else "checkout"
+            replies = broadcast(ws, f"{how} {e.name}")
+            winners = [i for i, rep in enumerate(replies) if rep.startswith("won")]
+            assert len(winners) == 1, f"round {r}: {replies}"
+            assert replies[winners[0]] == f"won r{r}"
+            assert replies[1 - winners[0]] == "lost", replies
+            wins[winners[0]] += 1
+            assert broadcast(ws, "finish") == ["done", "done"]
+        assert spool.list(Queue.QUEUE1) == []
+    assert find_sort(spool.dir)[1:3] == ["spool/.data", "spool/.registry"]
+    assert os.listdir(Path(spool.dir) / ".registry") == []
