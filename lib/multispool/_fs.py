@@ -78,17 +78,21 @@ def read_file(path: str) -> bytes:
     """Read a whole file without following a symlink at ``path``."""
     fd = os.open(path, O_READ)
     try:
-        size = os.fstat(fd).st_size
-        chunks = []
-        # Read past st_size too: the file may grow (or st_size may be 0 on special files).
-        while True:
-            chunk = os.read(fd, max(size, 65536))
-            if not chunk:
-                break
+        # Metadata files are small: one read usually returns all of it, and a short read
+        # of a regular file means end of file, so no fstat is needed to size the buffer.
+        chunk = os.read(fd, _READ_CHUNK)
+        if len(chunk) < _READ_CHUNK:
+            return chunk
+        chunks = [chunk]
+        while chunk:
+            chunk = os.read(fd, _READ_CHUNK)
             chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+_READ_CHUNK: Final = 1 << 16
 
 
 def fsync_path(path: str) -> None:
@@ -168,6 +172,64 @@ except ImportError:  # pragma: no cover - Windows: no owner locks, recovery is d
 
     def try_lock(fd: int) -> bool:
         return True
+
+
+_O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
+_tmpfile_ok = bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
+
+
+_root: int | None = None
+
+
+def _root_fd() -> int:
+    global _root
+    if _root is None:
+        _root = os.open("/", os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+    return _root
+
+
+def create_locked(path: str, mode: int) -> int | None:
+    """Create ``path`` (which must not exist) and return a descriptor holding its lock;
+    None if the name is taken. Where the OS allows (Linux O_TMPFILE), the file is created
+    unnamed, locked, then linked in, so nobody ever sees it unlocked; elsewhere it is
+    created with O_EXCL and locked at once, and a lock lost in between counts as taken."""
+    global _tmpfile_ok
+    if _tmpfile_ok:
+        try:
+            fd = os.open(os.path.dirname(path), _O_TMPFILE | os.O_WRONLY | _CLOEXEC, mode)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise
+            _tmpfile_ok = False  # this filesystem has no O_TMPFILE: use the portable path
+        else:
+            try:
+                try_lock(fd)
+                # os.link calls linkat(AT_SYMLINK_FOLLOW), which resolves the /proc magic
+                # link to the unnamed file, only when given a dir fd (ignored: both paths
+                # are absolute or relative to the cwd either way).
+                os.link(f"/proc/self/fd/{fd}", os.path.abspath(path), src_dir_fd=_root_fd(),
+                        follow_symlinks=True)
+            except FileExistsError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+    try:
+        fd = os.open(path, O_CREATE_EXCL, mode)
+    except FileExistsError:
+        return None
+    try:
+        # Someone may have locked (and even unlinked) it before us: then it is not ours.
+        if not try_lock(fd) or (HAVE_LOCKS and os.fstat(fd).st_nlink == 0):
+            os.close(fd)
+            return None
+    except BaseException:
+        os.close(fd)
+        unlink_quiet(path)
+        raise
+    return fd
 
 
 def open_locked(path: str) -> int | None:

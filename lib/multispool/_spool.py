@@ -450,23 +450,21 @@ class Spool(Generic[T]):
         for attempt, proposal in names_for(sp.name_generator, seed):
             name = check_name(proposal)
             path = lay.registry_file(name)
-            try:
-                fd = os.open(path, _fs.O_CREATE_EXCL, sp.file_mode)
-            except FileExistsError:
+            fd = _fs.create_locked(path, sp.file_mode)
+            if fd is None:
                 if attempt + 1 >= MAX_NAME_ATTEMPTS:
                     raise SpoolError(
                         f"no free name after {MAX_NAME_ATTEMPTS} attempts in {lay.registry} "
                         f"(name generator {sp.name_generator!r}, seed {seed!r})"
-                    ) from None
+                    )
                 continue
-            try:
-                _fs.try_lock(fd)  # fresh file: nobody else can hold it
-                if sp.durability == "full":
+            if sp.durability == "full":
+                try:
                     _fs.fsync_dir(lay.registry)
-            except BaseException:
-                os.close(fd)
-                _fs.unlink_quiet(path)
-                raise
+                except BaseException:
+                    os.close(fd)
+                    _fs.unlink_quiet(path)
+                    raise
             return name, fd
         raise AssertionError("unreachable")
 
