@@ -65,9 +65,14 @@ class QueueReader(Generic[T]):
             spool.recover_checkouts(queue)
             spool.clean_abandoned()
         # Subscribe before the first listing, so nothing that lands after it goes unseen.
-        self._sub: _watch.Subscription | None = _watch.subscribe(
-            self._qdir, self._wake.set, self.observer
-        )
+        # departures=False: our own claims (and other readers') rename entries out of the
+        # queue; waking on those would only make every reader re-list for nothing.
+        try:
+            self._sub: _watch.Subscription | None = _watch.subscribe(
+                self._qdir, self._wake.set, self.observer, departures=False
+            )
+        except FileNotFoundError:
+            raise NotASpoolError("queue directory does not exist", self._qdir) from None
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
