@@ -195,17 +195,23 @@ def _lstat_mtime(path: str) -> float | None:
 
 
 class _Listing:
-    """One scandir pass of a directory: name -> DirEntry, dot-names skipped."""
+    """One pass over a directory, dot-names skipped. With ``stat``, an ``os.scandir``
+    pass keeping the DirEntry objects (their ``stat`` gives the mtimes); without, a plain
+    ``os.listdir`` (the same getdents calls, but 2-3x faster in Python: no DirEntry
+    objects) for directories where only names matter."""
 
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "names")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, stat: bool) -> None:
         self.entries: dict[str, os.DirEntry[str]] = {}
+        self.names: set[str] = set()
         try:
-            with os.scandir(path) as it:
-                for e in it:
-                    if e.name[0] != ".":
-                        self.entries[e.name] = e
+            if stat:
+                with os.scandir(path) as it:
+                    self.entries = {e.name: e for e in it if e.name[0] != "."}
+                self.names = set(self.entries)
+            else:
+                self.names = {n for n in os.listdir(path) if n[0] != "."}
         except FileNotFoundError:
             pass  # .data may be absent in an OCaml-made spool; a vanished dir is empty
 
@@ -248,12 +254,12 @@ class Monitor:
         queue_dirs: list[tuple[Dir, str, _Listing]] = []
         for q in sp._queue_list:
             dn = sp.dirname(q)
-            queue_dirs.append((Dir.queue(q), lay.queue(dn), _Listing(lay.queue(dn))))
-            queue_dirs.append((Dir.checkout(q), lay.checkout(dn), _Listing(lay.checkout(dn))))
-        tmp = _Listing(lay.tmp)
-        data = _Listing(lay.data)
-        registry = _Listing(lay.registry)
-        reg = registry.entries
+            limited = q in lim.max_queue_ages
+            queue_dirs.append((Dir.queue(q), lay.queue(dn), _Listing(lay.queue(dn), stat=limited)))
+            queue_dirs.append((Dir.checkout(q), lay.checkout(dn), _Listing(lay.checkout(dn), stat=True)))
+        tmp = _Listing(lay.tmp, stat=True)
+        data = _Listing(lay.data, stat=False)
+        reg = _Listing(lay.registry, stat=False).names
 
         def too_old(listing: _Listing, d: Dir, limit: float) -> None:
             for name, e in listing.entries.items():
@@ -262,7 +268,7 @@ class Monitor:
                     problems.append(TooOld(FileWithMtime(name, m), d))
 
         def orphans(listing: _Listing, d: Dir, dir_path: str) -> None:
-            for name in listing.entries.keys() - reg.keys():
+            for name in listing.names - reg:
                 # Re-check: an enqueue may have registered the name after our listing.
                 if os.path.lexists(lay.registry_file(name)):
                     continue
@@ -285,15 +291,14 @@ class Monitor:
         # Registry files in no queue/checkout dir, or in several.
         counts: dict[str, int] = {}
         for _, _, listing in queue_dirs:
-            for name in listing.entries:
-                if name in reg:
-                    counts[name] = counts.get(name, 0) + 1
-        for name in reg.keys() - {n for n, c in counts.items() if c == 1}:
+            for name in listing.names & reg:
+                counts[name] = counts.get(name, 0) + 1
+        for name in reg - {n for n, c in counts.items() if c == 1}:
             # Re-check where it is now: it may have moved between two of our listings.
             where = [d for d, path, _ in queue_dirs if os.path.lexists(os.path.join(path, name))]
             if len(where) == 1:
                 continue
-            m = _Listing.mtime(reg[name])
+            m = _lstat_mtime(lay.registry_file(name))
             if m is None:
                 continue  # removed meanwhile
             fwm = FileWithMtime(name, m)
@@ -441,7 +446,7 @@ def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dr
     if dry_run:
         for q in sp._queue_list:
             dn = sp.dirname(q)
-            for name in sorted(_Listing(lay.checkout(dn)).entries):
+            for name in sorted(_Listing(lay.checkout(dn), stat=False).names):
                 fd = _fs.open_locked(lay.registry_file(name))
                 if fd is not None:
                     os.close(fd)
