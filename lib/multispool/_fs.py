@@ -175,7 +175,9 @@ except ImportError:  # pragma: no cover - Windows: no owner locks, recovery is d
 
 
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
-_tmpfile_ok = bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
+_TMPFILE_OK: Final = bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
+# Directories whose filesystem refused O_TMPFILE (FUSE, NFS...): use the portable path.
+_no_tmpfile: set[str] = set()
 
 
 _root: int | None = None
@@ -193,14 +195,14 @@ def create_locked(path: str, mode: int) -> int | None:
     None if the name is taken. Where the OS allows (Linux O_TMPFILE), the file is created
     unnamed, locked, then linked in, so nobody ever sees it unlocked; elsewhere it is
     created with O_EXCL and locked at once, and a lock lost in between counts as taken."""
-    global _tmpfile_ok
-    if _tmpfile_ok:
+    parent = os.path.dirname(path)
+    if _TMPFILE_OK and parent not in _no_tmpfile:
         try:
-            fd = os.open(os.path.dirname(path), _O_TMPFILE | os.O_WRONLY | _CLOEXEC, mode)
+            fd = os.open(parent, _O_TMPFILE | os.O_WRONLY | _CLOEXEC, mode)
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            _tmpfile_ok = False  # this filesystem has no O_TMPFILE: use the portable path
+            _no_tmpfile.add(parent)
         else:
             try:
                 try_lock(fd)
