@@ -212,31 +212,44 @@ def test_problem_values_are_ordered_hashable_frozen() -> None:
         _ = too_old < Start(1.0, too_old)  # problems and events do not compare
 
 
-def test_moving_entry_is_not_reported(spool: multispool.Spool[bytes]) -> None:
+@pytest.mark.parametrize("limited", [False, True], ids=["listdir", "scandir"])
+def test_moving_entry_is_not_reported(spool: multispool.Spool[bytes], limited: bool) -> None:
     """Candidates are re-checked: an entry that moves while the Monitor lists the queues
     (here: between the listing of queue1 and queue2) is not a Duplicated/Orphaned."""
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
-    m = make(spool)
-    real_scandir = os.scandir
-    q1 = os.path.join(spool.dir, "queue1")
+    m = make(spool, max_queue_ages={Queue.QUEUE1: DAY} if limited else None)
+    real_scandir, real_listdir = os.scandir, os.listdir
+    q1 = os.path.normpath(os.path.join(spool.dir, "queue1"))
+    moved = []
+
+    def move() -> None:
+        co = spool.checkout(e)
+        co.save(Queue.QUEUE2)  # now in queue2, after queue1 was listed: no false problem
+        moved.append(True)
 
     def scandir_then_move(path: str) -> object:
         it = real_scandir(path)
-        if os.path.normpath(path) == os.path.normpath(q1):
-            listed = list(it)
-            it.close()
-            co = spool.checkout(e)
-            co.save(Queue.QUEUE2)  # now in queue2, after queue1 was listed: no false problem
-            return _ListIt(listed)
-        return it
+        if os.path.normpath(path) != q1:
+            return it
+        listed = list(it)
+        it.close()
+        move()
+        return _ListIt(listed)
+
+    def listdir_then_move(path: str) -> list[str]:
+        names = real_listdir(path)
+        if os.path.normpath(path) == q1:
+            move()
+        return names
 
     mp = pytest.MonkeyPatch()
     mp.setattr(os, "scandir", scandir_then_move)
+    mp.setattr(os, "listdir", listdir_then_move)
     try:
         assert m.run_once() == []
     finally:
         mp.undo()
-    assert [x.name for x in spool.list(Queue.QUEUE2)] == [e.name]
+    assert moved and [x.name for x in spool.list(Queue.QUEUE2)] == [e.name]
 
 
 class _ListIt:
