@@ -1,0 +1,1 @@
+"""The multispool benchmark harness (run it with scripts/bench)."""

@@ -1,0 +1,321 @@
+"""Runs the whole benchmark: every system on the same disk, repetitions interleaved
+between systems (the order rotates each repetition), each measurement in fresh child
+processes; then writes the report (and plots, when matplotlib is there)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .common import System, proc_cpu_seconds
+from .systems import NAMES, load_all
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class Settings:
+    quick: bool
+    reps: int
+    throughput_seconds: float  # per mode, per repetition
+    wake_samples: int  # per wait variant, over all repetitions
+    slow_wake_budget: float  # seconds per repetition for variants with slow default polling
+    idle_seconds: float
+    competing_entries: int
+    competing_consumers: int = 4
+
+
+def _child_cmd(job: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "_bench", "child", json.dumps(job)]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.join(ROOT, "scripts") + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    return env
+
+
+def _run_child(job: dict[str, Any], timeout: float) -> Any:
+    r = subprocess.run(_child_cmd(job), env=_env(), capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"child {job['what']} of {job.get('system')} failed: {r.stderr.strip()[-800:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+class Child:
+    """A child process whose stdout lines we read with a deadline."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.p = subprocess.Popen(
+            _child_cmd(job), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self._buf = b""
+
+    def readline(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        assert self.p.stdout is not None
+        fd = self.p.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def expect_ready(self, timeout: float = 30) -> None:
+        line = self.readline(timeout)
+        if line != "ready":
+            self.kill()
+            err = self.p.stderr.read().decode() if self.p.stderr else ""
+            raise RuntimeError(f"child did not get ready: {line!r} {err.strip()[-800:]}")
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, signal.SIGKILL)
+        self.p.wait()
+        for f in (self.p.stdout, self.p.stderr):
+            if f is not None:
+                f.close()
+
+
+def _fresh_dir(base: str, label: str) -> str:
+    return tempfile.mkdtemp(prefix=label + "-", dir=base)
+
+
+# -- the measurements ---------------------------------------------------------------------
+def run_throughput(sys_: System, base: str, st: Settings) -> dict[str, Any]:
+    d = _fresh_dir(base, sys_.name)
+    try:
+        return _run_child(
+            {"what": "throughput", "system": sys_.name, "dir": d, "seconds": st.throughput_seconds},
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _wake_mode(sys_: System) -> str:
+    return "non-durable" if "non-durable" in sys_.modes else next(iter(sys_.modes))
+
+
+def run_wake(sys_: System, vi: int, base: str, n: int, budget: float) -> list[float]:
+    """``n`` wake samples (fewer if ``budget`` seconds run out): this process enqueues,
+    a consumer child waits; latency = consumer's time after claim+remove minus the time
+    the enqueue returned here (both time.time_ns(), one host)."""
+    variant = sys_.waits[vi]
+    mode = _wake_mode(sys_)
+    d = _fresh_dir(base, sys_.name)
+    sys_.create(d)
+    child = Child({"what": "consume", "system": sys_.name, "dir": d, "mode": mode,
+                   "variant": vi, "count": n, "deadline": budget + 60})
+    lat: list[float] = []
+    prod = None
+    try:
+        child.expect_ready()
+        prod = sys_.producer(d, mode)
+        # a consumer that polls must be in its sleep, not just starting: let it settle
+        time.sleep(0.05)
+        end = time.monotonic() + budget
+        per_sample = (variant.interval or 0.01) * 3 + 5 if variant.slow else 5.0
+        for i in range(n):
+            if time.monotonic() >= end:
+                break
+            prod.put(i)
+            t_ret = time.time_ns()
+            line = child.readline(per_sample)
+            if line is None:
+                break  # budget exceeded (slow polling); what was measured stands
+            _, seq, t_ns = line.split()
+            if int(seq) != i:
+                raise RuntimeError(f"{sys_.name}: expected entry {i}, got {seq}")
+            lat.append((int(t_ns) - t_ret) / 1e9)
+            # a gap, random over a whole polling period so that a poller's phase varies
+            # (else every entry lands just after an empty poll): each one is a fresh wake
+            time.sleep(random.uniform(0.002, 0.010) + random.uniform(0, variant.interval or 0))
+    finally:
+        if prod is not None:
+            prod.close()
+        child.kill()
+        shutil.rmtree(d, ignore_errors=True)
+    return lat
+
+
+def run_idle(systems: list[System], base: str, seconds: float) -> dict[str, dict[str, float]]:
+    """All systems' consumers blocked in their wait at once (they are idle: they do not
+    compete); CPU from /proc/PID/stat utime+stime over ``seconds``."""
+    children: list[tuple[System, int, Child, str]] = []
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for s in systems:
+            for vi, v in enumerate(s.waits):
+                if not s.multiprocess:
+                    continue
+                d = _fresh_dir(base, s.name)
+                s.create(d)
+                c = Child({"what": "consume", "system": s.name, "dir": d, "mode": _wake_mode(s),
+                           "variant": vi, "count": 0, "deadline": seconds + 120})
+                children.append((s, vi, c, d))
+        for _, _, c, _ in children:
+            c.expect_ready()
+        time.sleep(1.0)  # past start-up (imports, observer threads starting)
+        t0 = time.monotonic()
+        cpu0 = [proc_cpu_seconds(c.p.pid) for _, _, c, _ in children]
+        time.sleep(seconds)
+        cpu1 = [proc_cpu_seconds(c.p.pid) for _, _, c, _ in children]
+        wall = time.monotonic() - t0
+        for (s, vi, _, _), a, b in zip(children, cpu0, cpu1):
+            out.setdefault(s.name, {})[s.waits[vi].label] = 100 * (b - a) / wall
+    finally:
+        for _, _, c, d in children:
+            c.kill()
+            shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def run_competing(sys_: System, base: str, st: Settings) -> dict[str, Any]:
+    mode = _wake_mode(sys_)
+    d = _fresh_dir(base, sys_.name)
+    go = os.path.join(base, f"go-{sys_.name}-{os.getpid()}-{random.random()}")
+    kids: list[Child] = []
+    try:
+        sys_.create(d)
+        p = sys_.producer(d, mode)
+        n = st.competing_entries
+        for i in range(n):
+            p.put(i)
+        p.close()
+        for _ in range(st.competing_consumers):
+            kids.append(Child({"what": "drain_competing", "system": sys_.name, "dir": d,
+                               "mode": mode, "go": go}))
+        for k in kids:
+            k.expect_ready()
+        open(go, "w").close()
+        results = []
+        for k in kids:
+            line = k.readline(120)
+            if line is None:
+                raise RuntimeError(f"{sys_.name}: a competing consumer did not finish")
+            results.append(json.loads(line))
+        seqs = [s for r in results for s in r["seqs"]]
+        unique = set(seqs)
+        t0 = min(r["t0"] for r in results)
+        t1 = max(r["t_end"] for r in results)
+        return {
+            "n": n,
+            "handled": len(seqs),
+            "duplicates": len(seqs) - len(unique),
+            "losses": len(set(range(n)) - unique),
+            "rate": len(unique) / max(t1 - t0, 1e-9),
+            "per_consumer": [len(r["seqs"]) for r in results],
+            "errors": sum(r["n_errors"] for r in results),
+            "error_samples": sorted({e for r in results for e in r["errors"]})[:3],
+        }
+    finally:
+        for k in kids:
+            k.kill()
+        if os.path.exists(go):
+            os.unlink(go)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -- orchestration ------------------------------------------------------------------------
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="a run under 2 minutes")
+    ap.add_argument("--dir", default=ROOT, help="where queues are created (default: the checkout)")
+    ap.add_argument("--systems", nargs="*", choices=NAMES, help="only these systems")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where the report goes")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    st = (
+        Settings(True, 3, 0.25, 201, 4.0, 10.0, 600)
+        if args.quick
+        else Settings(False, 5, 1.0, 500, 25.0, 60.0, 3000)
+    )
+    started = time.time()
+    systems, skipped = load_all(args.systems)
+    fail_file = os.path.join(sys.prefix, ".bench-install-failures")
+    if os.path.exists(fail_file):
+        for line in open(fail_file):
+            if line.strip():
+                skipped.setdefault(line.split(":")[0], line.strip())
+    base = tempfile.mkdtemp(prefix=".bench-", dir=args.dir)
+    res: dict[str, Any] = {"throughput": {}, "wake": {}, "idle": {}, "competing": {}, "failed": {}}
+
+    def attempt(what: str, name: str, f: Any) -> Any:
+        try:
+            return f()
+        except Exception as e:
+            _log(f"{name}: {what} failed: {e}")
+            res["failed"].setdefault(name, []).append(f"{what}: {e}"[:400])
+            return None
+
+    try:
+        for rep in range(st.reps):
+            order = systems[rep % len(systems):] + systems[: rep % len(systems)]
+            _log(f"repetition {rep + 1}/{st.reps}: throughput")
+            for s in order:
+                r = attempt("throughput", s.name, lambda s=s: run_throughput(s, base, st))
+                if r is not None:
+                    res["throughput"].setdefault(s.name, []).append(r)
+            _log(f"repetition {rep + 1}/{st.reps}: wake latency")
+            per_rep = -(-st.wake_samples // st.reps)
+            for s in order:
+                for vi, v in enumerate(s.waits):
+                    if not s.multiprocess:
+                        continue
+                    budget = st.slow_wake_budget if v.slow else 60.0
+                    lat = attempt(f"wake {v.label}", s.name,
+                                  lambda s=s, vi=vi, b=budget: run_wake(s, vi, base, per_rep, b))
+                    if lat is not None:
+                        res["wake"].setdefault(s.name, {}).setdefault(v.label, []).extend(lat)
+            _log(f"repetition {rep + 1}/{st.reps}: {st.competing_consumers} competing consumers")
+            for s in order:
+                r = attempt("competing", s.name, lambda s=s: run_competing(s, base, st))
+                if r is not None:
+                    res["competing"].setdefault(s.name, []).append(r)
+        _log(f"idle CPU over {st.idle_seconds:.0f} s")
+        idle = attempt("idle", "all", lambda: run_idle(systems, base, st.idle_seconds))
+        res["idle"] = idle or {}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    elapsed = time.time() - started
+    _log(f"measured in {elapsed:.0f} s; writing the report")
+    from . import report
+
+    cmd = "scripts/bench" + "".join(f" {a}" for a in argv)
+    meta = report.machine(args.dir)
+    meta.update({"command": cmd, "elapsed": elapsed, "settings": st.__dict__, "skipped": skipped})
+    raw = os.path.join(sys.prefix, "last-results.json")
+    with open(raw, "w") as f:
+        json.dump({"meta": meta, "results": res,
+                   "systems": {s.name: _describe(s) for s in systems}}, f, indent=1)
+    report.write(args.out, meta, res, systems, plots=not args.no_plots)
+    _log(f"wrote {os.path.join(args.out, 'benchmarks.md')} (raw results: {raw})")
+    return 0
+
+
+def _describe(s: System) -> dict[str, Any]:
+    return {"title": s.title, "modes": s.modes, "durability": s.durability,
+            "waits": [w.label for w in s.waits], "notes": s.notes}
