@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import Cog, Queue
-from test_watch import bindfs_mount, ensure_bindfs
 
 import multispool
+from conftest import Cog, Queue
+from test_watch import bindfs_mount, ensure_bindfs
 
 PRODUCER = """
 import sys, multispool
@@ -40,21 +43,42 @@ def test_reader_on_second_fuse_mount_gets_entries_from_the_first(
         # rescan_interval far beyond the deadline: only the observer can deliver in time.
         with spool2.reader(Queue.QUEUE1, rescan_interval=60) as reader:
             assert reader.observer == "polling", reader.observer_reason
-            code = PRODUCER.format(tests=str(Path(__file__).parent))
-            proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(m1 / "spool")],
-                stdout=subprocess.PIPE,
-                text=True,
-                env=os.environ.copy(),
-            )
+            # The enqueue must land while the reader waits (not before its first listing).
+            waiting = threading.Event()
+            real_wait = reader._wait
+
+            def signalling_wait(*args: Any) -> None:
+                waiting.set()
+                real_wait(*args)
+
+            monkeypatch.setattr(reader, "_wait", signalling_wait)
+            got: list[multispool.CheckedOutEntry[bytes] | None] = []
+            t = threading.Thread(target=lambda: got.append(reader.dequeue(timeout=20)))
+            t.start()
+            proc = None
             try:
+                assert waiting.wait(10), "reader never started waiting"
+                code = PRODUCER.format(tests=str(Path(__file__).parent))
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", code, str(m1 / "spool")],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=os.environ.copy(),
+                )
                 name = proc.communicate(timeout=60)[0].strip()
                 assert proc.returncode == 0
-                co = reader.dequeue(timeout=15)
+                enqueued = time.monotonic()
+                t.join(30)
+                # Polling (0.1 s) delivers at once; a native watch would hear nothing and
+                # the entry would only turn up at the dequeue's last listing (20 s).
+                assert time.monotonic() - enqueued < 5.0, "not woken by the observer"
+                co = got[0] if got else None
                 assert co is not None, "entry enqueued through m1 never reached the reader on m2"
                 assert (co.name, co.contents, co.data_file.load()) == (name, Cog(n=7), b"through m1")
                 co.remove()
             finally:
-                if proc.poll() is None:
+                reader.close()
+                t.join(30)
+                if proc is not None and proc.poll() is None:
                     proc.kill()
-                proc.wait()
+                    proc.wait()
