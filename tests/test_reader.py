@@ -765,10 +765,12 @@ def _backlog_spool(
     )
     for k in range(full):
         fast.enqueue(Queue.QUEUE1, Cog(n=k), b"", reserve=f"b{k:06d}_")
-    template = tmp_path / "metadata"
-    template.write_bytes(msgspec.json.encode(Cog(n=-1)))
     dirname = fast.spoolable.dirname(Queue.QUEUE1)
+    template = tmp_path / "metadata"
     for k in range(n - full):
+        if k % 50_000 == 0:  # ext4 allows 65,000 links to one inode
+            template = tmp_path / f"metadata{k}"
+            template.write_bytes(msgspec.json.encode(Cog(n=-1)))
         os.link(template, fast._layout.queue_file(dirname, f"c{k:06d}"))
     return fast
 
