@@ -591,7 +591,11 @@ def bindfs_mount(source: Path, target: Path) -> Iterator[None]:
         if os.path.ismount(target):
             umount = shutil.which("fusermount3") or shutil.which("fusermount")
             cmd = [umount, "-u", str(target)] if umount else ["umount", str(target)]
-            subprocess.run(cmd, check=False, capture_output=True)
+            if subprocess.run(cmd, check=False, capture_output=True).returncode != 0:
+                # Busy (a watch or an open file still pins it): detach lazily rather than
+                # leave a dead mount behind for every later pytest run to trip over.
+                lazy = [umount, "-u", "-z", str(target)] if umount else ["umount", "-l", str(target)]
+                subprocess.run(lazy, check=False, capture_output=True)
         try:
             proc.wait(WAIT)
         except subprocess.TimeoutExpired:
