@@ -462,22 +462,27 @@ def test_name_reuse_after_remove_is_not_confused_with_the_old_owner(
     assert _names(spool.recover_checkouts()) == [("queue1", name)]
 
 
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "O_EXCL"])
 def test_clean_abandoned_during_reservation_window(
-    spool: multispool.Spool[bytes], procs: Procs, monkeypatch: pytest.MonkeyPatch
+    spool: multispool.Spool[bytes], procs: Procs, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
 ) -> None:
     """Adversarial interleaving, made deterministic: another process runs
-    clean_abandoned(older_than=0) after our enqueue created .registry/NAME (O_EXCL) but
-    before it took the lock on it. The enqueue must still end with a consistent entry."""
+    clean_abandoned(older_than=0) after our enqueue created its registry file but before
+    it took the lock on it (on the O_EXCL path; with O_TMPFILE the file is not linked in
+    yet). The enqueue must still end with a whole, claimable entry."""
     from multispool import _fs
 
+    if not tmpfile:
+        monkeypatch.setattr(_fs, "_TMPFILE_OK", False)
     real = _fs.try_lock
     calls = {"n": 0}
+    cleaned: list[str] = []
 
     def interleaved(fd: int) -> bool:
         calls["n"] += 1
         if calls["n"] == 1:
             cleaner = procs.start("ready(*spool.clean_abandoned(older_than=0))", spool.dir)
-            procs.ready(cleaner)
+            cleaned.extend(procs.ready(cleaner))
             cleaner.wait(10)
         return real(fd)
 
@@ -487,18 +492,16 @@ def test_clean_abandoned_during_reservation_window(
     finally:
         monkeypatch.undo()
     assert calls["n"] >= 1
+    if not tmpfile:
+        # The window was really hit: the cleaner took the unlocked file, the enqueue moved on.
+        assert cleaned == ["w000000"] and entry.name == "w000001"
+    else:
+        assert cleaned == [] and entry.name == "w000000"
     # The entry enqueue returned must be a whole, claimable entry.
     assert _layout_problems(spool) == []
     co = spool.checkout_if_found(entry)
     assert co is not None and co.data_file.load() == b"payload"
 
-
-test_clean_abandoned_during_reservation_window = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Spool._reserve ignores try_lock's result and never checks st_nlink: "
-    "clean_abandoned can lock and unlink .registry/NAME between its O_EXCL create and "
-    "the lock; enqueue then returns an entry with no registry file (never claimable)",
-)(test_clean_abandoned_during_reservation_window)
 
 
 # Producers: enqueue N entries to QUEUE1, print each returned name.
@@ -560,11 +563,6 @@ def _lines_until_end(p: subprocess.Popen[str]) -> list[str]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=False,  # the race is hit in most runs, not all: the strict twin is above
-    reason="BUG: same race as test_clean_abandoned_during_reservation_window (an enqueue "
-    "fails with FileNotFoundError on .tmp/NAME, or returns an entry with no registry)",
-)
 def test_clean_abandoned_loop_is_safe_with_live_producers_and_consumers(
     spool: multispool.Spool[bytes], procs: Procs
 ) -> None:
