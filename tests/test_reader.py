@@ -873,3 +873,32 @@ def test_corrupt_entry_without_quarantine_raises_and_stays_checked_out(
         assert co is not None and co.name == good
         co.remove()
     assert Path(cofile).read_bytes() == junk
+
+
+# --------------------------------------------------------------------------------------
+# idle cost
+# --------------------------------------------------------------------------------------
+
+
+def _blocked_cpu(reader: QueueReader[Any], stop: threading.Event | None, seconds: float) -> float:
+    """CPU seconds the calling thread spends in a dequeue blocked ``seconds`` on an empty queue."""
+    t0 = time.thread_time()
+    assert reader.dequeue(stop=stop, timeout=seconds) is None
+    return time.thread_time() - t0
+
+
+def test_blocked_dequeue_without_stop_uses_no_cpu(spool: multispool.Spool[bytes]) -> None:
+    with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
+        cpu = _blocked_cpu(reader, None, 2.0)
+    assert cpu < 0.002, f"{cpu * 1e3:.1f} ms of CPU while blocked 2 s (target: <= 0.1 % of a core)"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: _reader._wait polls the stop Event every STOP_POLL=20 ms: ~0.6 % of a core "
+    "while iter(f, stop)/dequeue(stop=) is blocked on an empty queue (target 0.1 %)",
+)
+def test_blocked_dequeue_with_stop_uses_no_cpu(spool: multispool.Spool[bytes]) -> None:
+    with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
+        cpu = _blocked_cpu(reader, threading.Event(), 2.0)
+    assert cpu < 0.002, f"{cpu * 1e3:.1f} ms of CPU while blocked 2 s (target: <= 0.1 % of a core)"
