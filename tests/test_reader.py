@@ -574,8 +574,9 @@ def test_blocked_reader_in_another_process_wakes_on_enqueue(
             got, t = child.recv(timeout=NO_RESCAN / 2).split()
             assert got == name
             latencies.append((int(t) - sent) / 1e9)
-        # Events, not the rescan (NO_RESCAN s): well under a second even when polling.
-        assert max(latencies) < 1.0, latencies
+        # Events, not the rescan (NO_RESCAN s): typically a few ms (polling: < 0.1 s); the
+        # bound is loose so that a loaded 2-core CI machine does not make it flaky.
+        assert max(latencies) < NO_RESCAN / 10, latencies
 
 
 # --------------------------------------------------------------------------------------
