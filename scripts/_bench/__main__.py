@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 if len(sys.argv) > 2 and sys.argv[1] == "child":
-    from .child import main
+    from .child import main as child_main
 
-    main(sys.argv[2])
+    child_main(sys.argv[2])
 else:
     from .runner import main
 

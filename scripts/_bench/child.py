@@ -19,7 +19,8 @@ def _say(line: str) -> None:
 
 
 def throughput(a: dict[str, Any]) -> dict[str, Any]:
-    """For each mode: enqueue for ``seconds`` into a fresh queue, then drain it all."""
+    """For each mode: enqueue for ``seconds`` (at most ``max_entries``) into a fresh queue,
+    then drain it all."""
     sys_ = get_system(a["system"])
     out: dict[str, Any] = {}
     for mode in sys_.modes:
@@ -33,7 +34,7 @@ def throughput(a: dict[str, Any]) -> dict[str, Any]:
         while True:
             p.put(n)
             n += 1
-            if n % 8 == 0 and time.perf_counter() >= end:
+            if n >= a["max_entries"] or (n % 8 == 0 and time.perf_counter() >= end):
                 break
         t_enq = time.perf_counter() - t0
         p.close()

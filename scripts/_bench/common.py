@@ -51,6 +51,8 @@ class WaitVariant:
     interval: float | None = None
     # the system's default polling is so slow that samples are capped by a time budget
     slow: bool = False
+    # measured in full mode only (not the system's natural wait, or too slow for --quick)
+    full_only: bool = False
 
 
 @dataclass

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001, RUF002 (the report is typeset: en dashes, multiplication signs)
 """Writes docs/benchmarks.md (tables: medians, min–max, ratios to the floor and to
 multispool) and the plots. Everything below the ANALYSIS marker of an existing
 docs/benchmarks.md is hand-written and kept as it is."""
@@ -23,10 +24,11 @@ BARS_PNG = "bench-throughput.png"
 def machine(path: str) -> dict[str, Any]:
     cpu = "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     fs = "?"
@@ -39,7 +41,9 @@ def machine(path: str) -> dict[str, Any]:
     try:
         dev = os.stat(path).st_dev
         best = ""
-        for line in open("/proc/self/mounts"):
+        with open("/proc/self/mounts") as f:
+            mounts = f.read().splitlines()
+        for line in mounts:
             parts = line.split()
             try:
                 if os.stat(parts[1]).st_dev == dev and len(parts[1]) >= len(best):
@@ -103,7 +107,8 @@ def write(out: str, meta: dict[str, Any], res: dict[str, Any], systems: list[Sys
     md = os.path.join(out, "benchmarks.md")
     analysis = ""
     if os.path.exists(md):
-        old = open(md).read()
+        with open(md) as f:
+            old = f.read()
         if MARKER in old:
             analysis = old.split(MARKER, 1)[1]
     made = _plots(out, res, systems) if plots else []
@@ -121,7 +126,13 @@ def write(out: str, meta: dict[str, Any], res: dict[str, Any], systems: list[Sys
     a(f"| CPU | {meta['cpu']} |\n| cores | {meta['cores']} |\n| kernel | {meta['kernel']} |")
     a(f"| Python | {meta['python']} |\n| filesystem | {meta['filesystem']}; {meta['mount']} |")
     a("| packages | " + ", ".join(f"{k} {v}" for k, v in meta["packages"].items()) + " |\n")
-    a("All queues live in fresh directories under one directory on that filesystem.\n")
+    lb, la = meta["load"]
+    a(f"| load average (1/5/15 min) | {lb[0]:.2f} / {lb[1]:.2f} / {lb[2]:.2f} before, "
+      f"{la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} after |\n")
+    a("All queues live in fresh directories under one directory on that filesystem. The "
+      "machine is shared: a load average well above 0 means other work ran at the same "
+      "time, which the interleaving spreads over all systems alike but which inflates tails "
+      "and spreads.\n")
 
     a("## Systems, and the durability each really gives\n")
     a("Read from each peer's source in the bench virtualenv. *Durable* below means: an "
@@ -146,8 +157,9 @@ def write(out: str, meta: dict[str, Any], res: dict[str, Any], systems: list[Sys
     a("## 1–2. Enqueue and drain rate (entries/s, one process)\n")
     a(f"Each cell: median over {st['reps']} repetitions (min–max), then the ratio to the floor "
       "and to multispool in the same mode. Enqueue runs "
-      f"{st['throughput_seconds']} s per repetition into an empty queue; drain = one consumer "
-      "claiming and removing everything just enqueued. Peers without a durable mode have no "
+      f"{st['throughput_seconds']} s (at most {st['max_entries']} entries) per repetition into an "
+      "empty queue; drain = one consumer claiming and removing everything just enqueued. "
+      "Peers without a durable mode have no "
       "durable row; a non-durable peer is only comparable with the non-durable columns.\n")
     for mode in ("durable", "non-durable"):
         a(f"### {mode}\n")
@@ -176,7 +188,7 @@ def write(out: str, meta: dict[str, Any], res: dict[str, Any], systems: list[Sys
     a("## 3. Wake latency (ms): another process's enqueue returned → entry claimed and removed\n")
     a("The harness process enqueues one entry, takes `time.time_ns()` when the enqueue "
       "returns, and waits until the consumer process reports it (its `time.time_ns()` right "
-      "after claim + remove); then a random gap (2–10 ms, plus up to one polling interval for "
+      "after claim + remove); then a random gap (1–4 ms, plus up to one polling interval for "
       "pollers) so that every entry is a fresh wake. Samples are pooled over the "
       "repetitions. Non-durable mode where the system has one. Variants whose default "
       f"polling is slow get {st['slow_wake_budget']:.0f} s per repetition, hence fewer samples. "
@@ -199,6 +211,10 @@ def write(out: str, meta: dict[str, Any], res: dict[str, Any], systems: list[Sys
             p = [percentile(v, q) for q in (50, 90, 99)]
             a(f"| {s.title} | {label} | {len(v)} | {_ms(p[0])} | {_ms(p[1])} | {_ms(p[2])} | "
               f"{_ms(v[-1])} | {_ratio(p[2], floor_p99)} |")
+    skipped_v = [f"{s.title}: {v.label}" for s in systems for v in s.waits
+                 if st["quick"] and v.full_only and s.multiprocess]
+    if skipped_v:
+        a("\nFull mode only (not measured by `--quick`): " + "; ".join(skipped_v) + ".")
     a("")
     if CDF_PNG in made:
         a(f"![wake latency CDF]({CDF_PNG})\n")
@@ -220,7 +236,8 @@ def write(out: str, meta: dict[str, Any], res: dict[str, Any], systems: list[Sys
       "each claim + remove until the queue stays empty. Summed over the repetitions: "
       "duplicates = entries handed out more than once, losses = entries never handed out. "
       "Rate: median over repetitions of distinct entries / (first start → last entry).\n")
-    a("| system | rate/s (min–max) | ×floor | ×multispool | duplicates | losses | errors | split between consumers (last rep) |")
+    a("| system | rate/s (min–max) | ×floor | ×multispool | duplicates | losses | errors "
+      "| split between consumers (last rep) |")
     a("|---|---|---|---|---|---|---|---|")
 
     def comp_rate(name: str) -> float:
@@ -295,7 +312,7 @@ def _plots(out: str, res: dict[str, Any], systems: list[System]) -> list[str]:
 
     fig, axes = plt.subplots(1, 4, figsize=(14, 5))
     for ax, (mode, key) in zip(axes, [("durable", "enqueue"), ("non-durable", "enqueue"),
-                                      ("durable", "drain"), ("non-durable", "drain")]):
+                                      ("durable", "drain"), ("non-durable", "drain")], strict=True):
         names, meds, lo, hi = [], [], [], []
         for s in systems:
             v = _through(res, s.name, mode, key)

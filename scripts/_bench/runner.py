@@ -33,6 +33,7 @@ class Settings:
     slow_wake_budget: float  # seconds per repetition for variants with slow default polling
     idle_seconds: float
     competing_entries: int
+    max_entries: int  # per throughput cell: bounds the time a slow drain can take
     competing_consumers: int = 4
 
 
@@ -103,10 +104,12 @@ def _fresh_dir(base: str, label: str) -> str:
 def run_throughput(sys_: System, base: str, st: Settings) -> dict[str, Any]:
     d = _fresh_dir(base, sys_.name)
     try:
-        return _run_child(
-            {"what": "throughput", "system": sys_.name, "dir": d, "seconds": st.throughput_seconds},
+        r: dict[str, Any] = _run_child(
+            {"what": "throughput", "system": sys_.name, "dir": d, "seconds": st.throughput_seconds,
+             "max_entries": st.max_entries},
             timeout=120,
         )
+        return r
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -148,7 +151,7 @@ def run_wake(sys_: System, vi: int, base: str, n: int, budget: float) -> list[fl
             lat.append((int(t_ns) - t_ret) / 1e9)
             # a gap, random over a whole polling period so that a poller's phase varies
             # (else every entry lands just after an empty poll): each one is a fresh wake
-            time.sleep(random.uniform(0.002, 0.010) + random.uniform(0, variant.interval or 0))
+            time.sleep(random.uniform(0.001, 0.004) + random.uniform(0, variant.interval or 0))
     finally:
         if prod is not None:
             prod.close()
@@ -157,7 +160,7 @@ def run_wake(sys_: System, vi: int, base: str, n: int, budget: float) -> list[fl
     return lat
 
 
-def run_idle(systems: list[System], base: str, seconds: float) -> dict[str, dict[str, float]]:
+def run_idle(systems: list[System], base: str, seconds: float, quick: bool) -> dict[str, dict[str, float]]:
     """All systems' consumers blocked in their wait at once (they are idle: they do not
     compete); CPU from /proc/PID/stat utime+stime over ``seconds``."""
     children: list[tuple[System, int, Child, str]] = []
@@ -165,7 +168,7 @@ def run_idle(systems: list[System], base: str, seconds: float) -> dict[str, dict
     try:
         for s in systems:
             for vi, v in enumerate(s.waits):
-                if not s.multiprocess:
+                if not s.multiprocess or (quick and v.full_only):
                     continue
                 d = _fresh_dir(base, s.name)
                 s.create(d)
@@ -180,7 +183,7 @@ def run_idle(systems: list[System], base: str, seconds: float) -> dict[str, dict
         time.sleep(seconds)
         cpu1 = [proc_cpu_seconds(c.p.pid) for _, _, c, _ in children]
         wall = time.monotonic() - t0
-        for (s, vi, _, _), a, b in zip(children, cpu0, cpu1):
+        for (s, vi, _, _), a, b in zip(children, cpu0, cpu1, strict=True):
             out.setdefault(s.name, {})[s.waits[vi].label] = 100 * (b - a) / wall
     finally:
         for _, _, c, d in children:
@@ -249,17 +252,19 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     st = (
-        Settings(True, 3, 0.25, 201, 4.0, 10.0, 600)
+        Settings(True, 3, 0.2, 201, 1.5, 10.0, 200, 500)
         if args.quick
-        else Settings(False, 5, 1.0, 500, 25.0, 60.0, 3000)
+        else Settings(False, 5, 1.0, 500, 25.0, 60.0, 3000, 20000)
     )
     started = time.time()
+    load_before = os.getloadavg()
     systems, skipped = load_all(args.systems)
     fail_file = os.path.join(sys.prefix, ".bench-install-failures")
     if os.path.exists(fail_file):
-        for line in open(fail_file):
-            if line.strip():
-                skipped.setdefault(line.split(":")[0], line.strip())
+        with open(fail_file) as f:
+            for line in f:
+                if line.strip():
+                    skipped.setdefault(line.split(":")[0], line.strip())
     base = tempfile.mkdtemp(prefix=".bench-", dir=args.dir)
     res: dict[str, Any] = {"throughput": {}, "wake": {}, "idle": {}, "competing": {}, "failed": {}}
 
@@ -283,11 +288,11 @@ def main(argv: list[str]) -> int:
             per_rep = -(-st.wake_samples // st.reps)
             for s in order:
                 for vi, v in enumerate(s.waits):
-                    if not s.multiprocess:
+                    if not s.multiprocess or (st.quick and v.full_only):
                         continue
                     budget = st.slow_wake_budget if v.slow else 60.0
                     lat = attempt(f"wake {v.label}", s.name,
-                                  lambda s=s, vi=vi, b=budget: run_wake(s, vi, base, per_rep, b))
+                                  lambda s=s, vi=vi, b=budget, n=per_rep: run_wake(s, vi, base, n, b))
                     if lat is not None:
                         res["wake"].setdefault(s.name, {}).setdefault(v.label, []).extend(lat)
             _log(f"repetition {rep + 1}/{st.reps}: {st.competing_consumers} competing consumers")
@@ -296,7 +301,7 @@ def main(argv: list[str]) -> int:
                 if r is not None:
                     res["competing"].setdefault(s.name, []).append(r)
         _log(f"idle CPU over {st.idle_seconds:.0f} s")
-        idle = attempt("idle", "all", lambda: run_idle(systems, base, st.idle_seconds))
+        idle = attempt("idle", "all", lambda: run_idle(systems, base, st.idle_seconds, st.quick))
         res["idle"] = idle or {}
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -306,7 +311,8 @@ def main(argv: list[str]) -> int:
 
     cmd = "scripts/bench" + "".join(f" {a}" for a in argv)
     meta = report.machine(args.dir)
-    meta.update({"command": cmd, "elapsed": elapsed, "settings": st.__dict__, "skipped": skipped})
+    meta.update({"load": (load_before, os.getloadavg()), "command": cmd, "elapsed": elapsed,
+                 "settings": st.__dict__, "skipped": skipped})
     raw = os.path.join(sys.prefix, "last-results.json")
     with open(raw, "w") as f:
         json.dump({"meta": meta, "results": res,

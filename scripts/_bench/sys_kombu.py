@@ -40,7 +40,7 @@ class Producer:
         self.conn, self.q = _open(path)
 
     def put(self, seq: int) -> None:
-        self.q.put("%d:" % seq + "x" * 100)
+        self.q.put(f"{seq}:" + "x" * 100)
 
     def close(self) -> None:
         self.q.close()

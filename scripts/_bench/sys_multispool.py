@@ -24,7 +24,7 @@ def _spoolable(mode: str) -> Any:
         queues=Q,
         metadata_codec="json",
         data=multispool.BytesData(),
-        durability=_DURABILITY.get(mode, mode),
+        durability=_DURABILITY.get(mode, mode),  # type: ignore[arg-type]
     )
 
 
@@ -114,7 +114,7 @@ def _version() -> str:
 
 
 def _waits() -> list[WaitVariant]:
-    out = [WaitVariant("core API polled every 10 ms", "poll", 0.01)]
+    out = [WaitVariant("core API polled every 10 ms", "poll", 0.01, full_only=True)]
     if _has_reader():
         out[:0] = [
             WaitVariant("reader.dequeue (inotify)", "native"),
