@@ -11,8 +11,8 @@
 - ``find_sort(dir)``: ``find NAME | env -i sort`` run from the parent of ``dir``, as the
   OCaml expect tests print spool trees.
 
-Children get ``lib/`` and ``tests/`` on PYTHONPATH, so a script can ``import multispool``
-and ``from _procs import serve``.
+Children get the parent's multispool (normally ``lib/``) and ``tests/`` on PYTHONPATH, so a
+script can ``import multispool`` and ``from _procs import serve``.
 
 Example::
 
@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import select
 import signal
@@ -43,10 +44,19 @@ TESTS = str(Path(__file__).resolve().parent)
 DEFAULT_TIMEOUT = 30.0
 
 
+def _multispool_root() -> str:
+    # Children must run the multispool the tests imported (lib/, or a copy under test).
+    spec = importlib.util.find_spec("multispool")
+    if spec is not None and spec.origin:
+        return os.path.dirname(os.path.dirname(os.path.abspath(spec.origin)))
+    return LIB
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a Python child: ours, with lib/ and tests/ on PYTHONPATH."""
+    """The environment for a Python child: ours, with the multispool this process
+    imports (normally lib/) and tests/ first on PYTHONPATH."""
     env = dict(os.environ)
-    paths = [LIB, TESTS] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    paths = [_multispool_root(), TESTS] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     if extra:
