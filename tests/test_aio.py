@@ -577,6 +577,31 @@ def test_cancelled_save_remove_release_enqueue_complete(tmp_path: Path, op: str)
     assert {q: names for q, names in where.items() if names} == expected
 
 
+def test_save_cancelled_while_queued_behind_other_work_still_happens(tmp_path: Path) -> None:
+    gate = Gate()
+    sp = make_spoolable(throttle=gate)
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        spool = await AsyncSpool.create(path, sp, max_workers=1)
+        async with spool:
+            e = await spool.enqueue(Queue.QUEUE1, Cog(1), b"")
+            co = await spool.checkout(e)
+            gate.arm(1)
+            busy = asyncio.ensure_future(spool.list(Queue.QUEUE2))  # holds the only thread
+            await until(gate.entered.is_set)
+            save = asyncio.ensure_future(co.save(Queue.QUEUE2))
+            await asyncio.sleep(0)  # submitted, queued behind the held listing
+            save.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await save
+            gate.open()
+            assert await busy == []
+
+    run(main)
+    assert check_settled(path, sp)["queue2"] == {"000000"}
+
+
 # -- another process ------------------------------------------------------------------------
 
 PRODUCER = """
