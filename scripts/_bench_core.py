@@ -263,22 +263,29 @@ def syscalls_per_op(impl: str, mode: str, base: str, ops: int) -> dict[str, Coun
 
 
 def profile(mode: str, base: str, ops: int) -> str:
+    """cProfile of multispool's enqueue phase and checkout+remove phase, separately."""
     d = tempfile.mkdtemp(dir=base, prefix=f"profile-{mode}-")
+    out = io.StringIO()
     try:
         q = Lib(os.path.join(d, "spool"), mode)
-        prof = cProfile.Profile()
-        prof.enable()
-        for i in range(ops):
-            q.enqueue({"n": i}, PAYLOAD)
-        for e in q.names():
-            q.checkout_remove(e)
-        prof.disable()
+        for phase in ("enqueue", "checkout+remove"):
+            prof = cProfile.Profile()
+            if phase == "enqueue":
+                prof.enable()
+                for i in range(ops):
+                    q.enqueue({"n": i}, PAYLOAD)
+                prof.disable()
+            else:
+                entries = q.names()
+                prof.enable()
+                for e in entries:
+                    q.checkout_remove(e)
+                prof.disable()
+            out.write(f"-- {phase} --\n")
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    buf = io.StringIO()
-    st = pstats.Stats(prof, stream=buf)
-    st.sort_stats("tottime").print_stats(18)
-    return buf.getvalue()
+    return out.getvalue()
 
 
 # -- report -----------------------------------------------------------------------------------
