@@ -298,7 +298,9 @@ def test_time_ordered_names_unique_across_processes() -> None:
 
 
 def test_time_ordered_is_default_and_enqueue_order_is_name_order(tmp_path: Path) -> None:
-    spool = multispool.Spool.create(tmp_path / "s", multispool.Spoolable(queues=Queue))
+    sp: multispool.Spoolable[bytes] = multispool.Spoolable(queues=Queue, durability="none")
+    assert isinstance(sp.name_generator, multispool.TimeOrderedNames)
+    spool = multispool.Spool.create(tmp_path / "s", sp)
     made = [spool.enqueue(Queue.QUEUE1, i, b"").name for i in range(200)]
     assert made == sorted(made)
     assert [e.name for e in spool.list(Queue.QUEUE1)] == made
@@ -374,12 +376,6 @@ def test_throttle_entered_around_every_disk_operation(tmp_path: Path) -> None:
         assert t.depth == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: CheckedOutEntry.save with changed contents enters the throttle twice "
-    "(save holds it and calls Spool._write_metadata, which enters it again): a "
-    "threading.Semaphore(1) throttle deadlocks",
-)
 def test_throttle_is_never_entered_twice_at_once(tmp_path: Path) -> None:
     t = CountingThrottle()
     spool = _mk(tmp_path, metadata=Widget, throttle=t)
@@ -411,7 +407,6 @@ print("ok", sem.acquire(blocking=False))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nested throttle in CheckedOutEntry.save (see above)")
 def test_semaphore_throttle_works(tmp_path: Path) -> None:
     r = run_python(SEMAPHORE_CHILD, str(tmp_path / "spool"), timeout=30)
     assert (r.returncode, r.stdout.strip()) == (0, "ok True"), r.stderr
