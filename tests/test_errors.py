@@ -155,11 +155,6 @@ def test_corrupt_metadata(spool: multispool.Spool[bytes], raw: bytes, cause: typ
     assert cofile.read_bytes() == raw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Spool._claim passes the inner CorruptEntryError as cause, so a checkout's "
-    "CorruptEntryError is raised from another CorruptEntryError, not from the msgspec error",
-)
 def test_corrupt_checkout_raised_from_decoder_error(spool: multispool.Spool[bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data", reserve="c")
     (Path(spool.dir) / "queue1" / e.name).write_bytes(b"{")
@@ -293,12 +288,6 @@ def test_permission_error_on_enqueue_keeps_its_path(shared_dir: Path) -> None:
     spool.checkout(multispool.Entry(spool, Queue.QUEUE1, name)).remove()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _spool._touch: os.utime(path, follow_symlinks=False) raises OSError "
-    "without a filename, so a checkout in a read-only queue dir says only "
-    "'[Errno 13] Permission denied'",
-)
 def test_permission_error_on_checkout_keeps_its_path(shared_dir: Path) -> None:
     _spool, root, name = _read_only_spool(shared_dir)
     out = _as_nobody(str(root), name)

@@ -335,11 +335,6 @@ block()
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a forked child inherits the checkout's flock fd (O_CLOEXEC only covers exec), "
-    "so the checkout stays locked after its owner dies while the child lives",
-)
 def test_recover_after_owner_dies_while_its_forked_child_lives(
     spool: multispool.Spool[bytes], procs: Procs
 ) -> None:

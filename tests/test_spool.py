@@ -78,12 +78,6 @@ def test_reserve_name_then_enqueue_use(spool: multispool.Spool[bytes]) -> None:
     assert e.direct.data_file().load() == b"payload"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: enqueue(use=NAME) accepts the name of an entry already queued (its registry "
-    "file exists and is unlocked), overwrites that entry's .data/NAME and puts a second "
-    "QUEUE/NAME in another queue",
-)
 def test_enqueue_use_a_name_already_in_use(spool: multispool.Spool[bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE2, Cog(n=5), b"payload", reserve="u")
     before = _snapshot(spool.dir)

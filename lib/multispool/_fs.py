@@ -9,6 +9,7 @@ Durability levels (see Spoolable.durability):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -174,6 +175,38 @@ except ImportError:  # pragma: no cover - Windows: no owner locks, recovery is d
         return True
 
 
+# Every lock descriptor this process holds. A forked child inherits them, and flock locks
+# live as long as any descriptor of the open file: the child closes its copies at once,
+# so that an owner's death still frees its entries while the child lives on.
+_held: set[int] = set()
+_generation = 0
+
+
+def _close_inherited_locks() -> None:
+    global _generation
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+    _generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def lock_generation() -> int:
+    """Changes in a forked child: locks taken before it are no longer this process's."""
+    return _generation
+
+
+def unlock(fd: int, generation: int) -> None:
+    """Release a lock from create_locked/open_locked taken in ``generation``."""
+    if generation == _generation:
+        _held.discard(fd)
+        os.close(fd)
+
+
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
 _TMPFILE_OK: Final = bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
 # Directories whose filesystem refused O_TMPFILE (FUSE, NFS...): use the portable path.
@@ -217,6 +250,7 @@ def create_locked(path: str, mode: int) -> int | None:
             except BaseException:
                 os.close(fd)
                 raise
+            _held.add(fd)
             return fd
     try:
         fd = os.open(path, O_CREATE_EXCL, mode)
@@ -231,6 +265,7 @@ def create_locked(path: str, mode: int) -> int | None:
         os.close(fd)
         unlink_quiet(path)
         raise
+    _held.add(fd)
     return fd
 
 
@@ -248,4 +283,5 @@ def open_locked(path: str) -> int | None:
     except BaseException:
         os.close(fd)
         raise
+    _held.add(fd)
     return fd

@@ -82,7 +82,7 @@ _reserved_lock = threading.Lock()
 
 
 def _forget_reserved_in_child() -> None:
-    # A forked child must not think it owns its parent's reservations.
+    # A forked child must not think it owns its parent's reservations (_fs closes the fds).
     _reserved.clear()
 
 
@@ -93,21 +93,22 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("done", "fd")
+    __slots__ = ("done", "fd", "generation")
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        self.generation = _fs.lock_generation()
         self.done = False
 
     def release(self) -> None:
         self.done = True
         fd, self.fd = self.fd, None
         if fd is not None:
-            os.close(fd)
+            _fs.unlock(fd, self.generation)
 
     def __del__(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)
+            _fs.unlock(self.fd, self.generation)
 
 
 class DataFile(Generic[T]):
@@ -185,7 +186,10 @@ class _Direct(Generic[T]):
     def save(self, metadata: Any) -> None:
         """Atomically replace ``QUEUE/NAME`` with ``metadata`` (EntryNotFoundError if absent)."""
         e = self._entry
-        e.spool._write_metadata(e.name, metadata, self._path(), must_exist=True)
+        sp = e.spool.spoolable
+        raw = sp._codec.encode(metadata)
+        with sp.throttled():
+            e.spool._write_metadata(e.name, raw, self._path(), must_exist=True)
 
     def remove(self) -> None:
         """Delete the queued entry: queue file first (that is the claim), then data and
@@ -304,7 +308,7 @@ class CheckedOutEntry(Generic[T]):
         raw = sp._codec.encode(self.contents)
         with sp.throttled():
             if raw != self._raw:
-                self.spool._write_metadata(self.name, raw, src, must_exist=False, encoded=True)
+                self.spool._write_metadata(self.name, raw, src, must_exist=False)
             else:
                 # A fresh mtime in the new queue: the Monitor measures queue age from it.
                 _touch(src)
@@ -362,10 +366,15 @@ _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
 
 def _touch(path: str) -> None:
     """Set mtime to now, without following a symlink where the OS allows."""
-    if _UTIME_NOFOLLOW:
-        os.utime(path, follow_symlinks=False)
-    else:  # pragma: no cover
-        os.utime(path)
+    try:
+        if _UTIME_NOFOLLOW:
+            os.utime(path, follow_symlinks=False)
+        else:  # pragma: no cover
+            os.utime(path)
+    except OSError as e:
+        if e.filename is None:  # utimensat(AT_SYMLINK_NOFOLLOW) errors carry no path
+            raise type(e)(e.errno, e.strerror, path) from None
+        raise
 
 
 class Spool(Generic[T]):
@@ -462,7 +471,7 @@ class Spool(Generic[T]):
                 try:
                     _fs.fsync_dir(lay.registry)
                 except BaseException:
-                    os.close(fd)
+                    _fs.unlock(fd, _fs.lock_generation())
                     _fs.unlink_quiet(path)
                     raise
             return name, fd
@@ -488,9 +497,20 @@ class Spool(Generic[T]):
         with _reserved_lock:
             fd = _reserved.pop((st.st_dev, st.st_ino), None)
         if fd is None:
+            # Not reserved by this process: a name reserved elsewhere whose reserver died
+            # (its lock is free). It must not be the name of an entry already spooled.
+            gen = _fs.lock_generation()
             fd = _fs.open_locked(path)
             if fd is None:
                 raise EntryNotFoundError("reservation is held by another process", path)
+            lay = self._layout
+            sp = self.spoolable
+            for q in sp._queue_list:
+                d = sp.dirname(q)
+                for p in (lay.queue_file(d, name), lay.checkout_file(d, name)):
+                    if os.path.lexists(p):
+                        _fs.unlock(fd, gen)
+                        raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
         return fd
 
     def enqueue(
@@ -518,6 +538,7 @@ class Spool(Generic[T]):
                 name, fd = use, self._take_reservation(use)
             else:
                 name, fd = self._reserve(reserve)
+            gen = _fs.lock_generation()
             tmp = lay.tmp_file(name)
             data_path = lay.data_file(name)
             queued = False
@@ -532,35 +553,32 @@ class Spool(Generic[T]):
                 _fs.unlink_quiet(tmp)
                 _fs.unlink_quiet(data_path)
                 _fs.unlink_quiet(lay.registry_file(name))
-                os.close(fd)
+                _fs.unlock(fd, gen)
                 raise
             finally:
                 if queued:
                     # Release the enqueue's lock only once the entry is in its queue, so
                     # clean_abandoned can never take a live enqueue for a dead one.
-                    os.close(fd)
+                    _fs.unlock(fd, gen)
             if full:
                 _fs.fsync_dir(lay.queue(dirname))
         return Entry._trusted(self, queue, name)
 
-    def _write_metadata(
-        self, name: str, metadata: Any, path: str, *, must_exist: bool, encoded: bool = False
-    ) -> None:
-        """Atomically replace ``path`` with metadata, staged in ``.tmp/NAME``."""
+    def _write_metadata(self, name: str, raw: bytes, path: str, *, must_exist: bool) -> None:
+        """Atomically replace ``path`` with encoded metadata, staged in ``.tmp/NAME``.
+        The caller holds the throttle."""
         sp = self.spoolable
-        raw: bytes = metadata if encoded else sp._codec.encode(metadata)
         tmp = self._layout.tmp_file(name)
-        with sp.throttled():
-            if must_exist and not os.path.lexists(path):
-                raise EntryNotFoundError("no such entry", path)
-            try:
-                _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode)
-                os.rename(tmp, path)
-            except BaseException:
-                _fs.unlink_quiet(tmp)
-                raise
-            if sp.durability == "full":
-                _fs.fsync_dir(os.path.dirname(path))
+        if must_exist and not os.path.lexists(path):
+            raise EntryNotFoundError("no such entry", path)
+        try:
+            _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode)
+            os.rename(tmp, path)
+        except BaseException:
+            _fs.unlink_quiet(tmp)
+            raise
+        if sp.durability == "full":
+            _fs.fsync_dir(os.path.dirname(path))
 
     # -- listing ----------------------------------------------------------------------
     def _list_names(self, directory: str) -> list[str]:
@@ -614,16 +632,16 @@ class Spool(Generic[T]):
                 if fd is None:
                     return None
             cofile = lay.checkout_file(dirname, name)
+            claim = _Claim(fd)
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
                 os.rename(qfile, cofile)
             except FileNotFoundError:
-                os.close(fd)
+                claim.release()
                 return None
             except BaseException:
-                os.close(fd)
+                claim.release()
                 raise
-            claim = _Claim(fd)
             try:
                 raw = _fs.read_file(cofile)
             except OSError as e:
@@ -639,7 +657,7 @@ class Spool(Generic[T]):
         try:
             contents = sp._codec.decode(raw, cofile)
         except CorruptEntryError as e:
-            self._corrupt(queue, name, cofile, e.reason, claim, cause=e)
+            self._corrupt(queue, name, cofile, e.reason, claim, cause=e.__cause__ or e)
         return CheckedOutEntry(self, queue, name, contents, raw, claim)
 
     def _wait_busy(self, reg: str, qfile: str, limit: float) -> int | None:
@@ -807,6 +825,7 @@ class Spool(Generic[T]):
                         continue
                 except FileNotFoundError:
                     continue
+                gen = _fs.lock_generation()
                 fd = _fs.open_locked(reg)
                 if fd is None:
                     continue
@@ -824,7 +843,7 @@ class Spool(Generic[T]):
                     _fs.unlink_quiet(reg)
                     removed.append(name)
                 finally:
-                    os.close(fd)
+                    _fs.unlock(fd, gen)
         if removed and sp.durability == "full":
             _fs.fsync_dir(lay.registry)
         return removed
