@@ -127,13 +127,8 @@ def _fill_disk(where: Path) -> Path:
     return filler
 
 
-NO_PATH_BUG = (
-    "BUG: OSError from os.write/os.utime carries no filename in CPython; _fs.write_file and "
-    "_spool._touch must set e.filename = path before re-raising (API.md §7: errors name the path)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=NO_PATH_BUG)
 def test_disk_full_enqueue_raises_enospc_naming_path_and_leaves_no_trace(small_tmpfs: Path) -> None:
     spool = multispool.Spool.create(small_tmpfs / "spool", _spoolable())
     kept = [spool.enqueue(Queue.QUEUE1, Cog(n=i), b"d%d" % i).name for i in range(3)]
@@ -173,7 +168,6 @@ def test_disk_full_enqueue_leaves_no_trace_and_reading_goes_on(small_tmpfs: Path
     spool.enqueue(Queue.QUEUE1, Cog(n=100), b"y" * 20_000)
 
 
-@pytest.mark.xfail(strict=True, reason=NO_PATH_BUG)
 def test_disk_full_while_saving_metadata_keeps_the_checkout(small_tmpfs: Path) -> None:
     spool = multispool.Spool.create(small_tmpfs / "spool", _spoolable())
     name = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d").name
@@ -230,7 +224,6 @@ def test_read_only_spool(ro_spool: tuple[multispool.Spool[bytes], Path]) -> None
     assert _snapshot(spool.dir) == before
 
 
-@pytest.mark.xfail(strict=True, reason=NO_PATH_BUG)
 def test_read_only_spool_checkout_error_names_the_path(
     ro_spool: tuple[multispool.Spool[bytes], Path],
 ) -> None:

@@ -53,8 +53,18 @@ else:
         fd = os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
         try:
             fsync_fd(fd)
+        except OSError as e:
+            raise _name(e, path) from None
         finally:
             os.close(fd)
+
+
+def _name(e: OSError, path: str) -> OSError:
+    """Errors from calls on a descriptor (write, fsync, read, utimensat) carry no path;
+    give them the file's, so every error says where."""
+    if e.filename is None:
+        e.filename = path
+    return e
 
 
 def write_file(path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False) -> None:
@@ -68,6 +78,10 @@ def write_file(path: str, contents: bytes, *, sync: bool, mode: int, exclusive: 
             view = view[n:]
         if sync:
             fsync_fd(fd)
+    except OSError as e:
+        os.close(fd)
+        unlink_quiet(path)
+        raise _name(e, path) from None
     except BaseException:
         os.close(fd)
         unlink_quiet(path)
@@ -89,6 +103,8 @@ def read_file(path: str) -> bytes:
             chunk = os.read(fd, _READ_CHUNK)
             chunks.append(chunk)
         return b"".join(chunks)
+    except OSError as e:
+        raise _name(e, path) from None
     finally:
         os.close(fd)
 
@@ -101,6 +117,8 @@ def fsync_path(path: str) -> None:
     fd = os.open(path, O_READ)
     try:
         fsync_fd(fd)
+    except OSError as e:
+        raise _name(e, path) from None
     finally:
         os.close(fd)
 

@@ -372,9 +372,7 @@ def _touch(path: str) -> None:
         else:  # pragma: no cover
             os.utime(path)
     except OSError as e:
-        if e.filename is None:  # utimensat(AT_SYMLINK_NOFOLLOW) errors carry no path
-            raise type(e)(e.errno, e.strerror, path) from None
-        raise
+        raise _fs._name(e, path) from None  # utimensat(AT_SYMLINK_NOFOLLOW) gives no path
 
 
 class Spool(Generic[T]):
