@@ -192,6 +192,7 @@ def test_torture(tmp_path: Path) -> None:
     produced: set[str] = set()
     starts: dict[tuple[str, str], list[tuple[Worker | None, bool]]] = collections.defaultdict(list)
     bad: list[list[str]] = []
+    redo: list[str] = []
     for w in every:
         open_starts: dict[tuple[str, str], int] = {}
         for words in _read_log(w.log):
@@ -200,6 +201,8 @@ def test_torture(tmp_path: Path) -> None:
                 produced.add(words[1])
             elif kind == "BAD":
                 bad.append(words)
+            elif kind == "REDO":
+                redo.append(words[1])
             elif kind[0] == "S":
                 key = (kind[1], words[1])
                 open_starts[key] = len(starts[key])
@@ -223,6 +226,10 @@ def test_torture(tmp_path: Path) -> None:
         for w, done in hs:
             # A start that never finished: its consumer must have died holding the entry.
             assert done or (w is not None and w.killed), f"stage {stage} start of {uid} never finished"
+    # An entry back in QUEUE1 with stage-2 metadata: only after a stage-1 consumer died
+    # inside save (an unfinished stage-1 start by a killed worker).
+    for uid in redo:
+        assert any(w is not None and w.killed and not done for w, done in starts[("1", uid)]), uid
     # Stage 1 must have seen every id that stage 2 saw (nothing skips a stage).
     for (stage, uid) in list(starts):
         if stage == "2":
@@ -232,7 +239,8 @@ def test_torture(tmp_path: Path) -> None:
         f"\ntorture: {duration:.0f}s, {rounds} rounds, {killed} processes killed, "
         f"{len(produced)} enqueues returned, {len(handled)} ids handled "
         f"({len(handled - produced)} enqueued by a producer killed before it logged), "
-        f"{len(twice)} handled twice (consumer died holding them), {len(lost)} lost; "
+        f"{len(twice)} handled twice (consumer died holding them; {len(redo)} of them "
+        f"died inside save after the metadata rewrite), {len(lost)} lost; "
         f"final recovery: {len(recovered)} checkouts recovered, {len(cleaned)} abandoned "
         f"enqueues cleaned, {len(drained) // 2} drained; "
         f"monitor: {'not available' if monitor is None else 'no problem'}"
