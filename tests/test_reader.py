@@ -894,11 +894,6 @@ def test_blocked_dequeue_without_stop_uses_no_cpu(spool: multispool.Spool[bytes]
     assert cpu < 0.002, f"{cpu * 1e3:.1f} ms of CPU while blocked 2 s (target: <= 0.1 % of a core)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _reader._wait polls the stop Event every STOP_POLL=20 ms: ~0.6 % of a core "
-    "while iter(f, stop)/dequeue(stop=) is blocked on an empty queue (target 0.1 %)",
-)
 def test_blocked_dequeue_with_stop_uses_no_cpu(spool: multispool.Spool[bytes]) -> None:
     with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
         cpu = _blocked_cpu(reader, threading.Event(), 2.0)

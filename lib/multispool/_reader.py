@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 from . import _watch
 from ._errors import CorruptEntryError, NotASpoolError
@@ -23,14 +24,65 @@ log = logging.getLogger("multispool")
 
 T = TypeVar("T")
 
-# How often a wait looks at a caller's stop Event (threading cannot wait on two Events).
-STOP_POLL: Final = 0.02
+# A stop relay thread checks this often whether any reader still waits on its Event.
+RELAY_SLICE: Final = 0.25
+# After a claim lost to another reader, skip up to 2**n - 1 names (n grows with each loss
+# in a row, capped here), so that competing readers spread out instead of trailing each
+# other name by name. Skipped names come back in the next listing.
+MAX_SKIP_EXP: Final = 8
 # After a claim found the entry locked while still queued (an enqueuer finishing, or a
 # competing claimer about to rename), look again after this, doubling up to the cap.
 BUSY_RETRY_FIRST: Final = 0.0005
 BUSY_RETRY_MAX: Final = 0.1
 
 Callback = Callable[[Any, DataFile[Any]], "Save | object"]
+
+
+class _StopRelay:
+    """Wakes every reader waiting with one stop Event as soon as it is set.
+
+    threading cannot wait on two Events at once, and polling the caller's Event would
+    cost CPU while idle; one thread per distinct stop Event (shared by all readers that
+    wait with it, living only while one does) blocks on it instead and sets their wake
+    flags. Notifying the Event's own condition instead would make other ``stop.wait()``
+    callers return True while it is not set.
+    """
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _relays: ClassVar[dict[int, _StopRelay]] = {}
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.waiters: set[threading.Event] = set()
+        self.thread = threading.Thread(target=self._run, name="multispool-stop-relay", daemon=True)
+
+    @classmethod
+    def enter(cls, stop: threading.Event, wake: threading.Event) -> _StopRelay:
+        with cls._lock:
+            relay = cls._relays.get(id(stop))
+            start = relay is None
+            if relay is None:
+                relay = cls._relays[id(stop)] = _StopRelay(stop)
+            relay.waiters.add(wake)
+        if start:
+            relay.thread.start()
+        return relay
+
+    def leave(self, wake: threading.Event) -> None:
+        with self._lock:
+            self.waiters.discard(wake)
+
+    def _run(self) -> None:
+        while True:
+            is_set = self.stop.wait(RELAY_SLICE)
+            with self._lock:
+                if is_set:
+                    for wake in self.waiters:
+                        wake.set()
+                if is_set or not self.waiters:
+                    if self._relays.get(id(self.stop)) is self:
+                        del self._relays[id(self.stop)]
+                    return
 
 
 class QueueReader(Generic[T]):
@@ -61,6 +113,7 @@ class QueueReader(Generic[T]):
         self._pending: list[str] = []
         self._busy_seen = False
         self._busy_delay = BUSY_RETRY_FIRST
+        self._lost = 0
         if recover:
             spool.recover_checkouts(queue)
             spool.clean_abandoned()
@@ -113,6 +166,7 @@ class QueueReader(Generic[T]):
                 co = self.spool._claim(self.queue, name, busy_wait=0.0)
             except _Busy:
                 self._busy_seen = True
+                self._skip_ahead(pending)
                 continue
             except CorruptEntryError as e:
                 if e.quarantined_to is None:
@@ -124,8 +178,18 @@ class QueueReader(Generic[T]):
                 continue
             if co is not None:
                 self._busy_delay = BUSY_RETRY_FIRST
+                self._lost = 0
                 return co
+            self._skip_ahead(pending)
         return None
+
+    def _skip_ahead(self, pending: list[str]) -> None:
+        # Another reader took (or is taking) this name: it is probably walking the same
+        # listing just ahead of us. Jump a random distance so we stop colliding.
+        self._lost = min(self._lost + 1, MAX_SKIP_EXP)
+        skip = random.randrange(1 << self._lost)
+        if skip:
+            del pending[max(0, len(pending) - skip) :]
 
     def dequeue_available(self) -> CheckedOutEntry[T] | None:
         """The next entry if one can be claimed now, else None. Never waits."""
@@ -164,11 +228,12 @@ class QueueReader(Generic[T]):
         if stop is None:
             self._wake.wait(wait)
             return
-        end = time.monotonic() + wait
-        while not stop.is_set():
-            left = end - time.monotonic()
-            if left <= 0 or self._wake.wait(min(left, STOP_POLL)):
-                return
+        relay = _StopRelay.enter(stop, self._wake)
+        try:
+            if not stop.is_set():
+                self._wake.wait(wait)
+        finally:
+            relay.leave(self._wake)
 
     def __iter__(self) -> Iterator[CheckedOutEntry[T]]:
         """Blocking iteration; ends when the reader is closed."""
