@@ -34,6 +34,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, Final, Generic, TypeVar
@@ -64,6 +65,9 @@ loop free without letting one spool flood the disk."""
 # After a claim found an entry locked while still queued, retry after this (doubling).
 _BUSY_RETRY_FIRST: Final = 0.0005
 _BUSY_RETRY_MAX: Final = 0.1
+# A sync callback processes a backlog in the executor in batches of this many seconds:
+# the loop hears back (stop, close, cancellation) at least this often.
+_BATCH_SECONDS: Final = 0.01
 
 
 def _is_async(f: Callable[..., Any]) -> bool:
@@ -762,18 +766,27 @@ class AsyncQueueReader(Generic[T]):
             if co is not None:
                 self._busy_delay = _BUSY_RETRY_FIRST
                 return co
-            now = loop.time()
-            if deadline is not None and now >= deadline:
+            if not await self._wait_for_more(wake.event, stop, deadline, busy):
                 return None
-            wait = self.rescan_interval
-            if busy:
-                wait = self._busy_delay
-                self._busy_delay = min(self._busy_delay * 2, _BUSY_RETRY_MAX)
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            if self._closed:
-                return None
-            await self._wait(wake.event, stop, wait)
+
+    async def _wait_for_more(
+        self, wake: asyncio.Event, stop: asyncio.Event | None, deadline: float | None, busy: bool
+    ) -> bool:
+        """After a pass found nothing to take: wait for a wake, ``stop``, the re-list
+        timer, or the busy back-off. False if ``deadline`` passed or the reader closed."""
+        now = asyncio.get_running_loop().time()
+        if deadline is not None and now >= deadline:
+            return False
+        wait = self.rescan_interval
+        if busy:
+            wait = self._busy_delay
+            self._busy_delay = min(self._busy_delay * 2, _BUSY_RETRY_MAX)
+        if deadline is not None:
+            wait = min(wait, deadline - now)
+        if self._closed:
+            return False
+        await self._wait(wake, stop, wait)
+        return True
 
     async def _wait(self, wake: asyncio.Event, stop: asyncio.Event | None, timeout: float) -> None:
         """Until ``wake`` or ``stop`` is set, or ``timeout`` seconds pass."""
@@ -822,22 +835,45 @@ class AsyncQueueReader(Generic[T]):
         """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
         are left, wait for new ones until ``stop`` is set or the reader is closed. A
         coroutine function ``f`` runs on the loop with an AsyncDataFile; a plain function
-        runs in the executor with the sync DataFile. If ``f`` raises (or the task is
-        cancelled in it), that entry goes back unchanged and the exception propagates."""
+        runs in the executor with the sync DataFile (several entries per trip there).
+        If ``f`` raises (or the task is cancelled in it), that entry goes back unchanged
+        and the exception propagates."""
+        if _is_async(f):
+            while True:
+                co = await self.dequeue(stop=stop)
+                if co is None:
+                    return
+                await self._process(co, f)
+        core = await self._ensure_open()
         while True:
-            co = await self.dequeue(stop=stop)
-            if co is None:
+            if core is None or self._closed or (stop is not None and stop.is_set()):
                 return
-            await self._process(co, f)
+            wake = self._wake
+            assert wake is not None
+            wake.event.clear()  # before the listing, as in dequeue
+            done, busy = await self.spool._run(self._batch_sync, core, f, False, stop)
+            if done:
+                self._busy_delay = _BUSY_RETRY_FIRST
+                continue
+            if not await self._wait_for_more(wake.event, stop, None, busy):
+                return
 
     async def iter_available(self, f: Callable[..., Any]) -> None:
         """Process the entries present in one fresh listing of the queue, then return."""
         core = await self._ensure_open()
         if core is None:
             return
+        if not _is_async(f):
+            first = True
+            while not self._closed:
+                done, _ = await self.spool._run(self._batch_sync, core, f, True, None, first)
+                first = False
+                if not done:
+                    return
+            return
         first = True
         while not self._closed:
-            co = await self.spool._run(self._take_listed_sync, core, first, undo=lambda c: _release(c))
+            co = await self.spool._run(self._take_listed_sync, core, first, undo=_release)
             first = False
             if co is None:
                 return
@@ -848,6 +884,35 @@ class AsyncQueueReader(Generic[T]):
             if relist:
                 core._relist()
             return core._take_pending()
+
+    def _batch_sync(
+        self,
+        core: QueueReader[T],
+        f: Callable[..., Any],
+        listed_only: bool,
+        stop: asyncio.Event | None,
+        relist: bool = False,
+    ) -> tuple[int, bool]:
+        """Executor side of a sync callback: claim and process entries one after the
+        other for up to _BATCH_SECONDS (each one claimed is processed to the end), so
+        that a backlog costs one trip to the executor per batch, not two per entry.
+        Returns (entries processed, whether a busy entry was skipped)."""
+        end = time.monotonic() + _BATCH_SECONDS
+        done = 0
+        with self._core_lock:
+            if relist:
+                core._relist()
+            # stop.is_set() and _closed are plain reads of flags the loop sets: safe here.
+            while not self._closed and not (stop is not None and stop.is_set()):
+                co = core._take_pending() if listed_only else core.dequeue_available()
+                if co is None:
+                    break
+                core._process(co, f)
+                done += 1
+                if time.monotonic() >= end:
+                    break
+            busy, core._busy_seen = core._busy_seen, False
+        return done, busy
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else (self.observer or "not open")
