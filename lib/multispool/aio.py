@@ -591,19 +591,35 @@ class AsyncCheckedOutEntry(Generic[T]):
         return f"AsyncCheckedOutEntry({self.spool.dir!r}, {self.queue}, {self.name!r}, {state})"
 
 
-class _LoopWake:
-    """A flag set from the observer thread and awaited on the loop."""
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
-    __slots__ = ("event", "loop")
+
+class _LoopWake:
+    """A flag set from the observer thread, read and awaited on the loop (a future, not
+    an asyncio.Event and a task: the fewest loop iterations between event and claim)."""
+
+    __slots__ = ("flag", "loop", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.event = asyncio.Event()
+        self.flag = False
+        self.waiter: asyncio.Future[None] | None = None
 
     def __call__(self) -> None:
         # Observer thread: hand the wake to the loop, never touch loop objects here.
         with contextlib.suppress(RuntimeError):  # loop closed: the reader is gone with it
-            self.loop.call_soon_threadsafe(self.event.set)
+            self.loop.call_soon_threadsafe(self.set)
+
+    def set(self) -> None:
+        """On the loop: raise the flag and wake a waiting dequeue."""
+        self.flag = True
+        if self.waiter is not None:
+            _resolve(self.waiter)
+
+    def clear(self) -> None:
+        self.flag = False
 
 
 class AsyncQueueReader(Generic[T]):
@@ -702,7 +718,7 @@ class AsyncQueueReader(Generic[T]):
             return
         self._closed = True
         if self._wake is not None:
-            self._wake.event.set()
+            self._wake.set()
         if self._opening is not None and not self._opening.done():
             await asyncio.wait([self._opening])
         if self._opening is not None and not self._opening.cancelled():
@@ -740,7 +756,7 @@ class AsyncQueueReader(Generic[T]):
         if core is None:
             return None
         assert self._wake is not None
-        self._wake.event.clear()
+        self._wake.clear()
         co, _ = await self._take(core)
         return co
 
@@ -761,16 +777,16 @@ class AsyncQueueReader(Generic[T]):
             assert wake is not None
             # Cleared BEFORE the listing is submitted: an entry landing after the listing
             # sets it again (the wake is applied on the loop after this line).
-            wake.event.clear()
+            wake.clear()
             co, busy = await self._take(core)
             if co is not None:
                 self._busy_delay = _BUSY_RETRY_FIRST
                 return co
-            if not await self._wait_for_more(wake.event, stop, deadline, busy):
+            if not await self._wait_for_more(wake, stop, deadline, busy):
                 return None
 
     async def _wait_for_more(
-        self, wake: asyncio.Event, stop: asyncio.Event | None, deadline: float | None, busy: bool
+        self, wake: _LoopWake, stop: asyncio.Event | None, deadline: float | None, busy: bool
     ) -> bool:
         """After a pass found nothing to take: wait for a wake, ``stop``, the re-list
         timer, or the busy back-off. False if ``deadline`` passed or the reader closed."""
@@ -788,20 +804,30 @@ class AsyncQueueReader(Generic[T]):
         await self._wait(wake, stop, wait)
         return True
 
-    async def _wait(self, wake: asyncio.Event, stop: asyncio.Event | None, timeout: float) -> None:
+    async def _wait(self, wake: _LoopWake, stop: asyncio.Event | None, timeout: float) -> None:
         """Until ``wake`` or ``stop`` is set, or ``timeout`` seconds pass."""
-        waiters = [asyncio.ensure_future(wake.wait())]
+        if wake.flag or (stop is not None and stop.is_set()):
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        wake.waiter = fut
+        timer = loop.call_later(timeout, _resolve, fut)
+        stopper: asyncio.Future[Any] | None = None
         if stop is not None:
-            waiters.append(asyncio.ensure_future(stop.wait()))
+            # A caller's asyncio.Event offers no callback: one task waits on it for us.
+            stopper = asyncio.ensure_future(stop.wait())
+            stopper.add_done_callback(lambda _: _resolve(fut))
         self._waiting = True
         try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await fut
         finally:
             self._waiting = False
-            for w in waiters:
-                w.cancel()
-            # Let the cancelled waiters finish now, so that no task outlives this call.
-            await asyncio.wait(waiters)
+            wake.waiter = None
+            timer.cancel()
+            if stopper is not None and not stopper.done():
+                stopper.cancel()
+                # Let it finish now, so that no task outlives this call.
+                await asyncio.wait([stopper])
 
     def __aiter__(self) -> AsyncIterator[AsyncCheckedOutEntry[T]]:
         return self
@@ -850,12 +876,12 @@ class AsyncQueueReader(Generic[T]):
                 return
             wake = self._wake
             assert wake is not None
-            wake.event.clear()  # before the listing, as in dequeue
+            wake.clear()  # before the listing, as in dequeue
             done, busy = await self.spool._run(self._batch_sync, core, f, False, stop)
             if done:
                 self._busy_delay = _BUSY_RETRY_FIRST
                 continue
-            if not await self._wait_for_more(wake.event, stop, None, busy):
+            if not await self._wait_for_more(wake, stop, None, busy):
                 return
 
     async def iter_available(self, f: Callable[..., Any]) -> None:
