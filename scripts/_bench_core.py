@@ -5,7 +5,9 @@ bare ``os`` calls, for each durability mode, on one disk, in one run.
 
 Measures enqueue throughput and checkout+remove throughput (ops/s). Every measurement is
 repeated (interleaved: floor and multispool alternate, modes rotate) and reported as
-median and min-max; the ratio is multispool median / floor median (target >= 0.8).
+median and min-max; "ratio" is multispool median / floor median, "paired" the median of
+the per-repeat ratios (each pair ran interleaved, under the same load): the target
+(>= 0.8) applies to "paired".
 With strace available, it also counts the syscalls per operation of both sides; when a
 ratio is below target (or with --profile) it profiles multispool with cProfile.
 """
@@ -308,7 +310,7 @@ def machine(base: str) -> list[str]:
             ["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "-T", base], capture_output=True, text=True
         )
         if mount.returncode == 0:
-            fs += f" ({mount.stdout.strip()})"
+            fs += f" ({' '.join(mount.stdout.splitlines()[0].split())})" if mount.stdout else ""
     except (OSError, subprocess.CalledProcessError, IndexError):
         pass
     return [
