@@ -579,7 +579,7 @@ def test_fsync_syscalls_under_strace(tmp_path: Path, durability: str) -> None:
         pytest.skip(f"strace cannot trace here: {r.stderr.strip()[:200]}")
     assert r.returncode == 0, r.stderr
     root = os.path.realpath(root)
-    lines = [ln.split(" ", 1)[1] for ln in log.read_text().splitlines() if root in ln]
+    lines = [ln.split(None, 1)[1] for ln in log.read_text().splitlines() if root in ln]  # "PID  call(...)"
     fsyncs = [ln for ln in lines if ln.startswith(("fsync", "fdatasync"))]
     if durability == "none":
         assert fsyncs == []
