@@ -646,3 +646,36 @@ def test_reader_recover_false_leaves_dead_checkouts(spool: multispool.Spool[byte
         co.remove()
         assert reader.dequeue_available() is None
     assert os.listdir(Path(spool.dir, "queue1", ".checkout")) == [names[0]]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # 3.12+, if threads linger
+def test_checkout_inherited_by_fork_is_not_usable_in_the_child(spool: multispool.Spool[bytes]) -> None:
+    """A forked child closes its copy of the lock: it must neither remove nor give back
+    (via `with co:`) the parent's checkout; the parent still can."""
+    entry = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x", reserve="f")
+    co = spool.checkout(entry)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            with co:
+                try:
+                    co.remove()
+                except multispool.SpoolError:
+                    code = 0
+        finally:
+            os._exit(code)
+    status = None
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        if status is None:  # interrupted before the child was reaped
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The child's `with` exit did not move it back: it is still our checkout.
+    assert [c.name for c in spool.list_checkouts_unsafe(Queue.QUEUE1)] == [entry.name]
+    assert spool.recover_checkouts() == []  # we still hold its lock
+    co.remove()
+    assert spool.list(Queue.QUEUE1) == []

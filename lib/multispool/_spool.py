@@ -296,6 +296,9 @@ class CheckedOutEntry(Generic[T]):
     def _check_live(self) -> None:
         if self._claim.done:
             raise SpoolError(f"checkout of {self.name!r} already ended (saved, removed or released)")
+        if self._claim.generation != _fs.lock_generation():
+            # A forked child closed its copy of the lock: the parent still owns the entry.
+            raise SpoolError(f"checkout of {self.name!r} belongs to the parent process (inherited by fork)")
 
     def save(self, queue: enum.Enum) -> None:
         """Write the contents (only if they changed) and move the entry into ``queue``."""
@@ -337,8 +340,8 @@ class CheckedOutEntry(Generic[T]):
 
     def release(self) -> None:
         """Return the entry unchanged to the queue it came from."""
-        if self._claim.done:
-            return
+        if self._claim.done or self._claim.generation != _fs.lock_generation():
+            return  # already ended, or owned by our parent (inherited by fork)
         sp = self.spool.spoolable
         lay = self.spool._layout
         dirname = sp.dirname(self.queue)
@@ -756,6 +759,9 @@ class Spool(Generic[T]):
         queue, else left checked out for a person (moving it back would loop)."""
         sp = self.spoolable
         lay = self._layout
+        if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows
+            log.warning("multispool: no owner locks on this platform: recover_checkouts does nothing")
+            return []
         queues = sp._queue_list if queue is None else (queue,)
         recovered: list[Entry[T]] = []
         for q in queues:
@@ -779,14 +785,14 @@ class Spool(Generic[T]):
                 sp._codec.decode(_fs.read_file(cofile), cofile)
             except FileNotFoundError:
                 return False  # its owner finished with it before dying
-            except (CorruptEntryError, OSError) as e:
-                if sp.quarantine is None:
-                    log.warning("multispool: left undecodable checkout %s for a person: %s", cofile, e)
+            except OSError as e:
+                if e.errno not in _NOT_A_FILE:
+                    # Transient or permission trouble: not evidence of a bad entry.
+                    log.warning("multispool: cannot read checkout %s, left in place: %s", cofile, e)
                     return False
-                reason = e.reason if isinstance(e, CorruptEntryError) else str(e)
-                with contextlib.suppress(CorruptEntryError):
-                    self._corrupt(q, name, cofile, reason, claim)
-                return False
+                return self._recover_undecodable(q, name, cofile, str(e), claim)
+            except CorruptEntryError as e:
+                return self._recover_undecodable(q, name, cofile, e.reason, claim)
             _fs.unlink_quiet(lay.tmp_file(name))  # a rewrite the dead owner left half done
             if not _fs.rename_if_exists(cofile, lay.queue_file(dirname, name)):
                 return False
@@ -797,6 +803,19 @@ class Spool(Generic[T]):
         finally:
             claim.release()
 
+    def _recover_undecodable(
+        self, q: enum.Enum, name: str, cofile: str, reason: str, claim: _Claim
+    ) -> bool:
+        """A dead owner's checkout that cannot be decoded: quarantine it if the Spoolable
+        has a quarantine queue, else leave it checked out for a person (moving it back
+        would only hand it to the next reader, and fail there again)."""
+        if self.spoolable.quarantine is None:
+            log.warning("multispool: left undecodable checkout %s for a person: %s", cofile, reason)
+            return False
+        with contextlib.suppress(CorruptEntryError):
+            self._corrupt(q, name, cofile, reason, claim)
+        return False
+
     def clean_abandoned(self, older_than: Duration = 600) -> builtins.list[str]:
         """Remove the registry, tmp and data files of enqueues whose process died before
         the entry reached a queue: registry older than ``older_than`` seconds, in no queue
@@ -804,6 +823,9 @@ class Spool(Generic[T]):
         sp = self.spoolable
         lay = self._layout
         limit = seconds(older_than)
+        if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows
+            log.warning("multispool: no owner locks on this platform: clean_abandoned does nothing")
+            return []
         with sp.throttled():
             regs = os.listdir(lay.registry)
             present: set[str] = set()
