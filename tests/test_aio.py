@@ -505,6 +505,36 @@ def test_cancel_while_waiting_claims_nothing(tmp_path: Path) -> None:
     assert check_settled(path, sp)["queue1"] == {"000000"}
 
 
+@pytest.mark.parametrize("block_at", [1, 2], ids=["while-listing", "while-claiming"])
+def test_cancel_parked_dequeue_while_its_wake_claim_runs(tmp_path: Path, block_at: int) -> None:
+    """A parked dequeue has the observer thread submit its claim straight to the executor;
+    cancelling the dequeue while that claim runs gives the entry back."""
+    gate = Gate()
+    sp = make_spoolable(throttle=gate)
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        spool = await AsyncSpool.create(path, sp)
+        producer = multispool.Spool.load(path, make_spoolable())  # not gated
+        async with spool, spool.reader(Queue.QUEUE1, rescan_interval=NO_RESCAN) as reader:
+            task = asyncio.ensure_future(reader.dequeue())
+            await until(lambda: reader._waiting)
+            gate.arm(block_at)
+            producer.enqueue(Queue.QUEUE1, Cog(1), b"")
+            await until(gate.entered.is_set)
+            assert reader._prefetches == 1  # the claim came from the observer thread
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.open()
+            co = await reader.dequeue(timeout=10)
+            assert co is not None and co.contents == Cog(1)
+            await co.release()
+
+    run(main)
+    assert check_settled(path, sp)["queue1"] == {"000000"}
+
+
 def test_cancel_checkout_in_executor(tmp_path: Path) -> None:
     gate = Gate()
     sp = make_spoolable(throttle=gate)

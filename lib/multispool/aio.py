@@ -292,19 +292,22 @@ class AsyncSpool(Generic[T]):
         result goes to ``undo`` (its exception to ``on_error``) since nobody receives it."""
         if self._closed:
             raise RuntimeError(f"AsyncSpool for {self.dir!r} is closed")
-        loop = asyncio.get_running_loop()
         call = _Call(fn, args, undo, on_error)
         cf = self._submit(call.run)
-        fut = _bridge(cf, loop)
         try:
-            return await fut  # type: ignore[no-any-return]
+            return await _bridge(cf, asyncio.get_running_loop())  # type: ignore[no-any-return]
         except asyncio.CancelledError:
-            if cancellable and cf.cancel():
-                raise
-            leftover = call.abandon()
-            if leftover is not None and undo is not None:
-                self._background(undo, leftover)
+            self._drop(call, cf, cancellable)
             raise
+
+    def _drop(self, call: _Call, cf: concurrent.futures.Future[Any], cancellable: bool = True) -> None:
+        """Nobody will receive this call's outcome: cancel it if it has not started (and
+        ``cancellable``), else have its result undone."""
+        if cancellable and cf.cancel():
+            return
+        leftover = call.abandon()
+        if leftover is not None and call.undo is not None:
+            self._background(call.undo, leftover)
 
     # -- closing ----------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -600,15 +603,18 @@ class _LoopWake:
     """A flag set from the observer thread, read and awaited on the loop (a future, not
     an asyncio.Event and a task: the fewest loop iterations between event and claim)."""
 
-    __slots__ = ("flag", "loop", "waiter")
+    __slots__ = ("flag", "loop", "on_event", "waiter")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[], None] | None = None) -> None:
         self.loop = loop
+        self.on_event = on_event
         self.flag = False
         self.waiter: asyncio.Future[None] | None = None
 
     def __call__(self) -> None:
         # Observer thread: hand the wake to the loop, never touch loop objects here.
+        if self.on_event is not None:
+            self.on_event()
         with contextlib.suppress(RuntimeError):  # loop closed: the reader is gone with it
             self.loop.call_soon_threadsafe(self.set)
 
@@ -657,6 +663,10 @@ class AsyncQueueReader(Generic[T]):
         self._closed = False
         self._busy_delay = _BUSY_RETRY_FIRST
         self._waiting = False  # for tests: a dequeue is parked waiting for a wake
+        self._pf_lock = threading.Lock()
+        self._armed = False
+        self._prefetched: tuple[_Call, concurrent.futures.Future[Any]] | None = None
+        self._prefetches = 0  # claims submitted by the observer thread (for tests)
 
     # -- lifecycle ------------------------------------------------------------------------
     def _open_sync(self, wake: _LoopWake) -> tuple[QueueReader[T], _watch.Subscription]:
@@ -695,7 +705,7 @@ class AsyncQueueReader(Generic[T]):
         return self._core
 
     async def _open(self) -> None:
-        wake = _LoopWake(asyncio.get_running_loop())
+        wake = _LoopWake(asyncio.get_running_loop(), self._on_event)
         opened = await self.spool._run(self._open_sync, wake, undo=self._close_sync)
         if self._closed:
             await self.spool._run(self._close_sync, opened, cancellable=False)
@@ -744,11 +754,49 @@ class AsyncQueueReader(Generic[T]):
             busy, core._busy_seen = core._busy_seen, False
             return co, busy
 
+    @staticmethod
+    def _undo_take(result: tuple[CheckedOutEntry[Any] | None, bool]) -> None:
+        if result[0] is not None:
+            result[0].release()
+
     async def _take(self, core: QueueReader[T]) -> tuple[AsyncCheckedOutEntry[T] | None, bool]:
-        co, busy = await self.spool._run(
-            self._dequeue_available_sync, core, undo=lambda r: _release(r[0]) if r[0] is not None else None
-        )
+        co, busy = await self.spool._run(self._dequeue_available_sync, core, undo=self._undo_take)
         return self.spool._co(co), busy
+
+    # A dequeue parked waiting "arms" the reader: the observer thread's next wake then
+    # submits the claim to the executor itself, saving the loop's round trip between the
+    # event and the claim (wake latency). The parked dequeue collects that call.
+    def _on_event(self) -> None:
+        """Observer thread, on every wake."""
+        with self._pf_lock:
+            if not self._armed:
+                return
+            self._armed = False
+            core = self._core
+            if core is None or self._closed:
+                return
+            call = _Call(self._dequeue_available_sync, (core,), self._undo_take, None)
+            try:
+                cf = self.spool._submit(call.run)
+            except RuntimeError:
+                return  # the spool is closing
+            self._prefetched = (call, cf)
+            self._prefetches += 1
+
+    def _arm(self, armed: bool) -> None:
+        with self._pf_lock:
+            self._armed = armed
+
+    def _collect_prefetched(self) -> tuple[_Call, concurrent.futures.Future[Any]] | None:
+        with self._pf_lock:
+            self._armed = False
+            pre, self._prefetched = self._prefetched, None
+        return pre
+
+    def _drop_prefetched(self) -> None:
+        pre = self._collect_prefetched()
+        if pre is not None:
+            self.spool._drop(*pre)
 
     async def dequeue_available(self) -> AsyncCheckedOutEntry[T] | None:
         """The next entry if one can be claimed now, else None. Never waits for one."""
@@ -782,7 +830,29 @@ class AsyncQueueReader(Generic[T]):
             if co is not None:
                 self._busy_delay = _BUSY_RETRY_FIRST
                 return co
-            if not await self._wait_for_more(wake, stop, deadline, busy):
+            self._arm(True)
+            try:
+                more = await self._wait_for_more(wake, stop, deadline, busy)
+            except BaseException:
+                self._drop_prefetched()  # cancelled: a claim made for us goes back
+                raise
+            pre = self._collect_prefetched()
+            if pre is not None:
+                call, cf = pre
+                try:
+                    raw, _ = await _bridge(cf, loop)
+                except asyncio.CancelledError:
+                    self.spool._drop(call, cf)
+                    raise
+                if raw is not None:
+                    self._busy_delay = _BUSY_RETRY_FIRST
+                    co = AsyncCheckedOutEntry(self.spool, raw)
+                    if self._closed:
+                        await co.release()  # claimed as the reader was closing
+                        return None
+                    return co
+                # Nothing (another reader was faster): go on with a fresh listing.
+            elif not more:
                 return None
 
     async def _wait_for_more(
