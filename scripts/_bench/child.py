@@ -100,6 +100,64 @@ def drain_competing(a: dict[str, Any]) -> dict[str, Any]:
     return {"t0": t0, "t_end": t_last, "seqs": seqs, "errors": errors[:5], "n_errors": len(errors)}
 
 
+def paired(a: dict[str, Any]) -> dict[str, Any]:
+    """multispool and the floor in alternating blocks of ``block`` operations, in one
+    process: both see the same moment of the machine's (shared) disk and CPU, so the
+    ratio of the two is far steadier than two separate runs' rates."""
+    ms, fl = get_system("multispool"), get_system("floor")
+    out: dict[str, Any] = {}
+    blk = a["block"]
+    for mode in ("durable", "non-durable"):
+        prods, cons, rates = {}, {}, {"enqueue": {}, "drain": {}}  # type: ignore[var-annotated]
+        for s in (ms, fl):
+            d = os.path.join(a["dir"], f"{s.name}-{mode}")
+            os.makedirs(d)
+            s.create(d)
+            prods[s.name] = s.producer(d, mode)
+            prods[s.name].put(-1)  # first use outside the timing
+            cons[s.name] = s.consumer(d, mode, s.waits[-1])
+            for k in rates:
+                rates[k][s.name] = []
+        seq = 0
+        for b in range(a["blocks"]):
+            for s in ((ms, fl) if b % 2 == 0 else (fl, ms)):
+                t0 = time.perf_counter()
+                for _ in range(blk):
+                    prods[s.name].put(seq)
+                    seq += 1
+                rates["enqueue"][s.name].append(blk / (time.perf_counter() - t0))
+        for b in range(a["blocks"]):
+            for s in ((ms, fl) if b % 2 == 0 else (fl, ms)):
+                t0 = time.perf_counter()
+                for _ in range(blk):
+                    if cons[s.name].get_nowait() is None:
+                        raise RuntimeError(f"{s.name}: queue ran dry in the paired drain")
+                rates["drain"][s.name].append(blk / (time.perf_counter() - t0))
+        for s in (ms, fl):
+            prods[s.name].close()
+            cons[s.name].close()
+        out[mode] = rates
+    return out
+
+
+AUDIT_START = b"--bench-audit-start--"
+AUDIT_END = b"--bench-audit-end--"
+
+
+def audit(a: dict[str, Any]) -> None:
+    """Enqueue ``n`` entries between two markers written to stderr (fd 2), for strace."""
+    sys_ = get_system(a["system"])
+    d = a["dir"]
+    sys_.create(d)
+    p = sys_.producer(d, a["mode"])
+    p.put(-1)  # first-use work (directories, schema) stays outside the markers
+    os.write(2, AUDIT_START)
+    for i in range(a["n"]):
+        p.put(i)
+    os.write(2, AUDIT_END)
+    p.close()
+
+
 def main(arg: str) -> None:
     a = json.loads(arg)
     what = a["what"]
@@ -107,6 +165,10 @@ def main(arg: str) -> None:
         _say(json.dumps(throughput(a)))
     elif what == "consume":
         consume(a)
+    elif what == "paired":
+        _say(json.dumps(paired(a)))
+    elif what == "audit":
+        audit(a)
     elif what == "drain_competing":
         _say(json.dumps(drain_competing(a)))
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from typing import Any
+from typing import Any, cast
 
 from .common import PollingConsumer, System, WaitVariant, payload
 
@@ -24,7 +24,7 @@ def _spoolable(mode: str) -> Any:
         queues=Q,
         metadata_codec="json",
         data=multispool.BytesData(),
-        durability=_DURABILITY.get(mode, mode),  # type: ignore[arg-type]
+        durability=cast(Any, _DURABILITY.get(mode, mode)),
     )
 
 

@@ -151,8 +151,8 @@ SQL_SYSTEM = System(
     consumer=sql_consumer,
     modes={"durable": "its only mode (auto_commit=True, WAL, SQLite's default synchronous)"},
     waits=[
-        WaitVariant("blocking get (re-checks every 10 s across processes)", "native", slow=True,
-                    full_only=True),
+        WaitVariant("blocking get (re-checks every 10 s across processes)", "native", 10.0,
+                    slow=True, full_only=True),
         WaitVariant("get_nowait polled every 10 ms", "poll", 0.01),
     ],
     durability=(
