@@ -605,7 +605,7 @@ class _LoopWake:
 
     __slots__ = ("flag", "loop", "on_event", "waiter")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[], None] | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_event: Callable[[], bool] | None = None) -> None:
         self.loop = loop
         self.on_event = on_event
         self.flag = False
@@ -613,8 +613,11 @@ class _LoopWake:
 
     def __call__(self) -> None:
         # Observer thread: hand the wake to the loop, never touch loop objects here.
-        if self.on_event is not None:
-            self.on_event()
+        if self.on_event is None or not self.on_event():
+            self.wake_loop()
+
+    def wake_loop(self) -> None:
+        """Any thread: have the loop run ``set``."""
         with contextlib.suppress(RuntimeError):  # loop closed: the reader is gone with it
             self.loop.call_soon_threadsafe(self.set)
 
@@ -766,22 +769,25 @@ class AsyncQueueReader(Generic[T]):
     # A dequeue parked waiting "arms" the reader: the observer thread's next wake then
     # submits the claim to the executor itself, saving the loop's round trip between the
     # event and the claim (wake latency). The parked dequeue collects that call.
-    def _on_event(self) -> None:
-        """Observer thread, on every wake."""
+    def _on_event(self) -> bool:
+        """Observer thread, on every wake. True if it submitted the parked dequeue's claim:
+        the loop is then woken once that claim is done, not now."""
         with self._pf_lock:
             if not self._armed:
-                return
+                return False
             self._armed = False
-            core = self._core
-            if core is None or self._closed:
-                return
+            core, wake = self._core, self._wake
+            if core is None or wake is None or self._closed:
+                return False
             call = _Call(self._dequeue_available_sync, (core,), self._undo_take, None)
             try:
                 cf = self.spool._submit(call.run)
             except RuntimeError:
-                return  # the spool is closing
+                return False  # the spool is closing
             self._prefetched = (call, cf)
             self._prefetches += 1
+        cf.add_done_callback(lambda _: wake.wake_loop())
+        return True
 
     def _arm(self, armed: bool) -> None:
         with self._pf_lock:
@@ -840,7 +846,8 @@ class AsyncQueueReader(Generic[T]):
             if pre is not None:
                 call, cf = pre
                 try:
-                    raw, _ = await _bridge(cf, loop)
+                    # Usually done already: the loop was woken by its completion.
+                    raw, _ = cf.result() if cf.done() else await _bridge(cf, loop)
                 except asyncio.CancelledError:
                     self.spool._drop(call, cf)
                     raise
