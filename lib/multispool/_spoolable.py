@@ -122,6 +122,20 @@ class PrefixNames:
         return "PrefixNames()"
 
 
+# Random per process, drawn anew in a forked child (cheaper than comparing getpid() on
+# every name).
+_process_token = secrets.token_hex(8)
+
+
+def _new_process_token() -> None:
+    global _process_token
+    _process_token = secrets.token_hex(8)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_process_token)
+
+
 class TimeOrderedNames:
     """Names unique across hosts and processes, whose lexicographic order is their
     creation order within one process: ``[seed]<ns since epoch, 19 digits>-<random 64 bits>``.
@@ -133,18 +147,12 @@ class TimeOrderedNames:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._last = 0
-        self._pid = -1
-        self._token = ""
 
     def next(self, seed: Any, attempt: int) -> str:
         with self._lock:
-            pid = os.getpid()
-            if pid != self._pid:
-                self._pid, self._token = pid, secrets.token_hex(8)
             now = max(time.time_ns(), self._last + 1)
             self._last = now
-            token = self._token
-        return f"{'' if seed is None else seed}{now:019d}-{token}"
+        return f"{'' if seed is None else seed}{now:019d}-{_process_token}"
 
     def __repr__(self) -> str:
         return "TimeOrderedNames()"
