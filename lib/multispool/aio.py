@@ -6,6 +6,13 @@ One core, two fronts: every operation here runs the very code of the sync API
 there, by that code). Waiting for new entries uses the same shared watchdog observer as
 the sync reader; its wake-up is handed to the loop with ``call_soon_threadsafe``, and a
 wait on a caller's ``stop`` (an ``asyncio.Event``) wakes on either event, without polling.
+While a ``dequeue`` is parked, the observer thread submits its claim to the executor
+directly, and the loop is woken once, with the claim done.
+
+Callbacks (``with_entry``, ``reader.iter``...) may be plain functions or coroutine
+functions. A coroutine function runs on the loop and gets an ``AsyncDataFile``; a plain
+function runs in the executor (it may block on disk like any sync callback) and gets the
+sync ``DataFile``; the reader then processes a backlog in batches there.
 
 Cancellation never loses or strands an entry:
 
@@ -20,6 +27,8 @@ Cancellation never loses or strands an entry:
 An ``AsyncSpool`` belongs to one event loop at a time. Close it (``await spool.aclose()``
 or ``async with spool:``) to close its readers and stop its executor threads; closing
 waits for the disk operations still running, including those of cancelled tasks.
+``AsyncSpool.load_unsafe`` touches no disk and returns the spool directly; awaiting an
+AsyncSpool gives itself, so ``await AsyncSpool.load_unsafe(...)`` works as well.
 """
 
 from __future__ import annotations
