@@ -73,7 +73,8 @@ def drain_competing(a: dict[str, Any]) -> dict[str, Any]:
     """One of several competing consumers: wait for the go file, then claim + remove until
     the queue stays empty."""
     sys_ = get_system(a["system"])
-    c = sys_.consumer(a["dir"], a["mode"], sys_.waits[-1])
+    # the system's natural consumer (multispool: a reader), asked without waiting
+    c = sys_.consumer(a["dir"], a["mode"], sys_.waits[a.get("variant", 0)])
     _say("ready")
     while not os.path.exists(a["go"]):
         time.sleep(0.001)

@@ -23,7 +23,7 @@ BARS_PNG = "bench-throughput.png"
 CDF_LEFT_MS = 0.05
 
 
-def machine(path: str) -> dict[str, Any]:
+def machine(path: str, git_ref: str | None = None) -> dict[str, Any]:
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -70,8 +70,13 @@ def machine(path: str) -> dict[str, Any]:
         dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "../../lib"],
                                capture_output=True, text=True).stdout.split("\n")
         dirty_files = [ln[3:] for ln in dirty if ln.strip()]
-        pkgs["multispool"] += f" (checkout {head}" + (
-            f", with uncommitted changes in {', '.join(dirty_files)})" if dirty_files else ")")
+        if git_ref:
+            rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", git_ref],
+                                 capture_output=True, text=True).stdout.strip()
+            pkgs["multispool"] += f" (lib/ of commit {rev}, snapshot taken with --git-ref)"
+        else:
+            pkgs["multispool"] += f" (working tree at {head}" + (
+                f", with uncommitted changes in {', '.join(dirty_files)})" if dirty_files else ")")
     except Exception:
         pass
 

@@ -45,12 +45,30 @@ def _child_cmd(job: dict[str, Any]) -> list[str]:
     return [sys.executable, "-m", "_bench", "child", json.dumps(job)]
 
 
+# set by --git-ref: a snapshot of lib/ taken from git, ahead of the editable install
+LIB_OVERRIDE: str | None = None
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.join(ROOT, "scripts") + (
-        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-    )
+    paths = [os.path.join(ROOT, "scripts")]
+    if LIB_OVERRIDE:
+        paths.insert(0, LIB_OVERRIDE)
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
+
+
+def _snapshot_lib(ref: str, base: str) -> str:
+    """lib/ as of git ``ref``, extracted under ``base``: other people may be editing the
+    working tree while the benchmark runs; a snapshot keeps every measurement on one code."""
+    out = os.path.join(base, "lib-snapshot")
+    os.makedirs(out)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", ref, "lib"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", out], input=archive, check=True)
+    return os.path.join(out, "lib")
 
 
 def _run_child(job: dict[str, Any], timeout: float) -> Any:
@@ -204,7 +222,7 @@ def run_idle(systems: list[System], base: str, seconds: float, quick: bool) -> d
     return out
 
 
-def run_competing(sys_: System, base: str, st: Settings) -> dict[str, Any]:
+def run_competing(sys_: System, base: str, st: Settings, variant: int = 0) -> dict[str, Any]:
     mode = _wake_mode(sys_)
     d = _fresh_dir(base, sys_.name)
     go = os.path.join(base, f"go-{sys_.name}-{os.getpid()}-{random.random()}")
@@ -218,7 +236,7 @@ def run_competing(sys_: System, base: str, st: Settings) -> dict[str, Any]:
         p.close()
         for _ in range(st.competing_consumers):
             kids.append(Child({"what": "drain_competing", "system": sys_.name, "dir": d,
-                               "mode": mode, "go": go}))
+                               "mode": mode, "go": go, "variant": variant}))
         for k in kids:
             k.expect_ready()
         open(go, "w").close()
@@ -300,6 +318,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--systems", nargs="*", choices=NAMES, help="only these systems")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"), help="where the report goes")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--git-ref", help="benchmark lib/ as of this git commit (e.g. HEAD) instead "
+                    "of the working tree")
     ap.add_argument("--audit", action="store_true",
                     help="also count fsyncs per enqueue with strace in --quick (always in full)")
     args = ap.parse_args(argv)
@@ -310,6 +330,16 @@ def main(argv: list[str]) -> int:
     )
     started = time.time()
     load_before = os.getloadavg()
+    base = tempfile.mkdtemp(prefix=".bench-", dir=args.dir)
+    global LIB_OVERRIDE
+    if args.git_ref:
+        if "multispool" in sys.modules:
+            raise SystemExit("--git-ref: multispool was imported before the snapshot")
+        LIB_OVERRIDE = _snapshot_lib(args.git_ref, base)
+        sys.path.insert(0, LIB_OVERRIDE)
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.git_ref],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        _log(f"benchmarking lib/ of {args.git_ref} ({rev}) from {LIB_OVERRIDE}")
     systems, skipped = load_all(args.systems)
     fail_file = os.path.join(sys.prefix, ".bench-install-failures")
     if os.path.exists(fail_file):
@@ -317,7 +347,6 @@ def main(argv: list[str]) -> int:
             for line in f:
                 if line.strip():
                     skipped.setdefault(line.split(":")[0], line.strip())
-    base = tempfile.mkdtemp(prefix=".bench-", dir=args.dir)
     res: dict[str, Any] = {"throughput": {}, "wake": {}, "idle": {}, "competing": {}, "failed": {}}
 
     def attempt(what: str, name: str, f: Any) -> Any:
@@ -374,7 +403,7 @@ def main(argv: list[str]) -> int:
     from . import report
 
     cmd = "scripts/bench" + "".join(f" {a}" for a in argv)
-    meta = report.machine(args.dir)
+    meta = report.machine(args.dir, args.git_ref)
     meta.update({"load": (load_before, os.getloadavg()), "command": cmd, "elapsed": elapsed,
                  "settings": st.__dict__, "skipped": skipped})
     raw = os.path.join(sys.prefix, "last-results.json")
