@@ -72,10 +72,11 @@ def write_file(path: str, contents: bytes, *, sync: bool, mode: int, exclusive: 
     fsync it when ``sync``. On failure the partly written file is removed."""
     fd = os.open(path, O_CREATE_EXCL if exclusive else O_CREATE_TRUNC, mode)
     try:
-        view = memoryview(contents)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        n = os.write(fd, contents)
+        if n < len(contents):  # rare: a short write (signal, huge buffer)
+            view = memoryview(contents)[n:]
+            while view:
+                view = view[os.write(fd, view) :]
         if sync:
             fsync_fd(fd)
     except OSError as e:
@@ -241,12 +242,12 @@ def _root_fd() -> int:
     return _root
 
 
-def create_locked(path: str, mode: int) -> int | None:
-    """Create ``path`` (which must not exist) and return a descriptor holding its lock;
+def create_locked(parent: str, path: str, mode: int) -> int | None:
+    """Create ``path`` (in directory ``parent``, and which must not exist) and return a
+    descriptor holding its lock;
     None if the name is taken. Where the OS allows (Linux O_TMPFILE), the file is created
     unnamed, locked, then linked in, so nobody ever sees it unlocked; elsewhere it is
     created with O_EXCL and locked at once, and a lock lost in between counts as taken."""
-    parent = os.path.dirname(path)
     if _TMPFILE_OK and parent not in _no_tmpfile:
         try:
             fd = os.open(parent, _O_TMPFILE | os.O_WRONLY | _CLOEXEC, mode)
@@ -260,8 +261,7 @@ def create_locked(path: str, mode: int) -> int | None:
                 # os.link calls linkat(AT_SYMLINK_FOLLOW), which resolves the /proc magic
                 # link to the unnamed file, only when given a dir fd (ignored: both paths
                 # are absolute or relative to the cwd either way).
-                os.link(f"/proc/self/fd/{fd}", os.path.abspath(path), src_dir_fd=_root_fd(),
-                        follow_symlinks=True)
+                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
             except FileExistsError:
                 os.close(fd)
                 return None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
 from . import _fs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
 from ._layout import CHECKOUT, Layout, check_name
-from ._spoolable import Duration, Spoolable, names_for, seconds
+from ._spoolable import Duration, Spoolable, seconds
 
 if TYPE_CHECKING:
     from ._reader import QueueReader
@@ -128,7 +128,7 @@ class DataFile(Generic[T]):
         """The decoded data (via the Spoolable's data codec)."""
         sp = self.spool.spoolable
         with sp.throttled():
-            dec = getattr(sp.data, "_decode", None)
+            dec = sp._data_decode
             if dec is not None:
                 return dec(_fs.read_file(self.path))  # type: ignore[no-any-return]
             return sp.data.load(self.path)  # type: ignore[no-any-return]
@@ -457,17 +457,13 @@ class Spool(Generic[T]):
     def _reserve(self, seed: Any) -> tuple[str, int]:
         sp = self.spoolable
         lay = self._layout
-        for attempt, proposal in names_for(sp.name_generator, seed):
-            name = check_name(proposal)
+        gen = sp.name_generator
+        for attempt in range(MAX_NAME_ATTEMPTS):
+            name = check_name(gen.next(seed, attempt))
             path = lay.registry_file(name)
-            fd = _fs.create_locked(path, sp.file_mode)
+            fd = _fs.create_locked(lay.registry, path, sp.file_mode)
             if fd is None:
-                if attempt + 1 >= MAX_NAME_ATTEMPTS:
-                    raise SpoolError(
-                        f"no free name after {MAX_NAME_ATTEMPTS} attempts in {lay.registry} "
-                        f"(name generator {sp.name_generator!r}, seed {seed!r})"
-                    )
-                continue
+                continue  # taken: propose the next name
             if sp.durability == "full":
                 try:
                     _fs.fsync_dir(lay.registry)
@@ -476,6 +472,10 @@ class Spool(Generic[T]):
                     _fs.unlink_quiet(path)
                     raise
             return name, fd
+        raise SpoolError(
+            f"no free name after {MAX_NAME_ATTEMPTS} attempts in {lay.registry} "
+            f"(name generator {gen!r}, seed {seed!r})"
+        )
         raise AssertionError("unreachable")
 
     def reserve_name(self, seed: Any = None) -> str:
@@ -542,25 +542,21 @@ class Spool(Generic[T]):
             gen = _fs.lock_generation()
             tmp = lay.tmp_file(name)
             data_path = lay.data_file(name)
-            queued = False
             try:
                 _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode)
                 sp.encode_data(data, data_path, sync=sync_files)
                 if full:
                     _fs.fsync_dir(lay.data)
                 os.rename(tmp, lay.queue_file(dirname, name))
-                queued = True
             except BaseException:
                 _fs.unlink_quiet(tmp)
                 _fs.unlink_quiet(data_path)
                 _fs.unlink_quiet(lay.registry_file(name))
                 _fs.unlock(fd, gen)
                 raise
-            finally:
-                if queued:
-                    # Release the enqueue's lock only once the entry is in its queue, so
-                    # clean_abandoned can never take a live enqueue for a dead one.
-                    _fs.unlock(fd, gen)
+            # Release the enqueue's lock only once the entry is in its queue, so
+            # clean_abandoned can never take a live enqueue for a dead one.
+            _fs.unlock(fd, gen)
             if full:
                 _fs.fsync_dir(lay.queue(dirname))
         return Entry._trusted(self, queue, name)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
-import itertools
 import os
 import secrets
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -158,6 +157,9 @@ class TimeOrderedNames:
         return "TimeOrderedNames()"
 
 
+_NULL_CM: Final = contextlib.nullcontext()  # reusable: holds no state
+
+
 class _Codec:
     """msgspec encoder/decoder pair built once per Spoolable (not per call)."""
 
@@ -248,6 +250,12 @@ class Spoolable(Generic[T]):
         self.file_mode = file_mode
         self.dir_mode = dir_mode
         self._codec = _Codec(metadata_codec, metadata)
+        # Resolved once: these sit on every operation's path.
+        self._throttle_cm: AbstractContextManager[Any] | None = (
+            _NULL_CM if throttle is None else throttle if hasattr(throttle, "__enter__") else None
+        )
+        self._data_encode: Callable[[Any], bytes] | None = getattr(data, "_encode", None)
+        self._data_decode: Callable[[bytes], Any] | None = getattr(data, "_decode", None)
         self._queue_list: tuple[enum.Enum, ...] = tuple(members)
         self._dirnames: dict[enum.Enum, str] = {m: str(m.value) for m in members}
 
@@ -261,16 +269,14 @@ class Spoolable(Generic[T]):
 
     def throttled(self) -> AbstractContextManager[Any]:
         """The context to enter around one disk operation."""
-        t = self.throttle
-        if t is None:
-            return contextlib.nullcontext()
-        if hasattr(t, "__enter__"):
-            return typing.cast(AbstractContextManager[Any], t)
-        return typing.cast(AbstractContextManager[Any], t())
+        cm = self._throttle_cm
+        if cm is not None:
+            return cm
+        return typing.cast(AbstractContextManager[Any], self.throttle())
 
     def encode_data(self, value: Any, path: str, *, sync: bool) -> None:
         """Write data ``value`` at ``path`` with the data codec, durably if ``sync``."""
-        enc: Callable[[Any], bytes] | None = getattr(self.data, "_encode", None)
+        enc = self._data_encode
         if enc is not None:
             write_file(path, enc(value), sync=sync, mode=self.file_mode)
         else:
@@ -284,9 +290,3 @@ class Spoolable(Generic[T]):
             f"metadata_codec={self.metadata_codec!r}, data={self.data!r}, "
             f"durability={self.durability!r}, quarantine={self.quarantine!r})"
         )
-
-
-def names_for(gen: NameGenerator, seed: Any) -> Iterator[tuple[int, str]]:
-    """(attempt, proposed name) for attempts 0, 1, 2, ..."""
-    for attempt in itertools.count():
-        yield attempt, gen.next(seed, attempt)
