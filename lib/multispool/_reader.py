@@ -33,6 +33,9 @@ RELAY_SLICE: Final = 0.25
 # lost claims fell from ~1,500 to ~10 per consumer. Skipped names come back in the next
 # listing, and each pass still goes in name order.
 LOSS_RATE_SKIP: Final = 0.3
+# A claim that finds the entry locked while still queued retries for this long (its holder
+# lets go within microseconds) before leaving it for a later pass.
+BUSY_SPIN: Final = 0.002
 # After a claim found the entry locked while still queued (an enqueuer finishing, or a
 # competing claimer about to rename), look again after this, doubling up to the cap.
 BUSY_RETRY_FIRST: Final = 0.0005
@@ -166,7 +169,7 @@ class QueueReader(Generic[T]):
         while pending and not self._closed:
             name = pending.pop()
             try:
-                co = self.spool._claim(self.queue, name, busy_wait=0.0)
+                co = self.spool._claim(self.queue, name, busy_wait=BUSY_SPIN, raise_busy=True)
             except _Busy:
                 self._busy_seen = True
                 self._skip_ahead(pending)

@@ -608,11 +608,13 @@ class Spool(Generic[T]):
         return out
 
     # -- checkouts ----------------------------------------------------------------------
-    def _claim(self, queue: enum.Enum, name: str, busy_wait: float = BUSY_WAIT) -> CheckedOutEntry[T] | None:
+    def _claim(
+        self, queue: enum.Enum, name: str, busy_wait: float = BUSY_WAIT, raise_busy: bool = False
+    ) -> CheckedOutEntry[T] | None:
         """Check out ``queue``/``name``: lock its registry file, then rename it into the
         checkout dir. None if it is gone or another process owns it. A lock that is busy
         while the entry still sits in its queue is waited for up to ``busy_wait`` seconds;
-        with ``busy_wait <= 0`` that case raises _Busy instead (readers retry later)."""
+        if it is still busy then, ``raise_busy`` raises _Busy (readers retry later)."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
@@ -621,12 +623,10 @@ class Spool(Generic[T]):
         with sp.throttled():
             fd = _fs.open_locked(reg)
             if fd is None:
-                if busy_wait <= 0:
-                    if os.path.lexists(qfile) and os.path.lexists(reg):
-                        raise _Busy(name)
-                    return None
                 fd = self._wait_busy(reg, qfile, busy_wait)
                 if fd is None:
+                    if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
+                        raise _Busy(name)
                     return None
             cofile = lay.checkout_file(dirname, name)
             claim = _Claim(fd)
@@ -658,14 +658,22 @@ class Spool(Generic[T]):
         return CheckedOutEntry(self, queue, name, contents, raw, claim)
 
     def _wait_busy(self, reg: str, qfile: str, limit: float) -> int | None:
+        """Retry a busy registry lock while the entry still waits in its queue: its holder
+        is an enqueuer that just renamed it in, or a claimer about to rename it out, and
+        both let go within microseconds (a reader woken by the rename often gets here
+        first). Gives up after ``limit`` seconds (a stopped or slow holder)."""
+        if limit <= 0:
+            return None
         deadline = time.monotonic() + limit
-        delay = 0.0001
-        while os.path.lexists(qfile) and time.monotonic() < deadline:
-            time.sleep(delay)  # lock holders finish within microseconds; back off gently
-            delay = min(delay * 2, 0.005)
+        delay = 0.00002
+        while os.path.lexists(qfile):
             fd = _fs.open_locked(reg)
             if fd is not None:
                 return fd
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
         return None
 
     def _give_back(self, cofile: str, qfile: str, claim: _Claim) -> None:
