@@ -68,3 +68,13 @@ __all__ = [
     "TimeOrderedNames",
     "TooOld",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # `import multispool` then `multispool.aio` / `multispool.cli`: loaded on first use,
+    # so sync users never import asyncio.
+    if name in ("aio", "cli"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'multispool' has no attribute {name!r}")
