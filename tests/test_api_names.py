@@ -100,3 +100,20 @@ def test_exported_classes_live_in_private_modules_but_are_the_same_objects() -> 
     assert multispool.Spool is spool_mod.Spool
     assert multispool.Spoolable is spoolable_mod.Spoolable
     assert multispool.CorruptEntryError is errors.CorruptEntryError
+
+
+def test_submodules_are_attributes_loaded_on_first_use() -> None:
+    """`multispool.aio` (API.md §10) works after a plain `import multispool`, and sync
+    users do not pay for importing asyncio support until they touch it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, multispool\n"
+        "assert 'multispool.aio' not in sys.modules\n"
+        "assert multispool.aio.AsyncSpool.__name__ == 'AsyncSpool'\n"
+        "assert callable(multispool.cli.main)\n"
+        "try:\n    multispool.nope\nexcept AttributeError:\n    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
