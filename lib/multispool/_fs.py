@@ -276,15 +276,10 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
         return None
     try:
         # Someone may have locked (and even unlinked) it before us: then it is not ours.
-        if not try_lock(fd) or (HAVE_LOCKS and os.fstat(fd).st_nlink == 0):
-            os.close(fd)
-            return None
+        return _keep_if_locked(fd)
     except BaseException:
-        os.close(fd)
         unlink_quiet(path)
         raise
-    _held.add(fd)
-    return fd
 
 
 def open_locked(path: str) -> int | None:
@@ -294,6 +289,12 @@ def open_locked(path: str) -> int | None:
         fd = os.open(path, O_READ)
     except FileNotFoundError:
         return None
+    return _keep_if_locked(fd)
+
+
+def _keep_if_locked(fd: int) -> int | None:
+    """Lock ``fd`` without waiting and keep it as held; None (and ``fd`` closed) if
+    another process holds the lock or the file was unlinked meanwhile (a stale inode)."""
     try:
         if not try_lock(fd) or (HAVE_LOCKS and os.fstat(fd).st_nlink == 0):
             os.close(fd)

@@ -195,16 +195,8 @@ class _Direct(Generic[T]):
         """Delete the queued entry: queue file first (that is the claim), then data and
         registry. EntryNotFoundError if it is not in its queue (e.g. checked out)."""
         e = self._entry
-        sp = e.spool.spoolable
-        lay = e.spool._layout
-        path = self._path()
-        with sp.throttled():
-            if not _fs.unlink_quiet(path):
-                raise EntryNotFoundError("no such entry", path)
-            if sp.durability == "full":
-                _fs.fsync_dir(os.path.dirname(path))
-            _fs.unlink_quiet(lay.data_file(e.name))
-            _fs.unlink_quiet(lay.registry_file(e.name))
+        with e.spool.spoolable.throttled():
+            e.spool._remove_files(e.name, self._path(), "no such entry")
 
 
 class Entry(Generic[T]):
@@ -326,16 +318,8 @@ class CheckedOutEntry(Generic[T]):
     def remove(self) -> None:
         """Delete the entry: checkout file, data, then the reservation."""
         self._check_live()
-        sp = self.spool.spoolable
-        lay = self.spool._layout
-        path = self.path
-        with sp.throttled():
-            if not _fs.unlink_quiet(path):
-                raise EntryNotFoundError("checked-out entry vanished", path)
-            if sp.durability == "full":
-                _fs.fsync_dir(os.path.dirname(path))
-            _fs.unlink_quiet(lay.data_file(self.name))
-            _fs.unlink_quiet(lay.registry_file(self.name))
+        with self.spool.spoolable.throttled():
+            self.spool._remove_files(self.name, self.path, "checked-out entry vanished")
             self._claim.release()
 
     def release(self) -> None:
@@ -576,6 +560,17 @@ class Spool(Generic[T]):
             raise
         if sp.durability == "full":
             _fs.fsync_dir(os.path.dirname(path))
+
+    def _remove_files(self, name: str, meta_path: str, gone: str) -> None:
+        """Delete an entry whose metadata is at ``meta_path``: that file first (the step
+        that makes the entry gone; EntryNotFoundError(``gone``) if it already is), then
+        its data and, last, its reservation. The caller holds the throttle."""
+        if not _fs.unlink_quiet(meta_path):
+            raise EntryNotFoundError(gone, meta_path)
+        if self.spoolable.durability == "full":
+            _fs.fsync_dir(os.path.dirname(meta_path))
+        _fs.unlink_quiet(self._layout.data_file(name))
+        _fs.unlink_quiet(self._layout.registry_file(name))
 
     # -- listing ----------------------------------------------------------------------
     def _list_names(self, directory: str) -> list[str]:
