@@ -340,6 +340,7 @@ def main(argv: list[str]) -> int:
         rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.git_ref],
                              capture_output=True, text=True, check=True).stdout.strip()
         _log(f"benchmarking lib/ of {args.git_ref} ({rev}) from {LIB_OVERRIDE}")
+        args.git_ref = rev  # the report names this commit even if HEAD moves meanwhile
     systems, skipped = load_all(args.systems)
     fail_file = os.path.join(sys.prefix, ".bench-install-failures")
     if os.path.exists(fail_file):

@@ -80,6 +80,7 @@ class Consumer:
         self.q = path + "/q/"
         self.co = path + "/q/.checkout/"
         self._pending: list[str] = []
+        self.busy = False
         self._watch = inotify.Watcher(self.q) if variant.kind == "native" else None
         self._interval = variant.interval or 0.01
 
@@ -92,6 +93,9 @@ class Consumer:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                # the producer still holds it between its rename and its close (or another
+                # consumer is claiming it): no further event will come, so look again soon
+                self.busy = True
                 return None
             if os.fstat(fd).st_nlink == 0:
                 return None
@@ -133,7 +137,10 @@ class Consumer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if self._watch is not None:
+            if self.busy:
+                self.busy = False
+                time.sleep(min(0.0005, left))
+            elif self._watch is not None:
                 self._watch.wait(left)
             else:
                 time.sleep(min(self._interval, left))
