@@ -42,6 +42,7 @@ import functools
 import inspect
 import logging
 import os
+import queue as queue_mod
 import threading
 import time
 import weakref
@@ -603,6 +604,59 @@ class AsyncCheckedOutEntry(Generic[T]):
         return f"AsyncCheckedOutEntry({self.spool.dir!r}, {self.queue}, {self.name!r}, {state})"
 
 
+class _Claimer:
+    """A reader's own thread for the claims the observer thread starts for a parked
+    ``dequeue`` (see ``AsyncQueueReader._on_event``). The executor would do, but a thread
+    blocked on a queue costs the hand-off less bookkeeping on both sides (no work item,
+    no idle-thread accounting, no in-flight set), and the observer thread and the claim
+    hold the GIL for less time: measured, it shortens the wake path. It never blocks the
+    executor: a parked dequeue occupies no executor thread."""
+
+    __slots__ = ("_jobs", "_lock", "_stopped", "_thread")
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue_mod.SimpleQueue[
+            tuple[_Call, concurrent.futures.Future[Any], Callable[[], None]] | None
+        ] = queue_mod.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: _Call, done: Callable[[], None]) -> concurrent.futures.Future[Any]:
+        """Run ``call`` on the claimer thread, then ``done()`` there. RuntimeError once
+        stopped."""
+        cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("claimer stopped")
+            self._jobs.put((call, cf, done))
+        return cf
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            call, cf, done = job
+            if not cf.set_running_or_notify_cancel():
+                continue  # cancelled before it started: never happens
+            try:
+                result = call.run()
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+                cf.set_exception(e)
+            else:
+                cf.set_result(result)
+            done()
+
+    def stop(self) -> None:
+        """Let the claim in progress (and any queued) finish, then end the thread."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._jobs.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -679,6 +733,7 @@ class AsyncQueueReader(Generic[T]):
         self._armed = False
         self._prefetched: tuple[_Call, concurrent.futures.Future[Any]] | None = None
         self._prefetches = 0  # claims submitted by the observer thread (for tests)
+        self._claimer: _Claimer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def _open_sync(self, wake: _LoopWake) -> tuple[QueueReader[T], _watch.Subscription]:
@@ -696,13 +751,16 @@ class AsyncQueueReader(Generic[T]):
         except BaseException:
             core.close()
             raise
+        self._claimer = _Claimer("multispool-aio-claim")
         return core, sub
 
-    @staticmethod
-    def _close_sync(opened: tuple[QueueReader[Any], _watch.Subscription]) -> None:
+    def _close_sync(self, opened: tuple[QueueReader[Any], _watch.Subscription]) -> None:
         core, sub = opened
         sub.close()
         core.close()
+        claimer = self._claimer
+        if claimer is not None:
+            claimer.stop()  # after sub.close(): no new claim is submitted
 
     async def _ensure_open(self) -> QueueReader[T] | None:
         if self._closed:
@@ -788,14 +846,16 @@ class AsyncQueueReader(Generic[T]):
             core, wake = self._core, self._wake
             if core is None or wake is None or self._closed:
                 return False
+            claimer = self._claimer
+            if claimer is None:
+                return False
             call = _Call(self._dequeue_available_sync, (core,), self._undo_take, None)
             try:
-                cf = self.spool._submit(call.run)
+                cf = claimer.submit(call, wake.wake_loop)
             except RuntimeError:
-                return False  # the spool is closing
+                return False  # the reader is closing
             self._prefetched = (call, cf)
             self._prefetches += 1
-        cf.add_done_callback(lambda _: wake.wake_loop())
         return True
 
     def _arm(self, armed: bool) -> None:
