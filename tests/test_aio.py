@@ -535,6 +535,60 @@ def test_cancel_parked_dequeue_while_its_wake_claim_runs(tmp_path: Path, block_a
     assert check_settled(path, sp)["queue1"] == {"000000"}
 
 
+def test_parked_dequeue_wake_claim_needs_no_executor_thread(tmp_path: Path) -> None:
+    """The observer thread hands a parked dequeue's claim to the reader's own claimer
+    thread: it completes while every executor thread is busy with something else."""
+    sp = make_spoolable()
+    path = tmp_path / "s"
+    release = threading.Event()
+
+    async def main() -> None:
+        spool = await AsyncSpool.create(path, sp, max_workers=1)
+        producer = multispool.Spool.load(path, sp)
+        async with spool, spool.reader(Queue.QUEUE1, rescan_interval=NO_RESCAN) as reader:
+            try:
+                task = asyncio.ensure_future(reader.dequeue(timeout=10))
+                await until(lambda: reader._waiting)
+                busy = spool._submit(release.wait, 30)  # the only executor thread
+                producer.enqueue(Queue.QUEUE1, Cog(1), b"")
+                co = await asyncio.wait_for(task, 10)
+                assert co is not None and co.contents == Cog(1)
+                assert not busy.done() and reader._prefetches == 1
+            finally:
+                release.set()
+            await co.release()
+
+    run(main)
+    assert check_settled(path, sp)["queue1"] == {"000000"}
+
+
+def test_wake_from_a_handle_resumes_parked_dequeue_in_the_same_loop_pass(tmp_path: Path) -> None:
+    """The hand-off from the observer/claimer threads is a loop handle; the parked dequeue
+    resumes inside it, not one selector pass later (wake latency)."""
+    sp = make_spoolable()
+
+    async def main() -> None:
+        spool = await AsyncSpool.create(tmp_path / "s", sp)
+        async with spool, spool.reader(Queue.QUEUE1, rescan_interval=NO_RESCAN) as reader:
+            task = asyncio.ensure_future(reader.dequeue(timeout=10))
+            await until(lambda: reader._waiting)
+            seen: list[bool] = []
+
+            def poke() -> None:
+                assert reader._wake is not None
+                reader._wake.set()
+                seen.append(reader._waiting)  # already resumed: no longer parked
+
+            asyncio.get_running_loop().call_soon(poke)
+            await until(lambda: bool(seen))
+            assert seen == [False]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    run(main)
+
+
 def test_cancel_checkout_in_executor(tmp_path: Path) -> None:
     gate = Gate()
     sp = make_spoolable(throttle=gate)

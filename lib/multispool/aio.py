@@ -6,8 +6,9 @@ One core, two fronts: every operation here runs the very code of the sync API
 there, by that code). Waiting for new entries uses the same shared watchdog observer as
 the sync reader; its wake-up is handed to the loop with ``call_soon_threadsafe``, and a
 wait on a caller's ``stop`` (an ``asyncio.Event``) wakes on either event, without polling.
-While a ``dequeue`` is parked, the observer thread submits its claim to the executor
-directly, and the loop is woken once, with the claim done.
+While a ``dequeue`` is parked, the observer thread hands its claim to the reader's own
+claimer thread (the sync reader's single hop), and the loop is woken once, with the claim
+done; the parked task resumes in that very loop callback.
 
 Callbacks (``with_entry``, ``reader.iter``...) may be plain functions or coroutine
 functions. A coroutine function runs on the loop and gets an ``AsyncDataFile``; a plain
@@ -642,9 +643,12 @@ class _Claimer:
                 result = call.run()
             except BaseException as e:  # handed to the awaiting task
                 cf.set_exception(e)
+                done()
             else:
+                # Wake the loop first: a result for the parked dequeue is in ``call``
+                # already, and completing ``cf`` overlaps with the loop waking up.
+                done()
                 cf.set_result(result)
-            done()
 
     def stop(self) -> None:
         """Let the claim in progress (and any queued) finish, then end the thread."""
@@ -915,8 +919,8 @@ class AsyncQueueReader(Generic[T]):
         return self.spool._co(co), busy
 
     # A dequeue parked waiting "arms" the reader: the observer thread's next wake then
-    # submits the claim to the executor itself, saving the loop's round trip between the
-    # event and the claim (wake latency). The parked dequeue collects that call.
+    # hands the claim to the claimer thread itself, saving the loop's round trip between
+    # the event and the claim (wake latency). The parked dequeue collects that call.
     def _on_event(self) -> bool:
         """Observer thread, on every wake. True if it submitted the parked dequeue's claim:
         the loop is then woken once that claim is done, not now."""
@@ -996,8 +1000,12 @@ class AsyncQueueReader(Generic[T]):
             if pre is not None:
                 call, cf = pre
                 try:
-                    # Usually done already: the loop was woken by its completion.
-                    raw, _ = cf.result() if cf.done() else await _bridge(cf, loop)
+                    with call.lock:  # handed and result are set together
+                        handed, result = call.handed, call.result
+                    if handed:  # usual: the loop was woken by its completion
+                        raw = result[0]
+                    else:
+                        raw, _ = cf.result() if cf.done() else await _bridge(cf, loop)
                 except asyncio.CancelledError:
                     self.spool._drop(call, cf)
                     raise
