@@ -169,7 +169,10 @@ class QueueReader(Generic[T]):
         while pending and not self._closed:
             name = pending.pop()
             try:
-                co = self.spool._claim(self.queue, name, busy_wait=BUSY_SPIN, raise_busy=True)
+                # Alone, a busy lock is an enqueuer finishing: worth a short spin. Among
+                # competing readers it is a rival about to take the entry: move on.
+                spin = BUSY_SPIN if self._loss_rate <= LOSS_RATE_SKIP else 0.0
+                co = self.spool._claim(self.queue, name, busy_wait=spin, raise_busy=True)
             except _Busy:
                 self._busy_seen = True
                 self._skip_ahead(pending)
