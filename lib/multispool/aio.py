@@ -607,11 +607,11 @@ class AsyncCheckedOutEntry(Generic[T]):
 
 class _Claimer:
     """A reader's own thread for the claims the observer thread starts for a parked
-    ``dequeue`` (see ``AsyncQueueReader._on_event``). The executor would do, but a thread
-    blocked on a queue costs the hand-off less bookkeeping on both sides (no work item,
-    no idle-thread accounting, no in-flight set), and the observer thread and the claim
-    hold the GIL for less time: measured, it shortens the wake path. It never blocks the
-    executor: a parked dequeue occupies no executor thread."""
+    ``dequeue`` (see ``AsyncQueueReader._on_event``): the sync reader's one hop. Unlike
+    the executor, it is never busy with other work when an entry lands (a wake claim
+    never queues behind other disk operations), a hand-off costs less bookkeeping on the
+    observer thread (no work item, no idle-thread accounting, no in-flight set), and it
+    wakes the loop before completing its future. A parked dequeue occupies no thread."""
 
     __slots__ = ("_jobs", "_lock", "_stopped", "_thread")
 
