@@ -650,3 +650,48 @@ def test_fuse_mount_is_polled_and_sees_changes_made_through_another_mount(
             src.write_text("x")
             os.rename(src, m1 / "queue" / "entry")
             assert rec.wait(), "no wake for an entry renamed in through the other mount"
+
+
+def inotify_masks() -> list[int]:
+    """The kernel masks of every inotify watch this process holds (from fdinfo)."""
+    masks = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("inotify wd:"):
+                            field = next(x for x in line.split() if x.startswith("mask:"))
+                            masks.append(int(field[5:], 16))
+    return masks
+
+
+@pytest.mark.skipif(not IS_LINUX, reason="inotify masks are Linux-only")
+def test_departures_stay_out_of_the_kernel_mask_until_a_subscriber_wants_them(
+    queue: Path, outside: Path
+) -> None:
+    """A consumer's own claims (renames out of the queue) must not wake the observer
+    thread at all when no subscriber asks for departures; one that asks widens the watch
+    and then hears them."""
+    if not _watch._has_inotify_fd():
+        pytest.skip("needs the InotifyFD backend (watchdog >= 7)")
+    moved_from, deleted = 0x40, 0x200
+    (queue / "a").write_text("x")
+    (queue / "b").write_text("x")
+    readers, watcher = Recorder(), Recorder()
+    with subscribe(queue, readers, "native", departures=False):
+        (mask,) = inotify_masks()
+        assert mask & (moved_from | deleted) == 0
+        with subscribe(queue, watcher, "native", departures=True):
+            (mask,) = inotify_masks()
+            assert mask & moved_from and mask & deleted
+            os.rename(queue / "a", queue / ".checkout" / "a")
+            assert watcher.wait()
+            drop_in(outside, queue, "new")  # both hear arrivals, on the widened watch
+            assert readers.wait()
+            assert watcher.wait()
+            assert len(readers.times) == 1  # the departure did not wake the reader
+        os.rename(queue / "b", queue / ".checkout" / "b")
+        drop_in(outside, queue, "new2")
+        assert readers.wait()
+    assert inotify_masks() == []

@@ -428,8 +428,14 @@ def _subscribe(
             backend = _new_backend(key)
             _state.backends[key] = backend
         entry = backend.entries.get(path)
-        if entry is None or entry.stale:
-            entry = _Entry(backend, path)
+        if entry is not None and not entry.stale and departures and not entry.departures:
+            try:
+                backend.widen(entry)
+            except BaseException as exc:
+                error = exc
+                entry = None
+        elif entry is None or entry.stale:
+            entry = _Entry(backend, path, departures=departures)
             try:
                 backend.add(entry)
             except BaseException as exc:
@@ -472,6 +478,9 @@ class _Entry:
     # The kernel already dropped the watch; do not remove it again.
     gone: bool = False
     handle: object = None
+    # Whether the watch asks for departures at all. Readers do not want them, and a
+    # consumer's own claim is one: left out of the kernel mask, it wakes no thread.
+    departures: bool = True
 
     def notify(self, *, departure: bool) -> None:
         for sub in self.subs:
@@ -508,6 +517,10 @@ class _Backend:
 
     def _watch(self, entry: _Entry) -> None:
         raise NotImplementedError
+
+    def widen(self, entry: _Entry) -> None:
+        """Make `entry`'s watch report departures too (under _state.lock)."""
+        entry.departures = True
 
     def _unwatch(self, entry: _Entry) -> None:
         """Remove the watch if it is still there; idempotent."""
@@ -570,10 +583,11 @@ _IN_ONLYDIR: Final = 0x01000000
 _IN_ARRIVAL: Final = _IN_CREATE | _IN_MOVED_TO | _IN_CLOSE_WRITE
 _IN_DEPARTURE: Final = _IN_DELETE | _IN_MOVED_FROM
 _IN_SELF: Final = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT
-# Departures are always in the kernel mask and filtered per subscription: one watch
-# serves both the subscribers that want them and those that do not. Without
-# IN_MOVED_FROM in a grouper nothing is delayed, so watching it costs only the wake.
+# Departures are in the kernel mask only while some subscriber of the directory wants
+# them (then filtered per subscription). Without IN_MOVED_FROM in a grouper nothing is
+# delayed, so watching it costs only the wake, but that wake is per claim.
 _IN_MASK: Final = _IN_ARRIVAL | _IN_DEPARTURE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
+_IN_MASK_ARRIVALS: Final = _IN_MASK & ~_IN_DEPARTURE
 
 
 class _InotifyBackend(_Backend):
@@ -593,7 +607,8 @@ class _InotifyBackend(_Backend):
             self._fd = fd
         target = _InotifyTarget(entry)
         id_ = CallbackId(next(self._ids))
-        wd = self._fd.add_callback(os.fsencode(entry.path), Mask(_IN_MASK), target, id_)
+        mask = _IN_MASK if entry.departures else _IN_MASK_ARRIVALS
+        wd = self._fd.add_callback(os.fsencode(entry.path), Mask(mask), target, id_)
         if wd == -1:
             # watchdog 7.1 returns -1 instead of raising for EACCES.
             self._fd.remove_callbacks([(wd, id_)])
@@ -604,6 +619,16 @@ class _InotifyBackend(_Backend):
         handle, entry.handle = entry.handle, None
         if self._fd is not None and not entry.gone and isinstance(handle, tuple):
             self._fd.remove_callbacks([handle])
+
+    def widen(self, entry: _Entry) -> None:
+        # inotify_add_watch on a watched directory replaces the watch's mask: register
+        # the wider one first, then drop the old callback, so no event falls in a gap
+        # (in between, both callbacks fire: a harmless double wake).
+        old = entry.handle
+        entry.departures = True
+        self._watch(entry)
+        if self._fd is not None and isinstance(old, tuple):
+            self._fd.remove_callbacks([old])
 
     def shutdown(self) -> None:
         fd, self._fd = self._fd, None
