@@ -23,8 +23,6 @@ def _open(path: str, polling_interval: float = 1.0) -> tuple[Any, Any]:
         transport_options={
             "data_folder_in": path,
             "data_folder_out": path,
-            # kombu keeps its exchange table in ./control by default (the cwd)
-            "control_folder": path + "/control",
             "polling_interval": polling_interval,
         },
     )
