@@ -304,7 +304,7 @@ def test_iter_with_sync_and_async_callbacks(tmp_path: Path) -> None:
             async with spool.reader(Queue.QUEUE1) as r1:
                 await r1.iter_available(sync_f)
             assert where == ["executor"] * 4
-            assert [e.name for e in await spool.list(Queue.QUEUE2)] == [f"{i:06d}" for i in range(4)]
+            assert [e.name for e in await spool.list(Queue.QUEUE2)] == [f"None{i:06d}" for i in range(4)]
 
             stop = asyncio.Event()
             async with spool.reader(Queue.QUEUE2, rescan_interval=NO_RESCAN) as r2:
@@ -314,7 +314,7 @@ def test_iter_with_sync_and_async_callbacks(tmp_path: Path) -> None:
                 await asyncio.wait_for(task, 5)
             assert where[4:] == ["loop"] * 4
             names3 = [e.name for e in await spool.list(Queue.QUEUE3)]
-            assert names3 == ["000000", "000001", "000002"]
+            assert names3 == ["None000000", "None000001", "None000002"]
 
             # iter with a sync callback waits for events too, and stops on `stop`.
             stop = asyncio.Event()
@@ -455,7 +455,7 @@ def test_cancel_dequeue_in_executor_gives_entry_back(tmp_path: Path, block_at: i
                 await co.release()
 
     run(main)
-    assert check_settled(path, sp)["queue1"] == {"000000"}
+    assert check_settled(path, sp)["queue1"] == {"None000000"}
 
 
 def test_cancel_after_claim_finished_but_before_task_resumed(tmp_path: Path) -> None:
@@ -481,7 +481,7 @@ def test_cancel_after_claim_finished_but_before_task_resumed(tmp_path: Path) -> 
                 await task
 
     run(main)
-    assert check_settled(path, sp)["queue1"] == {"000000"}
+    assert check_settled(path, sp)["queue1"] == {"None000000"}
 
 
 def test_cancel_while_waiting_claims_nothing(tmp_path: Path) -> None:
@@ -502,7 +502,7 @@ def test_cancel_while_waiting_claims_nothing(tmp_path: Path) -> None:
             await co.release()
 
     run(main)
-    assert check_settled(path, sp)["queue1"] == {"000000"}
+    assert check_settled(path, sp)["queue1"] == {"None000000"}
 
 
 @pytest.mark.parametrize("block_at", [1, 2], ids=["while-listing", "while-claiming"])
@@ -532,7 +532,7 @@ def test_cancel_parked_dequeue_while_its_wake_claim_runs(tmp_path: Path, block_a
             await co.release()
 
     run(main)
-    assert check_settled(path, sp)["queue1"] == {"000000"}
+    assert check_settled(path, sp)["queue1"] == {"None000000"}
 
 
 def test_parked_dequeue_wake_claim_needs_no_executor_thread(tmp_path: Path) -> None:
@@ -559,7 +559,7 @@ def test_parked_dequeue_wake_claim_needs_no_executor_thread(tmp_path: Path) -> N
             await co.release()
 
     run(main)
-    assert check_settled(path, sp)["queue1"] == {"000000"}
+    assert check_settled(path, sp)["queue1"] == {"None000000"}
 
 
 def test_wake_from_a_handle_resumes_parked_dequeue_in_the_same_loop_pass(tmp_path: Path) -> None:
@@ -601,7 +601,7 @@ def test_cancel_checkout_in_executor(tmp_path: Path) -> None:
             await _cancel_when_gated(asyncio.ensure_future(spool.checkout(e)), gate)
 
     run(main)
-    assert check_settled(path, sp)["queue1"] == {"000000"}
+    assert check_settled(path, sp)["queue1"] == {"None000000"}
 
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
@@ -637,7 +637,7 @@ def test_cancel_inside_iter_callback(tmp_path: Path, kind: str) -> None:
     # A cancelled async callback gives the entry back; a sync one, already running in the
     # executor, completes and its action is applied.
     where = check_settled(path, sp)
-    assert where["queue1" if kind == "async" else "queue2"] == {"000000"}
+    assert where["queue1" if kind == "async" else "queue2"] == {"None000000"}
 
 
 @pytest.mark.parametrize("op", ["save", "remove", "release", "enqueue"])
@@ -667,10 +667,10 @@ def test_cancelled_save_remove_release_enqueue_complete(tmp_path: Path, op: str)
     run(main)
     where = check_settled(path, sp)
     expected = {
-        "save": {"queue2": {"000000"}},
+        "save": {"queue2": {"None000000"}},
         "remove": {},
-        "release": {"queue1": {"000000"}},
-        "enqueue": {"queue1": {"000000"}, "queue3": {"000001"}},
+        "release": {"queue1": {"None000000"}},
+        "enqueue": {"queue1": {"None000000"}, "queue3": {"None000001"}},
     }[op]
     assert {q: names for q, names in where.items() if names} == expected
 
@@ -697,7 +697,7 @@ def test_save_cancelled_while_queued_behind_other_work_still_happens(tmp_path: P
             assert await busy == []
 
     run(main)
-    assert check_settled(path, sp)["queue2"] == {"000000"}
+    assert check_settled(path, sp)["queue2"] == {"None000000"}
 
 
 # -- another process ------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_enqueue_use_name_reserved_by_a_live_process(spool: multispool.Spool[byt
 def test_enqueue_reserve_seed(spool: multispool.Spool[bytes]) -> None:
     names = [spool.enqueue(Queue.QUEUE1, Cog(n=i), b"", reserve="s_").name for i in range(3)]
     assert names == ["s_000000", "s_000001", "s_000002"]
-    assert spool.enqueue(Queue.QUEUE1, Cog(n=1), b"").name == "000000"  # seed None
+    assert spool.enqueue(Queue.QUEUE1, Cog(n=1), b"").name == "None000000"  # API: f"{seed}{attempt:06d}"
 
 
 # -- enqueue cleanup ----------------------------------------------------------------------

@@ -629,3 +629,10 @@ def test_durations_accept_seconds_and_timedelta(spool: multispool.Spool[bytes]) 
     assert (Path(spool.dir) / ".registry" / name).exists()
     with pytest.raises(TypeError):
         spool.clean_abandoned(older_than="10")  # type: ignore[arg-type]
+
+
+def test_prefix_names_is_exactly_the_api_formula() -> None:
+    g = multispool.PrefixNames()
+    for seed in ("q1_co_test_", "", None, 7):
+        for attempt in (0, 1, 42, 999_999):
+            assert g.next(seed, attempt) == f"{seed}{attempt:06d}"

@@ -115,7 +115,8 @@ class PrefixNames:
     """``next(seed, attempt) == f"{seed}{attempt:06d}"`` (the OCaml test generator)."""
 
     def next(self, seed: Any, attempt: int) -> str:
-        return f"{'' if seed is None else seed}{attempt:06d}"
+        # Exactly API.md's formula, also for seed=None ("None000000"): give a seed.
+        return f"{seed}{attempt:06d}"
 
     def __repr__(self) -> str:
         return "PrefixNames()"
