@@ -24,6 +24,8 @@ _DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
 O_READ: Final = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _BINARY
 O_CREATE_EXCL: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
 O_CREATE_TRUNC: Final = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC | _BINARY
+# An existing file opened for writing in place (a registry file's schedule record).
+O_WRITE_EXISTING: Final = os.O_WRONLY | getattr(os, "O_NONBLOCK", 0) | _NOFOLLOW | _CLOEXEC | _BINARY
 
 if sys.platform == "darwin":  # pragma: no cover - macOS only
     import fcntl
@@ -285,11 +287,30 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
 def open_locked(path: str) -> int | None:
     """Open an existing registry file and lock it. None if it does not exist, another
     process holds it, or it was unlinked while we took the lock (a stale inode)."""
+    r = open_locked_sized(path)
+    return None if r is None else r[0]
+
+
+def open_locked_sized(path: str) -> tuple[int, int] | None:
+    """As ``open_locked``, also giving the file's size from the fstat that checks the
+    inode is still linked (the size says whether a schedule record is there)."""
     try:
         fd = os.open(path, O_READ)
     except FileNotFoundError:
         return None
-    return _keep_if_locked(fd)
+    try:
+        if not try_lock(fd):
+            os.close(fd)
+            return None
+        st = os.fstat(fd)
+        if HAVE_LOCKS and st.st_nlink == 0:
+            os.close(fd)
+            return None
+    except BaseException:
+        os.close(fd)
+        raise
+    _held.add(fd)
+    return fd, st.st_size
 
 
 def _keep_if_locked(fd: int) -> int | None:

@@ -8,7 +8,9 @@ delays an entry by at most that interval and never loses it.
 from __future__ import annotations
 
 import enum
+import heapq
 import logging
+import os
 import random
 import threading
 import time
@@ -17,7 +19,8 @@ from typing import Any, ClassVar, Final, Generic, TypeVar
 
 from . import _watch
 from ._errors import CorruptEntryError, NotASpoolError
-from ._spool import CheckedOutEntry, DataFile, Save, Spool, _Busy
+from ._schedule import Backoff
+from ._spool import CheckedOutEntry, DataFile, Save, Spool, _Busy, _NotDue
 from ._spoolable import Duration, seconds
 
 log = logging.getLogger("multispool")
@@ -40,6 +43,15 @@ BUSY_SPIN: Final = 0.002
 # competing claimer about to rename), look again after this, doubling up to the cap.
 BUSY_RETRY_FIRST: Final = 0.0005
 BUSY_RETRY_MAX: Final = 0.1
+# A cached due time is trusted without looking at the entry again while its queue file
+# keeps its inode (every path in this library that makes a due time earlier gives the
+# queue file a new one), and re-checked after this long anyway, in case some other tool
+# re-queued it earlier while keeping the inode.
+DUE_RECHECK: Final = 300.0
+# A directory whose mtime is at least this much older than the start of our last
+# listing cannot have changed since without its mtime changing (filesystem timestamps
+# come from a coarse clock: a few ms at most behind).
+MTIME_MARGIN: Final = 0.1
 
 Callback = Callable[[Any, DataFile[Any]], "Save | object"]
 
@@ -120,6 +132,19 @@ class QueueReader(Generic[T]):
         self._busy_seen = False
         self._busy_delay = BUSY_RETRY_FIRST
         self._loss_rate = 0.0
+        # Delayed entries seen not due: name -> (queue file inode, due, recheck after),
+        # and a heap of (due, name) to find the earliest (stale items skipped lazily).
+        # Names in the cache are not claimed again until due, so a queue full of delayed
+        # entries costs one listing per wake, not a lock and a read per entry.
+        self._not_due: dict[str, tuple[int, float, float]] = {}
+        self._due_heap: list[tuple[float, str]] = []
+        # (st_ino, st_mtime_ns) of the queue dir and the wall time our last listing
+        # started: lets a timer wake skip re-listing a directory that has not changed.
+        self._dir_stamp: tuple[int, int] | None = None
+        self._listed_at = 0.0
+        # False once a name of the last listing was left for later (busy, unreadable,
+        # skipped ahead): then only a fresh listing finds it again.
+        self._clean_pass = False
         if recover:
             spool.recover_checkouts(queue)
             spool.clean_abandoned()
@@ -158,11 +183,86 @@ class QueueReader(Generic[T]):
         # sets it again, so the next wait returns at once instead of missing the entry.
         self._wake.clear()
         try:
-            names = self.spool._list_names(self._qdir)
+            names = self._list_due() if self._not_due else self.spool._list_names(self._qdir)
         except FileNotFoundError:
             raise NotASpoolError("queue directory disappeared", self._qdir) from None
         names.sort(reverse=True)
         self._pending = names
+        self._clean_pass = True
+
+    def _list_due(self) -> list[str]:
+        """The names of a listing, leaving out those cached as not due yet (same inode,
+        due in the future, not up for a re-check); forgets names no longer listed."""
+        now = time.time()
+        cache = self._not_due
+        kept: dict[str, tuple[int, float, float]] = {}
+        names: list[str] = []
+        self._listed_at = now
+        with self.spool.spoolable.throttled():
+            st = os.stat(self._qdir)
+            self._dir_stamp = (st.st_ino, st.st_mtime_ns)
+            with os.scandir(self._qdir) as it:
+                for e in it:
+                    n = e.name
+                    if n[0] == ".":
+                        continue
+                    c = cache.get(n)
+                    if c is not None and c[1] > now and c[2] > now and c[0] == e.inode():
+                        kept[n] = c
+                        continue
+                    names.append(n)
+        self._not_due = kept
+        if len(self._due_heap) > 2 * len(kept) + 64:
+            self._due_heap = [(c[1], n) for n, c in kept.items()]
+            heapq.heapify(self._due_heap)
+        return names
+
+    def _note_not_due(self, e: _NotDue) -> None:
+        self._not_due[e.name] = (e.ino, e.due, time.time() + DUE_RECHECK)
+        heapq.heappush(self._due_heap, (e.due, e.name))
+
+    def _next_due(self) -> float | None:
+        """The earliest cached due time (POSIX time), or None."""
+        heap = self._due_heap
+        cache = self._not_due
+        while heap:
+            due, name = heap[0]
+            c = cache.get(name)
+            if c is not None and c[1] == due:
+                return due
+            heapq.heappop(heap)  # stale: re-cached with another time, or forgotten
+        return None
+
+    def _take_matured(self) -> bool:
+        """Move cached names that are due now into the pending list (no listing needed:
+        the timer that woke us was set for them). True if there were any."""
+        now = time.time()
+        heap = self._due_heap
+        cache = self._not_due
+        matured: list[str] = []
+        while heap and heap[0][0] <= now:
+            due, name = heapq.heappop(heap)
+            c = cache.get(name)
+            if c is not None and c[1] == due:
+                del cache[name]
+                matured.append(name)
+        if not matured:
+            return False
+        matured.sort(reverse=True)
+        self._pending = matured
+        return True
+
+    def _dir_unchanged(self) -> bool:
+        """True if the queue directory provably has not changed since our last listing
+        (native observer only: remote filesystems may cache directory attributes)."""
+        stamp = self._dir_stamp
+        if stamp is None or not self._clean_pass or self.observer != "native":
+            return False
+        try:
+            st = os.stat(self._qdir)
+        except OSError:
+            return False
+        return (st.st_ino, st.st_mtime_ns) == stamp and st.st_mtime < self._listed_at - MTIME_MARGIN
 
     def _take_pending(self) -> CheckedOutEntry[T] | None:
         pending = self._pending
@@ -172,9 +272,13 @@ class QueueReader(Generic[T]):
                 # Alone, a busy lock is an enqueuer finishing: worth a short spin. Among
                 # competing readers it is a rival about to take the entry: move on.
                 spin = BUSY_SPIN if self._loss_rate <= LOSS_RATE_SKIP else 0.0
-                co = self.spool._claim(self.queue, name, busy_wait=spin, raise_busy=True)
+                co = self.spool._claim(self.queue, name, busy_wait=spin, raise_busy=True, when_due=True)
+            except _NotDue as e:
+                self._note_not_due(e)
+                continue
             except _Busy:
                 self._busy_seen = True
+                self._clean_pass = False
                 self._skip_ahead(pending)
                 continue
             except CorruptEntryError as e:
@@ -184,6 +288,7 @@ class QueueReader(Generic[T]):
             except PermissionError as e:
                 # This one entry cannot be read now; it is back in its queue untouched.
                 log.warning("multispool: skipping %s/%s: %s", self._qdir, name, e)
+                self._clean_pass = False
                 continue
             if co is not None:
                 self._busy_delay = BUSY_RETRY_FIRST
@@ -199,14 +304,26 @@ class QueueReader(Generic[T]):
             skip = random.randrange(len(pending) // 2 + 1)
             if skip:
                 del pending[len(pending) - skip :]
+                self._clean_pass = False
 
     def dequeue_available(self) -> CheckedOutEntry[T] | None:
-        """The next entry if one can be claimed now, else None. Never waits."""
+        """The next entry that is due and can be claimed now, else None. Never waits."""
         co = self._take_pending()
+        if co is None and not self._closed and self._due_heap and self._take_matured():
+            co = self._take_pending()
         if co is None and not self._closed:
+            if self._not_due and not self._wake.is_set() and self._dir_unchanged():
+                return None  # nothing new: only delayed entries, none due yet
             self._relist()
             co = self._take_pending()
         return co
+
+    def _due_wait(self, wait: float) -> float:
+        """``wait`` shortened to end when the earliest cached delayed entry is due."""
+        due = self._next_due()
+        if due is not None:
+            wait = min(wait, max(due - time.time(), 0.0))
+        return wait
 
     def dequeue(
         self, stop: threading.Event | None = None, timeout: Duration | None = None
@@ -229,6 +346,7 @@ class QueueReader(Generic[T]):
                 self._busy_seen = False
                 wait = self._busy_delay
                 self._busy_delay = min(self._busy_delay * 2, BUSY_RETRY_MAX)
+            wait = self._due_wait(wait)
             if deadline is not None:
                 wait = min(wait, deadline - now)
             self._wait(wait, stop)
@@ -253,22 +371,36 @@ class QueueReader(Generic[T]):
             yield co
 
     # -- processing -----------------------------------------------------------------------
-    def _process(self, co: CheckedOutEntry[T], f: Callback) -> None:
+    def _process(self, co: CheckedOutEntry[T], f: Callback, on_error: Backoff | None = None) -> None:
         try:
-            Spool._finish(co, f(co.contents, co.data_file))
+            action = f(co.contents, co.data_file)
+        except Exception as e:
+            if on_error is not None and Spool._on_failure(co, on_error, e):
+                return
+            co.release()
+            raise
+        except BaseException:
+            co.release()
+            raise
+        try:
+            Spool._finish(co, action)
         except BaseException:
             co.release()
             raise
 
-    def iter(self, f: Callback, stop: threading.Event | None = None) -> None:
-        """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
-        are left, wait for new ones, until ``stop`` is set (or the reader is closed). If
-        ``f`` raises, that entry goes back unchanged and the exception propagates."""
+    def iter(self, f: Callback, stop: threading.Event | None = None, on_error: Backoff | None = None) -> None:
+        """Process entries with ``f(metadata, data_file) -> Save(...) | Retry(...) |
+        REMOVE``; when none are left, wait for new ones (and for delayed ones to become
+        due), until ``stop`` is set (or the reader is closed). If ``f`` raises: with
+        ``on_error=None`` that entry goes back unchanged and the exception propagates;
+        with a Backoff policy the exception is logged, the entry retried later or
+        dead-lettered by the policy, and ``iter`` goes on."""
+        policy = self.spool._check_policy(on_error)
         while True:
             co = self.dequeue(stop=stop)
             if co is None:
                 return
-            self._process(co, f)
+            self._process(co, f, policy)
 
     def iter_available(self, f: Callback) -> None:
         """Process the entries present in one fresh listing of the queue, then return."""
