@@ -145,6 +145,9 @@ class QueueReader(Generic[T]):
         # False once a name of the last listing was left for later (busy, unreadable,
         # skipped ahead): then only a fresh listing finds it again.
         self._clean_pass = False
+        # The earliest cached due time after the last dequeue_available that found
+        # nothing (read by the asyncio reader's loop thread; a float is set atomically).
+        self.earliest_due: float | None = None
         if recover:
             spool.recover_checkouts(queue)
             spool.clean_abandoned()
@@ -313,9 +316,12 @@ class QueueReader(Generic[T]):
             co = self._take_pending()
         if co is None and not self._closed:
             if self._not_due and not self._wake.is_set() and self._dir_unchanged():
+                self.earliest_due = self._next_due()
                 return None  # nothing new: only delayed entries, none due yet
             self._relist()
             co = self._take_pending()
+        if co is None:
+            self.earliest_due = self._next_due()
         return co
 
     def _due_wait(self, wait: float) -> float:
