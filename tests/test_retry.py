@@ -246,6 +246,31 @@ def test_due_order_across_processes(spool: multispool.Spool[bytes]) -> None:
         assert got == ["c", "b", "a"]
 
 
+# -- Monitor ----------------------------------------------------------------------------
+
+
+def test_monitor_counts_queue_age_from_due_time(spool: multispool.Spool[bytes]) -> None:
+    """A delayed entry is not TooOld before it is due; once due, its age counts from then."""
+    d = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="d", delay=3600)
+    p = spool.enqueue(Queue.QUEUE1, Cog(2), b"x", reserve="p")
+    past = time.time() - 100
+    for e in (d, p):
+        q = spool._layout.queue_file("queue1", e.name)
+        os.utime(q, (past, past))
+    limits = multispool.Limits(max_queue_ages={Queue.QUEUE1: 10})
+    problems = multispool.Monitor(spool.dir, spool.spoolable, limits).run_once()
+    assert [(type(x).__name__, x.file.filename) for x in problems] == [("TooOld", p.name)]
+    # Due 50 s ago (after its mtime): 50 s old, over a 10 s limit, under a 60 s one.
+    with spool.checkout(d) as co:
+        co._move(Queue.QUEUE1, co.contents, time.time() - 50, 0)
+    os.utime(spool._layout.queue_file("queue1", d.name), (past, past))
+    problems = multispool.Monitor(spool.dir, spool.spoolable, limits).run_once()
+    assert sorted(x.file.filename for x in problems) == [d.name, p.name]
+    limits = multispool.Limits(max_queue_ages={Queue.QUEUE1: 60})
+    problems = multispool.Monitor(spool.dir, spool.spoolable, limits).run_once()
+    assert [x.file.filename for x in problems] == [p.name]
+
+
 # -- Backoff ------------------------------------------------------------------------------
 
 

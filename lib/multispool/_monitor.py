@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
-from . import _fs
+from . import _fs, _schedule
 from ._layout import CHECKOUT, REGISTRY, TMP, Dir, Layout
 from ._spool import Spool
 from ._spoolable import Duration, Spoolable, seconds
@@ -187,6 +187,14 @@ class Limits:
         object.__setattr__(self, "max_queue_ages", MappingProxyType(ages))
 
 
+def _due(registry_file: str) -> float:
+    """The due time in an entry's schedule record (0.0: due now, or unreadable)."""
+    try:
+        return _schedule.read_path(registry_file).due
+    except OSError:
+        return 0.0
+
+
 def _lstat_mtime(path: str) -> float | None:
     try:
         return os.lstat(path).st_mtime
@@ -261,10 +269,14 @@ class Monitor:
         data = _Listing(lay.data, stat=False)
         reg = _Listing(lay.registry, stat=False).names
 
-        def too_old(listing: _Listing, d: Dir, limit: float) -> None:
+        def too_old(listing: _Listing, d: Dir, limit: float, queued: bool = False) -> None:
             for name, e in listing.entries.items():
                 m = listing.mtime(e)
                 if m is not None and now - m > limit:
+                    # A delayed entry waits on purpose: its age in the queue counts from
+                    # its due time (read only for entries that look too old).
+                    if queued and now - max(m, _due(lay.registry_file(name))) <= limit:
+                        continue
                     problems.append(TooOld(FileWithMtime(name, m), d))
 
         def orphans(listing: _Listing, d: Dir, dir_path: str) -> None:
@@ -285,7 +297,7 @@ class Monitor:
             else:
                 limit = lim.max_queue_ages.get(d.queue_member)
                 if limit is not None:
-                    too_old(listing, d, limit)
+                    too_old(listing, d, limit, queued=True)
             orphans(listing, d, path)
 
         # Registry files in no queue/checkout dir, or in several.
