@@ -271,6 +271,40 @@ def test_monitor_counts_queue_age_from_due_time(spool: multispool.Spool[bytes]) 
     assert [x.file.filename for x in problems] == [p.name]
 
 
+# -- command line -----------------------------------------------------------------------
+
+
+def test_cli_due_attempts_and_delayed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from multispool.cli import main, make_spoolable
+
+    d = str(tmp_path / "sp")
+    assert main(["init", d, "--queue", "in", "--queue", "dead"]) == 0
+    assert main(["enqueue", d, "in", "--metadata", "1", "--delay", "1h"]) == 0
+    assert main(["enqueue", d, "in", "--metadata", "2"]) == 0
+    capsys.readouterr()
+    spool = multispool.Spool.load(d, make_spoolable(["in", "dead"]))
+    q_in = spool.spoolable.queues("in")
+    delayed, plain = spool.list(q_in)
+    with spool.checkout(plain) as co:  # two counted failures, due now again
+        co._move(q_in, co.contents, 0.0, 2)
+    assert main(["ls", d, "in", "--json"]) == 0
+    items = {i["name"]: i for i in json.loads(capsys.readouterr().out)}
+    assert 3500 < items[delayed.name]["due"] - time.time() <= 3600
+    assert items[delayed.name]["attempts"] == 0
+    assert items[plain.name]["due"] is None and items[plain.name]["attempts"] == 2
+    assert main(["ls", d, "in"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "AGE", "DUE", "ATTEMPTS"]
+    rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
+    assert rows[delayed.name][2:5] == ["in", "60.0m", "0"] or rows[delayed.name][2:5] == ["in", "59.9m", "0"]
+    assert rows[plain.name][2:4] == ["-", "2"]
+    assert main(["status", d, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["in"]["delayed"] == 1 and st["in"]["entries"] == 2 and st["dead"]["delayed"] == 0
+
+
 # -- Backoff ------------------------------------------------------------------------------
 
 

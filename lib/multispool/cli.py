@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TextIO
 
 import msgspec
 
-from . import _fs
+from . import _fs, _schedule
 from ._errors import SpoolError
 from ._layout import REGISTRY, TMP, Dir, Layout, check_queue_dirname
 from ._monitor import (
@@ -180,6 +180,27 @@ def _scan(path: str, with_mtime: bool) -> dict[str, float]:
     return out
 
 
+def _schedules(lay: Layout) -> dict[str, _schedule.Schedule]:
+    """Schedule records of delayed or retried entries (non-empty registry files): one
+    pass over .registry, a record read only where there is one."""
+    out: dict[str, _schedule.Schedule] = {}
+    with os.scandir(lay.registry) as it:
+        for e in it:
+            if e.name[0] == ".":
+                continue
+            try:
+                if e.stat(follow_symlinks=False).st_size == 0:
+                    continue
+                out[e.name] = _schedule.read_path(lay.registry_file(e.name))
+            except FileNotFoundError:
+                continue
+    return out
+
+
+def _fmt_due(now: float, due: float | None) -> str:
+    return "-" if due is None else "in " + _fmt_age(due - now)
+
+
 # -- subcommands ---------------------------------------------------------------------------
 def cmd_init(a: argparse.Namespace) -> int:
     queues = list(dict.fromkeys(a.queue))
@@ -194,16 +215,24 @@ def cmd_init(a: argparse.Namespace) -> int:
 
 
 def queue_status(spool: Spool[Any, bytes]) -> dict[str, dict[str, Any]]:
-    """Per queue: waiting entries, checkouts, age of the oldest waiting entry (None if empty)."""
+    """Per queue: waiting entries, checkouts, age of the oldest waiting entry (None if
+    empty), and how many of the waiting entries are delayed (not due yet)."""
     lay = Layout(spool.dir)
     now = time.time()
+    scheds = _schedules(lay)
     out: dict[str, dict[str, Any]] = {}
     for q in spool.spoolable.queues:
         dn = str(q.value)
         waiting = _scan(lay.queue(dn), with_mtime=True)
         checkouts = _scan(lay.checkout(dn), with_mtime=False)
         oldest = _age(now, min(waiting.values())) if waiting else None
-        out[dn] = {"entries": len(waiting), "checkouts": len(checkouts), "oldest_age": oldest}
+        delayed = sum(1 for n, s in scheds.items() if s.due > now and n in waiting)
+        out[dn] = {
+            "entries": len(waiting),
+            "checkouts": len(checkouts),
+            "oldest_age": oldest,
+            "delayed": delayed,
+        }
     return out
 
 
@@ -212,9 +241,10 @@ def cmd_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st))
         return 0
-    rows = [["QUEUE", "ENTRIES", "CHECKOUTS", "OLDEST"]]
+    rows = [["QUEUE", "ENTRIES", "CHECKOUTS", "DELAYED", "OLDEST"]]
     for dn, s in st.items():
-        rows.append([dn, str(s["entries"]), str(s["checkouts"]), _fmt_age(s["oldest_age"])])
+        counts = [str(s["entries"]), str(s["checkouts"]), str(s["delayed"])]
+        rows.append([dn, *counts, _fmt_age(s["oldest_age"])])
     _table(rows, sys.stdout)
     return 0
 
@@ -236,19 +266,31 @@ def cmd_ls(a: argparse.Namespace) -> int:
             size: int | None = os.lstat(lay.data_file(name)).st_size
         except FileNotFoundError:
             size = None
+        try:
+            sched = _schedule.read_path(lay.registry_file(name))
+        except FileNotFoundError:
+            sched = _schedule.NOW
         fmt, value = show_metadata(raw)
         items.append(
-            {"name": name, "age": _age(now, mtime), "size": size, "metadata_format": fmt, "metadata": value}
+            {
+                "name": name,
+                "age": _age(now, mtime),
+                "due": sched.due if sched.due > now else None,
+                "attempts": sched.attempts,
+                "size": size,
+                "metadata_format": fmt,
+                "metadata": value,
+            }
         )
     if a.json:
         print(json.dumps(items))
         return 0
-    rows = [["NAME", "AGE", "SIZE", "METADATA"]]
+    rows = [["NAME", "AGE", "DUE", "ATTEMPTS", "SIZE", "METADATA"]]
     for it in items:
         size_s = "-" if it["size"] is None else str(it["size"])
-        rows.append(
-            [it["name"], _fmt_age(it["age"]), size_s, _metadata_text(it["metadata_format"], it["metadata"])]
-        )
+        meta = _metadata_text(it["metadata_format"], it["metadata"])
+        due = _fmt_due(now, it["due"])
+        rows.append([it["name"], _fmt_age(it["age"]), due, str(it["attempts"]), size_s, meta])
     _table(rows, sys.stdout)
     return 0
 
@@ -268,7 +310,7 @@ def cmd_enqueue(a: argparse.Namespace) -> int:
     else:
         with open(a.data, "rb") as f:
             data = f.read()
-    entry = spool.enqueue(q, raw, data)
+    entry = spool.enqueue(q, raw, data, delay=a.delay)
     print(entry.name)
     return 0
 
@@ -532,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "msgpack"), default="json",
                    help="store the metadata as JSON (default) or MessagePack")
     p.add_argument("--data", metavar="FILE", help="data payload from FILE ('-': stdin); default empty")
+    p.add_argument("--delay", type=parse_duration, default=None, metavar="DURATION",
+                   help="no reader hands the entry out before this (e.g. 30s, 5m)")
     p.set_defaults(func=cmd_enqueue)
 
     p = add("fsck", "check a spool; exit 1 if there are problems",
