@@ -1,7 +1,10 @@
 """The on-disk layout of a spool: the one module that builds spool paths.
 
     SPOOL/.registry/NAME        name reservation; lives for the entry's whole life; its
-                                flock is the owner lock of an enqueue or a checkout
+                                flock is the owner lock of an enqueue or a checkout;
+                                empty (the OCaml layout: due now, 0 attempts) unless the
+                                entry was delayed or retried: then it holds the schedule
+                                record (due time, attempts; see _schedule)
     SPOOL/.tmp/NAME             metadata (or data) being written, before its atomic rename
     SPOOL/.data/NAME            the entry's data payload
     SPOOL/QUEUE/NAME            metadata of an entry waiting in QUEUE
@@ -18,6 +21,23 @@ follows this table):
     remove       unlink Q/.checkout/NAME, .data/NAME, .registry/NAME    -> gone
     recover      (owner dead) rename Q/.checkout/NAME -> Q/NAME         -> queued in Q
     abandon      (enqueuer dead) unlink .tmp/NAME, .data/NAME, .registry/NAME -> gone
+
+Delays and retries add no step and no file: they change the schedule record in
+``.registry/NAME``, always under the owner lock and made durable before the rename that
+publishes the move (so a crash after the rename never shows an older record):
+
+    enqueue(delay)   record written into the locked registry file before
+                     rename .tmp/NAME -> Q/NAME                         -> queued, delayed
+    checkout         readers only: a record whose due time is ahead     -> stays queued
+                     (lock released, no rename; st_size 0 = due now)
+    save(Q2, delay)  record (due, attempts 0), then the save rename     -> queued in Q2
+    retry(delay)     record (due, same attempts), rename -> Q/NAME      -> queued in Q, delayed
+    fail (Backoff)   record (due, attempts + 1), rename -> Q/NAME       -> queued in Q, delayed
+    dead-letter      record (due now, attempts + 1), rename -> DL/NAME  -> queued in DL
+    recover          record untouched: a retry decided before the crash stands
+
+A move that makes a due time still in the future earlier also rewrites Q/NAME (a new
+inode): readers cache due times keyed on the queue file's inode.
 """
 
 from __future__ import annotations

@@ -932,9 +932,11 @@ class Spool(Generic[M, D]):
             co.release()
             raise
         if dl is None:
+            # One line per retry (a flaky remote would flood the log with tracebacks);
+            # the final failure below carries the traceback.
             log.warning(
                 "multispool: %s/%s failed (attempt %d), retrying later: %r",
-                co.spool.spoolable.dirname(co.queue), co.name, attempts + 1, exc, exc_info=exc,
+                co.spool.spoolable.dirname(co.queue), co.name, attempts + 1, exc,
             )
         else:
             log.error(
