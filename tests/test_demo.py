@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from _procs import child_env, run_python
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
