@@ -53,7 +53,7 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, match: Callable[[str], 
     [("open", ".registry"), ("utime", "queue1"), ("rename", "queue1"), ("fstat", None)],
 )
 def test_estale_during_a_claim_means_the_entry_is_gone(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, call: str, where: str | None
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch, call: str, where: str | None
 ) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
     if call == "fstat":
@@ -81,7 +81,7 @@ def test_estale_during_a_claim_means_the_entry_is_gone(
 
 
 def test_estale_reading_a_fresh_checkout_gives_it_back(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
     failed = _fail_on(monkeypatch, "open", lambda p: "/.checkout/" in p, errno.ESTALE)
@@ -93,7 +93,7 @@ def test_estale_reading_a_fresh_checkout_gives_it_back(
 
 
 def test_reader_survives_estale_on_every_entry(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     names = [spool.enqueue(Queue.QUEUE1, Cog(n=1), b"%d" % i).name for i in range(4)]
     stale = {names[0], names[2]}
@@ -105,7 +105,7 @@ def test_reader_survives_estale_on_every_entry(
 
 
 def test_recovery_and_listing_treat_estale_as_gone(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
     co = spool.checkout(e)
@@ -150,7 +150,7 @@ def expire_stale_names(calls: list[tuple[str, str]]) -> None:
 
 
 def test_a_claim_whose_rename_did_nothing_is_lost(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
     spool._facts = REMOTE
@@ -167,7 +167,7 @@ def test_a_claim_whose_rename_did_nothing_is_lost(
 
 
 def test_recover_checkouts_returns_only_what_it_moved(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
     spool.checkout(e)._claim.release()  # its owner died
@@ -183,7 +183,7 @@ def test_recover_checkouts_returns_only_what_it_moved(
 
 @pytest.mark.parametrize("how", ["save", "release"])
 def test_save_and_release_retry_a_rename_that_did_nothing(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, how: str
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
     co = spool.checkout(e)
@@ -199,7 +199,7 @@ def test_save_and_release_retry_a_rename_that_did_nothing(
     assert spool.list_checkouts_unsafe(Queue.QUEUE1) == []
 
 
-def test_local_filesystems_do_not_pay_for_verification(spool: multispool.Spool[bytes]) -> None:
+def test_local_filesystems_do_not_pay_for_verification(spool: multispool.Spool[Any, bytes]) -> None:
     facts = spool._fs_facts()
     assert not facts.remote and facts.locks_shared and not facts.verify_renames, facts
 
@@ -292,3 +292,34 @@ def test_trust_locks_env_restores_lock_only_recovery_on_one_mount(
         spool1.checkout(e)._claim.release()  # its owner died
         assert spool1._fs_facts().verify_renames
         assert spool1.recover_checkouts() == [e]
+
+
+def test_close_of_a_registry_descriptor_saying_enoent_is_not_an_error(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GlusterFS: close(2) of a file unlinked meanwhile (through any client) can report
+    # ENOENT or ESTALE, though the descriptor is freed.
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    co = spool.checkout(e)
+    real_open, real_close = os.open, os.close
+    registry_fds: set[int] = set()
+
+    def fake_open(path: Any, *a: Any, **kw: Any) -> int:
+        fd = real_open(path, *a, **kw)
+        if "/.registry/" in os.fspath(path):
+            registry_fds.add(fd)
+        return fd
+
+    def fake_close(fd: int) -> None:
+        real_close(fd)
+        if fd in registry_fds:
+            registry_fds.discard(fd)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "close", fake_close)
+    assert spool.checkout_if_found(e) is None  # held by `co`: the descriptor is closed
+    registry_fds.add(co._claim.fd or -1)
+    co.remove()
+    monkeypatch.undo()
+    assert spool.list(Queue.QUEUE1) == [] and spool.list_checkouts_unsafe(Queue.QUEUE1) == []

@@ -268,11 +268,22 @@ def lock_generation() -> int:
     return _generation
 
 
+def close_lock_fd(fd: int) -> None:
+    """Close a registry file's descriptor. GlusterFS reports ENOENT or ESTALE from close
+    when the file was unlinked meanwhile (by a remove through this or another client);
+    the descriptor is freed all the same, and that lock is gone with it."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        if not gone(e):
+            raise
+
+
 def unlock(fd: int, generation: int) -> None:
     """Release a lock from create_locked/open_locked taken in ``generation``."""
     if generation == _generation:
         _held.discard(fd)
-        os.close(fd)
+        close_lock_fd(fd)
 
 
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
@@ -312,10 +323,10 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
                 # are absolute or relative to the cwd either way).
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
             except FileExistsError:
-                os.close(fd)
+                close_lock_fd(fd)
                 return None
             except BaseException:
-                os.close(fd)
+                close_lock_fd(fd)
                 raise
             _held.add(fd)
             return fd
@@ -348,15 +359,15 @@ def _keep_if_locked(fd: int) -> int | None:
     another process holds the lock or the file was unlinked meanwhile (a stale inode)."""
     try:
         if not try_lock(fd) or (HAVE_LOCKS and os.fstat(fd).st_nlink == 0):
-            os.close(fd)
+            close_lock_fd(fd)
             return None
     except OSError as e:
-        os.close(fd)
+        close_lock_fd(fd)
         if gone(e):  # unlinked through another client: ESTALE, or ENOENT from fstat
             return None
         raise
     except BaseException:
-        os.close(fd)
+        close_lock_fd(fd)
         raise
     _held.add(fd)
     return fd
