@@ -31,6 +31,7 @@ from . import _fs
 from ._errors import SpoolError
 from ._layout import REGISTRY, TMP, Dir, Layout, check_queue_dirname
 from ._monitor import (
+    DeadCheckout,
     Duplicated,
     End,
     Limits,
@@ -287,7 +288,9 @@ def _limits(a: argparse.Namespace, spool: Spool[bytes]) -> Limits:
 
 
 def problem_json(p: Problem, now: float | None = None) -> dict[str, Any]:
-    kind = {TooOld: "too_old", Orphaned: "orphaned", Duplicated: "duplicated"}[type(p)]
+    kind = {TooOld: "too_old", Orphaned: "orphaned", Duplicated: "duplicated", DeadCheckout: "dead_checkout"}[
+        type(p)
+    ]
     out: dict[str, Any] = {"kind": kind, "file": p.file.filename, "mtime": p.file.mtime}
     if now is not None:
         out["age"] = _age(now, p.file.mtime)
@@ -306,6 +309,9 @@ def problem_text(p: Problem, now: float) -> str:
         if p.dir == Dir.REGISTRY:
             return f"orphaned: {REGISTRY}/{p.file.filename} is in no queue (age {age})"
         return f"orphaned: {p.dir.name_on_disk}/{p.file.filename} has no registry file (age {age})"
+    if isinstance(p, DeadCheckout):
+        return (f"dead checkout: {p.dir.name_on_disk}/{p.file.filename} (its owner died; "
+                f"--repair or recover puts it back) (age {age})")
     dirs = ", ".join(d.name_on_disk for d in p.dirs)
     return f"duplicated: {p.file.filename} is in {dirs}"
 
