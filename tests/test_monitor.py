@@ -26,8 +26,8 @@ from multispool import (
     Orphaned,
     Start,
     TooOld,
+    _fs,
 )
-from multispool import _fs
 from multispool._monitor import _Alerter
 
 DAY = 86400.0
@@ -67,7 +67,7 @@ def owner(spool: multispool.Spool[bytes], name: str) -> Iterator[None]:
         _fs.unlock(fd, gen)
 
 
-def shape(problems: list[multispool.TooOld | Orphaned | Duplicated | DeadCheckout]) -> list[tuple[object, ...]]:
+def shape(problems: list[multispool._monitor.Problem]) -> list[tuple[object, ...]]:
     """Problems without mtimes (the OCaml tests print ``mtime <omitted>``)."""
     out: list[tuple[object, ...]] = []
     for p in problems:
@@ -471,7 +471,6 @@ def test_fsck_is_clean_under_load(spool: multispool.Spool[bytes], capsys: pytest
     claims, saves into another queue, removals, releases), the Monitor and ``multispool
     fsck`` report nothing on this healthy spool, in every run."""
     from _procs import workers
-
     from multispool.cli import main
 
     m = make(spool)
