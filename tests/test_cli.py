@@ -294,7 +294,7 @@ def test_watch_once(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert main(["watch", sp, "--once"]) == 0
     rows = [ln.split() for ln in capsys.readouterr().out.splitlines()]
-    assert rows[0] == ["QUEUE", "ENTRIES", "CHECKOUTS", "IN/S", "OUT/S"]
+    assert rows[0] == ["QUEUE", "ENTRIES", "CHECKOUTS", "IN/S", "OUT/S", "OLDEST"]
     assert rows[1][:3] == ["in", "1", "0"] and rows[2][:3] == ["queue-2", "0", "0"]
 
 
