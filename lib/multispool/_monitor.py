@@ -275,12 +275,12 @@ class Monitor:
     """
 
     def __init__(
-        self, spool_dir: str | os.PathLike[str], spoolable: Spoolable[Any], limits: Limits | None = None
+        self, spool_dir: str | os.PathLike[str], spoolable: Spoolable[Any, Any], limits: Limits | None = None
     ) -> None:
         limits = Limits() if limits is None else limits
         for q in limits.max_queue_ages:
             spoolable.dirname(q)  # ValueError if q is not one of the spoolable's queues
-        self.spool: Spool[Any] = Spool.load(spool_dir, spoolable)
+        self.spool: Spool[Any, Any] = Spool.load(spool_dir, spoolable)
         self.limits = limits
         self._layout = Layout(self.spool.dir)
 
@@ -453,7 +453,7 @@ class _Repair:
     """One ``repair`` run: the spool, the limits, dry-run or not, and the actions said.
     Each kind of repair is one method (a step), run in the order of ``repair``."""
 
-    def __init__(self, spool: Spool[Any], limits: Limits, dry_run: bool) -> None:
+    def __init__(self, spool: Spool[Any, Any], limits: Limits, dry_run: bool) -> None:
         self.spool = spool
         self.lay = Layout(spool.dir)
         self.limits = limits
@@ -592,7 +592,9 @@ class _Repair:
                     self.say("remove", "removed", f"stale {TMP}/{name}")
 
 
-def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool) -> list[str]:
+def repair(
+    spool: Spool[Any, Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool
+) -> list[str]:
     """Fix what is safe to fix among ``problems`` (as found by a Monitor with ``limits``);
     the actions taken (or, with ``dry_run``, that would be taken: then nothing changes),
     one sentence each ("removed ..." / "would remove ...", "left ...: why").

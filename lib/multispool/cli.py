@@ -107,11 +107,11 @@ def queue_enum(dirnames: Sequence[str]) -> type[enum.Enum]:
     return enum.Enum("Queue", [(_member_name(d, used), d) for d in dirnames])  # type: ignore[return-value]
 
 
-def make_spoolable(dirnames: Sequence[str]) -> Spoolable[bytes]:
+def make_spoolable(dirnames: Sequence[str]) -> Spoolable[Any, bytes]:
     return Spoolable(queues=queue_enum(dirnames), metadata_codec=RawCodec(), data=BytesData())
 
 
-def open_spool(spool_dir: str) -> Spool[bytes]:
+def open_spool(spool_dir: str) -> Spool[Any, bytes]:
     """Load the spool at ``spool_dir`` with its non-dot directories as queues."""
     if not os.path.isdir(spool_dir):
         if os.path.lexists(spool_dir):
@@ -127,7 +127,7 @@ def open_spool(spool_dir: str) -> Spool[bytes]:
     return Spool.load(spool_dir, make_spoolable(queues))
 
 
-def find_queue(spool: Spool[bytes], name: str) -> enum.Enum:
+def find_queue(spool: Spool[Any, bytes], name: str) -> enum.Enum:
     for q in spool.spoolable.queues:
         if q.value == name:
             return q
@@ -324,7 +324,7 @@ def cmd_init(a: argparse.Namespace) -> int:
     return 0
 
 
-def queue_status(spool: Spool[bytes]) -> dict[str, dict[str, Any]]:
+def queue_status(spool: Spool[Any, bytes]) -> dict[str, dict[str, Any]]:
     """Per queue: waiting entries, checkouts, delayed entries, age of the oldest waiting
     entry (None if empty). Only registered names count: a file with no registry file is
     an orphan (``fsck`` reports it), not an entry."""
@@ -346,7 +346,7 @@ def queue_status(spool: Spool[bytes]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def count_delayed(spool: Spool[bytes], queue: enum.Enum, names: Iterable[str], now: float) -> int:
+def count_delayed(spool: Spool[Any, bytes], queue: enum.Enum, names: Iterable[str], now: float) -> int:
     """How many of ``names`` (waiting in ``queue``) are not due yet. Delays are stored by
     the retry feature (``Entry.due()``); until a spool has any, nothing is delayed."""
     del spool, queue, names, now
@@ -384,7 +384,7 @@ def _ls_names(where: str, a: argparse.Namespace) -> Iterator[str]:
         yield from names
 
 
-def ls_items(spool: Spool[bytes], queue: enum.Enum, a: argparse.Namespace) -> Iterator[dict[str, Any]]:
+def ls_items(spool: Spool[Any, bytes], queue: enum.Enum, a: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The entries of ``queue`` (or its checkouts), one dict each, read one at a time."""
     lay = Layout(spool.dir)
     dn = str(queue.value)
@@ -440,7 +440,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
     return 0
 
 
-def _find_entry(spool: Spool[bytes], name: str, queue: enum.Enum | None) -> tuple[enum.Enum, bool]:
+def _find_entry(spool: Spool[Any, bytes], name: str, queue: enum.Enum | None) -> tuple[enum.Enum, bool]:
     """Where ``name`` is: (queue, checked_out), searching ``queue`` or every queue."""
     lay = Layout(spool.dir)
     queues = list(spool.spoolable.queues) if queue is None else [queue]
@@ -519,7 +519,9 @@ def cmd_show(a: argparse.Namespace) -> int:
     return 0
 
 
-def _claim(spool: Spool[bytes], q: enum.Enum, name: str, checked_out: bool) -> CheckedOutEntry[bytes]:
+def _claim(
+    spool: Spool[Any, bytes], q: enum.Enum, name: str, checked_out: bool
+) -> CheckedOutEntry[Any, bytes]:
     """Check ``name`` out of ``q`` the way the library does (its owner lock held until
     the caller saves or removes it). A dead process's checkout is first put back into
     its queue; a live one's is never touched."""
@@ -634,7 +636,7 @@ def cmd_enqueue(a: argparse.Namespace) -> int:
     return 0
 
 
-def _limits(a: argparse.Namespace, spool: Spool[bytes]) -> Limits:
+def _limits(a: argparse.Namespace, spool: Spool[Any, bytes]) -> Limits:
     ages: dict[enum.Enum, float] = {}
     for item in a.max_age:
         qname, sep, dur = item.rpartition("=")
@@ -885,7 +887,7 @@ class QueueView:
     for names that arrived since the last one (their mtimes give OLDEST), rates from the
     difference of two listings. A refresh costs one getdents pass over the queue."""
 
-    def __init__(self, spool: Spool[bytes], queue: enum.Enum, window: float) -> None:
+    def __init__(self, spool: Spool[Any, bytes], queue: enum.Enum, window: float) -> None:
         lay = Layout(spool.dir)
         self.name = str(queue.value)
         self.path = lay.queue(self.name)
@@ -933,7 +935,7 @@ def watch_rows(views: list[QueueView]) -> list[list[str]]:
     return rows
 
 
-def watch_table(spool: Spool[bytes], rates: dict[str, _Rates], now: float) -> list[str]:
+def watch_table(spool: Spool[Any, bytes], rates: dict[str, _Rates], now: float) -> list[str]:
     """The table once (``watch --once``)."""
     views = [QueueView(spool, q, rates["."].window) for q in spool.spoolable.queues]
     for v in views:
@@ -1043,7 +1045,7 @@ class SpoolCollector:
     checkouts, delayed entries, age of the oldest entry, and the open fsck problems by
     kind (``queue=""`` for problems in .tmp, .data and .registry)."""
 
-    def __init__(self, spool: Spool[bytes], problems: Callable[[], list[Problem]]) -> None:
+    def __init__(self, spool: Spool[Any, bytes], problems: Callable[[], list[Problem]]) -> None:
         self.spool = spool
         self.problems = problems
 
