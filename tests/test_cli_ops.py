@@ -334,3 +334,79 @@ def test_json_of_names_that_are_not_utf8(sp: str, capsys: pytest.CaptureFixture[
     assert "caf\\xe9" in capsys.readouterr().out
     assert main(["show", sp, "in", bad, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "caf\\xe9"
+
+
+SLOW = pytest.mark.skipif(not os.environ.get("MULTISPOOL_SLOW"), reason="set MULTISPOOL_SLOW=1")
+
+FILL = """
+import os, sys
+from multispool import cli
+d, n = sys.argv[1], int(sys.argv[2])
+# Entries laid out directly (as an enqueue leaves them), to build a deep backlog fast.
+for i in range(n):
+    name = f"e{i:09d}"
+    for sub in (".registry", "in"):
+        os.close(os.open(os.path.join(d, sub, name), os.O_WRONLY | os.O_CREAT, 0o600))
+print("ok")
+"""
+
+DRAIN = """
+import sys
+import multispool
+from multispool import cli
+spool = multispool.Spool.load(sys.argv[1], cli.make_spoolable(["in"]))
+q = spool.spoolable.queues("in")
+with spool.reader(q) as r:
+    while (co := r.dequeue_available()) is not None:
+        co.remove()
+print("drained")
+"""
+
+
+@SLOW
+def test_watch_cpu_while_a_deep_backlog_drains(tmp_path: Path) -> None:
+    """Issue 14 item 10: watch costs at most 5 % of a core while a big backlog drains
+    (MULTISPOOL_WATCH_BACKLOG entries, default 200,000; 2 consumer processes)."""
+    n = int(os.environ.get("MULTISPOOL_WATCH_BACKLOG", "200000"))
+    d = str(tmp_path / "sp")
+    assert main(["init", d, "--queue", "in"]) == 0
+    fill = subprocess.run([sys.executable, "-c", FILL, d, str(n)], env=child_env(), capture_output=True,
+                          text=True, timeout=1800, check=False)
+    assert fill.stdout.strip() == "ok", fill.stderr
+    lines = tmp_path / "watch.out"
+    with open(lines, "w") as out:
+        watch = subprocess.Popen([sys.executable, "-m", "multispool", "watch", d], stdout=out,
+                                 stderr=subprocess.DEVNULL, env=child_env())
+    consumers: list[subprocess.Popen[bytes]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not lines.read_text():  # its first refresh (the full listing) is done
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        cpu0 = _cpu_seconds(watch.pid)
+        consumers = [subprocess.Popen([sys.executable, "-c", DRAIN, d], env=child_env(),
+                                      stdout=subprocess.DEVNULL) for _ in range(2)]
+        for c in consumers:
+            c.wait(timeout=1800)
+        wall = time.monotonic() - t0
+        cpu = _cpu_seconds(watch.pid) - cpu0
+        while "entries=0" not in lines.read_text().splitlines()[-1]:  # it saw the end
+            assert time.monotonic() < deadline + wall
+            time.sleep(0.05)
+    finally:
+        for p in [watch, *consumers]:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=60)
+    share = cpu / wall
+    sys.stderr.write(f"watch: {cpu:.2f} s CPU over a {wall:.1f} s drain of {n} entries: {share:.1%}\n")
+    assert os.listdir(os.path.join(d, "in")) == [".checkout"]
+    assert share <= 0.05
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
