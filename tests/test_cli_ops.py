@@ -364,6 +364,7 @@ print("drained")
 
 
 @SLOW
+@pytest.mark.timeout(3600)
 def test_watch_cpu_while_a_deep_backlog_drains(tmp_path: Path) -> None:
     """Issue 14 item 10: watch costs at most 5 % of a core while a big backlog drains
     (MULTISPOOL_WATCH_BACKLOG entries, default 200,000; 2 consumer processes)."""
