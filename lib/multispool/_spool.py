@@ -709,13 +709,14 @@ class Spool(Generic[T]):
 
     def _lock_entry(self, name: str, qfile: str | None = None) -> _Claim:
         """Take the owner lock of an entry that nobody has checked out, for one write.
-        With ``qfile``, the entry must wait in that queue file (a lock busy meanwhile is
-        waited for briefly, as a claim does). EntryNotFoundError if it is gone or another
+        A busy lock is waited for briefly, as a claim does. With ``qfile``, the entry must
+        wait in that queue file. EntryNotFoundError if it is gone or another
         process owns it. The caller holds the throttle and releases the claim."""
         reg = self._layout.registry_file(name)
         fd = _fs.open_locked(reg)
-        if fd is None and qfile is not None:
-            fd = self._wait_busy(reg, qfile, BUSY_WAIT)
+        if fd is None:
+            # Without a queue file to watch, wait while the reservation exists.
+            fd = self._wait_busy(reg, qfile or reg, BUSY_WAIT)
         if fd is None:
             raise EntryNotFoundError("entry is gone or checked out by another process", qfile or reg)
         claim = _Claim(fd)
