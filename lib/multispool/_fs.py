@@ -154,12 +154,37 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+# errnos that mean "that file is gone". ESTALE is what NFS, GlusterFS and other network
+# filesystems return when a file removed or renamed through another client is reached
+# through a name or handle this client still had cached; fstat then may say ENOENT too.
+_GONE: Final = frozenset({errno.ENOENT, errno.ESTALE})
+
+
+def gone(e: OSError) -> bool:
+    """True if ``e`` says the file it was about no longer exists (ENOENT, or ESTALE)."""
+    return e.errno in _GONE
+
+
+def lexists(path: str) -> bool:
+    """True if ``path`` exists (not following a symlink); False if it is gone, ESTALE
+    included. Other errors propagate."""
+    try:
+        os.lstat(path)
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
+    return True
+
+
 def unlink_quiet(path: str) -> bool:
     """Unlink ``path``; False if it was already gone. Other errors propagate."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
-        return False
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
     return True
 
 
@@ -167,9 +192,33 @@ def rename_if_exists(src: str, dst: str) -> bool:
     """rename(2) ``src`` to ``dst``; False if ``src`` does not exist."""
     try:
         os.rename(src, dst)
-    except FileNotFoundError:
-        return False
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
     return True
+
+
+MOVED: Final = 1
+SRC_GONE: Final = 0
+NOT_MOVED: Final = -1
+
+
+def rename_verified(src: str, dst: str, *, verify: bool) -> int:
+    """rename(2) ``src`` to ``dst`` for a caller holding the entry's owner lock (so nobody
+    else moves either name meanwhile). MOVED, SRC_GONE if ``src`` does not exist, or,
+    when ``verify``, NOT_MOVED if rename said yes but ``src`` is still there: a client
+    with a stale name cache resolved both names to the same inode, and the kernel's
+    rename of a file onto itself succeeds without doing anything."""
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if gone(e):
+            return SRC_GONE
+        raise
+    if verify and lexists(src):
+        return NOT_MOVED
+    return MOVED
 
 
 def is_real_dir(path: str) -> bool:
@@ -265,6 +314,17 @@ def lock_generation() -> int:
     return _generation
 
 
+def close_lock_fd(fd: int) -> None:
+    """Close a registry file's descriptor. GlusterFS reports ENOENT or ESTALE from close
+    when the file was unlinked meanwhile (by a remove through this or another client);
+    the descriptor is freed all the same, and that lock is gone with it."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        if not gone(e):
+            raise
+
+
 def _open_held(path: str, flags: int, mode: int = 0o777) -> int:
     """os.open, with the descriptor recorded in _held in the same guarded step."""
     with _guard:
@@ -277,7 +337,7 @@ def _close_held(fd: int) -> None:
     """Close a descriptor from _open_held and forget it, in one guarded step."""
     with _guard:
         try:
-            os.close(fd)
+            close_lock_fd(fd)
         finally:
             _held.discard(fd)
 
@@ -358,9 +418,9 @@ def open_locked(path: str) -> int | None:
             if e.errno not in (errno.EACCES, errno.EROFS):
                 raise
             fd = _open_held(path, O_LOCK_RO)
-    except FileNotFoundError:
-        return None
     except OSError as e:
+        if gone(e):
+            return None
         raise _name(e, path) from None
     return _keep_if_locked(fd, path)
 
@@ -378,6 +438,9 @@ def _keep_if_locked(fd: int, path: str) -> int | None:
             if not stat.S_ISREG(st.st_mode):
                 raise not_regular(path)
             keep = not (HAVE_LOCKS and st.st_nlink == 0)
+    except OSError as e:
+        if not gone(e):  # unlinked through another client: ESTALE, or ENOENT from fstat
+            raise
     finally:
         if not keep:
             _close_held(fd)
