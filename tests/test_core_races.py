@@ -581,6 +581,7 @@ def test_failed_init_leaves_nothing(tmp_path: Path) -> None:
     d = tmp_path / "sp"
     r = _cli("init", str(d), "--queue", "ok", "--queue", too_long)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{d}/{too_long}" in r.stderr  # the path asked for, not a temporary one
     assert os.listdir(tmp_path) == []  # neither the spool nor a temporary sibling
     assert _cli("init", str(d), "--queue", "ok").returncode == 0
     tree = find_sort(d)

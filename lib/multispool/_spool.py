@@ -593,7 +593,12 @@ class Spool(Generic[M, D]):
         try:
             tmp_spool = Spool(tmp_root, sp)
             for d in tmp_spool._spool_dirs():
-                os.mkdir(d, sp.dir_mode)
+                try:
+                    os.mkdir(d, sp.dir_mode)
+                except OSError as e:
+                    # Name the directory the user asked for, not our temporary one.
+                    e.filename = root + d[len(tmp_root) :]
+                    raise
             if sp.durability == "full":
                 for d in tmp_spool._spool_dirs():
                     _fs.fsync_dir(d)
