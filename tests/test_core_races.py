@@ -461,15 +461,25 @@ def test_open_locked_refuses_non_regular_files(tmp_path: Path) -> None:
     assert multispool._fs.open_locked(str(tmp_path / "missing")) is None
 
 
-def test_open_locked_falls_back_to_read_only(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root may write any file")
+def test_open_locked_falls_back_to_read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "reg"
     f.write_bytes(b"")
-    f.chmod(0o400)
+    real_open = os.open
+    tried = []
+
+    def no_write_access(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        tried.append(flags & (os.O_RDWR | os.O_WRONLY))
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(errno.EACCES, "Permission denied", path)  # as root sees none
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", no_write_access)
     fd = multispool._fs.open_locked(str(f))
-    assert fd is not None
+    monkeypatch.undo()
+    assert fd is not None and tried == [os.O_RDWR, 0]  # read-write first: fcntl-emulated flock
+    assert not _lock_is_free(str(f))
     multispool._fs.unlock(fd, multispool._fs.lock_generation())
+    assert _lock_is_free(str(f))
 
 
 # -- item 11: metadata validated against the declared type ------------------------------------

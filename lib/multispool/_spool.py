@@ -957,6 +957,7 @@ class Spool(Generic[M, D]):
                     _fs.fsync_dir(os.path.dirname(dst))
                 log.warning("multispool: quarantined %s to %s: %s", cofile, dst, reason)
                 raise CorruptEntryError(cofile, reason, quarantined_to=dst) from cause
+            log.warning("multispool: left %s checked out (no quarantine queue): %s", cofile, reason)
             raise CorruptEntryError(cofile, reason) from cause
         finally:
             claim.release()
