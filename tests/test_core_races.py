@@ -600,3 +600,48 @@ def test_failed_init_leaves_nothing(tmp_path: Path) -> None:
     assert find_sort(d) == tree  # the queue this call made is gone again
     assert _cli("status", str(d)).returncode == 0
 
+
+
+# -- soak (MULTISPOOL_SLOW=1): the issue's scenario at its scale ---------------------------------
+
+SLOW = os.environ.get("MULTISPOOL_SLOW") == "1"
+
+MOVER = PRELUDE + """
+spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(queues=Queue, durability="none"))
+def drain(line):
+    moved = 0
+    with spool.reader(Queue.QUEUE1) as r:
+        while True:
+            co = r.dequeue_available()
+            if co is None:
+                if not spool.list(Queue.QUEUE1):
+                    return str(moved)
+                continue
+            co.save(Queue.QUEUE2)
+            moved += 1
+serve(drain)
+"""
+
+
+@pytest.mark.skipif(not SLOW, reason="set MULTISPOOL_SLOW=1")
+def test_soak_direct_saves_while_readers_move_3000_entries(tmp_path: Path) -> None:
+    n = 3000
+    spool = multispool.Spool.create(
+        tmp_path / "spool", multispool.Spoolable(queues=Queue, durability="none")
+    )
+    entries = [spool.enqueue(Queue.QUEUE1, {"n": i}, b"") for i in range(n)]
+    saved = 0
+    with workers(MOVER, 2, spool.dir) as ws:
+        for w in ws:
+            w.send("go")
+        for e in entries:
+            try:
+                e.direct.save({"n": -1})
+                saved += 1
+            except multispool.EntryNotFoundError:
+                pass  # already taken by a reader
+        moved = sum(int(w.recv(timeout=120)) for w in ws)
+    problems = multispool.Monitor(spool.dir, spool.spoolable).run_once()
+    assert [p for p in problems if isinstance(p, multispool.Duplicated)] == []
+    assert moved == n and len(spool.list(Queue.QUEUE2)) == n, (moved, saved)
+    assert spool.list(Queue.QUEUE1) == []
