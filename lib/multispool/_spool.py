@@ -232,7 +232,9 @@ class DataFile(Generic[D]):
 
 
 class _Direct(Generic[M, D]):
-    """Operations on a queued entry without checking it out (no exclusivity)."""
+    """Operations on a queued entry without checking it out. Reads take no lock; writes
+    hold the entry's owner lock for their duration, so they never race a claim (an entry
+    someone has checked out raises EntryNotFoundError instead)."""
 
     __slots__ = ("_entry",)
 
@@ -258,7 +260,7 @@ class _Direct(Generic[M, D]):
         return contents
 
     def data_file(self) -> DataFile[D]:
-        """The entry's data file (no exclusivity)."""
+        """The entry's data file (its ``save`` holds the owner lock while it writes)."""
         return DataFile(self._entry.spool, self._entry.name)
 
     def save(self, metadata: M) -> None:
@@ -326,8 +328,10 @@ class Entry(Generic[M, D]):
 
     @property
     def direct(self) -> _Direct[M, D]:
-        """Read and write this entry in its queue without checking it out: no exclusivity,
-        so only for tools, tests and entries no reader is taking.
+        """Read and write this entry in its queue without checking it out. Reads take no
+        lock; each write holds the entry's owner lock while it runs (EntryNotFoundError if
+        the entry is checked out), but a read-modify-write is not atomic: for tools, tests
+        and entries no reader is taking.
         """
         return _Direct(self)
 
@@ -1159,7 +1163,36 @@ class Spool(Generic[M, D]):
                     _fs.unlock(fd, gen)
         if removed and sp.durability == "full":
             _fs.fsync_dir(lay.registry)
+        self._clean_stale_tmp(present, now - limit)
         return removed
+
+    def _clean_stale_tmp(self, present: set[str], before: float) -> None:
+        """Remove ``.tmp/NAME`` files of spooled entries (queued or checked out) modified
+        before ``before`` whose owner lock is free: a rewrite (``direct.save``,
+        ``DataFile.save``, ``co.save``) whose process died before its rename. Only the
+        lock holder writes there, so with the lock held the file is nobody's."""
+        sp = self.spoolable
+        lay = self._layout
+        with sp.throttled():
+            stale = [n for n in os.listdir(lay.tmp) if n[0] != "." and n in present]
+        for name in stale:
+            tmp = lay.tmp_file(name)
+            with sp.throttled():
+                try:
+                    if os.lstat(tmp).st_mtime >= before:
+                        continue
+                    gen = _fs.lock_generation()
+                    fd = _fs.open_locked(lay.registry_file(name))
+                except OSError as e:
+                    if not _fs.gone(e):
+                        log.warning("multispool: cannot clean %s, left in place: %s", tmp, e)
+                    continue
+                if fd is None:
+                    continue
+                try:
+                    _fs.unlink_quiet(tmp)
+                finally:
+                    _fs.unlock(fd, gen)
 
     # -- readers ------------------------------------------------------------------------
     def reader(
