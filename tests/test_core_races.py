@@ -22,7 +22,7 @@ import pytest
 
 import multispool
 import multispool._fs
-from _procs import Worker, broadcast, child_env, find_sort, run_python, workers
+from _procs import broadcast, child_env, find_sort, run_python, workers
 from conftest import Cog, Queue
 
 PRELUDE = """
@@ -646,35 +646,3 @@ def test_soak_direct_saves_while_readers_move_3000_entries(tmp_path: Path) -> No
     assert moved == n and len(spool.list(Queue.QUEUE2)) == n, (moved, saved)
     assert spool.list(Queue.QUEUE1) == []
 
-
-DIES_WRITING = PRELUDE + """
-class Stuck:
-    def load(self, path):
-        return b""
-    def save(self, value, path):
-        with open(path, "wb") as f:
-            f.write(b"half")
-        print("ready", flush=True)
-        sys.stdin.read()  # killed here, between writing .tmp/NAME and renaming it
-spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(queues=Queue, data=Stuck()))
-multispool.Entry(spool, Queue.QUEUE1, sys.argv[2]).direct.data_file().save(b"new")
-"""
-
-
-def test_clean_abandoned_removes_the_tmp_file_of_a_dead_direct_writer(tmp_path: Path) -> None:
-    spool = _untyped(tmp_path / "spool")
-    e = spool.enqueue(Queue.QUEUE1, {"n": 1}, b"old", reserve="e")
-    tree = find_sort(spool.dir)
-    w = Worker(DIES_WRITING, spool.dir, e.name)
-    try:
-        assert w.recv() == "ready"
-        tmp = Path(spool.dir, ".tmp", e.name)
-        assert tmp.exists()
-        assert spool.clean_abandoned(older_than=0) == []  # its writer holds the lock
-        assert tmp.exists()
-    finally:
-        w.close()  # SIGKILL: the lock is free, the tmp file stays
-    assert spool.clean_abandoned(older_than=3600) == [] and tmp.exists()  # too young
-    assert spool.clean_abandoned(older_than=0) == []  # no enqueue was abandoned...
-    assert find_sort(spool.dir) == tree  # ...but the dead writer's tmp file is gone
-    assert (e.direct.contents(), e.direct.data_file().load()) == ({"n": 1}, b"old")

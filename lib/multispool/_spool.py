@@ -1163,36 +1163,7 @@ class Spool(Generic[M, D]):
                     _fs.unlock(fd, gen)
         if removed and sp.durability == "full":
             _fs.fsync_dir(lay.registry)
-        self._clean_stale_tmp(present, now - limit)
         return removed
-
-    def _clean_stale_tmp(self, present: set[str], before: float) -> None:
-        """Remove ``.tmp/NAME`` files of spooled entries (queued or checked out) modified
-        before ``before`` whose owner lock is free: a rewrite (``direct.save``,
-        ``DataFile.save``, ``co.save``) whose process died before its rename. Only the
-        lock holder writes there, so with the lock held the file is nobody's."""
-        sp = self.spoolable
-        lay = self._layout
-        with sp.throttled():
-            stale = [n for n in os.listdir(lay.tmp) if n[0] != "." and n in present]
-        for name in stale:
-            tmp = lay.tmp_file(name)
-            with sp.throttled():
-                try:
-                    if os.lstat(tmp).st_mtime >= before:
-                        continue
-                    gen = _fs.lock_generation()
-                    fd = _fs.open_locked(lay.registry_file(name))
-                except OSError as e:
-                    if not _fs.gone(e):
-                        log.warning("multispool: cannot clean %s, left in place: %s", tmp, e)
-                    continue
-                if fd is None:
-                    continue
-                try:
-                    _fs.unlink_quiet(tmp)
-                finally:
-                    _fs.unlock(fd, gen)
 
     # -- readers ------------------------------------------------------------------------
     def reader(
