@@ -57,7 +57,8 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class FileWithMtime:
-    """A file name in one spool directory and its mtime (float seconds since the epoch)."""
+    """A file in one spool directory: its ``filename`` (the entry name) and its ``mtime``
+    (float seconds since the epoch)."""
 
     filename: str
     mtime: float
@@ -108,7 +109,9 @@ class _EventBase(_Ordered):
 
 @dataclass(frozen=True, eq=True)
 class TooOld(_ProblemBase):
-    """A file older than its directory's limit."""
+    """A ``file`` in directory ``dir`` older than that directory's limit (a waiting entry
+    past its queue's ``max_queue_ages``, a checkout past ``max_checked_out_age``, a tmp
+    file past ``max_tmp_file_age``)."""
 
     file: FileWithMtime
     dir: Dir
@@ -120,8 +123,8 @@ class TooOld(_ProblemBase):
 
 @dataclass(frozen=True, eq=True)
 class Orphaned(_ProblemBase):
-    """A file with no registry file, or (in ``Dir.REGISTRY``) a registry file with no
-    queue or checkout file."""
+    """A ``file`` in directory ``dir`` with no registry file, or (when ``dir`` is
+    ``Dir.REGISTRY``) a registry file with no queue or checkout file."""
 
     file: FileWithMtime
     dir: Dir
@@ -133,8 +136,8 @@ class Orphaned(_ProblemBase):
 
 @dataclass(frozen=True, eq=True)
 class Duplicated(_ProblemBase):
-    """A registered name present in more than one queue or checkout dir (``dirs`` in
-    queue order, each queue's dir before its checkout dir)."""
+    """A registered name (``file``) present in more than one queue or checkout dir
+    (``dirs`` in queue order, each queue's dir before its checkout dir)."""
 
     file: FileWithMtime
     dirs: tuple[Dir, ...]
@@ -163,7 +166,8 @@ Problem = Union[TooOld, Orphaned, Duplicated, DeadCheckout]  # noqa: UP007 - a r
 
 @dataclass(frozen=True, eq=True)
 class Start(_EventBase):
-    """``problem`` has been seen in more than ``alert_after_cycles`` consecutive checks."""
+    """``problem`` has been seen in more than ``alert_after_cycles`` consecutive checks;
+    ``time`` is when that was noticed (seconds since the epoch)."""
 
     time: float
     problem: Problem
@@ -175,7 +179,8 @@ class Start(_EventBase):
 
 @dataclass(frozen=True, eq=True)
 class End(_EventBase):
-    """A problem that was alerted (``Start``) is no longer seen."""
+    """A ``problem`` that was alerted (``Start``) is no longer seen, as of ``time``
+    (seconds since the epoch)."""
 
     time: float
     problem: Problem
@@ -190,8 +195,12 @@ Event = Union[Start, End]  # noqa: UP007
 
 @dataclass(frozen=True)
 class Limits:
-    """Age limits in seconds (float, int or timedelta accepted). ``max_queue_ages`` maps a
-    queue member to its limit; queues without one have no age limit."""
+    """Age limits for the Monitor, in seconds (float, int or timedelta accepted).
+
+    ``max_checked_out_age``: a checkout held longer is reported (``TooOld``).
+    ``max_tmp_file_age``: a file in ``.tmp`` older than this is reported.
+    ``max_queue_ages`` maps a queue member to how long an entry may wait in it; queues
+    without one have no age limit."""
 
     max_checked_out_age: float = 600.0
     max_tmp_file_age: float = 600.0
@@ -268,10 +277,13 @@ def _where(paths: Iterable[tuple[Dir, str]], name: str) -> list[Dir]:
 
 
 class Monitor:
-    """Checks a spool for the problems listed in the module docstring.
+    """Checks a spool for problems: entries, checkouts and tmp files older than their
+    ``limits``, orphaned files, names in more than one place.
 
-    Construction loads the spool with validation (``Spool.load``) and never creates
-    anything; a missing or malformed spool raises ``NotASpoolError``.
+    ``spool_dir`` is the spool, described by ``spoolable``; ``limits`` (default:
+    ``Limits()``) sets the ages. Construction loads the spool with validation
+    (``Spool.load``) and never creates anything; a missing or malformed spool raises
+    ``NotASpoolError``.
     """
 
     def __init__(
@@ -400,7 +412,9 @@ class _Alerter:
 
 
 class MonitorDaemon:
-    """Runs a Monitor every ``check_every`` seconds and reports problems that persist."""
+    """Runs a Monitor every ``check_every`` seconds and reports problems that persist:
+    a problem is alerted once seen in more than ``alert_after_cycles`` consecutive checks
+    (so a transient state, such as an enqueue in progress, raises no alert)."""
 
     def __init__(self, check_every: Duration = 15, alert_after_cycles: int = 2) -> None:
         self.check_every = seconds(check_every)
@@ -418,7 +432,7 @@ class MonitorDaemon:
         callback: Callable[[Event], object],
         stop: threading.Event | None = None,
     ) -> threading.Thread:
-        """Start a daemon thread that checks at once, then every ``check_every`` seconds,
+        """Start a daemon thread that runs ``monitor`` at once, then every ``check_every`` seconds,
         calling ``callback(Start(...))`` when a problem has been seen in more than
         ``alert_after_cycles`` consecutive checks and ``callback(End(...))`` when an
         alerted problem is no longer seen. It runs until ``stop`` is set (forever if None).
