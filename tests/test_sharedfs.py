@@ -323,3 +323,17 @@ def test_close_of_a_registry_descriptor_saying_enoent_is_not_an_error(
     co.remove()
     monkeypatch.undo()
     assert spool.list(Queue.QUEUE1) == [] and spool.list_checkouts_unsafe(Queue.QUEUE1) == []
+
+
+def test_fsck_treats_estale_as_gone(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stray file in .data (no registry file): the Monitor lstats it for its mtime, and
+    # another client removed it meanwhile.
+    stray = os.path.join(spool.dir, ".data", "stray")
+    Path(stray).write_bytes(b"")
+    monitor = multispool.Monitor(spool.dir, spool.spoolable)
+    assert [type(p).__name__ for p in monitor.run_once()] == ["Orphaned"]
+    failed = _fail_on(monkeypatch, "lstat", lambda p: p == stray, errno.ESTALE)
+    assert monitor.run_once() == []
+    assert failed
