@@ -420,10 +420,16 @@ class Spool(Generic[M, D]):
         until that cache expires (network filesystems keep names for about a second)."""
         verify = self._fs_facts().verify_renames
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
+        retried = False
         while True:
             r = _fs.rename_verified(src, dst, verify=verify)
+            if r == _fs.SRC_GONE and retried:
+                # The source a stale cache still showed may have moved after all: we hold
+                # the lock, so if the destination is there, it is our move.
+                return _fs.lexists(dst)
             if r != _fs.NOT_MOVED:
                 return r == _fs.MOVED
+            retried = True
             if time.monotonic() >= deadline:
                 raise SpoolError(
                     f"rename of {src} to {dst} kept reporting success without moving it "
