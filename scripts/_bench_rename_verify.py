@@ -47,7 +47,8 @@ def main() -> None:
         diffs = [b - x for x, b in zip(per[False], per[True], strict=True)]
         print(f"{base.reason}; durability={a.durability}, {a.rounds} rounds x {a.chunk} claims")
         print(f"claim+remove median: {off:.1f} us unverified, {on:.1f} us verified")
-        print(f"paired difference median: {statistics.median(diffs):+.1f} us ({statistics.median(diffs) / off:+.1%})")
+        diff = statistics.median(diffs)
+        print(f"paired difference median: {diff:+.1f} us ({diff / off:+.1%})")
 
 
 if __name__ == "__main__":

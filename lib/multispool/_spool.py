@@ -707,6 +707,8 @@ class Spool(Generic[M, D]):
                 raise
             if moved != _fs.MOVED:
                 claim.release()
+                if moved == _fs.NOT_MOVED:
+                    log.debug("multispool: claim of %s lost: rename moved nothing (stale cache)", qfile)
                 return None
             try:
                 raw = _fs.read_file(cofile)
@@ -895,7 +897,10 @@ class Spool(Generic[M, D]):
             # Verified where a stale client could make rename a no-op: only what really
             # moved is reported (a no-op leaves it for the next recovery).
             qfile = lay.queue_file(dirname, name)
-            if _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames) != _fs.MOVED:
+            moved = _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames)
+            if moved != _fs.MOVED:
+                if moved == _fs.NOT_MOVED:
+                    log.debug("multispool: recovery of %s not done: rename moved nothing", cofile)
                 return False
             if sp.durability == "full":
                 _fs.fsync_dir(lay.queue(dirname))
