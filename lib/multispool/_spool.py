@@ -152,6 +152,7 @@ class DataFile(Generic[D]):
 
     @property
     def path(self) -> str:
+        """Where the data is: ``SPOOL/.data/NAME``."""
         return self.spool._layout.data_file(self.name)
 
     def load(self) -> D:
@@ -214,6 +215,7 @@ class _Direct(Generic[M, D]):
         return contents
 
     def data_file(self) -> DataFile[D]:
+        """The entry's data file (no exclusivity)."""
         return DataFile(self._entry.spool, self._entry.name)
 
     def save(self, metadata: M) -> None:
@@ -233,7 +235,8 @@ class _Direct(Generic[M, D]):
 
 
 class Entry(Generic[M, D]):
-    """A name in a queue. Creating one checks the name, not the disk."""
+    """The entry ``name`` in ``queue`` of ``spool``. Creating one checks the name (and
+    that the queue is one of the spool's), not the disk."""
 
     __slots__ = ("name", "queue", "spool")
 
@@ -245,6 +248,7 @@ class Entry(Generic[M, D]):
 
     @classmethod
     def create(cls, spool: Spool[M, D], queue: enum.Enum, name: str) -> Entry[M, D]:
+        """The same as ``Entry(spool, queue, name)``: checks the name, not the disk."""
         return cls(spool, queue, name)
 
     @classmethod
@@ -266,6 +270,9 @@ class Entry(Generic[M, D]):
 
     @property
     def direct(self) -> _Direct[M, D]:
+        """Read and write this entry in its queue without checking it out: no exclusivity,
+        so only for tools, tests and entries no reader is taking.
+        """
         return _Direct(self)
 
     def __eq__(self, other: object) -> bool:
@@ -304,6 +311,7 @@ class CheckedOutEntry(Generic[M, D]):
 
     @property
     def data_file(self) -> DataFile[D]:
+        """The entry's data file."""
         return DataFile(self.spool, self.name)
 
     @property
@@ -443,8 +451,9 @@ class Spool(Generic[M, D]):
     def load(
         cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D], create_if_missing: bool = False
     ) -> Spool[M, D]:
-        """Open the spool at ``path``, validating its layout (and creating what is missing
-        when ``create_if_missing``; a non-empty non-spool directory is never converted)."""
+        """Open the spool at ``path``, described by ``spoolable``, validating its layout
+        (``NotASpoolError`` if it is not a spool). With ``create_if_missing``, create what
+        is missing instead; a non-empty directory that is not a spool is never converted."""
         spool = cls(path, spoolable)
         with spoolable.throttled():
             spool._validate(create_if_missing)
@@ -452,12 +461,14 @@ class Spool(Generic[M, D]):
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
-        """``load(path, spoolable, create_if_missing=True)``."""
+        """``load(path, spoolable, create_if_missing=True)``: open the spool at ``path``,
+        creating it (or its missing queues) first. Safe to call from many processes at once."""
         return cls.load(path, spoolable, create_if_missing=True)
 
     @classmethod
     def load_unsafe(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
-        """A Spool for ``path`` without validation or disk access."""
+        """A Spool for ``path``, described by ``spoolable``, without validation or disk
+        access (for hot paths that know the spool exists)."""
         return cls(path, spoolable)
 
     def _validate(self, create: bool) -> None:
@@ -529,8 +540,9 @@ class Spool(Generic[M, D]):
 
     def reserve_name(self, seed: Any = None) -> str:
         """Reserve a fresh name (``.registry/NAME``, created with O_CREAT|O_EXCL), to be
-        used by ``enqueue(..., use=NAME)``. This process holds the reservation locked
-        until then, so ``clean_abandoned`` never removes it while the process lives."""
+        used by ``enqueue(..., use=NAME)``; ``seed`` is passed to the name generator. This
+        process holds the reservation locked until then, so ``clean_abandoned`` never
+        removes it while the process lives."""
         with self.spoolable.throttled():
             name, fd = self._reserve(seed)
             st = os.fstat(fd)
@@ -572,9 +584,12 @@ class Spool(Generic[M, D]):
         reserve: Any = None,
         use: str | None = None,
     ) -> Entry[M, D]:
-        """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
-        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
-        the enqueue created (the reservation included) is removed and the error raised."""
+        """Add an entry to ``queue`` with ``metadata`` (checked against the Spoolable's
+        type before anything is written) and ``data`` (saved by its data codec); the new
+        entry becomes visible to readers at once and is returned. ``use=NAME`` takes a name
+        from ``reserve_name``; otherwise a name is reserved with seed ``reserve``. If any
+        step fails, every file the enqueue created (the reservation included) is removed
+        and the error raised."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
@@ -984,7 +999,14 @@ class Spool(Generic[M, D]):
         rescan_interval: Duration = 5.0,
         recover: bool = False,
     ) -> QueueReader[M, D]:
-        """An event-driven reader of ``queue`` (see QueueReader)."""
+        """An event-driven reader of ``queue`` (see QueueReader); use it as a context
+        manager, or ``close`` it.
+
+        ``observer``: ``"auto"`` (native events on local filesystems, polling on network
+        and FUSE ones; the ``MULTISPOOL_OBSERVER`` environment variable overrides it),
+        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, re-list the queue
+        this often (seconds) in case an event was lost. ``recover``: first put back
+        checkouts of dead processes and clean abandoned enqueues."""
         from ._reader import QueueReader
 
         return QueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
