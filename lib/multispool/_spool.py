@@ -489,10 +489,16 @@ class Spool(Generic[M, D]):
         until that cache expires (network filesystems keep names for about a second)."""
         verify = self._fs_facts().verify_renames
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
+        retried = False
         while True:
             r = _fs.rename_verified(src, dst, verify=verify)
+            if r == _fs.SRC_GONE and retried:
+                # The source a stale cache still showed may have moved after all: we hold
+                # the lock, so if the destination is there, it is our move.
+                return _fs.lexists(dst)
             if r != _fs.NOT_MOVED:
                 return r == _fs.MOVED
+            retried = True
             if time.monotonic() >= deadline:
                 raise SpoolError(
                     f"rename of {src} to {dst} kept reporting success without moving it "
@@ -891,6 +897,8 @@ class Spool(Generic[M, D]):
                 raise
             if moved != _fs.MOVED:
                 claim.release()
+                if moved == _fs.NOT_MOVED:
+                    log.debug("multispool: claim of %s lost: rename moved nothing (stale cache)", qfile)
                 return None
             try:
                 raw = _fs.read_file(cofile)
@@ -1085,7 +1093,10 @@ class Spool(Generic[M, D]):
             # Verified where a stale client could make rename a no-op: only what really
             # moved is reported (a no-op leaves it for the next recovery).
             qfile = lay.queue_file(dirname, name)
-            if _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames) != _fs.MOVED:
+            moved = _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames)
+            if moved != _fs.MOVED:
+                if moved == _fs.NOT_MOVED:
+                    log.debug("multispool: recovery of %s not done: rename moved nothing", cofile)
                 return False
             if sp.durability == "full":
                 _fs.fsync_dir(lay.queue(dirname))
