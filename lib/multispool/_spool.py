@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
-from . import _fs
+from . import _fs, _sharedfs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
 from ._layout import CHECKOUT, Layout, check_name
 from ._spoolable import Duration, Spoolable, seconds
@@ -39,6 +39,9 @@ MAX_NAME_ATTEMPTS: Final = 100_000
 # A registry lock that is busy while the entry still sits in its queue belongs to an
 # enqueuer finishing its rename or to a claimer about to rename: both take microseconds.
 BUSY_WAIT: Final = 0.05
+# How long save/release retry a rename that a stale client cache made a no-op (GlusterFS
+# and NFS cache names for about 1 s by default; attribute/entry timeouts are mount options).
+OWNED_MOVE_PATIENCE: Final = 30.0
 
 # errnos that mean "this queue file is not a regular entry file" (planted symlink, dir...)
 _NOT_A_FILE = {errno.ELOOP, errno.EISDIR, errno.ENXIO, getattr(errno, "EFTYPE", -1), errno.EMLINK}
@@ -204,8 +207,10 @@ class _Direct(Generic[M, D]):
         with sp.throttled():
             try:
                 raw = _fs.read_file(path)
-            except FileNotFoundError:
-                raise EntryNotFoundError("no such entry", path) from None
+            except OSError as e:
+                if _fs.gone(e):
+                    raise EntryNotFoundError("no such entry", path) from None
+                raise
         contents: M = sp._codec.decode(raw, path)
         return contents
 
@@ -258,8 +263,10 @@ class Entry(Generic[M, D]):
         with self.spool.spoolable.throttled():
             try:
                 return os.stat(path, follow_symlinks=False)
-            except FileNotFoundError:
-                raise EntryNotFoundError("no such entry", path) from None
+            except OSError as e:
+                if _fs.gone(e):
+                    raise EntryNotFoundError("no such entry", path) from None
+                raise
 
     @property
     def direct(self) -> _Direct[M, D]:
@@ -343,10 +350,8 @@ class CheckedOutEntry(Generic[M, D]):
             else:
                 # A fresh mtime in the new queue: the Monitor measures queue age from it.
                 _touch(src)
-            try:
-                os.rename(src, dst)
-            except FileNotFoundError:
-                raise EntryNotFoundError("checked-out entry vanished", src) from None
+            if not self.spool._move_owned(src, dst):
+                raise EntryNotFoundError("checked-out entry vanished", src)
             self._claim.release()
             if sp.durability == "full":
                 _fs.fsync_dir(lay.queue(dst_dir))
@@ -367,7 +372,7 @@ class CheckedOutEntry(Generic[M, D]):
         dirname = sp.dirname(self.queue)
         with sp.throttled():
             try:
-                moved = _fs.rename_if_exists(self.path, lay.queue_file(dirname, self.name))
+                moved = self.spool._move_owned(self.path, lay.queue_file(dirname, self.name))
             finally:
                 self._claim.release()
             if moved and sp.durability == "full":
@@ -408,6 +413,32 @@ class Spool(Generic[M, D]):
         self.dir: str = os.fspath(path)
         self.spoolable: Spoolable[M, D] = spoolable
         self._layout = Layout(self.dir)
+        self._facts: _sharedfs.FsFacts | None = None
+
+    def _fs_facts(self) -> _sharedfs.FsFacts:
+        """What the spool's filesystem can be trusted with (identified once, lazily)."""
+        facts = self._facts
+        if facts is None:
+            facts = self._facts = _sharedfs.facts(self.dir)
+        return facts
+
+    def _move_owned(self, src: str, dst: str) -> bool:
+        """Move a checkout this process owns (save, release): True once moved, False if
+        ``src`` is gone. A rename that a stale client cache turned into a no-op is retried
+        until that cache expires (network filesystems keep names for about a second)."""
+        verify = self._fs_facts().verify_renames
+        delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
+        while True:
+            r = _fs.rename_verified(src, dst, verify=verify)
+            if r != _fs.NOT_MOVED:
+                return r == _fs.MOVED
+            if time.monotonic() >= deadline:
+                raise SpoolError(
+                    f"rename of {src} to {dst} kept reporting success without moving it "
+                    f"for {OWNED_MOVE_PATIENCE} s (a client cache that never expires?)"
+                )
+            time.sleep(delay)  # not synchronisation: waiting out the client's name cache
+            delay = min(delay * 2, 0.2)
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -637,8 +668,10 @@ class Spool(Generic[M, D]):
             try:
                 with sp.throttled():
                     raw = _fs.read_file(path)
-            except FileNotFoundError:
-                continue  # its owner finished with it meanwhile
+            except OSError as e:
+                if _fs.gone(e):
+                    continue  # its owner finished with it meanwhile
+                raise
             out.append(CheckedOutEntry(self, queue, n, sp._codec.decode(raw, path), raw, _Claim(None)))
         return out
 
@@ -667,16 +700,28 @@ class Spool(Generic[M, D]):
             claim = _Claim(fd)
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
-                os.rename(qfile, cofile)
-            except FileNotFoundError:
+                # Verified where a stale client could make rename a no-op: a claim that
+                # did not move the entry is lost, never won (it stays in its queue).
+                moved = _fs.rename_verified(qfile, cofile, verify=self._fs_facts().verify_renames)
+            except OSError as e:
                 claim.release()
-                return None
+                if _fs.gone(e):
+                    return None
+                raise
             except BaseException:
                 claim.release()
                 raise
+            if moved != _fs.MOVED:
+                claim.release()
+                return None
             try:
                 raw = _fs.read_file(cofile)
             except OSError as e:
+                if _fs.gone(e):
+                    # Our own client lost track of the file it just moved (ESTALE): put
+                    # the entry back for a later attempt rather than fail the reader.
+                    self._give_back(cofile, qfile, claim)
+                    return None
                 if e.errno in _NOT_A_FILE:
                     why = f"not a regular file ({os.strerror(e.errno or 0)})"
                     self._corrupt(queue, name, cofile, why, claim)
@@ -791,27 +836,45 @@ class Spool(Generic[M, D]):
         return self._apply(co, f)
 
     # -- crash recovery ---------------------------------------------------------------
-    def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[Entry[M, D]]:
+    def recover_checkouts(
+        self, queue: enum.Enum | None = None, *, dead_after: Duration | None = None
+    ) -> builtins.list[Entry[M, D]]:
         """Move back to their queues the checkouts whose owner process has died (their
-        registry lock is free). Never touches the checkout of a live process. An entry
-        whose metadata cannot be decoded is quarantined if the Spoolable has a quarantine
-        queue, else left checked out for a person (moving it back would loop)."""
+        registry lock is free), and return exactly those that were moved. Never touches
+        the checkout of a live process. An entry whose metadata cannot be decoded is
+        quarantined if the Spoolable has a quarantine queue, else left checked out for a
+        person (moving it back would loop).
+
+        ``dead_after`` (seconds): also require the checkout to be at least that old
+        (checked out, or last rewritten, that long ago). It is required on filesystems
+        whose locks are not shared between their mounts or clients (bindfs, sshfs, NFS
+        ``nolock``...: see docs/shared-filesystems.md), where a free lock does not prove
+        the owner died; there, without it, SpoolError is raised and nothing is moved."""
         sp = self.spoolable
         lay = self._layout
         if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows
             log.warning("multispool: no owner locks on this platform: recover_checkouts does nothing")
             return []
+        min_age = None if dead_after is None else seconds(dead_after)
+        if min_age is None:
+            facts = self._fs_facts()
+            if not facts.locks_shared:
+                raise SpoolError(
+                    f"recover_checkouts refused: a free owner lock does not prove its owner died here: "
+                    f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
+                    f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
+                )
         queues = sp._queue_list if queue is None else (queue,)
         recovered: list[Entry[M, D]] = []
         for q in queues:
             dirname = sp.dirname(q)
             for name in sorted(self._list_names(lay.checkout(dirname))):
                 with sp.throttled():
-                    if self._recover_one(q, dirname, name):
+                    if self._recover_one(q, dirname, name, min_age):
                         recovered.append(Entry._trusted(self, q, name))
         return recovered
 
-    def _recover_one(self, q: enum.Enum, dirname: str, name: str) -> bool:
+    def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
         sp = self.spoolable
         lay = self._layout
         fd = _fs.open_locked(lay.registry_file(name))
@@ -821,10 +884,12 @@ class Spool(Generic[M, D]):
         try:
             cofile = lay.checkout_file(dirname, name)
             try:
+                if min_age is not None and time.time() - os.lstat(cofile).st_mtime < min_age:
+                    return False  # too young for the stated proof of death
                 sp._codec.decode(_fs.read_file(cofile), cofile)
-            except FileNotFoundError:
-                return False  # its owner finished with it before dying
             except OSError as e:
+                if _fs.gone(e):
+                    return False  # its owner finished with it before dying
                 if e.errno not in _NOT_A_FILE:
                     # Transient or permission trouble: not evidence of a bad entry.
                     log.warning("multispool: cannot read checkout %s, left in place: %s", cofile, e)
@@ -833,7 +898,10 @@ class Spool(Generic[M, D]):
             except CorruptEntryError as e:
                 return self._recover_undecodable(q, name, cofile, e.reason, claim)
             _fs.unlink_quiet(lay.tmp_file(name))  # a rewrite the dead owner left half done
-            if not _fs.rename_if_exists(cofile, lay.queue_file(dirname, name)):
+            # Verified where a stale client could make rename a no-op: only what really
+            # moved is reported (a no-op leaves it for the next recovery).
+            qfile = lay.queue_file(dirname, name)
+            if _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames) != _fs.MOVED:
                 return False
             if sp.durability == "full":
                 _fs.fsync_dir(lay.queue(dirname))
@@ -882,8 +950,10 @@ class Spool(Generic[M, D]):
                 try:
                     if now - os.lstat(reg).st_mtime < limit:
                         continue
-                except FileNotFoundError:
-                    continue
+                except OSError as e:
+                    if _fs.gone(e):
+                        continue
+                    raise
                 gen = _fs.lock_generation()
                 fd = _fs.open_locked(reg)
                 if fd is None:

@@ -440,9 +440,12 @@ class AsyncSpool(Generic[M, D]):
         return result
 
     # -- recovery ---------------------------------------------------------------------
-    async def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[AsyncEntry[M, D]]:
+    async def recover_checkouts(
+        self, queue: enum.Enum | None = None, *, dead_after: Duration | None = None
+    ) -> builtins.list[AsyncEntry[M, D]]:
         """``Spool.recover_checkouts``."""
-        return [self._entry(e) for e in await self._run(self.sync.recover_checkouts, queue)]
+        found = await self._run(functools.partial(self.sync.recover_checkouts, queue, dead_after=dead_after))
+        return [self._entry(e) for e in found]
 
     async def clean_abandoned(self, older_than: Duration = 600) -> builtins.list[str]:
         """``Spool.clean_abandoned``."""
