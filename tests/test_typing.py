@@ -18,6 +18,8 @@ TYPING = Path(__file__).resolve().parent / "typing"
 FILES = sorted(TYPING.glob("*.py"))
 EXPECT = re.compile(r"#\s*E:\s*(.*?)\s*(?=#\s*E:|$)")
 ERROR = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+): error: (?P<msg>.*)$")
+# One cache per interpreter: tox envs running side by side must not share one.
+MYPY_CACHE = ROOT / ".mypy_cache" / f"typing-py{sys.version_info[0]}{sys.version_info[1]}"
 XFAIL = re.compile(r"^#\s*xfail:\s*(.+)$")
 NEEDS = re.compile(r"^#\s*xfail-unless-exported:\s*(.+)$")
 
@@ -31,7 +33,7 @@ def mypy_errors() -> dict[tuple[str, int], list[str]]:
         [
             sys.executable, "-m", "mypy", "--strict", "--config-file", str(ROOT / "pyproject.toml"),
             "--show-error-codes", "--no-pretty", "--no-error-summary", "--hide-error-context",
-            "--show-absolute-path", "--cache-dir", str(ROOT / ".mypy_cache"),
+            "--show-absolute-path", "--cache-dir", str(MYPY_CACHE),
             *map(str, FILES),
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
