@@ -725,12 +725,9 @@ class Spool(Generic[M, D]):
         reserve: Any = None,
         use: str | None = None,
     ) -> Entry[M, D]:
-        """Add an entry to ``queue`` with ``metadata`` (checked against the Spoolable's
-        type before anything is written) and ``data`` (saved by its data codec); the new
-        entry becomes visible to readers at once and is returned. ``use=NAME`` takes a name
-        from ``reserve_name``; otherwise a name is reserved with seed ``reserve``. If any
-        step fails, every file the enqueue created (the reservation included) is removed
-        and the error raised."""
+        """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
+        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
+        the enqueue created (the reservation included) is removed and the error raised."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
