@@ -243,6 +243,47 @@ def test_watch_prints_plain_lines_off_a_terminal(sp: str, procs: list[subprocess
     assert "\x1b" not in "".join(first) + line + out
 
 
+def test_queue_view_counts_rates_and_oldest(sp: str) -> None:
+    """watch's per-queue view: one listing per refresh, an lstat only for arrivals."""
+    spool = spool_of(sp)
+    es = [spool.enqueue(q(spool, "in"), b"{}", b"") for _ in range(4)]
+    old = time.time() - 120
+    os.utime(os.path.join(sp, "in", es[0].name), (old, old))
+    v = cli.QueueView(spool, q(spool, "in"), window=10.0)
+    row = v.refresh(1000.0)
+    assert (row["entries"], row["checkouts"], row["in_per_s"], row["out_per_s"]) == (4, 0, 0.0, 0.0)
+    assert 119 < row["oldest_age"] < 200
+    co = spool.checkout(es[0])
+    spool.checkout(es[1]).remove()
+    spool.enqueue(q(spool, "in"), b"{}", b"")
+    stats: list[str] = []
+    real_lstat = os.lstat
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "lstat", lambda p, *a, **k: stats.append(p) or real_lstat(p, *a, **k))
+    try:
+        row = v.refresh(1001.0)
+    finally:
+        mp.undo()
+    assert len(stats) == 1  # only the one arrival was stat'ed
+    assert (row["entries"], row["checkouts"], row["in_per_s"], row["out_per_s"]) == (3, 1, 0.1, 0.2)
+    assert row["oldest_age"] < 60  # the old entry left the queue
+    co.release()
+
+
+def test_activity_spinner_only_on_a_terminal_after_a_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet = io.StringIO()
+    with cli.Activity("checking", stream=quiet):
+        pass
+    assert quiet.getvalue() == ""
+    monkeypatch.setattr(cli.Progress, "DELAY", 0.0)
+    tty = _Tty()
+    with cli.Activity("checking /sp", stream=tty):
+        deadline = time.monotonic() + 20
+        while "checking /sp" not in tty.getvalue():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
 def _families(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     from prometheus_client.parser import text_string_to_metric_families
 
