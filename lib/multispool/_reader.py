@@ -48,7 +48,7 @@ BUSY_RETRY_MAX: Final = 0.1
 # keeps its inode (every path in this library that makes a due time earlier gives the
 # queue file a new one), and re-checked after this long anyway, in case some other tool
 # re-queued it earlier while keeping the inode.
-DUE_RECHECK: Final = 300.0
+DUE_RECHECK: Final = 3600.0
 # A directory whose mtime is at least this much older than the start of our last
 # listing cannot have changed since without its mtime changing (filesystem timestamps
 # come from a coarse clock: a few ms at most behind).
