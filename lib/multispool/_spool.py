@@ -746,10 +746,10 @@ class Spool(Generic[M, D]):
                     name, fd = use, self._take_reservation(use)
                 else:
                     name, fd = self._reserve(reserve)
+                stage = 1
                 tmp = lay.tmp_file(name)
                 data_path = lay.data_file(name)
                 qfile = lay.queue_file(dirname, name)
-                stage = 1
                 _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode)
                 sp.encode_data(data, data_path, sync=sync_files)
                 if full:
@@ -761,8 +761,8 @@ class Spool(Generic[M, D]):
                 if stage == 2 and not os.path.lexists(tmp) and os.path.lexists(qfile):
                     stage = 3  # interrupted right after the rename: the entry is queued
                 if 0 < stage < 3:
-                    _fs.unlink_quiet(tmp)
-                    _fs.unlink_quiet(data_path)
+                    _fs.unlink_quiet(lay.tmp_file(name))
+                    _fs.unlink_quiet(lay.data_file(name))
                     _fs.unlink_quiet(lay.registry_file(name))
                 raise
             finally:
