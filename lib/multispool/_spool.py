@@ -490,10 +490,16 @@ class Spool(Generic[M, D]):
         until that cache expires (network filesystems keep names for about a second)."""
         verify = self._fs_facts().verify_renames
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
+        retried = False
         while True:
             r = _fs.rename_verified(src, dst, verify=verify)
+            if r == _fs.SRC_GONE and retried:
+                # The source a stale cache still showed may have moved after all: we hold
+                # the lock, so if the destination is there, it is our move.
+                return _fs.lexists(dst)
             if r != _fs.NOT_MOVED:
                 return r == _fs.MOVED
+            retried = True
             if time.monotonic() >= deadline:
                 raise SpoolError(
                     f"rename of {src} to {dst} kept reporting success without moving it "
@@ -733,12 +739,9 @@ class Spool(Generic[M, D]):
         reserve: Any = None,
         use: str | None = None,
     ) -> Entry[M, D]:
-        """Add an entry to ``queue`` with ``metadata`` (checked against the Spoolable's
-        type before anything is written) and ``data`` (saved by its data codec); the new
-        entry becomes visible to readers at once and is returned. ``use=NAME`` takes a name
-        from ``reserve_name``; otherwise a name is reserved with seed ``reserve``. If any
-        step fails, every file the enqueue created (the reservation included) is removed
-        and the error raised."""
+        """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
+        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
+        the enqueue created (the reservation included) is removed and the error raised."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
@@ -901,6 +904,8 @@ class Spool(Generic[M, D]):
                 raise
             if moved != _fs.MOVED:
                 claim.release()
+                if moved == _fs.NOT_MOVED:
+                    log.debug("multispool: claim of %s lost: rename moved nothing (stale cache)", qfile)
                 return None
             try:
                 raw = _fs.read_file(cofile)
@@ -1094,7 +1099,10 @@ class Spool(Generic[M, D]):
             # Verified where a stale client could make rename a no-op: only what really
             # moved is reported (a no-op leaves it for the next recovery).
             qfile = lay.queue_file(dirname, name)
-            if _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames) != _fs.MOVED:
+            moved = _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames)
+            if moved != _fs.MOVED:
+                if moved == _fs.NOT_MOVED:
+                    log.debug("multispool: recovery of %s not done: rename moved nothing", cofile)
                 return False
             if sp.durability == "full":
                 _fs.fsync_dir(lay.queue(dirname))
