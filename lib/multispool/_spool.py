@@ -524,7 +524,9 @@ class Spool(Generic[M, D]):
     @classmethod
     def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
         """``load(path, spoolable, create_if_missing=True)``: open the spool at ``path``,
-        creating it (or its missing queues) first. Safe to call from many processes at once."""
+        creating it (or its missing queues) first. Safe to call from many processes at once
+        (idempotent); all or nothing: a new spool appears whole (built in a temporary
+        sibling, then renamed into place), and a failed call leaves no directory it made."""
         return cls.load(path, spoolable, create_if_missing=True)
 
     @classmethod
@@ -740,8 +742,12 @@ class Spool(Generic[M, D]):
         use: str | None = None,
     ) -> Entry[M, D]:
         """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
-        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
-        the enqueue created (the reservation included) is removed and the error raised."""
+        otherwise a name is reserved with seed ``reserve``. ``metadata`` that does not
+        match the Spoolable's ``metadata`` type raises (``msgspec.ValidationError`` or
+        ``TypeError``) before anything touches disk. If any step fails, every file the
+        enqueue created (the reservation included) is removed and the error raised; an
+        exception that comes once the entry is in its queue (KeyboardInterrupt) leaves
+        the entry whole. No descriptor or lock outlives the call."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
