@@ -874,11 +874,20 @@ class Spool(Generic[T]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
+        poll_interval: Duration = 0.1,
     ) -> QueueReader[T]:
-        """An event-driven reader of ``queue`` (see QueueReader)."""
+        """An event-driven reader of ``queue`` (see QueueReader); ``poll_interval`` is how
+        often a polling reader lists the queue for new entries."""
         from ._reader import QueueReader
 
-        return QueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
+        return QueueReader(
+            self,
+            queue,
+            observer=observer,
+            rescan_interval=rescan_interval,
+            recover=recover,
+            poll_interval=poll_interval,
+        )
 
     def __repr__(self) -> str:
         return f"Spool({self.dir!r}, {self.spoolable!r})"
