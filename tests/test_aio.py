@@ -510,7 +510,9 @@ def test_cancel_while_waiting_claims_nothing(tmp_path: Path) -> None:
     [(False, 1), (True, 1), (True, 2)],
     ids=["while-claiming", "while-listing", "while-claiming-after-listing"],
 )
-def test_cancel_parked_dequeue_while_its_wake_claim_runs(tmp_path: Path, listing: bool, block_at: int) -> None:
+def test_cancel_parked_dequeue_while_its_wake_claim_runs(
+    tmp_path: Path, listing: bool, block_at: int
+) -> None:
     """A parked dequeue has the observer thread submit its claim straight to the executor;
     cancelling the dequeue while that claim runs gives the entry back. The wake's claim
     takes the name the event carries (no listing) unless the core must list first."""
