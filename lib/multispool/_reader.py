@@ -35,16 +35,17 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Final, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeAlias, TypeVar
 
 from . import _watch
 from ._errors import CorruptEntryError, NotASpoolError
-from ._spool import CheckedOutEntry, DataFile, Save, Spool, _Busy
+from ._spool import Action, CheckedOutEntry, DataFile, Spool, _Busy
 from ._spoolable import Duration, seconds
 
 log = logging.getLogger("multispool")
 
-T = TypeVar("T")
+M = TypeVar("M")
+D = TypeVar("D")
 
 # A stop relay thread checks this often whether any reader still waits on its Event.
 RELAY_SLICE: Final = 0.25
@@ -140,7 +141,8 @@ class NotBefore:
         return name in self._until
 
 
-Callback = Callable[[Any, DataFile[Any]], "Save | object"]
+Handler: TypeAlias = Callable[[M, DataFile[D]], Action[M]]
+"""A reader callback: ``f(metadata, data_file)`` returns what to do with the entry."""
 
 
 class _StopRelay:
@@ -208,7 +210,7 @@ class _RescanClock:
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
-        self.heap: list[tuple[float, int, weakref.ref[QueueReader[Any]]]] = []
+        self.heap: list[tuple[float, int, weakref.ref[QueueReader[Any, Any]]]] = []
         self.seq = 0
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
@@ -218,7 +220,7 @@ class _RescanClock:
         grid = min(interval * RESCAN_GRID, RESCAN_GRID_MAX)
         return math.ceil((now + interval) / grid) * grid
 
-    def add(self, reader: QueueReader[Any], now: float) -> None:
+    def add(self, reader: QueueReader[Any, Any], now: float) -> None:
         """Schedule ``reader``'s checks (unless it is closed); its ``_clock_token`` keeps
         them going."""
         with self.cond:
@@ -234,7 +236,7 @@ class _RescanClock:
             elif self.heap[0][1] == token:
                 self.cond.notify()
 
-    def remove(self, reader: QueueReader[Any]) -> None:
+    def remove(self, reader: QueueReader[Any, Any]) -> None:
         """Stop checking ``reader``; the thread ends once no reader is left."""
         with self.cond:
             token, reader._clock_token = reader._clock_token, 0
@@ -253,7 +255,7 @@ class _RescanClock:
                 if not self.heap:
                     self.thread = None
                     return
-                due: list[tuple[int, weakref.ref[QueueReader[Any]]]] = []
+                due: list[tuple[int, weakref.ref[QueueReader[Any, Any]]]] = []
                 while self.heap and self.heap[0][0] <= now:
                     _, token, ref = heapq.heappop(self.heap)
                     due.append((token, ref))
@@ -285,7 +287,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_clock_after_fork)
 
 
-class QueueReader(Generic[T]):
+class QueueReader(Generic[M, D]):
     """Hands out the entries of one queue, each to exactly one reader among all the
     processes reading it, in name order of each directory listing (entries announced by
     events in name order of each batch); waits for new entries on filesystem events.
@@ -293,7 +295,7 @@ class QueueReader(Generic[T]):
 
     def __init__(
         self,
-        spool: Spool[T],
+        spool: Spool[M, D],
         queue: enum.Enum,
         *,
         observer: str = "auto",
@@ -432,9 +434,10 @@ class QueueReader(Generic[T]):
 
     @property
     def closed(self) -> bool:
+        """True once ``close`` was called (or the ``with`` block left)."""
         return self._closed
 
-    def __enter__(self) -> QueueReader[T]:
+    def __enter__(self) -> QueueReader[M, D]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -480,7 +483,7 @@ class QueueReader(Generic[T]):
             else:
                 self._hinted.add(name)
 
-    def _take(self, *, fresh: bool) -> CheckedOutEntry[T] | None:
+    def _take(self, *, fresh: bool) -> CheckedOutEntry[M, D] | None:
         """The next entry this reader can claim now from what it knows: the current
         pass, then names from events and deferred names now ready, then (when asked for
         by an event naming nothing, the rescan, or ``fresh`` with nothing else left) one
@@ -510,7 +513,7 @@ class QueueReader(Generic[T]):
                 return co
         return None
 
-    def _take_pending(self) -> CheckedOutEntry[T] | None:
+    def _take_pending(self) -> CheckedOutEntry[M, D] | None:
         pending = self._pending
         not_before = self.not_before
         while pending and not self._closed:
@@ -571,13 +574,13 @@ class QueueReader(Generic[T]):
             wait = deadline - now if wait is None else min(wait, deadline - now)
         return wait
 
-    def dequeue_available(self) -> CheckedOutEntry[T] | None:
+    def dequeue_available(self) -> CheckedOutEntry[M, D] | None:
         """The next entry if one can be claimed now, else None. Never waits."""
         return self._take(fresh=True)
 
     def dequeue(
         self, stop: threading.Event | None = None, timeout: Duration | None = None
-    ) -> CheckedOutEntry[T] | None:
+    ) -> CheckedOutEntry[M, D] | None:
         """The next entry, waiting for one (filesystem events, plus a rescan every
         ``rescan_interval`` if the directory changed unseen). None once ``stop`` is set,
         ``timeout`` passes, or the reader is closed."""
@@ -606,7 +609,7 @@ class QueueReader(Generic[T]):
         finally:
             relay.leave(self._wake)
 
-    def __iter__(self) -> Iterator[CheckedOutEntry[T]]:
+    def __iter__(self) -> Iterator[CheckedOutEntry[M, D]]:
         """Blocking iteration; ends when the reader is closed."""
         while True:
             co = self.dequeue()
@@ -615,14 +618,14 @@ class QueueReader(Generic[T]):
             yield co
 
     # -- processing -----------------------------------------------------------------------
-    def _process(self, co: CheckedOutEntry[T], f: Callback) -> None:
+    def _process(self, co: CheckedOutEntry[M, D], f: Handler[M, D]) -> None:
         try:
             Spool._finish(co, f(co.contents, co.data_file))
         except BaseException:
             co.release()
             raise
 
-    def iter(self, f: Callback, stop: threading.Event | None = None) -> None:
+    def iter(self, f: Handler[M, D], stop: threading.Event | None = None) -> None:
         """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
         are left, wait for new ones, until ``stop`` is set (or the reader is closed). If
         ``f`` raises, that entry goes back unchanged and the exception propagates."""
@@ -632,8 +635,9 @@ class QueueReader(Generic[T]):
                 return
             self._process(co, f)
 
-    def iter_available(self, f: Callback) -> None:
-        """Process the entries present in one fresh listing of the queue, then return."""
+    def iter_available(self, f: Handler[M, D]) -> None:
+        """Process the entries present in one fresh listing of the queue with ``f`` (as
+        ``iter`` does), then return."""
         self._check_watch()
         self._relist()
         while True:
