@@ -482,12 +482,18 @@ class QueueReader(Generic[M, D]):
                 self._must_list = True
             else:
                 self._hinted.add(name)
+        if len(self._hinted) > MAX_HINTS:
+            # A long pass while entries keep coming: one listing after it finds them all.
+            self._hinted.clear()
+            self._rescan_due = True
 
     def _take(self, *, fresh: bool) -> CheckedOutEntry[M, D] | None:
         """The next entry this reader can claim now from what it knows: the current
-        pass, then names from events and deferred names now ready, then (when asked for
-        by an event naming nothing, the rescan, or ``fresh`` with nothing else left) one
-        listing. None if there is nothing to take."""
+        pass; then, once it is done, a listing if one was asked for (an event naming
+        nothing, the rescan: it also covers every name announced so far, and a steady
+        stream of events cannot put it off), else the names from events and the deferred
+        names now ready, else a listing if ``fresh`` and none was made in this call.
+        None if there is nothing to take."""
         self._check_watch()
         listed = False
         while not self._closed:
@@ -496,13 +502,17 @@ class QueueReader(Generic[M, D]):
                 self._relist()
                 listed = True
             if not self._pending:
-                ready = self.not_before.pop_ready(time.monotonic()) if self.not_before else ()
-                self._hinted.update(ready)
+                if self._rescan_due:
+                    self._relist()
+                    listed = True
+                    continue
+                if self.not_before:
+                    self._hinted.update(self.not_before.pop_ready(time.monotonic()))
                 if self._hinted:
                     self._pending = sorted(self._hinted, reverse=True)
                     self._pending_listed = False
                     self._hinted.clear()
-                elif self._rescan_due or (fresh and not listed):
+                elif fresh and not listed:
                     self._relist()
                     listed = True
                     continue
