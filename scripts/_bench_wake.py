@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import inspect
 import multiprocessing as mp
 import os
 import shutil
@@ -75,7 +76,10 @@ def _consume(
 ) -> list[int]:
     """Consume n entries; returns the perf_counter_ns at which each dequeue returned."""
     got: list[int] = []
-    with spool.reader(Queue.Q, observer=observer, rescan_interval=60.0, poll_interval=poll) as reader:
+    # poll_interval is new (issue 11); leave it out where the reader predates it, so that
+    # this script also measures older versions (PYTHONPATH=/old/lib scripts/bench_wake).
+    extra = {"poll_interval": poll} if "poll_interval" in inspect.signature(spool.reader).parameters else {}
+    with spool.reader(Queue.Q, observer=observer, rescan_interval=60.0, **extra) as reader:
         assert reader.dequeue_available() is None
         conn.send("go")
         while len(got) < n:

@@ -359,6 +359,9 @@ class QueueReader(Generic[M, D]):
             )
             st = os.stat(self._qdir)
         except FileNotFoundError:
+            sub, self._sub = self._sub, None
+            if sub is not None:
+                sub.close()
             raise NotASpoolError("queue directory does not exist", self._qdir) from None
         self._watched = (st.st_dev, st.st_ino)
         self._must_list = True
@@ -366,12 +369,13 @@ class QueueReader(Generic[M, D]):
     def _on_event(self, name: str | None = None) -> None:
         # Observer thread. The hint goes in before the wake, so a reader that cleared
         # its wake flag and then drains the hints never misses one.
+        if name is not None and name[0] == ".":
+            return  # .checkout and other dot-names are never entries
         hints = self._hints
-        if name is None or name[0] != ".":
-            if len(hints) >= MAX_HINTS:
-                hints.clear()
-                name = None
-            hints.append(name)
+        if len(hints) >= MAX_HINTS:
+            hints.clear()
+            name = None
+        hints.append(name)
         self._wake.set()
         if self._on_wake is not None:
             self._on_wake()
@@ -386,9 +390,9 @@ class QueueReader(Generic[M, D]):
     def _safety_check(self) -> None:
         """Rescan thread: ask for a listing if the queue directory may hold something
         events did not announce, or if the watch died."""
-        sub = self._sub
-        if sub is None or self._closed:
+        if self._closed:
             return
+        sub = self._sub
         listed = self._listed
         try:
             st = os.stat(self._qdir)
@@ -399,6 +403,7 @@ class QueueReader(Generic[M, D]):
             listed is None
             or listed[1]
             or listed[0] != (st.st_dev, st.st_ino, st.st_mtime_ns)
+            or sub is None
             or getattr(sub, "stale", False)
         ):
             self._rescan_wanted()
@@ -406,18 +411,19 @@ class QueueReader(Generic[M, D]):
     def _check_watch(self) -> None:
         """Re-establish a watch that died: the directory replaced or deleted (then this
         raises NotASpoolError), or this reader carried into a forked child."""
-        sub = self._sub
-        if sub is None or self._closed:
+        if self._closed:
             return
+        sub = self._sub  # None here: a re-subscription failed (the directory was missing)
         forked = self._pid != os.getpid()
-        if not forked and not getattr(sub, "stale", False):
+        if sub is not None and not forked and not getattr(sub, "stale", False):
             return
         if forked:
             # The parent's threads may have held the Event's lock at fork time.
             self._wake = threading.Event()
             self._pid = os.getpid()
-        sub.close()  # inert for a subscription inherited across fork
-        self._sub = None
+        if sub is not None:
+            sub.close()  # inert for a subscription inherited across fork
+            self._sub = None
         self._subscribe()
         if forked:
             self._clock_token = 0  # registered with the child's clock at the next listing
