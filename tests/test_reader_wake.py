@@ -85,7 +85,7 @@ def test_wakes_take_the_named_entry_without_listing(
 
 @pytest.mark.parametrize(
     "history",
-    [20_000, pytest.param(150_000, marks=pytest.mark.skipif(not SLOW, reason="set MULTISPOOL_SLOW=1"))],
+    [5_000, pytest.param(150_000, marks=pytest.mark.skipif(not SLOW, reason="set MULTISPOOL_SLOW=1"))],
 )
 def test_wake_latency_does_not_depend_on_the_queue_history(
     spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, history: int
