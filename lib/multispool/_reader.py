@@ -551,9 +551,10 @@ class QueueReader(Generic[M, D]):
                     raise
                 continue  # quarantined (and logged): go on with the next one
             except OSError as e:
-                # This one entry cannot be taken now (unreadable...); it is back in its
-                # queue untouched. Giving it back is itself an arrival event: without
-                # the deferral this reader would retry it at once, forever.
+                # This one entry's trouble (unreadable, a symlink or FIFO planted at its
+                # registry name...), logged with its path: the others go on. Giving it
+                # back is itself an arrival event: without the deferral this reader
+                # would retry it at once, forever.
                 retry = self.rescan_interval
                 log.warning("multispool: skipping %s/%s for %g s: %s", self._qdir, name, retry, e)
                 not_before.defer(name, time.monotonic() + retry)
