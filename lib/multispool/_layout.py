@@ -39,7 +39,7 @@ publishes the move (so a crash after the rename never shows an older record):
     recover          record untouched: a retry decided before the crash stands
 
 A move that makes a due time still in the future earlier also rewrites Q/NAME (a new
-inode): readers cache due times keyed on the queue file's inode.
+inode): a reader that deferred it until its old due time drops that on the arrival event.
 """
 
 from __future__ import annotations
