@@ -149,9 +149,10 @@ class Duplicated(_ProblemBase):
 
 @dataclass(frozen=True, eq=True)
 class DeadCheckout(_ProblemBase):
-    """A checkout whose owner lock is free: the process that checked it out died, so
-    nobody will ever finish it (``fsck --repair`` / ``Spool.recover_checkouts`` puts it
-    back into its queue). Reported at once, whatever its age."""
+    """A checked-out ``file`` in checkout directory ``dir`` whose owner lock is free: the
+    process that checked it out died, so nobody will ever finish it (``fsck --repair`` /
+    ``Spool.recover_checkouts`` puts it back into its queue). Reported at once, whatever
+    its age."""
 
     file: FileWithMtime
     dir: Dir
