@@ -340,9 +340,12 @@ def close_lock_fd(fd: int) -> None:
 
 class Holder(Protocol):
     """Receives a lock descriptor in the step that opens it (``fd``), and loses it in the
-    step that closes it: the owner of a lock, such as a checkout."""
+    step that closes it: the owner of a lock, such as a checkout. ``create_locked`` also
+    sets ``path`` once the file it created has its name, so an interrupted caller knows
+    which file is its own to remove."""
 
     fd: int | None
+    path: str | None
 
 
 def _open_held(path: str, flags: int, mode: int = 0o777, holder: Holder | None = None) -> int:
@@ -459,11 +462,19 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
                 # link to the unnamed file, only when given a dir fd (ignored: both paths
                 # are absolute or relative to the cwd either way).
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
+                if holder is not None:
+                    holder.path = path
             except FileExistsError:
                 _close_held(fd, holder)
                 return None
             except BaseException:
-                _close_held(fd, holder)
+                # Interrupted (a signal handler's exception) maybe after the link: a name
+                # that is our file goes with the descriptor.
+                try:
+                    if _is_file(path, fd):
+                        unlink_quiet(path)
+                finally:
+                    _close_held(fd, holder)
                 raise
             return fd
     try:
@@ -476,6 +487,15 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
     except BaseException:
         unlink_quiet(path)
         raise
+
+
+def _is_file(path: str, fd: int) -> bool:
+    """True if ``path`` names the file open as ``fd``."""
+    try:
+        a, b = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def open_locked(path: str, holder: Holder | None = None) -> int | None:

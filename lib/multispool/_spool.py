@@ -132,10 +132,11 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("_writing", "done", "fd", "generation")
+    __slots__ = ("_writing", "done", "fd", "generation", "path")
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        self.path: str | None = None  # the registry file an enqueue created (see _fs.Holder)
         self.generation = _fs.lock_generation()
         self.done = False
         self._writing: threading.Lock | None = None
@@ -717,6 +718,7 @@ class Spool(Generic[M, D]):
                 # No call between these two steps, so no signal handler runs between:
                 # the owner takes the descriptor over from the table.
                 owner.fd = _reserved[key]
+                owner.path = path
                 del _reserved[key]
         if owner.fd is None:
             # Not reserved by this process: a name reserved elsewhere whose reserver died
@@ -784,6 +786,9 @@ class Spool(Generic[M, D]):
             except BaseException:
                 if stage == 2 and not os.path.lexists(tmp) and os.path.lexists(qfile):
                     stage = 3  # interrupted right after the rename: the entry is queued
+                if stage == 0 and owner.fd is not None and owner.path is not None:
+                    # Interrupted as the reservation returned: the registry file is ours.
+                    _fs.unlink_quiet(owner.path)
                 if 0 < stage < 3:
                     _fs.unlink_quiet(lay.tmp_file(name))
                     _fs.unlink_quiet(lay.data_file(name))
