@@ -1200,18 +1200,28 @@ class Spool(Generic[M, D]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
+        poll_interval: Duration = 0.1,
     ) -> QueueReader[M, D]:
         """An event-driven reader of ``queue`` (see QueueReader); use it as a context
         manager, or ``close`` it.
 
         ``observer``: ``"auto"`` (native events on local filesystems, polling on network
         and FUSE ones; the ``MULTISPOOL_OBSERVER`` environment variable overrides it),
-        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, re-list the queue
-        this often (seconds) in case an event was lost. ``recover``: first put back
-        checkouts of dead processes and clean abandoned enqueues."""
+        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, check the queue
+        this often (seconds) for entries no event announced (events can be lost).
+        ``recover``: first put back checkouts of dead processes and clean abandoned
+        enqueues. ``poll_interval``: how often (seconds) a polling reader lists the
+        queue for new entries (one directory listing per poll)."""
         from ._reader import QueueReader
 
-        return QueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
+        return QueueReader(
+            self,
+            queue,
+            observer=observer,
+            rescan_interval=rescan_interval,
+            recover=recover,
+            poll_interval=poll_interval,
+        )
 
     def __repr__(self) -> str:
         return f"Spool({self.dir!r}, {self.spoolable!r})"
