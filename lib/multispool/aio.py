@@ -23,7 +23,9 @@ Cancellation never loses or strands an entry:
 * ``save``, ``remove`` and ``release``, once called, always complete in the executor even
   if the awaiting task is cancelled (the cancellation is delivered at once); a save or
   remove that then fails releases the entry;
-* ``enqueue`` cancelled before it started does not happen; once started, it completes.
+* ``enqueue`` cancelled before it started does not happen; once started, it completes;
+* a parked ``dequeue`` whose event loop is closed (without cancelling it) claims nothing
+  for it any more, and a claim already made for it goes back to its queue.
 
 An ``AsyncSpool`` belongs to one event loop at a time. Close it (``await spool.aclose()``
 or ``async with spool:``) to close its readers and stop its executor threads; closing
