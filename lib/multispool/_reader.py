@@ -407,6 +407,9 @@ class QueueReader(Generic[M, D]):
             or listed[0] != (st.st_dev, st.st_ino, st.st_mtime_ns)
             or sub is None
             or getattr(sub, "stale", False)
+            # Polled directories are on filesystems whose attributes may be cached or
+            # stamped by another host's clock: an unchanged mtime proves nothing there.
+            or getattr(sub, "mode", None) == "polling"
         ):
             self._rescan_wanted()
 
