@@ -327,17 +327,6 @@ def lock_generation() -> int:
     return _generation
 
 
-def close_lock_fd(fd: int) -> None:
-    """Close a registry file's descriptor. GlusterFS reports ENOENT or ESTALE from close
-    when the file was unlinked meanwhile (by a remove through this or another client);
-    the descriptor is freed all the same, and that lock is gone with it."""
-    try:
-        os.close(fd)
-    except OSError as e:
-        if not gone(e):
-            raise
-
-
 class Holder(Protocol):
     """Receives a lock descriptor in the step that opens it (``fd``), and loses it in the
     step that closes it: the owner of a lock, such as a checkout. ``create_locked`` also

@@ -1062,13 +1062,7 @@ class Spool(Generic[M, D]):
             return []
         min_age = None if dead_after is None else seconds(dead_after)
         if min_age is None:
-            facts = self._fs_facts()
-            if not facts.locks_shared:
-                raise SpoolError(
-                    f"recover_checkouts refused: a free owner lock does not prove its owner died here: "
-                    f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
-                    f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
-                )
+            self._check_locks_prove_death()
         queues = sp._queue_list if queue is None else (queue,)
         recovered: list[Entry[M, D]] = []
         for q in queues:
@@ -1084,9 +1078,24 @@ class Spool(Generic[M, D]):
                         log.warning("multispool: cannot recover %s/%s, left in place: %s", dirname, name, e)
         return recovered
 
+    def _check_locks_prove_death(self) -> None:
+        """SpoolError unless a free owner lock proves its owner died on this filesystem
+        (locks shared by every mount and client that can reach the spool)."""
+        facts = self._fs_facts()
+        if not facts.locks_shared:
+            raise SpoolError(
+                f"recovery refused: a free owner lock does not prove its owner died here: "
+                f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
+                f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
+            )
+
     def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
+        """Move one dead checkout back into its queue; True only if it really moved. With
+        ``min_age`` None the free lock must be proof enough (SpoolError where it is not)."""
         sp = self.spoolable
         lay = self._layout
+        if min_age is None:
+            self._check_locks_prove_death()
         claim = _Claim(None)
         if _fs.open_locked(lay.registry_file(name), claim) is None:
             return False  # a live owner, or no registry file (an orphan for the Monitor)
