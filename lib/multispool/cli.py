@@ -785,12 +785,15 @@ def cmd_recover(a: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
-    """Set ``stop`` on SIGINT/SIGTERM; returns a function restoring the old handlers."""
+def _stop_on_signals(stop: threading.Event, *also: threading.Event) -> Callable[[], None]:
+    """Set ``stop`` (and the events ``also``, to end a wait at once) on SIGINT/SIGTERM;
+    returns a function restoring the old handlers."""
     old: dict[int, Any] = {}
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
+        for ev in also:
+            ev.set()
 
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -979,7 +982,7 @@ def cmd_watch(a: argparse.Namespace) -> int:
     mode, _ = choose_observer(spool.dir, a.observer)
     wake = threading.Event()
     stop = threading.Event()
-    restore = _stop_on_signals(stop)
+    restore = _stop_on_signals(stop, wake)
     subs = []
     printed: dict[str, tuple[Any, ...]] = {}
     try:
