@@ -224,8 +224,10 @@ class Limits:
 def _lstat_mtime(path: str) -> float | None:
     try:
         return os.lstat(path).st_mtime
-    except FileNotFoundError:
-        return None
+    except OSError as e:
+        if _fs.gone(e):  # ESTALE: removed through another client of a shared filesystem
+            return None
+        raise
 
 
 class _Listing:
@@ -254,8 +256,10 @@ class _Listing:
         """The entry's mtime, None if it vanished since the listing."""
         try:
             return e.stat(follow_symlinks=False).st_mtime
-        except FileNotFoundError:
-            return None
+        except OSError as err:
+            if _fs.gone(err):
+                return None
+            raise
 
 
 @contextlib.contextmanager
