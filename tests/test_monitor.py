@@ -437,7 +437,10 @@ spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(
 def produce(until):
     n = 0
     while time.monotonic() < until:
-        spool.enqueue(Queue.QUEUE1, Cog(n=n), b"x")
+        if n % 4 == 3:  # a reservation first, used later: held locked all the while
+            spool.enqueue(Queue.QUEUE1, Cog(n=n), b"x", use=spool.reserve_name())
+        else:
+            spool.enqueue(Queue.QUEUE1, Cog(n=n), b"x")
         n += 1
     return n
 
@@ -446,10 +449,19 @@ def consume(until):
     while time.monotonic() < until:
         for q in (Queue.QUEUE1, Queue.QUEUE2):
             for e in spool.list(q)[:20]:
+                n += 1
+                try:
+                    if q is Queue.QUEUE2 and n % 5 == 0:  # writes to queued entries
+                        e.direct.save(Cog(n=-n))
+                        continue
+                    if q is Queue.QUEUE2 and n % 5 == 1:
+                        e.direct.remove()
+                        continue
+                except multispool.EntryNotFoundError:
+                    continue  # another consumer has it
                 co = spool.checkout_if_found(e)
                 if co is None:
                     continue
-                n += 1
                 if q is Queue.QUEUE2 or n % 3 == 0:
                     co.remove()
                 elif n % 3 == 1:
@@ -469,7 +481,8 @@ serve(handle)
 
 def test_fsck_is_clean_under_load(spool: multispool.Spool[bytes], capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 10 item 13: with real producers and consumers running (enqueues in progress,
-    claims, saves into another queue, removals, releases), the Monitor and ``multispool
+    reservations, claims, saves into another queue, removals, releases, direct rewrites
+    and removals of queued entries), the Monitor and ``multispool
     fsck`` report nothing on this healthy spool, in every run."""
     from _procs import workers
     from multispool.cli import main
