@@ -535,7 +535,10 @@ def _claim(
                              "left alone")
     co = spool._claim(q, name)
     if co is None:
-        if os.path.lexists(lay.checkout_file(dn, name)) or os.path.lexists(lay.queue_file(dn, name)):
+        present = any(map(os.path.lexists, (lay.checkout_file(dn, name), lay.queue_file(dn, name))))
+        if present and not os.path.lexists(lay.registry_file(name)):
+            raise UsageError(f"{disp(dn)}/{disp(name)} has no registry file (an orphan, see fsck): left")
+        if present:
             raise UsageError(f"{disp(dn)}/{disp(name)} is held by a live process: left alone")
         raise UsageError(f"{disp(spool.dir)}: no entry {disp(name)!r} in queue {disp(dn)!r}")
     return co
