@@ -542,3 +542,35 @@ def test_repair_releases_locks_through_fs(spool: multispool.Spool[bytes]) -> Non
         os.close(r)
         os.close(w)
     assert m.run_once() == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the file by /proc/self/fd")
+def test_probe_of_a_fresh_reservation_leaves_no_orphan(
+    spool: multispool.Spool[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsck takes a registry lock for an instant to tell an enqueue in progress from an
+    abandoned one. Where a registry file is created with O_EXCL and then locked (no
+    O_TMPFILE: macOS, FUSE, NFS), a probe landing between the two made the enqueuer give
+    up a name it had just created, leaving an orphaned registry file for fsck to report.
+    The creator now waits that instant out."""
+    reg_dir = os.path.join(spool.dir, ".registry")
+    monkeypatch.setattr(_fs, "_no_tmpfile", {reg_dir})  # the portable O_EXCL path
+    real_try_lock = _fs.try_lock
+    probes: list[int] = []
+
+    def probed_once(fd: int) -> bool:
+        if not probes:  # a Monitor holds the fresh file's lock at the first attempt
+            probes.append(fd)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            with contextlib.ExitStack() as st:
+                other = os.open(path, os.O_RDONLY)
+                st.callback(os.close, other)
+                assert real_try_lock(other)
+                return real_try_lock(fd)  # False: held by the "probe"
+        return real_try_lock(fd)
+
+    monkeypatch.setattr(_fs, "try_lock", probed_once)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    assert probes
+    assert sorted(os.listdir(reg_dir)) == [e.name]  # no abandoned name left behind
+    assert make(spool).run_once() == []
