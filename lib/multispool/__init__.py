@@ -31,6 +31,7 @@ from ._spool import Entry as Entry
 from ._spool import Save as Save
 from ._spool import Spool as Spool
 from ._spoolable import BytesData as BytesData
+from ._spoolable import FileData as FileData
 from ._spoolable import MsgspecData as MsgspecData
 from ._spoolable import PrefixNames as PrefixNames
 from ._spoolable import Spoolable as Spoolable
@@ -50,6 +51,7 @@ __all__ = [
     "End",
     "Entry",
     "EntryNotFoundError",
+    "FileData",
     "FileWithMtime",
     "InvalidNameError",
     "Limits",

@@ -15,11 +15,11 @@ import os
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
 
-from . import _fs
+from . import _enqueue, _fs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
 from ._layout import CHECKOUT, Layout, check_name
 from ._spoolable import Duration, Spoolable, seconds
@@ -438,7 +438,9 @@ class Spool(Generic[T]):
             raise NotASpoolError(f"spool directories are on different filesystems ({where})", root)
 
     # -- names and enqueue ----------------------------------------------------------------
-    def _reserve(self, seed: Any) -> tuple[str, int]:
+    def _reserve(self, seed: Any, *, sync: bool = True) -> tuple[str, int]:
+        """Create and lock a fresh registry file; with ``sync`` (and durability "full"),
+        make its name durable at once (enqueue syncs ``.registry`` later, once per group)."""
         sp = self.spoolable
         lay = self._layout
         gen = sp.name_generator
@@ -448,7 +450,7 @@ class Spool(Generic[T]):
             fd = _fs.create_locked(lay.registry, path, sp.file_mode)
             if fd is None:
                 continue  # taken: propose the next name
-            if sp.durability == "full":
+            if sync and sp.durability == "full":
                 try:
                     _fs.fsync_dir(lay.registry)
                 except BaseException:
@@ -509,41 +511,51 @@ class Spool(Generic[T]):
     ) -> Entry[T]:
         """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
         otherwise a name is reserved with seed ``reserve``. If any step fails, every file
-        the enqueue created (the reservation included) is removed and the error raised."""
+        the enqueue created (the reservation included) is removed and the error raised.
+        Concurrent enqueues in threads of this process share their directory syncs
+        (group commit, see ``_enqueue``); each returns once its own entry is durable."""
         sp = self.spoolable
-        lay = self._layout
         dirname = sp.dirname(queue)
         if use is not None:
             check_name(use)
-        raw = sp._codec.encode(metadata)  # before touching disk: a bad value leaves nothing
-        sync_files = sp.durability != "none"
-        full = sp.durability == "full"
+        item = self._encode_item(metadata, data)  # before touching disk: a bad value leaves nothing
         with sp.throttled():
-            if use is not None:
-                name, fd = use, self._take_reservation(use)
-            else:
-                name, fd = self._reserve(reserve)
-            gen = _fs.lock_generation()
-            tmp = lay.tmp_file(name)
-            data_path = lay.data_file(name)
+            staged = _enqueue.write(self, dirname, [item], reserve=reserve, use=use)
+            _enqueue.commit(self, staged)
+        return Entry._trusted(self, queue, staged[0].name)
+
+    def enqueue_many(
+        self, queue: enum.Enum, items: Iterable[tuple[Any, T]], *, reserve: Any = None
+    ) -> builtins.list[Entry[T]]:
+        """Add every ``(metadata, data)`` of ``items`` to ``queue``, in order, with as few
+        syncs as the filesystem allows: all files written, synced together, each directory
+        synced once, and only then every entry published (one sync of the queue dir).
+        When it returns, every entry is as durable as the Spoolable's durability says.
+        Every item is validated before anything touches disk; if it raises before
+        publishing, nothing of the batch is left (names, tmp and data files removed, locks
+        released). The batch holds one open descriptor per entry until it is published."""
+        sp = self.spoolable
+        dirname = sp.dirname(queue)
+        encoded = []
+        for i, pair in enumerate(items):
             try:
-                _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode)
-                sp.encode_data(data, data_path, sync=sync_files)
-                if full:
-                    _fs.fsync_dir(lay.data)
-                os.rename(tmp, lay.queue_file(dirname, name))
-            except BaseException:
-                _fs.unlink_quiet(tmp)
-                _fs.unlink_quiet(data_path)
-                _fs.unlink_quiet(lay.registry_file(name))
-                _fs.unlock(fd, gen)
-                raise
-            # Release the enqueue's lock only once the entry is in its queue, so
-            # clean_abandoned can never take a live enqueue for a dead one.
-            _fs.unlock(fd, gen)
-            if full:
-                _fs.fsync_dir(lay.queue(dirname))
-        return Entry._trusted(self, queue, name)
+                metadata, data = pair
+            except (TypeError, ValueError):
+                raise TypeError(f"enqueue_many: item {i} is not a (metadata, data) pair: {pair!r}") from None
+            encoded.append(self._encode_item(metadata, data))
+        if not encoded:
+            return []
+        with sp.throttled():
+            staged = _enqueue.write(self, dirname, encoded, reserve=reserve)
+            _enqueue.commit(self, staged)
+        return [Entry._trusted(self, queue, st.name) for st in staged]
+
+    def _encode_item(self, metadata: Any, data: T) -> tuple[bytes, Callable[[str], None]]:
+        """Validate and encode one item without touching disk: (metadata bytes, a writer of
+        the data file at a path, unsynced)."""
+        sp = self.spoolable
+        raw = sp._codec.encode(metadata)
+        return raw, sp.data_writer(data)
 
     def _write_metadata(self, name: str, raw: bytes, path: str, *, must_exist: bool) -> None:
         """Atomically replace ``path`` with encoded metadata, staged in ``.tmp/NAME``.

@@ -47,7 +47,7 @@ import queue as queue_mod
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from typing import Any, Final, Generic, TypeVar
 
 from . import _watch
@@ -368,6 +368,15 @@ class AsyncSpool(Generic[T]):
         started, it completes."""
         fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use)
         return self._entry(await self._run(fn, queue, metadata, data))
+
+    async def enqueue_many(
+        self, queue: enum.Enum, items: Iterable[tuple[Any, T]], *, reserve: Any = None
+    ) -> builtins.list[AsyncEntry[T]]:
+        """``Spool.enqueue_many``. Cancelled before it started, it does not happen; once
+        started, it completes."""
+        items = builtins.list(items)  # consumed here, not in the executor thread
+        fn = functools.partial(self.sync.enqueue_many, reserve=reserve)
+        return [self._entry(e) for e in await self._run(fn, queue, items)]
 
     async def list(self, queue: enum.Enum) -> builtins.list[AsyncEntry[T]]:
         """Entries waiting in ``queue``, sorted by name."""

@@ -1,0 +1,299 @@
+"""The enqueue pipeline: one entry, a batch, and concurrent enqueues of one process.
+
+Every enqueue goes through these steps, in this order, and only here:
+
+    validate    encode every item: nothing touches disk before all of them pass
+    write       reserve each name (.registry/NAME, created locked), write .tmp/NAME and
+                .data/NAME, without syncing
+    sync files  fsync the tmp and data files                     (durability file, full)
+    sync dirs   fsync .registry and .data, once for everything committed together  (full)
+    publish     rename each .tmp/NAME into QUEUE/NAME, then release the owner locks
+    sync queue  fsync each queue dir that received entries, once                   (full)
+
+Publish is the only step that makes an entry visible, and it comes after every sync
+that makes the entry's files durable: no crash leaves an entry in a queue whose data,
+metadata or reservation is not on disk. Up to publish, a failure removes everything the
+failed enqueue created (reservations, tmp and data files) and releases its locks.
+
+Why these five syncs ("full"): the tmp file's and the data file's contents, the names in
+``.data`` and ``.registry`` (an entry whose reservation is lost cannot be claimed) must
+be durable before the rename, and the queue dir after it, before returning. What this
+module changes is how often they happen, not which: the directory syncs are shared.
+
+Group commit ("full"): enqueues running at the same time in threads of this process
+(``enqueue`` from many threads, ``AsyncSpool.enqueue`` from many tasks, ``enqueue_many``)
+sync their own files in their own threads (concurrent fsyncs, which journalling
+filesystems merge into one commit), then hand their entries to the committer. One of
+them, the leader, syncs each directory once for the whole group, publishes every
+entry, syncs each queue dir once, and wakes the others. An enqueue that arrives alone
+leads at once: it waits for nobody. Each call still returns only when its own entries
+are durable, and gets its own errors (a failed directory sync fails every enqueue
+that needed that directory).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _fs
+
+if TYPE_CHECKING:
+    from ._spool import Spool
+
+# File syncs of a batch are issued from this many threads at once (see docs/benchmarks.md:
+# on ext4 and xfs, concurrent fsyncs share journal commits; beyond a few threads the gain
+# is flat while the cost in threads is not).
+SYNC_THREADS: Final = 8
+
+
+class Staged:
+    """One entry written to disk but not yet published; holds its owner lock."""
+
+    __slots__ = ("data", "dst", "fd", "gen", "name", "published", "qdir", "reg", "tmp")
+
+    def __init__(
+        self, name: str, fd: int, gen: int, reg: str, tmp: str, data: str, qdir: str, dst: str
+    ) -> None:
+        self.name = name
+        self.fd: int | None = fd
+        self.gen = gen
+        self.reg = reg
+        self.tmp = tmp
+        self.data = data
+        self.qdir = qdir
+        self.dst = dst
+        self.published = False
+
+    def unlock(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            _fs.unlock(fd, self.gen)
+
+    def abandon(self) -> None:
+        """Remove what this enqueue created and release its lock (before publish)."""
+        try:
+            _fs.unlink_quiet(self.tmp)
+            _fs.unlink_quiet(self.data)
+            _fs.unlink_quiet(self.reg)
+        finally:
+            self.unlock()
+
+
+# -- write ------------------------------------------------------------------------------
+def write(
+    spool: Spool[Any],
+    dirname: str,
+    items: Sequence[tuple[bytes, Callable[[str], None]]],
+    *,
+    reserve: Any = None,
+    use: str | None = None,
+) -> list[Staged]:
+    """Reserve a name for each item and write its metadata and data (not synced).
+    ``items`` are (encoded metadata, writer of the data file at a path). On failure,
+    everything written so far is removed and the error raised."""
+    sp = spool.spoolable
+    lay = spool._layout
+    qdir = lay.queue(dirname)
+    staged: list[Staged] = []
+    try:
+        for raw, write_data in items:
+            if use is not None:
+                name, fd = use, spool._take_reservation(use)
+            else:
+                name, fd = spool._reserve(reserve, sync=False)
+            st = Staged(
+                name, fd, _fs.lock_generation(), lay.registry_file(name), lay.tmp_file(name),
+                lay.data_file(name), qdir, lay.queue_file(dirname, name),
+            )
+            staged.append(st)
+            _fs.write_file(st.tmp, raw, sync=False, mode=sp.file_mode)
+            write_data(st.data)
+    except BaseException:
+        abandon(staged)
+        raise
+    return staged
+
+
+def abandon(staged: Iterable[Staged]) -> None:
+    """Remove every unpublished entry of ``staged`` (first error raised after all)."""
+    err: BaseException | None = None
+    for st in staged:
+        if st.published:
+            continue
+        try:
+            st.abandon()
+        except BaseException as e:  # keep cleaning the others
+            err = err or e
+    if err is not None:
+        raise err
+
+
+# -- sync -------------------------------------------------------------------------------
+def sync_paths(paths: Sequence[str], sync: Callable[[str], None]) -> None:
+    """Run ``sync`` on every path, from up to SYNC_THREADS threads at once when there are
+    more than two; every one is waited for, then the first error (naming its file) is
+    raised. The threads live for this call only: nothing lingers in the process."""
+    if len(paths) <= 2:
+        # One entry's two files: measured, the thread hand-off costs a lone enqueue more
+        # than it saves (docs/benchmarks.md), and concurrent enqueues already sync from
+        # their own threads.
+        for p in paths:
+            sync(p)
+        return
+    with concurrent.futures.ThreadPoolExecutor(
+        min(SYNC_THREADS, len(paths)), thread_name_prefix="multispool-sync"
+    ) as pool:
+        futs = [pool.submit(sync, p) for p in paths]
+    err: BaseException | None = None
+    for f in futs:
+        e = f.exception()
+        if e is not None and err is None:
+            err = e
+    if err is not None:
+        raise err
+
+
+def sync_files(staged: Sequence[Staged]) -> None:
+    """fsync every staged entry's tmp and data files."""
+    sync_paths([p for st in staged for p in (st.tmp, st.data)], _fs.fsync_path)
+
+
+# -- publish ----------------------------------------------------------------------------
+def publish(staged: Sequence[Staged]) -> None:
+    """Rename every entry into its queue, then release the locks. All or nothing: if one
+    rename fails, those already made are undone (nobody can have claimed them: we hold
+    their locks) and the error is raised, the entries left unpublished."""
+    done: list[Staged] = []
+    try:
+        for st in staged:
+            os.rename(st.tmp, st.dst)
+            st.published = True
+            done.append(st)
+    except BaseException:
+        for st in reversed(done):
+            try:
+                os.rename(st.dst, st.tmp)
+            except OSError:
+                st.unlock()  # stays published: it is in its queue, complete and durable files
+                continue
+            st.published = False
+        raise
+    for st in staged:
+        st.unlock()
+
+
+# -- commit: sync dirs, publish, sync queue ----------------------------------------------
+class _Job:
+    __slots__ = ("data_dir", "done", "error", "registry", "staged")
+
+    def __init__(self, staged: Sequence[Staged], registry: str, data_dir: str) -> None:
+        self.staged = staged
+        self.registry = registry
+        self.data_dir = data_dir
+        self.done = False
+        self.error: BaseException | None = None
+
+
+def _fsync_dir_err(path: str) -> BaseException | None:
+    try:
+        _fs.fsync_dir(path)
+    except BaseException as e:
+        return e
+    return None
+
+
+def _run_group(group: Sequence[_Job]) -> None:
+    """sync dirs (each once) -> publish each job -> sync queue dirs (each once). Errors go
+    to the jobs they concern."""
+    # Serially: on ext4 and xfs the first directory sync commits the journal, and the
+    # second then finds its changes already committed (measured: no gain from threads).
+    dirs = {d: None for j in group for d in (j.registry, j.data_dir)}
+    errs = {d: _fsync_dir_err(d) for d in dirs}
+    qdirs: dict[str, list[_Job]] = {}
+    for j in group:
+        j.error = errs[j.registry] or errs[j.data_dir]
+        if j.error is not None:
+            continue
+        try:
+            publish(j.staged)
+        except BaseException as e:
+            j.error = e
+            continue
+        for q in {st.qdir for st in j.staged}:
+            qdirs.setdefault(q, []).append(j)
+    for q, jobs in qdirs.items():
+        qerr = _fsync_dir_err(q)
+        if qerr is not None:
+            for j in jobs:
+                j.error = j.error or qerr
+
+
+class _Committer:
+    """Leader/follower group commit (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting: list[_Job] = []
+        self._busy = False
+
+    def commit(self, job: _Job) -> None:
+        with self._cond:
+            self._waiting.append(job)
+            while self._busy:
+                self._cond.wait()
+                if job.done:
+                    break
+            if job.done:
+                if job.error is not None:
+                    raise job.error
+                return
+            group, self._waiting = self._waiting, []
+            self._busy = True
+        try:
+            _run_group(group)
+        except BaseException as e:  # pragma: no cover - _run_group hands errors to jobs
+            for j in group:
+                j.error = j.error or e
+        finally:
+            with self._cond:
+                for j in group:
+                    j.done = True
+                self._busy = False
+                self._cond.notify_all()
+        if job.error is not None:
+            raise job.error
+
+
+_committer = _Committer()
+
+
+def _reset_after_fork() -> None:
+    # The parent's threads (a leader among them) do not exist in a forked child.
+    global _committer
+    _committer = _Committer()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def commit(spool: Spool[Any], staged: Sequence[Staged]) -> None:
+    """Make ``staged`` (files written) durable and visible: sync files, sync dirs, publish,
+    sync queue dirs, as the durability asks. Before publish, a failure abandons every
+    entry of ``staged`` and raises; after it, the entries stay queued and the error of
+    the queue dir sync is raised."""
+    durability = spool.spoolable.durability
+    try:
+        if durability != "none":
+            sync_files(staged)
+        if durability == "full":
+            lay = spool._layout
+            _committer.commit(_Job(staged, lay.registry, lay.data))
+        else:
+            publish(staged)
+    except BaseException:
+        abandon(staged)
+        raise
