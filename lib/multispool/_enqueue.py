@@ -34,7 +34,9 @@ that needed that directory).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 # File syncs of a batch are issued from this many threads at once (see docs/benchmarks.md:
 # on ext4 and xfs, concurrent fsyncs share journal commits; beyond a few threads the gain
 # is flat while the cost in threads is not).
-SYNC_THREADS: Final = 8
+SYNC_THREADS: Final = 16
 
 
 class Staged:
@@ -133,10 +135,61 @@ def abandon(staged: Iterable[Staged]) -> None:
 
 
 # -- sync -------------------------------------------------------------------------------
+class _SyncPool:
+    """Threads that issue fsyncs at once (journalling filesystems merge concurrent fsyncs
+    into shared commits). Started on demand, up to SYNC_THREADS; a thread idle for
+    IDLE_EXIT seconds ends, so an idle process keeps none, while back-to-back batches
+    reuse them (starting 16 threads per batch costs ~1 ms)."""
+
+    IDLE_EXIT: Final = 0.2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tasks: queue.SimpleQueue[tuple[Callable[[], None], concurrent.futures.Future[None]]] = (
+            queue.SimpleQueue()
+        )
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, fn: Callable[[], None]) -> concurrent.futures.Future[None]:
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            self._tasks.put((fn, fut))
+            if self._idle == 0 and self._threads < SYNC_THREADS:
+                self._threads += 1
+                threading.Thread(target=self._work, name="multispool-sync", daemon=True).start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                fn, fut = self._tasks.get(timeout=self.IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if self._tasks.empty():  # a submit that counted on us finds us here
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+            try:
+                fn()
+            except BaseException as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+
+
+_pool = _SyncPool()
+
+
 def sync_paths(paths: Sequence[str], sync: Callable[[str], None]) -> None:
     """Run ``sync`` on every path, from up to SYNC_THREADS threads at once when there are
     more than two; every one is waited for, then the first error (naming its file) is
-    raised. The threads live for this call only: nothing lingers in the process."""
+    raised."""
     if len(paths) <= 2:
         # One entry's two files: measured, the thread hand-off costs a lone enqueue more
         # than it saves (docs/benchmarks.md), and concurrent enqueues already sync from
@@ -144,10 +197,7 @@ def sync_paths(paths: Sequence[str], sync: Callable[[str], None]) -> None:
         for p in paths:
             sync(p)
         return
-    with concurrent.futures.ThreadPoolExecutor(
-        min(SYNC_THREADS, len(paths)), thread_name_prefix="multispool-sync"
-    ) as pool:
-        futs = [pool.submit(sync, p) for p in paths]
+    futs = [_pool.submit(functools.partial(sync, p)) for p in paths]
     err: BaseException | None = None
     for f in futs:
         e = f.exception()
@@ -273,8 +323,9 @@ _committer = _Committer()
 
 def _reset_after_fork() -> None:
     # The parent's threads (a leader among them) do not exist in a forked child.
-    global _committer
+    global _committer, _pool
     _committer = _Committer()
+    _pool = _SyncPool()
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
