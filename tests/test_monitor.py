@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from multispool._monitor import _Alerter
 DAY = 86400.0
 
 
-def make(spool: multispool.Spool[bytes], **limits: object) -> Monitor:
+def make(spool: multispool.Spool[Any, bytes], **limits: object) -> Monitor:
     lim = Limits(
         max_checked_out_age=limits.pop("max_checked_out_age", DAY),  # type: ignore[arg-type]
         max_tmp_file_age=limits.pop("max_tmp_file_age", DAY),  # type: ignore[arg-type]
@@ -29,7 +30,7 @@ def make(spool: multispool.Spool[bytes], **limits: object) -> Monitor:
     return Monitor(spool.dir, spool.spoolable, lim)
 
 
-def touch(spool: multispool.Spool[bytes], d: Dir, name: str, age: float = 0.0) -> None:
+def touch(spool: multispool.Spool[Any, bytes], d: Dir, name: str, age: float = 0.0) -> None:
     path = os.path.join(spool.dir, d.name_on_disk, name)
     Path(path).touch()
     if age:
@@ -37,7 +38,7 @@ def touch(spool: multispool.Spool[bytes], d: Dir, name: str, age: float = 0.0) -
         os.utime(path, (t, t))
 
 
-def rm(spool: multispool.Spool[bytes], d: Dir, name: str) -> None:
+def rm(spool: multispool.Spool[Any, bytes], d: Dir, name: str) -> None:
     os.unlink(os.path.join(spool.dir, d.name_on_disk, name))
 
 
@@ -54,25 +55,25 @@ Q1, Q2 = Dir.queue(Queue.QUEUE1), Dir.queue(Queue.QUEUE2)
 CO1 = Dir.checkout(Queue.QUEUE1)
 
 
-def test_empty(spool: multispool.Spool[bytes]) -> None:
+def test_empty(spool: multispool.Spool[Any, bytes]) -> None:
     assert make(spool).run_once() == []
 
 
 @pytest.mark.parametrize("where", [Q1, CO1], ids=["queue", "checkout"])
-def test_registered_entry_no_issues(spool: multispool.Spool[bytes], where: Dir) -> None:
+def test_registered_entry_no_issues(spool: multispool.Spool[Any, bytes], where: Dir) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, where, "foo")
     assert make(spool).run_once() == []
 
 
-def test_queue_entry_with_tmp_file_no_issues(spool: multispool.Spool[bytes]) -> None:
+def test_queue_entry_with_tmp_file_no_issues(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, Q1, "foo")
     touch(spool, Dir.TMP, "foo")
     assert make(spool).run_once() == []
 
 
-def test_no_entries_for_registered_file(spool: multispool.Spool[bytes]) -> None:
+def test_no_entries_for_registered_file(spool: multispool.Spool[Any, bytes]) -> None:
     m = make(spool)
     touch(spool, Dir.REGISTRY, "foo")
     problems = m.run_once()
@@ -83,7 +84,7 @@ def test_no_entries_for_registered_file(spool: multispool.Spool[bytes]) -> None:
     assert m.run_once() == []
 
 
-def test_duplicate_entries_for_registered_file(spool: multispool.Spool[bytes]) -> None:
+def test_duplicate_entries_for_registered_file(spool: multispool.Spool[Any, bytes]) -> None:
     m = make(spool)
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, Q2, "foo")
@@ -97,7 +98,7 @@ def test_duplicate_entries_for_registered_file(spool: multispool.Spool[bytes]) -
 
 
 @pytest.mark.parametrize("where", [Dir.TMP, Dir.DATA, Q1, CO1], ids=["tmp", "data", "queue", "checkout"])
-def test_file_not_registered(spool: multispool.Spool[bytes], where: Dir) -> None:
+def test_file_not_registered(spool: multispool.Spool[Any, bytes], where: Dir) -> None:
     m = make(spool)
     touch(spool, where, "foo")
     assert shape(m.run_once()) == [("Orphaned", "foo", where)]
@@ -105,7 +106,7 @@ def test_file_not_registered(spool: multispool.Spool[bytes], where: Dir) -> None
     assert m.run_once() == []
 
 
-def test_checked_out_entry_too_old(spool: multispool.Spool[bytes]) -> None:
+def test_checked_out_entry_too_old(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, CO1, "foo", age=2)
     assert shape(make(spool, max_checked_out_age=1).run_once()) == [("TooOld", "foo", CO1)]
@@ -113,7 +114,7 @@ def test_checked_out_entry_too_old(spool: multispool.Spool[bytes]) -> None:
     assert make(spool, max_checked_out_age=60).run_once() == []
 
 
-def test_tmp_file_too_old(spool: multispool.Spool[bytes]) -> None:
+def test_tmp_file_too_old(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, Q1, "foo")
     touch(spool, Dir.TMP, "foo", age=2)
@@ -122,7 +123,7 @@ def test_tmp_file_too_old(spool: multispool.Spool[bytes]) -> None:
     assert make(spool, max_tmp_file_age=60).run_once() == []
 
 
-def test_queue_entry_too_old(spool: multispool.Spool[bytes]) -> None:
+def test_queue_entry_too_old(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, Q1, "foo", age=2)
     assert shape(make(spool, max_queue_ages={Queue.QUEUE1: 1}).run_once()) == [("TooOld", "foo", Q1)]
@@ -131,14 +132,14 @@ def test_queue_entry_too_old(spool: multispool.Spool[bytes]) -> None:
     assert make(spool).run_once() == []
 
 
-def test_zero_limits_flag_fresh_files(spool: multispool.Spool[bytes]) -> None:
+def test_zero_limits_flag_fresh_files(spool: multispool.Spool[Any, bytes]) -> None:
     # The OCaml tests use limits of 0 s on just-touched files: age > 0 as soon as time moves.
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, CO1, "foo", age=0.01)
     assert shape(make(spool, max_checked_out_age=0).run_once()) == [("TooOld", "foo", CO1)]
 
 
-def test_real_entries_are_clean_and_problems_sorted(spool: multispool.Spool[bytes]) -> None:
+def test_real_entries_are_clean_and_problems_sorted(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
     spool.enqueue(Queue.QUEUE2, Cog(n=2), b"y")
     co = spool.checkout(e)
@@ -161,14 +162,14 @@ def test_real_entries_are_clean_and_problems_sorted(spool: multispool.Spool[byte
     co.remove()
 
 
-def test_dot_names_and_missing_data_dir_are_ignored(spool: multispool.Spool[bytes]) -> None:
+def test_dot_names_and_missing_data_dir_are_ignored(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Q1, ".hidden")
     touch(spool, Dir.REGISTRY, ".lock")
     os.rmdir(os.path.join(spool.dir, ".data"))  # OCaml-made spools may lack .data
     assert make(spool).run_once() == []
 
 
-def test_monitor_never_creates(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> None:
+def test_monitor_never_creates(tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes]) -> None:
     with pytest.raises(multispool.NotASpoolError):
         Monitor(tmp_path / "nope", spoolable)
     assert not (tmp_path / "nope").exists()
@@ -178,7 +179,7 @@ def test_monitor_never_creates(tmp_path: Path, spoolable: multispool.Spoolable[b
     assert list((tmp_path / "empty").iterdir()) == []
 
 
-def test_limits_accept_timedelta_and_reject_unknown_queue(spool: multispool.Spool[bytes]) -> None:
+def test_limits_accept_timedelta_and_reject_unknown_queue(spool: multispool.Spool[Any, bytes]) -> None:
     lim = Limits(max_checked_out_age=datetime.timedelta(minutes=1), max_queue_ages={Queue.QUEUE1: 5})
     assert lim.max_checked_out_age == 60.0 and lim.max_tmp_file_age == 600.0
     assert lim.max_queue_ages == {Queue.QUEUE1: 5.0}
@@ -213,7 +214,7 @@ def test_problem_values_are_ordered_hashable_frozen() -> None:
 
 
 @pytest.mark.parametrize("limited", [False, True], ids=["listdir", "scandir"])
-def test_moving_entry_is_not_reported(spool: multispool.Spool[bytes], limited: bool) -> None:
+def test_moving_entry_is_not_reported(spool: multispool.Spool[Any, bytes], limited: bool) -> None:
     """Candidates are re-checked: an entry that moves while the Monitor lists the queues
     (here: between the listing of queue1 and queue2) is not a Duplicated/Orphaned."""
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
@@ -263,7 +264,7 @@ class _ListIt:
         pass
 
 
-def test_vanishing_files_are_skipped(spool: multispool.Spool[bytes]) -> None:
+def test_vanishing_files_are_skipped(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.TMP, "gone", age=100)
     m = make(spool, max_tmp_file_age=1)
     real_scandir = os.scandir
@@ -303,7 +304,7 @@ def test_alerter_start_after_more_than_n_cycles_and_end() -> None:
     assert b.update([p], 1.0) == [Start(1.0, p)]
 
 
-def test_daemon_start_and_end(spool: multispool.Spool[bytes]) -> None:
+def test_daemon_start_and_end(spool: multispool.Spool[Any, bytes]) -> None:
     m = make(spool)
     events: list[Start | End] = []
     cond = threading.Condition()
@@ -341,7 +342,7 @@ def test_daemon_start_and_end(spool: multispool.Spool[bytes]) -> None:
 
 
 def test_daemon_survives_failing_check(
-    spool: multispool.Spool[bytes], caplog: pytest.LogCaptureFixture
+    spool: multispool.Spool[Any, bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
     m = make(spool)
     calls = threading.Semaphore(0)

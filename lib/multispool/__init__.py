@@ -2,7 +2,7 @@
 
 Producers enqueue entries into named queues; consumers wake on filesystem events, claim
 an entry with an atomic rename(2), and move it to another queue or remove it.
-See API.md for the contract; everything here is re-exported from private modules.
+Everything here is re-exported from private modules.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ._spool import REMOVE as REMOVE
 from ._spool import CheckedOutEntry as CheckedOutEntry
 from ._spool import DataFile as DataFile
 from ._spool import Entry as Entry
+from ._spool import Remove as Remove
 from ._spool import Save as Save
 from ._spool import Spool as Spool
 from ._spoolable import BytesData as BytesData
@@ -62,6 +63,7 @@ __all__ = [
     "Orphaned",
     "PrefixNames",
     "QueueReader",
+    "Remove",
     "Save",
     "Spool",
     "SpoolError",

@@ -87,7 +87,7 @@ class Staged:
 
 # -- write ------------------------------------------------------------------------------
 def write(
-    spool: Spool[Any],
+    spool: Spool[Any, Any],
     dirname: str,
     items: Sequence[tuple[bytes, Callable[[str], None]]],
     *,
@@ -331,7 +331,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def commit(spool: Spool[Any], staged: Sequence[Staged]) -> None:
+def commit(spool: Spool[Any, Any], staged: Sequence[Staged]) -> None:
     """Make ``staged`` (files written) durable and visible: sync files, sync dirs, publish,
     sync queue dirs, as the durability asks. Before publish, a failure abandons every
     entry of ``staged`` and raises; after it, the entries stay queued and the error of

@@ -232,12 +232,12 @@ class Monitor:
     """
 
     def __init__(
-        self, spool_dir: str | os.PathLike[str], spoolable: Spoolable[Any], limits: Limits | None = None
+        self, spool_dir: str | os.PathLike[str], spoolable: Spoolable[Any, Any], limits: Limits | None = None
     ) -> None:
         limits = Limits() if limits is None else limits
         for q in limits.max_queue_ages:
             spoolable.dirname(q)  # ValueError if q is not one of the spoolable's queues
-        self.spool: Spool[Any] = Spool.load(spool_dir, spoolable)
+        self.spool: Spool[Any, Any] = Spool.load(spool_dir, spoolable)
         self.limits = limits
         self._layout = Layout(self.spool.dir)
 
@@ -388,7 +388,9 @@ def _reserve_locked(path: str) -> int | None:
     return fd
 
 
-def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool) -> list[str]:
+def repair(
+    spool: Spool[Any, Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool
+) -> list[str]:
     """Fix what is safe to fix among ``problems`` (as found by a Monitor with ``limits``);
     the actions taken (or, with ``dry_run``, that would be taken: then nothing changes),
     one sentence each.

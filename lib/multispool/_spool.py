@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
 from . import _enqueue, _fs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("multispool")
 
-T = TypeVar("T")
+M = TypeVar("M")
+D = TypeVar("D")
 R = TypeVar("R")
 
 # How many name proposals reserve_name tries before giving up (a generator that always
@@ -48,32 +49,58 @@ class _Busy(Exception):
 
 
 @dataclass(frozen=True)
-class Save:
-    """Action: write ``metadata`` and move the entry into ``queue``."""
+class Save(Generic[M]):
+    """Handler action: write ``metadata`` and move the entry into ``queue``."""
 
-    metadata: Any
+    metadata: M
     queue: enum.Enum
 
 
-class _Sentinel:
-    __slots__ = ("_name",)
+class Remove:
+    """The type of ``multispool.REMOVE``, the handler action that deletes the entry.
+    There is one instance; compare with ``is``."""
 
-    def __init__(self, name: str) -> None:
-        self._name = name
+    __slots__ = ()
+    _instance: ClassVar[Remove | None] = None
+
+    def __new__(cls) -> Remove:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
 
     def __repr__(self) -> str:
-        return f"multispool.{self._name}"
+        return "multispool.REMOVE"
 
     def __reduce__(self) -> str:
-        return self._name
+        return "REMOVE"
 
 
-REMOVE: Final = _Sentinel("REMOVE")
+class NotFound:
+    """The type of ``multispool.NOT_FOUND``, returned by ``with_entry_if_found`` when the
+    entry could not be checked out. There is one instance; compare with ``is``."""
+
+    __slots__ = ()
+    _instance: ClassVar[NotFound | None] = None
+
+    def __new__(cls) -> NotFound:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "multispool.NOT_FOUND"
+
+    def __reduce__(self) -> str:
+        return "NOT_FOUND"
+
+
+REMOVE: Final = Remove()
 """Action: delete the entry (data, metadata and reservation)."""
-NOT_FOUND: Final = _Sentinel("NOT_FOUND")
+NOT_FOUND: Final = NotFound()
 """Returned by ``with_entry_if_found`` when the entry could not be checked out."""
 
-Action = Save | _Sentinel
+Action: TypeAlias = Save[M] | Remove
+"""What a handler returns: ``Save(metadata, queue)`` or ``REMOVE``."""
 
 # Reservations made by reserve_name, locked until enqueue(use=NAME) consumes them, keyed by
 # the registry file's (st_dev, st_ino) so that any Spool object of this process finds them.
@@ -111,12 +138,12 @@ class _Claim:
             _fs.unlock(self.fd, self.generation)
 
 
-class DataFile(Generic[T]):
+class DataFile(Generic[D]):
     """An entry's data payload in ``.data/NAME``."""
 
     __slots__ = ("name", "spool")
 
-    def __init__(self, spool: Spool[T], name: str) -> None:
+    def __init__(self, spool: Spool[Any, D], name: str) -> None:
         self.spool = spool
         self.name = name
 
@@ -124,7 +151,7 @@ class DataFile(Generic[T]):
     def path(self) -> str:
         return self.spool._layout.data_file(self.name)
 
-    def load(self) -> T:
+    def load(self) -> D:
         """The decoded data (via the Spoolable's data codec)."""
         sp = self.spool.spoolable
         with sp.throttled():
@@ -133,7 +160,7 @@ class DataFile(Generic[T]):
                 return dec(_fs.read_file(self.path))  # type: ignore[no-any-return]
             return sp.data.load(self.path)  # type: ignore[no-any-return]
 
-    def save(self, contents: T) -> None:
+    def save(self, contents: D) -> None:
         """Atomically replace the data (written to ``.tmp/NAME``, then renamed)."""
         sp = self.spool.spoolable
         lay = self.spool._layout
@@ -157,19 +184,19 @@ class DataFile(Generic[T]):
         return f"DataFile({self.path!r})"
 
 
-class _Direct(Generic[T]):
+class _Direct(Generic[M, D]):
     """Operations on a queued entry without checking it out (no exclusivity)."""
 
     __slots__ = ("_entry",)
 
-    def __init__(self, entry: Entry[T]) -> None:
+    def __init__(self, entry: Entry[M, D]) -> None:
         self._entry = entry
 
     def _path(self) -> str:
         e = self._entry
         return e.spool._layout.queue_file(e.spool.spoolable.dirname(e.queue), e.name)
 
-    def contents(self) -> Any:
+    def contents(self) -> M:
         """The metadata in ``QUEUE/NAME``; EntryNotFoundError if it is not there."""
         path = self._path()
         sp = self._entry.spool.spoolable
@@ -178,12 +205,13 @@ class _Direct(Generic[T]):
                 raw = _fs.read_file(path)
             except FileNotFoundError:
                 raise EntryNotFoundError("no such entry", path) from None
-        return sp._codec.decode(raw, path)
+        contents: M = sp._codec.decode(raw, path)
+        return contents
 
-    def data_file(self) -> DataFile[T]:
+    def data_file(self) -> DataFile[D]:
         return DataFile(self._entry.spool, self._entry.name)
 
-    def save(self, metadata: Any) -> None:
+    def save(self, metadata: M) -> None:
         """Atomically replace ``QUEUE/NAME`` with ``metadata`` (EntryNotFoundError if absent)."""
         e = self._entry
         sp = e.spool.spoolable
@@ -199,23 +227,23 @@ class _Direct(Generic[T]):
             e.spool._remove_files(e.name, self._path(), "no such entry")
 
 
-class Entry(Generic[T]):
+class Entry(Generic[M, D]):
     """A name in a queue. Creating one checks the name, not the disk."""
 
     __slots__ = ("name", "queue", "spool")
 
-    def __init__(self, spool: Spool[T], queue: enum.Enum, name: str) -> None:
+    def __init__(self, spool: Spool[M, D], queue: enum.Enum, name: str) -> None:
         spool.spoolable.dirname(queue)
         self.spool = spool
         self.queue = queue
         self.name = check_name(name)
 
     @classmethod
-    def create(cls, spool: Spool[T], queue: enum.Enum, name: str) -> Entry[T]:
+    def create(cls, spool: Spool[M, D], queue: enum.Enum, name: str) -> Entry[M, D]:
         return cls(spool, queue, name)
 
     @classmethod
-    def _trusted(cls, spool: Spool[T], queue: enum.Enum, name: str) -> Entry[T]:
+    def _trusted(cls, spool: Spool[M, D], queue: enum.Enum, name: str) -> Entry[M, D]:
         e = cls.__new__(cls)
         e.spool, e.queue, e.name = spool, queue, name
         return e
@@ -230,7 +258,7 @@ class Entry(Generic[T]):
                 raise EntryNotFoundError("no such entry", path) from None
 
     @property
-    def direct(self) -> _Direct[T]:
+    def direct(self) -> _Direct[M, D]:
         return _Direct(self)
 
     def __eq__(self, other: object) -> bool:
@@ -245,7 +273,7 @@ class Entry(Generic[T]):
         return f"Entry({self.spool.dir!r}, {self.queue}, {self.name!r})"
 
 
-class CheckedOutEntry(Generic[T]):
+class CheckedOutEntry(Generic[M, D]):
     """An entry this process has claimed. Exactly one of ``save``, ``remove`` or
     ``release`` ends it; leaving a ``with`` block without one returns it unchanged."""
 
@@ -253,10 +281,10 @@ class CheckedOutEntry(Generic[T]):
 
     def __init__(
         self,
-        spool: Spool[T],
+        spool: Spool[M, D],
         queue: enum.Enum,
         name: str,
-        contents: Any,
+        contents: M,
         raw: bytes | None,
         claim: _Claim,
     ) -> None:
@@ -268,7 +296,7 @@ class CheckedOutEntry(Generic[T]):
         self._claim = claim
 
     @property
-    def data_file(self) -> DataFile[T]:
+    def data_file(self) -> DataFile[D]:
         return DataFile(self.spool, self.name)
 
     @property
@@ -281,7 +309,7 @@ class CheckedOutEntry(Generic[T]):
         """True once saved, removed or released."""
         return self._claim.done
 
-    def update(self, f: Callable[[Any], Any]) -> CheckedOutEntry[T]:
+    def update(self, f: Callable[[M], M]) -> CheckedOutEntry[M, D]:
         """A new handle on the same checkout, with contents ``f(contents)``."""
         return CheckedOutEntry(self.spool, self.queue, self.name, f(self.contents), self._raw, self._claim)
 
@@ -337,7 +365,7 @@ class CheckedOutEntry(Generic[T]):
             if moved and sp.durability == "full":
                 _fs.fsync_dir(lay.queue(dirname))
 
-    def __enter__(self) -> CheckedOutEntry[T]:
+    def __enter__(self) -> CheckedOutEntry[M, D]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -362,22 +390,22 @@ def _touch(path: str) -> None:
         raise _fs._name(e, path) from None  # utimensat(AT_SYMLINK_NOFOLLOW) gives no path
 
 
-class Spool(Generic[T]):
+class Spool(Generic[M, D]):
     """A spool directory and what is spooled in it."""
 
-    def __init__(self, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> None:
+    def __init__(self, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> None:
         # Prefer Spool.load / Spool.create / Spool.load_unsafe.
         if not isinstance(spoolable, Spoolable):
             raise TypeError(f"spoolable must be a multispool.Spoolable, got {spoolable!r}")
         self.dir: str = os.fspath(path)
-        self.spoolable: Spoolable[T] = spoolable
+        self.spoolable: Spoolable[M, D] = spoolable
         self._layout = Layout(self.dir)
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], spoolable: Spoolable[T], create_if_missing: bool = False
-    ) -> Spool[T]:
+        cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D], create_if_missing: bool = False
+    ) -> Spool[M, D]:
         """Open the spool at ``path``, validating its layout (and creating what is missing
         when ``create_if_missing``; a non-empty non-spool directory is never converted)."""
         spool = cls(path, spoolable)
@@ -386,12 +414,12 @@ class Spool(Generic[T]):
         return spool
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> Spool[T]:
+    def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
         """``load(path, spoolable, create_if_missing=True)``."""
         return cls.load(path, spoolable, create_if_missing=True)
 
     @classmethod
-    def load_unsafe(cls, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> Spool[T]:
+    def load_unsafe(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
         """A Spool for ``path`` without validation or disk access."""
         return cls(path, spoolable)
 
@@ -503,12 +531,12 @@ class Spool(Generic[T]):
     def enqueue(
         self,
         queue: enum.Enum,
-        metadata: Any,
-        data: T,
+        metadata: M,
+        data: D,
         *,
         reserve: Any = None,
         use: str | None = None,
-    ) -> Entry[T]:
+    ) -> Entry[M, D]:
         """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
         otherwise a name is reserved with seed ``reserve``. If any step fails, every file
         the enqueue created (the reservation included) is removed and the error raised.
@@ -525,8 +553,8 @@ class Spool(Generic[T]):
         return Entry._trusted(self, queue, staged[0].name)
 
     def enqueue_many(
-        self, queue: enum.Enum, items: Iterable[tuple[Any, T]], *, reserve: Any = None
-    ) -> builtins.list[Entry[T]]:
+        self, queue: enum.Enum, items: Iterable[tuple[M, D]], *, reserve: Any = None
+    ) -> builtins.list[Entry[M, D]]:
         """Add every ``(metadata, data)`` of ``items`` to ``queue``, in order, with as few
         syncs as the filesystem allows: all files written, synced together, each directory
         synced once, and only then every entry published (one sync of the queue dir).
@@ -550,7 +578,7 @@ class Spool(Generic[T]):
             _enqueue.commit(self, staged)
         return [Entry._trusted(self, queue, st.name) for st in staged]
 
-    def _encode_item(self, metadata: Any, data: T) -> tuple[bytes, Callable[[str], None]]:
+    def _encode_item(self, metadata: M, data: D) -> tuple[bytes, Callable[[str], None]]:
         """Validate and encode one item without touching disk: (metadata bytes, a writer of
         the data file at a path, unsynced)."""
         sp = self.spoolable
@@ -590,20 +618,20 @@ class Spool(Generic[T]):
         with self.spoolable.throttled():
             return [n for n in os.listdir(directory) if n[0] != "."]
 
-    def list(self, queue: enum.Enum) -> list[Entry[T]]:
+    def list(self, queue: enum.Enum) -> list[Entry[M, D]]:
         """Entries waiting in ``queue``, sorted by name (dot-names skipped)."""
         names = self._list_names(self._layout.queue(self.spoolable.dirname(queue)))
         names.sort()
         return [Entry._trusted(self, queue, n) for n in names]
 
-    def list_checkouts_unsafe(self, queue: enum.Enum) -> builtins.list[CheckedOutEntry[T]]:
+    def list_checkouts_unsafe(self, queue: enum.Enum) -> builtins.list[CheckedOutEntry[M, D]]:
         """Entries checked out of ``queue`` by anyone, decoded. Handles returned here hold
         no lock: saving or removing one races with its real owner."""
         sp = self.spoolable
         dirname = sp.dirname(queue)
         co_dir = self._layout.checkout(dirname)
         names = sorted(self._list_names(co_dir))
-        out: list[CheckedOutEntry[T]] = []
+        out: list[CheckedOutEntry[M, D]] = []
         for n in names:
             path = self._layout.checkout_file(dirname, n)
             try:
@@ -617,7 +645,7 @@ class Spool(Generic[T]):
     # -- checkouts ----------------------------------------------------------------------
     def _claim(
         self, queue: enum.Enum, name: str, busy_wait: float = BUSY_WAIT, raise_busy: bool = False
-    ) -> CheckedOutEntry[T] | None:
+    ) -> CheckedOutEntry[M, D] | None:
         """Check out ``queue``/``name``: lock its registry file, then rename it into the
         checkout dir. None if it is gone or another process owns it. A lock that is busy
         while the entry still sits in its queue is waited for up to ``busy_wait`` seconds;
@@ -714,7 +742,7 @@ class Spool(Generic[T]):
         finally:
             claim.release()
 
-    def checkout(self, entry: Entry[T]) -> CheckedOutEntry[T]:
+    def checkout(self, entry: Entry[M, D]) -> CheckedOutEntry[M, D]:
         """Claim ``entry``; EntryNotFoundError if it is gone or another process holds it."""
         co = self._claim(entry.queue, entry.name)
         if co is None:
@@ -724,11 +752,11 @@ class Spool(Generic[T]):
             )
         return co
 
-    def checkout_if_found(self, entry: Entry[T]) -> CheckedOutEntry[T] | None:
+    def checkout_if_found(self, entry: Entry[M, D]) -> CheckedOutEntry[M, D] | None:
         """Claim ``entry``, or None if it is gone or another process holds it."""
         return self._claim(entry.queue, entry.name)
 
-    def _apply(self, co: CheckedOutEntry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]) -> R:
+    def _apply(self, co: CheckedOutEntry[M, D], f: Callable[[M, DataFile[D]], tuple[Action[M], R]]) -> R:
         try:
             action, result = f(co.contents, co.data_file)
             self._finish(co, action)
@@ -738,7 +766,7 @@ class Spool(Generic[T]):
         return result
 
     @staticmethod
-    def _finish(co: CheckedOutEntry[Any], action: Any) -> None:
+    def _finish(co: CheckedOutEntry[Any, Any], action: object) -> None:
         """Carry out a callback's action on its checkout."""
         if isinstance(action, Save):
             co.contents = action.metadata
@@ -748,14 +776,14 @@ class Spool(Generic[T]):
         else:
             raise TypeError(f"expected multispool.Save(...) or multispool.REMOVE, got {action!r}")
 
-    def with_entry(self, entry: Entry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]) -> R:
+    def with_entry(self, entry: Entry[M, D], f: Callable[[M, DataFile[D]], tuple[Action[M], R]]) -> R:
         """Check out ``entry``, run ``f(metadata, data_file) -> (action, result)``, apply
         the action, return the result. If ``f`` raises, the entry goes back unchanged."""
         return self._apply(self.checkout(entry), f)
 
     def with_entry_if_found(
-        self, entry: Entry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]
-    ) -> R | _Sentinel:
+        self, entry: Entry[M, D], f: Callable[[M, DataFile[D]], tuple[Action[M], R]]
+    ) -> R | NotFound:
         """As ``with_entry``, but ``NOT_FOUND`` when the entry cannot be checked out."""
         co = self.checkout_if_found(entry)
         if co is None:
@@ -763,7 +791,7 @@ class Spool(Generic[T]):
         return self._apply(co, f)
 
     # -- crash recovery ---------------------------------------------------------------
-    def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[Entry[T]]:
+    def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[Entry[M, D]]:
         """Move back to their queues the checkouts whose owner process has died (their
         registry lock is free). Never touches the checkout of a live process. An entry
         whose metadata cannot be decoded is quarantined if the Spoolable has a quarantine
@@ -774,7 +802,7 @@ class Spool(Generic[T]):
             log.warning("multispool: no owner locks on this platform: recover_checkouts does nothing")
             return []
         queues = sp._queue_list if queue is None else (queue,)
-        recovered: list[Entry[T]] = []
+        recovered: list[Entry[M, D]] = []
         for q in queues:
             dirname = sp.dirname(q)
             for name in sorted(self._list_names(lay.checkout(dirname))):
@@ -886,7 +914,7 @@ class Spool(Generic[T]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
-    ) -> QueueReader[T]:
+    ) -> QueueReader[M, D]:
         """An event-driven reader of ``queue`` (see QueueReader)."""
         from ._reader import QueueReader
 
@@ -901,6 +929,8 @@ __all__ = [
     "NOT_FOUND",
     "REMOVE",
     "Action",
+    "NotFound",
+    "Remove",
     "CheckedOutEntry",
     "DataFile",
     "Entry",

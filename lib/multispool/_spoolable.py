@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime
 import enum
@@ -14,7 +15,7 @@ import time
 import typing
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Final, Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 import msgspec
 
@@ -23,6 +24,8 @@ from ._fs import O_CREATE_TRUNC, fsync_path, read_file, unlink_quiet, write_file
 from ._layout import check_queue_dirname
 
 T = TypeVar("T")
+M = TypeVar("M")
+D = TypeVar("D")
 Durability = Literal["full", "file", "none"]
 Duration = typing.Union[float, int, datetime.timedelta]  # noqa: UP007 - runtime alias on 3.9-style
 
@@ -85,7 +88,17 @@ class BytesData:
 class MsgspecData(Generic[T]):
     """Data encoded with msgspec as JSON or MessagePack, decoded (and validated) as ``type``."""
 
+    @overload
+    def __init__(
+        self: MsgspecData[T], type: builtins.type[T], format: Literal["json", "msgpack"] = ...
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: MsgspecData[Any], type: object = ..., format: Literal["json", "msgpack"] = ...
+    ) -> None: ...
+
     def __init__(self, type: Any = Any, format: Literal["json", "msgpack"] = "json") -> None:
+        """``type``: what ``load`` decodes into (validated); ``format``: "json" or "msgpack"."""
         if format == "json":
             self._enc: Any = msgspec.json.Encoder()
             self._dec: Any = msgspec.json.Decoder(type)
@@ -327,8 +340,75 @@ class _Codec:
             raise CorruptEntryError(path, f"{type(e).__name__}: {e}") from e
 
 
-class Spoolable(Generic[T]):
-    """Describes what is spooled. Immutable after construction."""
+class Spoolable(Generic[M, D]):
+    """Describes what is spooled. Immutable after construction.
+
+    ``M`` is the metadata type (``metadata=``), ``D`` the data codec's value type
+    (``data=``; ``bytes`` for the default ``BytesData``); a type checker infers both.
+    """
+
+    # Overloads only type the constructor: M from ``metadata`` when it is a class, else
+    # Any; D from the data codec, bytes when it is left out.
+    @overload
+    def __init__(
+        self: Spoolable[M, bytes],
+        queues: type[enum.Enum],
+        metadata: type[M],
+        metadata_codec: Any = ...,
+        data: None = ...,
+        name_generator: NameGenerator | None = ...,
+        throttle: Any = ...,
+        durability: Durability = ...,
+        quarantine: enum.Enum | None = ...,
+        *,
+        file_mode: int = ...,
+        dir_mode: int = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Spoolable[M, D],
+        queues: type[enum.Enum],
+        metadata: type[M],
+        metadata_codec: Any = ...,
+        data: DataCodec[D] = ...,
+        name_generator: NameGenerator | None = ...,
+        throttle: Any = ...,
+        durability: Durability = ...,
+        quarantine: enum.Enum | None = ...,
+        *,
+        file_mode: int = ...,
+        dir_mode: int = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Spoolable[Any, bytes],
+        queues: type[enum.Enum],
+        metadata: object = ...,
+        metadata_codec: Any = ...,
+        data: None = ...,
+        name_generator: NameGenerator | None = ...,
+        throttle: Any = ...,
+        durability: Durability = ...,
+        quarantine: enum.Enum | None = ...,
+        *,
+        file_mode: int = ...,
+        dir_mode: int = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Spoolable[Any, D],
+        queues: type[enum.Enum],
+        metadata: object = ...,
+        metadata_codec: Any = ...,
+        data: DataCodec[D] = ...,
+        name_generator: NameGenerator | None = ...,
+        throttle: Any = ...,
+        durability: Durability = ...,
+        quarantine: enum.Enum | None = ...,
+        *,
+        file_mode: int = ...,
+        dir_mode: int = ...,
+    ) -> None: ...
 
     def __init__(
         self,

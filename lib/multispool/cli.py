@@ -96,11 +96,11 @@ def queue_enum(dirnames: Sequence[str]) -> type[enum.Enum]:
     return enum.Enum("Queue", [(_member_name(d, used), d) for d in dirnames])  # type: ignore[return-value]
 
 
-def make_spoolable(dirnames: Sequence[str]) -> Spoolable[bytes]:
+def make_spoolable(dirnames: Sequence[str]) -> Spoolable[Any, bytes]:
     return Spoolable(queues=queue_enum(dirnames), metadata_codec=RawCodec(), data=BytesData())
 
 
-def open_spool(spool_dir: str) -> Spool[bytes]:
+def open_spool(spool_dir: str) -> Spool[Any, bytes]:
     """Load the spool at ``spool_dir`` with its non-dot directories as queues."""
     if not os.path.isdir(spool_dir):
         raise UsageError(f"{spool_dir}: no such directory")
@@ -114,7 +114,7 @@ def open_spool(spool_dir: str) -> Spool[bytes]:
     return Spool.load(spool_dir, make_spoolable(queues))
 
 
-def find_queue(spool: Spool[bytes], name: str) -> enum.Enum:
+def find_queue(spool: Spool[Any, bytes], name: str) -> enum.Enum:
     for q in spool.spoolable.queues:
         if q.value == name:
             return q
@@ -193,7 +193,7 @@ def cmd_init(a: argparse.Namespace) -> int:
     return 0
 
 
-def queue_status(spool: Spool[bytes]) -> dict[str, dict[str, Any]]:
+def queue_status(spool: Spool[Any, bytes]) -> dict[str, dict[str, Any]]:
     """Per queue: waiting entries, checkouts, age of the oldest waiting entry (None if empty)."""
     lay = Layout(spool.dir)
     now = time.time()
@@ -273,7 +273,7 @@ def cmd_enqueue(a: argparse.Namespace) -> int:
     return 0
 
 
-def _limits(a: argparse.Namespace, spool: Spool[bytes]) -> Limits:
+def _limits(a: argparse.Namespace, spool: Spool[Any, bytes]) -> Limits:
     ages: dict[enum.Enum, float] = {}
     for item in a.max_age:
         qname, sep, dur = item.rpartition("=")
@@ -418,7 +418,7 @@ class _Rates:
         return arrived / self.window, left / self.window
 
 
-def watch_table(spool: Spool[bytes], rates: dict[str, _Rates], now: float) -> list[str]:
+def watch_table(spool: Spool[Any, bytes], rates: dict[str, _Rates], now: float) -> list[str]:
     lay = Layout(spool.dir)
     rows = [["QUEUE", "ENTRIES", "CHECKOUTS", "IN/S", "OUT/S"]]
     for q in spool.spoolable.queues:
