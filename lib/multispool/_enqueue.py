@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 SYNC_THREADS: Final = 16
 # Benchmarks switch this off to measure enqueues that each sync on their own.
 GROUP_COMMIT = True
+# True: the group's leader syncs every member's files together with the directories, in
+# one round from the pool; False: each enqueue syncs its own files in its own thread
+# before joining the group. Chosen by measurement (docs/benchmarks-batch.md).
+LEADER_SYNCS_FILES = True
 
 
 class Staged:
@@ -240,10 +244,11 @@ def publish(staged: Sequence[Staged]) -> None:
 
 # -- commit: sync dirs, publish, sync queue ----------------------------------------------
 class _Job:
-    __slots__ = ("data_dir", "done", "error", "registry", "staged")
+    __slots__ = ("data_dir", "done", "error", "files_synced", "registry", "staged")
 
-    def __init__(self, staged: Sequence[Staged], registry: str, data_dir: str) -> None:
+    def __init__(self, staged: Sequence[Staged], registry: str, data_dir: str, files_synced: bool) -> None:
         self.staged = staged
+        self.files_synced = files_synced
         self.registry = registry
         self.data_dir = data_dir
         self.done = False
@@ -258,16 +263,37 @@ def _fsync_dir_err(path: str) -> BaseException | None:
     return None
 
 
+def _sync_round(group: Sequence[_Job]) -> None:
+    """Before publishing: the files of the jobs that left them to the group, and each
+    directory once. One job of one entry syncs serially (the lone enqueue: threads would
+    cost it more than they save); a bigger group issues every sync at once from the
+    pool, so the journal merges them into as few commits as it can."""
+    files = [(j, p) for j in group if not j.files_synced for st in j.staged for p in (st.tmp, st.data)]
+    dirs = list({d: None for j in group for d in (j.registry, j.data_dir)})
+    if len(files) <= 2 and len(group) == 1:
+        for j, p in files:
+            try:
+                _fs.fsync_path(p)
+            except BaseException as e:
+                j.error = j.error or e
+                return  # the job has failed: its directories need no sync
+        derrs = {d: _fsync_dir_err(d) for d in dirs}
+    else:
+        ffuts = [(j, _pool.submit(functools.partial(_fs.fsync_path, p))) for j, p in files]
+        dfuts = [(d, _pool.submit(functools.partial(_fs.fsync_dir, d))) for d in dirs]
+        for j, f in ffuts:
+            j.error = j.error or f.exception()
+        derrs = {d: f.exception() for d, f in dfuts}
+    for j in group:
+        j.error = j.error or derrs[j.registry] or derrs[j.data_dir]
+
+
 def _run_group(group: Sequence[_Job]) -> None:
-    """sync dirs (each once) -> publish each job -> sync queue dirs (each once). Errors go
-    to the jobs they concern."""
-    # Serially: on ext4 and xfs the first directory sync commits the journal, and the
-    # second then finds its changes already committed (measured: no gain from threads).
-    dirs = {d: None for j in group for d in (j.registry, j.data_dir)}
-    errs = {d: _fsync_dir_err(d) for d in dirs}
+    """sync files and dirs (each dir once) -> publish each job -> sync queue dirs (each
+    once). Errors go to the jobs they concern."""
+    _sync_round(group)
     qdirs: dict[str, list[_Job]] = {}
     for j in group:
-        j.error = errs[j.registry] or errs[j.data_dir]
         if j.error is not None:
             continue
         try:
@@ -340,11 +366,11 @@ def commit(spool: Spool[Any, Any], staged: Sequence[Staged]) -> None:
     the queue dir sync is raised."""
     durability = spool.spoolable.durability
     try:
-        if durability != "none":
+        if durability == "file" or (durability == "full" and not LEADER_SYNCS_FILES):
             sync_files(staged)
         if durability == "full":
             lay = spool._layout
-            job = _Job(staged, lay.registry, lay.data)
+            job = _Job(staged, lay.registry, lay.data, files_synced=not LEADER_SYNCS_FILES)
             if GROUP_COMMIT:
                 _committer.commit(job)
             else:

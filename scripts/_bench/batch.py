@@ -42,13 +42,14 @@ class _Q(enum.Enum):
     Q = "q"
 
 
-def _multispool(d: str, group: bool) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+def _multispool(d: str, group: bool, own_files: bool) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     import multispool
 
-    if not group:
+    if not group or own_files:
         from multispool import _enqueue
 
-        _enqueue.GROUP_COMMIT = False
+        _enqueue.GROUP_COMMIT = group
+        _enqueue.LEADER_SYNCS_FILES = not own_files
     sp = multispool.Spoolable(queues=_Q, metadata_codec="json", data=multispool.BytesData(), durability="full")
     spool = multispool.Spool.create(os.path.join(d, "spool"), sp)
 
@@ -116,7 +117,7 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     """Put for ``seconds`` with ``threads`` threads, ``batch`` entries per call."""
     d, system, batch, threads = a["dir"], a["system"], a["batch"], a["threads"]
     if system == "multispool":
-        put, close = _multispool(d, a.get("group", True))
+        put, close = _multispool(d, a.get("group", True), a.get("own_files", False))
     elif system == "litequeue":
         put, close = _litequeue(d)
     elif system == "pq-sqlite":
@@ -163,6 +164,9 @@ def cases(baseline: bool) -> list[dict[str, Any]]:
         out.append({"system": "multispool", "batch": n, "threads": 1})
     out.append({"system": "multispool", "batch": 1, "threads": THREADS, "group": True})
     out.append({"system": "multispool", "batch": 1, "threads": THREADS, "group": False})
+    out.append({"system": "multispool", "batch": 1, "threads": THREADS, "group": True, "own_files": True})
+    out.append({"system": "multispool", "batch": 1, "threads": 1, "own_files": True})
+    out.append({"system": "multispool", "batch": 100, "threads": 1, "own_files": True})
     if baseline:
         out.append({"system": "multispool", "batch": 1, "threads": 1, "baseline": True})
         out.append({"system": "multispool", "batch": 1, "threads": THREADS, "baseline": True})
@@ -182,6 +186,8 @@ def label(c: dict[str, Any]) -> str:
         what = "single puts (1 per call)"
     else:
         what = f"batch of {c['batch']}"
+    if c.get("own_files"):
+        what += ", files synced by each caller"
     if c.get("baseline"):
         what += " [baseline]"
     return f"{c['system']}: {what}"
