@@ -244,11 +244,14 @@ def publish(staged: Sequence[Staged]) -> None:
 
 # -- commit: sync dirs, publish, sync queue ----------------------------------------------
 class _Job:
-    __slots__ = ("data_dir", "done", "error", "files_synced", "registry", "staged")
+    __slots__ = ("data_dir", "done", "error", "files_synced", "registry", "sfd", "staged")
 
-    def __init__(self, staged: Sequence[Staged], registry: str, data_dir: str, files_synced: bool) -> None:
+    def __init__(
+        self, staged: Sequence[Staged], registry: str, data_dir: str, files_synced: bool, sfd: int | None
+    ) -> None:
         self.staged = staged
         self.files_synced = files_synced
+        self.sfd = sfd  # syncfs descriptor (opened before the writes), or None: fsync
         self.registry = registry
         self.data_dir = data_dir
         self.done = False
@@ -265,12 +268,15 @@ def _fsync_dir_err(path: str) -> BaseException | None:
 
 def _sync_round(group: Sequence[_Job]) -> None:
     """Before publishing: the files of the jobs that left them to the group, and each
-    directory once. One job of one entry syncs serially (the lone enqueue: threads would
-    cost it more than they save); a bigger group issues every sync at once from the
-    pool, so the journal merges them into as few commits as it can."""
-    files = [(j, p) for j in group if not j.files_synced for st in j.staged for p in (st.tmp, st.data)]
-    dirs = list({d: None for j in group for d in (j.registry, j.data_dir)})
-    if len(files) <= 2 and len(group) == 1:
+    directory once (or one syncfs for a job that opted in). One job of one entry syncs
+    serially (the lone enqueue: threads would cost it more than they save); a bigger
+    group issues every sync at once from the pool, so the journal merges them into as
+    few commits as it can."""
+    fsync_jobs = [j for j in group if j.sfd is None]
+    files = [(j, p) for j in fsync_jobs if not j.files_synced for st in j.staged for p in (st.tmp, st.data)]
+    dirs = list({d: None for j in fsync_jobs for d in (j.registry, j.data_dir)})
+    whole = [j for j in group if j.sfd is not None]
+    if len(files) <= 2 and len(group) == 1 and not whole:
         for j, p in files:
             try:
                 _fs.fsync_path(p)
@@ -280,11 +286,14 @@ def _sync_round(group: Sequence[_Job]) -> None:
         derrs = {d: _fsync_dir_err(d) for d in dirs}
     else:
         ffuts = [(j, _pool.submit(functools.partial(_fs.fsync_path, p))) for j, p in files]
+        for j in whole:
+            assert j.sfd is not None
+            ffuts.append((j, _pool.submit(functools.partial(_fs.syncfs, j.sfd, os.path.dirname(j.registry)))))
         dfuts = [(d, _pool.submit(functools.partial(_fs.fsync_dir, d))) for d in dirs]
         for j, f in ffuts:
             j.error = j.error or f.exception()
         derrs = {d: f.exception() for d, f in dfuts}
-    for j in group:
+    for j in fsync_jobs:
         j.error = j.error or derrs[j.registry] or derrs[j.data_dir]
 
 
@@ -359,18 +368,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def commit(spool: Spool[Any, Any], staged: Sequence[Staged]) -> None:
+def commit(spool: Spool[Any, Any], staged: Sequence[Staged], sfd: int | None = None) -> None:
     """Make ``staged`` (files written) durable and visible: sync files, sync dirs, publish,
-    sync queue dirs, as the durability asks. Before publish, a failure abandons every
-    entry of ``staged`` and raises; after it, the entries stay queued and the error of
-    the queue dir sync is raised."""
+    sync queue dirs, as the durability asks; with ``sfd`` (from ``_fs.open_syncfs``,
+    opened before the files were written), one syncfs replaces the file and dir syncs.
+    Before publish, a failure abandons every entry of ``staged`` and raises; after it,
+    the entries stay queued and the error of the queue dir sync is raised."""
     durability = spool.spoolable.durability
     try:
-        if durability == "file" or (durability == "full" and not LEADER_SYNCS_FILES):
+        if durability == "file" or (durability == "full" and not LEADER_SYNCS_FILES and sfd is None):
             sync_files(staged)
         if durability == "full":
             lay = spool._layout
-            job = _Job(staged, lay.registry, lay.data, files_synced=not LEADER_SYNCS_FILES)
+            job = _Job(staged, lay.registry, lay.data, files_synced=not LEADER_SYNCS_FILES, sfd=sfd)
             if GROUP_COMMIT:
                 _committer.commit(job)
             else:

@@ -13,7 +13,7 @@ import contextlib
 import errno
 import os
 import sys
-from typing import Final
+from typing import Any, Final
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
 # descriptors must not leak into exec'd children (they would keep checkouts locked).
@@ -57,6 +57,47 @@ else:
             raise _name(e, path) from None
         finally:
             os.close(fd)
+
+
+def _syncfs_function() -> Any:
+    """libc's syncfs where it reports writeback errors (Linux >= 5.8), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) < (5, 8):
+        return None  # older kernels return 0 from syncfs even when writeback failed
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs: Final = _syncfs_function()
+HAVE_SYNCFS: Final = _syncfs is not None
+
+
+def open_syncfs(path: str) -> int:
+    """A descriptor for ``syncfs``: open it BEFORE writing what it must make durable, as
+    syncfs reports the writeback errors of the filesystem since the descriptor opened."""
+    return os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+
+
+def syncfs(fd: int, path: str) -> None:
+    """syncfs(2): write back the whole filesystem of ``fd``; OSError naming ``path`` on
+    a writeback error since ``fd`` was opened."""
+    if _syncfs(fd) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
 
 
 def _name(e: OSError, path: str) -> OSError:

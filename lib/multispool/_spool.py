@@ -574,8 +574,15 @@ class Spool(Generic[M, D]):
         if not encoded:
             return []
         with sp.throttled():
-            staged = _enqueue.write(self, dirname, encoded, reserve=reserve)
-            _enqueue.commit(self, staged)
+            # syncfs reports writeback errors since its descriptor opened: before the writes.
+            use_syncfs = sp.syncfs and sp.durability == "full" and len(encoded) > 1
+            sfd = _fs.open_syncfs(self.dir) if use_syncfs else None
+            try:
+                staged = _enqueue.write(self, dirname, encoded, reserve=reserve)
+                _enqueue.commit(self, staged, sfd)
+            finally:
+                if sfd is not None:
+                    os.close(sfd)
         return [Entry._trusted(self, queue, st.name) for st in staged]
 
     def _encode_item(self, metadata: M, data: D) -> tuple[bytes, Callable[[str], None]]:
