@@ -5,9 +5,11 @@
 Every case puts entries with the "survives power loss" guarantee for a fixed time in a
 fresh child process and a fresh queue, and reports entries per second:
 
-  multispool  batch of 1 (``enqueue``), 10, 100, 1000 (``enqueue_many``); 8 threads of
-              single ``enqueue`` with group commit, and the same 8 threads with group
-              commit switched off (each syncing on its own, as before issue 15)
+  multispool  batch of 1 (``enqueue``), 10, 100, 1000 (``enqueue_many``), with fsync and
+              with the opt-in ``syncfs=True``; 8 threads of single ``enqueue`` with group
+              commit, and the same 8 threads with group commit switched off (each
+              syncing on its own, as before issue 15); and the alternative group-commit
+              design where each caller syncs its own files (LEADER_SYNCS_FILES=False)
   litequeue   synchronous=FULL: one transaction per put, one per batch; 8 threads (one
               connection each, one transaction per put)
   pq-sqlite   persist-queue SQLiteQueue (WAL, synchronous=FULL): one commit per put, one
@@ -42,7 +44,9 @@ class _Q(enum.Enum):
     Q = "q"
 
 
-def _multispool(d: str, group: bool, own_files: bool) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+def _multispool(
+    d: str, group: bool, own_files: bool, syncfs: bool
+) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     import multispool
 
     if not group or own_files:
@@ -50,7 +54,10 @@ def _multispool(d: str, group: bool, own_files: bool) -> tuple[Callable[[int, in
 
         _enqueue.GROUP_COMMIT = group
         _enqueue.LEADER_SYNCS_FILES = not own_files
-    sp = multispool.Spoolable(queues=_Q, metadata_codec="json", data=multispool.BytesData(), durability="full")
+    extra = {"syncfs": True} if syncfs else {}
+    sp = multispool.Spoolable(
+        queues=_Q, metadata_codec="json", data=multispool.BytesData(), durability="full", **extra
+    )
     spool = multispool.Spool.create(os.path.join(d, "spool"), sp)
 
     def put(start: int, n: int) -> None:
@@ -117,7 +124,7 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     """Put for ``seconds`` with ``threads`` threads, ``batch`` entries per call."""
     d, system, batch, threads = a["dir"], a["system"], a["batch"], a["threads"]
     if system == "multispool":
-        put, close = _multispool(d, a.get("group", True), a.get("own_files", False))
+        put, close = _multispool(d, a.get("group", True), a.get("own_files", False), a.get("syncfs", False))
     elif system == "litequeue":
         put, close = _litequeue(d)
     elif system == "pq-sqlite":
@@ -167,6 +174,8 @@ def cases(baseline: bool) -> list[dict[str, Any]]:
     out.append({"system": "multispool", "batch": 1, "threads": THREADS, "group": True, "own_files": True})
     out.append({"system": "multispool", "batch": 1, "threads": 1, "own_files": True})
     out.append({"system": "multispool", "batch": 100, "threads": 1, "own_files": True})
+    for n in BATCHES[1:]:
+        out.append({"system": "multispool", "batch": n, "threads": 1, "syncfs": True})
     if baseline:
         out.append({"system": "multispool", "batch": 1, "threads": 1, "baseline": True})
         out.append({"system": "multispool", "batch": 1, "threads": THREADS, "baseline": True})
@@ -188,6 +197,8 @@ def label(c: dict[str, Any]) -> str:
         what = f"batch of {c['batch']}"
     if c.get("own_files"):
         what += ", files synced by each caller"
+    if c.get("syncfs"):
+        what += ", syncfs=True"
     if c.get("baseline"):
         what += " [baseline]"
     return f"{c['system']}: {what}"
