@@ -13,6 +13,7 @@ from ._errors import InvalidNameError as InvalidNameError
 from ._errors import NotASpoolError as NotASpoolError
 from ._errors import SpoolError as SpoolError
 from ._layout import Dir as Dir
+from ._monitor import DeadCheckout as DeadCheckout
 from ._monitor import Duplicated as Duplicated
 from ._monitor import End as End
 from ._monitor import FileWithMtime as FileWithMtime
@@ -47,6 +48,7 @@ __all__ = [
     "CheckedOutEntry",
     "CorruptEntryError",
     "DataFile",
+    "DeadCheckout",
     "Dir",
     "Duplicated",
     "End",

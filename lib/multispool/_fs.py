@@ -165,12 +165,37 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+# errnos that mean "that file is gone". ESTALE is what NFS, GlusterFS and other network
+# filesystems return when a file removed or renamed through another client is reached
+# through a name or handle this client still had cached; fstat then may say ENOENT too.
+_GONE: Final = frozenset({errno.ENOENT, errno.ESTALE})
+
+
+def gone(e: OSError) -> bool:
+    """True if ``e`` says the file it was about no longer exists (ENOENT, or ESTALE)."""
+    return e.errno in _GONE
+
+
+def lexists(path: str) -> bool:
+    """True if ``path`` exists (not following a symlink); False if it is gone, ESTALE
+    included. Other errors propagate."""
+    try:
+        os.lstat(path)
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
+    return True
+
+
 def unlink_quiet(path: str) -> bool:
     """Unlink ``path``; False if it was already gone. Other errors propagate."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
-        return False
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
     return True
 
 
@@ -178,9 +203,33 @@ def rename_if_exists(src: str, dst: str) -> bool:
     """rename(2) ``src`` to ``dst``; False if ``src`` does not exist."""
     try:
         os.rename(src, dst)
-    except FileNotFoundError:
-        return False
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
     return True
+
+
+MOVED: Final = 1
+SRC_GONE: Final = 0
+NOT_MOVED: Final = -1
+
+
+def rename_verified(src: str, dst: str, *, verify: bool) -> int:
+    """rename(2) ``src`` to ``dst`` for a caller holding the entry's owner lock (so nobody
+    else moves either name meanwhile). MOVED, SRC_GONE if ``src`` does not exist, or,
+    when ``verify``, NOT_MOVED if rename said yes but ``src`` is still there: a client
+    with a stale name cache resolved both names to the same inode, and the kernel's
+    rename of a file onto itself succeeds without doing anything."""
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if gone(e):
+            return SRC_GONE
+        raise
+    if verify and lexists(src):
+        return NOT_MOVED
+    return MOVED
 
 
 def is_real_dir(path: str) -> bool:
@@ -260,11 +309,22 @@ def lock_generation() -> int:
     return _generation
 
 
+def close_lock_fd(fd: int) -> None:
+    """Close a registry file's descriptor. GlusterFS reports ENOENT or ESTALE from close
+    when the file was unlinked meanwhile (by a remove through this or another client);
+    the descriptor is freed all the same, and that lock is gone with it."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        if not gone(e):
+            raise
+
+
 def unlock(fd: int, generation: int) -> None:
     """Release a lock from create_locked/open_locked taken in ``generation``."""
     if generation == _generation:
         _held.discard(fd)
-        os.close(fd)
+        close_lock_fd(fd)
 
 
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
@@ -304,10 +364,10 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
                 # are absolute or relative to the cwd either way).
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
             except FileExistsError:
-                os.close(fd)
+                close_lock_fd(fd)
                 return None
             except BaseException:
-                os.close(fd)
+                close_lock_fd(fd)
                 raise
             _held.add(fd)
             return fd
@@ -328,8 +388,10 @@ def open_locked(path: str) -> int | None:
     process holds it, or it was unlinked while we took the lock (a stale inode)."""
     try:
         fd = os.open(path, O_READ)
-    except FileNotFoundError:
-        return None
+    except OSError as e:
+        if gone(e):
+            return None
+        raise
     return _keep_if_locked(fd)
 
 
@@ -338,10 +400,15 @@ def _keep_if_locked(fd: int) -> int | None:
     another process holds the lock or the file was unlinked meanwhile (a stale inode)."""
     try:
         if not try_lock(fd) or (HAVE_LOCKS and os.fstat(fd).st_nlink == 0):
-            os.close(fd)
+            close_lock_fd(fd)
             return None
+    except OSError as e:
+        close_lock_fd(fd)
+        if gone(e):  # unlinked through another client: ESTALE, or ENOENT from fstat
+            return None
+        raise
     except BaseException:
-        os.close(fd)
+        close_lock_fd(fd)
         raise
     _held.add(fd)
     return fd

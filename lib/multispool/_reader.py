@@ -146,6 +146,7 @@ class QueueReader(Generic[M, D]):
 
     @property
     def closed(self) -> bool:
+        """True once ``close`` was called (or the ``with`` block left)."""
         return self._closed
 
     def __enter__(self) -> QueueReader[M, D]:
@@ -273,7 +274,8 @@ class QueueReader(Generic[M, D]):
             self._process(co, f)
 
     def iter_available(self, f: Handler[M, D]) -> None:
-        """Process the entries present in one fresh listing of the queue, then return."""
+        """Process the entries present in one fresh listing of the queue with ``f`` (as
+        ``iter`` does), then return."""
         self._relist()
         while True:
             co = self._take_pending()

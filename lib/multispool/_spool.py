@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
-from . import _enqueue, _fs
+from . import _enqueue, _fs, _sharedfs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
 from ._layout import CHECKOUT, Layout, check_name
 from ._spoolable import Duration, Spoolable, seconds
@@ -39,6 +39,9 @@ MAX_NAME_ATTEMPTS: Final = 100_000
 # A registry lock that is busy while the entry still sits in its queue belongs to an
 # enqueuer finishing its rename or to a claimer about to rename: both take microseconds.
 BUSY_WAIT: Final = 0.05
+# How long save/release retry a rename that a stale client cache made a no-op (GlusterFS
+# and NFS cache names for about 1 s by default; attribute/entry timeouts are mount options).
+OWNED_MOVE_PATIENCE: Final = 30.0
 
 # errnos that mean "this queue file is not a regular entry file" (planted symlink, dir...)
 _NOT_A_FILE = {errno.ELOOP, errno.EISDIR, errno.ENXIO, getattr(errno, "EFTYPE", -1), errno.EMLINK}
@@ -149,6 +152,7 @@ class DataFile(Generic[D]):
 
     @property
     def path(self) -> str:
+        """Where the data is: ``SPOOL/.data/NAME``."""
         return self.spool._layout.data_file(self.name)
 
     def load(self) -> D:
@@ -203,12 +207,15 @@ class _Direct(Generic[M, D]):
         with sp.throttled():
             try:
                 raw = _fs.read_file(path)
-            except FileNotFoundError:
-                raise EntryNotFoundError("no such entry", path) from None
+            except OSError as e:
+                if _fs.gone(e):
+                    raise EntryNotFoundError("no such entry", path) from None
+                raise
         contents: M = sp._codec.decode(raw, path)
         return contents
 
     def data_file(self) -> DataFile[D]:
+        """The entry's data file (no exclusivity)."""
         return DataFile(self._entry.spool, self._entry.name)
 
     def save(self, metadata: M) -> None:
@@ -228,7 +235,8 @@ class _Direct(Generic[M, D]):
 
 
 class Entry(Generic[M, D]):
-    """A name in a queue. Creating one checks the name, not the disk."""
+    """The entry ``name`` in ``queue`` of ``spool``. Creating one checks the name (and
+    that the queue is one of the spool's), not the disk."""
 
     __slots__ = ("name", "queue", "spool")
 
@@ -240,6 +248,7 @@ class Entry(Generic[M, D]):
 
     @classmethod
     def create(cls, spool: Spool[M, D], queue: enum.Enum, name: str) -> Entry[M, D]:
+        """The same as ``Entry(spool, queue, name)``: checks the name, not the disk."""
         return cls(spool, queue, name)
 
     @classmethod
@@ -254,11 +263,16 @@ class Entry(Generic[M, D]):
         with self.spool.spoolable.throttled():
             try:
                 return os.stat(path, follow_symlinks=False)
-            except FileNotFoundError:
-                raise EntryNotFoundError("no such entry", path) from None
+            except OSError as e:
+                if _fs.gone(e):
+                    raise EntryNotFoundError("no such entry", path) from None
+                raise
 
     @property
     def direct(self) -> _Direct[M, D]:
+        """Read and write this entry in its queue without checking it out: no exclusivity,
+        so only for tools, tests and entries no reader is taking.
+        """
         return _Direct(self)
 
     def __eq__(self, other: object) -> bool:
@@ -297,6 +311,7 @@ class CheckedOutEntry(Generic[M, D]):
 
     @property
     def data_file(self) -> DataFile[D]:
+        """The entry's data file."""
         return DataFile(self.spool, self.name)
 
     @property
@@ -335,10 +350,8 @@ class CheckedOutEntry(Generic[M, D]):
             else:
                 # A fresh mtime in the new queue: the Monitor measures queue age from it.
                 _touch(src)
-            try:
-                os.rename(src, dst)
-            except FileNotFoundError:
-                raise EntryNotFoundError("checked-out entry vanished", src) from None
+            if not self.spool._move_owned(src, dst):
+                raise EntryNotFoundError("checked-out entry vanished", src)
             self._claim.release()
             if sp.durability == "full":
                 _fs.fsync_dir(lay.queue(dst_dir))
@@ -359,7 +372,7 @@ class CheckedOutEntry(Generic[M, D]):
         dirname = sp.dirname(self.queue)
         with sp.throttled():
             try:
-                moved = _fs.rename_if_exists(self.path, lay.queue_file(dirname, self.name))
+                moved = self.spool._move_owned(self.path, lay.queue_file(dirname, self.name))
             finally:
                 self._claim.release()
             if moved and sp.durability == "full":
@@ -400,14 +413,41 @@ class Spool(Generic[M, D]):
         self.dir: str = os.fspath(path)
         self.spoolable: Spoolable[M, D] = spoolable
         self._layout = Layout(self.dir)
+        self._facts: _sharedfs.FsFacts | None = None
+
+    def _fs_facts(self) -> _sharedfs.FsFacts:
+        """What the spool's filesystem can be trusted with (identified once, lazily)."""
+        facts = self._facts
+        if facts is None:
+            facts = self._facts = _sharedfs.facts(self.dir)
+        return facts
+
+    def _move_owned(self, src: str, dst: str) -> bool:
+        """Move a checkout this process owns (save, release): True once moved, False if
+        ``src`` is gone. A rename that a stale client cache turned into a no-op is retried
+        until that cache expires (network filesystems keep names for about a second)."""
+        verify = self._fs_facts().verify_renames
+        delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
+        while True:
+            r = _fs.rename_verified(src, dst, verify=verify)
+            if r != _fs.NOT_MOVED:
+                return r == _fs.MOVED
+            if time.monotonic() >= deadline:
+                raise SpoolError(
+                    f"rename of {src} to {dst} kept reporting success without moving it "
+                    f"for {OWNED_MOVE_PATIENCE} s (a client cache that never expires?)"
+                )
+            time.sleep(delay)  # not synchronisation: waiting out the client's name cache
+            delay = min(delay * 2, 0.2)
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
     def load(
         cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D], create_if_missing: bool = False
     ) -> Spool[M, D]:
-        """Open the spool at ``path``, validating its layout (and creating what is missing
-        when ``create_if_missing``; a non-empty non-spool directory is never converted)."""
+        """Open the spool at ``path``, described by ``spoolable``, validating its layout
+        (``NotASpoolError`` if it is not a spool). With ``create_if_missing``, create what
+        is missing instead; a non-empty directory that is not a spool is never converted."""
         spool = cls(path, spoolable)
         with spoolable.throttled():
             spool._validate(create_if_missing)
@@ -415,12 +455,14 @@ class Spool(Generic[M, D]):
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
-        """``load(path, spoolable, create_if_missing=True)``."""
+        """``load(path, spoolable, create_if_missing=True)``: open the spool at ``path``,
+        creating it (or its missing queues) first. Safe to call from many processes at once."""
         return cls.load(path, spoolable, create_if_missing=True)
 
     @classmethod
     def load_unsafe(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
-        """A Spool for ``path`` without validation or disk access."""
+        """A Spool for ``path``, described by ``spoolable``, without validation or disk
+        access (for hot paths that know the spool exists)."""
         return cls(path, spoolable)
 
     def _validate(self, create: bool) -> None:
@@ -494,8 +536,9 @@ class Spool(Generic[M, D]):
 
     def reserve_name(self, seed: Any = None) -> str:
         """Reserve a fresh name (``.registry/NAME``, created with O_CREAT|O_EXCL), to be
-        used by ``enqueue(..., use=NAME)``. This process holds the reservation locked
-        until then, so ``clean_abandoned`` never removes it while the process lives."""
+        used by ``enqueue(..., use=NAME)``; ``seed`` is passed to the name generator. This
+        process holds the reservation locked until then, so ``clean_abandoned`` never
+        removes it while the process lives."""
         with self.spoolable.throttled():
             name, fd = self._reserve(seed)
             st = os.fstat(fd)
@@ -537,11 +580,13 @@ class Spool(Generic[M, D]):
         reserve: Any = None,
         use: str | None = None,
     ) -> Entry[M, D]:
-        """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
-        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
-        the enqueue created (the reservation included) is removed and the error raised.
-        Concurrent enqueues in threads of this process share their directory syncs
-        (group commit, see ``_enqueue``); each returns once its own entry is durable."""
+        """Add an entry to ``queue`` with ``metadata`` (checked against the Spoolable's
+        type before anything is written) and ``data`` (saved by its data codec); the new
+        entry becomes visible to readers at once and is returned. ``use=NAME`` takes a name
+        from ``reserve_name``; otherwise a name is reserved with seed ``reserve``. If any
+        step fails, every file the enqueue created (the reservation included) is removed
+        and the error raised. Concurrent enqueues in threads of this process share their
+        syncs (group commit, see ``_enqueue``); each returns once its own entry is durable."""
         sp = self.spoolable
         dirname = sp.dirname(queue)
         if use is not None:
@@ -644,8 +689,10 @@ class Spool(Generic[M, D]):
             try:
                 with sp.throttled():
                     raw = _fs.read_file(path)
-            except FileNotFoundError:
-                continue  # its owner finished with it meanwhile
+            except OSError as e:
+                if _fs.gone(e):
+                    continue  # its owner finished with it meanwhile
+                raise
             out.append(CheckedOutEntry(self, queue, n, sp._codec.decode(raw, path), raw, _Claim(None)))
         return out
 
@@ -674,16 +721,28 @@ class Spool(Generic[M, D]):
             claim = _Claim(fd)
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
-                os.rename(qfile, cofile)
-            except FileNotFoundError:
+                # Verified where a stale client could make rename a no-op: a claim that
+                # did not move the entry is lost, never won (it stays in its queue).
+                moved = _fs.rename_verified(qfile, cofile, verify=self._fs_facts().verify_renames)
+            except OSError as e:
                 claim.release()
-                return None
+                if _fs.gone(e):
+                    return None
+                raise
             except BaseException:
                 claim.release()
                 raise
+            if moved != _fs.MOVED:
+                claim.release()
+                return None
             try:
                 raw = _fs.read_file(cofile)
             except OSError as e:
+                if _fs.gone(e):
+                    # Our own client lost track of the file it just moved (ESTALE): put
+                    # the entry back for a later attempt rather than fail the reader.
+                    self._give_back(cofile, qfile, claim)
+                    return None
                 if e.errno in _NOT_A_FILE:
                     why = f"not a regular file ({os.strerror(e.errno or 0)})"
                     self._corrupt(queue, name, cofile, why, claim)
@@ -798,27 +857,45 @@ class Spool(Generic[M, D]):
         return self._apply(co, f)
 
     # -- crash recovery ---------------------------------------------------------------
-    def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[Entry[M, D]]:
+    def recover_checkouts(
+        self, queue: enum.Enum | None = None, *, dead_after: Duration | None = None
+    ) -> builtins.list[Entry[M, D]]:
         """Move back to their queues the checkouts whose owner process has died (their
-        registry lock is free). Never touches the checkout of a live process. An entry
-        whose metadata cannot be decoded is quarantined if the Spoolable has a quarantine
-        queue, else left checked out for a person (moving it back would loop)."""
+        registry lock is free), and return exactly those that were moved. Never touches
+        the checkout of a live process. An entry whose metadata cannot be decoded is
+        quarantined if the Spoolable has a quarantine queue, else left checked out for a
+        person (moving it back would loop).
+
+        ``dead_after`` (seconds): also require the checkout to be at least that old
+        (checked out, or last rewritten, that long ago). It is required on filesystems
+        whose locks are not shared between their mounts or clients (bindfs, sshfs, NFS
+        ``nolock``...: see docs/shared-filesystems.md), where a free lock does not prove
+        the owner died; there, without it, SpoolError is raised and nothing is moved."""
         sp = self.spoolable
         lay = self._layout
         if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows
             log.warning("multispool: no owner locks on this platform: recover_checkouts does nothing")
             return []
+        min_age = None if dead_after is None else seconds(dead_after)
+        if min_age is None:
+            facts = self._fs_facts()
+            if not facts.locks_shared:
+                raise SpoolError(
+                    f"recover_checkouts refused: a free owner lock does not prove its owner died here: "
+                    f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
+                    f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
+                )
         queues = sp._queue_list if queue is None else (queue,)
         recovered: list[Entry[M, D]] = []
         for q in queues:
             dirname = sp.dirname(q)
             for name in sorted(self._list_names(lay.checkout(dirname))):
                 with sp.throttled():
-                    if self._recover_one(q, dirname, name):
+                    if self._recover_one(q, dirname, name, min_age):
                         recovered.append(Entry._trusted(self, q, name))
         return recovered
 
-    def _recover_one(self, q: enum.Enum, dirname: str, name: str) -> bool:
+    def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
         sp = self.spoolable
         lay = self._layout
         fd = _fs.open_locked(lay.registry_file(name))
@@ -828,10 +905,12 @@ class Spool(Generic[M, D]):
         try:
             cofile = lay.checkout_file(dirname, name)
             try:
+                if min_age is not None and time.time() - os.lstat(cofile).st_mtime < min_age:
+                    return False  # too young for the stated proof of death
                 sp._codec.decode(_fs.read_file(cofile), cofile)
-            except FileNotFoundError:
-                return False  # its owner finished with it before dying
             except OSError as e:
+                if _fs.gone(e):
+                    return False  # its owner finished with it before dying
                 if e.errno not in _NOT_A_FILE:
                     # Transient or permission trouble: not evidence of a bad entry.
                     log.warning("multispool: cannot read checkout %s, left in place: %s", cofile, e)
@@ -840,7 +919,10 @@ class Spool(Generic[M, D]):
             except CorruptEntryError as e:
                 return self._recover_undecodable(q, name, cofile, e.reason, claim)
             _fs.unlink_quiet(lay.tmp_file(name))  # a rewrite the dead owner left half done
-            if not _fs.rename_if_exists(cofile, lay.queue_file(dirname, name)):
+            # Verified where a stale client could make rename a no-op: only what really
+            # moved is reported (a no-op leaves it for the next recovery).
+            qfile = lay.queue_file(dirname, name)
+            if _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames) != _fs.MOVED:
                 return False
             if sp.durability == "full":
                 _fs.fsync_dir(lay.queue(dirname))
@@ -889,8 +971,10 @@ class Spool(Generic[M, D]):
                 try:
                     if now - os.lstat(reg).st_mtime < limit:
                         continue
-                except FileNotFoundError:
-                    continue
+                except OSError as e:
+                    if _fs.gone(e):
+                        continue
+                    raise
                 gen = _fs.lock_generation()
                 fd = _fs.open_locked(reg)
                 if fd is None:
@@ -922,7 +1006,14 @@ class Spool(Generic[M, D]):
         rescan_interval: Duration = 5.0,
         recover: bool = False,
     ) -> QueueReader[M, D]:
-        """An event-driven reader of ``queue`` (see QueueReader)."""
+        """An event-driven reader of ``queue`` (see QueueReader); use it as a context
+        manager, or ``close`` it.
+
+        ``observer``: ``"auto"`` (native events on local filesystems, polling on network
+        and FUSE ones; the ``MULTISPOOL_OBSERVER`` environment variable overrides it),
+        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, re-list the queue
+        this often (seconds) in case an event was lost. ``recover``: first put back
+        checkouts of dead processes and clean abandoned enqueues."""
         from ._reader import QueueReader
 
         return QueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)

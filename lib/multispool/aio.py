@@ -1,4 +1,4 @@
-"""asyncio front end: the whole multispool API as coroutines (API.md §10).
+"""asyncio front end: the whole multispool API as coroutines.
 
 One core, two fronts: every operation here runs the very code of the sync API
 (``Spool``, ``CheckedOutEntry``, ``QueueReader``), off the event loop, in a small
@@ -220,8 +220,9 @@ class AsyncSpool(Generic[M, D]):
         *,
         max_workers: int = DEFAULT_MAX_WORKERS,
     ) -> AsyncSpool[M, D]:
-        """``Spool.load`` (validation, and creation when ``create_if_missing``), run in
-        the new AsyncSpool's executor."""
+        """Open the spool at ``path``, described by ``spoolable``, as ``Spool.load`` does
+        (validation, and creation when ``create_if_missing``), off the loop in the new
+        AsyncSpool's executor of up to ``max_workers`` threads."""
         spool = cls(Spool.load_unsafe(path, spoolable), max_workers=max_workers)
         try:
             spool.sync = await spool._run(Spool.load, path, spoolable, create_if_missing)
@@ -238,7 +239,7 @@ class AsyncSpool(Generic[M, D]):
         *,
         max_workers: int = DEFAULT_MAX_WORKERS,
     ) -> AsyncSpool[M, D]:
-        """``load(path, spoolable, create_if_missing=True)``."""
+        """``load(path, spoolable, create_if_missing=True, max_workers=max_workers)``."""
         return await cls.load(path, spoolable, True, max_workers=max_workers)
 
     @classmethod
@@ -260,14 +261,17 @@ class AsyncSpool(Generic[M, D]):
 
     @property
     def dir(self) -> str:
+        """The spool directory as given (``os.fspath``)."""
         return self.sync.dir
 
     @property
     def spoolable(self) -> Spoolable[M, D]:
+        """The Spoolable describing this spool."""
         return self.sync.spoolable
 
     @property
     def closed(self) -> bool:
+        """True once ``aclose`` was called."""
         return self._closed
 
     # -- running disk work off the loop ---------------------------------------------------
@@ -373,8 +377,9 @@ class AsyncSpool(Generic[M, D]):
     async def enqueue(
         self, queue: enum.Enum, metadata: M, data: D, *, reserve: Any = None, use: str | None = None
     ) -> AsyncEntry[M, D]:
-        """``Spool.enqueue``. Cancelled before it started, it does not happen; once
-        started, it completes."""
+        """``Spool.enqueue``: add an entry to ``queue`` with ``metadata`` and ``data``
+        (name from ``use``, or reserved with seed ``reserve``). Cancelled before it
+        started, it does not happen; once started, it completes."""
         fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use)
         return self._entry(await self._run(fn, queue, metadata, data))
 
@@ -445,9 +450,12 @@ class AsyncSpool(Generic[M, D]):
         return result
 
     # -- recovery ---------------------------------------------------------------------
-    async def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[AsyncEntry[M, D]]:
+    async def recover_checkouts(
+        self, queue: enum.Enum | None = None, *, dead_after: Duration | None = None
+    ) -> builtins.list[AsyncEntry[M, D]]:
         """``Spool.recover_checkouts``."""
-        return [self._entry(e) for e in await self._run(self.sync.recover_checkouts, queue)]
+        found = await self._run(functools.partial(self.sync.recover_checkouts, queue, dead_after=dead_after))
+        return [self._entry(e) for e in found]
 
     async def clean_abandoned(self, older_than: Duration = 600) -> builtins.list[str]:
         """``Spool.clean_abandoned``."""
@@ -462,7 +470,8 @@ class AsyncSpool(Generic[M, D]):
         recover: bool = False,
     ) -> AsyncQueueReader[M, D]:
         """An event-driven async reader of ``queue``; it opens (recovery, watch) on
-        ``async with`` or its first use, off the loop."""
+        ``async with`` or its first use, off the loop. ``observer``, ``rescan_interval``
+        and ``recover`` mean what they mean for ``Spool.reader``."""
         r = AsyncQueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
         self._readers.add(r)
         return r
@@ -482,6 +491,7 @@ class AsyncDataFile(Generic[D]):
 
     @property
     def path(self) -> str:
+        """Where the data is: ``SPOOL/.data/NAME``."""
         return self.sync.path
 
     async def load(self) -> D:
@@ -524,6 +534,7 @@ class _AsyncDirect(Generic[M, D]):
         return await self._entry.spool._run(self._entry.sync.direct.contents)
 
     def data_file(self) -> AsyncDataFile[D]:
+        """The entry's data file (no exclusivity)."""
         return AsyncDataFile(self._entry.spool, self._entry.sync.direct.data_file())
 
     async def save(self, metadata: Any) -> None:
@@ -549,10 +560,12 @@ class AsyncEntry(Generic[M, D]):
 
     @property
     def name(self) -> str:
+        """The entry's name."""
         return self.sync.name
 
     @property
     def queue(self) -> enum.Enum:
+        """The queue the entry is in (or was in when listed)."""
         return self.sync.queue
 
     async def stat(self) -> os.stat_result:
@@ -561,6 +574,7 @@ class AsyncEntry(Generic[M, D]):
 
     @property
     def direct(self) -> _AsyncDirect[M, D]:
+        """Read and write this entry in its queue without checking it out (no exclusivity)."""
         return _AsyncDirect(self)
 
     def __eq__(self, other: object) -> bool:
@@ -590,10 +604,12 @@ class AsyncCheckedOutEntry(Generic[M, D]):
 
     @property
     def name(self) -> str:
+        """The entry's name."""
         return self.sync.name
 
     @property
     def queue(self) -> enum.Enum:
+        """The queue it was checked out from."""
         return self.sync.queue
 
     @property
@@ -603,14 +619,17 @@ class AsyncCheckedOutEntry(Generic[M, D]):
 
     @property
     def data_file(self) -> AsyncDataFile[D]:
+        """The entry's data file; its ``load``/``save`` run off the loop."""
         return AsyncDataFile(self.spool, self.sync.data_file)
 
     @property
     def path(self) -> str:
+        """Where the metadata is while checked out: ``QUEUE/.checkout/NAME``."""
         return self.sync.path
 
     @property
     def done(self) -> bool:
+        """True once saved, removed or released."""
         return self.sync.done
 
     def update(self, f: Callable[[M], M]) -> AsyncCheckedOutEntry[M, D]:
@@ -909,6 +928,7 @@ class AsyncQueueReader(Generic[M, D]):
 
     @property
     def closed(self) -> bool:
+        """True once ``aclose`` was called (or the ``async with`` block left)."""
         return self._closed
 
     @property
