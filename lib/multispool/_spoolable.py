@@ -146,15 +146,22 @@ class FileData:
     file: do not modify it afterwards). ``load`` returns the data file's path.
 
     A path is checked (it must exist and be a regular file) before anything touches
-    the spool; a file object is read from its current position to its end."""
+    the spool; a file object is read from its current position to its end.
+
+    :param link: hard-link a path on the spool's filesystem instead of copying it
+        (default ``True``); ``False`` always copies (the entry then owns its copy, with
+        the Spoolable's ``file_mode``). A link keeps the source's permissions.
+    """
 
     def __init__(self, link: bool = True) -> None:
         self.link = link
 
     def load(self, path: str) -> str:
+        """The path of the data file (nothing is read)."""
         return path
 
     def save(self, value: str | os.PathLike[str] | typing.BinaryIO, path: str) -> None:
+        """Stream (or hard-link) ``value`` into a new file at ``path`` (mode 0o600)."""
         self._check(value)
         self._write(value, path, 0o600)
 
@@ -374,6 +381,12 @@ class Spoolable(Generic[M, D]):
     :param file_mode: permissions of created files (default ``0o600``), minus the umask.
     :param dir_mode: permissions of created directories (default ``0o700``), minus the
         umask; e.g. ``0o2770`` with ``file_mode=0o660`` for a spool shared by a group.
+    :param syncfs: opt-in (default ``False``): a ``"full"`` ``enqueue_many`` of several
+        entries makes its files and directories durable with one ``syncfs(2)`` of the
+        spool's filesystem instead of an fsync per file. That writes back every dirty file
+        of the filesystem, other programs' too: a large gain on a filesystem of its own,
+        a loss on a busy shared one. Writeback errors still raise (Linux >= 5.8 only;
+        elsewhere, and for single enqueues, fsync is used).
 
     Invalid values raise ``ValueError``. ``M`` is the metadata type (``metadata=``), ``D``
     the data codec's value type (``data=``; ``bytes`` for the default ``BytesData``); a

@@ -429,12 +429,15 @@ def _main_batch(args: Any, argv: list[str]) -> int:
     reps, seconds = (3, 1.0) if args.quick else (5, 3.0)
     load_before = os.getloadavg()
     base = tempfile.mkdtemp(prefix=".bench-batch-", dir=args.dir)
+    global LIB_OVERRIDE
     try:
+        if args.git_ref:  # measure a snapshot: the working tree may change during the run
+            LIB_OVERRIDE = _snapshot_lib(args.git_ref, os.path.join(base, "current"))
         baseline = _snapshot_lib(args.baseline_ref, base) if args.baseline_ref else None
         res = batch.run(lambda job, t: _run_child(job, t), _fresh_dir, base, reps, seconds, baseline, _log)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.git_ref or "HEAD"],
                          capture_output=True, text=True).stdout.strip()
     if args.baseline_ref:
         rev += f" (baseline: {args.baseline_ref})"
