@@ -19,6 +19,15 @@ from conftest import Cog, Queue
 from multispool import _enqueue, _fs
 from multispool.aio import AsyncSpool
 
+# Owner locks held before each test (reservations other tests left): none may be added.
+_HELD_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _held_before() -> None:
+    _HELD_BEFORE.clear()
+    _HELD_BEFORE.update(_fs._held)
+
 
 def _files(spool: multispool.Spool[Any]) -> dict[str, list[str]]:
     root = Path(spool.dir)
@@ -39,14 +48,14 @@ class _Trace:
         self.ops: list[tuple[str, str]] = []
         self.root = spool.dir
         self._lock = threading.Lock()
-        fsync_path, fsync_dir, rename = _fs.fsync_path, _fs.fsync_dir, os.rename
+        fsync_file, fsync_dir, rename = _fs.fsync_file, _fs.fsync_dir, os.rename
 
         def rec(kind: str, path: Any) -> None:
             with self._lock:
                 self.ops.append((kind, os.path.relpath(os.fspath(path), self.root)))
 
-        def t_fsync_path(p: str) -> None:
-            fsync_path(p)
+        def t_fsync_file(p: str, fd: int | None = None) -> None:
+            fsync_file(p, fd)
             rec("fsync", p)
 
         def t_fsync_dir(p: str) -> None:
@@ -58,7 +67,7 @@ class _Trace:
             rename(a, b, **kw)
             rec("rename", b)
 
-        monkeypatch.setattr(_fs, "fsync_path", t_fsync_path)
+        monkeypatch.setattr(_fs, "fsync_file", t_fsync_file)
         monkeypatch.setattr(_fs, "fsync_dir", t_fsync_dir)
         monkeypatch.setattr(os, "rename", t_rename)
 
@@ -91,7 +100,7 @@ def test_enqueue_many_writes_every_entry_in_order(tmp_path: Path, durability: An
     files = _files(spool)
     assert files[".tmp"] == [] and files["queue1"] == [".checkout"]
     assert files[".registry"] == files[".data"] == sorted(e.name for e in entries)
-    assert not _fs._held  # every owner lock released
+    assert _fs._held == _HELD_BEFORE  # every owner lock released
     assert spool.enqueue_many(Queue.QUEUE1, []) == []
 
 
@@ -189,7 +198,7 @@ def test_enqueue_many_failure_before_publishing_leaves_nothing(
     renames = [0]
     if step == "sync_file":
         data_dir = spool.dir + "/.data/"
-        _fail_on(monkeypatch, _fs, "fsync_path", lambda p: p.startswith(data_dir) and keep.name not in p)
+        _fail_on(monkeypatch, _fs, "fsync_file", lambda p: p.startswith(data_dir) and keep.name not in p)
     elif step == "sync_dir":
         _fail_on(monkeypatch, _fs, "fsync_dir", lambda p: p.endswith(".data"))
     elif step == "publish":
@@ -209,7 +218,7 @@ def test_enqueue_many_failure_before_publishing_leaves_nothing(
     assert {d: f for d, f in _files(spool).items()} == _empty(spool) | {
         ".registry": [keep.name], ".data": [keep.name], "queue1": sorted([".checkout", keep.name])
     }
-    assert not _fs._held
+    assert _fs._held == _HELD_BEFORE
     if step == "publish":
         assert renames[0] == 3
 
@@ -224,7 +233,7 @@ def test_enqueue_many_queue_dir_sync_failure_raises_after_publishing(
     monkeypatch.undo()
     # Published (complete, files durable), so not removed: its queue entry may not be.
     assert len(full_spool.list(Queue.QUEUE1)) == 3
-    assert not _fs._held
+    assert _fs._held == _HELD_BEFORE
 
 
 # -- group commit -------------------------------------------------------------------------
@@ -300,7 +309,7 @@ def test_group_commit_shares_directory_syncs(
     second = tr.ops[tr.ops.index(("fsync_dir", "queue1")) + 1 :]
     second = [op for op in second if op[0] != "fsync"]
     assert [k for k, _ in second] == ["fsync_dir", "fsync_dir"] + ["rename"] * 7 + ["fsync_dir"]
-    assert not _fs._held
+    assert _fs._held == _HELD_BEFORE
 
 
 def test_group_commit_error_reaches_every_member(
@@ -309,7 +318,7 @@ def test_group_commit_error_reaches_every_member(
     _, results = _group_of(full_spool, monkeypatch, 4, fail_queue_sync=True)
     assert isinstance(results[0], multispool.Entry)  # the first group synced fine
     assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results[1:]), results
-    assert not _fs._held
+    assert _fs._held == _HELD_BEFORE
 
 
 def test_aio_enqueue_many_and_concurrent_enqueues(tmp_path: Path) -> None:
@@ -405,7 +414,7 @@ def test_syncfs_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(3)])
     assert ei.value.errno == errno.EIO and ei.value.filename == spool.dir
     assert _files(spool) == _empty(spool)
-    assert not _fs._held
+    assert _fs._held == _HELD_BEFORE
 
 
 def test_syncfs_is_off_by_default() -> None:

@@ -16,6 +16,15 @@ import multispool
 from conftest import Cog, Queue
 from multispool import _fs
 
+# Owner locks held before each test (reservations other tests left): none may be added.
+_HELD_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _held_before() -> None:
+    _HELD_BEFORE.clear()
+    _HELD_BEFORE.update(_fs._held)
+
 LIB = str(Path(__file__).resolve().parent.parent / "lib")
 
 
@@ -107,7 +116,7 @@ def test_stream_failure_leaves_nothing(tmp_path: Path) -> None:
         spool.enqueue(Queue.QUEUE1, Cog(n=1), Broken())
     for d in (".registry", ".tmp", ".data", "queue1"):
         assert [n for n in os.listdir(os.path.join(spool.dir, d)) if n != ".checkout"] == []
-    assert not _fs._held
+    assert _fs._held == _HELD_BEFORE
 
 
 def test_data_file_save_replaces_the_payload(tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ LEADER_SYNCS_FILES = True
 class Staged:
     """One entry written to disk but not yet published; holds its owner lock."""
 
-    __slots__ = ("data", "dst", "fd", "gen", "name", "published", "qdir", "reg", "tmp")
+    __slots__ = ("data", "data_fd", "dst", "fd", "gen", "name", "published", "qdir", "reg", "tmp", "tmp_fd")
 
     def __init__(
         self, name: str, fd: int, gen: int, reg: str, tmp: str, data: str, qdir: str, dst: str
@@ -75,6 +75,20 @@ class Staged:
         self.qdir = qdir
         self.dst = dst
         self.published = False
+        # Descriptors of the written files, kept open by a single enqueue to sync them
+        # without reopening (a batch syncs by path: one open file per entry is enough).
+        self.tmp_fd: int | None = None
+        self.data_fd: int | None = None
+
+    def files(self) -> list[tuple[str, int | None]]:
+        return [(self.tmp, self.tmp_fd), (self.data, self.data_fd)]
+
+    def close_files(self) -> None:
+        for attr in ("tmp_fd", "data_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
 
     def unlock(self) -> None:
         fd, self.fd = self.fd, None
@@ -84,6 +98,7 @@ class Staged:
     def abandon(self) -> None:
         """Remove what this enqueue created and release its lock (before publish)."""
         try:
+            self.close_files()
             _fs.unlink_quiet(self.tmp)
             _fs.unlink_quiet(self.data)
             _fs.unlink_quiet(self.reg)
@@ -95,18 +110,20 @@ class Staged:
 def write(
     spool: Spool[Any, Any],
     dirname: str,
-    items: Sequence[tuple[bytes, Callable[[str], None]]],
+    items: Sequence[tuple[bytes, Callable[[str, bool], int | None]]],
     *,
     reserve: Any = None,
     use: str | None = None,
 ) -> list[Staged]:
     """Reserve a name for each item and write its metadata and data (not synced).
-    ``items`` are (encoded metadata, writer of the data file at a path). On failure,
-    everything written so far is removed and the error raised."""
+    ``items`` are (encoded metadata, writer of the data file at a path). A single entry
+    keeps its files open for the sync step. On failure, everything written so far is
+    removed and the error raised."""
     sp = spool.spoolable
     lay = spool._layout
     qdir = lay.queue(dirname)
     staged: list[Staged] = []
+    keep = len(items) == 1
     try:
         for raw, write_data in items:
             if use is not None:
@@ -118,8 +135,8 @@ def write(
                 lay.data_file(name), qdir, lay.queue_file(dirname, name),
             )
             staged.append(st)
-            _fs.write_file(st.tmp, raw, sync=False, mode=sp.file_mode)
-            write_data(st.data)
+            st.tmp_fd = _fs.write_file(st.tmp, raw, sync=False, mode=sp.file_mode, keep_open=keep)
+            st.data_fd = write_data(st.data, keep)
     except BaseException:
         abandon(staged)
         raise
@@ -215,7 +232,12 @@ def sync_paths(paths: Sequence[str], sync: Callable[[str], None]) -> None:
 
 def sync_files(staged: Sequence[Staged]) -> None:
     """fsync every staged entry's tmp and data files."""
-    sync_paths([p for st in staged for p in (st.tmp, st.data)], _fs.fsync_path)
+    files = [f for st in staged for f in st.files()]
+    if len(files) <= 2:
+        for path, fd in files:
+            _fs.fsync_file(path, fd)
+    else:
+        sync_paths([p for p, _ in files], _fs.fsync_path)
 
 
 # -- publish ----------------------------------------------------------------------------
@@ -273,19 +295,19 @@ def _sync_round(group: Sequence[_Job]) -> None:
     group issues every sync at once from the pool, so the journal merges them into as
     few commits as it can."""
     fsync_jobs = [j for j in group if j.sfd is None]
-    files = [(j, p) for j in fsync_jobs if not j.files_synced for st in j.staged for p in (st.tmp, st.data)]
+    files = [(j, f) for j in fsync_jobs if not j.files_synced for st in j.staged for f in st.files()]
     dirs = list({d: None for j in fsync_jobs for d in (j.registry, j.data_dir)})
     whole = [j for j in group if j.sfd is not None]
     if len(files) <= 2 and len(group) == 1 and not whole:
-        for j, p in files:
+        for j, (p, fd) in files:
             try:
-                _fs.fsync_path(p)
+                _fs.fsync_file(p, fd)
             except BaseException as e:
                 j.error = j.error or e
                 return  # the job has failed: its directories need no sync
         derrs = {d: _fsync_dir_err(d) for d in dirs}
     else:
-        ffuts = [(j, _pool.submit(functools.partial(_fs.fsync_path, p))) for j, p in files]
+        ffuts = [(j, _pool.submit(functools.partial(_fs.fsync_file, p, fd))) for j, (p, fd) in files]
         for j in whole:
             assert j.sfd is not None
             ffuts.append((j, _pool.submit(functools.partial(_fs.syncfs, j.sfd, os.path.dirname(j.registry)))))
@@ -326,12 +348,17 @@ class _Committer:
         self._cond = threading.Condition(threading.Lock())
         self._waiting: list[_Job] = []
         self._busy = False
+        self._sleepers = 0  # followers in wait(): only they need a notify
 
     def commit(self, job: _Job) -> None:
         with self._cond:
             self._waiting.append(job)
             while self._busy:
-                self._cond.wait()
+                self._sleepers += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._sleepers -= 1
                 if job.done:
                     break
             if job.done:
@@ -341,8 +368,11 @@ class _Committer:
             group, self._waiting = self._waiting, []
             self._busy = True
         try:
-            _run_group(group)
-        except BaseException as e:  # pragma: no cover - _run_group hands errors to jobs
+            if len(group) == 1:
+                _run_lone(job)
+            else:
+                _run_group(group)
+        except BaseException as e:  # pragma: no cover - the runners hand errors to jobs
             for j in group:
                 j.error = j.error or e
         finally:
@@ -350,9 +380,29 @@ class _Committer:
                 for j in group:
                     j.done = True
                 self._busy = False
-                self._cond.notify_all()
+                if self._sleepers:
+                    self._cond.notify_all()
         if job.error is not None:
             raise job.error
+
+
+def _run_lone(job: _Job) -> None:
+    """``_run_group`` for a group of one job, without its bookkeeping: the path of every
+    enqueue that meets no concurrent one, kept as cheap as the recipe before groups."""
+    if len(job.staged) != 1 or job.sfd is not None:
+        _run_group([job])
+        return
+    st = job.staged[0]
+    try:
+        if not job.files_synced:
+            _fs.fsync_file(st.tmp, st.tmp_fd)
+            _fs.fsync_file(st.data, st.data_fd)
+        _fs.fsync_dir(job.registry)
+        _fs.fsync_dir(job.data_dir)
+        publish(job.staged)
+        _fs.fsync_dir(st.qdir)
+    except BaseException as e:
+        job.error = e
 
 
 _committer = _Committer()
@@ -384,7 +434,7 @@ def commit(spool: Spool[Any, Any], staged: Sequence[Staged], sfd: int | None = N
             if GROUP_COMMIT:
                 _committer.commit(job)
             else:
-                _run_group([job])
+                _run_lone(job)
                 if job.error is not None:
                     raise job.error
         else:
@@ -392,3 +442,6 @@ def commit(spool: Spool[Any, Any], staged: Sequence[Staged], sfd: int | None = N
     except BaseException:
         abandon(staged)
         raise
+    finally:
+        for st in staged:
+            st.close_files()

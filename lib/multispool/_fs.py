@@ -108,9 +108,12 @@ def _name(e: OSError, path: str) -> OSError:
     return e
 
 
-def write_file(path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False) -> None:
+def write_file(
+    path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False, keep_open: bool = False
+) -> int | None:
     """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
-    fsync it when ``sync``. On failure the partly written file is removed."""
+    fsync it when ``sync``. On failure the partly written file is removed. With
+    ``keep_open``, return the open descriptor (the caller syncs and closes it)."""
     fd = os.open(path, O_CREATE_EXCL if exclusive else O_CREATE_TRUNC, mode)
     try:
         n = os.write(fd, contents)
@@ -128,7 +131,22 @@ def write_file(path: str, contents: bytes, *, sync: bool, mode: int, exclusive: 
         os.close(fd)
         unlink_quiet(path)
         raise
+    if keep_open:
+        return fd
     os.close(fd)
+    return None
+
+
+def fsync_file(path: str, fd: int | None = None) -> None:
+    """fsync the file at ``path``, through ``fd`` when the writer kept it open (no reopen;
+    a writeback error is reported on it all the same); errors name ``path``."""
+    if fd is None:
+        fsync_path(path)
+        return
+    try:
+        fsync_fd(fd)
+    except OSError as e:
+        raise _name(e, path) from None
 
 
 def read_file(path: str) -> bytes:

@@ -630,7 +630,7 @@ class Spool(Generic[M, D]):
                     os.close(sfd)
         return [Entry._trusted(self, queue, st.name) for st in staged]
 
-    def _encode_item(self, metadata: M, data: D) -> tuple[bytes, Callable[[str], None]]:
+    def _encode_item(self, metadata: M, data: D) -> tuple[bytes, Callable[[str, bool], int | None]]:
         """Validate and encode one item without touching disk: (metadata bytes, a writer of
         the data file at a path, unsynced)."""
         sp = self.spoolable

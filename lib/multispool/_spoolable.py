@@ -542,17 +542,18 @@ class Spoolable(Generic[M, D]):
             return cm
         return typing.cast(AbstractContextManager[Any], self.throttle())
 
-    def data_writer(self, value: Any) -> Callable[[str], None]:
+    def data_writer(self, value: Any) -> Callable[[str, bool], int | None]:
         """Validate data ``value`` now (nothing touches disk) and return what writes it,
         unsynced, at a path: the codec's bytes written with the spool's file mode, or its
-        own ``save``."""
+        own ``save``. The writer's second argument asks it to return the file's open
+        descriptor (it may return None: the file is then synced by path)."""
         enc = self._data_encode
         if enc is not None:
             raw = enc(value)
             mode = self.file_mode
 
-            def write_bytes(path: str) -> None:
-                write_file(path, raw, sync=False, mode=mode)
+            def write_bytes(path: str, keep_open: bool) -> int | None:
+                return write_file(path, raw, sync=False, mode=mode, keep_open=keep_open)
 
             return write_bytes
         write = getattr(self.data, "_write", None)
@@ -561,9 +562,17 @@ class Spoolable(Generic[M, D]):
             if check is not None:
                 check(value)
             mode = self.file_mode
-            return lambda path: write(value, path, mode)
+
+            def write_stream(path: str, keep_open: bool) -> None:
+                write(value, path, mode)
+
+            return write_stream
         save = self.data.save
-        return lambda path: save(value, path)
+
+        def write_own(path: str, keep_open: bool) -> None:
+            save(value, path)
+
+        return write_own
 
     def encode_data(self, value: Any, path: str, *, sync: bool) -> None:
         """Write data ``value`` at ``path`` with the data codec, durably if ``sync``."""
@@ -571,7 +580,7 @@ class Spoolable(Generic[M, D]):
         if enc is not None:
             write_file(path, enc(value), sync=sync, mode=self.file_mode)
         elif hasattr(self.data, "_write"):
-            self.data_writer(value)(path)
+            self.data_writer(value)(path, False)
             if sync:
                 fsync_path(path)
         else:
