@@ -34,6 +34,7 @@ that needed that directory).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import os
 import queue
@@ -124,20 +125,33 @@ def write(
     qdir = lay.queue(dirname)
     staged: list[Staged] = []
     keep = len(items) == 1
+    got: tuple[str, int] | None = None  # a reservation not yet in ``staged``
+    gen = _fs.lock_generation()
     try:
         for raw, write_data in items:
+            got = None
             if use is not None:
-                name, fd = use, spool._take_reservation(use)
+                got = use, spool._take_reservation(use)
             else:
-                name, fd = spool._reserve(reserve, sync=False)
-            st = Staged(
-                name, fd, _fs.lock_generation(), lay.registry_file(name), lay.tmp_file(name),
-                lay.data_file(name), qdir, lay.queue_file(dirname, name),
+                got = spool._reserve(reserve, sync=False)
+            name, fd = got
+            staged.append(
+                Staged(
+                    name, fd, gen, lay.registry_file(name), lay.tmp_file(name), lay.data_file(name),
+                    qdir, lay.queue_file(dirname, name),
+                )
             )
-            staged.append(st)
+            got = None
+            st = staged[-1]
             st.tmp_fd = _fs.write_file(st.tmp, raw, sync=False, mode=sp.file_mode, keep_open=keep)
             st.data_fd = write_data(st.data, keep)
     except BaseException:
+        if got is not None:  # interrupted between reserving a name and recording it
+            if not staged or staged[-1].fd != got[1]:
+                try:
+                    _fs.unlink_quiet(lay.registry_file(got[0]))
+                finally:
+                    _fs.unlock(got[1], gen)
         abandon(staged)
         raise
     return staged
@@ -246,12 +260,18 @@ def publish(staged: Sequence[Staged]) -> None:
     rename fails, those already made are undone (nobody can have claimed them: we hold
     their locks) and the error is raised, the entries left unpublished."""
     done: list[Staged] = []
+    st = None
     try:
         for st in staged:
             os.rename(st.tmp, st.dst)
             st.published = True
             done.append(st)
     except BaseException:
+        # Interrupted (KeyboardInterrupt, a signal handler's exception) right after a
+        # rename: that entry is in its queue too.
+        if st is not None and not st.published and not os.path.lexists(st.tmp) and os.path.lexists(st.dst):
+            st.published = True
+            done.append(st)
         for st in reversed(done):
             try:
                 os.rename(st.dst, st.tmp)
@@ -357,6 +377,17 @@ class _Committer:
                 self._sleepers += 1
                 try:
                     self._cond.wait()
+                except BaseException:
+                    # Interrupted while waiting (the lock is held again here). Not yet
+                    # taken by a leader: withdraw. Taken: the leader is working on our
+                    # files, so wait for it to finish before the caller cleans up.
+                    if job in self._waiting:
+                        self._waiting.remove(job)
+                        raise
+                    while not job.done:
+                        with contextlib.suppress(BaseException):
+                            self._cond.wait()
+                    raise
                 finally:
                     self._sleepers -= 1
                 if job.done:
