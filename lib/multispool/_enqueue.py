@@ -146,12 +146,12 @@ def write(
             st.tmp_fd = _fs.write_file(st.tmp, raw, sync=False, mode=sp.file_mode, keep_open=keep)
             st.data_fd = write_data(st.data, keep)
     except BaseException:
-        if got is not None:  # interrupted between reserving a name and recording it
-            if not staged or staged[-1].fd != got[1]:
-                try:
-                    _fs.unlink_quiet(lay.registry_file(got[0]))
-                finally:
-                    _fs.unlock(got[1], gen)
+        # Interrupted between reserving a name and recording it in ``staged``:
+        if got is not None and (not staged or staged[-1].fd != got[1]):
+            try:
+                _fs.unlink_quiet(lay.registry_file(got[0]))
+            finally:
+                _fs.unlock(got[1], gen)
         abandon(staged)
         raise
     return staged
