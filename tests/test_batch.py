@@ -419,3 +419,28 @@ def test_syncfs_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_syncfs_is_off_by_default() -> None:
     assert multispool.Spoolable(queues=Queue).syncfs is False
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_interrupt_right_after_a_publishing_rename_leaves_no_half_entry(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    """KeyboardInterrupt (or a signal handler's exception) just after a rename into the
+    queue: the renamed entries are undone while their locks are still held, so the
+    batch is all or nothing, with nothing half-removed and no lock left."""
+    rename = os.rename
+    count = [0]
+
+    def interrupted(a: Any, b: Any, **kw: Any) -> None:
+        rename(a, b, **kw)
+        if os.fspath(b).startswith(os.path.join(full_spool.dir, "queue1")):
+            count[0] += 1
+            if count[0] == n:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(n)])
+    monkeypatch.undo()
+    assert _files(full_spool) == _empty(full_spool)
+    assert _fs._held == _HELD_BEFORE
