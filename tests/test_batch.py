@@ -100,7 +100,7 @@ def test_enqueue_many_writes_every_entry_in_order(tmp_path: Path, durability: An
     files = _files(spool)
     assert files[".tmp"] == [] and files["queue1"] == [".checkout"]
     assert files[".registry"] == files[".data"] == sorted(e.name for e in entries)
-    assert _fs._held == _HELD_BEFORE  # every owner lock released
+    assert _fs._held <= _HELD_BEFORE  # every owner lock it took released
     assert spool.enqueue_many(Queue.QUEUE1, []) == []
 
 
@@ -218,7 +218,7 @@ def test_enqueue_many_failure_before_publishing_leaves_nothing(
     assert {d: f for d, f in _files(spool).items()} == _empty(spool) | {
         ".registry": [keep.name], ".data": [keep.name], "queue1": sorted([".checkout", keep.name])
     }
-    assert _fs._held == _HELD_BEFORE
+    assert _fs._held <= _HELD_BEFORE
     if step == "publish":
         assert renames[0] == 3
 
@@ -233,7 +233,7 @@ def test_enqueue_many_queue_dir_sync_failure_raises_after_publishing(
     monkeypatch.undo()
     # Published (complete, files durable), so not removed: its queue entry may not be.
     assert len(full_spool.list(Queue.QUEUE1)) == 3
-    assert _fs._held == _HELD_BEFORE
+    assert _fs._held <= _HELD_BEFORE
 
 
 # -- group commit -------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_group_commit_shares_directory_syncs(
     second = tr.ops[tr.ops.index(("fsync_dir", "queue1")) + 1 :]
     second = [op for op in second if op[0] != "fsync"]
     assert [k for k, _ in second] == ["fsync_dir", "fsync_dir"] + ["rename"] * 7 + ["fsync_dir"]
-    assert _fs._held == _HELD_BEFORE
+    assert _fs._held <= _HELD_BEFORE
 
 
 def test_group_commit_error_reaches_every_member(
@@ -318,7 +318,7 @@ def test_group_commit_error_reaches_every_member(
     _, results = _group_of(full_spool, monkeypatch, 4, fail_queue_sync=True)
     assert isinstance(results[0], multispool.Entry)  # the first group synced fine
     assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results[1:]), results
-    assert _fs._held == _HELD_BEFORE
+    assert _fs._held <= _HELD_BEFORE
 
 
 def test_aio_enqueue_many_and_concurrent_enqueues(tmp_path: Path) -> None:
@@ -414,20 +414,20 @@ def test_syncfs_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(3)])
     assert ei.value.errno == errno.EIO and ei.value.filename == spool.dir
     assert _files(spool) == _empty(spool)
-    assert _fs._held == _HELD_BEFORE
+    assert _fs._held <= _HELD_BEFORE
 
 
 def test_syncfs_is_off_by_default() -> None:
     assert multispool.Spoolable(queues=Queue).syncfs is False
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_interrupt_right_after_a_publishing_rename_leaves_no_half_entry(
+@pytest.mark.parametrize("n", [1, 2])
+def test_interrupt_right_after_a_publishing_rename_keeps_what_was_published(
     full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, n: int
 ) -> None:
-    """KeyboardInterrupt (or a signal handler's exception) just after a rename into the
-    queue: the renamed entries are undone while their locks are still held, so the
-    batch is all or nothing, with nothing half-removed and no lock left."""
+    """KeyboardInterrupt (or a signal handler's exception) just after the n-th rename
+    into the queue: the n entries renamed are queued and whole (their files were synced
+    before), the rest of the batch is gone, and no lock is left."""
     rename = os.rename
     count = [0]
 
@@ -440,7 +440,13 @@ def test_interrupt_right_after_a_publishing_rename_leaves_no_half_entry(
 
     monkeypatch.setattr(os, "rename", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(n)])
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x%d" % i) for i in range(3)])
     monkeypatch.undo()
-    assert _files(full_spool) == _empty(full_spool)
-    assert _fs._held == _HELD_BEFORE
+    queued = full_spool.list(Queue.QUEUE1)
+    assert [e.direct.contents() for e in queued] == [Cog(n=i) for i in range(n)]
+    assert [e.direct.data_file().load() for e in queued] == [b"x%d" % i for i in range(n)]
+    names = sorted(e.name for e in queued)
+    assert _files(full_spool) == _empty(full_spool) | {
+        ".registry": names, ".data": names, "queue1": sorted([".checkout", *names])
+    }
+    assert _fs._held <= _HELD_BEFORE

@@ -116,7 +116,7 @@ def test_stream_failure_leaves_nothing(tmp_path: Path) -> None:
         spool.enqueue(Queue.QUEUE1, Cog(n=1), Broken())
     for d in (".registry", ".tmp", ".data", "queue1"):
         assert [n for n in os.listdir(os.path.join(spool.dir, d)) if n != ".checkout"] == []
-    assert _fs._held == _HELD_BEFORE
+    assert _fs._held <= _HELD_BEFORE
 
 
 def test_data_file_save_replaces_the_payload(tmp_path: Path) -> None:

@@ -256,9 +256,11 @@ def sync_files(staged: Sequence[Staged]) -> None:
 
 # -- publish ----------------------------------------------------------------------------
 def publish(staged: Sequence[Staged]) -> None:
-    """Rename every entry into its queue, then release the locks. All or nothing: if one
-    rename fails, those already made are undone (nobody can have claimed them: we hold
-    their locks) and the error is raised, the entries left unpublished."""
+    """Rename every entry into its queue, then release the locks. If a rename fails,
+    those already made are undone (nobody can have claimed them: we hold their locks)
+    and the error is raised, the entries left unpublished: all or nothing. An interrupt
+    (KeyboardInterrupt, a signal handler's exception) that arrives just after a rename
+    keeps the entries renamed so far: they are whole and their files durable."""
     done: list[Staged] = []
     st = None
     try:
@@ -267,11 +269,12 @@ def publish(staged: Sequence[Staged]) -> None:
             st.published = True
             done.append(st)
     except BaseException:
-        # Interrupted (KeyboardInterrupt, a signal handler's exception) right after a
-        # rename: that entry is in its queue too.
         if st is not None and not st.published and not os.path.lexists(st.tmp) and os.path.lexists(st.dst):
-            st.published = True
-            done.append(st)
+            st.published = True  # the rename happened: an interrupt, not a failed rename
+            for s in staged:
+                if s.published:
+                    s.unlock()
+            raise
         for st in reversed(done):
             try:
                 os.rename(st.dst, st.tmp)
