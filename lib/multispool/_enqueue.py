@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import _fs
 
 if TYPE_CHECKING:
-    from ._spool import Spool
+    from ._spool import Spool, _Claim
 
 # File syncs of a batch are issued from this many threads at once (see docs/benchmarks.md:
 # on ext4 and xfs, concurrent fsyncs share journal commits; beyond a few threads the gain
@@ -62,14 +62,13 @@ LEADER_SYNCS_FILES = True
 class Staged:
     """One entry written to disk but not yet published; holds its owner lock."""
 
-    __slots__ = ("data", "data_fd", "dst", "fd", "gen", "name", "published", "qdir", "reg", "tmp", "tmp_fd")
+    __slots__ = ("data", "data_fd", "dst", "name", "owner", "published", "qdir", "reg", "tmp", "tmp_fd")
 
     def __init__(
-        self, name: str, fd: int, gen: int, reg: str, tmp: str, data: str, qdir: str, dst: str
+        self, name: str, owner: _Claim, reg: str, tmp: str, data: str, qdir: str, dst: str
     ) -> None:
         self.name = name
-        self.fd: int | None = fd
-        self.gen = gen
+        self.owner = owner  # holds the owner lock from the step that opened it
         self.reg = reg
         self.tmp = tmp
         self.data = data
@@ -92,9 +91,7 @@ class Staged:
                 os.close(fd)
 
     def unlock(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            _fs.unlock(fd, self.gen)
+        self.owner.release()
 
     def abandon(self) -> None:
         """Remove what this enqueue created and release its lock (before publish)."""
@@ -125,33 +122,38 @@ def write(
     qdir = lay.queue(dirname)
     staged: list[Staged] = []
     keep = len(items) == 1
-    got: tuple[str, int] | None = None  # a reservation not yet in ``staged``
-    gen = _fs.lock_generation()
+    from ._spool import _Claim  # runtime import: _spool imports this module
+
+    owner: _Claim | None = None  # a reservation not yet in ``staged``
     try:
         for raw, write_data in items:
-            got = None
+            owner = _Claim(None)
             if use is not None:
-                got = use, spool._take_reservation(use)
+                spool._take_reservation(use, owner)
+                name = use
             else:
-                got = spool._reserve(reserve, sync=False)
-            name, fd = got
+                name = spool._reserve(reserve, owner, sync=False)
             staged.append(
                 Staged(
-                    name, fd, gen, lay.registry_file(name), lay.tmp_file(name), lay.data_file(name),
+                    name, owner, lay.registry_file(name), lay.tmp_file(name), lay.data_file(name),
                     qdir, lay.queue_file(dirname, name),
                 )
             )
-            got = None
+            owner = None
             st = staged[-1]
-            st.tmp_fd = _fs.write_file(st.tmp, raw, sync=False, mode=sp.file_mode, keep_open=keep)
+            st.tmp_fd = _fs.write_file(
+                st.tmp, raw, sync=False, mode=sp.file_mode, owned=True, keep_open=keep
+            )
             st.data_fd = write_data(st.data, keep)
     except BaseException:
-        # Interrupted between reserving a name and recording it in ``staged``:
-        if got is not None and (not staged or staged[-1].fd != got[1]):
+        # Interrupted between reserving a name and recording it in ``staged``: the
+        # registry file is ours if the lock is (the reservation returned or created it).
+        if owner is not None and (not staged or staged[-1].owner is not owner):
             try:
-                _fs.unlink_quiet(lay.registry_file(got[0]))
+                if owner.fd is not None and owner.path is not None:
+                    _fs.unlink_quiet(owner.path)
             finally:
-                _fs.unlock(got[1], gen)
+                owner.release()
         abandon(staged)
         raise
     return staged

@@ -132,10 +132,11 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("_writing", "done", "fd", "generation")
+    __slots__ = ("_writing", "done", "fd", "generation", "path")
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        self.path: str | None = None  # the registry file an enqueue created (see _fs.Holder)
         self.generation = _fs.lock_generation()
         self.done = False
         self._writing: threading.Lock | None = None
@@ -154,9 +155,9 @@ class _Claim:
 
     def release(self) -> None:
         self.done = True
-        fd, self.fd = self.fd, None
+        fd = self.fd
         if fd is not None:
-            _fs.unlock(fd, self.generation)
+            _fs.unlock(fd, self.generation, self)  # forgets self.fd in the same step
 
     @property
     def held(self) -> bool:
@@ -164,8 +165,9 @@ class _Claim:
         return self.fd is not None and self.generation == _fs.lock_generation()
 
     def __del__(self) -> None:
-        if self.fd is not None:
-            _fs.unlock(self.fd, self.generation)
+        fd = getattr(self, "fd", None)  # None if __init__ was interrupted
+        if fd is not None:
+            _fs.unlock(fd, self.generation, self)
 
 
 class DataFile(Generic[D]):
@@ -523,7 +525,9 @@ class Spool(Generic[M, D]):
     @classmethod
     def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
         """``load(path, spoolable, create_if_missing=True)``: open the spool at ``path``,
-        creating it (or its missing queues) first. Safe to call from many processes at once."""
+        creating it (or its missing queues) first. Safe to call from many processes at once
+        (idempotent); all or nothing: a new spool appears whole (built in a temporary
+        sibling, then renamed into place), and a failed call leaves no directory it made."""
         return cls.load(path, spoolable, create_if_missing=True)
 
     @classmethod
@@ -645,16 +649,18 @@ class Spool(Generic[M, D]):
             raise
 
     # -- names and enqueue ----------------------------------------------------------------
-    def _reserve(self, seed: Any, *, sync: bool = True) -> tuple[str, int]:
-        """Create and lock a fresh registry file; with ``sync`` (and durability "full"),
-        make its name durable at once (enqueue syncs ``.registry`` later, once per group)."""
+    def _reserve(self, seed: Any, owner: _Claim, *, sync: bool = True) -> str:
+        """Reserve a fresh name: ``.registry/NAME`` created locked, its descriptor handed to
+        ``owner`` in the step that opens it (so an interrupted caller still releases it).
+        With ``sync`` (and durability "full") the name is made durable at once; enqueue
+        passes False and syncs ``.registry`` later, after its files, once per group."""
         sp = self.spoolable
         lay = self._layout
         gen = sp.name_generator
         for attempt in range(MAX_NAME_ATTEMPTS):
             name = check_name(gen.next(seed, attempt))
             path = lay.registry_file(name)
-            fd = _fs.create_locked(lay.registry, path, sp.file_mode)
+            fd = _fs.create_locked(lay.registry, path, sp.file_mode, owner)
             if fd is None:
                 continue  # taken: propose the next name
             if sync and sp.durability == "full":
@@ -664,9 +670,9 @@ class Spool(Generic[M, D]):
                     try:
                         _fs.unlink_quiet(path)
                     finally:
-                        _fs.unlock(fd, _fs.lock_generation())
+                        owner.release()
                     raise
-            return name, fd
+            return name
         raise SpoolError(
             f"no free name after {MAX_NAME_ATTEMPTS} attempts in {lay.registry} "
             f"(name generator {gen!r}, seed {seed!r})"
@@ -679,34 +685,47 @@ class Spool(Generic[M, D]):
         process holds the reservation locked until then, so ``clean_abandoned`` never
         removes it while the process lives."""
         with self.spoolable.throttled():
-            gen = _fs.lock_generation()
-            name, fd = self._reserve(seed)
+            owner = _Claim(None)
+            name: str | None = None
             try:
+                name = self._reserve(seed, owner)
+                fd = owner.fd
+                assert fd is not None
                 st = os.fstat(fd)
                 with _reserved_lock:
-                    _reserved[(st.st_dev, st.st_ino)] = fd
+                    # One step without a call, so no signal handler runs between: the
+                    # table takes the descriptor over from the owner.
+                    _reserved[(st.st_dev, st.st_ino)], owner.fd = fd, None
             except BaseException:
-                try:
-                    _fs.unlink_quiet(self._layout.registry_file(name))
-                finally:
-                    _fs.unlock(fd, gen)
+                if owner.fd is not None:
+                    try:
+                        if name is not None:
+                            _fs.unlink_quiet(self._layout.registry_file(name))
+                    finally:
+                        owner.release()
                 raise
         return name
 
-    def _take_reservation(self, name: str) -> int:
+    def _take_reservation(self, name: str, owner: _Claim) -> None:
+        """Hand the owner lock of reserved ``name`` to ``owner``: this process's
+        reservation, or a dead reserver's (its lock is free)."""
         path = self._layout.registry_file(name)
         try:
             st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
             raise EntryNotFoundError("name is not reserved", path) from None
+        key = (st.st_dev, st.st_ino)
         with _reserved_lock:
-            fd = _reserved.pop((st.st_dev, st.st_ino), None)
-        if fd is None:
+            if key in _reserved:
+                # No call between these two steps, so no signal handler runs between:
+                # the owner takes the descriptor over from the table.
+                owner.fd = _reserved[key]
+                owner.path = path
+                del _reserved[key]
+        if owner.fd is None:
             # Not reserved by this process: a name reserved elsewhere whose reserver died
             # (its lock is free). It must not be the name of an entry already spooled.
-            gen = _fs.lock_generation()
-            fd = _fs.open_locked(path)
-            if fd is None:
+            if _fs.open_locked(path, owner) is None:
                 raise EntryNotFoundError("reservation is held by another process", path)
             lay = self._layout
             sp = self.spoolable
@@ -714,9 +733,8 @@ class Spool(Generic[M, D]):
                 d = sp.dirname(q)
                 for p in (lay.queue_file(d, name), lay.checkout_file(d, name)):
                     if os.path.lexists(p):
-                        _fs.unlock(fd, gen)
+                        owner.release()
                         raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
-        return fd
 
     def enqueue(
         self,
@@ -727,12 +745,14 @@ class Spool(Generic[M, D]):
         reserve: Any = None,
         use: str | None = None,
     ) -> Entry[M, D]:
-        """Add an entry to ``queue`` with ``metadata`` (checked against the Spoolable's
-        type before anything is written) and ``data`` (saved by its data codec); the new
-        entry becomes visible to readers at once and is returned. ``use=NAME`` takes a name
-        from ``reserve_name``; otherwise a name is reserved with seed ``reserve``. If any
-        step fails, every file the enqueue created (the reservation included) is removed
-        and the error raised. Concurrent enqueues in threads of this process share their
+        """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
+        otherwise a name is reserved with seed ``reserve``. ``metadata`` that does not
+        match the Spoolable's ``metadata`` type raises (``msgspec.ValidationError`` or
+        ``TypeError``) before anything touches disk, and so does ``data`` its codec
+        rejects. If any step fails, every file the enqueue created (the reservation
+        included) is removed and the error raised; an exception that comes once the entry
+        is in its queue (KeyboardInterrupt) leaves the entry whole. No descriptor or lock
+        outlives the call. Concurrent enqueues in threads of this process share their
         syncs (group commit, see ``_enqueue``); each returns once its own entry is durable."""
         sp = self.spoolable
         dirname = sp.dirname(queue)
@@ -791,7 +811,7 @@ class Spool(Generic[M, D]):
         sp = self.spoolable
         tmp = self._layout.tmp_file(name)
         try:
-            _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode)
+            _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode, owned=True)
             os.rename(tmp, path)
         except BaseException:
             _fs.unlink_quiet(tmp)
@@ -805,13 +825,12 @@ class Spool(Generic[M, D]):
         wait in that queue file. EntryNotFoundError if it is gone or another
         process owns it. The caller holds the throttle and releases the claim."""
         reg = self._layout.registry_file(name)
-        fd = _fs.open_locked(reg)
-        if fd is None:
-            # Without a queue file to watch, wait while the reservation exists.
-            fd = self._wait_busy(reg, qfile or reg, BUSY_WAIT)
-        if fd is None:
+        claim = _Claim(None)
+        # Without a queue file to watch, a busy lock is waited for while the reservation
+        # exists.
+        watch = qfile or reg
+        if _fs.open_locked(reg, claim) is None and self._wait_busy(reg, watch, BUSY_WAIT, claim) is None:
             raise EntryNotFoundError("entry is gone or checked out by another process", qfile or reg)
-        claim = _Claim(fd)
         if qfile is not None and not _fs.lexists(qfile):
             claim.release()
             raise EntryNotFoundError("no such entry (not in its queue)", qfile)
@@ -876,15 +895,12 @@ class Spool(Generic[M, D]):
         reg = lay.registry_file(name)
         qfile = lay.queue_file(dirname, name)
         with sp.throttled():
-            fd = _fs.open_locked(reg)
-            if fd is None:
-                fd = self._wait_busy(reg, qfile, busy_wait)
-                if fd is None:
-                    if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
-                        raise _Busy(name)
-                    return None
+            claim = _Claim(None)  # holds the lock from the step that opens it
+            if _fs.open_locked(reg, claim) is None and self._wait_busy(reg, qfile, busy_wait, claim) is None:
+                if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
+                    raise _Busy(name)
+                return None
             cofile = lay.checkout_file(dirname, name)
-            claim = _Claim(fd)
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
                 # Verified where a stale client could make rename a no-op: a claim that
@@ -926,7 +942,7 @@ class Spool(Generic[M, D]):
             self._corrupt(queue, name, cofile, e.reason, claim, cause=e.__cause__ or e)
         return CheckedOutEntry(self, queue, name, contents, raw, claim)
 
-    def _wait_busy(self, reg: str, qfile: str, limit: float) -> int | None:
+    def _wait_busy(self, reg: str, qfile: str, limit: float, holder: _Claim | None = None) -> int | None:
         """Retry a busy registry lock while the entry still waits in its queue: its holder
         is an enqueuer that just renamed it in, or a claimer about to rename it out, and
         both let go within microseconds (a reader woken by the rename often gets here
@@ -936,7 +952,7 @@ class Spool(Generic[M, D]):
         deadline = time.monotonic() + limit
         delay = 0.00002
         while os.path.lexists(qfile):
-            fd = _fs.open_locked(reg)
+            fd = _fs.open_locked(reg, holder)
             if fd is not None:
                 return fd
             if time.monotonic() >= deadline:
@@ -1047,13 +1063,7 @@ class Spool(Generic[M, D]):
             return []
         min_age = None if dead_after is None else seconds(dead_after)
         if min_age is None:
-            facts = self._fs_facts()
-            if not facts.locks_shared:
-                raise SpoolError(
-                    f"recover_checkouts refused: a free owner lock does not prove its owner died here: "
-                    f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
-                    f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
-                )
+            self._check_locks_prove_death()
         queues = sp._queue_list if queue is None else (queue,)
         recovered: list[Entry[M, D]] = []
         for q in queues:
@@ -1069,13 +1079,27 @@ class Spool(Generic[M, D]):
                         log.warning("multispool: cannot recover %s/%s, left in place: %s", dirname, name, e)
         return recovered
 
+    def _check_locks_prove_death(self) -> None:
+        """SpoolError unless a free owner lock proves its owner died on this filesystem
+        (locks shared by every mount and client that can reach the spool)."""
+        facts = self._fs_facts()
+        if not facts.locks_shared:
+            raise SpoolError(
+                f"recovery refused: a free owner lock does not prove its owner died here: "
+                f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
+                f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
+            )
+
     def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
+        """Move one dead checkout back into its queue; True only if it really moved. With
+        ``min_age`` None the free lock must be proof enough (SpoolError where it is not)."""
         sp = self.spoolable
         lay = self._layout
-        fd = _fs.open_locked(lay.registry_file(name))
-        if fd is None:
+        if min_age is None:
+            self._check_locks_prove_death()
+        claim = _Claim(None)
+        if _fs.open_locked(lay.registry_file(name), claim) is None:
             return False  # a live owner, or no registry file (an orphan for the Monitor)
-        claim = _Claim(fd)
         try:
             cofile = lay.checkout_file(dirname, name)
             try:
@@ -1186,18 +1210,28 @@ class Spool(Generic[M, D]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
+        poll_interval: Duration = 0.1,
     ) -> QueueReader[M, D]:
         """An event-driven reader of ``queue`` (see QueueReader); use it as a context
         manager, or ``close`` it.
 
         ``observer``: ``"auto"`` (native events on local filesystems, polling on network
         and FUSE ones; the ``MULTISPOOL_OBSERVER`` environment variable overrides it),
-        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, re-list the queue
-        this often (seconds) in case an event was lost. ``recover``: first put back
-        checkouts of dead processes and clean abandoned enqueues."""
+        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, check the queue
+        this often (seconds) for entries no event announced (events can be lost).
+        ``recover``: first put back checkouts of dead processes and clean abandoned
+        enqueues. ``poll_interval``: how often (seconds) a polling reader lists the
+        queue for new entries (one directory listing per poll)."""
         from ._reader import QueueReader
 
-        return QueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
+        return QueueReader(
+            self,
+            queue,
+            observer=observer,
+            rescan_interval=rescan_interval,
+            recover=recover,
+            poll_interval=poll_interval,
+        )
 
     def __repr__(self) -> str:
         return f"Spool({self.dir!r}, {self.spoolable!r})"

@@ -566,7 +566,7 @@ class Spoolable(Generic[M, D]):
             mode = self.file_mode
 
             def write_bytes(path: str, keep_open: bool) -> int | None:
-                return write_file(path, raw, sync=False, mode=mode, keep_open=keep_open)
+                return write_file(path, raw, sync=False, mode=mode, owned=True, keep_open=keep_open)
 
             return write_bytes
         write = getattr(self.data, "_write", None)
@@ -588,10 +588,12 @@ class Spoolable(Generic[M, D]):
         return write_own
 
     def encode_data(self, value: Any, path: str, *, sync: bool) -> None:
-        """Write data ``value`` at ``path`` with the data codec, durably if ``sync``."""
+        """Write data ``value`` at ``path`` with the data codec, durably if ``sync``. The
+        spool calls it for files of entries whose owner lock it holds (see write_file's
+        ``owned``)."""
         enc = self._data_encode
         if enc is not None:
-            write_file(path, enc(value), sync=sync, mode=self.file_mode)
+            write_file(path, enc(value), sync=sync, mode=self.file_mode, owned=True)
         elif hasattr(self.data, "_write"):
             self.data_writer(value)(path, False)
             if sync:
