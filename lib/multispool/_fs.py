@@ -174,16 +174,39 @@ def write_file(
     return None
 
 
+class _FileHold:
+    """A Holder for a descriptor that is not a lock (see _open_held)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.path: str | None = None
+
+
 def fsync_file(path: str, fd: int | None = None) -> None:
-    """fsync the file at ``path``, through ``fd`` when the writer kept it open (no reopen;
-    a writeback error is reported on it all the same); errors name ``path``."""
-    if fd is None:
-        fsync_path(path)
+    """fsync the file at ``path`` (a regular file, not followed through a symlink),
+    through ``fd`` if the caller has it open; errors name ``path``. Opened by path, the
+    descriptor never outlives the call, also when a signal handler's exception
+    interrupts it (a writeback error is reported to a descriptor opened after it all
+    the same, as long as nobody else has seen it)."""
+    if fd is not None:
+        try:
+            fsync_fd(fd)
+        except OSError as e:
+            raise _name(e, path) from None
         return
+    hold = _FileHold()
     try:
-        fsync_fd(fd)
+        own = _open_held(path, O_READ, 0o777, hold)
+        if not stat.S_ISREG(os.fstat(own).st_mode):
+            raise not_regular(path)
+        fsync_fd(own)
     except OSError as e:
         raise _name(e, path) from None
+    finally:
+        if hold.fd is not None:
+            _close_held(hold.fd, hold)
 
 
 def read_file(path: str) -> bytes:
