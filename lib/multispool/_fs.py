@@ -16,7 +16,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
 # descriptors must not leak into exec'd children (they would keep checkouts locked);
@@ -78,6 +78,47 @@ else:
             os.close(fd)
 
 
+def _syncfs_function() -> Any:
+    """libc's syncfs where it reports writeback errors (Linux >= 5.8), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) < (5, 8):
+        return None  # older kernels return 0 from syncfs even when writeback failed
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs: Final = _syncfs_function()
+HAVE_SYNCFS: Final = _syncfs is not None
+
+
+def open_syncfs(path: str) -> int:
+    """A descriptor for ``syncfs``: open it BEFORE writing what it must make durable, as
+    syncfs reports the writeback errors of the filesystem since the descriptor opened."""
+    return os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+
+
+def syncfs(fd: int, path: str) -> None:
+    """syncfs(2): write back the whole filesystem of ``fd``; OSError naming ``path`` on
+    a writeback error since ``fd`` was opened."""
+    if _syncfs(fd) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
 def _name(e: OSError, path: str) -> OSError:
     """Errors from calls on a descriptor (write, fsync, read, utimensat) carry no path;
     give them the file's, so every error says where."""
@@ -87,13 +128,21 @@ def _name(e: OSError, path: str) -> OSError:
 
 
 def write_file(
-    path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False, owned: bool = False
-) -> None:
+    path: str,
+    contents: bytes,
+    *,
+    sync: bool,
+    mode: int,
+    exclusive: bool = False,
+    owned: bool = False,
+    keep_open: bool = False,
+) -> int | None:
     """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
     fsync it when ``sync``. On failure the partly written file is removed. ``owned``:
     nothing else in this process has ``path`` open (a file of an entry whose owner lock
     the caller holds), so a descriptor an interrupting exception lost can be found by
-    its path and closed."""
+    its path and closed. With ``keep_open``, return the open descriptor (the caller
+    syncs and closes it)."""
     flags = O_CREATE_EXCL if exclusive else O_CREATE_TRUNC
     try:
         fd = os.open(path, flags, mode)
@@ -119,7 +168,45 @@ def write_file(
         os.close(fd)
         unlink_quiet(path)
         raise
+    if keep_open:
+        return fd
     os.close(fd)
+    return None
+
+
+class _FileHold:
+    """A Holder for a descriptor that is not a lock (see _open_held)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.path: str | None = None
+
+
+def fsync_file(path: str, fd: int | None = None) -> None:
+    """fsync the file at ``path`` (a regular file, not followed through a symlink),
+    through ``fd`` if the caller has it open; errors name ``path``. Opened by path, the
+    descriptor never outlives the call, also when a signal handler's exception
+    interrupts it (a writeback error is reported to a descriptor opened after it all
+    the same, as long as nobody else has seen it)."""
+    if fd is not None:
+        try:
+            fsync_fd(fd)
+        except OSError as e:
+            raise _name(e, path) from None
+        return
+    hold = _FileHold()
+    try:
+        own = _open_held(path, O_READ, 0o777, hold)
+        if not stat.S_ISREG(os.fstat(own).st_mode):
+            raise not_regular(path)
+        fsync_fd(own)
+    except OSError as e:
+        raise _name(e, path) from None
+    finally:
+        if hold.fd is not None:
+            _close_held(hold.fd, hold)
 
 
 def read_file(path: str) -> bytes:

@@ -17,11 +17,11 @@ import shutil
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
-from . import _fs, _sharedfs
+from . import _enqueue, _fs, _sharedfs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
 from ._layout import CHECKOUT, Layout, check_name
 from ._spoolable import Duration, Spoolable, seconds
@@ -649,9 +649,11 @@ class Spool(Generic[M, D]):
             raise
 
     # -- names and enqueue ----------------------------------------------------------------
-    def _reserve(self, seed: Any, owner: _Claim) -> str:
+    def _reserve(self, seed: Any, owner: _Claim, *, sync: bool = True) -> str:
         """Reserve a fresh name: ``.registry/NAME`` created locked, its descriptor handed to
-        ``owner`` in the step that opens it (so an interrupted caller still releases it)."""
+        ``owner`` in the step that opens it (so an interrupted caller still releases it).
+        With ``sync`` (and durability "full") the name is made durable at once; enqueue
+        passes False and syncs ``.registry`` later, after its files, once per group."""
         sp = self.spoolable
         lay = self._layout
         gen = sp.name_generator
@@ -661,7 +663,7 @@ class Spool(Generic[M, D]):
             fd = _fs.create_locked(lay.registry, path, sp.file_mode, owner)
             if fd is None:
                 continue  # taken: propose the next name
-            if sp.durability == "full":
+            if sync and sp.durability == "full":
                 try:
                     _fs.fsync_dir(lay.registry)
                 except BaseException:
@@ -746,62 +748,61 @@ class Spool(Generic[M, D]):
         """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
         otherwise a name is reserved with seed ``reserve``. ``metadata`` that does not
         match the Spoolable's ``metadata`` type raises (``msgspec.ValidationError`` or
-        ``TypeError``) before anything touches disk. If any step fails, every file the
-        enqueue created (the reservation included) is removed and the error raised; an
-        exception that comes once the entry is in its queue (KeyboardInterrupt) leaves
-        the entry whole. No descriptor or lock outlives the call."""
+        ``TypeError``) before anything touches disk, and so does ``data`` its codec
+        rejects. If any step fails, every file the enqueue created (the reservation
+        included) is removed and the error raised; an exception that comes once the entry
+        is in its queue (KeyboardInterrupt) leaves the entry whole. No descriptor or lock
+        outlives the call. Concurrent enqueues in threads of this process share their
+        syncs (group commit, see ``_enqueue``); each returns once its own entry is durable."""
         sp = self.spoolable
-        lay = self._layout
         dirname = sp.dirname(queue)
         if use is not None:
             check_name(use)
-        raw = sp._codec.encode(metadata)  # before touching disk: a bad value leaves nothing
-        sync_files = sp.durability != "none"
-        full = sp.durability == "full"
+        item = self._encode_item(metadata, data)  # before touching disk: a bad value leaves nothing
         with sp.throttled():
-            # Holds the enqueue's lock from the step that opens it (see _fs._open_held).
-            owner = _Claim(None)
-            # How far the enqueue got, so that a failure (also KeyboardInterrupt or an
-            # exception from a signal handler, which may come between any two steps)
-            # undoes exactly what happened: 1 files may exist, 2 the rename may have
-            # happened, 3 it did (the entry is queued and must be kept).
-            stage = 0
+            staged = _enqueue.write(self, dirname, [item], reserve=reserve, use=use)
+            _enqueue.commit(self, staged)
+        return Entry._trusted(self, queue, staged[0].name)
+
+    def enqueue_many(
+        self, queue: enum.Enum, items: Iterable[tuple[M, D]], *, reserve: Any = None
+    ) -> builtins.list[Entry[M, D]]:
+        """Add every ``(metadata, data)`` of ``items`` to ``queue``, in order, with as few
+        syncs as the filesystem allows: all files written, synced together, each directory
+        synced once, and only then every entry published (one sync of the queue dir).
+        When it returns, every entry is as durable as the Spoolable's durability says.
+        Every item is validated before anything touches disk; if it raises before
+        publishing, nothing of the batch is left (names, tmp and data files removed, locks
+        released). The batch holds one open descriptor per entry until it is published."""
+        sp = self.spoolable
+        dirname = sp.dirname(queue)
+        encoded = []
+        for i, pair in enumerate(items):
             try:
-                if use is not None:
-                    name = use
-                    self._take_reservation(use, owner)
-                else:
-                    name = self._reserve(reserve, owner)
-                stage = 1
-                tmp = lay.tmp_file(name)
-                data_path = lay.data_file(name)
-                qfile = lay.queue_file(dirname, name)
-                _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode, owned=True)
-                sp.encode_data(data, data_path, sync=sync_files)
-                if full:
-                    _fs.fsync_dir(lay.data)
-                stage = 2
-                os.rename(tmp, qfile)
-                stage = 3
-            except BaseException:
-                if stage == 2 and not os.path.lexists(tmp) and os.path.lexists(qfile):
-                    stage = 3  # interrupted right after the rename: the entry is queued
-                if stage == 0 and owner.fd is not None and owner.path is not None:
-                    # Interrupted as the reservation returned: the registry file is ours.
-                    _fs.unlink_quiet(owner.path)
-                if 0 < stage < 3:
-                    _fs.unlink_quiet(lay.tmp_file(name))
-                    _fs.unlink_quiet(lay.data_file(name))
-                    _fs.unlink_quiet(lay.registry_file(name))
-                raise
+                metadata, data = pair
+            except (TypeError, ValueError):
+                raise TypeError(f"enqueue_many: item {i} is not a (metadata, data) pair: {pair!r}") from None
+            encoded.append(self._encode_item(metadata, data))
+        if not encoded:
+            return []
+        with sp.throttled():
+            # syncfs reports writeback errors since its descriptor opened: before the writes.
+            use_syncfs = sp.syncfs and sp.durability == "full" and len(encoded) > 1
+            sfd = _fs.open_syncfs(self.dir) if use_syncfs else None
+            try:
+                staged = _enqueue.write(self, dirname, encoded, reserve=reserve)
+                _enqueue.commit(self, staged, sfd)
             finally:
-                # Released only once the entry is in its queue (or undone), so that
-                # clean_abandoned can never take a live enqueue for a dead one; released
-                # whatever happened, so that no lock outlives the call.
-                owner.release()
-            if full:
-                _fs.fsync_dir(lay.queue(dirname))
-        return Entry._trusted(self, queue, name)
+                if sfd is not None:
+                    os.close(sfd)
+        return [Entry._trusted(self, queue, st.name) for st in staged]
+
+    def _encode_item(self, metadata: M, data: D) -> tuple[bytes, Callable[[str, bool], int | None]]:
+        """Validate and encode one item without touching disk: (metadata bytes, a writer of
+        the data file at a path, unsynced)."""
+        sp = self.spoolable
+        raw = sp._codec.encode(metadata)
+        return raw, sp.data_writer(data)
 
     def _write_metadata(self, name: str, raw: bytes, path: str) -> None:
         """Atomically replace ``path`` with encoded metadata, staged in ``.tmp/NAME``. The
