@@ -347,12 +347,12 @@ while time.monotonic() < deadline:
 armed = False
 signal.setitimer(signal.ITIMER_REAL, 0, 0)
 leaked = sorted(set(os.listdir("/proc/self/fd")) - fds0)
-spool.clean_abandoned(older_than=0)
+left = spool.clean_abandoned(older_than=0)
 regs = set(os.listdir(os.path.join(d, ".registry")))
 queued = {n for n in os.listdir(os.path.join(d, "a")) if n[0] != "."}
 datas = set(os.listdir(os.path.join(d, ".data")))
 print(ok, failed, len(leaked), len(fs._held), len(queued - regs) + len(queued - datas),
-      len(regs - queued), len(os.listdir(os.path.join(d, ".tmp"))))
+      len(regs - queued), len(os.listdir(os.path.join(d, ".tmp"))), len(left))
 """
 
 
@@ -360,11 +360,12 @@ print(ok, failed, len(leaked), len(fs._held), len(queued - regs) + len(queued - 
 def test_enqueues_interrupted_by_a_signal_handler_storm(tmp_path: Path) -> None:
     r = run_python(STORM, str(tmp_path / "spool"), "1.0", timeout=60)
     assert r.returncode == 0, r.stderr
-    _ok, failed, leaked, held, orphans, stray_regs, tmps = map(int, r.stdout.split())
+    _ok, failed, leaked, held, orphans, stray_regs, tmps, left = map(int, r.stdout.split())
     assert failed > 50, r.stdout  # the storm did interrupt
     assert (leaked, held) == (0, 0), f"descriptors left open: {leaked}, locks held: {held}"
     assert orphans == 0, "a queue file without its registry or data"
     assert (stray_regs, tmps) == (0, 0), "a name left locked (clean_abandoned could not take it)"
+    assert left == 0, f"{left} interrupted enqueues left files behind (cleanup did not match)"
 
 
 # -- item 4: module-level locks are reset in a forked child ------------------------------------

@@ -437,7 +437,8 @@ def test_polling_reader_honours_poll_interval(
 # --------------------------------------------------------------------------------------
 
 
-def test_aio_claim_for_a_closed_loop_gives_the_entry_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["closed-before-the-entry", "closed-after-the-claim"])
+def test_aio_claim_for_a_closed_loop_gives_the_entry_back(tmp_path: Path, when: str) -> None:
     sp = multispool.Spoolable(queues=Queue, metadata=Cog, name_generator=multispool.PrefixNames())
     path = tmp_path / "s"
     loop = asyncio.new_event_loop()
@@ -452,8 +453,10 @@ def test_aio_claim_for_a_closed_loop_gives_the_entry_back(tmp_path: Path) -> Non
         return task
 
     task = loop.run_until_complete(park())
-    loop.close()  # the parked dequeue is never resumed nor cancelled
+    if when == "closed-before-the-entry":
+        loop.close()  # the parked dequeue is never resumed nor cancelled
     producer = multispool.Spool.load(path, sp)
+    checkout = producer._layout.checkout("queue1")
     try:
         # A second watcher of the queue: once it has heard of the entry, the reader has too
         # (subscribers of a directory are called in order, on one thread).
@@ -461,10 +464,16 @@ def test_aio_claim_for_a_closed_loop_gives_the_entry_back(tmp_path: Path) -> Non
         with _watch.subscribe(qdir(producer), lambda: heard.set(), "native", departures=False):
             producer.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="gone_")
             assert heard.wait(WAIT)
+        if when == "closed-after-the-claim":
+            # Claimed for the parked dequeue and its wake-up queued on the loop, which is
+            # closed without running again.
+            wait_for(lambda: os.listdir(checkout) == ["gone_000000"], what="the wake claim")
+            loop.close()
+            wait_for(lambda: os.listdir(checkout) == [], what="the claim given back")
         claimer = reader._claimer
         assert claimer is not None
         claimer.stop()  # lets any claim in progress finish
-        assert os.listdir(producer._layout.checkout("queue1")) == [], "stranded for a closed loop"
+        assert os.listdir(checkout) == [], "stranded for a closed loop"
         assert [e.name for e in producer.list(Queue.QUEUE1)] == ["gone_000000"]
         fd = _fs.open_locked(producer._layout.registry_file("gone_000000"))
         assert fd is not None, "its lock is still held"

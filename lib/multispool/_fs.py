@@ -15,7 +15,8 @@ import os
 import stat
 import sys
 import threading
-from typing import Final, Protocol
+import time
+from typing import Any, Final, Protocol
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
 # descriptors must not leak into exec'd children (they would keep checkouts locked);
@@ -80,6 +81,47 @@ else:
             os.close(fd)
 
 
+def _syncfs_function() -> Any:
+    """libc's syncfs where it reports writeback errors (Linux >= 5.8), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) < (5, 8):
+        return None  # older kernels return 0 from syncfs even when writeback failed
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs: Final = _syncfs_function()
+HAVE_SYNCFS: Final = _syncfs is not None
+
+
+def open_syncfs(path: str) -> int:
+    """A descriptor for ``syncfs``: open it BEFORE writing what it must make durable, as
+    syncfs reports the writeback errors of the filesystem since the descriptor opened."""
+    return os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+
+
+def syncfs(fd: int, path: str) -> None:
+    """syncfs(2): write back the whole filesystem of ``fd``; OSError naming ``path`` on
+    a writeback error since ``fd`` was opened."""
+    if _syncfs(fd) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
 def _name(e: OSError, path: str) -> OSError:
     """Errors from calls on a descriptor (write, fsync, read, utimensat) carry no path;
     give them the file's, so every error says where."""
@@ -89,13 +131,21 @@ def _name(e: OSError, path: str) -> OSError:
 
 
 def write_file(
-    path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False, owned: bool = False
-) -> None:
+    path: str,
+    contents: bytes,
+    *,
+    sync: bool,
+    mode: int,
+    exclusive: bool = False,
+    owned: bool = False,
+    keep_open: bool = False,
+) -> int | None:
     """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
     fsync it when ``sync``. On failure the partly written file is removed. ``owned``:
     nothing else in this process has ``path`` open (a file of an entry whose owner lock
     the caller holds), so a descriptor an interrupting exception lost can be found by
-    its path and closed."""
+    its path and closed. With ``keep_open``, return the open descriptor (the caller
+    syncs and closes it)."""
     flags = O_CREATE_EXCL if exclusive else O_CREATE_TRUNC
     try:
         fd = os.open(path, flags, mode)
@@ -121,7 +171,45 @@ def write_file(
         os.close(fd)
         unlink_quiet(path)
         raise
+    if keep_open:
+        return fd
     os.close(fd)
+    return None
+
+
+class _FileHold:
+    """A Holder for a descriptor that is not a lock (see _open_held)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.path: str | None = None
+
+
+def fsync_file(path: str, fd: int | None = None) -> None:
+    """fsync the file at ``path`` (a regular file, not followed through a symlink),
+    through ``fd`` if the caller has it open; errors name ``path``. Opened by path, the
+    descriptor never outlives the call, also when a signal handler's exception
+    interrupts it (a writeback error is reported to a descriptor opened after it all
+    the same, as long as nobody else has seen it)."""
+    if fd is not None:
+        try:
+            fsync_fd(fd)
+        except OSError as e:
+            raise _name(e, path) from None
+        return
+    hold = _FileHold()
+    try:
+        own = _open_held(path, O_READ, 0o777, hold)
+        if not stat.S_ISREG(os.fstat(own).st_mode):
+            raise not_regular(path)
+        fsync_fd(own)
+    except OSError as e:
+        raise _name(e, path) from None
+    finally:
+        if hold.fd is not None:
+            _close_held(hold.fd, hold)
 
 
 def read_file(path: str) -> bytes:
@@ -330,22 +418,14 @@ def lock_generation() -> int:
     return _generation
 
 
-def close_lock_fd(fd: int) -> None:
-    """Close a registry file's descriptor. GlusterFS reports ENOENT or ESTALE from close
-    when the file was unlinked meanwhile (by a remove through this or another client);
-    the descriptor is freed all the same, and that lock is gone with it."""
-    try:
-        os.close(fd)
-    except OSError as e:
-        if not gone(e):
-            raise
-
-
 class Holder(Protocol):
     """Receives a lock descriptor in the step that opens it (``fd``), and loses it in the
-    step that closes it: the owner of a lock, such as a checkout."""
+    step that closes it: the owner of a lock, such as a checkout. ``create_locked`` also
+    sets ``path`` once the file it created has its name, so an interrupted caller knows
+    which file is its own to remove."""
 
     fd: int | None
+    path: str | None
 
 
 def _open_held(path: str, flags: int, mode: int = 0o777, holder: Holder | None = None) -> int:
@@ -462,11 +542,19 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
                 # link to the unnamed file, only when given a dir fd (ignored: both paths
                 # are absolute or relative to the cwd either way).
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
+                if holder is not None:
+                    holder.path = path
             except FileExistsError:
                 _close_held(fd, holder)
                 return None
             except BaseException:
-                _close_held(fd, holder)
+                # Interrupted (a signal handler's exception) maybe after the link: a name
+                # that is our file goes with the descriptor.
+                try:
+                    if _is_file(path, fd):
+                        unlink_quiet(path)
+                finally:
+                    _close_held(fd, holder)
                 raise
             return fd
     try:
@@ -474,11 +562,37 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
     except FileExistsError:
         return None
     try:
+        # A prober (fsck telling an enqueue in progress from an abandoned one) may hold the
+        # new file's lock for an instant: wait that out, rather than give up a name we
+        # created and leave its registry file behind as an orphan.
+        _await_lock(fd)
         # Someone may have locked (and even unlinked) it before us: then it is not ours.
         return _keep_if_locked(fd, path, holder)
     except BaseException:
         unlink_quiet(path)
         raise
+
+
+def _is_file(path: str, fd: int) -> bool:
+    """True if ``path`` names the file open as ``fd``."""
+    try:
+        a, b = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+# How long a creator waits for a lock that a prober holds (probers hold it for microseconds).
+_PROBE_WAIT: Final = 0.05
+
+
+def _await_lock(fd: int) -> None:
+    """Try to lock ``fd`` until it succeeds or ``_PROBE_WAIT`` has passed."""
+    deadline = time.monotonic() + _PROBE_WAIT
+    delay = 0.00005
+    while not try_lock(fd) and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
 
 
 def open_locked(path: str, holder: Holder | None = None) -> int | None:

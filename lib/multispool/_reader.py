@@ -16,8 +16,10 @@ How a reader finds entries, cheaply whatever the queue's history:
   the reader for a listing only when the directory changed since its last listing (or
   its mtime is too recent to prove anything). Idle readers cost one stat each per
   interval, in one thread, whatever their number, and wait without a timeout.
-* A "not before" map (``NotBefore``) holds the names a reader must not try yet, with the
-  time from which it may; see that class.
+* A "not before" map (``NotBefore``, ``reader._not_before``) holds the names a reader
+  must not try yet, with the time from which it may: failed entries, busy names, and
+  (API.md §12) entries not due yet. A waiting reader's timer is the map's earliest time,
+  never a faster rescan. See that class.
 * A watch that dies (the queue directory replaced, a reader carried across ``fork()``)
   is noticed (event, rescan, or the pid) and re-established, followed by a listing.
 """
@@ -333,7 +335,7 @@ class QueueReader(Generic[M, D]):
         self._hinted: set[str] = set()  # drained from _hints, for the next pass
         self._must_list = True
         self._rescan_due = False
-        self.not_before = NotBefore()
+        self._not_before = NotBefore()
         # Names deferred because not due yet -> their queue file's inode then: a name
         # announced again with another inode was re-queued, maybe earlier (see _take_pending).
         self._due_ino: dict[str, int] = {}
@@ -414,6 +416,9 @@ class QueueReader(Generic[M, D]):
             or listed[0] != (st.st_dev, st.st_ino, st.st_mtime_ns)
             or sub is None
             or getattr(sub, "stale", False)
+            # Polled directories are on filesystems whose attributes may be cached or
+            # stamped by another host's clock: an unchanged mtime proves nothing there.
+            or getattr(sub, "mode", None) == "polling"
         ):
             self._rescan_wanted()
 
@@ -517,7 +522,7 @@ class QueueReader(Generic[M, D]):
                 self._relist()
                 listed = True
             if not self._pending:
-                ready = self.not_before.pop_ready(time.monotonic()) if self.not_before else []
+                ready = self._not_before.pop_ready(time.monotonic()) if self._not_before else []
                 if ready:
                     # Deferred names whose time came (a delayed entry now due, a busy one
                     # to retry) go before a requested listing, which can take milliseconds
@@ -545,7 +550,7 @@ class QueueReader(Generic[M, D]):
 
     def _take_pending(self) -> CheckedOutEntry[M, D] | None:
         pending = self._pending
-        not_before = self.not_before
+        not_before = self._not_before
         while pending and not self._closed:
             name = pending.pop()
             if not_before and not_before.blocks(name, time.monotonic()) and not self._requeued(name):
@@ -603,7 +608,7 @@ class QueueReader(Generic[M, D]):
         if now_ino == ino:
             return False
         del self._due_ino[name]
-        self.not_before.discard(name)
+        self._not_before.discard(name)
         return True
 
     def _skip_ahead(self, pending: list[str]) -> None:
@@ -618,7 +623,7 @@ class QueueReader(Generic[M, D]):
         """Seconds a waiting reader may block before it has something to do (a deferred
         name becomes ready, ``deadline``); None: until woken."""
         wait: float | None = None
-        earliest = self.not_before.earliest() if self.not_before else None
+        earliest = self._not_before.earliest() if self._not_before else None
         if earliest is not None:
             wait = max(0.0, earliest - now)
             if self._busy_seen:

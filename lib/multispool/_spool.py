@@ -17,11 +17,11 @@ import shutil
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
-from . import _fs, _schedule, _sharedfs
+from . import _enqueue, _fs, _schedule, _sharedfs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
 from ._layout import CHECKOUT, Layout, check_name
 from ._schedule import NOW as _DUE_NOW
@@ -158,10 +158,11 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("_writing", "done", "fd", "generation", "sched")
+    __slots__ = ("_writing", "done", "fd", "generation", "path", "sched")
 
     def __init__(self, fd: int | None, sched: Schedule = _DUE_NOW) -> None:
         self.fd = fd
+        self.path: str | None = None  # the registry file an enqueue created (see _fs.Holder)
         self.generation = _fs.lock_generation()
         self.done = False
         self.sched = sched  # the entry's schedule record as it was claimed
@@ -739,9 +740,11 @@ class Spool(Generic[M, D]):
             raise
 
     # -- names and enqueue ----------------------------------------------------------------
-    def _reserve(self, seed: Any, owner: _Claim) -> str:
+    def _reserve(self, seed: Any, owner: _Claim, *, sync: bool = True) -> str:
         """Reserve a fresh name: ``.registry/NAME`` created locked, its descriptor handed to
-        ``owner`` in the step that opens it (so an interrupted caller still releases it)."""
+        ``owner`` in the step that opens it (so an interrupted caller still releases it).
+        With ``sync`` (and durability "full") the name is made durable at once; enqueue
+        passes False and syncs ``.registry`` later, after its files, once per group."""
         sp = self.spoolable
         lay = self._layout
         gen = sp.name_generator
@@ -751,7 +754,7 @@ class Spool(Generic[M, D]):
             fd = _fs.create_locked(lay.registry, path, sp.file_mode, owner)
             if fd is None:
                 continue  # taken: propose the next name
-            if sp.durability == "full":
+            if sync and sp.durability == "full":
                 try:
                     _fs.fsync_dir(lay.registry)
                 except BaseException:
@@ -808,6 +811,7 @@ class Spool(Generic[M, D]):
                 # No call between these two steps, so no signal handler runs between:
                 # the owner takes the descriptor over from the table.
                 owner.fd = _reserved[key]
+                owner.path = path
                 del _reserved[key]
         if owner.fd is None:
             # Not reserved by this process: a name reserved elsewhere whose reserver died
@@ -837,64 +841,71 @@ class Spool(Generic[M, D]):
         otherwise a name is reserved with seed ``reserve``. With ``delay`` (seconds), no
         reader hands it out before then. ``metadata`` that does not
         match the Spoolable's ``metadata`` type raises (``msgspec.ValidationError`` or
-        ``TypeError``) before anything touches disk. If any step fails, every file the
-        enqueue created (the reservation included) is removed and the error raised; an
-        exception that comes once the entry is in its queue (KeyboardInterrupt) leaves
-        the entry whole. No descriptor or lock outlives the call."""
+        ``TypeError``) before anything touches disk, and so does ``data`` its codec
+        rejects. If any step fails, every file the enqueue created (the reservation
+        included) is removed and the error raised; an exception that comes once the entry
+        is in its queue (KeyboardInterrupt) leaves the entry whole. No descriptor or lock
+        outlives the call. Concurrent enqueues in threads of this process share their
+        syncs (group commit, see ``_enqueue``); each returns once its own entry is durable."""
         sp = self.spoolable
-        lay = self._layout
         dirname = sp.dirname(queue)
         if use is not None:
             check_name(use)
         due = 0.0 if delay is None else _schedule.due_at(delay, time.time())
-        raw = sp._codec.encode(metadata)  # before touching disk: a bad value leaves nothing
-        sync_files = sp.durability != "none"
-        full = sp.durability == "full"
+        item = self._encode_item(metadata, data)  # before touching disk: a bad value leaves nothing
         with sp.throttled():
-            # Holds the enqueue's lock from the step that opens it (see _fs._open_held).
-            owner = _Claim(None)
-            # How far the enqueue got, so that a failure (also KeyboardInterrupt or an
-            # exception from a signal handler, which may come between any two steps)
-            # undoes exactly what happened: 1 files may exist, 2 the rename may have
-            # happened, 3 it did (the entry is queued and must be kept).
-            stage = 0
+            staged = _enqueue.write(self, dirname, [item], reserve=reserve, use=use)
+            if due:
+                # Into the registry file this enqueue holds locked, durable before the
+                # publishing rename: no reader can see the entry without its due time.
+                try:
+                    st = staged[0]
+                    self._write_schedule(st.owner.fd, st.name, _DUE_NOW, due, 0)
+                except BaseException:
+                    _enqueue.abandon(staged)
+                    raise
+            _enqueue.commit(self, staged)
+        return Entry._trusted(self, queue, staged[0].name)
+
+    def enqueue_many(
+        self, queue: enum.Enum, items: Iterable[tuple[M, D]], *, reserve: Any = None
+    ) -> builtins.list[Entry[M, D]]:
+        """Add every ``(metadata, data)`` of ``items`` to ``queue``, in order, with as few
+        syncs as the filesystem allows: all files written, synced together, each directory
+        synced once, and only then every entry published (one sync of the queue dir).
+        When it returns, every entry is as durable as the Spoolable's durability says.
+        Every item is validated before anything touches disk; if it raises before
+        publishing, nothing of the batch is left (names, tmp and data files removed, locks
+        released). The batch holds one open descriptor per entry until it is published."""
+        sp = self.spoolable
+        dirname = sp.dirname(queue)
+        encoded = []
+        for i, pair in enumerate(items):
             try:
-                if use is not None:
-                    name = use
-                    self._take_reservation(use, owner)
-                else:
-                    name = self._reserve(reserve, owner)
-                stage = 1
-                tmp = lay.tmp_file(name)
-                data_path = lay.data_file(name)
-                qfile = lay.queue_file(dirname, name)
-                if due:
-                    # Into the registry file this enqueue holds locked, before the entry
-                    # reaches its queue: no reader can see it without its due time.
-                    self._write_schedule(owner.fd, name, _DUE_NOW, due, 0)
-                _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode, owned=True)
-                sp.encode_data(data, data_path, sync=sync_files)
-                if full:
-                    _fs.fsync_dir(lay.data)
-                stage = 2
-                os.rename(tmp, qfile)
-                stage = 3
-            except BaseException:
-                if stage == 2 and not os.path.lexists(tmp) and os.path.lexists(qfile):
-                    stage = 3  # interrupted right after the rename: the entry is queued
-                if 0 < stage < 3:
-                    _fs.unlink_quiet(lay.tmp_file(name))
-                    _fs.unlink_quiet(lay.data_file(name))
-                    _fs.unlink_quiet(lay.registry_file(name))
-                raise
+                metadata, data = pair
+            except (TypeError, ValueError):
+                raise TypeError(f"enqueue_many: item {i} is not a (metadata, data) pair: {pair!r}") from None
+            encoded.append(self._encode_item(metadata, data))
+        if not encoded:
+            return []
+        with sp.throttled():
+            # syncfs reports writeback errors since its descriptor opened: before the writes.
+            use_syncfs = sp.syncfs and sp.durability == "full" and len(encoded) > 1
+            sfd = _fs.open_syncfs(self.dir) if use_syncfs else None
+            try:
+                staged = _enqueue.write(self, dirname, encoded, reserve=reserve)
+                _enqueue.commit(self, staged, sfd)
             finally:
-                # Released only once the entry is in its queue (or undone), so that
-                # clean_abandoned can never take a live enqueue for a dead one; released
-                # whatever happened, so that no lock outlives the call.
-                owner.release()
-            if full:
-                _fs.fsync_dir(lay.queue(dirname))
-        return Entry._trusted(self, queue, name)
+                if sfd is not None:
+                    os.close(sfd)
+        return [Entry._trusted(self, queue, st.name) for st in staged]
+
+    def _encode_item(self, metadata: M, data: D) -> tuple[bytes, Callable[[str, bool], int | None]]:
+        """Validate and encode one item without touching disk: (metadata bytes, a writer of
+        the data file at a path, unsynced)."""
+        sp = self.spoolable
+        raw = sp._codec.encode(metadata)
+        return raw, sp.data_writer(data)
 
     def _write_schedule(
         self, fd: int | None, name: str, old: Schedule, due: float, attempts: int
@@ -1243,13 +1254,7 @@ class Spool(Generic[M, D]):
             return []
         min_age = None if dead_after is None else seconds(dead_after)
         if min_age is None:
-            facts = self._fs_facts()
-            if not facts.locks_shared:
-                raise SpoolError(
-                    f"recover_checkouts refused: a free owner lock does not prove its owner died here: "
-                    f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
-                    f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
-                )
+            self._check_locks_prove_death()
         queues = sp._queue_list if queue is None else (queue,)
         recovered: list[Entry[M, D]] = []
         for q in queues:
@@ -1265,9 +1270,24 @@ class Spool(Generic[M, D]):
                         log.warning("multispool: cannot recover %s/%s, left in place: %s", dirname, name, e)
         return recovered
 
+    def _check_locks_prove_death(self) -> None:
+        """SpoolError unless a free owner lock proves its owner died on this filesystem
+        (locks shared by every mount and client that can reach the spool)."""
+        facts = self._fs_facts()
+        if not facts.locks_shared:
+            raise SpoolError(
+                f"recovery refused: a free owner lock does not prove its owner died here: "
+                f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
+                f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
+            )
+
     def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
+        """Move one dead checkout back into its queue; True only if it really moved. With
+        ``min_age`` None the free lock must be proof enough (SpoolError where it is not)."""
         sp = self.spoolable
         lay = self._layout
+        if min_age is None:
+            self._check_locks_prove_death()
         claim = _Claim(None)
         if _fs.open_locked(lay.registry_file(name), claim) is None:
             return False  # a live owner, or no registry file (an orphan for the Monitor)

@@ -12,9 +12,10 @@
 #   feature detection, and an incompatible future watchdog falls back to the emitter.
 """Filesystem events on queue directories, turned into wake-up calls.
 
-Events are hints only: a reader re-lists its directory on every wake (and on a slow
-timer), so this module promises "a callback soon after something may have changed",
-never an exact account of what changed.
+Events are hints only: a reader tries the names they carry, lists its directory when an
+event names nothing, and checks it on a slow timer, so this module promises "a callback
+soon after something may have changed" (with ``names=True``, saying which name, or None
+when it cannot), never an exact account of what changed.
 
 Why the Linux native backend does not use watchdog's ``InotifyObserver``: its
 ``InotifyEmitter`` passes every event through ``InotifyMoveEventGrouper``, which

@@ -23,7 +23,9 @@ Cancellation never loses or strands an entry:
 * ``save``, ``remove`` and ``release``, once called, always complete in the executor even
   if the awaiting task is cancelled (the cancellation is delivered at once); a save or
   remove that then fails releases the entry;
-* ``enqueue`` cancelled before it started does not happen; once started, it completes.
+* ``enqueue`` cancelled before it started does not happen; once started, it completes;
+* a parked ``dequeue`` whose event loop is closed (without cancelling it) claims nothing
+  for it any more, and a claim already made for it goes back to its queue.
 
 An ``AsyncSpool`` belongs to one event loop at a time. Close it (``await spool.aclose()``
 or ``async with spool:``) to close its readers and stop its executor threads; closing
@@ -47,7 +49,7 @@ import queue as queue_mod
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from ._reader import QueueReader
@@ -94,7 +96,7 @@ class _Call:
     whichever side finishes last undoes what nobody will receive: ``undo(result)`` for a
     result (a claim to give back), ``on_error()`` for an exception nobody will see."""
 
-    __slots__ = ("abandoned", "args", "fn", "handed", "lock", "on_error", "result", "undo")
+    __slots__ = ("abandoned", "args", "collected", "fn", "handed", "lock", "on_error", "result", "undo")
 
     def __init__(
         self,
@@ -110,6 +112,7 @@ class _Call:
         self.lock = threading.Lock()
         self.abandoned = False
         self.handed = False
+        self.collected = False  # a claim hand-off: the loop took the result (under lock)
         self.result: Any = None
 
     def run(self) -> Any:
@@ -133,6 +136,8 @@ class _Call:
     def abandon(self) -> Any:
         """Mark the call abandoned; the result to undo if the function already finished."""
         with self.lock:
+            if self.abandoned:
+                return None  # already undone by whoever abandoned it first
             self.abandoned = True
             return self.result if self.handed else None
 
@@ -387,6 +392,15 @@ class AsyncSpool(Generic[M, D]):
         started, it completes."""
         fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use, delay=delay)
         return self._entry(await self._run(fn, queue, metadata, data))
+
+    async def enqueue_many(
+        self, queue: enum.Enum, items: Iterable[tuple[M, D]], *, reserve: Any = None
+    ) -> builtins.list[AsyncEntry[M, D]]:
+        """``Spool.enqueue_many``. Cancelled before it started, it does not happen; once
+        started, it completes."""
+        items = builtins.list(items)  # consumed here, not in the executor thread
+        fn = functools.partial(self.sync.enqueue_many, reserve=reserve)
+        return [self._entry(e) for e in await self._run(fn, queue, items)]
 
     async def list(self, queue: enum.Enum) -> builtins.list[AsyncEntry[M, D]]:
         """Entries waiting in ``queue``, sorted by name."""
@@ -692,33 +706,68 @@ class _Claimer:
     the executor, it is never busy with other work when an entry lands (a wake claim
     never queues behind other disk operations), a hand-off costs less bookkeeping on the
     observer thread (no work item, no idle-thread accounting, no in-flight set), and it
-    wakes the loop before completing its future. A parked dequeue occupies no thread."""
+    wakes the loop before completing its future. A parked dequeue occupies no thread.
+
+    A claim handed to a loop that is closed before it collects the claim (closed before
+    the hand-off, or after it but before running the wake-up) is given back: the thread
+    looks at its uncollected hand-offs every HANDOFF_CHECK seconds while there are any."""
 
     __slots__ = ("_jobs", "_lock", "_stopped", "_thread")
 
+    HANDOFF_CHECK: Final = 0.5
+
     def __init__(self, name: str) -> None:
-        self._jobs: queue_mod.SimpleQueue[
-            tuple[_Call, concurrent.futures.Future[Any], Callable[[], bool]] | None
-        ] = queue_mod.SimpleQueue()
+        self._jobs: queue_mod.Queue[
+            tuple[_Call, concurrent.futures.Future[Any], Callable[[], bool], Callable[[], bool]] | None
+        ] = queue_mod.Queue()
         self._lock = threading.Lock()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, call: _Call, done: Callable[[], bool]) -> concurrent.futures.Future[Any]:
-        """Run ``call`` on the claimer thread, then ``done()`` there; if ``done()`` returns
-        False (the loop that waits for it is gone), the result is undone. RuntimeError
-        once stopped."""
+    def submit(
+        self, call: _Call, done: Callable[[], bool], gone: Callable[[], bool]
+    ) -> concurrent.futures.Future[Any]:
+        """Run ``call`` on the claimer thread, then ``done()`` there (False: the loop that
+        waits for it is gone). A result the loop has not collected (``call.collected``)
+        once ``gone()`` is true is undone. RuntimeError once stopped."""
         cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if self._stopped:
                 raise RuntimeError("claimer stopped")
-            self._jobs.put((call, cf, done))
+            self._jobs.put((call, cf, done, gone))
         return cf
 
+    @staticmethod
+    def _settle(call: _Call, gone: Callable[[], bool]) -> bool:
+        """Give back ``call``'s claim if its loop is gone before collecting it. True once
+        nothing more is to be watched for this call."""
+        with call.lock:
+            if call.collected or call.abandoned or not call.handed or call.result is None:
+                return True
+            if not gone():
+                return False
+            call.abandoned = True
+            leftover = call.result
+        if call.undo is not None:
+            try:
+                call.undo(leftover)
+            except Exception:
+                log.exception("multispool.aio: giving back a claim nobody collected failed")
+        return True
+
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            call, cf, done = job
+        watched: list[tuple[_Call, Callable[[], bool]]] = []
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.HANDOFF_CHECK if watched else None)
+            except queue_mod.Empty:
+                watched = [w for w in watched if not self._settle(*w)]
+                continue
+            watched = [w for w in watched if not self._settle(*w)]
+            if job is None:
+                return
+            call, cf, done, gone = job
             if not cf.set_running_or_notify_cancel():
                 continue  # cancelled before it started: never happens
             try:
@@ -729,14 +778,9 @@ class _Claimer:
             else:
                 # Wake the loop first: a result for the parked dequeue is in ``call``
                 # already, and completing ``cf`` overlaps with the loop waking up.
-                if not done():
-                    # Its loop is closed: nobody will ever collect this claim.
-                    leftover = call.abandon()
-                    if leftover is not None and call.undo is not None:
-                        try:
-                            call.undo(leftover)
-                        except Exception:
-                            log.exception("multispool.aio: giving back an uncollected claim failed")
+                done()
+                if not self._settle(call, gone):
+                    watched.append((call, gone))
                 cf.set_result(result)
 
     def stop(self) -> None:
@@ -1035,7 +1079,7 @@ class AsyncQueueReader(Generic[M, D]):
                 return False
             call = _Call(self._take_sync, (core,), self._undo_take, None)
             try:
-                cf = claimer.submit(call, wake.wake_loop)
+                cf = claimer.submit(call, wake.wake_loop, wake.loop.is_closed)
             except RuntimeError:
                 return False  # the reader is closing
             self._prefetched = (call, cf)
@@ -1101,6 +1145,7 @@ class AsyncQueueReader(Generic[M, D]):
                 try:
                     with call.lock:  # handed and result are set together
                         handed, result = call.handed, call.result
+                        call.collected = True
                     if handed:  # usual: the loop was woken by its completion
                         raw = result[0]
                     else:
