@@ -62,7 +62,9 @@ LEADER_SYNCS_FILES = True
 class Staged:
     """One entry written to disk but not yet published; holds its owner lock."""
 
-    __slots__ = ("data", "data_fd", "dst", "name", "owner", "published", "qdir", "reg", "tmp", "tmp_fd")
+    __slots__ = (
+        "abandoned", "data", "data_fd", "dst", "name", "owner", "published", "qdir", "reg", "tmp", "tmp_fd"
+    )
 
     def __init__(
         self, name: str, owner: _Claim, reg: str, tmp: str, data: str, qdir: str, dst: str
@@ -75,6 +77,7 @@ class Staged:
         self.qdir = qdir
         self.dst = dst
         self.published = False
+        self.abandoned = False
         # Descriptors of the written files if a writer kept them open (write() does not:
         # see there); None: synced by path.
         self.tmp_fd: int | None = None
@@ -94,7 +97,11 @@ class Staged:
         self.owner.release()
 
     def abandon(self) -> None:
-        """Remove what this enqueue created and release its lock (before publish)."""
+        """Remove what this enqueue created and release its lock (before publish). Once
+        only: after the unlock the name may belong to another enqueue."""
+        if self.abandoned:
+            return
+        self.abandoned = True
         try:
             self.close_files()
             _fs.unlink_quiet(self.tmp)
@@ -109,18 +116,19 @@ def write(
     spool: Spool[Any, Any],
     dirname: str,
     items: Sequence[tuple[bytes, Callable[[str, bool], int | None]]],
+    staged: list[Staged],
     *,
     reserve: Any = None,
     use: str | None = None,
-) -> list[Staged]:
-    """Reserve a name for each item and write its metadata and data (not synced).
-    ``items`` are (encoded metadata, writer of the data file at a path). A single entry
-    keeps its files open for the sync step. On failure, everything written so far is
-    removed and the error raised."""
+) -> None:
+    """Reserve a name for each item and write its metadata and data (not synced),
+    appending each entry to ``staged`` as soon as its name is reserved (so that a caller
+    interrupted anywhere, even as this returns, knows what to abandon). ``items`` are
+    (encoded metadata, writer of the data file at a path). On failure, everything
+    written so far is removed and the error raised."""
     sp = spool.spoolable
     lay = spool._layout
     qdir = lay.queue(dirname)
-    staged: list[Staged] = []
     # Files are synced by path (fsync_file), not through the writer's descriptors: a
     # descriptor handed back from a call can be lost to a signal handler's exception
     # between the return and its recording, and the reopen costs ~5 us against a sync.
@@ -159,7 +167,6 @@ def write(
                 owner.release()
         abandon(staged)
         raise
-    return staged
 
 
 def abandon(staged: Iterable[Staged]) -> None:
@@ -484,3 +491,5 @@ def commit(spool: Spool[Any, Any], staged: Sequence[Staged], sfd: int | None = N
     finally:
         for st in staged:
             st.close_files()
+            if st.published:
+                st.unlock()  # done by publish, unless an interrupt cut its unlock loop short

@@ -760,8 +760,13 @@ class Spool(Generic[M, D]):
             check_name(use)
         item = self._encode_item(metadata, data)  # before touching disk: a bad value leaves nothing
         with sp.throttled():
-            staged = _enqueue.write(self, dirname, [item], reserve=reserve, use=use)
-            _enqueue.commit(self, staged)
+            staged: builtins.list[_enqueue.Staged] = []
+            try:
+                _enqueue.write(self, dirname, [item], staged, reserve=reserve, use=use)
+                _enqueue.commit(self, staged)
+            except BaseException:
+                _enqueue.abandon(staged)  # interrupted between the steps: nothing is left
+                raise
         return Entry._trusted(self, queue, staged[0].name)
 
     def enqueue_many(
@@ -790,8 +795,13 @@ class Spool(Generic[M, D]):
             use_syncfs = sp.syncfs and sp.durability == "full" and len(encoded) > 1
             sfd = _fs.open_syncfs(self.dir) if use_syncfs else None
             try:
-                staged = _enqueue.write(self, dirname, encoded, reserve=reserve)
-                _enqueue.commit(self, staged, sfd)
+                staged: builtins.list[_enqueue.Staged] = []
+                try:
+                    _enqueue.write(self, dirname, encoded, staged, reserve=reserve)
+                    _enqueue.commit(self, staged, sfd)
+                except BaseException:
+                    _enqueue.abandon(staged)  # interrupted between the steps
+                    raise
             finally:
                 if sfd is not None:
                     os.close(sfd)
