@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
-from . import _fs
-from ._layout import CHECKOUT, REGISTRY, TMP, Dir, Layout
+from . import _fs, _lostfound
+from ._layout import CHECKOUT, LOST_FOUND, REGISTRY, TMP, Dir, Layout
 from ._spool import Spool
 from ._spoolable import Duration, Spoolable, seconds
 
@@ -388,24 +388,44 @@ def _reserve_locked(path: str) -> int | None:
     return fd
 
 
+def sp_full(spool: Spool[Any]) -> bool:
+    return spool.spoolable.durability == "full"
+
+
+def _label(d: Dir) -> str:
+    """The lost+found label of a file from spool dir ``d``."""
+    if d == Dir.TMP:
+        return _lostfound.METADATA
+    if d == Dir.DATA:
+        return _lostfound.DATA
+    return d.name_on_disk.replace("/", "")
+
+
 def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool) -> list[str]:
     """Fix what is safe to fix among ``problems`` (as found by a Monitor with ``limits``);
     the actions taken (or, with ``dry_run``, that would be taken: then nothing changes),
     one sentence each.
 
-    Never touches an entry a live process owns (its registry lock is held):
-      * Duplicated: under the registry lock, keep the copy with the newest mtime (the last
-        transition written: claims and saves set it), ties to the one latest in queue
-        order; unlink the others.
-      * dead checkouts go back to their queues (``Spool.recover_checkouts``).
+    Never touches an entry a live process owns (its registry lock is held), and never
+    deletes data: what cannot go back into a queue is moved to ``.lost+found/`` (see
+    ``_lostfound``).
+      * Duplicated (a move cut short by a crash): under the registry lock, keep the copy
+        with the newest mtime (the last transition written: claims and saves set it),
+        ties to the one latest in queue order; unlink the other copies that are the same
+        file or hold the same bytes, move the others to ``.lost+found``.
+      * dead checkouts go back to their queues, and keep links of interrupted moves are
+        resolved (``Spool.recover_checkouts``).
       * Orphaned files in .tmp, .data, a queue or checkout dir: the name is reserved first
         (``.registry/NAME`` created with O_EXCL and locked, so nobody can start using the
-        name meanwhile), the files are unlinked, then the reservation.
+        name meanwhile), the files are moved to ``.lost+found``, then the reservation is
+        removed.
       * Orphaned registry files (abandoned enqueues) older than ``max_tmp_file_age`` and
-        not locked: ``Spool.clean_abandoned`` removes them with their tmp and data files.
-      * TooOld tmp files of a registered entry: unlinked under the registry lock.
+        not locked: ``Spool.clean_abandoned`` moves their tmp and data files to
+        ``.lost+found`` and removes the registry file.
+      * TooOld tmp files of a registered entry: moved to ``.lost+found`` under the lock.
     Entries that are merely too old in a queue or a live checkout are left alone.
     """
+    full = sp_full(spool)
     lay = Layout(spool.dir)
     sp = spool.spoolable
     problems = sorted(problems)
@@ -433,12 +453,21 @@ def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dr
             if len(copies) < 2:
                 continue
             keep = max(copies)[2]
+            kept = f"{keep.name_on_disk}/{name}"
             for _, _, d in copies:
-                if d != keep:
+                if d == keep:
+                    continue
+                if _lostfound.same_file(where(d, name), where(keep, name)):
                     if not dry_run:
                         _fs.unlink_quiet(where(d, name))
-                    kept = f"{keep.name_on_disk}/{name}"
+                        if full:
+                            _fs.fsync_dir(os.path.dirname(where(d, name)))
                     done.append(verb(f"remove duplicate {d.name_on_disk}/{name} (keeping {kept})"))
+                else:
+                    if not dry_run:
+                        _lostfound.put_aside(lay, name, [(where(d, name), _label(d))], sync=full)
+                    what = f"differing duplicate {d.name_on_disk}/{name}"
+                    done.append(verb(f"move {what} to {LOST_FOUND} (keeping {kept})"))
         finally:
             os.close(fd)
 
@@ -465,15 +494,16 @@ def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dr
         reg = lay.registry_file(name)
         if dry_run:
             if not os.path.lexists(reg):
-                done.extend(verb(f"remove orphan {d.name_on_disk}/{name}") for d in dirs)
+                done.extend(verb(f"move orphan {d.name_on_disk}/{name} to {LOST_FOUND}") for d in dirs)
             continue
         fd = _reserve_locked(reg)
         if fd is None:
             continue  # registered meanwhile: no longer an orphan
         try:
-            for d in dirs:
-                if _fs.unlink_quiet(where(d, name)):
-                    done.append(f"removed orphan {d.name_on_disk}/{name}")
+            files = [(where(d, name), _label(d)) for d in dirs]
+            present = [d for d in dirs if os.path.lexists(where(d, name))]
+            if _lostfound.put_aside(lay, name, files, sync=full) is not None:
+                done.extend(f"moved orphan {d.name_on_disk}/{name} to {LOST_FOUND}" for d in present)
         finally:
             _fs.unlink_quiet(reg)
             os.close(fd)
@@ -495,7 +525,7 @@ def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dr
                 done.append(verb(f"remove abandoned enqueue {name}"))
     else:
         for name in spool.clean_abandoned(older_than=limits.max_tmp_file_age):
-            done.append(f"removed abandoned enqueue {name}")
+            done.append(f"removed abandoned enqueue {name} (its files, if any, to {LOST_FOUND})")
 
     # 5. stale tmp files of registered entries
     for p in problems:
@@ -509,8 +539,8 @@ def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dr
             m = _lstat_mtime(lay.tmp_file(name))
             if m is None or time.time() - m <= limits.max_tmp_file_age:
                 continue
-            if dry_run or _fs.unlink_quiet(lay.tmp_file(name)):
-                done.append(verb(f"remove stale {TMP}/{name}"))
+            if dry_run or _lostfound.put_aside(lay, name, [(lay.tmp_file(name), "metadata")], sync=full):
+                done.append(verb(f"move stale {TMP}/{name} to {LOST_FOUND}"))
         finally:
             os.close(fd)
     return done

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
 
-from . import _fs
+from . import _fs, _lostfound
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
-from ._layout import CHECKOUT, Layout, check_name
+from ._layout import CHECKOUT, KEEP_PREFIX, Layout, check_name, keep_name
 from ._spoolable import Duration, Spoolable, seconds
 
 if TYPE_CHECKING:
@@ -93,12 +93,21 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("done", "fd", "generation")
+    __slots__ = ("done", "fd", "generation", "unsynced")
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
         self.generation = _fs.lock_generation()
         self.done = False
+        # Durability "full": the queue dir the claim renamed the entry out of, whose fsync
+        # (step 5 of a move, see _layout) the checkout's end owes.
+        self.unsynced: str | None = None
+
+    def sync_source(self, unless: str | None = None) -> None:
+        """fsync the directory the claim moved the entry out of, if still owed."""
+        d, self.unsynced = self.unsynced, None
+        if d is not None and d != unless:
+            _fs.fsync_dir(d)
 
     def release(self) -> None:
         self.done = True
@@ -301,25 +310,27 @@ class CheckedOutEntry(Generic[T]):
         src = self.path
         dst = lay.queue_file(dst_dir, self.name)
         raw = sp._codec.encode(self.contents)
+        full = sp.durability == "full"
         with sp.throttled():
             if raw != self._raw:
-                self.spool._write_metadata(self.name, raw, src, must_exist=False)
+                # Under "full", the move below makes the rewrite durable.
+                self.spool._write_metadata(self.name, raw, src, must_exist=False, sync_dir=False)
             else:
                 # A fresh mtime in the new queue: the Monitor measures queue age from it.
                 _touch(src)
+            keep = lay.keep_file(os.path.dirname(src), self.name) if full else None
             try:
-                os.rename(src, dst)
-            except FileNotFoundError:
-                raise EntryNotFoundError("checked-out entry vanished", src) from None
-            self._claim.release()
-            if sp.durability == "full":
-                _fs.fsync_dir(lay.queue(dst_dir))
+                if not _fs.move(src, dst, keep):
+                    raise EntryNotFoundError("checked-out entry vanished", src)
+                self._claim.sync_source(unless=lay.queue(dst_dir))
+            finally:
+                self._claim.release()
 
     def remove(self) -> None:
         """Delete the entry: checkout file, data, then the reservation."""
         self._check_live()
         with self.spool.spoolable.throttled():
-            self.spool._remove_files(self.name, self.path, "checked-out entry vanished")
+            self.spool._remove_files(self.name, self.path, "checked-out entry vanished", self._claim)
             self._claim.release()
 
     def release(self) -> None:
@@ -327,15 +338,12 @@ class CheckedOutEntry(Generic[T]):
         if self._claim.done or self._claim.generation != _fs.lock_generation():
             return  # already ended, or owned by our parent (inherited by fork)
         sp = self.spool.spoolable
-        lay = self.spool._layout
         dirname = sp.dirname(self.queue)
         with sp.throttled():
             try:
-                moved = _fs.rename_if_exists(self.path, lay.queue_file(dirname, self.name))
+                self.spool._move_back(dirname, self.name, self._claim)
             finally:
                 self._claim.release()
-            if moved and sp.durability == "full":
-                _fs.fsync_dir(lay.queue(dirname))
 
     def __enter__(self) -> CheckedOutEntry[T]:
         return self
@@ -545,7 +553,9 @@ class Spool(Generic[T]):
                 _fs.fsync_dir(lay.queue(dirname))
         return Entry._trusted(self, queue, name)
 
-    def _write_metadata(self, name: str, raw: bytes, path: str, *, must_exist: bool) -> None:
+    def _write_metadata(
+        self, name: str, raw: bytes, path: str, *, must_exist: bool, sync_dir: bool = True
+    ) -> None:
         """Atomically replace ``path`` with encoded metadata, staged in ``.tmp/NAME``.
         The caller holds the throttle."""
         sp = self.spoolable
@@ -558,10 +568,21 @@ class Spool(Generic[T]):
         except BaseException:
             _fs.unlink_quiet(tmp)
             raise
-        if sp.durability == "full":
+        if sync_dir and sp.durability == "full":
             _fs.fsync_dir(os.path.dirname(path))
 
-    def _remove_files(self, name: str, meta_path: str, gone: str) -> None:
+    def _move_back(self, dirname: str, name: str, claim: _Claim | None) -> bool:
+        """Move a checked-out entry back into its queue (release, give-back, recovery);
+        False if it was not checked out. Durable under "full" (the move of _layout)."""
+        lay = self._layout
+        co_dir = lay.checkout(dirname)
+        keep = lay.keep_file(co_dir, name) if self.spoolable.durability == "full" else None
+        moved = _fs.move(lay.checkout_file(dirname, name), lay.queue_file(dirname, name), keep)
+        if claim is not None:
+            claim.unsynced = None  # the queue dir was fsynced by the move (or nothing moved)
+        return moved
+
+    def _remove_files(self, name: str, meta_path: str, gone: str, claim: _Claim | None = None) -> None:
         """Delete an entry whose metadata is at ``meta_path``: that file first (the step
         that makes the entry gone; EntryNotFoundError(``gone``) if it already is), then
         its data and, last, its reservation. The caller holds the throttle."""
@@ -569,6 +590,8 @@ class Spool(Generic[T]):
             raise EntryNotFoundError(gone, meta_path)
         if self.spoolable.durability == "full":
             _fs.fsync_dir(os.path.dirname(meta_path))
+            if claim is not None:
+                claim.sync_source()
         _fs.unlink_quiet(self._layout.data_file(name))
         _fs.unlink_quiet(self._layout.registry_file(name))
 
@@ -625,9 +648,17 @@ class Spool(Generic[T]):
                     return None
             cofile = lay.checkout_file(dirname, name)
             claim = _Claim(fd)
+            full = sp.durability == "full"
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
-                os.rename(qfile, cofile)
+                # The rename inside is the claim; under "full" the entry stays durable in
+                # the queue (keep link) until the checkout dir's fsync.
+                keep = lay.keep_file(lay.queue(dirname), name) if full else None
+                if not _fs.move(qfile, cofile, keep, sync_src=False):
+                    claim.release()
+                    return None
+                if full:
+                    claim.unsynced = lay.queue(dirname)
             except FileNotFoundError:
                 claim.release()
                 return None
@@ -641,10 +672,10 @@ class Spool(Generic[T]):
                     why = f"not a regular file ({os.strerror(e.errno or 0)})"
                     self._corrupt(queue, name, cofile, why, claim)
                 # Unreadable for now (permissions, I/O): give it back, untouched.
-                self._give_back(cofile, qfile, claim)
+                self._give_back(dirname, name, claim)
                 raise
             except BaseException:
-                self._give_back(cofile, qfile, claim)
+                self._give_back(dirname, name, claim)
                 raise
         try:
             contents = sp._codec.decode(raw, cofile)
@@ -671,9 +702,9 @@ class Spool(Generic[T]):
             delay = min(delay * 2, 0.002)
         return None
 
-    def _give_back(self, cofile: str, qfile: str, claim: _Claim) -> None:
+    def _give_back(self, dirname: str, name: str, claim: _Claim) -> None:
         try:
-            _fs.rename_if_exists(cofile, qfile)
+            self._move_back(dirname, name, claim)
         finally:
             claim.release()
 
@@ -693,9 +724,10 @@ class Spool(Generic[T]):
             q = sp.quarantine
             if q is not None and q != queue:
                 dst = self._layout.queue_file(sp.dirname(q), name)
-                os.rename(cofile, dst)
-                if sp.durability == "full":
-                    _fs.fsync_dir(os.path.dirname(dst))
+                full = sp.durability == "full"
+                keep = self._layout.keep_file(os.path.dirname(cofile), name) if full else None
+                _fs.move(cofile, dst, keep)
+                claim.sync_source(unless=os.path.dirname(dst))
                 log.warning("multispool: quarantined %s to %s: %s", cofile, dst, reason)
                 raise CorruptEntryError(cofile, reason, quarantined_to=dst) from cause
             raise CorruptEntryError(cofile, reason) from cause
@@ -765,11 +797,61 @@ class Spool(Generic[T]):
         recovered: list[Entry[T]] = []
         for q in queues:
             dirname = sp.dirname(q)
+            self._resolve_keeps(dirname)
             for name in sorted(self._list_names(lay.checkout(dirname))):
                 with sp.throttled():
                     if self._recover_one(q, dirname, name):
                         recovered.append(Entry._trusted(self, q, name))
         return recovered
+
+    def _resolve_keeps(self, dirname: str) -> None:
+        """Resolve the keep links (see _layout) that a crash left in queue ``dirname`` or
+        its checkout dir: under the entry's owner lock, unlink one whose entry is in
+        some queue or checkout dir (its move happened), else rename it back to the name
+        it keeps (the move is undone). Links of live moves (lock held) are left alone."""
+        sp = self.spoolable
+        lay = self._layout
+        by_keep: dict[str, str] | None = None
+        for d in (lay.queue(dirname), lay.checkout(dirname)):
+            with sp.throttled():
+                keeps = [n for n in os.listdir(d) if n.startswith(KEEP_PREFIX)]
+            for k in sorted(keeps):
+                if k.startswith(KEEP_PREFIX + "#"):
+                    if by_keep is None:
+                        with sp.throttled():
+                            by_keep = {keep_name(n): n for n in os.listdir(lay.registry)}
+                    name = by_keep.get(k)
+                    if name is None:
+                        continue
+                else:
+                    name = k[len(KEEP_PREFIX) :]
+                with sp.throttled():
+                    self._resolve_keep(d, k, name)
+
+    def _resolve_keep(self, d: str, keep: str, name: str) -> None:
+        sp = self.spoolable
+        lay = self._layout
+        gen = _fs.lock_generation()
+        fd = _fs.open_locked(lay.registry_file(name))
+        if fd is None:
+            return
+        try:
+            kpath = os.path.join(d, keep)
+            placed = any(
+                os.path.lexists(p)
+                for q in sp._queue_list
+                for p in (lay.queue_file(sp.dirname(q), name), lay.checkout_file(sp.dirname(q), name))
+            )
+            if placed:
+                _fs.unlink_quiet(kpath)
+                log.info("multispool: removed keep link %s of a finished move", kpath)
+            else:
+                _fs.rename_if_exists(kpath, os.path.join(d, name))
+                log.info("multispool: undid the interrupted move of %s (restored from %s)", name, kpath)
+            if sp.durability == "full":
+                _fs.fsync_dir(d)
+        finally:
+            _fs.unlock(fd, gen)
 
     def _recover_one(self, q: enum.Enum, dirname: str, name: str) -> bool:
         sp = self.spoolable
@@ -793,10 +875,27 @@ class Spool(Generic[T]):
             except CorruptEntryError as e:
                 return self._recover_undecodable(q, name, cofile, e.reason, claim)
             _fs.unlink_quiet(lay.tmp_file(name))  # a rewrite the dead owner left half done
-            if not _fs.rename_if_exists(cofile, lay.queue_file(dirname, name)):
+            elsewhere = [
+                lay.queue_file(sp.dirname(other), name)
+                for other in sp._queue_list
+                if os.path.lexists(lay.queue_file(sp.dirname(other), name))
+            ]
+            if elsewhere:
+                # A move out of the checkout (save, release) or the claim itself was cut by
+                # a crash: the entry is queued already; putting this copy back too would
+                # hand it out twice. Drop it if it is the same, else keep it aside.
+                if _lostfound.same_file(cofile, elsewhere[0]):
+                    _fs.unlink_quiet(cofile)
+                else:
+                    _lostfound.put_aside(
+                        lay, name, [(cofile, f"{dirname}.checkout")], sync=sp.durability == "full"
+                    )
+                if sp.durability == "full":
+                    _fs.fsync_dir(lay.checkout(dirname))
+                log.warning("multispool: dead checkout %s was queued as %s too", cofile, elsewhere[0])
                 return False
-            if sp.durability == "full":
-                _fs.fsync_dir(lay.queue(dirname))
+            if not self._move_back(dirname, name, None):
+                return False
             log.info("multispool: recovered %s/%s from a dead owner", dirname, name)
             return True
         finally:
@@ -835,8 +934,8 @@ class Spool(Generic[T]):
         now = time.time()
         removed: list[str] = []
         for name in sorted(set(regs) - present):
-            if name[0] == ".":
-                continue
+            if name[0] == "." or keep_name(name) in present:
+                continue  # a keep link: an interrupted move, for recover_checkouts
             reg = lay.registry_file(name)
             with sp.throttled():
                 try:
@@ -852,13 +951,18 @@ class Spool(Generic[T]):
                     # It may have reached a queue after the listing above; with the lock
                     # held, nobody can move it into one now.
                     if any(
-                        os.path.lexists(lay.queue_file(sp.dirname(q), name))
-                        or os.path.lexists(lay.checkout_file(sp.dirname(q), name))
+                        os.path.lexists(p)
                         for q in sp._queue_list
+                        for d in (lay.queue(sp.dirname(q)), lay.checkout(sp.dirname(q)))
+                        for p in (os.path.join(d, name), lay.keep_file(d, name))
                     ):
                         continue
-                    _fs.unlink_quiet(lay.tmp_file(name))
-                    _fs.unlink_quiet(lay.data_file(name))
+                    # Never delete what may be an entry's data (an acknowledged enqueue
+                    # whose rename a crash lost, under durability "file" or "none").
+                    _lostfound.put_aside(
+                        lay, name, [(lay.tmp_file(name), "metadata"), (lay.data_file(name), "data")],
+                        sync=sp.durability == "full",
+                    )
                     _fs.unlink_quiet(reg)
                     removed.append(name)
                 finally:
