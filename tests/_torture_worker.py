@@ -37,7 +37,7 @@ class Queue(enum.Enum):
 
 # durability="none": a SIGKILL loses nothing the page cache holds (power loss is not
 # simulated here), and fsyncs would only slow the interleavings down.
-SPOOLABLE: multispool.Spoolable[bytes] = multispool.Spoolable(queues=Queue, durability="none")
+SPOOLABLE: multispool.Spoolable[Any, bytes] = multispool.Spoolable(queues=Queue, durability="none")
 # Consumers clean abandoned enqueues older than this on start (and now and then): small,
 # so the test sees it happen, but far above one enqueue's duration.
 CLEAN_OLDER_THAN = 1.0
@@ -53,7 +53,7 @@ class Log:
         os.fsync(self.fd)
 
 
-def produce(spool: multispool.Spool[bytes], log: Log) -> None:
+def produce(spool: multispool.Spool[Any, bytes], log: Log) -> None:
     rng = random.Random()
     base = f"{os.getpid()}-{rng.getrandbits(32):08x}"
     qdir = os.path.join(spool.dir, Queue.QUEUE1.value)
@@ -79,7 +79,7 @@ def _check(meta: Any, data: bytes, stage: int) -> str | None:
     return None
 
 
-def consume(spool: multispool.Spool[bytes], log: Log, stage: int) -> None:
+def consume(spool: multispool.Spool[Any, bytes], log: Log, stage: int) -> None:
     queue = Queue.QUEUE1 if stage == 1 else Queue.QUEUE2
     last_recovery = 0.0
     while True:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -48,12 +49,12 @@ def no_thread_leak() -> Iterator[None]:
 
 
 @pytest.fixture
-def spoolable() -> multispool.Spoolable[bytes]:
+def spoolable() -> multispool.Spoolable[Any, bytes]:
     return multispool.Spoolable(
         queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames()
     )
 
 
 @pytest.fixture
-def spool(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> multispool.Spool[bytes]:
+def spool(tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes]) -> multispool.Spool[Any, bytes]:
     return multispool.Spool.create(tmp_path / "spool", spoolable)

@@ -85,7 +85,7 @@ class Gate:
         pass
 
 
-def make_spoolable(throttle: Any = None, durability: str = "full") -> multispool.Spoolable[bytes]:
+def make_spoolable(throttle: Any = None, durability: str = "full") -> multispool.Spoolable[Any, bytes]:
     return multispool.Spoolable(
         queues=Queue,
         metadata=Widget,
@@ -95,7 +95,7 @@ def make_spoolable(throttle: Any = None, durability: str = "full") -> multispool
     )
 
 
-def check_settled(path: Path, spoolable: multispool.Spoolable[bytes]) -> dict[str, set[str]]:
+def check_settled(path: Path, spoolable: multispool.Spoolable[Any, bytes]) -> dict[str, set[str]]:
     """Assert nothing is checked out, no .tmp file is left, no registry lock is held, and
     every reserved name is in exactly one queue; return {queue dir: names}."""
     spool = multispool.Spool.load(path, spoolable)
@@ -350,7 +350,7 @@ def test_iter_with_sync_and_async_callbacks(tmp_path: Path) -> None:
 # -- the loop stays free -------------------------------------------------------------------
 
 
-def _fill(spool: multispool.Spool[bytes], queue: Queue, n: int) -> None:
+def _fill(spool: multispool.Spool[Any, bytes], queue: Queue, n: int) -> None:
     """``n`` entries written straight in the on-disk format (registry, data, queue file):
     what ``enqueue`` leaves, made fast enough for a default test."""
     lay = spool._layout

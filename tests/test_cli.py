@@ -188,6 +188,8 @@ def make_problems(sp: str) -> None:
     Path(sp, ".data", "orph-data").touch()
     Path(sp, "in", "orph-queue").touch()
     Path(sp, "queue-2", ".checkout", "orph-co").touch()
+    for f in (".tmp/orph-tmp", ".data/orph-data", "in/orph-queue", "queue-2/.checkout/orph-co"):
+        age(os.path.join(sp, f), 3600)  # orphans are removed only past --max-tmp-file-age
     Path(sp, ".registry", "abandoned").touch()
     Path(sp, ".tmp", "abandoned").touch()
     age(os.path.join(sp, ".registry", "abandoned"), 3600)
@@ -221,15 +223,16 @@ def test_fsck_reports_and_repairs(sp: str, capsys: pytest.CaptureFixture[str]) -
     assert ("orphaned", ".registry", "abandoned") in kinds
     assert any(k[0] == "duplicated" and k[1] == "in,queue-2" for k in kinds)
     assert sum(k[0] == "too_old" and k[1] == "queue-2/.checkout" for k in kinds) == 1
+    assert sum(k[0] == "dead_checkout" and k[1] == "queue-2/.checkout" for k in kinds) == 1
     assert sum(k[0] == "too_old" and k[1] == ".tmp" for k in kinds) == 1
 
     before = tree(sp)
     assert main(["fsck", sp, "--repair", "--dry-run"]) == 1
     out = capsys.readouterr().out
     assert tree(sp) == before  # nothing changed, not even an mtime
-    for needle in ("would move orphan .tmp/orph-tmp to .lost+found", "would remove abandoned enqueue abandoned",
-                   "would recover dead checkout", "would remove duplicate in/",
-                   "would move stale .tmp/"):
+    for needle in ("would move orphan .tmp/orph-tmp to .lost+found",
+                   "would remove abandoned enqueue abandoned", "would recover dead checkout",
+                   "would remove duplicate in/", "would move stale .tmp/"):
         assert needle in out, out
 
     assert main(["fsck", sp, "--repair", "--json"]) == 0
@@ -297,7 +300,7 @@ def test_watch_once(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert main(["watch", sp, "--once"]) == 0
     rows = [ln.split() for ln in capsys.readouterr().out.splitlines()]
-    assert rows[0] == ["QUEUE", "ENTRIES", "CHECKOUTS", "IN/S", "OUT/S"]
+    assert rows[0] == ["QUEUE", "ENTRIES", "CHECKOUTS", "IN/S", "OUT/S", "OLDEST"]
     assert rows[1][:3] == ["in", "1", "0"] and rows[2][:3] == ["queue-2", "0", "0"]
 
 
@@ -352,7 +355,10 @@ def test_subprocess_every_subcommand(tmp_path: Path) -> None:
     Path(d, ".data", "orphan").touch()
     r = run_cli("fsck", d, "--json")
     assert r.returncode == 1 and json.loads(r.stdout)[0]["kind"] == "orphaned"
-    r = run_cli("fsck", d, "--repair")
+    r = run_cli("fsck", d, "--repair")  # a fresh orphan may be a file being written: left
+    assert r.returncode == 1 and "left orphan .data/orphan: younger than" in r.stdout
+    assert Path(d, ".data", "orphan").exists()
+    r = run_cli("fsck", d, "--repair", "--max-tmp-file-age", "0")
     assert r.returncode == 0 and "moved orphan .data/orphan to .lost+found" in r.stdout
     r = run_cli("recover", d)
     assert (r.returncode, r.stdout.strip()) == (0, "nothing to recover")

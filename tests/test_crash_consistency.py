@@ -24,9 +24,9 @@ from multispool import _lostfound
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _crashmodel  # noqa: E402
-from _procs import run_python  # noqa: E402
-from _crashmodel import Call, Model  # noqa: E402
+import _crashmodel
+from _crashmodel import Call, Model
+from _procs import run_python
 
 SLOW = os.environ.get("MULTISPOOL_SLOW") == "1"
 
@@ -278,7 +278,7 @@ def test_abandoned_enqueue_goes_to_lost_found_and_can_be_requeued(spool: multisp
 def test_orphans_go_to_lost_found_with_their_origin(spool: multispool.Spool[bytes]) -> None:
     Path(spool.dir, "a", "junk").write_bytes(b"{}")
     Path(spool.dir, ".data", "junk").write_bytes(b"x")
-    limits = multispool.Limits()
+    limits = multispool.Limits(max_tmp_file_age=0)
     mon = multispool.Monitor(spool.dir, spool.spoolable, limits)
     from multispool._monitor import repair
 

@@ -55,7 +55,7 @@ def _forbid_disk(mp: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("bad", BAD_NAMES)
-def test_invalid_name_entry(spool: multispool.Spool[bytes], bad: str) -> None:
+def test_invalid_name_entry(spool: multispool.Spool[Any, bytes], bad: str) -> None:
     with pytest.MonkeyPatch.context() as mp:
         _forbid_disk(mp)
         with pytest.raises(multispool.InvalidNameError) as ei:
@@ -66,7 +66,7 @@ def test_invalid_name_entry(spool: multispool.Spool[bytes], bad: str) -> None:
 
 
 @pytest.mark.parametrize("bad", BAD_NAMES)
-def test_invalid_name_enqueue_use(spool: multispool.Spool[bytes], bad: str) -> None:
+def test_invalid_name_enqueue_use(spool: multispool.Spool[Any, bytes], bad: str) -> None:
     before = find_sort(spool.dir)
     with pytest.MonkeyPatch.context() as mp:
         _forbid_disk(mp)
@@ -96,7 +96,7 @@ def test_invalid_name_from_generator(tmp_path: Path, bad: str) -> None:
     assert find_sort(tmp_path) == before
 
 
-def test_invalid_name_untouched_tree(spool: multispool.Spool[bytes]) -> None:
+def test_invalid_name_untouched_tree(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(Path(spool.dir).parent)
     for p in BAD_NAMES:
         with pytest.raises(multispool.InvalidNameError):
@@ -131,7 +131,7 @@ def test_longest_valid_names_work_on_disk(tmp_path: Path) -> None:
         (b"", msgspec.DecodeError),
     ],
 )
-def test_corrupt_metadata(spool: multispool.Spool[bytes], raw: bytes, cause: type[Exception]) -> None:
+def test_corrupt_metadata(spool: multispool.Spool[Any, bytes], raw: bytes, cause: type[Exception]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data", reserve="c")
     qfile = Path(spool.dir) / "queue1" / e.name
     qfile.write_bytes(raw)
@@ -155,7 +155,7 @@ def test_corrupt_metadata(spool: multispool.Spool[bytes], raw: bytes, cause: typ
     assert cofile.read_bytes() == raw
 
 
-def test_corrupt_checkout_raised_from_decoder_error(spool: multispool.Spool[bytes]) -> None:
+def test_corrupt_checkout_raised_from_decoder_error(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data", reserve="c")
     (Path(spool.dir) / "queue1" / e.name).write_bytes(b"{")
     with pytest.raises(multispool.CorruptEntryError) as ei:
@@ -163,7 +163,7 @@ def test_corrupt_checkout_raised_from_decoder_error(spool: multispool.Spool[byte
     assert isinstance(ei.value.__cause__, msgspec.DecodeError)
 
 
-def test_corrupt_with_entry_does_not_call_f(spool: multispool.Spool[bytes]) -> None:
+def test_corrupt_with_entry_does_not_call_f(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data", reserve="c")
     (Path(spool.dir) / "queue1" / e.name).write_bytes(b"\xff")
     called: list[int] = []
@@ -198,7 +198,7 @@ def test_errors_pickle(err: multispool.SpoolError) -> None:
             assert getattr(back, attr) == getattr(err, attr)
 
 
-def test_raised_errors_pickle(spool: multispool.Spool[bytes], tmp_path: Path) -> None:
+def test_raised_errors_pickle(spool: multispool.Spool[Any, bytes], tmp_path: Path) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data", reserve="c")
     (Path(spool.dir) / "queue1" / e.name).write_bytes(b"{")
     raised: list[BaseException] = []
@@ -264,9 +264,9 @@ def _as_nobody(spool_dir: str, name: str) -> dict[str, list[Any]]:
     return msgspec.json.decode(r.stdout)  # type: ignore[no-any-return]
 
 
-def _read_only_spool(shared_dir: Path) -> tuple[multispool.Spool[bytes], Path, str]:
+def _read_only_spool(shared_dir: Path) -> tuple[multispool.Spool[Any, bytes], Path, str]:
     # Readable by everyone, writable by root only: a read-only spool for "nobody".
-    sp: multispool.Spoolable[bytes] = multispool.Spoolable(
+    sp: multispool.Spoolable[Any, bytes] = multispool.Spoolable(
         queues=Queue, file_mode=0o644, dir_mode=0o755, name_generator=multispool.PrefixNames()
     )
     root = shared_dir / "spool"

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,7 +56,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         _umount(mnt)
 
 
-def _spoolable(quarantine: bool = False) -> multispool.Spoolable[bytes]:
+def _spoolable(quarantine: bool = False) -> multispool.Spoolable[Any, bytes]:
     return multispool.Spoolable(
         queues=Queue,
         metadata=Widget,
@@ -80,7 +81,7 @@ def _snapshot(root: str) -> dict[str, bytes]:
     return out
 
 
-def _drain(spool: multispool.Spool[bytes], queue: multispool.Entry | object = Queue.QUEUE1) -> tuple[
+def _drain(spool: multispool.Spool[Any, bytes], queue: multispool.Entry | object = Queue.QUEUE1) -> tuple[
     list[tuple[str, object, bytes]], list[multispool.CorruptEntryError]
 ]:
     """Read everything in QUEUE1 as a reader would (list + checkout_if_found), going on
@@ -188,7 +189,7 @@ def test_disk_full_while_saving_metadata_keeps_the_checkout(small_tmpfs: Path) -
 
 
 @pytest.fixture
-def ro_spool(tmp_path: Path) -> Iterator[tuple[multispool.Spool[bytes], Path]]:
+def ro_spool(tmp_path: Path) -> Iterator[tuple[multispool.Spool[Any, bytes], Path]]:
     mnt = tmp_path / "mnt"
     _mount_tmpfs(mnt, "1m")
     try:
@@ -199,7 +200,7 @@ def ro_spool(tmp_path: Path) -> Iterator[tuple[multispool.Spool[bytes], Path]]:
         _umount(mnt)
 
 
-def test_read_only_spool(ro_spool: tuple[multispool.Spool[bytes], Path]) -> None:
+def test_read_only_spool(ro_spool: tuple[multispool.Spool[Any, bytes], Path]) -> None:
     spool, mnt = ro_spool
     names = [spool.enqueue(Queue.QUEUE1, Cog(n=i), b"d%d" % i).name for i in range(2)]
     subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
@@ -225,7 +226,7 @@ def test_read_only_spool(ro_spool: tuple[multispool.Spool[bytes], Path]) -> None
 
 
 def test_read_only_spool_checkout_error_names_the_path(
-    ro_spool: tuple[multispool.Spool[bytes], Path],
+    ro_spool: tuple[multispool.Spool[Any, bytes], Path],
 ) -> None:
     spool, mnt = ro_spool
     name = spool.enqueue(Queue.QUEUE1, Cog(n=0), b"d0").name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -33,7 +34,7 @@ class WidgetData(msgspec.Struct):
     customer: str
 
 
-def widget_spoolable() -> multispool.Spoolable[WidgetData]:
+def widget_spoolable() -> multispool.Spoolable[Any, WidgetData]:
     return multispool.Spoolable(
         queues=Queue,
         metadata=Widget,
@@ -166,14 +167,14 @@ def test_file_behavior(tmp_path: Path) -> None:
 # -- opening ------------------------------------------------------------------------------
 
 
-def test_load_missing_dir(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> None:
+def test_load_missing_dir(tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes]) -> None:
     with pytest.raises(multispool.NotASpoolError) as ei:
         multispool.Spool.load(tmp_path / "nope", spoolable)
     assert str(tmp_path / "nope") in str(ei.value)
     assert not (tmp_path / "nope").exists()
 
 
-def test_load_non_spool_dir(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> None:
+def test_load_non_spool_dir(tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes]) -> None:
     d = tmp_path / "plain"
     d.mkdir()
     with pytest.raises(multispool.NotASpoolError):
@@ -185,7 +186,7 @@ def test_load_non_spool_dir(tmp_path: Path, spoolable: multispool.Spoolable[byte
 
 
 @pytest.mark.parametrize("missing", ["queue2", "queue2/.checkout", ".registry", ".tmp"])
-def test_load_missing_part(tmp_path: Path, spoolable: multispool.Spoolable[bytes], missing: str) -> None:
+def test_load_missing_part(tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes], missing: str) -> None:
     root = tmp_path / "spool"
     multispool.Spool.create(root, spoolable)
     if missing == "queue2":
@@ -201,7 +202,7 @@ def test_load_missing_part(tmp_path: Path, spoolable: multispool.Spoolable[bytes
         assert find_sort(root) == EMPTY_TREE
 
 
-def test_create_is_idempotent_and_keeps_entries(spool: multispool.Spool[bytes]) -> None:
+def test_create_is_idempotent_and_keeps_entries(spool: multispool.Spool[Any, bytes]) -> None:
     spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x", reserve="a")
     before = find_sort(spool.dir)
     again = multispool.Spool.create(spool.dir, spool.spoolable)
@@ -210,13 +211,15 @@ def test_create_is_idempotent_and_keeps_entries(spool: multispool.Spool[bytes]) 
     multispool.Spool.load(spool.dir, spool.spoolable)
 
 
-def test_create_in_empty_existing_dir(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> None:
+def test_create_in_empty_existing_dir(tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes]) -> None:
     (tmp_path / "spool").mkdir()
     multispool.Spool.create(tmp_path / "spool", spoolable)
     assert find_sort(tmp_path / "spool") == EMPTY_TREE
 
 
-def test_dir_is_fspath_and_spoolable_kept(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> None:
+def test_dir_is_fspath_and_spoolable_kept(
+    tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes]
+) -> None:
     p = tmp_path / "spool"
     s = multispool.Spool.create(p, spoolable)
     assert s.dir == os.fspath(p) and type(s.dir) is str
@@ -226,7 +229,7 @@ def test_dir_is_fspath_and_spoolable_kept(tmp_path: Path, spoolable: multispool.
 
 
 def test_load_unsafe_touches_no_disk(
-    tmp_path: Path, spoolable: multispool.Spoolable[bytes], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def boom(*a: object, **k: object) -> None:
         raise AssertionError(f"disk access {a}")
@@ -267,7 +270,7 @@ def _modes(root: Path) -> dict[str, int]:
 @pytest.mark.parametrize(("file_mode", "dir_mode"), [(None, None), (0o640, 0o750)])
 def test_new_files_and_dirs_modes(tmp_path: Path, file_mode: int | None, dir_mode: int | None) -> None:
     kw = {} if file_mode is None else {"file_mode": file_mode, "dir_mode": dir_mode}
-    sp: multispool.Spoolable[bytes] = multispool.Spoolable(
+    sp: multispool.Spoolable[Any, bytes] = multispool.Spoolable(
         queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames(), **kw  # type: ignore[arg-type]
     )
     fm = 0o600 if file_mode is None else file_mode
@@ -294,7 +297,9 @@ def test_new_files_and_dirs_modes(tmp_path: Path, file_mode: int | None, dir_mod
 # -- security: names and symlinks ---------------------------------------------------------
 
 
-def test_planted_symlink_in_queue_is_not_followed(tmp_path: Path, spool: multispool.Spool[bytes]) -> None:
+def test_planted_symlink_in_queue_is_not_followed(
+    tmp_path: Path, spool: multispool.Spool[Any, bytes]
+) -> None:
     outside = tmp_path / "outside"
     outside.write_bytes(b'{"type":"Cog","n":7}')
     os.chmod(outside, 0o644)
@@ -313,7 +318,7 @@ def test_planted_symlink_in_queue_is_not_followed(tmp_path: Path, spool: multisp
     assert (st2.st_mtime_ns, st2.st_mode) == (st.st_mtime_ns, st.st_mode)
 
 
-def test_planted_symlink_direct_contents(tmp_path: Path, spool: multispool.Spool[bytes]) -> None:
+def test_planted_symlink_direct_contents(tmp_path: Path, spool: multispool.Spool[Any, bytes]) -> None:
     outside = tmp_path / "outside"
     outside.write_bytes(b'{"type":"Cog","n":7}')
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="x")
@@ -327,7 +332,7 @@ def test_planted_symlink_direct_contents(tmp_path: Path, spool: multispool.Spool
     assert outside.read_bytes() == b'{"type":"Cog","n":7}'
 
 
-def test_planted_symlink_as_data_is_not_followed(tmp_path: Path, spool: multispool.Spool[bytes]) -> None:
+def test_planted_symlink_as_data_is_not_followed(tmp_path: Path, spool: multispool.Spool[Any, bytes]) -> None:
     outside = tmp_path / "outside"
     outside.write_bytes(b"secret")
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="x")
@@ -345,7 +350,7 @@ def test_planted_symlink_as_data_is_not_followed(tmp_path: Path, spool: multispo
     assert find_sort(spool.dir) == EMPTY_TREE
 
 
-def test_planted_symlink_data_removed_not_target(tmp_path: Path, spool: multispool.Spool[bytes]) -> None:
+def test_planted_symlink_data_removed_not_target(tmp_path: Path, spool: multispool.Spool[Any, bytes]) -> None:
     outside = tmp_path / "outside"
     outside.write_bytes(b"secret")
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="x")
@@ -358,7 +363,7 @@ def test_planted_symlink_data_removed_not_target(tmp_path: Path, spool: multispo
 
 
 @pytest.mark.parametrize("bad", ["../escape", "..", "a/../../b", "/etc/passwd"])
-def test_names_cannot_escape(tmp_path: Path, spool: multispool.Spool[bytes], bad: str) -> None:
+def test_names_cannot_escape(tmp_path: Path, spool: multispool.Spool[Any, bytes], bad: str) -> None:
     before = find_sort(tmp_path)
     with pytest.raises(multispool.InvalidNameError):
         multispool.Entry(spool, Queue.QUEUE1, bad)

@@ -3,23 +3,38 @@ ordering, hashing, races and the daemon's start/end cycle."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import multispool
 from conftest import Cog, Queue
-from multispool import Dir, Duplicated, End, FileWithMtime, Limits, Monitor, Orphaned, Start, TooOld
+from multispool import (
+    DeadCheckout,
+    Dir,
+    Duplicated,
+    End,
+    FileWithMtime,
+    Limits,
+    Monitor,
+    Orphaned,
+    Start,
+    TooOld,
+    _fs,
+)
 from multispool._monitor import _Alerter
 
 DAY = 86400.0
 
 
-def make(spool: multispool.Spool[bytes], **limits: object) -> Monitor:
+def make(spool: multispool.Spool[Any, bytes], **limits: object) -> Monitor:
     lim = Limits(
         max_checked_out_age=limits.pop("max_checked_out_age", DAY),  # type: ignore[arg-type]
         max_tmp_file_age=limits.pop("max_tmp_file_age", DAY),  # type: ignore[arg-type]
@@ -29,7 +44,7 @@ def make(spool: multispool.Spool[bytes], **limits: object) -> Monitor:
     return Monitor(spool.dir, spool.spoolable, lim)
 
 
-def touch(spool: multispool.Spool[bytes], d: Dir, name: str, age: float = 0.0) -> None:
+def touch(spool: multispool.Spool[Any, bytes], d: Dir, name: str, age: float = 0.0) -> None:
     path = os.path.join(spool.dir, d.name_on_disk, name)
     Path(path).touch()
     if age:
@@ -37,11 +52,23 @@ def touch(spool: multispool.Spool[bytes], d: Dir, name: str, age: float = 0.0) -
         os.utime(path, (t, t))
 
 
-def rm(spool: multispool.Spool[bytes], d: Dir, name: str) -> None:
+def rm(spool: multispool.Spool[Any, bytes], d: Dir, name: str) -> None:
     os.unlink(os.path.join(spool.dir, d.name_on_disk, name))
 
 
-def shape(problems: list[multispool.TooOld | Orphaned | Duplicated]) -> list[tuple[object, ...]]:
+@contextlib.contextmanager
+def owner(spool: multispool.Spool[bytes], name: str) -> Iterator[None]:
+    """Hold ``name``'s owner lock, as a live process holding a checkout does."""
+    gen = _fs.lock_generation()
+    fd = _fs.open_locked(os.path.join(spool.dir, ".registry", name))
+    assert fd is not None
+    try:
+        yield
+    finally:
+        _fs.unlock(fd, gen)
+
+
+def shape(problems: list[multispool._monitor.Problem]) -> list[tuple[object, ...]]:
     """Problems without mtimes (the OCaml tests print ``mtime <omitted>``)."""
     out: list[tuple[object, ...]] = []
     for p in problems:
@@ -54,25 +81,26 @@ Q1, Q2 = Dir.queue(Queue.QUEUE1), Dir.queue(Queue.QUEUE2)
 CO1 = Dir.checkout(Queue.QUEUE1)
 
 
-def test_empty(spool: multispool.Spool[bytes]) -> None:
+def test_empty(spool: multispool.Spool[Any, bytes]) -> None:
     assert make(spool).run_once() == []
 
 
 @pytest.mark.parametrize("where", [Q1, CO1], ids=["queue", "checkout"])
-def test_registered_entry_no_issues(spool: multispool.Spool[bytes], where: Dir) -> None:
+def test_registered_entry_no_issues(spool: multispool.Spool[Any, bytes], where: Dir) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, where, "foo")
-    assert make(spool).run_once() == []
+    with owner(spool, "foo"):  # a checkout is only healthy while its owner lives
+        assert make(spool).run_once() == []
 
 
-def test_queue_entry_with_tmp_file_no_issues(spool: multispool.Spool[bytes]) -> None:
+def test_queue_entry_with_tmp_file_no_issues(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, Q1, "foo")
     touch(spool, Dir.TMP, "foo")
     assert make(spool).run_once() == []
 
 
-def test_no_entries_for_registered_file(spool: multispool.Spool[bytes]) -> None:
+def test_no_entries_for_registered_file(spool: multispool.Spool[Any, bytes]) -> None:
     m = make(spool)
     touch(spool, Dir.REGISTRY, "foo")
     problems = m.run_once()
@@ -83,7 +111,7 @@ def test_no_entries_for_registered_file(spool: multispool.Spool[bytes]) -> None:
     assert m.run_once() == []
 
 
-def test_duplicate_entries_for_registered_file(spool: multispool.Spool[bytes]) -> None:
+def test_duplicate_entries_for_registered_file(spool: multispool.Spool[Any, bytes]) -> None:
     m = make(spool)
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, Q2, "foo")
@@ -97,7 +125,7 @@ def test_duplicate_entries_for_registered_file(spool: multispool.Spool[bytes]) -
 
 
 @pytest.mark.parametrize("where", [Dir.TMP, Dir.DATA, Q1, CO1], ids=["tmp", "data", "queue", "checkout"])
-def test_file_not_registered(spool: multispool.Spool[bytes], where: Dir) -> None:
+def test_file_not_registered(spool: multispool.Spool[Any, bytes], where: Dir) -> None:
     m = make(spool)
     touch(spool, where, "foo")
     assert shape(m.run_once()) == [("Orphaned", "foo", where)]
@@ -105,15 +133,37 @@ def test_file_not_registered(spool: multispool.Spool[bytes], where: Dir) -> None
     assert m.run_once() == []
 
 
-def test_checked_out_entry_too_old(spool: multispool.Spool[bytes]) -> None:
+def test_checked_out_entry_too_old(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, CO1, "foo", age=2)
-    assert shape(make(spool, max_checked_out_age=1).run_once()) == [("TooOld", "foo", CO1)]
-    # the same file under a limit it does not exceed: no problem
-    assert make(spool, max_checked_out_age=60).run_once() == []
+    with owner(spool, "foo"):
+        assert shape(make(spool, max_checked_out_age=1).run_once()) == [("TooOld", "foo", CO1)]
+        # the same file under a limit it does not exceed: no problem
+        assert make(spool, max_checked_out_age=60).run_once() == []
 
 
-def test_tmp_file_too_old(spool: multispool.Spool[bytes]) -> None:
+def test_dead_checkout_is_reported_at_once(spool: multispool.Spool[bytes]) -> None:
+    """Issue 10 item 12: a checkout whose owner lock is free is a problem whatever its age
+    (it was ignored until older than max_checked_out_age)."""
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    co = spool.checkout(e)
+    m = make(spool)  # limits of a day: only the free lock can make it a problem
+    assert m.run_once() == []
+    co._claim.release()  # the owner "dies": the kernel would drop its lock
+    problems = m.run_once()
+    assert shape(problems) == [("DeadCheckout", e.name, CO1)]
+    assert problems[0].file == FileWithMtime(e.name, os.lstat(co.path).st_mtime)
+    assert problems[0] == DeadCheckout(FileWithMtime(e.name, os.lstat(co.path).st_mtime), CO1)
+    # old and dead: both facts
+    touch(spool, CO1, e.name, age=10)
+    assert shape(make(spool, max_checked_out_age=1).run_once()) == [
+        ("TooOld", e.name, CO1), ("DeadCheckout", e.name, CO1)
+    ]
+    assert [x.name for x in spool.recover_checkouts()] == [e.name]
+    assert m.run_once() == []
+
+
+def test_tmp_file_too_old(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, Q1, "foo")
     touch(spool, Dir.TMP, "foo", age=2)
@@ -122,7 +172,7 @@ def test_tmp_file_too_old(spool: multispool.Spool[bytes]) -> None:
     assert make(spool, max_tmp_file_age=60).run_once() == []
 
 
-def test_queue_entry_too_old(spool: multispool.Spool[bytes]) -> None:
+def test_queue_entry_too_old(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, Q1, "foo", age=2)
     assert shape(make(spool, max_queue_ages={Queue.QUEUE1: 1}).run_once()) == [("TooOld", "foo", Q1)]
@@ -131,14 +181,15 @@ def test_queue_entry_too_old(spool: multispool.Spool[bytes]) -> None:
     assert make(spool).run_once() == []
 
 
-def test_zero_limits_flag_fresh_files(spool: multispool.Spool[bytes]) -> None:
+def test_zero_limits_flag_fresh_files(spool: multispool.Spool[Any, bytes]) -> None:
     # The OCaml tests use limits of 0 s on just-touched files: age > 0 as soon as time moves.
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, CO1, "foo", age=0.01)
-    assert shape(make(spool, max_checked_out_age=0).run_once()) == [("TooOld", "foo", CO1)]
+    with owner(spool, "foo"):
+        assert shape(make(spool, max_checked_out_age=0).run_once()) == [("TooOld", "foo", CO1)]
 
 
-def test_real_entries_are_clean_and_problems_sorted(spool: multispool.Spool[bytes]) -> None:
+def test_real_entries_are_clean_and_problems_sorted(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
     spool.enqueue(Queue.QUEUE2, Cog(n=2), b"y")
     co = spool.checkout(e)
@@ -161,14 +212,14 @@ def test_real_entries_are_clean_and_problems_sorted(spool: multispool.Spool[byte
     co.remove()
 
 
-def test_dot_names_and_missing_data_dir_are_ignored(spool: multispool.Spool[bytes]) -> None:
+def test_dot_names_and_missing_data_dir_are_ignored(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Q1, ".hidden")
     touch(spool, Dir.REGISTRY, ".lock")
     os.rmdir(os.path.join(spool.dir, ".data"))  # OCaml-made spools may lack .data
     assert make(spool).run_once() == []
 
 
-def test_monitor_never_creates(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> None:
+def test_monitor_never_creates(tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes]) -> None:
     with pytest.raises(multispool.NotASpoolError):
         Monitor(tmp_path / "nope", spoolable)
     assert not (tmp_path / "nope").exists()
@@ -178,7 +229,7 @@ def test_monitor_never_creates(tmp_path: Path, spoolable: multispool.Spoolable[b
     assert list((tmp_path / "empty").iterdir()) == []
 
 
-def test_limits_accept_timedelta_and_reject_unknown_queue(spool: multispool.Spool[bytes]) -> None:
+def test_limits_accept_timedelta_and_reject_unknown_queue(spool: multispool.Spool[Any, bytes]) -> None:
     lim = Limits(max_checked_out_age=datetime.timedelta(minutes=1), max_queue_ages={Queue.QUEUE1: 5})
     assert lim.max_checked_out_age == 60.0 and lim.max_tmp_file_age == 600.0
     assert lim.max_queue_ages == {Queue.QUEUE1: 5.0}
@@ -198,8 +249,10 @@ def test_problem_values_are_ordered_hashable_frozen() -> None:
     orphan_reg = Orphaned(f1, Dir.REGISTRY)
     orphan_q = Orphaned(f1, Dir.queue(Queue.QUEUE2))
     dup = Duplicated(f1, (Q1, CO1))
-    # variant order first (TooOld < Orphaned < Duplicated), then file, then dir
-    assert sorted([dup, orphan_q, orphan_reg, too_old]) == [too_old, orphan_reg, orphan_q, dup]
+    dead = DeadCheckout(f1, CO1)
+    # variant order first (TooOld < Orphaned < Duplicated < DeadCheckout), then file, then dir
+    assert sorted([dead, dup, orphan_q, orphan_reg, too_old]) == [too_old, orphan_reg, orphan_q, dup, dead]
+    assert dead == DeadCheckout(FileWithMtime("a", 1.0), CO1) and len({dead, dup, dead}) == 2
     assert too_old < orphan_reg and orphan_reg <= orphan_reg and dup > orphan_q and dup >= dup
     assert Orphaned(f1, Dir.TMP) != TooOld(f1, Dir.TMP)
     assert len({too_old, TooOld(FileWithMtime("a", 2.0), Dir.TMP), orphan_reg}) == 2
@@ -213,7 +266,7 @@ def test_problem_values_are_ordered_hashable_frozen() -> None:
 
 
 @pytest.mark.parametrize("limited", [False, True], ids=["listdir", "scandir"])
-def test_moving_entry_is_not_reported(spool: multispool.Spool[bytes], limited: bool) -> None:
+def test_moving_entry_is_not_reported(spool: multispool.Spool[Any, bytes], limited: bool) -> None:
     """Candidates are re-checked: an entry that moves while the Monitor lists the queues
     (here: between the listing of queue1 and queue2) is not a Duplicated/Orphaned."""
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
@@ -263,7 +316,7 @@ class _ListIt:
         pass
 
 
-def test_vanishing_files_are_skipped(spool: multispool.Spool[bytes]) -> None:
+def test_vanishing_files_are_skipped(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.TMP, "gone", age=100)
     m = make(spool, max_tmp_file_age=1)
     real_scandir = os.scandir
@@ -303,7 +356,7 @@ def test_alerter_start_after_more_than_n_cycles_and_end() -> None:
     assert b.update([p], 1.0) == [Start(1.0, p)]
 
 
-def test_daemon_start_and_end(spool: multispool.Spool[bytes]) -> None:
+def test_daemon_start_and_end(spool: multispool.Spool[Any, bytes]) -> None:
     m = make(spool)
     events: list[Start | End] = []
     cond = threading.Condition()
@@ -341,7 +394,7 @@ def test_daemon_start_and_end(spool: multispool.Spool[bytes]) -> None:
 
 
 def test_daemon_survives_failing_check(
-    spool: multispool.Spool[bytes], caplog: pytest.LogCaptureFixture
+    spool: multispool.Spool[Any, bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
     m = make(spool)
     calls = threading.Semaphore(0)
@@ -370,3 +423,109 @@ def test_daemon_rejects_bad_arguments() -> None:
         multispool.MonitorDaemon(check_every=0)
     with pytest.raises(ValueError):
         multispool.MonitorDaemon(alert_after_cycles=-1)
+
+
+LOAD_WORKER = """
+import sys, time
+import multispool
+from _procs import serve
+from conftest import Cog, Queue
+
+spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(
+    queues=Queue, metadata=Cog, name_generator=multispool.PrefixNames()))
+
+def produce(until):
+    n = 0
+    while time.monotonic() < until:
+        spool.enqueue(Queue.QUEUE1, Cog(n=n), b"x")
+        n += 1
+    return n
+
+def consume(until):
+    n = 0
+    while time.monotonic() < until:
+        for q in (Queue.QUEUE1, Queue.QUEUE2):
+            for e in spool.list(q)[:20]:
+                co = spool.checkout_if_found(e)
+                if co is None:
+                    continue
+                n += 1
+                if q is Queue.QUEUE2 or n % 3 == 0:
+                    co.remove()
+                elif n % 3 == 1:
+                    co.save(Queue.QUEUE2)
+                else:
+                    co.release()
+    return n
+
+def handle(line):
+    role, seconds = line.split()
+    until = time.monotonic() + float(seconds)
+    return str(produce(until) if role == "produce" else consume(until))
+
+serve(handle)
+"""
+
+
+def test_fsck_is_clean_under_load(spool: multispool.Spool[bytes], capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10 item 13: with real producers and consumers running (enqueues in progress,
+    claims, saves into another queue, removals, releases), the Monitor and ``multispool
+    fsck`` report nothing on this healthy spool, in every run."""
+    from _procs import workers
+    from multispool.cli import main
+
+    m = make(spool)
+    seconds = 2.0
+    with workers(LOAD_WORKER, 4, spool.dir) as ws:
+        for i, w in enumerate(ws):
+            w.send(f"{'produce' if i < 2 else 'consume'} {seconds}")
+        deadline = time.monotonic() + seconds
+        runs, found = 0, []
+        while time.monotonic() < deadline:
+            found.extend(m.run_once())
+            if runs % 4 == 0:
+                capsys.readouterr()
+                assert main(["fsck", spool.dir]) == 0, capsys.readouterr().out
+            runs += 1
+        counts = [int(w.recv()) for w in ws]
+    assert found == []
+    assert runs >= 5 and min(counts) > 0, (runs, counts)
+    assert make(spool).run_once() == []
+
+
+def test_repair_releases_locks_through_fs(spool: multispool.Spool[bytes]) -> None:
+    """Issue 10 item 14: repair took registry locks through _fs (which records them, for
+    fork safety) but closed them with a bare os.close, leaving stale numbers recorded; a
+    forked child then closed unrelated descriptors reusing them (its own pipe: EBADF)."""
+    from multispool._monitor import repair
+
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    Path(spool.dir, "queue2", e.name).touch()  # a duplicate: repaired under the owner lock
+    age_s = 2 * DAY
+    touch(spool, Dir.TMP, e.name, age=age_s)  # a stale tmp file: removed under the lock
+    co = spool.checkout(spool.enqueue(Queue.QUEUE1, Cog(n=2), b"y"))
+    co._claim.release()  # a dead checkout
+    held_before = set(_fs._held)
+    m = make(spool, max_tmp_file_age=DAY)
+    problems = m.run_once()
+    assert {type(p).__name__ for p in problems} == {"Duplicated", "TooOld", "DeadCheckout"}
+    actions = repair(spool, m.limits, problems, dry_run=False)
+    assert len(actions) == 3, actions
+    assert set(_fs._held) == held_before
+    r, w = os.pipe()  # takes the lowest free numbers: those repair used
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            os.write(w, b"ok")
+        except OSError:
+            code = 1
+        os._exit(code)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.read(r, 2) == b"ok"
+    finally:
+        os.close(r)
+        os.close(w)
+    assert m.run_once() == []

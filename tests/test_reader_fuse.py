@@ -52,7 +52,7 @@ def test_reader_on_second_fuse_mount_gets_entries_from_the_first(
                 real_wait(*args)
 
             monkeypatch.setattr(reader, "_wait", signalling_wait)
-            got: list[multispool.CheckedOutEntry[bytes] | None] = []
+            got: list[multispool.CheckedOutEntry[Any, bytes] | None] = []
             t = threading.Thread(target=lambda: got.append(reader.dequeue(timeout=20)))
             t.start()
             proc = None

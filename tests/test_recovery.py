@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,22 +133,22 @@ block()
 """
 
 
-def _names(entries: list[multispool.Entry[bytes]]) -> list[tuple[str, str]]:
+def _names(entries: list[multispool.Entry[Any, bytes]]) -> list[tuple[str, str]]:
     return sorted((e.queue.value, e.name) for e in entries)
 
 
 def _fill(
-    spool: multispool.Spool[bytes], n: int, queue: enum.Enum = Queue.QUEUE1, seed: str = "e"
+    spool: multispool.Spool[Any, bytes], n: int, queue: enum.Enum = Queue.QUEUE1, seed: str = "e"
 ) -> list[str]:
     return [spool.enqueue(queue, Cog(n=i), b"data%d" % i, reserve=seed).name for i in range(n)]
 
 
-def _tree(spool: multispool.Spool[bytes]) -> list[str]:
+def _tree(spool: multispool.Spool[Any, bytes]) -> list[str]:
     root = Path(spool.dir)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def _layout_problems(spool: multispool.Spool[bytes]) -> list[str]:
+def _layout_problems(spool: multispool.Spool[Any, bytes]) -> list[str]:
     """Every registry file has exactly one queue/checkout file and vice versa; no tmp."""
     root = Path(spool.dir)
     regs = {p.name for p in (root / ".registry").iterdir()}
@@ -180,7 +181,7 @@ def _wait_for(cond: object, what: str, timeout: float = 10.0) -> None:
 
 
 def test_recover_brings_back_exactly_the_dead_holders_checkouts(
-    spool: multispool.Spool[bytes], spoolable: multispool.Spoolable[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], spoolable: multispool.Spoolable[Any, bytes], procs: Procs
 ) -> None:
     names = _fill(spool, 6)
     q2 = _fill(spool, 1, Queue.QUEUE2, seed="z")[0]
@@ -216,7 +217,7 @@ def test_recover_brings_back_exactly_the_dead_holders_checkouts(
 
 
 def test_recover_with_queue_argument_only_touches_that_queue(
-    spool: multispool.Spool[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], procs: Procs
 ) -> None:
     a = _fill(spool, 1)[0]
     b = _fill(spool, 1, Queue.QUEUE2, seed="z")[0]
@@ -237,7 +238,7 @@ print(json.dumps([e.name for e in spool.recover_checkouts()]), flush=True)
 
 
 def test_concurrent_recover_from_several_processes_never_duplicates(
-    spool: multispool.Spool[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], procs: Procs
 ) -> None:
     names = _fill(spool, 60)
     holder = procs.start(HOLD, spool.dir, *names)
@@ -268,7 +269,7 @@ co.data_file.save(b"new data, never finished")
 """
 
 
-def test_recover_removes_stale_tmp_of_dead_owner(spool: multispool.Spool[bytes], procs: Procs) -> None:
+def test_recover_removes_stale_tmp_of_dead_owner(spool: multispool.Spool[Any, bytes], procs: Procs) -> None:
     name = _fill(spool, 1)[0]
     p = procs.start(HOLD_AND_REWRITE, spool.dir, name, env={"BLOCKING_DATA": "1"})
     assert procs.ready(p) == [name]  # the codec was writing .tmp/NAME
@@ -336,7 +337,7 @@ block()
 
 
 def test_recover_after_owner_dies_while_its_forked_child_lives(
-    spool: multispool.Spool[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], procs: Procs
 ) -> None:
     name = _fill(spool, 1)[0]
     p = procs.start(FORK_HOLD, spool.dir, name)
@@ -360,13 +361,13 @@ block()
 """
 
 
-def _age(spool: multispool.Spool[bytes], name: str, seconds: float) -> None:
+def _age(spool: multispool.Spool[Any, bytes], name: str, seconds: float) -> None:
     t = time.time() - seconds
     os.utime(Path(spool.dir, ".registry", name), (t, t))
 
 
 def test_clean_abandoned_removes_enqueues_of_dead_producers(
-    spool: multispool.Spool[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], procs: Procs
 ) -> None:
     kept = _fill(spool, 2)
     p = procs.start(ENQUEUE_BLOCKED, spool.dir, env={"BLOCKING_DATA": "1"})
@@ -389,7 +390,7 @@ def test_clean_abandoned_removes_enqueues_of_dead_producers(
 
 
 def test_clean_abandoned_older_than_zero_and_timedelta(
-    spool: multispool.Spool[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], procs: Procs
 ) -> None:
     import datetime
 
@@ -407,7 +408,7 @@ def test_clean_abandoned_older_than_zero_and_timedelta(
 
 
 def test_clean_abandoned_spares_live_reservations_and_entries(
-    spool: multispool.Spool[bytes], spoolable: multispool.Spoolable[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], spoolable: multispool.Spoolable[Any, bytes], procs: Procs
 ) -> None:
     names = _fill(spool, 5)
     live_res = procs.start(RESERVE_AND_HOLD, spool.dir)
@@ -440,7 +441,7 @@ def test_clean_abandoned_spares_live_reservations_and_entries(
 
 
 def test_name_reuse_after_remove_is_not_confused_with_the_old_owner(
-    spool: multispool.Spool[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], procs: Procs
 ) -> None:
     """PrefixNames reuses a name once its entry is removed; a stale registry inode of the
     old entry must never be mistaken for the new entry's owner lock (or vice versa)."""
@@ -459,7 +460,7 @@ def test_name_reuse_after_remove_is_not_confused_with_the_old_owner(
 
 @pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "O_EXCL"])
 def test_clean_abandoned_during_reservation_window(
-    spool: multispool.Spool[bytes], procs: Procs, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
+    spool: multispool.Spool[Any, bytes], procs: Procs, monkeypatch: pytest.MonkeyPatch, tmpfile: bool
 ) -> None:
     """Adversarial interleaving, made deterministic: another process runs
     clean_abandoned(older_than=0) after our enqueue created its registry file but before
@@ -559,7 +560,7 @@ def _lines_until_end(p: subprocess.Popen[str]) -> list[str]:
 
 
 def test_clean_abandoned_loop_is_safe_with_live_producers_and_consumers(
-    spool: multispool.Spool[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], procs: Procs
 ) -> None:
     n = 120
     # Full durability: its fsyncs widen the windows between steps, which is the point.
@@ -604,7 +605,7 @@ def test_clean_abandoned_loop_is_safe_with_live_producers_and_consumers(
 
 
 def test_reader_recover_true_runs_recovery_on_start(
-    spool: multispool.Spool[bytes], procs: Procs
+    spool: multispool.Spool[Any, bytes], procs: Procs
 ) -> None:
     names = _fill(spool, 2)
     holder = procs.start(HOLD, spool.dir, names[0])
@@ -628,7 +629,9 @@ def test_reader_recover_true_runs_recovery_on_start(
     assert _layout_problems(spool) == []
 
 
-def test_reader_recover_false_leaves_dead_checkouts(spool: multispool.Spool[bytes], procs: Procs) -> None:
+def test_reader_recover_false_leaves_dead_checkouts(
+    spool: multispool.Spool[Any, bytes], procs: Procs
+) -> None:
     names = _fill(spool, 2)
     holder = procs.start(HOLD, spool.dir, names[0])
     procs.ready(holder)
@@ -650,7 +653,7 @@ def test_reader_recover_false_leaves_dead_checkouts(spool: multispool.Spool[byte
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # 3.12+, if threads linger
-def test_checkout_inherited_by_fork_is_not_usable_in_the_child(spool: multispool.Spool[bytes]) -> None:
+def test_checkout_inherited_by_fork_is_not_usable_in_the_child(spool: multispool.Spool[Any, bytes]) -> None:
     """A forked child closes its copy of the lock: it must neither remove nor give back
     (via `with co:`) the parent's checkout; the parent still can."""
     entry = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x", reserve="f")

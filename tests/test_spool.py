@@ -34,7 +34,7 @@ def _snapshot(root: str) -> dict[str, bytes | None]:
 # -- names --------------------------------------------------------------------------------
 
 
-def test_reserve_name_creates_only_the_registry_file(spool: multispool.Spool[bytes]) -> None:
+def test_reserve_name_creates_only_the_registry_file(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(spool.dir)
     name = spool.reserve_name("r")
     assert name == "r000000"
@@ -43,7 +43,7 @@ def test_reserve_name_creates_only_the_registry_file(spool: multispool.Spool[byt
     assert spool.reserve_name("r") == "r000001"
 
 
-def test_reserve_name_retries_on_collision(spool: multispool.Spool[bytes]) -> None:
+def test_reserve_name_retries_on_collision(spool: multispool.Spool[Any, bytes]) -> None:
     reg = Path(spool.dir) / ".registry"
     for n in ("r000000", "r000001"):
         (reg / n).write_bytes(b"someone else's")
@@ -54,7 +54,7 @@ def test_reserve_name_retries_on_collision(spool: multispool.Spool[bytes]) -> No
 
 
 def test_reserve_name_gives_up_on_a_generator_that_always_collides(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class Same:
         def next(self, seed: Any, attempt: int) -> str:
@@ -69,7 +69,7 @@ def test_reserve_name_gives_up_on_a_generator_that_always_collides(
     assert find_sort(spool.dir) == before
 
 
-def test_reserve_name_then_enqueue_use(spool: multispool.Spool[bytes]) -> None:
+def test_reserve_name_then_enqueue_use(spool: multispool.Spool[Any, bytes]) -> None:
     name = spool.reserve_name("u")
     e = spool.enqueue(Queue.QUEUE2, Cog(n=5), b"payload", use=name)
     assert (e.name, e.queue) == (name, Queue.QUEUE2)
@@ -78,7 +78,7 @@ def test_reserve_name_then_enqueue_use(spool: multispool.Spool[bytes]) -> None:
     assert e.direct.data_file().load() == b"payload"
 
 
-def test_enqueue_use_a_name_already_in_use(spool: multispool.Spool[bytes]) -> None:
+def test_enqueue_use_a_name_already_in_use(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE2, Cog(n=5), b"payload", reserve="u")
     before = _snapshot(spool.dir)
     with pytest.raises(multispool.SpoolError):
@@ -86,7 +86,7 @@ def test_enqueue_use_a_name_already_in_use(spool: multispool.Spool[bytes]) -> No
     assert _snapshot(spool.dir) == before
 
 
-def test_enqueue_use_unreserved_name(spool: multispool.Spool[bytes]) -> None:
+def test_enqueue_use_unreserved_name(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(spool.dir)
     with pytest.raises(multispool.EntryNotFoundError):
         spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", use="never_reserved")
@@ -106,7 +106,7 @@ serve(lambda line: spool.reserve_name(line))
 """
 
 
-def test_enqueue_use_name_reserved_by_a_live_process(spool: multispool.Spool[bytes]) -> None:
+def test_enqueue_use_name_reserved_by_a_live_process(spool: multispool.Spool[Any, bytes]) -> None:
     w = Worker(RESERVE_CHILD, spool.dir)
     try:
         assert w.recv() == "ready"
@@ -123,7 +123,7 @@ def test_enqueue_use_name_reserved_by_a_live_process(spool: multispool.Spool[byt
     assert spool.list(Queue.QUEUE1) == [e]
 
 
-def test_enqueue_reserve_seed(spool: multispool.Spool[bytes]) -> None:
+def test_enqueue_reserve_seed(spool: multispool.Spool[Any, bytes]) -> None:
     names = [spool.enqueue(Queue.QUEUE1, Cog(n=i), b"", reserve="s_").name for i in range(3)]
     assert names == ["s_000000", "s_000001", "s_000002"]
     assert spool.enqueue(Queue.QUEUE1, Cog(n=1), b"").name == "None000000"  # API: f"{seed}{attempt:06d}"
@@ -152,7 +152,7 @@ class FailingData:
 
 def _cleanup_case(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, durability: str, how: str
-) -> tuple[multispool.Spool[Any], Any, type[BaseException], str | None]:
+) -> tuple[multispool.Spool[Any, Any], Any, type[BaseException], str | None]:
     data: Any = None
     payload: Any = b"payload"
     meta: Any = Cog(n=1)
@@ -168,7 +168,7 @@ def _cleanup_case(
     sp = multispool.Spoolable(
         queues=Queue, data=data, name_generator=multispool.PrefixNames(), durability=durability  # type: ignore[arg-type]
     )
-    spool: multispool.Spool[Any] = multispool.Spool.create(tmp_path / "spool", sp)
+    spool: multispool.Spool[Any, Any] = multispool.Spool.create(tmp_path / "spool", sp)
     spool.enqueue(Queue.QUEUE1, Cog(n=0), b"existing", reserve="keep")
     if isinstance(data, FailingData):
         data.armed = True
@@ -215,7 +215,7 @@ def test_enqueue_failure_leaves_nothing(
 # -- listing ------------------------------------------------------------------------------
 
 
-def test_list_sorted_skips_dot_names_and_checkouts(spool: multispool.Spool[bytes]) -> None:
+def test_list_sorted_skips_dot_names_and_checkouts(spool: multispool.Spool[Any, bytes]) -> None:
     for n in ("b", "a", "c", "ab"):
         spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", use=spool.reserve_name(n))
     (Path(spool.dir) / "queue1" / ".hidden").write_bytes(b"")
@@ -229,7 +229,7 @@ def test_list_sorted_skips_dot_names_and_checkouts(spool: multispool.Spool[bytes
     co.release()
 
 
-def test_list_is_bytewise_sorted(spool: multispool.Spool[bytes]) -> None:
+def test_list_is_bytewise_sorted(spool: multispool.Spool[Any, bytes]) -> None:
     for n in ("Z", "a", "_", "0", "é"):
         spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", use=spool.reserve_name(n))
     assert [e.name[0] for e in spool.list(Queue.QUEUE1)] == ["0", "Z", "_", "a", "é"]
@@ -238,7 +238,7 @@ def test_list_is_bytewise_sorted(spool: multispool.Spool[bytes]) -> None:
 # -- entries ------------------------------------------------------------------------------
 
 
-def test_entry_does_not_check_existence(spool: multispool.Spool[bytes]) -> None:
+def test_entry_does_not_check_existence(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(spool.dir)
     e = multispool.Entry(spool, Queue.QUEUE2, "ghost")
     assert (e.spool, e.queue, e.name) == (spool, Queue.QUEUE2, "ghost")
@@ -252,7 +252,7 @@ def test_entry_does_not_check_existence(spool: multispool.Spool[bytes]) -> None:
     assert find_sort(spool.dir) == before
 
 
-def test_entry_stat_is_registry_stat(spool: multispool.Spool[bytes]) -> None:
+def test_entry_stat_is_registry_stat(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"xyz", reserve="n")
     st = e.stat()
     reg = os.stat(Path(spool.dir) / ".registry" / N)
@@ -263,7 +263,7 @@ def test_entry_stat_is_registry_stat(spool: multispool.Spool[bytes]) -> None:
     assert N in str(ei.value)
 
 
-def test_direct_operations(spool: multispool.Spool[bytes]) -> None:
+def test_direct_operations(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"xyz", reserve="n")
     assert e.direct.contents() == Cog(n=1)
     df = e.direct.data_file()
@@ -289,7 +289,7 @@ def test_direct_operations(spool: multispool.Spool[bytes]) -> None:
     assert find_sort(spool.dir) == [p for p in before if not p.endswith(N)]
 
 
-def test_direct_ops_do_not_touch_a_checked_out_entry(spool: multispool.Spool[bytes]) -> None:
+def test_direct_ops_do_not_touch_a_checked_out_entry(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"xyz", reserve="n")
     co = spool.checkout(e)
     before = _snapshot(spool.dir)
@@ -306,7 +306,7 @@ def test_direct_ops_do_not_touch_a_checked_out_entry(spool: multispool.Spool[byt
 # -- checkouts ----------------------------------------------------------------------------
 
 
-def test_checkout_and_checkout_if_found(spool: multispool.Spool[bytes]) -> None:
+def test_checkout_and_checkout_if_found(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"xyz", reserve="n")
     co = spool.checkout(e)
     assert isinstance(co, multispool.CheckedOutEntry)
@@ -324,7 +324,7 @@ def test_checkout_and_checkout_if_found(spool: multispool.Spool[bytes]) -> None:
     assert spool.checkout_if_found(e) is None
 
 
-def test_update_returns_a_new_entry(spool: multispool.Spool[bytes]) -> None:
+def test_update_returns_a_new_entry(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="n")
     co = spool.checkout(e)
     co2 = co.update(lambda m: Cog(n=m.n + 41))
@@ -336,7 +336,7 @@ def test_update_returns_a_new_entry(spool: multispool.Spool[bytes]) -> None:
     assert "spool/queue1/.checkout/" + N not in find_sort(spool.dir)
 
 
-def test_save_to_same_queue_and_to_another(spool: multispool.Spool[bytes]) -> None:
+def test_save_to_same_queue_and_to_another(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
     spool.checkout(e).save(Queue.QUEUE1)
     assert spool.list(Queue.QUEUE1) == [e]
@@ -347,7 +347,7 @@ def test_save_to_same_queue_and_to_another(spool: multispool.Spool[bytes]) -> No
         co.save(Queue.QUEUE3)  # already ended
 
 
-def test_checked_out_remove(spool: multispool.Spool[bytes]) -> None:
+def test_checked_out_remove(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(spool.dir)
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
     spool.checkout(e).remove()
@@ -355,7 +355,9 @@ def test_checked_out_remove(spool: multispool.Spool[bytes]) -> None:
 
 
 @pytest.mark.parametrize("raise_inside", [False, True])
-def test_context_manager_returns_entry_unchanged(spool: multispool.Spool[bytes], raise_inside: bool) -> None:
+def test_context_manager_returns_entry_unchanged(
+    spool: multispool.Spool[Any, bytes], raise_inside: bool
+) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
     before = _snapshot(spool.dir)
 
@@ -374,7 +376,7 @@ def test_context_manager_returns_entry_unchanged(spool: multispool.Spool[bytes],
     assert spool.checkout(e).contents == Cog(n=1)
 
 
-def test_context_manager_after_save_or_remove_does_nothing(spool: multispool.Spool[bytes]) -> None:
+def test_context_manager_after_save_or_remove_does_nothing(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
     with spool.checkout(e) as co:
         co.save(Queue.QUEUE2)
@@ -384,7 +386,7 @@ def test_context_manager_after_save_or_remove_does_nothing(spool: multispool.Spo
     assert spool.list(Queue.QUEUE2) == []
 
 
-def test_with_entry_save_and_result(spool: multispool.Spool[bytes]) -> None:
+def test_with_entry_save_and_result(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
 
     def f(meta: Any, df: multispool.DataFile[bytes]) -> tuple[multispool.Save, str]:
@@ -400,7 +402,7 @@ def test_with_entry_save_and_result(spool: multispool.Spool[bytes]) -> None:
     assert "spool/.registry/" + N not in find_sort(spool.dir)
 
 
-def test_with_entry_not_found(spool: multispool.Spool[bytes]) -> None:
+def test_with_entry_not_found(spool: multispool.Spool[Any, bytes]) -> None:
     ghost = multispool.Entry(spool, Queue.QUEUE1, "ghost")
     called = []
     with pytest.raises(multispool.EntryNotFoundError):
@@ -416,7 +418,7 @@ def test_with_entry_not_found(spool: multispool.Spool[bytes]) -> None:
 
 @pytest.mark.parametrize("bad_action", [False, True])
 def test_with_entry_exception_puts_entry_back_unchanged(
-    spool: multispool.Spool[bytes], bad_action: bool
+    spool: multispool.Spool[Any, bytes], bad_action: bool
 ) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d", reserve="n")
     before = _snapshot(spool.dir)
@@ -443,7 +445,7 @@ def test_save_action_and_remove_are_exported_values() -> None:
     assert multispool.REMOVE is not multispool.NOT_FOUND
 
 
-def test_list_checkouts_unsafe_decodes(spool: multispool.Spool[bytes]) -> None:
+def test_list_checkouts_unsafe_decodes(spool: multispool.Spool[Any, bytes]) -> None:
     a = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="a")
     b = spool.enqueue(Queue.QUEUE1, Sprocket(text="s"), b"", reserve="b")
     cos = [spool.checkout(b), spool.checkout(a)]
@@ -493,7 +495,7 @@ serve(serve_line)
 """
 
 
-def test_two_processes_race_for_one_entry(spool: multispool.Spool[bytes]) -> None:
+def test_two_processes_race_for_one_entry(spool: multispool.Spool[Any, bytes]) -> None:
     rounds = int(os.environ.get("MULTISPOOL_RACE_ROUNDS", "50"))
     with workers(RACE_CHILD, 2, spool.dir) as ws:
         wins = [0, 0]

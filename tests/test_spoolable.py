@@ -63,7 +63,7 @@ def test_queue_order_is_definition_order() -> None:
     assert list(sp.queues) == [Q.Z, Q.A, Q.M]
 
 
-def test_foreign_queue_member_rejected(spool: multispool.Spool[bytes]) -> None:
+def test_foreign_queue_member_rejected(spool: multispool.Spool[Any, bytes]) -> None:
     class Other(enum.Enum):
         QUEUE1 = "queue1"
 
@@ -100,7 +100,7 @@ def test_defaults() -> None:
 # -- metadata codecs ----------------------------------------------------------------------
 
 
-def _mk(tmp_path: Path, **kw: Any) -> multispool.Spool[Any]:
+def _mk(tmp_path: Path, **kw: Any) -> multispool.Spool[Any, Any]:
     kw.setdefault("name_generator", multispool.PrefixNames())
     return multispool.Spool.create(tmp_path / "spool", multispool.Spoolable(queues=Queue, **kw))
 
@@ -273,7 +273,7 @@ def test_time_ordered_names_rapid_calls_are_ordered() -> None:
     assert all(s.startswith("job-") for s in seeded) and seeded == sorted(seeded)
 
 
-def test_time_ordered_names_are_valid_entry_names(spool: multispool.Spool[bytes]) -> None:
+def test_time_ordered_names_are_valid_entry_names(spool: multispool.Spool[Any, bytes]) -> None:
     g = multispool.TimeOrderedNames()
     for seed in (None, "x", "a-b_c."):
         multispool.Entry(spool, Queue.QUEUE1, g.next(seed, 0))
@@ -298,7 +298,7 @@ def test_time_ordered_names_unique_across_processes() -> None:
 
 
 def test_time_ordered_is_default_and_enqueue_order_is_name_order(tmp_path: Path) -> None:
-    sp: multispool.Spoolable[bytes] = multispool.Spoolable(queues=Queue, durability="none")
+    sp: multispool.Spoolable[Any, bytes] = multispool.Spoolable(queues=Queue, durability="none")
     assert isinstance(sp.name_generator, multispool.TimeOrderedNames)
     spool = multispool.Spool.create(tmp_path / "s", sp)
     made = [spool.enqueue(Queue.QUEUE1, i, b"").name for i in range(200)]
@@ -325,7 +325,7 @@ class CountingThrottle:
         self.depth -= 1
 
 
-def _all_ops(spool: multispool.Spool[bytes]) -> list[tuple[str, Callable[[], object]]]:
+def _all_ops(spool: multispool.Spool[Any, bytes]) -> list[tuple[str, Callable[[], object]]]:
     """Every synchronous operation, each a step of one scenario."""
     st: dict[str, Any] = {}
 
@@ -461,7 +461,7 @@ def _idx(events: list[Event], ev: Event) -> int:
     return events.index(ev)
 
 
-def _durable_spool(tmp_path: Path, durability: str, **kw: Any) -> tuple[multispool.Spool[Any], str]:
+def _durable_spool(tmp_path: Path, durability: str, **kw: Any) -> tuple[multispool.Spool[Any, Any], str]:
     spool = _mk(tmp_path, metadata=Widget, durability=durability, **kw)
     return spool, os.path.realpath(spool.dir)
 
@@ -622,7 +622,7 @@ def test_each_durability_round_trips(tmp_path: Path) -> None:
 # -- durations ----------------------------------------------------------------------------
 
 
-def test_durations_accept_seconds_and_timedelta(spool: multispool.Spool[bytes]) -> None:
+def test_durations_accept_seconds_and_timedelta(spool: multispool.Spool[Any, bytes]) -> None:
     import datetime
 
     name = spool.reserve_name("old")  # held by us: never "abandoned"

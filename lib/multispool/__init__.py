@@ -2,7 +2,7 @@
 
 Producers enqueue entries into named queues; consumers wake on filesystem events, claim
 an entry with an atomic rename(2), and move it to another queue or remove it.
-See API.md for the contract; everything here is re-exported from private modules.
+Everything here is re-exported from private modules.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ._errors import InvalidNameError as InvalidNameError
 from ._errors import NotASpoolError as NotASpoolError
 from ._errors import SpoolError as SpoolError
 from ._layout import Dir as Dir
+from ._monitor import DeadCheckout as DeadCheckout
 from ._monitor import Duplicated as Duplicated
 from ._monitor import End as End
 from ._monitor import FileWithMtime as FileWithMtime
@@ -28,6 +29,7 @@ from ._spool import REMOVE as REMOVE
 from ._spool import CheckedOutEntry as CheckedOutEntry
 from ._spool import DataFile as DataFile
 from ._spool import Entry as Entry
+from ._spool import Remove as Remove
 from ._spool import Save as Save
 from ._spool import Spool as Spool
 from ._spoolable import BytesData as BytesData
@@ -45,6 +47,7 @@ __all__ = [
     "CheckedOutEntry",
     "CorruptEntryError",
     "DataFile",
+    "DeadCheckout",
     "Dir",
     "Duplicated",
     "End",
@@ -60,6 +63,7 @@ __all__ = [
     "Orphaned",
     "PrefixNames",
     "QueueReader",
+    "Remove",
     "Save",
     "Spool",
     "SpoolError",

@@ -27,6 +27,7 @@ class NotASpoolError(SpoolError):
 
     @property
     def path(self) -> str:
+        """The directory in question."""
         return str(self.args[1])
 
     def __str__(self) -> str:
@@ -41,6 +42,7 @@ class EntryNotFoundError(SpoolError, LookupError):
 
     @property
     def path(self) -> str | None:
+        """The file that was looked for, when known."""
         p = self.args[1]
         return None if p is None else str(p)
 
@@ -56,10 +58,12 @@ class CorruptEntryError(SpoolError, ValueError):
 
     @property
     def path(self) -> str:
+        """The metadata file that could not be decoded (left where it is, unless quarantined)."""
         return str(self.args[0])
 
     @property
     def reason(self) -> str:
+        """What the decoder said."""
         return str(self.args[1])
 
     @property
@@ -90,10 +94,12 @@ class InvalidNameError(SpoolError, ValueError):
 
     @property
     def name(self) -> object:
+        """The rejected name, as given."""
         return self.args[0]
 
     @property
     def reason(self) -> str:
+        """Why it was rejected."""
         return str(self.args[1])
 
     def __str__(self) -> str:

@@ -124,12 +124,37 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+# errnos that mean "that file is gone". ESTALE is what NFS, GlusterFS and other network
+# filesystems return when a file removed or renamed through another client is reached
+# through a name or handle this client still had cached; fstat then may say ENOENT too.
+_GONE: Final = frozenset({errno.ENOENT, errno.ESTALE})
+
+
+def gone(e: OSError) -> bool:
+    """True if ``e`` says the file it was about no longer exists (ENOENT, or ESTALE)."""
+    return e.errno in _GONE
+
+
+def lexists(path: str) -> bool:
+    """True if ``path`` exists (not following a symlink); False if it is gone, ESTALE
+    included. Other errors propagate."""
+    try:
+        os.lstat(path)
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
+    return True
+
+
 def unlink_quiet(path: str) -> bool:
     """Unlink ``path``; False if it was already gone. Other errors propagate."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
-        return False
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
     return True
 
 
@@ -137,17 +162,42 @@ def rename_if_exists(src: str, dst: str) -> bool:
     """rename(2) ``src`` to ``dst``; False if ``src`` does not exist."""
     try:
         os.rename(src, dst)
-    except FileNotFoundError:
-        return False
+    except OSError as e:
+        if gone(e):
+            return False
+        raise
     return True
+
+
+MOVED: Final = 1
+SRC_GONE: Final = 0
+NOT_MOVED: Final = -1
+
+
+def rename_verified(src: str, dst: str, *, verify: bool) -> int:
+    """rename(2) ``src`` to ``dst`` for a caller holding the entry's owner lock (so nobody
+    else moves either name meanwhile). MOVED, SRC_GONE if ``src`` does not exist, or,
+    when ``verify``, NOT_MOVED if rename said yes but ``src`` is still there: a client
+    with a stale name cache resolved both names to the same inode, and the kernel's
+    rename of a file onto itself succeeds without doing anything."""
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if gone(e):
+            return SRC_GONE
+        raise
+    if verify and lexists(src):
+        return NOT_MOVED
+    return MOVED
 
 
 # errnos of link(2) on file systems without hard links (some FUSE, CIFS, AFS mounts).
 _NO_LINKS: Final = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
 
 
-def move(src: str, dst: str, keep: str | None, *, sync_src: bool = True) -> bool:
-    """rename(2) ``src`` to ``dst``; False if ``src`` does not exist.
+def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src: bool = True) -> int:
+    """rename(2) ``src`` to ``dst`` (as ``rename_verified``: MOVED, SRC_GONE or NOT_MOVED)
+    for a caller holding the entry's owner lock.
 
     With ``keep`` (durability "full": a dot-name path in ``src``'s directory), the move is
     durable and never leaves the file in no durable place (the protocol in ``_layout``):
@@ -155,37 +205,37 @@ def move(src: str, dst: str, keep: str | None, *, sync_src: bool = True) -> bool
     fsync ``src``'s directory when ``sync_src`` (a checkout defers that step). Where the
     file system has no hard links, the keep link is skipped (a plain rename and fsyncs)."""
     if keep is None:
-        return rename_if_exists(src, dst)
+        return rename_verified(src, dst, verify=verify)
     linked = True
     try:
         os.link(src, keep, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
     except FileExistsError:
         # A keep link left by a crash (recovery removes them; we hold the owner lock):
         # ours replaces it.
         os.unlink(keep)
-        return move(src, dst, keep, sync_src=sync_src)
+        return move(src, dst, keep, verify=verify, sync_src=sync_src)
     except OSError as e:
+        if gone(e):
+            return SRC_GONE
         if e.errno not in _NO_LINKS:
             raise
         linked = False
     try:
-        os.rename(src, dst)
-    except FileNotFoundError:
-        if linked:
-            unlink_quiet(keep)
-        return False
+        r = rename_verified(src, dst, verify=verify)
     except BaseException:
         if linked:
             unlink_quiet(keep)
         raise
+    if r != MOVED:
+        if linked:
+            unlink_quiet(keep)
+        return r
     fsync_dir(os.path.dirname(dst))
     if linked:
         os.unlink(keep)
     if sync_src:
         fsync_dir(os.path.dirname(src))
-    return True
+    return MOVED
 
 
 def is_real_dir(path: str) -> bool:
@@ -265,11 +315,22 @@ def lock_generation() -> int:
     return _generation
 
 
+def close_lock_fd(fd: int) -> None:
+    """Close a registry file's descriptor. GlusterFS reports ENOENT or ESTALE from close
+    when the file was unlinked meanwhile (by a remove through this or another client);
+    the descriptor is freed all the same, and that lock is gone with it."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        if not gone(e):
+            raise
+
+
 def unlock(fd: int, generation: int) -> None:
     """Release a lock from create_locked/open_locked taken in ``generation``."""
     if generation == _generation:
         _held.discard(fd)
-        os.close(fd)
+        close_lock_fd(fd)
 
 
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
@@ -309,10 +370,10 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
                 # are absolute or relative to the cwd either way).
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
             except FileExistsError:
-                os.close(fd)
+                close_lock_fd(fd)
                 return None
             except BaseException:
-                os.close(fd)
+                close_lock_fd(fd)
                 raise
             _held.add(fd)
             return fd
@@ -333,8 +394,10 @@ def open_locked(path: str) -> int | None:
     process holds it, or it was unlinked while we took the lock (a stale inode)."""
     try:
         fd = os.open(path, O_READ)
-    except FileNotFoundError:
-        return None
+    except OSError as e:
+        if gone(e):
+            return None
+        raise
     return _keep_if_locked(fd)
 
 
@@ -343,10 +406,15 @@ def _keep_if_locked(fd: int) -> int | None:
     another process holds the lock or the file was unlinked meanwhile (a stale inode)."""
     try:
         if not try_lock(fd) or (HAVE_LOCKS and os.fstat(fd).st_nlink == 0):
-            os.close(fd)
+            close_lock_fd(fd)
             return None
+    except OSError as e:
+        close_lock_fd(fd)
+        if gone(e):  # unlinked through another client: ESTALE, or ENOENT from fstat
+            return None
+        raise
     except BaseException:
-        os.close(fd)
+        close_lock_fd(fd)
         raise
     _held.add(fd)
     return fd

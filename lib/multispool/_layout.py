@@ -208,14 +208,17 @@ class Dir:
 
     @staticmethod
     def queue(q: enum.Enum) -> Dir:
+        """The directory of queue ``q``, where its waiting entries are."""
         return Dir(_Kind.QUEUE, q)
 
     @staticmethod
     def checkout(q: enum.Enum) -> Dir:
+        """The checkout directory of queue ``q``, where its checked-out entries are."""
         return Dir(_Kind.CHECKOUT, q)
 
     @property
     def name_on_disk(self) -> str:
+        """The directory's path relative to the spool: ``".registry"``, ``"queue1/.checkout"``..."""
         if self.kind is _Kind.REGISTRY:
             return REGISTRY
         if self.kind is _Kind.TMP:

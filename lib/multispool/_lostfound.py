@@ -85,7 +85,7 @@ def items(spool_dir: str) -> list[str]:
         return []
 
 
-def requeue(spool: Spool[Any], item: str, queue: enum.Enum) -> Entry[Any]:
+def requeue(spool: Spool[Any, Any], item: str, queue: enum.Enum) -> Entry[Any, Any]:
     """Put lost+found ``item`` back into ``queue`` as a new entry (a fresh name): its
     metadata (``metadata``, else the one queue-labelled file) and its data (``data``,
     else empty) are renamed into place, then the item directory is removed. The

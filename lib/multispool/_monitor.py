@@ -3,7 +3,15 @@
 The checks are those of the OCaml ``Multispool.Monitor``: tmp files older than a limit,
 queue entries older than their queue's limit, checkouts older than a limit, files with no
 registry file (``Orphaned`` in their dir), registry files with no queue or checkout file
-(``Orphaned`` in ``Dir.REGISTRY``) or with more than one (``Duplicated``).
+(``Orphaned`` in ``Dir.REGISTRY``) or with more than one (``Duplicated``). Beyond the
+OCaml monitor: a checkout whose owner lock is free (``DeadCheckout``: its process died).
+
+Under load (enqueues, claims and saves running), a listing is a blur of moments: a name
+seen in no queue or in two may just be moving. Every candidate is therefore re-checked
+under its owner lock before it is reported: a name whose lock is held by another process
+is in progress (an enqueue, a checkout, a removal), never a problem; with the lock taken
+briefly, nobody can move the entry, so where it is then is the truth. ``fsck`` on a healthy
+spool thus reports nothing however busy it is.
 
 Cost: one ``os.scandir`` pass per spool directory; a file is stat'ed only when its mtime
 is needed (every tmp and checkout file, the files of queues that have an age limit, and
@@ -13,24 +21,26 @@ entry that moves between two listings (an enqueue, a claim, a save) is not repor
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
 from . import _fs, _lostfound
-from ._layout import CHECKOUT, LOST_FOUND, REGISTRY, TMP, Dir, Layout
+from ._layout import CHECKOUT, KEEP_PREFIX, LOST_FOUND, REGISTRY, TMP, Dir, Layout
 from ._spool import Spool
 from ._spoolable import Duration, Spoolable, seconds
 
 log = logging.getLogger("multispool")
 
 __all__ = [
+    "DeadCheckout",
     "Duplicated",
     "End",
     "Event",
@@ -47,7 +57,8 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class FileWithMtime:
-    """A file name in one spool directory and its mtime (float seconds since the epoch)."""
+    """A file in one spool directory: its ``filename`` (the entry name) and its ``mtime``
+    (float seconds since the epoch)."""
 
     filename: str
     mtime: float
@@ -98,7 +109,9 @@ class _EventBase(_Ordered):
 
 @dataclass(frozen=True, eq=True)
 class TooOld(_ProblemBase):
-    """A file older than its directory's limit."""
+    """A ``file`` in directory ``dir`` older than that directory's limit (a waiting entry
+    past its queue's ``max_queue_ages``, a checkout past ``max_checked_out_age``, a tmp
+    file past ``max_tmp_file_age``)."""
 
     file: FileWithMtime
     dir: Dir
@@ -110,8 +123,8 @@ class TooOld(_ProblemBase):
 
 @dataclass(frozen=True, eq=True)
 class Orphaned(_ProblemBase):
-    """A file with no registry file, or (in ``Dir.REGISTRY``) a registry file with no
-    queue or checkout file."""
+    """A ``file`` in directory ``dir`` with no registry file, or (when ``dir`` is
+    ``Dir.REGISTRY``) a registry file with no queue or checkout file."""
 
     file: FileWithMtime
     dir: Dir
@@ -123,8 +136,8 @@ class Orphaned(_ProblemBase):
 
 @dataclass(frozen=True, eq=True)
 class Duplicated(_ProblemBase):
-    """A registered name present in more than one queue or checkout dir (``dirs`` in
-    queue order, each queue's dir before its checkout dir)."""
+    """A registered name (``file``) present in more than one queue or checkout dir
+    (``dirs`` in queue order, each queue's dir before its checkout dir)."""
 
     file: FileWithMtime
     dirs: tuple[Dir, ...]
@@ -134,12 +147,27 @@ class Duplicated(_ProblemBase):
         return (self.file, self.dirs)
 
 
-Problem = Union[TooOld, Orphaned, Duplicated]  # noqa: UP007 - a runtime alias on 3.10
+@dataclass(frozen=True, eq=True)
+class DeadCheckout(_ProblemBase):
+    """A checkout whose owner lock is free: the process that checked it out died, so
+    nobody will ever finish it (``fsck --repair`` / ``Spool.recover_checkouts`` puts it
+    back into its queue). Reported at once, whatever its age."""
+
+    file: FileWithMtime
+    dir: Dir
+    _RANK: ClassVar[int] = 3
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.file, self.dir)
+
+
+Problem = Union[TooOld, Orphaned, Duplicated, DeadCheckout]  # noqa: UP007 - a runtime alias on 3.10
 
 
 @dataclass(frozen=True, eq=True)
 class Start(_EventBase):
-    """``problem`` has been seen in more than ``alert_after_cycles`` consecutive checks."""
+    """``problem`` has been seen in more than ``alert_after_cycles`` consecutive checks;
+    ``time`` is when that was noticed (seconds since the epoch)."""
 
     time: float
     problem: Problem
@@ -151,7 +179,8 @@ class Start(_EventBase):
 
 @dataclass(frozen=True, eq=True)
 class End(_EventBase):
-    """A problem that was alerted (``Start``) is no longer seen."""
+    """A ``problem`` that was alerted (``Start``) is no longer seen, as of ``time``
+    (seconds since the epoch)."""
 
     time: float
     problem: Problem
@@ -166,8 +195,12 @@ Event = Union[Start, End]  # noqa: UP007
 
 @dataclass(frozen=True)
 class Limits:
-    """Age limits in seconds (float, int or timedelta accepted). ``max_queue_ages`` maps a
-    queue member to its limit; queues without one have no age limit."""
+    """Age limits for the Monitor, in seconds (float, int or timedelta accepted).
+
+    ``max_checked_out_age``: a checkout held longer is reported (``TooOld``).
+    ``max_tmp_file_age``: a file in ``.tmp`` older than this is reported.
+    ``max_queue_ages`` maps a queue member to how long an entry may wait in it; queues
+    without one have no age limit."""
 
     max_checked_out_age: float = 600.0
     max_tmp_file_age: float = 600.0
@@ -224,20 +257,42 @@ class _Listing:
             return None
 
 
-class Monitor:
-    """Checks a spool for the problems listed in the module docstring.
+@contextlib.contextmanager
+def _owner_lock(path: str) -> Iterator[int | None]:
+    """Hold the owner lock of registry file ``path`` for the block: the descriptor, or None
+    if another process holds it or the file is gone. The lock is taken and released
+    through ``_fs`` (which tracks held lock descriptors for fork safety), never by a bare
+    ``os.close``."""
+    gen = _fs.lock_generation()
+    fd = _fs.open_locked(path)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            _fs.unlock(fd, gen)
 
-    Construction loads the spool with validation (``Spool.load``) and never creates
-    anything; a missing or malformed spool raises ``NotASpoolError``.
+
+def _where(paths: Iterable[tuple[Dir, str]], name: str) -> list[Dir]:
+    return [d for d, path in paths if os.path.lexists(os.path.join(path, name))]
+
+
+class Monitor:
+    """Checks a spool for problems: entries, checkouts and tmp files older than their
+    ``limits``, orphaned files, names in more than one place.
+
+    ``spool_dir`` is the spool, described by ``spoolable``; ``limits`` (default:
+    ``Limits()``) sets the ages. Construction loads the spool with validation
+    (``Spool.load``) and never creates anything; a missing or malformed spool raises
+    ``NotASpoolError``.
     """
 
     def __init__(
-        self, spool_dir: str | os.PathLike[str], spoolable: Spoolable[Any], limits: Limits | None = None
+        self, spool_dir: str | os.PathLike[str], spoolable: Spoolable[Any, Any], limits: Limits | None = None
     ) -> None:
         limits = Limits() if limits is None else limits
         for q in limits.max_queue_ages:
             spoolable.dirname(q)  # ValueError if q is not one of the spoolable's queues
-        self.spool: Spool[Any] = Spool.load(spool_dir, spoolable)
+        self.spool: Spool[Any, Any] = Spool.load(spool_dir, spoolable)
         self.limits = limits
         self._layout = Layout(self.spool.dir)
 
@@ -261,50 +316,79 @@ class Monitor:
         data = _Listing(lay.data, stat=False)
         reg = _Listing(lay.registry, stat=False).names
 
-        def too_old(listing: _Listing, d: Dir, limit: float) -> None:
-            for name, e in listing.entries.items():
-                m = listing.mtime(e)
-                if m is not None and now - m > limit:
-                    problems.append(TooOld(FileWithMtime(name, m), d))
-
-        def orphans(listing: _Listing, d: Dir, dir_path: str) -> None:
-            for name in listing.names - reg:
-                # Re-check: an enqueue may have registered the name after our listing.
-                if os.path.lexists(lay.registry_file(name)):
-                    continue
-                m = _lstat_mtime(os.path.join(dir_path, name))
-                if m is not None:
-                    problems.append(Orphaned(FileWithMtime(name, m), d))
-
-        too_old(tmp, Dir.TMP, lim.max_tmp_file_age)
-        orphans(tmp, Dir.TMP, lay.tmp)
-        orphans(data, Dir.DATA, lay.data)
-        for d, path, listing in queue_dirs:
-            if d == Dir.checkout(d.queue_member):
-                too_old(listing, d, lim.max_checked_out_age)
-            else:
-                limit = lim.max_queue_ages.get(d.queue_member)
-                if limit is not None:
-                    too_old(listing, d, limit)
-            orphans(listing, d, path)
-
-        # Registry files in no queue/checkout dir, or in several.
+        reg_dir_of = [(d, path) for d, path, _ in queue_dirs]
         counts: dict[str, int] = {}
         for _, _, listing in queue_dirs:
             for name in listing.names & reg:
                 counts[name] = counts.get(name, 0) + 1
+        # A file with no registry file is reported once, as Orphaned (not also TooOld).
+        tmp_orphans = self._orphans(tmp, Dir.TMP, lay.tmp, reg, problems)
+        for name, e in tmp.entries.items():
+            m = _Listing.mtime(e)
+            if name not in tmp_orphans and m is not None and now - m > lim.max_tmp_file_age:
+                problems.append(TooOld(FileWithMtime(name, m), Dir.TMP))
+        self._orphans(data, Dir.DATA, lay.data, reg, problems)
+        for d, path, listing in queue_dirs:
+            is_checkout = d == Dir.checkout(d.queue_member)
+            limit = lim.max_checked_out_age if is_checkout else lim.max_queue_ages.get(d.queue_member)
+            orphans = self._orphans(listing, d, path, reg, problems)
+            if limit is not None:
+                for name, e in listing.entries.items():
+                    m = _Listing.mtime(e)
+                    if name not in orphans and m is not None and now - m > limit:
+                        problems.append(TooOld(FileWithMtime(name, m), d))
+            if is_checkout:
+                # A name seen in several dirs is reported once, as Duplicated (below).
+                once = {n for n in listing.names if counts.get(n) == 1}
+                self._dead_checkouts(once, d, path, problems)
+
+        # Registry files in no queue/checkout dir, or in several.
         for name in reg - {n for n, c in counts.items() if c == 1}:
-            # Re-check where it is now: it may have moved between two of our listings.
-            where = [d for d, path, _ in queue_dirs if os.path.lexists(os.path.join(path, name))]
-            if len(where) == 1:
+            # Re-check where it is now, first without the lock (cheap: most candidates
+            # were just moving between two of our listings), then under it.
+            if len(_where(reg_dir_of, name)) == 1:
                 continue
-            m = _lstat_mtime(lay.registry_file(name))
+            with _owner_lock(lay.registry_file(name)) as fd:
+                if fd is None and _fs.HAVE_LOCKS:
+                    continue  # an enqueue, checkout or removal in progress; or gone
+                where = _where(reg_dir_of, name)
+                if len(where) == 1:
+                    continue
+                m = _lstat_mtime(lay.registry_file(name))
             if m is None:
                 continue  # removed meanwhile
             fwm = FileWithMtime(name, m)
             problems.append(Orphaned(fwm, Dir.REGISTRY) if not where else Duplicated(fwm, tuple(where)))
         problems.sort()
         return problems
+
+    def _orphans(
+        self, listing: _Listing, d: Dir, dir_path: str, reg: set[str], problems: list[Problem]
+    ) -> set[str]:
+        """Report the files of ``listing`` with no registry file; their names."""
+        found: set[str] = set()
+        for name in listing.names - reg:
+            # Re-check: an enqueue may have registered the name after our listing.
+            if os.path.lexists(self._layout.registry_file(name)):
+                continue
+            m = _lstat_mtime(os.path.join(dir_path, name))
+            if m is not None:
+                problems.append(Orphaned(FileWithMtime(name, m), d))
+                found.add(name)
+        return found
+
+    def _dead_checkouts(self, names: set[str], d: Dir, dir_path: str, problems: list[Problem]) -> None:
+        """Report the checkouts whose owner lock is free (checked with the lock taken for
+        an instant: a live owner holds it, so only a dead one's checkout is reported)."""
+        if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows: no owner locks to ask
+            return
+        for name in names:
+            with _owner_lock(self._layout.registry_file(name)) as fd:
+                if fd is None:
+                    continue  # a live owner (or removed meanwhile)
+                m = _lstat_mtime(os.path.join(dir_path, name))
+            if m is not None:
+                problems.append(DeadCheckout(FileWithMtime(name, m), d))
 
 
 class _Alerter:
@@ -328,7 +412,9 @@ class _Alerter:
 
 
 class MonitorDaemon:
-    """Runs a Monitor every ``check_every`` seconds and reports problems that persist."""
+    """Runs a Monitor every ``check_every`` seconds and reports problems that persist:
+    a problem is alerted once seen in more than ``alert_after_cycles`` consecutive checks
+    (so a transient state, such as an enqueue in progress, raises no alert)."""
 
     def __init__(self, check_every: Duration = 15, alert_after_cycles: int = 2) -> None:
         self.check_every = seconds(check_every)
@@ -346,7 +432,7 @@ class MonitorDaemon:
         callback: Callable[[Event], object],
         stop: threading.Event | None = None,
     ) -> threading.Thread:
-        """Start a daemon thread that checks at once, then every ``check_every`` seconds,
+        """Start a daemon thread that runs ``monitor`` at once, then every ``check_every`` seconds,
         calling ``callback(Start(...))`` when a problem has been seen in more than
         ``alert_after_cycles`` consecutive checks and ``callback(End(...))`` when an
         alerted problem is no longer seen. It runs until ``stop`` is set (forever if None).
@@ -377,23 +463,193 @@ class MonitorDaemon:
 
 
 # -- repair ---------------------------------------------------------------------------------
-def _reserve_locked(path: str) -> int | None:
-    """Create registry file ``path`` (O_EXCL) and lock it: while we hold it, nobody can
-    reserve, enqueue under, or claim that name. None if it exists already."""
-    try:
-        fd = os.open(path, _fs.O_READ | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return None
-    _fs.try_lock(fd)  # a file we just created: nobody else holds it
-    return fd
+class _Repair:
+    """One ``repair`` run: the spool, the limits, dry-run or not, and the actions said.
+    Each kind of repair is one method (a step), run in the order of ``repair``."""
 
+    def __init__(self, spool: Spool[Any, Any], limits: Limits, dry_run: bool) -> None:
+        self.spool = spool
+        self.lay = Layout(spool.dir)
+        self.limits = limits
+        self.dry_run = dry_run
+        self.done: list[str] = []
 
-def sp_full(spool: Spool[Any]) -> bool:
-    return spool.spoolable.durability == "full"
+    def say(self, verb: str, past: str, rest: str) -> None:
+        """Record one action: ``would VERB rest`` in a dry run, else ``PAST rest``."""
+        self.done.append(f"would {verb} {rest}" if self.dry_run else f"{past} {rest}")
+
+    def path(self, d: Dir, name: str) -> str:
+        return os.path.join(self.lay.dir, d.name_on_disk, name)
+
+    @property
+    def full(self) -> bool:
+        return self.spool.spoolable.durability == "full"
+
+    def put_aside(self, name: str, files: list[tuple[Dir, str]]) -> list[Dir]:
+        """Move the files (dir, name) of ``name`` into one ``.lost+found`` item; the dirs
+        whose file was there (all of them in a dry run)."""
+        present = [d for d, _ in files if os.path.lexists(self.path(d, name))]
+        if not self.dry_run:
+            _lostfound.put_aside(
+                self.lay, name, [(self.path(d, n), _label(d)) for d, n in files], sync=self.full
+            )
+        return present
+
+    def keep_links(self, problems: list[Problem]) -> None:
+        """Keep links of moves a crash interrupted (see ``_layout``): under the owner
+        lock, dropped if the entry is in place, else renamed back (the move undone)."""
+        sp = self.spool.spoolable
+        for q in sp._queue_list:
+            dn = sp.dirname(q)
+            for d in (self.lay.queue(dn), self.lay.checkout(dn)):
+                try:
+                    keeps = sorted(n for n in os.listdir(d) if n.startswith(KEEP_PREFIX))
+                except FileNotFoundError:
+                    continue
+                for k in keeps:
+                    rel = f"{os.path.relpath(d, self.lay.dir)}/{k}"
+                    self.say("resolve", "resolved", f"keep link {rel} of an interrupted move")
+            if not self.dry_run:
+                self.spool._resolve_keeps(dn)
+
+    def duplicates(self, problems: list[Problem]) -> None:
+        """Under the owner lock, keep the copy with the newest mtime (the last transition
+        written: claims and saves set it), ties to the one latest in queue order; the other
+        copies go if they are the same file or bytes, else to ``.lost+found``."""
+        for p in problems:
+            if not isinstance(p, Duplicated):
+                continue
+            name = p.file.filename
+            with _owner_lock(self.lay.registry_file(name)) as fd:
+                if fd is None:
+                    self.done.append(f"left duplicated {name}: held by a live process")
+                    continue
+                copies = [
+                    (m, i, d)
+                    for i, d in enumerate(p.dirs)
+                    if (m := _lstat_mtime(self.path(d, name))) is not None
+                ]
+                if len(copies) < 2:
+                    continue
+                keep = max(copies)[2]
+                kept = f"{keep.name_on_disk}/{name}"
+                for _, _, d in copies:
+                    if d == keep:
+                        continue
+                    what = f"duplicate {d.name_on_disk}/{name}"
+                    if _lostfound.same_file(self.path(d, name), self.path(keep, name)):
+                        if not self.dry_run:
+                            _fs.unlink_quiet(self.path(d, name))
+                            if self.full:
+                                _fs.fsync_dir(os.path.dirname(self.path(d, name)))
+                        self.say("remove", "removed", f"{what} (kept {kept})")
+                    else:
+                        # Never delete data: a copy that differs is kept aside.
+                        self.put_aside(name, [(d, name)])
+                        self.say("move", "moved", f"differing {what} to {LOST_FOUND} (kept {kept})")
+
+    def dead_checkouts(self, problems: list[Problem]) -> None:
+        """Put each dead checkout back into its queue (under its owner lock, as
+        ``Spool.recover_checkouts`` does); an undecodable one is quarantined or left."""
+        sp = self.spool.spoolable
+        for p in problems:
+            if not isinstance(p, DeadCheckout):
+                continue
+            q = p.dir.queue_member
+            dn = sp.dirname(q)
+            name = p.file.filename
+            what = f"dead checkout {dn}/{CHECKOUT}/{name}"
+            if self.dry_run:
+                self.say("recover", "recovered", f"{what} into {dn}")
+                continue
+            with sp.throttled():
+                if self.spool._recover_one(q, dn, name):
+                    self.say("recover", "recovered", f"{what} into {dn}")
+                elif os.path.lexists(self.lay.checkout_file(dn, name)):
+                    self.done.append(f"left {what}: its owner is alive again or its metadata "
+                                     "cannot be read (see the log)")
+                elif sp.quarantine is not None and os.path.lexists(
+                    self.lay.queue_file(sp.dirname(sp.quarantine), name)
+                ):
+                    self.say("quarantine", "quarantined", f"{what} into {sp.dirname(sp.quarantine)}")
+
+    def orphans(self, problems: list[Problem]) -> None:
+        """Files in .tmp, .data, a queue or checkout dir with no registry file, older than
+        ``max_tmp_file_age``: the name is reserved first (``.registry/NAME`` created and
+        locked, so nobody can start using the name meanwhile), the files are moved to
+        ``.lost+found`` (never deleted), then the reservation is removed."""
+        now = time.time()
+        by_name: dict[str, list[Orphaned]] = {}
+        for p in problems:
+            if isinstance(p, Orphaned) and p.dir != Dir.REGISTRY:
+                by_name.setdefault(p.file.filename, []).append(p)
+        for name, ps in by_name.items():
+            old = [p for p in ps if now - p.file.mtime >= self.limits.max_tmp_file_age]
+            for p in ps:
+                if p not in old:
+                    self.done.append(f"left orphan {p.dir.name_on_disk}/{name}: younger than "
+                                     "--max-tmp-file-age")
+            if not old:
+                continue
+            reg = self.lay.registry_file(name)
+            if self.dry_run:
+                if not os.path.lexists(reg):
+                    for p in old:
+                        self.say("move", "moved", f"orphan {p.dir.name_on_disk}/{name} to {LOST_FOUND}")
+                continue
+            gen = _fs.lock_generation()
+            fd = _fs.create_locked(self.lay.registry, reg, self.spool.spoolable.file_mode)
+            if fd is None:
+                continue  # registered meanwhile: no longer an orphan
+            try:
+                for d in self.put_aside(name, [(p.dir, name) for p in old]):
+                    self.say("move", "moved", f"orphan {d.name_on_disk}/{name} to {LOST_FOUND}")
+            finally:
+                _fs.unlink_quiet(reg)
+                _fs.unlock(fd, gen)
+
+    def abandoned(self, problems: list[Problem]) -> None:
+        """Orphaned registry files (abandoned enqueues) older than ``max_tmp_file_age`` and
+        not locked: ``Spool.clean_abandoned`` removes them, their tmp and data files going
+        to ``.lost+found``."""
+        limit = self.limits.max_tmp_file_age
+        if not self.dry_run:
+            for name in self.spool.clean_abandoned(older_than=limit):
+                self.say("remove", "removed", f"abandoned enqueue {name} (files, if any, to {LOST_FOUND})")
+            return
+        now = time.time()
+        for p in problems:
+            if isinstance(p, Orphaned) and p.dir == Dir.REGISTRY:
+                name = p.file.filename
+                if now - p.file.mtime < limit:
+                    self.done.append(f"left {REGISTRY}/{name}: younger than --max-tmp-file-age")
+                    continue
+                with _owner_lock(self.lay.registry_file(name)) as fd:
+                    if fd is None:
+                        self.done.append(f"left {REGISTRY}/{name}: held by a live process")
+                        continue
+                self.say("remove", "removed", f"abandoned enqueue {name}")
+
+    def stale_tmp(self, problems: list[Problem]) -> None:
+        """TooOld tmp files of a registered entry: moved to ``.lost+found`` under its
+        owner lock."""
+        for p in problems:
+            if not (isinstance(p, TooOld) and p.dir == Dir.TMP):
+                continue
+            name = p.file.filename
+            tmp = self.lay.tmp_file(name)
+            with _owner_lock(self.lay.registry_file(name)) as fd:
+                if fd is None:
+                    continue  # a live owner's (or no longer registered)
+                m = _lstat_mtime(tmp)
+                if m is None or time.time() - m <= self.limits.max_tmp_file_age:
+                    continue
+                if self.put_aside(name, [(Dir.TMP, name)]):
+                    self.say("move", "moved", f"stale {TMP}/{name} to {LOST_FOUND}")
 
 
 def _label(d: Dir) -> str:
-    """The lost+found label of a file from spool dir ``d``."""
+    """The ``.lost+found`` label of a file from spool dir ``d`` (see ``_lostfound``)."""
     if d == Dir.TMP:
         return _lostfound.METADATA
     if d == Dir.DATA:
@@ -401,146 +657,22 @@ def _label(d: Dir) -> str:
     return d.name_on_disk.replace("/", "")
 
 
-def repair(spool: Spool[Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool) -> list[str]:
+def repair(
+    spool: Spool[Any, Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool
+) -> list[str]:
     """Fix what is safe to fix among ``problems`` (as found by a Monitor with ``limits``);
     the actions taken (or, with ``dry_run``, that would be taken: then nothing changes),
-    one sentence each.
+    one sentence each ("removed ..." / "would remove ...", "left ...: why").
 
     Never touches an entry a live process owns (its registry lock is held), and never
-    deletes data: what cannot go back into a queue is moved to ``.lost+found/`` (see
-    ``_lostfound``).
-      * Duplicated (a move cut short by a crash): under the registry lock, keep the copy
-        with the newest mtime (the last transition written: claims and saves set it),
-        ties to the one latest in queue order; unlink the other copies that are the same
-        file or hold the same bytes, move the others to ``.lost+found``.
-      * dead checkouts go back to their queues, and keep links of interrupted moves are
-        resolved (``Spool.recover_checkouts``).
-      * Orphaned files in .tmp, .data, a queue or checkout dir: the name is reserved first
-        (``.registry/NAME`` created with O_EXCL and locked, so nobody can start using the
-        name meanwhile), the files are moved to ``.lost+found``, then the reservation is
-        removed.
-      * Orphaned registry files (abandoned enqueues) older than ``max_tmp_file_age`` and
-        not locked: ``Spool.clean_abandoned`` moves their tmp and data files to
-        ``.lost+found`` and removes the registry file.
-      * TooOld tmp files of a registered entry: moved to ``.lost+found`` under the lock.
-    Entries that are merely too old in a queue or a live checkout are left alone.
+    deletes data: what cannot go back into a queue goes to ``.lost+found/`` (see
+    ``_lostfound``). The steps, in order, are the methods of ``_Repair``: keep links of
+    interrupted moves, duplicates, dead checkouts, orphaned files, abandoned enqueues,
+    stale tmp files. Entries that are merely too old in a queue or a live checkout are
+    left alone.
     """
-    full = sp_full(spool)
-    lay = Layout(spool.dir)
-    sp = spool.spoolable
-    problems = sorted(problems)
-    done: list[str] = []
-
-    def verb(s: str) -> str:
-        return "would " + s if dry_run else s
-
-    def where(d: Dir, name: str) -> str:
-        return os.path.join(lay.dir, d.name_on_disk, name)
-
-    # 1. duplicates
-    for p in problems:
-        if not isinstance(p, Duplicated):
-            continue
-        name = p.file.filename
-        fd = _fs.open_locked(lay.registry_file(name))
-        if fd is None:
-            done.append(f"left duplicated {name}: held by a live process")
-            continue
-        try:
-            copies = [
-                (m, i, d) for i, d in enumerate(p.dirs) if (m := _lstat_mtime(where(d, name))) is not None
-            ]
-            if len(copies) < 2:
-                continue
-            keep = max(copies)[2]
-            kept = f"{keep.name_on_disk}/{name}"
-            for _, _, d in copies:
-                if d == keep:
-                    continue
-                if _lostfound.same_file(where(d, name), where(keep, name)):
-                    if not dry_run:
-                        _fs.unlink_quiet(where(d, name))
-                        if full:
-                            _fs.fsync_dir(os.path.dirname(where(d, name)))
-                    done.append(verb(f"remove duplicate {d.name_on_disk}/{name} (keeping {kept})"))
-                else:
-                    if not dry_run:
-                        _lostfound.put_aside(lay, name, [(where(d, name), _label(d))], sync=full)
-                    what = f"differing duplicate {d.name_on_disk}/{name}"
-                    done.append(verb(f"move {what} to {LOST_FOUND} (keeping {kept})"))
-        finally:
-            os.close(fd)
-
-    # 2. dead checkouts
-    if dry_run:
-        for q in sp._queue_list:
-            dn = sp.dirname(q)
-            for name in sorted(_Listing(lay.checkout(dn), stat=False).names):
-                fd = _fs.open_locked(lay.registry_file(name))
-                if fd is not None:
-                    os.close(fd)
-                    done.append(verb(f"recover dead checkout {dn}/{CHECKOUT}/{name} into {dn}"))
-    else:
-        for e in spool.recover_checkouts():
-            dn = sp.dirname(e.queue)
-            done.append(f"recovered dead checkout {dn}/{CHECKOUT}/{e.name} into {dn}")
-
-    # 3. orphaned files (no registry file)
-    orphans: dict[str, list[Dir]] = {}
-    for p in problems:
-        if isinstance(p, Orphaned) and p.dir != Dir.REGISTRY:
-            orphans.setdefault(p.file.filename, []).append(p.dir)
-    for name, dirs in orphans.items():
-        reg = lay.registry_file(name)
-        if dry_run:
-            if not os.path.lexists(reg):
-                done.extend(verb(f"move orphan {d.name_on_disk}/{name} to {LOST_FOUND}") for d in dirs)
-            continue
-        fd = _reserve_locked(reg)
-        if fd is None:
-            continue  # registered meanwhile: no longer an orphan
-        try:
-            files = [(where(d, name), _label(d)) for d in dirs]
-            present = [d for d in dirs if os.path.lexists(where(d, name))]
-            if _lostfound.put_aside(lay, name, files, sync=full) is not None:
-                done.extend(f"moved orphan {d.name_on_disk}/{name} to {LOST_FOUND}" for d in present)
-        finally:
-            _fs.unlink_quiet(reg)
-            os.close(fd)
-
-    # 4. abandoned enqueues
-    if dry_run:
-        now = time.time()
-        for p in problems:
-            if isinstance(p, Orphaned) and p.dir == Dir.REGISTRY:
-                name = p.file.filename
-                if now - p.file.mtime < limits.max_tmp_file_age:
-                    done.append(f"left {REGISTRY}/{name}: younger than --max-tmp-file-age")
-                    continue
-                fd = _fs.open_locked(lay.registry_file(name))
-                if fd is None:
-                    done.append(f"left {REGISTRY}/{name}: held by a live process")
-                    continue
-                os.close(fd)
-                done.append(verb(f"remove abandoned enqueue {name}"))
-    else:
-        for name in spool.clean_abandoned(older_than=limits.max_tmp_file_age):
-            done.append(f"removed abandoned enqueue {name} (its files, if any, to {LOST_FOUND})")
-
-    # 5. stale tmp files of registered entries
-    for p in problems:
-        if not (isinstance(p, TooOld) and p.dir == Dir.TMP):
-            continue
-        name = p.file.filename
-        fd = _fs.open_locked(lay.registry_file(name))
-        if fd is None:
-            continue  # an orphan (handled above) or a live owner's
-        try:
-            m = _lstat_mtime(lay.tmp_file(name))
-            if m is None or time.time() - m <= limits.max_tmp_file_age:
-                continue
-            if dry_run or _lostfound.put_aside(lay, name, [(lay.tmp_file(name), "metadata")], sync=full):
-                done.append(verb(f"move stale {TMP}/{name} to {LOST_FOUND}"))
-        finally:
-            os.close(fd)
-    return done
+    ps = sorted(problems)
+    r = _Repair(spool, limits, dry_run)
+    for step in (r.keep_links, r.duplicates, r.dead_checkouts, r.orphans, r.abandoned, r.stale_tmp):
+        step(ps)
+    return r.done

@@ -13,16 +13,17 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Final, Generic, TypeVar
+from typing import ClassVar, Final, Generic, TypeAlias, TypeVar
 
 from . import _watch
 from ._errors import CorruptEntryError, NotASpoolError
-from ._spool import CheckedOutEntry, DataFile, Save, Spool, _Busy
+from ._spool import Action, CheckedOutEntry, DataFile, Spool, _Busy
 from ._spoolable import Duration, seconds
 
 log = logging.getLogger("multispool")
 
-T = TypeVar("T")
+M = TypeVar("M")
+D = TypeVar("D")
 
 # A stop relay thread checks this often whether any reader still waits on its Event.
 RELAY_SLICE: Final = 0.25
@@ -41,7 +42,8 @@ BUSY_SPIN: Final = 0.002
 BUSY_RETRY_FIRST: Final = 0.0005
 BUSY_RETRY_MAX: Final = 0.1
 
-Callback = Callable[[Any, DataFile[Any]], "Save | object"]
+Handler: TypeAlias = Callable[[M, DataFile[D]], Action[M]]
+"""A reader callback: ``f(metadata, data_file)`` returns what to do with the entry."""
 
 
 class _StopRelay:
@@ -91,14 +93,14 @@ class _StopRelay:
                     return
 
 
-class QueueReader(Generic[T]):
+class QueueReader(Generic[M, D]):
     """Hands out the entries of one queue, each to exactly one reader among all the
     processes reading it, in name order of each directory listing; waits for new entries
     on filesystem events. Use from one thread at a time; ``close()`` from any thread."""
 
     def __init__(
         self,
-        spool: Spool[T],
+        spool: Spool[M, D],
         queue: enum.Enum,
         *,
         observer: str = "auto",
@@ -144,9 +146,10 @@ class QueueReader(Generic[T]):
 
     @property
     def closed(self) -> bool:
+        """True once ``close`` was called (or the ``with`` block left)."""
         return self._closed
 
-    def __enter__(self) -> QueueReader[T]:
+    def __enter__(self) -> QueueReader[M, D]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,7 +167,7 @@ class QueueReader(Generic[T]):
         names.sort(reverse=True)
         self._pending = names
 
-    def _take_pending(self) -> CheckedOutEntry[T] | None:
+    def _take_pending(self) -> CheckedOutEntry[M, D] | None:
         pending = self._pending
         while pending and not self._closed:
             name = pending.pop()
@@ -200,7 +203,7 @@ class QueueReader(Generic[T]):
             if skip:
                 del pending[len(pending) - skip :]
 
-    def dequeue_available(self) -> CheckedOutEntry[T] | None:
+    def dequeue_available(self) -> CheckedOutEntry[M, D] | None:
         """The next entry if one can be claimed now, else None. Never waits."""
         co = self._take_pending()
         if co is None and not self._closed:
@@ -210,7 +213,7 @@ class QueueReader(Generic[T]):
 
     def dequeue(
         self, stop: threading.Event | None = None, timeout: Duration | None = None
-    ) -> CheckedOutEntry[T] | None:
+    ) -> CheckedOutEntry[M, D] | None:
         """The next entry, waiting for one (filesystem events, plus a re-list every
         ``rescan_interval``). None once ``stop`` is set, ``timeout`` passes, or the reader
         is closed."""
@@ -244,7 +247,7 @@ class QueueReader(Generic[T]):
         finally:
             relay.leave(self._wake)
 
-    def __iter__(self) -> Iterator[CheckedOutEntry[T]]:
+    def __iter__(self) -> Iterator[CheckedOutEntry[M, D]]:
         """Blocking iteration; ends when the reader is closed."""
         while True:
             co = self.dequeue()
@@ -253,14 +256,14 @@ class QueueReader(Generic[T]):
             yield co
 
     # -- processing -----------------------------------------------------------------------
-    def _process(self, co: CheckedOutEntry[T], f: Callback) -> None:
+    def _process(self, co: CheckedOutEntry[M, D], f: Handler[M, D]) -> None:
         try:
             Spool._finish(co, f(co.contents, co.data_file))
         except BaseException:
             co.release()
             raise
 
-    def iter(self, f: Callback, stop: threading.Event | None = None) -> None:
+    def iter(self, f: Handler[M, D], stop: threading.Event | None = None) -> None:
         """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
         are left, wait for new ones, until ``stop`` is set (or the reader is closed). If
         ``f`` raises, that entry goes back unchanged and the exception propagates."""
@@ -270,8 +273,9 @@ class QueueReader(Generic[T]):
                 return
             self._process(co, f)
 
-    def iter_available(self, f: Callback) -> None:
-        """Process the entries present in one fresh listing of the queue, then return."""
+    def iter_available(self, f: Handler[M, D]) -> None:
+        """Process the entries present in one fresh listing of the queue with ``f`` (as
+        ``iter`` does), then return."""
         self._relist()
         while True:
             co = self._take_pending()

@@ -17,9 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
-from . import _fs, _lostfound
+from . import _fs, _lostfound, _sharedfs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
 from ._layout import CHECKOUT, KEEP_PREFIX, Layout, check_name, keep_name
 from ._spoolable import Duration, Spoolable, seconds
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("multispool")
 
-T = TypeVar("T")
+M = TypeVar("M")
+D = TypeVar("D")
 R = TypeVar("R")
 
 # How many name proposals reserve_name tries before giving up (a generator that always
@@ -38,6 +39,9 @@ MAX_NAME_ATTEMPTS: Final = 100_000
 # A registry lock that is busy while the entry still sits in its queue belongs to an
 # enqueuer finishing its rename or to a claimer about to rename: both take microseconds.
 BUSY_WAIT: Final = 0.05
+# How long save/release retry a rename that a stale client cache made a no-op (GlusterFS
+# and NFS cache names for about 1 s by default; attribute/entry timeouts are mount options).
+OWNED_MOVE_PATIENCE: Final = 30.0
 
 # errnos that mean "this queue file is not a regular entry file" (planted symlink, dir...)
 _NOT_A_FILE = {errno.ELOOP, errno.EISDIR, errno.ENXIO, getattr(errno, "EFTYPE", -1), errno.EMLINK}
@@ -48,32 +52,58 @@ class _Busy(Exception):
 
 
 @dataclass(frozen=True)
-class Save:
-    """Action: write ``metadata`` and move the entry into ``queue``."""
+class Save(Generic[M]):
+    """Handler action: write ``metadata`` and move the entry into ``queue``."""
 
-    metadata: Any
+    metadata: M
     queue: enum.Enum
 
 
-class _Sentinel:
-    __slots__ = ("_name",)
+class Remove:
+    """The type of ``multispool.REMOVE``, the handler action that deletes the entry.
+    There is one instance; compare with ``is``."""
 
-    def __init__(self, name: str) -> None:
-        self._name = name
+    __slots__ = ()
+    _instance: ClassVar[Remove | None] = None
+
+    def __new__(cls) -> Remove:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
 
     def __repr__(self) -> str:
-        return f"multispool.{self._name}"
+        return "multispool.REMOVE"
 
     def __reduce__(self) -> str:
-        return self._name
+        return "REMOVE"
 
 
-REMOVE: Final = _Sentinel("REMOVE")
+class NotFound:
+    """The type of ``multispool.NOT_FOUND``, returned by ``with_entry_if_found`` when the
+    entry could not be checked out. There is one instance; compare with ``is``."""
+
+    __slots__ = ()
+    _instance: ClassVar[NotFound | None] = None
+
+    def __new__(cls) -> NotFound:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "multispool.NOT_FOUND"
+
+    def __reduce__(self) -> str:
+        return "NOT_FOUND"
+
+
+REMOVE: Final = Remove()
 """Action: delete the entry (data, metadata and reservation)."""
-NOT_FOUND: Final = _Sentinel("NOT_FOUND")
+NOT_FOUND: Final = NotFound()
 """Returned by ``with_entry_if_found`` when the entry could not be checked out."""
 
-Action = Save | _Sentinel
+Action: TypeAlias = Save[M] | Remove
+"""What a handler returns: ``Save(metadata, queue)`` or ``REMOVE``."""
 
 # Reservations made by reserve_name, locked until enqueue(use=NAME) consumes them, keyed by
 # the registry file's (st_dev, st_ino) so that any Spool object of this process finds them.
@@ -120,20 +150,21 @@ class _Claim:
             _fs.unlock(self.fd, self.generation)
 
 
-class DataFile(Generic[T]):
+class DataFile(Generic[D]):
     """An entry's data payload in ``.data/NAME``."""
 
     __slots__ = ("name", "spool")
 
-    def __init__(self, spool: Spool[T], name: str) -> None:
+    def __init__(self, spool: Spool[Any, D], name: str) -> None:
         self.spool = spool
         self.name = name
 
     @property
     def path(self) -> str:
+        """Where the data is: ``SPOOL/.data/NAME``."""
         return self.spool._layout.data_file(self.name)
 
-    def load(self) -> T:
+    def load(self) -> D:
         """The decoded data (via the Spoolable's data codec)."""
         sp = self.spool.spoolable
         with sp.throttled():
@@ -142,7 +173,7 @@ class DataFile(Generic[T]):
                 return dec(_fs.read_file(self.path))  # type: ignore[no-any-return]
             return sp.data.load(self.path)  # type: ignore[no-any-return]
 
-    def save(self, contents: T) -> None:
+    def save(self, contents: D) -> None:
         """Atomically replace the data (written to ``.tmp/NAME``, then renamed)."""
         sp = self.spool.spoolable
         lay = self.spool._layout
@@ -166,33 +197,37 @@ class DataFile(Generic[T]):
         return f"DataFile({self.path!r})"
 
 
-class _Direct(Generic[T]):
+class _Direct(Generic[M, D]):
     """Operations on a queued entry without checking it out (no exclusivity)."""
 
     __slots__ = ("_entry",)
 
-    def __init__(self, entry: Entry[T]) -> None:
+    def __init__(self, entry: Entry[M, D]) -> None:
         self._entry = entry
 
     def _path(self) -> str:
         e = self._entry
         return e.spool._layout.queue_file(e.spool.spoolable.dirname(e.queue), e.name)
 
-    def contents(self) -> Any:
+    def contents(self) -> M:
         """The metadata in ``QUEUE/NAME``; EntryNotFoundError if it is not there."""
         path = self._path()
         sp = self._entry.spool.spoolable
         with sp.throttled():
             try:
                 raw = _fs.read_file(path)
-            except FileNotFoundError:
-                raise EntryNotFoundError("no such entry", path) from None
-        return sp._codec.decode(raw, path)
+            except OSError as e:
+                if _fs.gone(e):
+                    raise EntryNotFoundError("no such entry", path) from None
+                raise
+        contents: M = sp._codec.decode(raw, path)
+        return contents
 
-    def data_file(self) -> DataFile[T]:
+    def data_file(self) -> DataFile[D]:
+        """The entry's data file (no exclusivity)."""
         return DataFile(self._entry.spool, self._entry.name)
 
-    def save(self, metadata: Any) -> None:
+    def save(self, metadata: M) -> None:
         """Atomically replace ``QUEUE/NAME`` with ``metadata`` (EntryNotFoundError if absent)."""
         e = self._entry
         sp = e.spool.spoolable
@@ -208,23 +243,25 @@ class _Direct(Generic[T]):
             e.spool._remove_files(e.name, self._path(), "no such entry")
 
 
-class Entry(Generic[T]):
-    """A name in a queue. Creating one checks the name, not the disk."""
+class Entry(Generic[M, D]):
+    """The entry ``name`` in ``queue`` of ``spool``. Creating one checks the name (and
+    that the queue is one of the spool's), not the disk."""
 
     __slots__ = ("name", "queue", "spool")
 
-    def __init__(self, spool: Spool[T], queue: enum.Enum, name: str) -> None:
+    def __init__(self, spool: Spool[M, D], queue: enum.Enum, name: str) -> None:
         spool.spoolable.dirname(queue)
         self.spool = spool
         self.queue = queue
         self.name = check_name(name)
 
     @classmethod
-    def create(cls, spool: Spool[T], queue: enum.Enum, name: str) -> Entry[T]:
+    def create(cls, spool: Spool[M, D], queue: enum.Enum, name: str) -> Entry[M, D]:
+        """The same as ``Entry(spool, queue, name)``: checks the name, not the disk."""
         return cls(spool, queue, name)
 
     @classmethod
-    def _trusted(cls, spool: Spool[T], queue: enum.Enum, name: str) -> Entry[T]:
+    def _trusted(cls, spool: Spool[M, D], queue: enum.Enum, name: str) -> Entry[M, D]:
         e = cls.__new__(cls)
         e.spool, e.queue, e.name = spool, queue, name
         return e
@@ -235,11 +272,16 @@ class Entry(Generic[T]):
         with self.spool.spoolable.throttled():
             try:
                 return os.stat(path, follow_symlinks=False)
-            except FileNotFoundError:
-                raise EntryNotFoundError("no such entry", path) from None
+            except OSError as e:
+                if _fs.gone(e):
+                    raise EntryNotFoundError("no such entry", path) from None
+                raise
 
     @property
-    def direct(self) -> _Direct[T]:
+    def direct(self) -> _Direct[M, D]:
+        """Read and write this entry in its queue without checking it out: no exclusivity,
+        so only for tools, tests and entries no reader is taking.
+        """
         return _Direct(self)
 
     def __eq__(self, other: object) -> bool:
@@ -254,7 +296,7 @@ class Entry(Generic[T]):
         return f"Entry({self.spool.dir!r}, {self.queue}, {self.name!r})"
 
 
-class CheckedOutEntry(Generic[T]):
+class CheckedOutEntry(Generic[M, D]):
     """An entry this process has claimed. Exactly one of ``save``, ``remove`` or
     ``release`` ends it; leaving a ``with`` block without one returns it unchanged."""
 
@@ -262,10 +304,10 @@ class CheckedOutEntry(Generic[T]):
 
     def __init__(
         self,
-        spool: Spool[T],
+        spool: Spool[M, D],
         queue: enum.Enum,
         name: str,
-        contents: Any,
+        contents: M,
         raw: bytes | None,
         claim: _Claim,
     ) -> None:
@@ -277,7 +319,8 @@ class CheckedOutEntry(Generic[T]):
         self._claim = claim
 
     @property
-    def data_file(self) -> DataFile[T]:
+    def data_file(self) -> DataFile[D]:
+        """The entry's data file."""
         return DataFile(self.spool, self.name)
 
     @property
@@ -290,7 +333,7 @@ class CheckedOutEntry(Generic[T]):
         """True once saved, removed or released."""
         return self._claim.done
 
-    def update(self, f: Callable[[Any], Any]) -> CheckedOutEntry[T]:
+    def update(self, f: Callable[[M], M]) -> CheckedOutEntry[M, D]:
         """A new handle on the same checkout, with contents ``f(contents)``."""
         return CheckedOutEntry(self.spool, self.queue, self.name, f(self.contents), self._raw, self._claim)
 
@@ -320,7 +363,7 @@ class CheckedOutEntry(Generic[T]):
                 _touch(src)
             keep = lay.keep_file(os.path.dirname(src), self.name) if full else None
             try:
-                if not _fs.move(src, dst, keep):
+                if not self.spool._move_owned(src, dst, keep):
                     raise EntryNotFoundError("checked-out entry vanished", src)
                 self._claim.sync_source(unless=lay.queue(dst_dir))
             finally:
@@ -345,7 +388,7 @@ class CheckedOutEntry(Generic[T]):
             finally:
                 self._claim.release()
 
-    def __enter__(self) -> CheckedOutEntry[T]:
+    def __enter__(self) -> CheckedOutEntry[M, D]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -370,37 +413,67 @@ def _touch(path: str) -> None:
         raise _fs._name(e, path) from None  # utimensat(AT_SYMLINK_NOFOLLOW) gives no path
 
 
-class Spool(Generic[T]):
+class Spool(Generic[M, D]):
     """A spool directory and what is spooled in it."""
 
-    def __init__(self, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> None:
+    def __init__(self, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> None:
         # Prefer Spool.load / Spool.create / Spool.load_unsafe.
         if not isinstance(spoolable, Spoolable):
             raise TypeError(f"spoolable must be a multispool.Spoolable, got {spoolable!r}")
         self.dir: str = os.fspath(path)
-        self.spoolable: Spoolable[T] = spoolable
+        self.spoolable: Spoolable[M, D] = spoolable
         self._layout = Layout(self.dir)
+        self._facts: _sharedfs.FsFacts | None = None
+
+    def _fs_facts(self) -> _sharedfs.FsFacts:
+        """What the spool's filesystem can be trusted with (identified once, lazily)."""
+        facts = self._facts
+        if facts is None:
+            facts = self._facts = _sharedfs.facts(self.dir)
+        return facts
+
+    def _move_owned(self, src: str, dst: str, keep: str | None = None) -> bool:
+        """Move a checkout this process owns (save, release): True once moved, False if
+        ``src`` is gone. A rename that a stale client cache turned into a no-op is retried
+        until that cache expires (network filesystems keep names for about a second).
+        With ``keep`` (durability "full"), the move is the durable one of ``_layout``."""
+        verify = self._fs_facts().verify_renames
+        delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
+        while True:
+            r = _fs.move(src, dst, keep, verify=verify)
+            if r != _fs.NOT_MOVED:
+                return r == _fs.MOVED
+            if time.monotonic() >= deadline:
+                raise SpoolError(
+                    f"rename of {src} to {dst} kept reporting success without moving it "
+                    f"for {OWNED_MOVE_PATIENCE} s (a client cache that never expires?)"
+                )
+            time.sleep(delay)  # not synchronisation: waiting out the client's name cache
+            delay = min(delay * 2, 0.2)
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], spoolable: Spoolable[T], create_if_missing: bool = False
-    ) -> Spool[T]:
-        """Open the spool at ``path``, validating its layout (and creating what is missing
-        when ``create_if_missing``; a non-empty non-spool directory is never converted)."""
+        cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D], create_if_missing: bool = False
+    ) -> Spool[M, D]:
+        """Open the spool at ``path``, described by ``spoolable``, validating its layout
+        (``NotASpoolError`` if it is not a spool). With ``create_if_missing``, create what
+        is missing instead; a non-empty directory that is not a spool is never converted."""
         spool = cls(path, spoolable)
         with spoolable.throttled():
             spool._validate(create_if_missing)
         return spool
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> Spool[T]:
-        """``load(path, spoolable, create_if_missing=True)``."""
+    def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
+        """``load(path, spoolable, create_if_missing=True)``: open the spool at ``path``,
+        creating it (or its missing queues) first. Safe to call from many processes at once."""
         return cls.load(path, spoolable, create_if_missing=True)
 
     @classmethod
-    def load_unsafe(cls, path: str | os.PathLike[str], spoolable: Spoolable[T]) -> Spool[T]:
-        """A Spool for ``path`` without validation or disk access."""
+    def load_unsafe(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
+        """A Spool for ``path``, described by ``spoolable``, without validation or disk
+        access (for hot paths that know the spool exists)."""
         return cls(path, spoolable)
 
     def _validate(self, create: bool) -> None:
@@ -472,8 +545,9 @@ class Spool(Generic[T]):
 
     def reserve_name(self, seed: Any = None) -> str:
         """Reserve a fresh name (``.registry/NAME``, created with O_CREAT|O_EXCL), to be
-        used by ``enqueue(..., use=NAME)``. This process holds the reservation locked
-        until then, so ``clean_abandoned`` never removes it while the process lives."""
+        used by ``enqueue(..., use=NAME)``; ``seed`` is passed to the name generator. This
+        process holds the reservation locked until then, so ``clean_abandoned`` never
+        removes it while the process lives."""
         with self.spoolable.throttled():
             name, fd = self._reserve(seed)
             st = os.fstat(fd)
@@ -509,15 +583,18 @@ class Spool(Generic[T]):
     def enqueue(
         self,
         queue: enum.Enum,
-        metadata: Any,
-        data: T,
+        metadata: M,
+        data: D,
         *,
         reserve: Any = None,
         use: str | None = None,
-    ) -> Entry[T]:
-        """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
-        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
-        the enqueue created (the reservation included) is removed and the error raised."""
+    ) -> Entry[M, D]:
+        """Add an entry to ``queue`` with ``metadata`` (checked against the Spoolable's
+        type before anything is written) and ``data`` (saved by its data codec); the new
+        entry becomes visible to readers at once and is returned. ``use=NAME`` takes a name
+        from ``reserve_name``; otherwise a name is reserved with seed ``reserve``. If any
+        step fails, every file the enqueue created (the reservation included) is removed
+        and the error raised."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
@@ -577,7 +654,7 @@ class Spool(Generic[T]):
         lay = self._layout
         co_dir = lay.checkout(dirname)
         keep = lay.keep_file(co_dir, name) if self.spoolable.durability == "full" else None
-        moved = _fs.move(lay.checkout_file(dirname, name), lay.queue_file(dirname, name), keep)
+        moved = self._move_owned(lay.checkout_file(dirname, name), lay.queue_file(dirname, name), keep)
         if claim is not None:
             claim.unsynced = None  # the queue dir was fsynced by the move (or nothing moved)
         return moved
@@ -601,34 +678,36 @@ class Spool(Generic[T]):
         with self.spoolable.throttled():
             return [n for n in os.listdir(directory) if n[0] != "."]
 
-    def list(self, queue: enum.Enum) -> list[Entry[T]]:
+    def list(self, queue: enum.Enum) -> list[Entry[M, D]]:
         """Entries waiting in ``queue``, sorted by name (dot-names skipped)."""
         names = self._list_names(self._layout.queue(self.spoolable.dirname(queue)))
         names.sort()
         return [Entry._trusted(self, queue, n) for n in names]
 
-    def list_checkouts_unsafe(self, queue: enum.Enum) -> builtins.list[CheckedOutEntry[T]]:
+    def list_checkouts_unsafe(self, queue: enum.Enum) -> builtins.list[CheckedOutEntry[M, D]]:
         """Entries checked out of ``queue`` by anyone, decoded. Handles returned here hold
         no lock: saving or removing one races with its real owner."""
         sp = self.spoolable
         dirname = sp.dirname(queue)
         co_dir = self._layout.checkout(dirname)
         names = sorted(self._list_names(co_dir))
-        out: list[CheckedOutEntry[T]] = []
+        out: list[CheckedOutEntry[M, D]] = []
         for n in names:
             path = self._layout.checkout_file(dirname, n)
             try:
                 with sp.throttled():
                     raw = _fs.read_file(path)
-            except FileNotFoundError:
-                continue  # its owner finished with it meanwhile
+            except OSError as e:
+                if _fs.gone(e):
+                    continue  # its owner finished with it meanwhile
+                raise
             out.append(CheckedOutEntry(self, queue, n, sp._codec.decode(raw, path), raw, _Claim(None)))
         return out
 
     # -- checkouts ----------------------------------------------------------------------
     def _claim(
         self, queue: enum.Enum, name: str, busy_wait: float = BUSY_WAIT, raise_busy: bool = False
-    ) -> CheckedOutEntry[T] | None:
+    ) -> CheckedOutEntry[M, D] | None:
         """Check out ``queue``/``name``: lock its registry file, then rename it into the
         checkout dir. None if it is gone or another process owns it. A lock that is busy
         while the entry still sits in its queue is waited for up to ``busy_wait`` seconds;
@@ -651,23 +730,35 @@ class Spool(Generic[T]):
             full = sp.durability == "full"
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
-                # The rename inside is the claim; under "full" the entry stays durable in
-                # the queue (keep link) until the checkout dir's fsync.
+                # Verified where a stale client could make rename a no-op: a claim that
+                # did not move the entry is lost, never won (it stays in its queue). Under
+                # "full" the entry stays durable in the queue (keep link) until the
+                # checkout dir's fsync; the queue's own fsync is owed by the checkout's end.
                 keep = lay.keep_file(lay.queue(dirname), name) if full else None
-                if not _fs.move(qfile, cofile, keep, sync_src=False):
-                    claim.release()
-                    return None
-                if full:
+                moved = _fs.move(
+                    qfile, cofile, keep, verify=self._fs_facts().verify_renames, sync_src=False
+                )
+                if moved == _fs.MOVED and full:
                     claim.unsynced = lay.queue(dirname)
-            except FileNotFoundError:
+            except OSError as e:
                 claim.release()
-                return None
+                if _fs.gone(e):
+                    return None
+                raise
             except BaseException:
                 claim.release()
                 raise
+            if moved != _fs.MOVED:
+                claim.release()
+                return None
             try:
                 raw = _fs.read_file(cofile)
             except OSError as e:
+                if _fs.gone(e):
+                    # Our own client lost track of the file it just moved (ESTALE): put
+                    # the entry back for a later attempt rather than fail the reader.
+                    self._give_back(dirname, name, claim)
+                    return None
                 if e.errno in _NOT_A_FILE:
                     why = f"not a regular file ({os.strerror(e.errno or 0)})"
                     self._corrupt(queue, name, cofile, why, claim)
@@ -734,7 +825,7 @@ class Spool(Generic[T]):
         finally:
             claim.release()
 
-    def checkout(self, entry: Entry[T]) -> CheckedOutEntry[T]:
+    def checkout(self, entry: Entry[M, D]) -> CheckedOutEntry[M, D]:
         """Claim ``entry``; EntryNotFoundError if it is gone or another process holds it."""
         co = self._claim(entry.queue, entry.name)
         if co is None:
@@ -744,11 +835,11 @@ class Spool(Generic[T]):
             )
         return co
 
-    def checkout_if_found(self, entry: Entry[T]) -> CheckedOutEntry[T] | None:
+    def checkout_if_found(self, entry: Entry[M, D]) -> CheckedOutEntry[M, D] | None:
         """Claim ``entry``, or None if it is gone or another process holds it."""
         return self._claim(entry.queue, entry.name)
 
-    def _apply(self, co: CheckedOutEntry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]) -> R:
+    def _apply(self, co: CheckedOutEntry[M, D], f: Callable[[M, DataFile[D]], tuple[Action[M], R]]) -> R:
         try:
             action, result = f(co.contents, co.data_file)
             self._finish(co, action)
@@ -758,7 +849,7 @@ class Spool(Generic[T]):
         return result
 
     @staticmethod
-    def _finish(co: CheckedOutEntry[Any], action: Any) -> None:
+    def _finish(co: CheckedOutEntry[Any, Any], action: object) -> None:
         """Carry out a callback's action on its checkout."""
         if isinstance(action, Save):
             co.contents = action.metadata
@@ -768,14 +859,14 @@ class Spool(Generic[T]):
         else:
             raise TypeError(f"expected multispool.Save(...) or multispool.REMOVE, got {action!r}")
 
-    def with_entry(self, entry: Entry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]) -> R:
+    def with_entry(self, entry: Entry[M, D], f: Callable[[M, DataFile[D]], tuple[Action[M], R]]) -> R:
         """Check out ``entry``, run ``f(metadata, data_file) -> (action, result)``, apply
         the action, return the result. If ``f`` raises, the entry goes back unchanged."""
         return self._apply(self.checkout(entry), f)
 
     def with_entry_if_found(
-        self, entry: Entry[T], f: Callable[[Any, DataFile[T]], tuple[Action, R]]
-    ) -> R | _Sentinel:
+        self, entry: Entry[M, D], f: Callable[[M, DataFile[D]], tuple[Action[M], R]]
+    ) -> R | NotFound:
         """As ``with_entry``, but ``NOT_FOUND`` when the entry cannot be checked out."""
         co = self.checkout_if_found(entry)
         if co is None:
@@ -783,24 +874,42 @@ class Spool(Generic[T]):
         return self._apply(co, f)
 
     # -- crash recovery ---------------------------------------------------------------
-    def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[Entry[T]]:
+    def recover_checkouts(
+        self, queue: enum.Enum | None = None, *, dead_after: Duration | None = None
+    ) -> builtins.list[Entry[M, D]]:
         """Move back to their queues the checkouts whose owner process has died (their
-        registry lock is free). Never touches the checkout of a live process. An entry
-        whose metadata cannot be decoded is quarantined if the Spoolable has a quarantine
-        queue, else left checked out for a person (moving it back would loop)."""
+        registry lock is free), and return exactly those that were moved. Never touches
+        the checkout of a live process. An entry whose metadata cannot be decoded is
+        quarantined if the Spoolable has a quarantine queue, else left checked out for a
+        person (moving it back would loop).
+
+        ``dead_after`` (seconds): also require the checkout to be at least that old
+        (checked out, or last rewritten, that long ago). It is required on filesystems
+        whose locks are not shared between their mounts or clients (bindfs, sshfs, NFS
+        ``nolock``...: see docs/shared-filesystems.md), where a free lock does not prove
+        the owner died; there, without it, SpoolError is raised and nothing is moved."""
         sp = self.spoolable
         lay = self._layout
         if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows
             log.warning("multispool: no owner locks on this platform: recover_checkouts does nothing")
             return []
+        min_age = None if dead_after is None else seconds(dead_after)
+        if min_age is None:
+            facts = self._fs_facts()
+            if not facts.locks_shared:
+                raise SpoolError(
+                    f"recover_checkouts refused: a free owner lock does not prove its owner died here: "
+                    f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
+                    f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
+                )
         queues = sp._queue_list if queue is None else (queue,)
-        recovered: list[Entry[T]] = []
+        recovered: list[Entry[M, D]] = []
         for q in queues:
             dirname = sp.dirname(q)
             self._resolve_keeps(dirname)
             for name in sorted(self._list_names(lay.checkout(dirname))):
                 with sp.throttled():
-                    if self._recover_one(q, dirname, name):
+                    if self._recover_one(q, dirname, name, min_age):
                         recovered.append(Entry._trusted(self, q, name))
         return recovered
 
@@ -853,7 +962,7 @@ class Spool(Generic[T]):
         finally:
             _fs.unlock(fd, gen)
 
-    def _recover_one(self, q: enum.Enum, dirname: str, name: str) -> bool:
+    def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
         sp = self.spoolable
         lay = self._layout
         fd = _fs.open_locked(lay.registry_file(name))
@@ -863,10 +972,12 @@ class Spool(Generic[T]):
         try:
             cofile = lay.checkout_file(dirname, name)
             try:
+                if min_age is not None and time.time() - os.lstat(cofile).st_mtime < min_age:
+                    return False  # too young for the stated proof of death
                 sp._codec.decode(_fs.read_file(cofile), cofile)
-            except FileNotFoundError:
-                return False  # its owner finished with it before dying
             except OSError as e:
+                if _fs.gone(e):
+                    return False  # its owner finished with it before dying
                 if e.errno not in _NOT_A_FILE:
                     # Transient or permission trouble: not evidence of a bad entry.
                     log.warning("multispool: cannot read checkout %s, left in place: %s", cofile, e)
@@ -894,7 +1005,11 @@ class Spool(Generic[T]):
                     _fs.fsync_dir(lay.checkout(dirname))
                 log.warning("multispool: dead checkout %s was queued as %s too", cofile, elsewhere[0])
                 return False
-            if not self._move_back(dirname, name, None):
+            # Verified where a stale client could make rename a no-op: only what really
+            # moved is reported (a no-op leaves it for the next recovery).
+            qfile = lay.queue_file(dirname, name)
+            keep = lay.keep_file(lay.checkout(dirname), name) if sp.durability == "full" else None
+            if _fs.move(cofile, qfile, keep, verify=self._fs_facts().verify_renames) != _fs.MOVED:
                 return False
             log.info("multispool: recovered %s/%s from a dead owner", dirname, name)
             return True
@@ -941,8 +1056,10 @@ class Spool(Generic[T]):
                 try:
                     if now - os.lstat(reg).st_mtime < limit:
                         continue
-                except FileNotFoundError:
-                    continue
+                except OSError as e:
+                    if _fs.gone(e):
+                        continue
+                    raise
                 gen = _fs.lock_generation()
                 fd = _fs.open_locked(reg)
                 if fd is None:
@@ -978,8 +1095,15 @@ class Spool(Generic[T]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
-    ) -> QueueReader[T]:
-        """An event-driven reader of ``queue`` (see QueueReader)."""
+    ) -> QueueReader[M, D]:
+        """An event-driven reader of ``queue`` (see QueueReader); use it as a context
+        manager, or ``close`` it.
+
+        ``observer``: ``"auto"`` (native events on local filesystems, polling on network
+        and FUSE ones; the ``MULTISPOOL_OBSERVER`` environment variable overrides it),
+        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, re-list the queue
+        this often (seconds) in case an event was lost. ``recover``: first put back
+        checkouts of dead processes and clean abandoned enqueues."""
         from ._reader import QueueReader
 
         return QueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
@@ -993,6 +1117,8 @@ __all__ = [
     "NOT_FOUND",
     "REMOVE",
     "Action",
+    "NotFound",
+    "Remove",
     "CheckedOutEntry",
     "DataFile",
     "Entry",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime
 import enum
@@ -12,7 +13,7 @@ import time
 import typing
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Final, Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 import msgspec
 
@@ -21,6 +22,8 @@ from ._fs import fsync_path, read_file, write_file
 from ._layout import check_queue_dirname
 
 T = TypeVar("T")
+M = TypeVar("M")
+D = TypeVar("D")
 Durability = Literal["full", "file", "none"]
 Duration = typing.Union[float, int, datetime.timedelta]  # noqa: UP007 - runtime alias on 3.9-style
 
@@ -61,9 +64,11 @@ class BytesData:
     """Data stored verbatim: ``bytes`` in, ``bytes`` out."""
 
     def load(self, path: str) -> bytes:
+        """The bytes stored at ``path``, verbatim."""
         return read_file(path)
 
     def save(self, value: bytes, path: str) -> None:
+        """Store ``value`` (bytes-like) at ``path`` verbatim, mode 0600."""
         write_file(path, bytes(value), sync=False, mode=0o600)
 
     # Fast path used by the spool: encode without touching disk, so the spool can write
@@ -83,7 +88,17 @@ class BytesData:
 class MsgspecData(Generic[T]):
     """Data encoded with msgspec as JSON or MessagePack, decoded (and validated) as ``type``."""
 
+    @overload
+    def __init__(
+        self: MsgspecData[T], type: builtins.type[T], format: Literal["json", "msgpack"] = ...
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: MsgspecData[Any], type: object = ..., format: Literal["json", "msgpack"] = ...
+    ) -> None: ...
+
     def __init__(self, type: Any = Any, format: Literal["json", "msgpack"] = "json") -> None:
+        """``type``: what ``load`` decodes into (validated); ``format``: "json" or "msgpack"."""
         if format == "json":
             self._enc: Any = msgspec.json.Encoder()
             self._dec: Any = msgspec.json.Decoder(type)
@@ -96,9 +111,11 @@ class MsgspecData(Generic[T]):
         self.format = format
 
     def load(self, path: str) -> T:
+        """Decode the file at ``path``, validated against ``type``."""
         return typing.cast(T, self._dec.decode(read_file(path)))
 
     def save(self, value: T, path: str) -> None:
+        """Encode ``value`` to ``path`` in this codec's format, mode 0600."""
         write_file(path, self._enc.encode(value), sync=False, mode=0o600)
 
     def _encode(self, value: T) -> bytes:
@@ -115,6 +132,7 @@ class PrefixNames:
     """``next(seed, attempt) == f"{seed}{attempt:06d}"`` (the OCaml test generator)."""
 
     def next(self, seed: Any, attempt: int) -> str:
+        """``f"{seed}{attempt:06d}"``: ``seed`` then the attempt number on six digits."""
         # Exactly API.md's formula, also for seed=None ("None000000"): give a seed.
         return f"{seed}{attempt:06d}"
 
@@ -149,6 +167,9 @@ class TimeOrderedNames:
         self._last = 0
 
     def next(self, seed: Any, attempt: int) -> str:
+        """A new name, unique across hosts and processes, ordered by creation time within
+        this process; ``seed`` (any value, or None) and ``attempt`` do not change it.
+        """
         with self._lock:
             now = max(time.time_ns(), self._last + 1)
             self._last = now
@@ -198,8 +219,99 @@ class _Codec:
             raise CorruptEntryError(path, f"{type(e).__name__}: {e}") from e
 
 
-class Spoolable(Generic[T]):
-    """Describes what is spooled. Immutable after construction."""
+class Spoolable(Generic[M, D]):
+    """Describes what is spooled. Immutable after construction; every process that opens
+    a spool must describe it the same way.
+
+    :param queues: an ``enum.Enum`` whose member values are the queue directory names
+        (non-empty strings without ``/`` or NUL, not starting with ``.``, unique); the
+        member order is the queue order.
+    :param metadata: the type metadata is decoded into and validated against (any type
+        msgspec handles: a ``msgspec.Struct``, a dataclass, ``dict``...); default
+        ``typing.Any`` (no validation).
+    :param metadata_codec: ``"json"`` (default), ``"msgpack"``, or an object with
+        ``encode(obj) -> bytes`` and ``decode(bytes) -> obj``.
+    :param data: the data codec, an object with ``load(path)`` and ``save(value, path)``:
+        ``BytesData()`` (default), ``MsgspecData(type)``, or your own.
+    :param name_generator: an object with ``next(seed, attempt) -> str``;
+        default ``TimeOrderedNames()``.
+    :param throttle: an optional context manager entered around every disk operation
+        (e.g. a semaphore limiting concurrent I/O).
+    :param durability: ``"full"`` (default: fsync files and directories, so what returned
+        survives power loss), ``"file"`` (fsync file contents only) or ``"none"``.
+    :param quarantine: a queue member where a reader moves entries whose metadata cannot
+        be decoded (bytes untouched); ``None`` raises ``CorruptEntryError`` instead.
+    :param file_mode: permissions of created files (default ``0o600``), minus the umask.
+    :param dir_mode: permissions of created directories (default ``0o700``), minus the
+        umask; e.g. ``0o2770`` with ``file_mode=0o660`` for a spool shared by a group.
+
+    Invalid values raise ``ValueError``. ``M`` is the metadata type (``metadata=``), ``D``
+    the data codec's value type (``data=``; ``bytes`` for the default ``BytesData``); a
+    type checker infers both.
+    """
+
+    # Overloads only type the constructor: M from ``metadata`` when it is a class, else
+    # Any; D from the data codec, bytes when it is left out.
+    @overload
+    def __init__(
+        self: Spoolable[M, bytes],
+        queues: type[enum.Enum],
+        metadata: type[M],
+        metadata_codec: Any = ...,
+        data: None = ...,
+        name_generator: NameGenerator | None = ...,
+        throttle: Any = ...,
+        durability: Durability = ...,
+        quarantine: enum.Enum | None = ...,
+        *,
+        file_mode: int = ...,
+        dir_mode: int = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Spoolable[M, D],
+        queues: type[enum.Enum],
+        metadata: type[M],
+        metadata_codec: Any = ...,
+        data: DataCodec[D] = ...,
+        name_generator: NameGenerator | None = ...,
+        throttle: Any = ...,
+        durability: Durability = ...,
+        quarantine: enum.Enum | None = ...,
+        *,
+        file_mode: int = ...,
+        dir_mode: int = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Spoolable[Any, bytes],
+        queues: type[enum.Enum],
+        metadata: object = ...,
+        metadata_codec: Any = ...,
+        data: None = ...,
+        name_generator: NameGenerator | None = ...,
+        throttle: Any = ...,
+        durability: Durability = ...,
+        quarantine: enum.Enum | None = ...,
+        *,
+        file_mode: int = ...,
+        dir_mode: int = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Spoolable[Any, D],
+        queues: type[enum.Enum],
+        metadata: object = ...,
+        metadata_codec: Any = ...,
+        data: DataCodec[D] = ...,
+        name_generator: NameGenerator | None = ...,
+        throttle: Any = ...,
+        durability: Durability = ...,
+        quarantine: enum.Enum | None = ...,
+        *,
+        file_mode: int = ...,
+        dir_mode: int = ...,
+    ) -> None: ...
 
     def __init__(
         self,

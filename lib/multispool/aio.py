@@ -1,4 +1,4 @@
-"""asyncio front end: the whole multispool API as coroutines (API.md §10).
+"""asyncio front end: the whole multispool API as coroutines.
 
 One core, two fronts: every operation here runs the very code of the sync API
 (``Spool``, ``CheckedOutEntry``, ``QueueReader``), off the event loop, in a small
@@ -47,12 +47,12 @@ import queue as queue_mod
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator
-from typing import Any, Final, Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from . import _watch
 from ._reader import QueueReader
-from ._spool import NOT_FOUND, CheckedOutEntry, DataFile, Entry, Spool
+from ._spool import NOT_FOUND, Action, CheckedOutEntry, DataFile, Entry, NotFound, Spool
 from ._spoolable import Duration, Spoolable, seconds
 
 __all__ = [
@@ -66,7 +66,8 @@ __all__ = [
 
 log = logging.getLogger("multispool")
 
-T = TypeVar("T")
+M = TypeVar("M")
+D = TypeVar("D")
 R = TypeVar("R")
 
 DEFAULT_MAX_WORKERS: Final = 4
@@ -173,7 +174,7 @@ def _log_failure(cf: concurrent.futures.Future[Any]) -> None:
         log.error("multispool.aio: background operation failed", exc_info=cf.exception())
 
 
-def _finish_or_release(co: CheckedOutEntry[Any], action: Any) -> None:
+def _finish_or_release(co: CheckedOutEntry[Any, Any], action: Any) -> None:
     """Apply a callback's action; if that fails, the entry goes back unchanged."""
     try:
         Spool._finish(co, action)
@@ -182,31 +183,31 @@ def _finish_or_release(co: CheckedOutEntry[Any], action: Any) -> None:
         raise
 
 
-def _apply_with_result(co: CheckedOutEntry[Any], pair: Any) -> Any:
+def _apply_with_result(co: CheckedOutEntry[Any, Any], pair: Any) -> Any:
     action, result = pair
     _finish_or_release(co, action)
     return result
 
 
-def _release(co: CheckedOutEntry[Any] | AsyncCheckedOutEntry[Any]) -> None:
+def _release(co: CheckedOutEntry[Any, Any] | AsyncCheckedOutEntry[Any, Any]) -> None:
     (co.sync if isinstance(co, AsyncCheckedOutEntry) else co).release()
 
 
-class AsyncSpool(Generic[T]):
+class AsyncSpool(Generic[M, D]):
     """A spool used from asyncio; wraps a sync ``Spool`` (``.sync``) and runs its disk
     operations in a private executor of ``max_workers`` threads."""
 
-    def __init__(self, spool: Spool[T], *, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
+    def __init__(self, spool: Spool[M, D], *, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
         if not isinstance(spool, Spool):
             raise TypeError(f"AsyncSpool wraps a multispool.Spool, got {spool!r}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
-        self.sync: Spool[T] = spool
+        self.sync: Spool[M, D] = spool
         self._max_workers = max_workers
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._inflight_lock = threading.Lock()
-        self._readers: weakref.WeakSet[AsyncQueueReader[T]] = weakref.WeakSet()
+        self._readers: weakref.WeakSet[AsyncQueueReader[M, D]] = weakref.WeakSet()
         self._closed = False
 
     # -- opening ----------------------------------------------------------------------
@@ -214,13 +215,14 @@ class AsyncSpool(Generic[T]):
     async def load(
         cls,
         path: str | os.PathLike[str],
-        spoolable: Spoolable[T],
+        spoolable: Spoolable[M, D],
         create_if_missing: bool = False,
         *,
         max_workers: int = DEFAULT_MAX_WORKERS,
-    ) -> AsyncSpool[T]:
-        """``Spool.load`` (validation, and creation when ``create_if_missing``), run in
-        the new AsyncSpool's executor."""
+    ) -> AsyncSpool[M, D]:
+        """Open the spool at ``path``, described by ``spoolable``, as ``Spool.load`` does
+        (validation, and creation when ``create_if_missing``), off the loop in the new
+        AsyncSpool's executor of up to ``max_workers`` threads."""
         spool = cls(Spool.load_unsafe(path, spoolable), max_workers=max_workers)
         try:
             spool.sync = await spool._run(Spool.load, path, spoolable, create_if_missing)
@@ -231,34 +233,45 @@ class AsyncSpool(Generic[T]):
 
     @classmethod
     async def create(
-        cls, path: str | os.PathLike[str], spoolable: Spoolable[T], *, max_workers: int = DEFAULT_MAX_WORKERS
-    ) -> AsyncSpool[T]:
-        """``load(path, spoolable, create_if_missing=True)``."""
+        cls,
+        path: str | os.PathLike[str],
+        spoolable: Spoolable[M, D],
+        *,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+    ) -> AsyncSpool[M, D]:
+        """``load(path, spoolable, create_if_missing=True, max_workers=max_workers)``."""
         return await cls.load(path, spoolable, True, max_workers=max_workers)
 
     @classmethod
     def load_unsafe(
-        cls, path: str | os.PathLike[str], spoolable: Spoolable[T], *, max_workers: int = DEFAULT_MAX_WORKERS
-    ) -> AsyncSpool[T]:
+        cls,
+        path: str | os.PathLike[str],
+        spoolable: Spoolable[M, D],
+        *,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+    ) -> AsyncSpool[M, D]:
         """An AsyncSpool for ``path`` without validation or disk access. Returned
         directly; awaiting an AsyncSpool gives itself, so ``await load_unsafe(...)`` works
         too."""
         return cls(Spool.load_unsafe(path, spoolable), max_workers=max_workers)
 
-    def __await__(self) -> Generator[Any, None, AsyncSpool[T]]:
+    def __await__(self) -> Generator[Any, None, AsyncSpool[M, D]]:
         return self
         yield  # pragma: no cover - makes this a generator
 
     @property
     def dir(self) -> str:
+        """The spool directory as given (``os.fspath``)."""
         return self.sync.dir
 
     @property
-    def spoolable(self) -> Spoolable[T]:
+    def spoolable(self) -> Spoolable[M, D]:
+        """The Spoolable describing this spool."""
         return self.sync.spoolable
 
     @property
     def closed(self) -> bool:
+        """True once ``aclose`` was called."""
         return self._closed
 
     # -- running disk work off the loop ---------------------------------------------------
@@ -339,21 +352,21 @@ class AsyncSpool(Generic[T]):
             # Every worker is idle now: they only need to see the shutdown and exit.
             ex.shutdown(wait=True)
 
-    async def __aenter__(self) -> AsyncSpool[T]:
+    async def __aenter__(self) -> AsyncSpool[M, D]:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     # -- wrapping ---------------------------------------------------------------------
-    def _entry(self, e: Entry[T]) -> AsyncEntry[T]:
+    def _entry(self, e: Entry[M, D]) -> AsyncEntry[M, D]:
         return AsyncEntry(self, e)
 
-    def _co(self, co: CheckedOutEntry[T] | None) -> AsyncCheckedOutEntry[T] | None:
+    def _co(self, co: CheckedOutEntry[M, D] | None) -> AsyncCheckedOutEntry[M, D] | None:
         return None if co is None else AsyncCheckedOutEntry(self, co)
 
     @staticmethod
-    def _sync_entry(e: AsyncEntry[T] | Entry[T]) -> Entry[T]:
+    def _sync_entry(e: AsyncEntry[M, D] | Entry[M, D]) -> Entry[M, D]:
         return e.sync if isinstance(e, AsyncEntry) else e
 
     # -- names, enqueue, listing ------------------------------------------------------
@@ -362,34 +375,37 @@ class AsyncSpool(Generic[T]):
         return await self._run(self.sync.reserve_name, seed)
 
     async def enqueue(
-        self, queue: enum.Enum, metadata: Any, data: T, *, reserve: Any = None, use: str | None = None
-    ) -> AsyncEntry[T]:
-        """``Spool.enqueue``. Cancelled before it started, it does not happen; once
-        started, it completes."""
+        self, queue: enum.Enum, metadata: M, data: D, *, reserve: Any = None, use: str | None = None
+    ) -> AsyncEntry[M, D]:
+        """``Spool.enqueue``: add an entry to ``queue`` with ``metadata`` and ``data``
+        (name from ``use``, or reserved with seed ``reserve``). Cancelled before it
+        started, it does not happen; once started, it completes."""
         fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use)
         return self._entry(await self._run(fn, queue, metadata, data))
 
-    async def list(self, queue: enum.Enum) -> builtins.list[AsyncEntry[T]]:
+    async def list(self, queue: enum.Enum) -> builtins.list[AsyncEntry[M, D]]:
         """Entries waiting in ``queue``, sorted by name."""
         return [self._entry(e) for e in await self._run(self.sync.list, queue)]
 
-    async def list_checkouts_unsafe(self, queue: enum.Enum) -> builtins.list[AsyncCheckedOutEntry[T]]:
+    async def list_checkouts_unsafe(self, queue: enum.Enum) -> builtins.list[AsyncCheckedOutEntry[M, D]]:
         """``Spool.list_checkouts_unsafe``: handles that hold no lock."""
         return [
             AsyncCheckedOutEntry(self, co) for co in await self._run(self.sync.list_checkouts_unsafe, queue)
         ]
 
     # -- checkouts --------------------------------------------------------------------
-    async def checkout(self, entry: AsyncEntry[T] | Entry[T]) -> AsyncCheckedOutEntry[T]:
+    async def checkout(self, entry: AsyncEntry[M, D] | Entry[M, D]) -> AsyncCheckedOutEntry[M, D]:
         """Claim ``entry``; EntryNotFoundError if it is gone or another process holds it."""
         co = await self._run(self.sync.checkout, self._sync_entry(entry), undo=_release)
         return AsyncCheckedOutEntry(self, co)
 
-    async def checkout_if_found(self, entry: AsyncEntry[T] | Entry[T]) -> AsyncCheckedOutEntry[T] | None:
+    async def checkout_if_found(
+        self, entry: AsyncEntry[M, D] | Entry[M, D]
+    ) -> AsyncCheckedOutEntry[M, D] | None:
         """Claim ``entry``, or None if it is gone or another process holds it."""
         return self._co(await self._run(self.sync.checkout_if_found, self._sync_entry(entry), undo=_release))
 
-    async def _with(self, co: AsyncCheckedOutEntry[T], f: Callable[..., Any]) -> Any:
+    async def _with(self, co: AsyncCheckedOutEntry[M, D], f: Callable[..., Any]) -> Any:
         # An async f runs on the loop; the action is then applied in the executor.
         try:
             pair = await f(co.contents, co.data_file)
@@ -398,30 +414,39 @@ class AsyncSpool(Generic[T]):
             raise
         return await self._run(_apply_with_result, co.sync, pair, cancellable=False)
 
-    async def with_entry(self, entry: AsyncEntry[T] | Entry[T], f: Callable[..., Any]) -> Any:
+    async def with_entry(self, entry: AsyncEntry[M, D] | Entry[M, D], f: WithEntryHandler[M, D, R]) -> R:
         """Check out ``entry``, run ``f(metadata, data_file) -> (action, result)``, apply
         the action, return the result; if ``f`` raises, the entry goes back unchanged.
         A coroutine function ``f`` runs on the loop and gets an AsyncDataFile; a plain
         function runs in the executor (it may block) and gets the sync DataFile."""
         e = self._sync_entry(entry)
+        result: R
         if not _is_async(f):
-            return await self._run(self.sync.with_entry, e, f, cancellable=True)
-        return await self._with(await self.checkout(e), f)
+            result = await self._run(self.sync.with_entry, e, f, cancellable=True)
+        else:
+            result = await self._with(await self.checkout(e), f)
+        return result
 
-    async def with_entry_if_found(self, entry: AsyncEntry[T] | Entry[T], f: Callable[..., Any]) -> Any:
+    async def with_entry_if_found(
+        self, entry: AsyncEntry[M, D] | Entry[M, D], f: WithEntryHandler[M, D, R]
+    ) -> R | NotFound:
         """As ``with_entry``, but ``multispool.NOT_FOUND`` when it cannot be checked out."""
         e = self._sync_entry(entry)
+        result: R | NotFound
         if not _is_async(f):
-            return await self._run(self.sync.with_entry_if_found, e, f, cancellable=True)
-        co = await self.checkout_if_found(e)
-        if co is None:
-            return NOT_FOUND
-        return await self._with(co, f)
+            result = await self._run(self.sync.with_entry_if_found, e, f, cancellable=True)
+        else:
+            co = await self.checkout_if_found(e)
+            result = NOT_FOUND if co is None else await self._with(co, f)
+        return result
 
     # -- recovery ---------------------------------------------------------------------
-    async def recover_checkouts(self, queue: enum.Enum | None = None) -> builtins.list[AsyncEntry[T]]:
+    async def recover_checkouts(
+        self, queue: enum.Enum | None = None, *, dead_after: Duration | None = None
+    ) -> builtins.list[AsyncEntry[M, D]]:
         """``Spool.recover_checkouts``."""
-        return [self._entry(e) for e in await self._run(self.sync.recover_checkouts, queue)]
+        found = await self._run(functools.partial(self.sync.recover_checkouts, queue, dead_after=dead_after))
+        return [self._entry(e) for e in found]
 
     async def clean_abandoned(self, older_than: Duration = 600) -> builtins.list[str]:
         """``Spool.clean_abandoned``."""
@@ -434,9 +459,10 @@ class AsyncSpool(Generic[T]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
-    ) -> AsyncQueueReader[T]:
+    ) -> AsyncQueueReader[M, D]:
         """An event-driven async reader of ``queue``; it opens (recovery, watch) on
-        ``async with`` or its first use, off the loop."""
+        ``async with`` or its first use, off the loop. ``observer``, ``rescan_interval``
+        and ``recover`` mean what they mean for ``Spool.reader``."""
         r = AsyncQueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
         self._readers.add(r)
         return r
@@ -445,24 +471,25 @@ class AsyncSpool(Generic[T]):
         return f"AsyncSpool({self.dir!r}, {self.spoolable!r})"
 
 
-class AsyncDataFile(Generic[T]):
+class AsyncDataFile(Generic[D]):
     """An entry's data payload; ``load``/``save``/``stat`` run off the loop."""
 
     __slots__ = ("_aspool", "sync")
 
-    def __init__(self, aspool: AsyncSpool[T], data_file: DataFile[T]) -> None:
+    def __init__(self, aspool: AsyncSpool[Any, D], data_file: DataFile[D]) -> None:
         self._aspool = aspool
         self.sync = data_file
 
     @property
     def path(self) -> str:
+        """Where the data is: ``SPOOL/.data/NAME``."""
         return self.sync.path
 
-    async def load(self) -> T:
+    async def load(self) -> D:
         """The decoded data."""
         return await self._aspool._run(self.sync.load)
 
-    async def save(self, contents: T) -> None:
+    async def save(self, contents: D) -> None:
         """Atomically replace the data."""
         await self._aspool._run(self.sync.save, contents, cancellable=False)
 
@@ -474,18 +501,31 @@ class AsyncDataFile(Generic[T]):
         return f"AsyncDataFile({self.path!r})"
 
 
-class _AsyncDirect(Generic[T]):
+AsyncHandler: TypeAlias = (
+    Callable[[M, DataFile[D]], Action[M]] | Callable[[M, AsyncDataFile[D]], Awaitable[Action[M]]]
+)
+"""A reader callback: a plain function (run in the executor, given the sync DataFile) or a
+coroutine function (run on the loop, given an AsyncDataFile)."""
+WithEntryHandler: TypeAlias = (
+    Callable[[M, DataFile[D]], tuple[Action[M], R]]
+    | Callable[[M, AsyncDataFile[D]], Awaitable[tuple[Action[M], R]]]
+)
+"""A ``with_entry`` callback: returns ``(action, result)``, sync or async as AsyncHandler."""
+
+
+class _AsyncDirect(Generic[M, D]):
     """``Entry.direct`` as coroutines: no checkout, no exclusivity."""
 
     __slots__ = ("_entry",)
 
-    def __init__(self, entry: AsyncEntry[T]) -> None:
+    def __init__(self, entry: AsyncEntry[M, D]) -> None:
         self._entry = entry
 
     async def contents(self) -> Any:
         return await self._entry.spool._run(self._entry.sync.direct.contents)
 
-    def data_file(self) -> AsyncDataFile[T]:
+    def data_file(self) -> AsyncDataFile[D]:
+        """The entry's data file (no exclusivity)."""
         return AsyncDataFile(self._entry.spool, self._entry.sync.direct.data_file())
 
     async def save(self, metadata: Any) -> None:
@@ -495,26 +535,28 @@ class _AsyncDirect(Generic[T]):
         await self._entry.spool._run(self._entry.sync.direct.remove, cancellable=False)
 
 
-class AsyncEntry(Generic[T]):
+class AsyncEntry(Generic[M, D]):
     """A name in a queue (wraps a sync ``Entry``, ``.sync``)."""
 
     __slots__ = ("spool", "sync")
 
-    def __init__(self, spool: AsyncSpool[T], entry: Entry[T]) -> None:
+    def __init__(self, spool: AsyncSpool[M, D], entry: Entry[M, D]) -> None:
         self.spool = spool
         self.sync = entry
 
     @classmethod
-    def create(cls, spool: AsyncSpool[T], queue: enum.Enum, name: str) -> AsyncEntry[T]:
+    def create(cls, spool: AsyncSpool[M, D], queue: enum.Enum, name: str) -> AsyncEntry[M, D]:
         """No existence check (``Entry.create``)."""
         return cls(spool, Entry(spool.sync, queue, name))
 
     @property
     def name(self) -> str:
+        """The entry's name."""
         return self.sync.name
 
     @property
     def queue(self) -> enum.Enum:
+        """The queue the entry is in (or was in when listed)."""
         return self.sync.queue
 
     async def stat(self) -> os.stat_result:
@@ -522,7 +564,8 @@ class AsyncEntry(Generic[T]):
         return await self.spool._run(self.sync.stat)
 
     @property
-    def direct(self) -> _AsyncDirect[T]:
+    def direct(self) -> _AsyncDirect[M, D]:
+        """Read and write this entry in its queue without checking it out (no exclusivity)."""
         return _AsyncDirect(self)
 
     def __eq__(self, other: object) -> bool:
@@ -539,42 +582,48 @@ class AsyncEntry(Generic[T]):
         return f"AsyncEntry({self.spool.dir!r}, {self.queue}, {self.name!r})"
 
 
-class AsyncCheckedOutEntry(Generic[T]):
+class AsyncCheckedOutEntry(Generic[M, D]):
     """An entry this process has claimed (wraps a sync ``CheckedOutEntry``, ``.sync``).
     Exactly one of ``save``, ``remove`` or ``release`` ends it; leaving ``async with``
     without one returns it unchanged to its queue."""
 
     __slots__ = ("spool", "sync")
 
-    def __init__(self, spool: AsyncSpool[T], co: CheckedOutEntry[T]) -> None:
+    def __init__(self, spool: AsyncSpool[M, D], co: CheckedOutEntry[M, D]) -> None:
         self.spool = spool
         self.sync = co
 
     @property
     def name(self) -> str:
+        """The entry's name."""
         return self.sync.name
 
     @property
     def queue(self) -> enum.Enum:
+        """The queue it was checked out from."""
         return self.sync.queue
 
     @property
-    def contents(self) -> Any:
+    def contents(self) -> M:
+        """The metadata (the sync checkout's ``contents``)."""
         return self.sync.contents
 
     @property
-    def data_file(self) -> AsyncDataFile[T]:
+    def data_file(self) -> AsyncDataFile[D]:
+        """The entry's data file; its ``load``/``save`` run off the loop."""
         return AsyncDataFile(self.spool, self.sync.data_file)
 
     @property
     def path(self) -> str:
+        """Where the metadata is while checked out: ``QUEUE/.checkout/NAME``."""
         return self.sync.path
 
     @property
     def done(self) -> bool:
+        """True once saved, removed or released."""
         return self.sync.done
 
-    def update(self, f: Callable[[Any], Any]) -> AsyncCheckedOutEntry[T]:
+    def update(self, f: Callable[[M], M]) -> AsyncCheckedOutEntry[M, D]:
         """A new handle on the same checkout, with contents ``f(contents)``."""
         return AsyncCheckedOutEntry(self.spool, self.sync.update(f))
 
@@ -594,7 +643,7 @@ class AsyncCheckedOutEntry(Generic[T]):
             return
         await self.spool._run(self.sync.release, cancellable=False)
 
-    async def __aenter__(self) -> AsyncCheckedOutEntry[T]:
+    async def __aenter__(self) -> AsyncCheckedOutEntry[M, D]:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -779,14 +828,14 @@ class _LoopWake:
         self.flag = False
 
 
-class AsyncQueueReader(Generic[T]):
+class AsyncQueueReader(Generic[M, D]):
     """The async form of ``QueueReader``: same claims (run in the executor by a sync
     QueueReader core), waiting on filesystem events without blocking the loop. Use
     ``async with`` (or ``await reader.aclose()``); one task at a time per reader."""
 
     def __init__(
         self,
-        spool: AsyncSpool[T],
+        spool: AsyncSpool[M, D],
         queue: enum.Enum,
         *,
         observer: str = "auto",
@@ -804,7 +853,7 @@ class AsyncQueueReader(Generic[T]):
         self.queue = queue
         self._observer_request = observer
         self._recover = recover
-        self._core: QueueReader[T] | None = None
+        self._core: QueueReader[M, D] | None = None
         self._sub: _watch.Subscription | None = None
         self._wake: _LoopWake | None = None
         self._opening: asyncio.Future[None] | None = None
@@ -821,7 +870,7 @@ class AsyncQueueReader(Generic[T]):
         self._claimer: _Claimer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def _open_sync(self, wake: _LoopWake) -> tuple[QueueReader[T], _watch.Subscription]:
+    def _open_sync(self, wake: _LoopWake) -> tuple[QueueReader[M, D], _watch.Subscription]:
         core = QueueReader(
             self.spool.sync,
             self.queue,
@@ -839,7 +888,7 @@ class AsyncQueueReader(Generic[T]):
         self._claimer = _Claimer("multispool-aio-claim")
         return core, sub
 
-    def _close_sync(self, opened: tuple[QueueReader[Any], _watch.Subscription]) -> None:
+    def _close_sync(self, opened: tuple[QueueReader[Any, Any], _watch.Subscription]) -> None:
         core, sub = opened
         sub.close()
         core.close()
@@ -847,7 +896,7 @@ class AsyncQueueReader(Generic[T]):
         if claimer is not None:
             claimer.stop()  # after sub.close(): no new claim is submitted
 
-    async def _ensure_open(self) -> QueueReader[T] | None:
+    async def _ensure_open(self) -> QueueReader[M, D] | None:
         if self._closed:
             return None
         if self._core is not None:
@@ -870,6 +919,7 @@ class AsyncQueueReader(Generic[T]):
 
     @property
     def closed(self) -> bool:
+        """True once ``aclose`` was called (or the ``async with`` block left)."""
         return self._closed
 
     @property
@@ -895,7 +945,7 @@ class AsyncQueueReader(Generic[T]):
 
     close = aclose
 
-    async def __aenter__(self) -> AsyncQueueReader[T]:
+    async def __aenter__(self) -> AsyncQueueReader[M, D]:
         await self._ensure_open()
         return self
 
@@ -903,18 +953,18 @@ class AsyncQueueReader(Generic[T]):
         await self.aclose()
 
     # -- taking entries -------------------------------------------------------------------
-    def _dequeue_available_sync(self, core: QueueReader[T]) -> tuple[CheckedOutEntry[T] | None, bool]:
+    def _dequeue_available_sync(self, core: QueueReader[M, D]) -> tuple[CheckedOutEntry[M, D] | None, bool]:
         with self._core_lock:
             co = core.dequeue_available()
             busy, core._busy_seen = core._busy_seen, False
             return co, busy
 
     @staticmethod
-    def _undo_take(result: tuple[CheckedOutEntry[Any] | None, bool]) -> None:
+    def _undo_take(result: tuple[CheckedOutEntry[Any, Any] | None, bool]) -> None:
         if result[0] is not None:
             result[0].release()
 
-    async def _take(self, core: QueueReader[T]) -> tuple[AsyncCheckedOutEntry[T] | None, bool]:
+    async def _take(self, core: QueueReader[M, D]) -> tuple[AsyncCheckedOutEntry[M, D] | None, bool]:
         co, busy = await self.spool._run(self._dequeue_available_sync, core, undo=self._undo_take)
         return self.spool._co(co), busy
 
@@ -958,7 +1008,7 @@ class AsyncQueueReader(Generic[T]):
         if pre is not None:
             self.spool._drop(*pre)
 
-    async def dequeue_available(self) -> AsyncCheckedOutEntry[T] | None:
+    async def dequeue_available(self) -> AsyncCheckedOutEntry[M, D] | None:
         """The next entry if one can be claimed now, else None. Never waits for one."""
         core = await self._ensure_open()
         if core is None:
@@ -970,7 +1020,7 @@ class AsyncQueueReader(Generic[T]):
 
     async def dequeue(
         self, stop: asyncio.Event | None = None, timeout: Duration | None = None
-    ) -> AsyncCheckedOutEntry[T] | None:
+    ) -> AsyncCheckedOutEntry[M, D] | None:
         """The next entry, waiting for one (filesystem events, plus a re-list every
         ``rescan_interval``). None once ``stop`` is set, ``timeout`` passes, or the
         reader is closed. Cancelling it never loses an entry: a claim that completes
@@ -1064,10 +1114,10 @@ class AsyncQueueReader(Generic[T]):
                 # Let it finish now, so that no task outlives this call.
                 await asyncio.wait([stopper])
 
-    def __aiter__(self) -> AsyncIterator[AsyncCheckedOutEntry[T]]:
+    def __aiter__(self) -> AsyncIterator[AsyncCheckedOutEntry[M, D]]:
         return self
 
-    async def __anext__(self) -> AsyncCheckedOutEntry[T]:
+    async def __anext__(self) -> AsyncCheckedOutEntry[M, D]:
         """The next entry, waiting; StopAsyncIteration once the reader is closed."""
         co = await self.dequeue()
         if co is None:
@@ -1075,7 +1125,7 @@ class AsyncQueueReader(Generic[T]):
         return co
 
     # -- processing -----------------------------------------------------------------------
-    async def _process(self, co: AsyncCheckedOutEntry[T], f: Callable[..., Any]) -> None:
+    async def _process(self, co: AsyncCheckedOutEntry[M, D], f: Callable[..., Any]) -> None:
         if not _is_async(f):
             # The sync reader's own processing (f, then the action, or a release if either
             # raises), in the executor; once started it completes even if we are cancelled.
@@ -1092,7 +1142,7 @@ class AsyncQueueReader(Generic[T]):
             raise
         await self.spool._run(_finish_or_release, co.sync, action, cancellable=False)
 
-    async def iter(self, f: Callable[..., Any], stop: asyncio.Event | None = None) -> None:
+    async def iter(self, f: AsyncHandler[M, D], stop: asyncio.Event | None = None) -> None:
         """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
         are left, wait for new ones until ``stop`` is set or the reader is closed. A
         coroutine function ``f`` runs on the loop with an AsyncDataFile; a plain function
@@ -1119,7 +1169,7 @@ class AsyncQueueReader(Generic[T]):
             if not await self._wait_for_more(wake, stop, None, busy):
                 return
 
-    async def iter_available(self, f: Callable[..., Any]) -> None:
+    async def iter_available(self, f: AsyncHandler[M, D]) -> None:
         """Process the entries present in one fresh listing of the queue, then return."""
         core = await self._ensure_open()
         if core is None:
@@ -1140,7 +1190,7 @@ class AsyncQueueReader(Generic[T]):
                 return
             await self._process(AsyncCheckedOutEntry(self.spool, co), f)
 
-    def _take_listed_sync(self, core: QueueReader[T], relist: bool) -> CheckedOutEntry[T] | None:
+    def _take_listed_sync(self, core: QueueReader[M, D], relist: bool) -> CheckedOutEntry[M, D] | None:
         with self._core_lock:
             if relist:
                 core._relist()
@@ -1148,7 +1198,7 @@ class AsyncQueueReader(Generic[T]):
 
     def _batch_sync(
         self,
-        core: QueueReader[T],
+        core: QueueReader[M, D],
         f: Callable[..., Any],
         listed_only: bool,
         stop: asyncio.Event | None,

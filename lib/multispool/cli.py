@@ -4,7 +4,16 @@ It needs no user code: the queues are the spool's non-dot directories (in sorted
 and metadata is handled as raw bytes, shown as JSON when it parses as JSON, else as
 MessagePack when it decodes as such, else as base64 bytes.
 
-Exit codes: 0 ok, 1 problems found (fsck), 2 usage or spool error (one line on stderr).
+Exit codes: 0 ok, 1 problems found (fsck; rm of a name it could not remove), 2 usage or
+spool error (one line on stderr).
+
+Names that are not valid UTF-8 (possible on POSIX filesystems) are shown, in text and in
+JSON alike, with each undecodable byte written as the four characters ``\\xHH`` (Python's
+``backslashreplace``), so JSON output is always valid UTF-8 (never a lone surrogate).
+Command-line arguments take names as the filesystem holds them (the shell passes bytes).
+
+Optional extras: ``multispool[metrics]`` (prometheus_client) for ``metrics`` and
+``monitor --metrics-port``; ``multispool[progress]`` (rich) for progress bars on a terminal.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import enum
+import heapq
 import json
 import keyword
 import os
@@ -21,16 +31,17 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 import msgspec
 
-from . import _fs
+from . import __version__, _fs
 from ._errors import SpoolError
-from ._layout import REGISTRY, TMP, Dir, Layout, check_queue_dirname
+from ._layout import CHECKOUT, REGISTRY, TMP, Dir, Layout, check_name, check_queue_dirname
 from ._monitor import (
+    DeadCheckout,
     Duplicated,
     End,
     Limits,
@@ -42,7 +53,7 @@ from ._monitor import (
     TooOld,
     repair,
 )
-from ._spool import Spool
+from ._spool import CheckedOutEntry, Spool
 from ._spoolable import BytesData, Spoolable
 
 PROG = "multispool"
@@ -96,13 +107,15 @@ def queue_enum(dirnames: Sequence[str]) -> type[enum.Enum]:
     return enum.Enum("Queue", [(_member_name(d, used), d) for d in dirnames])  # type: ignore[return-value]
 
 
-def make_spoolable(dirnames: Sequence[str]) -> Spoolable[bytes]:
+def make_spoolable(dirnames: Sequence[str]) -> Spoolable[Any, bytes]:
     return Spoolable(queues=queue_enum(dirnames), metadata_codec=RawCodec(), data=BytesData())
 
 
-def open_spool(spool_dir: str) -> Spool[bytes]:
+def open_spool(spool_dir: str) -> Spool[Any, bytes]:
     """Load the spool at ``spool_dir`` with its non-dot directories as queues."""
     if not os.path.isdir(spool_dir):
+        if os.path.lexists(spool_dir):
+            raise UsageError(f"{spool_dir}: not a directory")
         raise UsageError(f"{spool_dir}: no such directory")
     lay = Layout(spool_dir)
     if not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)):
@@ -114,7 +127,7 @@ def open_spool(spool_dir: str) -> Spool[bytes]:
     return Spool.load(spool_dir, make_spoolable(queues))
 
 
-def find_queue(spool: Spool[bytes], name: str) -> enum.Enum:
+def find_queue(spool: Spool[Any, bytes], name: str) -> enum.Enum:
     for q in spool.spoolable.queues:
         if q.value == name:
             return q
@@ -141,6 +154,32 @@ def _metadata_text(fmt: str, value: Any) -> str:
     return text if fmt == "json" else f"{fmt}:{text}"
 
 
+def disp(name: str) -> str:
+    """``name`` printable as valid UTF-8: undecodable bytes (held as lone surrogates by
+    Python's filesystem decoding) become ``\\xHH``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
+
+
+def _clean(obj: Any) -> Any:
+    """``obj`` with every str passed through ``disp`` (keys included)."""
+    if isinstance(obj, str):
+        return disp(obj)
+    if isinstance(obj, dict):
+        return {disp(k) if isinstance(k, str) else k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """JSON text of ``obj``, always valid UTF-8 (see ``disp``)."""
+    return json.dumps(_clean(obj))
+
+
 def _age(now: float, mtime: float) -> float:
     return round(max(0.0, now - mtime), 3)
 
@@ -158,6 +197,7 @@ def _fmt_age(age: float | None) -> str:
 
 
 def _table(rows: list[list[str]], out: TextIO) -> None:
+    rows = [[disp(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
@@ -180,7 +220,91 @@ def _scan(path: str, with_mtime: bool) -> dict[str, float]:
     return out
 
 
+# -- progress on a terminal -------------------------------------------------------------
+class Progress:
+    """A progress bar on stderr for an operation over ``total`` items, drawn with rich
+    (the optional ``progress`` extra) only when stderr is a terminal and only once the
+    operation has run for a second: short runs and pipes stay silent. Without rich, a
+    plain one-line counter is redrawn on the terminal instead.
+
+    rich because it is well kept, draws correctly on every terminal (and Windows'),
+    handles resizes, and its Progress is a few lines to drive; it stays optional so
+    that the library never depends on it."""
+
+    DELAY = 1.0
+
+    def __init__(self, description: str, total: int | None, stream: TextIO | None = None) -> None:
+        self.description = description
+        self.total = total
+        self.done = 0
+        self._stream = sys.stderr if stream is None else stream
+        self._tty = _isatty(self._stream)
+        self._started = time.monotonic()
+        self._last = 0.0
+        self._rich: Any = None
+        self._task: Any = None
+        self._plain = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if not self._tty:
+            return
+        now = time.monotonic()
+        if now - self._started < self.DELAY or now - self._last < 0.1:
+            return
+        self._last = now
+        if self._rich is None and not self._plain:
+            self._start()
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self.done)
+        else:
+            of = f"/{self.total}" if self.total is not None else ""
+            self._stream.write(f"\r{self.description}: {self.done}{of}\x1b[K")
+            self._stream.flush()
+
+    def _start(self) -> None:
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        except ImportError:
+            self._plain = True
+            return
+        self._rich = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=Console(file=self._stream), transient=True,
+        )
+        self._rich.start()
+        self._task = self._rich.add_task(self.description, total=self.total, completed=self.done)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+        elif self._plain:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._plain = False
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 # -- subcommands ---------------------------------------------------------------------------
+def _queue_dirs(spool_dir: str) -> list[str]:
+    with os.scandir(spool_dir) as it:
+        return sorted(e.name for e in it if e.name[0] != "." and e.is_dir(follow_symlinks=False))
+
+
 def cmd_init(a: argparse.Namespace) -> int:
     queues = list(dict.fromkeys(a.queue))
     for q in queues:
@@ -188,29 +312,53 @@ def cmd_init(a: argparse.Namespace) -> int:
             check_queue_dirname(q)
         except ValueError as e:
             raise UsageError(f"bad queue name: {e}") from None
+    existed = set(_queue_dirs(a.dir)) if os.path.isdir(a.dir) else set()
     spool = Spool.create(a.dir, make_spoolable(queues))
-    print(f"spool {spool.dir} ready with queues: {', '.join(queues)}")
+    every = _queue_dirs(spool.dir)
+    added = [q for q in queues if q not in existed]
+    if existed:
+        note = f" (added: {', '.join(added)})" if added else " (nothing added)"
+        print(f"spool {disp(spool.dir)} ready with queues: {', '.join(map(disp, every))}{note}")
+    else:
+        print(f"spool {disp(spool.dir)} ready with queues: {', '.join(map(disp, every))}")
     return 0
 
 
-def queue_status(spool: Spool[bytes]) -> dict[str, dict[str, Any]]:
-    """Per queue: waiting entries, checkouts, age of the oldest waiting entry (None if empty)."""
+def queue_status(spool: Spool[Any, bytes]) -> dict[str, dict[str, Any]]:
+    """Per queue: waiting entries, checkouts, delayed entries, age of the oldest waiting
+    entry (None if empty). Only registered names count: a file with no registry file is
+    an orphan (``fsck`` reports it), not an entry."""
     lay = Layout(spool.dir)
     now = time.time()
+    registered = set(_scan(lay.registry, with_mtime=False))
     out: dict[str, dict[str, Any]] = {}
     for q in spool.spoolable.queues:
         dn = str(q.value)
-        waiting = _scan(lay.queue(dn), with_mtime=True)
-        checkouts = _scan(lay.checkout(dn), with_mtime=False)
+        waiting = {n: m for n, m in _scan(lay.queue(dn), with_mtime=True).items() if n in registered}
+        checkouts = [n for n in _scan(lay.checkout(dn), with_mtime=False) if n in registered]
         oldest = _age(now, min(waiting.values())) if waiting else None
-        out[dn] = {"entries": len(waiting), "checkouts": len(checkouts), "oldest_age": oldest}
+        out[dn] = {
+            "entries": len(waiting),
+            "checkouts": len(checkouts),
+            "delayed": count_delayed(spool, q, waiting, now),
+            "oldest_age": oldest,
+        }
     return out
+
+
+def count_delayed(spool: Spool[Any, bytes], queue: enum.Enum, names: Iterable[str], now: float) -> int:
+    """How many of ``names`` (waiting in ``queue``) are not due yet. Delays are stored by
+    the retry feature (``Entry.due()``); until a spool has any, nothing is delayed."""
+    del spool, queue, names, now
+    return 0
 
 
 def cmd_status(a: argparse.Namespace) -> int:
     st = queue_status(open_spool(a.dir))
+    for row in st.values():
+        del row["delayed"]  # shown (status --json "delayed") by the retry feature's change
     if a.json:
-        print(json.dumps(st))
+        print(dumps(st))
         return 0
     rows = [["QUEUE", "ENTRIES", "CHECKOUTS", "OLDEST"]]
     for dn, s in st.items():
@@ -219,37 +367,252 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ls(a: argparse.Namespace) -> int:
-    spool = open_spool(a.dir)
-    q = find_queue(spool, a.queue)
+def _ls_names(where: str, a: argparse.Namespace) -> Iterator[str]:
+    """Entry names of ``where``: sorted (one getdents pass, no stat, before the first
+    line), or with ``--unsorted`` in directory order, streamed as the kernel lists them."""
+    if a.unsorted:
+        with os.scandir(where) as it:
+            for e in it:
+                if e.name[0] != ".":
+                    yield e.name
+        return
+    names = [n for n in os.listdir(where) if n[0] != "."]
+    if a.limit is not None and a.limit < len(names) // 8:
+        yield from heapq.nsmallest(a.limit, names)
+    else:
+        names.sort()
+        yield from names
+
+
+def ls_items(spool: Spool[Any, bytes], queue: enum.Enum, a: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The entries of ``queue`` (or its checkouts), one dict each, read one at a time."""
     lay = Layout(spool.dir)
-    dn = str(q.value)
-    now = time.time()
+    dn = str(queue.value)
     where = lay.checkout(dn) if a.checkouts else lay.queue(dn)
-    items: list[dict[str, Any]] = []
-    for name, mtime in sorted(_scan(where, with_mtime=True).items()):
+    n = 0
+    for name in _ls_names(where, a):
+        if a.limit is not None and n >= a.limit:
+            return
+        path = os.path.join(where, name)
         try:
-            raw = _fs.read_file(os.path.join(where, name))
+            st = os.lstat(path)
+            raw = _fs.read_file(path)
         except FileNotFoundError:
             continue  # claimed, moved or removed since the listing
+        except OSError as e:
+            sys.stderr.write(f"{PROG}: warning: {disp(path)}: {e.strerror}\n")
+            continue
         try:
             size: int | None = os.lstat(lay.data_file(name)).st_size
         except FileNotFoundError:
             size = None
         fmt, value = show_metadata(raw)
-        items.append(
-            {"name": name, "age": _age(now, mtime), "size": size, "metadata_format": fmt, "metadata": value}
-        )
+        now = time.time()
+        n += 1
+        # Columns DUE and ATTEMPTS of the retry feature go here.
+        yield {"name": name, "age": _age(now, st.st_mtime), "size": size, "metadata_format": fmt,
+               "metadata": value}
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    """Stream: each entry is printed as soon as it is read, so ``ls | head`` returns at
+    once whatever the queue's size (``--unsorted`` also skips the sort of the names)."""
+    spool = open_spool(a.dir)
+    q = find_queue(spool, a.queue)
+    if a.limit is not None and a.limit < 0:
+        raise UsageError("--limit must be >= 0")
+    out = sys.stdout
+    items = ls_items(spool, q, a)
     if a.json:
-        print(json.dumps(items))
+        sep = "[\n"
+        for it in items:
+            out.write(sep + dumps(it))
+            out.flush()
+            sep = ",\n"
+        out.write("[]\n" if sep == "[\n" else "\n]\n")
         return 0
-    rows = [["NAME", "AGE", "SIZE", "METADATA"]]
+    out.write("NAME  AGE  SIZE  METADATA\n")
     for it in items:
         size_s = "-" if it["size"] is None else str(it["size"])
-        rows.append(
-            [it["name"], _fmt_age(it["age"]), size_s, _metadata_text(it["metadata_format"], it["metadata"])]
-        )
-    _table(rows, sys.stdout)
+        meta = _metadata_text(it["metadata_format"], it["metadata"])
+        out.write(f"{disp(it['name'])}  {_fmt_age(it['age'])}  {size_s}  {disp(meta)}\n")
+        out.flush()
+    return 0
+
+
+def _find_entry(spool: Spool[Any, bytes], name: str, queue: enum.Enum | None) -> tuple[enum.Enum, bool]:
+    """Where ``name`` is: (queue, checked_out), searching ``queue`` or every queue."""
+    lay = Layout(spool.dir)
+    queues = list(spool.spoolable.queues) if queue is None else [queue]
+    for q in queues:
+        if os.path.lexists(lay.queue_file(str(q.value), name)):
+            return q, False
+    for q in queues:
+        if os.path.lexists(lay.checkout_file(str(q.value), name)):
+            return q, True
+    where = "any queue" if queue is None else f"queue {queue.value!r}"
+    raise UsageError(f"{disp(spool.dir)}: no entry {disp(name)!r} in {where}")
+
+
+def _name_arg(name: str) -> str:
+    try:
+        return check_name(name)
+    except SpoolError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    """Read-only: the metadata and data of one entry, waiting or checked out (reading a
+    live checkout changes nothing, so no lock is taken)."""
+    spool = open_spool(a.dir)
+    q = find_queue(spool, a.queue)
+    name = _name_arg(a.name)
+    lay = Layout(spool.dir)
+    dn = str(q.value)
+    raw = None
+    state = ""
+    for where, path in (("waiting", lay.queue_file(dn, name)), ("checked out", lay.checkout_file(dn, name))):
+        try:
+            raw = _fs.read_file(path)
+        except FileNotFoundError:
+            continue
+        state = where
+        break
+    if raw is None:
+        raise UsageError(f"{disp(spool.dir)}: no entry {disp(name)!r} in queue {disp(dn)!r}")
+    data_path = lay.data_file(name)
+    if a.data_only:
+        try:
+            fd = os.open(data_path, _fs.O_READ)
+        except FileNotFoundError:
+            raise UsageError(f"{disp(data_path)}: entry has no data file") from None
+        try:
+            out = sys.stdout.buffer
+            while chunk := os.read(fd, 1 << 20):
+                out.write(chunk)
+            out.flush()
+        finally:
+            os.close(fd)
+        return 0
+    try:
+        data: bytes | None = _fs.read_file(data_path)
+    except FileNotFoundError:
+        data = None
+    fmt, value = show_metadata(raw)
+    doc: dict[str, Any] = {"name": name, "queue": dn, "state": state, "metadata_format": fmt,
+                           "metadata": value, "size": None if data is None else len(data)}
+    if data is not None:
+        try:
+            doc["data"], doc["data_encoding"] = data.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            doc["data"], doc["data_encoding"] = base64.b64encode(data).decode("ascii"), "base64"
+    if a.json:
+        print(dumps(doc))
+        return 0
+    print(f"name:     {disp(name)}\nqueue:    {disp(dn)} ({state})")
+    print(f"metadata: {disp(_metadata_text(fmt, value))}")
+    if data is None:
+        print("data:     (no data file)")
+    else:
+        print(f"data:     {len(data)} bytes, {doc['data_encoding']} (--data-only for the raw bytes)")
+        print(disp(doc["data"]))
+    return 0
+
+
+def _claim(
+    spool: Spool[Any, bytes], q: enum.Enum, name: str, checked_out: bool
+) -> CheckedOutEntry[Any, bytes]:
+    """Check ``name`` out of ``q`` the way the library does (its owner lock held until
+    the caller saves or removes it). A dead process's checkout is first put back into
+    its queue; a live one's is never touched."""
+    dn = str(q.value)
+    lay = Layout(spool.dir)
+    if checked_out:
+        with spool.spoolable.throttled():
+            spool._recover_one(q, dn, name)
+        if os.path.lexists(lay.checkout_file(dn, name)):
+            raise UsageError(f"{disp(dn)}/{CHECKOUT}/{disp(name)} is checked out by a live process: "
+                             "left alone")
+    co = spool._claim(q, name)
+    if co is None:
+        if os.path.lexists(lay.checkout_file(dn, name)) or os.path.lexists(lay.queue_file(dn, name)):
+            raise UsageError(f"{disp(dn)}/{disp(name)} is held by a live process: left alone")
+        raise UsageError(f"{disp(spool.dir)}: no entry {disp(name)!r} in queue {disp(dn)!r}")
+    return co
+
+
+def cmd_mv(a: argparse.Namespace) -> int:
+    """Move any entry (quarantined or dead-lettered included) into ``--to``, under its
+    owner lock: checked out, then saved into the new queue, as a consumer would."""
+    spool = open_spool(a.dir)
+    dst = find_queue(spool, a.to)
+    name = _name_arg(a.name)
+    src = None if a.queue is None else find_queue(spool, a.queue)
+    q, checked_out = _find_entry(spool, name, src)
+    if q == dst and not checked_out:
+        print(f"{disp(name)} is already in {disp(str(dst.value))}")
+        return 0
+    co = _claim(spool, q, name, checked_out)
+    try:
+        co.save(dst)
+    except BaseException:
+        co.release()
+        raise
+    print(f"moved {disp(str(q.value))}/{disp(name)} to {disp(str(dst.value))}")
+    return 0
+
+
+def cmd_rm(a: argparse.Namespace) -> int:
+    """Remove entries of QUEUE under their owner locks; a name that cannot be removed
+    (absent, held by a live process) is reported on stderr and makes the exit code 1."""
+    spool = open_spool(a.dir)
+    q = find_queue(spool, a.queue)
+    dn = str(q.value)
+    failed = 0
+    for raw_name in a.names:
+        try:
+            name = _name_arg(raw_name)
+            co = _claim(spool, q, name, checked_out=False)
+            co.remove()
+        except (UsageError, SpoolError) as e:
+            failed += 1
+            sys.stderr.write(f"{PROG}: {' '.join(str(e).split())}\n")
+            continue
+        print(f"removed {disp(dn)}/{disp(name)}")
+    return 1 if failed else 0
+
+
+def cmd_purge(a: argparse.Namespace) -> int:
+    """Remove every waiting entry of QUEUE (``--yes`` required), each under its owner
+    lock; entries held by a live process (checked out or being claimed) are left."""
+    spool = open_spool(a.dir)
+    q = find_queue(spool, a.queue)
+    dn = str(q.value)
+    lay = Layout(spool.dir)
+    names = [n for n in os.listdir(lay.queue(dn)) if n[0] != "."]
+    if not a.yes:
+        raise UsageError(f"purge removes the {len(names)} entries of {disp(dn)}: add --yes to confirm")
+    removed = skipped = 0
+    with Progress(f"purging {disp(dn)}", len(names)) as bar:
+        for name in names:
+            try:
+                co = spool._claim(q, name)
+                if co is None:
+                    if os.path.lexists(lay.queue_file(dn, name)):
+                        skipped += 1
+                    continue
+                co.remove()
+                removed += 1
+            except SpoolError as e:
+                skipped += 1
+                sys.stderr.write(f"{PROG}: warning: {' '.join(str(e).split())}\n")
+            finally:
+                bar.advance()
+    if a.json:
+        print(dumps({"removed": removed, "skipped": skipped}))
+    else:
+        tail = f" ({skipped} left: held by a live process or unreadable)" if skipped else ""
+        print(f"purged {removed} entries from {disp(dn)}{tail}")
     return 0
 
 
@@ -269,11 +632,11 @@ def cmd_enqueue(a: argparse.Namespace) -> int:
         with open(a.data, "rb") as f:
             data = f.read()
     entry = spool.enqueue(q, raw, data)
-    print(entry.name)
+    print(disp(entry.name))
     return 0
 
 
-def _limits(a: argparse.Namespace, spool: Spool[bytes]) -> Limits:
+def _limits(a: argparse.Namespace, spool: Spool[Any, bytes]) -> Limits:
     ages: dict[enum.Enum, float] = {}
     for item in a.max_age:
         qname, sep, dur = item.rpartition("=")
@@ -287,8 +650,8 @@ def _limits(a: argparse.Namespace, spool: Spool[bytes]) -> Limits:
 
 
 def problem_json(p: Problem, now: float | None = None) -> dict[str, Any]:
-    kind = {TooOld: "too_old", Orphaned: "orphaned", Duplicated: "duplicated"}[type(p)]
-    out: dict[str, Any] = {"kind": kind, "file": p.file.filename, "mtime": p.file.mtime}
+    kinds = {TooOld: "too_old", Orphaned: "orphaned", Duplicated: "duplicated", DeadCheckout: "dead_checkout"}
+    out: dict[str, Any] = {"kind": kinds[type(p)], "file": p.file.filename, "mtime": p.file.mtime}
     if now is not None:
         out["age"] = _age(now, p.file.mtime)
     if isinstance(p, Duplicated):
@@ -300,34 +663,87 @@ def problem_json(p: Problem, now: float | None = None) -> dict[str, Any]:
 
 def problem_text(p: Problem, now: float) -> str:
     age = _fmt_age(_age(now, p.file.mtime))
+    f = disp(p.file.filename)
     if isinstance(p, TooOld):
-        return f"too old: {p.dir.name_on_disk}/{p.file.filename} (age {age})"
+        return f"too old: {p.dir.name_on_disk}/{f} (age {age})"
     if isinstance(p, Orphaned):
         if p.dir == Dir.REGISTRY:
-            return f"orphaned: {REGISTRY}/{p.file.filename} is in no queue (age {age})"
-        return f"orphaned: {p.dir.name_on_disk}/{p.file.filename} has no registry file (age {age})"
+            return f"orphaned: {REGISTRY}/{f} is in no queue (age {age})"
+        return f"orphaned: {p.dir.name_on_disk}/{f} has no registry file (age {age})"
+    if isinstance(p, DeadCheckout):
+        return f"dead checkout: {p.dir.name_on_disk}/{f} (its owner died; --repair or recover puts it back)"
     dirs = ", ".join(d.name_on_disk for d in p.dirs)
-    return f"duplicated: {p.file.filename} is in {dirs}"
+    return f"duplicated: {f} is in {dirs}"
+
+
+class Activity:
+    """A spinner on stderr for a step whose length is unknown (a whole-spool check),
+    shown only on a terminal and only once the step has run for a second. rich (the
+    optional ``progress`` extra) draws it; without rich, one plain line is shown."""
+
+    def __init__(self, description: str, stream: TextIO | None = None) -> None:
+        self.description = description
+        self._stream = sys.stderr if stream is None else stream
+        self._lock = threading.Lock()
+        self._shown: Any = None
+        self._closed = False
+        self._timer: threading.Timer | None = None
+        if _isatty(self._stream):
+            self._timer = threading.Timer(Progress.DELAY, self._show)
+            self._timer.daemon = True
+
+    def __enter__(self) -> Activity:
+        if self._timer is not None:
+            self._timer.start()
+        return self
+
+    def _show(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                from rich.console import Console
+            except ImportError:
+                self._stream.write(f"{self.description} ...")
+                self._stream.flush()
+                self._shown = True
+                return
+            self._shown = Console(file=self._stream).status(self.description)
+            self._shown.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        with self._lock:
+            self._closed = True
+            if self._shown is True:
+                self._stream.write("\r\x1b[K")
+                self._stream.flush()
+            elif self._shown is not None:
+                self._shown.stop()
 
 
 def cmd_fsck(a: argparse.Namespace) -> int:
     spool = open_spool(a.dir)
     monitor = Monitor(spool.dir, spool.spoolable, _limits(a, spool))
-    problems = monitor.run_once()
+    with Activity(f"checking {disp(spool.dir)}"):
+        problems = monitor.run_once()
     actions: list[str] = []
     if a.repair or a.dry_run:
-        actions = repair(spool, monitor.limits, problems, dry_run=a.dry_run)
-        if not a.dry_run:
-            problems = monitor.run_once()
+        with Activity(f"repairing {len(problems)} problems"):
+            actions = repair(spool, monitor.limits, problems, dry_run=a.dry_run)
+            if not a.dry_run:
+                problems = monitor.run_once()
     now = time.time()
     if a.json:
         doc: Any = [problem_json(p, now) for p in problems]
         if a.repair or a.dry_run:
             doc = {"actions": actions, "dry_run": a.dry_run, "problems": doc}
-        print(json.dumps(doc))
+        print(dumps(doc))
     else:
         for line in actions:
-            print(line)
+            print(disp(line))
         for p in problems:
             print(problem_text(p, now))
         if not problems:
@@ -336,21 +752,36 @@ def cmd_fsck(a: argparse.Namespace) -> int:
 
 
 def cmd_recover(a: argparse.Namespace) -> int:
+    """One summary line; with ``-v`` also one line per entry. The checkouts are
+    recovered one by one (each under its owner lock), with a progress bar on a terminal."""
     spool = open_spool(a.dir)
-    recovered = spool.recover_checkouts()
-    removed = spool.clean_abandoned(older_than=a.older_than)
+    lay = Layout(spool.dir)
+    sp = spool.spoolable
+    todo = [(q, n) for q in sp.queues for n in sorted(os.listdir(lay.checkout(str(q.value)))) if n[0] != "."]
+    recovered: list[str] = []
+    verbose = a.verbose and not a.json
+    with Progress("recovering dead checkouts", len(todo)) as bar:
+        for q, name in todo:
+            dn = str(q.value)
+            with sp.throttled():
+                ok = spool._recover_one(q, dn, name)
+            if ok:
+                recovered.append(f"{dn}/{name}")
+                if verbose:
+                    print(f"recovered {disp(dn)}/{disp(name)} (its owner died) back into {disp(dn)}")
+            bar.advance()
+    with Activity("removing abandoned enqueues"):
+        removed = spool.clean_abandoned(older_than=a.older_than)
     if a.json:
-        print(json.dumps({
-            "recovered": [f"{e.queue.value}/{e.name}" for e in recovered],
-            "removed_abandoned": removed,
-        }))
+        print(dumps({"recovered": recovered, "removed_abandoned": removed}))
         return 0
-    for e in recovered:
-        print(f"recovered {e.queue.value}/{e.name} (its owner died) back into {e.queue.value}")
-    for name in removed:
-        print(f"removed abandoned enqueue {name}")
+    if verbose:
+        for name in removed:
+            print(f"removed abandoned enqueue {disp(name)}")
     if not recovered and not removed:
         print("nothing to recover")
+    else:
+        print(f"recovered {len(recovered)} dead checkouts, removed {len(removed)} abandoned enqueues")
     return 0
 
 
@@ -377,14 +808,35 @@ def event_json(ev: Start | End) -> dict[str, Any]:
     return {"event": kind, "time": ev.time, "problem": problem_json(ev.problem)}
 
 
+class _LatestMonitor(Monitor):
+    """A Monitor that keeps its last check's problems (for the metrics endpoint)."""
+
+    latest: list[Problem] = []  # noqa: RUF012 - replaced, never mutated
+
+    def run_once(self) -> list[Problem]:
+        problems = super().run_once()
+        self.latest = problems
+        return problems
+
+
 def cmd_monitor(a: argparse.Namespace) -> int:
     spool = open_spool(a.dir)
-    monitor = Monitor(spool.dir, spool.spoolable, _limits(a, spool))
+    monitor = _LatestMonitor(spool.dir, spool.spoolable, _limits(a, spool))
     lock = threading.Lock()
+    server: Any = None
+    server_thread: threading.Thread | None = None
+    if a.metrics_port is not None:
+        prom = _prometheus()
+        registry = prom.CollectorRegistry(auto_describe=False)
+        registry.register(SpoolCollector(spool, lambda: monitor.latest))
+        server, server_thread = prom.start_http_server(a.metrics_port, addr=a.metrics_addr, registry=registry)
+        host, port = server.server_address[:2]
+        sys.stderr.write(f"{PROG}: serving metrics on http://{host}:{port}/metrics\n")
+        sys.stderr.flush()
 
     def emit(ev: Start | End) -> None:
         with lock:
-            sys.stdout.write(json.dumps(event_json(ev)) + "\n")
+            sys.stdout.write(dumps(event_json(ev)) + "\n")
             sys.stdout.flush()
 
     stop = threading.Event()
@@ -396,6 +848,11 @@ def cmd_monitor(a: argparse.Namespace) -> int:
     finally:
         stop.set()
         restore()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            if server_thread is not None:
+                server_thread.join()
     return 0
 
 
@@ -411,6 +868,13 @@ class _Rates:
         if self.names is not None:
             self.samples.append((now, len(names - self.names), len(self.names - names)))
         self.names = names
+        return self.rates(now)
+
+    def add(self, now: float, arrived: int, left: int) -> tuple[float, float]:
+        self.samples.append((now, arrived, left))
+        return self.rates(now)
+
+    def rates(self, now: float) -> tuple[float, float]:
         while self.samples and self.samples[0][0] < now - self.window:
             self.samples.popleft()
         arrived = sum(s[1] for s in self.samples)
@@ -418,20 +882,68 @@ class _Rates:
         return arrived / self.window, left / self.window
 
 
-def watch_table(spool: Spool[bytes], rates: dict[str, _Rates], now: float) -> list[str]:
-    lay = Layout(spool.dir)
-    rows = [["QUEUE", "ENTRIES", "CHECKOUTS", "IN/S", "OUT/S"]]
-    for q in spool.spoolable.queues:
-        dn = str(q.value)
+class QueueView:
+    """A running view of one queue: one listing per refresh (names only), an lstat only
+    for names that arrived since the last one (their mtimes give OLDEST), rates from the
+    difference of two listings. A refresh costs one getdents pass over the queue."""
+
+    def __init__(self, spool: Spool[Any, bytes], queue: enum.Enum, window: float) -> None:
+        lay = Layout(spool.dir)
+        self.name = str(queue.value)
+        self.path = lay.queue(self.name)
+        self.checkout_path = lay.checkout(self.name)
+        self.names: set[str] | None = None
+        self.mtimes: dict[str, float] = {}
+        self.rates = _Rates(window)
+        self.row: dict[str, Any] = {}
+
+    def refresh(self, now: float) -> dict[str, Any]:
         try:
-            names = set(_scan(lay.queue(dn), with_mtime=False))
-            checkouts = len(_scan(lay.checkout(dn), with_mtime=False))
+            names = {n for n in os.listdir(self.path) if n[0] != "."}
+            checkouts = sum(1 for n in os.listdir(self.checkout_path) if n[0] != ".")
         except FileNotFoundError:
-            rows.append([dn, "gone", "-", "-", "-"])
-            continue
-        r = rates.setdefault(dn, _Rates(rates["."].window))
-        enq, deq = r.update(names, now)
-        rows.append([dn, str(len(names)), str(checkouts), f"{enq:.1f}", f"{deq:.1f}"])
+            self.row = {"queue": self.name, "gone": True}
+            return self.row
+        old = self.names if self.names is not None else set()
+        arrived = names - old
+        left = old - names
+        for n in left:
+            self.mtimes.pop(n, None)
+        for n in arrived:
+            try:
+                self.mtimes[n] = os.lstat(os.path.join(self.path, n)).st_mtime
+            except FileNotFoundError:
+                names.discard(n)
+        first = self.names is None
+        self.names = names
+        enq, deq = self.rates.rates(now) if first else self.rates.add(now, len(arrived), len(left))
+        oldest = _age(time.time(), min(self.mtimes.values())) if self.mtimes else None
+        self.row = {"queue": self.name, "entries": len(names), "checkouts": checkouts,
+                    "oldest_age": oldest, "in_per_s": round(enq, 1), "out_per_s": round(deq, 1)}
+        return self.row
+
+
+def watch_rows(views: list[QueueView]) -> list[list[str]]:
+    rows = [["QUEUE", "ENTRIES", "CHECKOUTS", "IN/S", "OUT/S", "OLDEST"]]
+    for v in views:
+        r = v.row
+        if r.get("gone"):
+            rows.append([disp(v.name), "gone", "-", "-", "-", "-"])
+        else:
+            rows.append([disp(v.name), str(r["entries"]), str(r["checkouts"]), f"{r['in_per_s']:.1f}",
+                         f"{r['out_per_s']:.1f}", _fmt_age(r["oldest_age"])])
+    return rows
+
+
+def watch_table(spool: Spool[Any, bytes], rates: dict[str, _Rates], now: float) -> list[str]:
+    """The table once (``watch --once``)."""
+    views = [QueueView(spool, q, rates["."].window) for q in spool.spoolable.queues]
+    for v in views:
+        v.refresh(now)
+    return _aligned(watch_rows(views))
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
@@ -439,45 +951,148 @@ def watch_table(spool: Spool[bytes], rates: dict[str, _Rates], now: float) -> li
     ]
 
 
+# A refresh may use at most this share of one core (its own CPU time decides when the
+# next one may run), so a deep queue is re-listed less often rather than costing more.
+WATCH_CPU_BUDGET = 0.02
+
+
 def cmd_watch(a: argparse.Namespace) -> int:
-    """Redraw the table in place on every filesystem event (at most 10 times a second) and
-    at least once a second (rates decay); Ctrl-C or SIGTERM ends it with exit 0."""
+    """Refresh on filesystem events (arrivals in a queue) and at least every
+    ``--interval`` (departures, checkouts), never more often than the CPU budget allows:
+    a refresh that cost c seconds of CPU is followed by a pause of at least c / 2 %.
+    On a terminal the table is redrawn in place; otherwise a plain line per queue is
+    printed whenever its numbers change. Ctrl-C or SIGTERM ends it with exit 0."""
     from ._watch import choose_observer, subscribe
 
     spool = open_spool(a.dir)
     if not a.window > 0:
         raise UsageError("--window must be positive")
-    rates: dict[str, _Rates] = {".": _Rates(a.window)}
+    if not a.interval > 0:
+        raise UsageError("--interval must be positive")
     out = sys.stdout
     if a.once:
+        rates: dict[str, _Rates] = {".": _Rates(a.window)}
         out.write("\n".join(watch_table(spool, rates, time.time())) + "\n")
         return 0
-    lay = Layout(spool.dir)
-    mode, reason = choose_observer(spool.dir, a.observer)
+    tty = _isatty(out)
+    views = [QueueView(spool, q, a.window) for q in spool.spoolable.queues]
+    mode, _ = choose_observer(spool.dir, a.observer)
     wake = threading.Event()
     stop = threading.Event()
     restore = _stop_on_signals(stop)
     subs = []
+    printed: dict[str, tuple[Any, ...]] = {}
     try:
-        for q in spool.spoolable.queues:
-            for d in (lay.queue(str(q.value)), lay.checkout(str(q.value))):
-                subs.append(subscribe(d, wake.set, mode))
-        out.write("\x1b[?25l")  # hide the cursor while redrawing
+        # Arrivals only: a consumer's claims (renames out) would wake us thousands of
+        # times a second while a backlog drains; departures are seen at the next refresh.
+        for v in views:
+            subs.append(subscribe(v.path, wake.set, mode, departures=False))
+        if tty:
+            out.write("\x1b[?25l")  # hide the cursor while redrawing
         while not stop.is_set():
             wake.clear()  # before listing: a change during the listing wakes us again
-            lines = watch_table(spool, rates, time.time())
-            header = f"multispool watch {spool.dir}  ({mode} observer; Ctrl-C to quit)"
-            out.write("\x1b[H" + "".join(f"{x}\x1b[K\n" for x in [header, "", *lines]) + "\x1b[J")
+            cpu = time.thread_time()
+            now = time.time()
+            for v in views:
+                v.refresh(now)
+            cost = time.thread_time() - cpu
+            if tty:
+                header = f"multispool watch {disp(spool.dir)}  ({mode} observer; Ctrl-C to quit)"
+                lines = [header, "", *_aligned(watch_rows(views))]
+                out.write("\x1b[H" + "".join(f"{x}\x1b[K\n" for x in lines) + "\x1b[J")
+            else:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+                for v in views:
+                    r = v.row
+                    key = (r.get("entries"), r.get("checkouts"), r.get("gone"))
+                    if printed.get(v.name) == key:
+                        continue
+                    printed[v.name] = key
+                    if r.get("gone"):
+                        out.write(f"{stamp} {disp(v.name)} gone\n")
+                    else:
+                        out.write(f"{stamp} {disp(v.name)} entries={r['entries']} checkouts={r['checkouts']} "
+                                  f"oldest={_fmt_age(r['oldest_age'])} in/s={r['in_per_s']:.1f} "
+                                  f"out/s={r['out_per_s']:.1f}\n")
             out.flush()
-            wake.wait(1.0)
-            stop.wait(0.1)  # at most 10 redraws a second however busy the spool is
+            if stop.wait(max(a.min_interval, cost / WATCH_CPU_BUDGET)):
+                break
+            wake.wait(a.interval)
     finally:
-        for s in subs:
-            s.close()
+        for sub in subs:
+            sub.close()
         restore()
-        out.write("\x1b[?25h\n")
-        out.flush()
-    del reason
+        if tty:
+            out.write("\x1b[?25h\n")
+            out.flush()
+    return 0
+
+
+# -- metrics ---------------------------------------------------------------------------------
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:
+        raise UsageError("metrics need prometheus_client: pip install 'multispool[metrics]'") from None
+    return prometheus_client
+
+
+_KIND = {TooOld: "too_old", Orphaned: "orphaned", Duplicated: "duplicated", DeadCheckout: "dead_checkout"}
+
+
+class SpoolCollector:
+    """A prometheus_client collector of one spool: per queue, the waiting entries,
+    checkouts, delayed entries, age of the oldest entry, and the open fsck problems by
+    kind (``queue=""`` for problems in .tmp, .data and .registry)."""
+
+    def __init__(self, spool: Spool[Any, bytes], problems: Callable[[], list[Problem]]) -> None:
+        self.spool = spool
+        self.problems = problems
+
+    def describe(self) -> list[Any]:
+        return []  # no scrape at registration time
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        st = queue_status(self.spool)
+        lb = ["spool", "queue"]
+        fams = {
+            "entries": GaugeMetricFamily("multispool_queue_entries", "Entries waiting.", labels=lb),
+            "checkouts": GaugeMetricFamily("multispool_queue_checkouts", "Checked out.", labels=lb),
+            "delayed": GaugeMetricFamily("multispool_queue_delayed", "Not due yet.", labels=lb),
+            "oldest_age": GaugeMetricFamily("multispool_queue_oldest_age_seconds",
+                                            "Age of the oldest waiting entry (0 when empty).", labels=lb),
+        }
+        d = disp(self.spool.dir)
+        for dn, row in st.items():
+            for key, fam in fams.items():
+                fam.add_metric([d, disp(dn)], float(row[key] or 0))
+        yield from fams.values()
+        counts: dict[tuple[str, str], int] = {(disp(dn), k): 0 for dn in st for k in _KIND.values()}
+        for k in _KIND.values():
+            counts[("", k)] = 0
+        for p in self.problems():
+            dirs = p.dirs if isinstance(p, Duplicated) else (p.dir,)
+            q = dirs[0].queue_member if dirs[0].queue_member is not None else None
+            where = ("" if q is None else disp(str(q.value)), _KIND[type(p)])
+            counts[where] = counts.get(where, 0) + 1
+        fam = GaugeMetricFamily("multispool_problems", "Open fsck problems by kind and queue.",
+                                labels=["spool", "queue", "kind"])
+        for (q_, k), n in sorted(counts.items()):
+            fam.add_metric([d, q_, k], float(n))
+        yield fam
+
+
+def cmd_metrics(a: argparse.Namespace) -> int:
+    """Print the metrics once, in the Prometheus text format (for node_exporter's
+    textfile collector: write to a temporary file and rename it into place)."""
+    prom = _prometheus()
+    spool = open_spool(a.dir)
+    monitor = Monitor(spool.dir, spool.spoolable, _limits(a, spool))
+    registry = prom.CollectorRegistry(auto_describe=False)
+    registry.register(SpoolCollector(spool, monitor.run_once))
+    sys.stdout.write(prom.generate_latest(registry).decode("utf-8"))
     return 0
 
 
@@ -502,6 +1117,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=fmt,
                      epilog="Durations: 90, 90s, 10m, 2h, 1d. Exit codes: 0 ok, 1 problems found, "
                             "2 usage or spool error.\nexample: multispool status /var/spool/app")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -522,8 +1138,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ls", "list the entries of a queue", "multispool ls /tmp/sp in --checkouts")
     p.add_argument("queue", metavar="QUEUE")
     p.add_argument("--checkouts", action="store_true", help="list the queue's checked-out entries")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--limit", type=int, metavar="N", help="print at most N entries")
+    p.add_argument("--unsorted", action="store_true",
+                   help="directory order instead of name order: the first line comes before the "
+                        "whole queue is listed")
+    p.add_argument("--json", action="store_true", help="print JSON (an array, streamed)")
     p.set_defaults(func=cmd_ls)
+
+    p = add("show", "metadata and data of one entry (waiting or checked out)",
+            "multispool show /tmp/sp in NAME --data-only > payload.bin")
+    p.add_argument("queue", metavar="QUEUE")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--data-only", action="store_true", help="write the raw data bytes to stdout")
+    p.add_argument("--json", action="store_true", help="print JSON (data as UTF-8 text or base64)")
+    p.set_defaults(func=cmd_show)
+
+    p = add("mv", "move an entry to another queue under its owner lock (requeue from quarantine "
+                  "or a dead-letter queue)", "multispool mv /tmp/sp NAME --to in")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--to", required=True, metavar="QUEUE", help="the destination queue")
+    p.add_argument("--from", dest="queue", metavar="QUEUE",
+                   help="where NAME is (default: search every queue)")
+    p.set_defaults(func=cmd_mv)
+
+    p = add("rm", "remove entries of a queue under their owner locks (exit 1 if some could not be)",
+            "multispool rm /tmp/sp in NAME1 NAME2")
+    p.add_argument("queue", metavar="QUEUE")
+    p.add_argument("names", metavar="NAME", nargs="+")
+    p.set_defaults(func=cmd_rm)
+
+    p = add("purge", "remove every waiting entry of a queue (checked-out entries are left)",
+            "multispool purge /tmp/sp in --yes")
+    p.add_argument("queue", metavar="QUEUE")
+    p.add_argument("--yes", action="store_true", help="really remove them")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_purge)
 
     p = add("enqueue", "add an entry; prints its name",
             """multispool enqueue /tmp/sp in --metadata '{"n": 1}' --data payload.bin""")
@@ -551,12 +1200,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time between checks (default 15s)")
     p.add_argument("--alert-after-cycles", type=int, default=2, metavar="N",
                    help="report a problem once seen in more than N consecutive checks (default 2)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve the metrics (as 'multispool metrics' prints them) over HTTP on PORT "
+                        "(0: any free port, printed on stderr); needs multispool[metrics]")
+    p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                   help="address to serve the metrics on (default 127.0.0.1)")
     p.set_defaults(func=cmd_monitor)
+
+    p = add("metrics", "print queue depths, checkouts, delayed entries, oldest ages and fsck problems "
+                       "in the Prometheus text format (needs multispool[metrics])",
+            "multispool metrics /tmp/sp > /var/lib/node_exporter/multispool.prom.tmp")
+    _add_limits(p)
+    p.set_defaults(func=cmd_metrics)
 
     p = add("recover", "return dead checkouts to their queues and remove abandoned enqueues",
             "multispool recover /tmp/sp --older-than 10m")
     p.add_argument("--older-than", type=parse_duration, default=600.0, metavar="DURATION",
                    help="only remove abandoned enqueues older than this (default 10m)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per entry, then the summary")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_recover)
 
@@ -566,6 +1227,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to watch for changes (default auto)")
     p.add_argument("--window", type=parse_duration, default=5.0, metavar="DURATION",
                    help="rates are averaged over this window (default 5s)")
+    p.add_argument("--interval", type=parse_duration, default=1.0, metavar="DURATION",
+                   help="refresh at least this often (default 1s); arrivals refresh sooner")
+    p.add_argument("--min-interval", type=parse_duration, default=0.2, metavar="DURATION",
+                   help="never refresh more often than this (default 0.2s); deep queues are "
+                        "refreshed less often, to keep watch under 2%% of a core")
     p.set_defaults(func=cmd_watch)
     return parser
 

@@ -1,0 +1,413 @@
+"""The operator verbs of the command line (issue 14 items 8-12): show, mv, rm, purge,
+--version, streaming ls, recover's summary, progress bars, watch off a terminal,
+metrics, and the small things that misled (orphans counted as entries, DIR a file,
+init on an existing spool, JSON for names that are not UTF-8)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multispool
+from _procs import child_env
+from multispool import cli
+from multispool.cli import main
+
+
+@pytest.fixture
+def sp(tmp_path: Path) -> str:
+    d = str(tmp_path / "sp")
+    assert main(["init", d, "--queue", "in", "--queue", "queue-2", "--queue", "quarantine"]) == 0
+    return d
+
+
+def spool_of(sp: str) -> multispool.Spool[Any, bytes]:
+    return multispool.Spool.load(sp, cli.make_spoolable(["in", "quarantine", "queue-2"]))
+
+
+def q(spool: multispool.Spool[Any, bytes], name: str) -> Any:
+    return spool.spoolable.queues(name)
+
+
+def out_err(capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    c = capsys.readouterr()
+    return c.out, c.err
+
+
+def popen(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "multispool", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=child_env(),
+    )
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.communicate(timeout=30)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"multispool {multispool.__version__}"
+
+
+def test_show(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = spool_of(sp)
+    e = spool.enqueue(q(spool, "in"), b'{"url": "x"}', b"hello")
+    capsys.readouterr()
+    assert main(["show", sp, "in", e.name, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {"name": e.name, "queue": "in", "state": "waiting", "metadata_format": "json",
+                   "metadata": {"url": "x"}, "size": 5, "data": "hello", "data_encoding": "utf-8"}
+    assert main(["show", sp, "in", e.name]) == 0
+    out = capsys.readouterr().out
+    assert '{"url":"x"}' in out and "hello" in out and "5 bytes" in out
+    with spool.checkout(e) as co:  # a live checkout is shown, not touched
+        before = os.lstat(co.path)
+        assert main(["show", sp, "in", e.name, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["state"] == "checked out"
+        assert os.lstat(co.path) == before
+    r = subprocess.run([sys.executable, "-m", "multispool", "show", sp, "in", e.name, "--data-only"],
+                       capture_output=True, env=child_env(), timeout=30, check=False)
+    assert (r.returncode, r.stdout) == (0, b"hello")
+    e2 = spool.enqueue(q(spool, "in"), b"\x00\x01", b"\xff\x00")
+    assert main(["show", sp, "in", e2.name, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["metadata_format"], doc["data"], doc["data_encoding"]) == ("bytes", "/wA=", "base64")
+    assert main(["show", sp, "queue-2", e.name]) == 2
+    assert "no entry" in capsys.readouterr().err
+
+
+def test_mv_requeues_under_the_owner_lock(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = spool_of(sp)
+    e = spool.enqueue(q(spool, "quarantine"), b"{}", b"d")
+    assert main(["mv", sp, e.name, "--to", "in"]) == 0
+    assert f"moved quarantine/{e.name} to in" in capsys.readouterr().out
+    assert [x.name for x in spool.list(q(spool, "in"))] == [e.name]
+    assert spool.list(q(spool, "quarantine")) == []
+    assert Path(sp, ".data", e.name).read_bytes() == b"d"
+    # a live checkout is left alone (exit 2, one line), and so is a name being claimed
+    co = spool.checkout(multispool.Entry(spool, q(spool, "in"), e.name))
+    assert main(["mv", sp, e.name, "--to", "queue-2"]) == 2
+    _, err = out_err(capsys)
+    assert "live process" in err and err.count("\n") == 1
+    assert os.path.exists(co.path)
+    # once its owner is dead, mv may move it (recovered first, then moved)
+    co._claim.release()
+    assert main(["mv", sp, e.name, "--to", "queue-2", "--from", "in"]) == 0
+    assert [x.name for x in spool.list(q(spool, "queue-2"))] == [e.name]
+    assert main(["mv", sp, e.name, "--to", "queue-2"]) == 0
+    assert "already in queue-2" in capsys.readouterr().out
+    assert main(["mv", sp, "nope", "--to", "in"]) == 2
+    assert main(["mv", sp, "../x", "--to", "in"]) == 2
+    assert main(["fsck", sp]) == 0
+
+
+def test_rm_and_purge(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = spool_of(sp)
+    es = [spool.enqueue(q(spool, "in"), b"{}", b"") for _ in range(5)]
+    assert main(["rm", sp, "in", es[0].name, "missing", es[1].name]) == 1
+    out, err = out_err(capsys)
+    assert out.splitlines() == [f"removed in/{es[0].name}", f"removed in/{es[1].name}"]
+    assert "missing" in err and err.count("\n") == 1
+    for e in es[:2]:
+        assert not os.path.exists(os.path.join(sp, ".registry", e.name))
+    live = spool.checkout(es[2])
+    assert main(["rm", sp, "in", es[2].name]) == 1  # checked out by a live process: left
+    assert os.path.exists(live.path)
+    capsys.readouterr()
+    assert main(["purge", sp, "in"]) == 2  # no --yes: nothing happens
+    assert "--yes" in capsys.readouterr().err
+    assert len(spool.list(q(spool, "in"))) == 2
+    assert main(["purge", sp, "in", "--yes"]) == 0
+    assert capsys.readouterr().out.strip() == "purged 2 entries from in"
+    assert spool.list(q(spool, "in")) == [] and os.path.exists(live.path)
+    live.remove()
+    assert sorted(os.listdir(os.path.join(sp, ".registry"))) == []
+    assert main(["fsck", sp]) == 0
+
+
+def test_ls_streams_and_limits(
+    sp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = spool_of(sp)
+    names = sorted(spool.enqueue(q(spool, "in"), b'{"n": %d}' % i, b"x").name for i in range(30))
+    capsys.readouterr()
+    assert main(["ls", sp, "in", "--limit", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "AGE", "SIZE", "METADATA"]
+    assert [ln.split()[0] for ln in lines[1:]] == names[:3]
+    assert main(["ls", sp, "in", "--json"]) == 0
+    assert [x["name"] for x in json.loads(capsys.readouterr().out)] == names
+    assert main(["ls", sp, "queue-2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["ls", sp, "in", "--unsorted", "--limit", "4", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+
+    # Each line is written before the next entry is read: at the first entry line, one
+    # metadata file has been read (the old ls read them all first).
+    reads: list[str] = []
+    real_read = cli._fs.read_file
+    monkeypatch.setattr(cli._fs, "read_file", lambda p: reads.append(p) or real_read(p))
+    at_first: list[int] = []
+
+    class Watcher(io.StringIO):
+        def write(self, s: str) -> int:
+            if not at_first and s.split()[:1] == [names[0]]:
+                at_first.append(len(reads))
+            return super().write(s)
+
+    monkeypatch.setattr(sys, "stdout", Watcher())
+    assert main(["ls", sp, "in"]) == 0
+    assert at_first == [1] and len(reads) == 30
+
+
+def test_recover_prints_a_summary(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = spool_of(sp)
+    for _ in range(3):
+        co = spool.checkout(spool.enqueue(q(spool, "in"), b"{}", b""))
+        co._claim.release()  # its owner "died"
+    capsys.readouterr()
+    assert main(["recover", sp]) == 0
+    summary = "recovered 3 dead checkouts, removed 0 abandoned enqueues"
+    assert capsys.readouterr().out.splitlines() == [summary]
+    for e in spool.list(q(spool, "in")):
+        spool.checkout(e)._claim.release()
+    assert main(["recover", sp, "-v"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("recovered 3 dead checkouts")
+    assert all(ln.startswith("recovered in/") for ln in lines[:3])
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_only_on_a_terminal_and_after_a_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet = io.StringIO()
+    with cli.Progress("x", 10, stream=quiet) as bar:
+        monkeypatch.setattr(cli.Progress, "DELAY", 0.0)
+        for _ in range(10):
+            bar.advance()
+    assert quiet.getvalue() == ""  # not a terminal: nothing drawn
+    tty = _Tty()
+    monkeypatch.setattr(cli.Progress, "DELAY", 3600.0)
+    with cli.Progress("x", 10, stream=tty) as bar:
+        bar.advance()
+    assert tty.getvalue() == ""  # a short run on a terminal: nothing drawn
+    monkeypatch.setattr(cli.Progress, "DELAY", 0.0)
+    with cli.Progress("purging in", 10, stream=tty) as bar:
+        bar.advance(7)
+    assert "purging in" in tty.getvalue() and "7/10" in tty.getvalue()
+
+
+def test_watch_prints_plain_lines_off_a_terminal(sp: str, procs: list[subprocess.Popen[str]]) -> None:
+    p = popen("watch", sp)
+    procs.append(p)
+    assert p.stdout is not None
+    first = [p.stdout.readline() for _ in range(3)]
+    assert [ln.split()[1] for ln in first] == ["in", "quarantine", "queue-2"]
+    assert all("entries=0 checkouts=0 oldest=-" in ln for ln in first), first
+    spool = spool_of(sp)
+    for _ in range(3):
+        spool.enqueue(q(spool, "in"), b"{}", b"")
+    deadline = time.monotonic() + 20
+    while True:  # each line is a change; readline blocks until the next one
+        line = p.stdout.readline()
+        assert line and time.monotonic() < deadline
+        if "entries=3" in line:
+            break
+    assert line.split()[1] == "in" and "oldest=" in line
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "\x1b" not in "".join(first) + line + out
+
+
+def _families(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "spool"))
+            out.setdefault(s.name, {})[labels] = s.value
+    return out
+
+
+def test_metrics(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = spool_of(sp)
+    e = spool.enqueue(q(spool, "in"), b"{}", b"")
+    spool.enqueue(q(spool, "in"), b"{}", b"")
+    co = spool.checkout(e)
+    co._claim.release()  # a dead checkout: one open problem
+    capsys.readouterr()
+    assert main(["metrics", sp]) == 0
+    m = _families(capsys.readouterr().out)
+    assert m["multispool_queue_entries"][(("queue", "in"),)] == 1
+    assert m["multispool_queue_entries"][(("queue", "queue-2"),)] == 0
+    assert m["multispool_queue_checkouts"][(("queue", "in"),)] == 1
+    assert m["multispool_queue_delayed"][(("queue", "in"),)] == 0
+    assert m["multispool_queue_oldest_age_seconds"][(("queue", "in"),)] >= 0
+    probs = m["multispool_problems"]
+    assert probs[(("kind", "dead_checkout"), ("queue", "in"))] == 1
+    assert sum(probs.values()) == 1
+
+
+def test_monitor_serves_metrics(sp: str, procs: list[subprocess.Popen[str]]) -> None:
+    spool = spool_of(sp)
+    spool.enqueue(q(spool, "queue-2"), b"{}", b"")
+    p = popen("monitor", sp, "--metrics-port", "0", "--check-every", "0.2")
+    procs.append(p)
+    assert p.stderr is not None
+    line = p.stderr.readline()
+    assert "serving metrics on http://127.0.0.1:" in line, line
+    url = line.split()[-1]
+    deadline = time.monotonic() + 20
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            m = _families(r.read().decode())
+        if "multispool_problems" in m:
+            break
+        assert time.monotonic() < deadline
+    assert m["multispool_queue_entries"][(("queue", "queue-2"),)] == 1
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=30)
+    assert p.returncode == 0
+
+
+def test_small_things(sp: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = spool_of(sp)
+    spool.enqueue(q(spool, "in"), b"{}", b"")
+    Path(sp, "in", "orphan").touch()  # no registry file: not an entry
+    capsys.readouterr()
+    assert main(["status", sp, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["in"]["entries"] == 1
+    f = tmp_path / "afile"
+    f.touch()
+    assert main(["status", str(f)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["init", sp, "--queue", "new"]) == 0
+    assert capsys.readouterr().out.strip().endswith("queues: in, new, quarantine, queue-2 (added: new)")
+    # a stale orphaned tmp file is one problem, not two
+    Path(sp, ".tmp", "stale").touch()
+    t = time.time() - 3600
+    os.utime(os.path.join(sp, ".tmp", "stale"), (t, t))
+    assert main(["fsck", sp, "--max-tmp-file-age", "1m", "--json"]) == 1
+    found = [(p["kind"], p["file"]) for p in json.loads(capsys.readouterr().out)]
+    assert sorted(found) == [("orphaned", "orphan"), ("orphaned", "stale")]
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="APFS refuses names that are not UTF-8")
+def test_json_of_names_that_are_not_utf8(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = os.fsdecode(b"caf\xe9")
+    Path(sp, "in", bad).touch()
+    Path(sp, ".registry", bad).touch()
+    capsys.readouterr()
+    for args in (["ls", sp, "in", "--json"], ["fsck", sp, "--json", "--max-age", "in=0"]):
+        main(args)
+        raw = capsys.readouterr().out
+        raw.encode("utf-8")  # no lone surrogate: valid UTF-8
+        assert "caf\\\\xe9" in raw  # the documented escape: backslash, x, two hex digits
+        doc = json.loads(raw)
+        assert any(x.get("name", x.get("file")) == "caf\\xe9" for x in doc), doc
+    assert main(["ls", sp, "in"]) == 0
+    assert "caf\\xe9" in capsys.readouterr().out
+    assert main(["show", sp, "in", bad, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "caf\\xe9"
+
+
+SLOW = pytest.mark.skipif(not os.environ.get("MULTISPOOL_SLOW"), reason="set MULTISPOOL_SLOW=1")
+
+FILL = """
+import os, sys
+from multispool import cli
+d, n = sys.argv[1], int(sys.argv[2])
+# Entries laid out directly (as an enqueue leaves them), to build a deep backlog fast.
+for i in range(n):
+    name = f"e{i:09d}"
+    for sub in (".registry", "in"):
+        os.close(os.open(os.path.join(d, sub, name), os.O_WRONLY | os.O_CREAT, 0o600))
+print("ok")
+"""
+
+DRAIN = """
+import sys
+import multispool
+from multispool import cli
+spool = multispool.Spool.load(sys.argv[1], cli.make_spoolable(["in"]))
+q = spool.spoolable.queues("in")
+with spool.reader(q) as r:
+    while (co := r.dequeue_available()) is not None:
+        co.remove()
+print("drained")
+"""
+
+
+@SLOW
+@pytest.mark.timeout(3600)
+def test_watch_cpu_while_a_deep_backlog_drains(tmp_path: Path) -> None:
+    """Issue 14 item 10: watch costs at most 5 % of a core while a big backlog drains
+    (MULTISPOOL_WATCH_BACKLOG entries, default 200,000; 2 consumer processes)."""
+    n = int(os.environ.get("MULTISPOOL_WATCH_BACKLOG", "200000"))
+    d = str(tmp_path / "sp")
+    assert main(["init", d, "--queue", "in"]) == 0
+    fill = subprocess.run([sys.executable, "-c", FILL, d, str(n)], env=child_env(), capture_output=True,
+                          text=True, timeout=1800, check=False)
+    assert fill.stdout.strip() == "ok", fill.stderr
+    lines = tmp_path / "watch.out"
+    with open(lines, "w") as out:
+        watch = subprocess.Popen([sys.executable, "-m", "multispool", "watch", d], stdout=out,
+                                 stderr=subprocess.DEVNULL, env=child_env())
+    consumers: list[subprocess.Popen[bytes]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not lines.read_text():  # its first refresh (the full listing) is done
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        cpu0 = _cpu_seconds(watch.pid)
+        consumers = [subprocess.Popen([sys.executable, "-c", DRAIN, d], env=child_env(),
+                                      stdout=subprocess.DEVNULL) for _ in range(2)]
+        for c in consumers:
+            c.wait(timeout=1800)
+        wall = time.monotonic() - t0
+        cpu = _cpu_seconds(watch.pid) - cpu0
+        while "entries=0" not in lines.read_text().splitlines()[-1]:  # it saw the end
+            assert time.monotonic() < deadline + wall
+            time.sleep(0.05)
+    finally:
+        for p in [watch, *consumers]:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=60)
+    share = cpu / wall
+    sys.stderr.write(f"watch: {cpu:.2f} s CPU over a {wall:.1f} s drain of {n} entries: {share:.1%}\n")
+    assert os.listdir(os.path.join(d, "in")) == [".checkout"]
+    assert share <= 0.05
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

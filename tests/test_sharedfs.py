@@ -1,0 +1,325 @@
+"""Shared filesystems (issue 11; docs/shared-filesystems.md): ESTALE means "the entry is
+gone"; a rename that a stale client cache turned into a no-op counts as lost, never won;
+recovery refuses to trust owner locks on mounts that do not share them.
+
+The stale-client behaviours are reproduced by making the system call behave as GlusterFS
+and NFS clients do (scripts/cluster-test runs the real thing on GlusterFS); the lock trust
+is tested on real bindfs mounts, whose locks are per mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multispool
+from _procs import Worker
+from conftest import Cog, Queue
+from multispool import _sharedfs
+from test_watch import bindfs_mount, ensure_bindfs
+
+REMOTE = _sharedfs.FsFacts("fuse.glusterfs", "/mnt", remote=True, locks_shared=True, reason="test")
+
+
+def _estale(path: str) -> OSError:
+    return OSError(errno.ESTALE, os.strerror(errno.ESTALE), path)
+
+
+def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, match: Callable[[str], bool], err: int) -> list[str]:
+    """Make ``os.NAME(path, ...)`` raise ``err`` for paths ``match`` accepts; returns the
+    list of paths it failed."""
+    real = getattr(os, name)
+    failed: list[str] = []
+
+    def fake(path: Any, *a: Any, **kw: Any) -> Any:
+        p = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
+        if match(p):
+            failed.append(p)
+            raise OSError(err, os.strerror(err), p)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(os, name, fake)
+    return failed
+
+
+# -- 1. ESTALE is "gone" --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("call", "where"),
+    [("open", ".registry"), ("utime", "queue1"), ("rename", "queue1"), ("fstat", None)],
+)
+def test_estale_during_a_claim_means_the_entry_is_gone(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch, call: str, where: str | None
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    if call == "fstat":
+        real = os.fstat
+        hit: list[int] = []
+
+        def fstat(fd: int) -> os.stat_result:
+            hit.append(fd)
+            raise OSError(errno.ENOENT, "gone through another client")
+
+        monkeypatch.setattr(os, "fstat", fstat)
+        assert spool.checkout_if_found(e) is None
+        assert hit
+        monkeypatch.setattr(os, "fstat", real)
+    else:
+        failed = _fail_on(monkeypatch, call, lambda p: f"/{where}/" in p, errno.ESTALE)
+        assert spool.checkout_if_found(e) is None
+        assert failed
+        monkeypatch.undo()
+    # Nothing was harmed: the entry is still there, and claimable.
+    assert [x.name for x in spool.list(Queue.QUEUE1)] == [e.name]
+    co = spool.checkout_if_found(e)
+    assert co is not None
+    co.remove()
+
+
+def test_estale_reading_a_fresh_checkout_gives_it_back(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    failed = _fail_on(monkeypatch, "open", lambda p: "/.checkout/" in p, errno.ESTALE)
+    assert spool.checkout_if_found(e) is None
+    assert failed
+    monkeypatch.undo()
+    assert [x.name for x in spool.list(Queue.QUEUE1)] == [e.name]
+    assert spool.list_checkouts_unsafe(Queue.QUEUE1) == []
+
+
+def test_reader_survives_estale_on_every_entry(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [spool.enqueue(Queue.QUEUE1, Cog(n=1), b"%d" % i).name for i in range(4)]
+    stale = {names[0], names[2]}
+    _fail_on(monkeypatch, "utime", lambda p: os.path.basename(p) in stale, errno.ESTALE)
+    with spool.reader(Queue.QUEUE1, observer="polling") as reader:
+        got = [co.name for co in (reader.dequeue(timeout=0) for _ in range(2)) if co is not None]
+        assert got == [names[1], names[3]]
+    monkeypatch.undo()
+
+
+def test_recovery_and_listing_treat_estale_as_gone(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    co = spool.checkout(e)
+    co._claim.release()  # as if its owner died
+    failed = _fail_on(monkeypatch, "open", lambda p: "/.checkout/" in p, errno.ESTALE)
+    assert spool.recover_checkouts() == []
+    assert spool.list_checkouts_unsafe(Queue.QUEUE1) == []
+    with pytest.raises(multispool.EntryNotFoundError):
+        multispool.Entry(spool, Queue.QUEUE1, e.name).direct.contents()
+    assert failed
+    monkeypatch.undo()
+    assert spool.recover_checkouts() == [e]
+
+
+# -- 2. a rename that did nothing is never a win ----------------------------------------
+def _noop_renames(monkeypatch: pytest.MonkeyPatch, times: int) -> list[tuple[str, str]]:
+    """The next ``times`` renames report success and move nothing, as a stale client's
+    rename does when it resolves both names to one inode (a rename of a file onto
+    itself): both names then lead to the entry, as that client sees it. The next real
+    rename first drops the stale name (the client's cache expired)."""
+    real = os.rename
+    calls: list[tuple[str, str]] = []
+
+    def fake(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        src, dst = os.fspath(src), os.fspath(dst)
+        if len(calls) < times:
+            calls.append((src, dst))
+            if not os.path.lexists(dst):
+                os.link(src, dst)
+            return
+        expire_stale_names(calls)
+        real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", fake)
+    return calls
+
+
+def expire_stale_names(calls: list[tuple[str, str]]) -> None:
+    for src, dst in calls:
+        if os.path.lexists(dst) and os.path.lexists(src) and os.path.samefile(src, dst):
+            os.unlink(dst)
+
+
+def test_a_claim_whose_rename_did_nothing_is_lost(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    spool._facts = REMOTE
+    calls = _noop_renames(monkeypatch, 1)
+    assert spool.checkout_if_found(e) is None
+    assert len(calls) == 1
+    expire_stale_names(calls)
+    assert [x.name for x in spool.list(Queue.QUEUE1)] == [e.name]
+    assert spool.list_checkouts_unsafe(Queue.QUEUE1) == []
+    co = spool.checkout_if_found(e)  # the cache expired: now it moves
+    assert co is not None
+    assert spool.list(Queue.QUEUE1) == []
+    co.remove()
+
+
+def test_recover_checkouts_returns_only_what_it_moved(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    spool.checkout(e)._claim.release()  # its owner died
+    spool._facts = REMOTE
+    calls = _noop_renames(monkeypatch, 1)
+    assert spool.recover_checkouts() == []
+    expire_stale_names(calls)
+    assert [c.name for c in spool.list_checkouts_unsafe(Queue.QUEUE1)] == [e.name]
+    assert spool.list(Queue.QUEUE1) == []
+    assert spool.recover_checkouts() == [e]
+    assert spool.list_checkouts_unsafe(Queue.QUEUE1) == []
+
+
+@pytest.mark.parametrize("how", ["save", "release"])
+def test_save_and_release_retry_a_rename_that_did_nothing(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    co = spool.checkout(e)
+    spool._facts = REMOTE
+    calls = _noop_renames(monkeypatch, 2)
+    if how == "save":
+        co.save(Queue.QUEUE2)
+    else:
+        co.release()
+    assert len(calls) == 2
+    dst = Queue.QUEUE2 if how == "save" else Queue.QUEUE1
+    assert [x.name for x in spool.list(dst)] == [e.name]
+    assert spool.list_checkouts_unsafe(Queue.QUEUE1) == []
+
+
+def test_local_filesystems_do_not_pay_for_verification(spool: multispool.Spool[Any, bytes]) -> None:
+    facts = spool._fs_facts()
+    assert not facts.remote and facts.locks_shared and not facts.verify_renames, facts
+
+
+# -- 3. which locks are trusted --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fstype", "options", "shared"),
+    [
+        ("ext4", "rw,relatime", True),
+        ("tmpfs", "rw", True),
+        ("fuse.glusterfs", "rw,user_id=0", True),
+        ("nfs4", "rw,vers=4.2,local_lock=none,addr=10.0.0.1", True),
+        ("nfs", "rw,vers=3,nolock,local_lock=all", False),
+        ("nfs4", "rw,vers=4.2,local_lock=flock", False),
+        ("nfs", "rw,vers=3,local_lock=posix", True),  # flock still goes to the server
+        ("cifs", "rw,vers=3.1.1", True),
+        ("cifs", "rw,nobrl", False),
+        ("fuse.bindfs", "rw", False),
+        ("fuse.sshfs", "rw", False),
+        ("9p", "rw", False),
+    ],
+)
+def test_which_filesystems_share_locks(fstype: str, options: str, shared: bool) -> None:
+    remote = multispool._watch._is_remote(fstype)
+    got, why = _sharedfs._locks_shared(fstype, frozenset(options.split(",")), remote)
+    assert got is shared, why
+
+
+def _mounted(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> tuple[Path, Path, Path]:
+    ensure_bindfs()
+    source, m1, m2 = tmp_path / "source", tmp_path / "m1", tmp_path / "m2"
+    for d in (source, m1, m2):
+        d.mkdir()
+    multispool.Spool.create(source / "spool", spoolable)
+    return source, m1, m2
+
+
+HOLDER = """
+import sys, multispool
+sys.path.insert(0, {tests!r})
+from conftest import Cog, Queue
+sp = multispool.Spoolable(queues=Queue)
+spool = multispool.Spool.load(sys.argv[1], sp)
+co = spool.checkout(spool.list(Queue.QUEUE1)[0])
+print("HOLDING", co.name, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_recovery_never_takes_a_live_checkout_held_through_another_mount(
+    tmp_path: Path, spoolable: multispool.Spoolable[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(_sharedfs.TRUST_ENV, raising=False)
+    source, m1, m2 = _mounted(tmp_path, spoolable)
+    with bindfs_mount(source, m1), bindfs_mount(source, m2):
+        spool1 = multispool.Spool.load(m1 / "spool", spoolable)
+        spool2 = multispool.Spool.load(m2 / "spool", spoolable)
+        e = spool1.enqueue(Queue.QUEUE1, Cog(n=1), b"live")
+        holder = Worker(HOLDER.format(tests=str(Path(__file__).parent)), str(m1 / "spool"))
+        try:
+            assert holder.recv() == f"HOLDING {e.name}"
+            # The lock taken through m1 is invisible through m2: the lock alone is no proof.
+            with pytest.raises(multispool.SpoolError, match=r"refused.*bindfs.*dead_after"):
+                spool2.recover_checkouts()
+            with pytest.raises(multispool.SpoolError, match="refused"):
+                spool2.reader(Queue.QUEUE1, recover=True)
+            # An age the user states is: a checkout younger than it stays put.
+            assert spool2.recover_checkouts(dead_after=3600) == []
+            assert [c.name for c in spool2.list_checkouts_unsafe(Queue.QUEUE1)] == [e.name]
+            assert spool2.list(Queue.QUEUE1) == []
+            # Its mtime says it is old enough (the holder is stuck for good, say).
+            path = spool2.list_checkouts_unsafe(Queue.QUEUE1)[0].path
+            os.utime(path, (1, 1), follow_symlinks=False)
+            back = spool2.recover_checkouts(dead_after=3600)
+            assert back == [multispool.Entry(spool2, Queue.QUEUE1, e.name)]
+        finally:
+            holder.close()
+
+
+@pytest.mark.timeout(120)
+def test_trust_locks_env_restores_lock_only_recovery_on_one_mount(
+    tmp_path: Path, spoolable: multispool.Spoolable[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, m1, _ = _mounted(tmp_path, spoolable)
+    with bindfs_mount(source, m1):
+        monkeypatch.setenv(_sharedfs.TRUST_ENV, "1")
+        spool1 = multispool.Spool.load(m1 / "spool", spoolable)
+        e = spool1.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+        spool1.checkout(e)._claim.release()  # its owner died
+        assert spool1._fs_facts().verify_renames
+        assert spool1.recover_checkouts() == [e]
+
+
+def test_close_of_a_registry_descriptor_saying_enoent_is_not_an_error(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GlusterFS: close(2) of a file unlinked meanwhile (through any client) can report
+    # ENOENT or ESTALE, though the descriptor is freed.
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    co = spool.checkout(e)
+    real_open, real_close = os.open, os.close
+    registry_fds: set[int] = set()
+
+    def fake_open(path: Any, *a: Any, **kw: Any) -> int:
+        fd = real_open(path, *a, **kw)
+        if "/.registry/" in os.fspath(path):
+            registry_fds.add(fd)
+        return fd
+
+    def fake_close(fd: int) -> None:
+        real_close(fd)
+        if fd in registry_fds:
+            registry_fds.discard(fd)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "close", fake_close)
+    assert spool.checkout_if_found(e) is None  # held by `co`: the descriptor is closed
+    registry_fds.add(co._claim.fd or -1)
+    co.remove()
+    monkeypatch.undo()
+    assert spool.list(Queue.QUEUE1) == [] and spool.list_checkouts_unsafe(Queue.QUEUE1) == []
