@@ -300,3 +300,27 @@ def test_requeue_refuses_an_item_without_clear_metadata(spool: multispool.Spool[
     with pytest.raises(multispool.EntryNotFoundError):
         _lostfound.requeue(spool, "nope", Q.A)
     assert (item / "data").read_bytes() == b"d"
+
+
+def test_cli_shows_lost_found_and_requeues_from_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from multispool.cli import main
+
+    d = str(tmp_path / "sp")
+    assert main(["init", d, "--queue", "in"]) == 0
+    Path(d, ".data", "junk").write_bytes(b"payload")
+    Path(d, ".tmp", "junk").write_bytes(b'{"k": 1}')
+    capsys.readouterr()
+    assert main(["fsck", d, "--repair", "--max-tmp-file-age", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "moved orphan .tmp/junk to .lost+found" in out and "1 item in .lost+found" in out
+    assert main(["status", d]) == 0
+    assert "1 item in .lost+found" in capsys.readouterr().out
+    assert main(["lost+found", d, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"junk": {"data": 7, "metadata": 8}}
+    assert main(["lost+found", d, "junk", "--to", "in"]) == 0
+    assert "requeued junk into in as " in capsys.readouterr().out
+    assert main(["lost+found", d]) == 0
+    assert capsys.readouterr().out.strip() == "nothing in .lost+found"
+    spool = multispool.Spool.load(d, multispool.cli.make_spoolable(["in"]))
+    [e] = spool.list(spool.spoolable.queues("in"))
+    assert e.direct.contents() == b'{"k": 1}' and e.direct.data_file().load() == b"payload"
