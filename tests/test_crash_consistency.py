@@ -302,7 +302,9 @@ def test_requeue_refuses_an_item_without_clear_metadata(spool: multispool.Spool[
     assert (item / "data").read_bytes() == b"d"
 
 
-def test_cli_shows_lost_found_and_requeues_from_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_shows_lost_found_and_requeues_from_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from multispool.cli import main
 
     d = str(tmp_path / "sp")
