@@ -68,6 +68,23 @@ def run_worker(spool_dir: str, acks_path: str, durability: str, w: int, rounds: 
         acks.rec("end", "checkout", id=ident, name=e.name)
         return co
 
+    # The entries spooled for this worker before the trace started (durable): one saved
+    # into B, one removed, so a crash may show a Save or a removal undone.
+    with open(acks_path) as f:
+        pre = {r["id"]: r["name"] for r in map(json.loads, f) if r["phase"] == "end" and r["w"] == w}
+    p0 = multispool.Entry(spool, Q.A, pre[f"w{w}p0"])
+    co = checkout(Q.A, p0, f"w{w}p0")
+    m = _meta(f"w{w}p0", 1)
+    acks.rec("begin", "save", id=f"w{w}p0", name=p0.name, queue="b", meta=m)
+    co.contents = m
+    co.save(Q.B)
+    acks.rec("end", "save", id=f"w{w}p0", name=p0.name, queue="b", meta=m)
+    p1 = multispool.Entry(spool, Q.A, pre[f"w{w}p1"])
+    co = checkout(Q.A, p1, f"w{w}p1")
+    acks.rec("begin", "remove", id=f"w{w}p1", name=p1.name)
+    co.remove()
+    acks.rec("end", "remove", id=f"w{w}p1", name=p1.name)
+
     for r in range(rounds):
         tag = f"w{w}r{r}"
         # enqueue, and enqueue with a reserved name

@@ -347,13 +347,13 @@ def _abs(dirfd: Any, p: bytes) -> str:
 
 
 def replay(
-    calls: list[Call], model: Model, acks_path: str
+    calls: list[Call], model: Model, acks_path: str, initial_acks: list[dict[str, Any]] | None = None
 ) -> Iterator[tuple[Model, list[dict[str, Any]], int]]:
     """Yield (model, acknowledgement records so far, number of calls replayed) at the
     start and after every call that changed the durable state or wrote an
     acknowledgement. An fsync records the state when it started: its snapshot is taken
     before the first call that completed after its start."""
-    acks: list[dict[str, Any]] = []
+    acks: list[dict[str, Any]] = list(initial_acks or [])
     starts: dict[int, list[int]] = collections.defaultdict(list)
     for i, c in enumerate(calls):
         if c.name in ("fsync", "fdatasync"):
@@ -361,7 +361,7 @@ def replay(
     start_order = sorted(starts)
     snap: dict[int, Any] = {}
     si = 0
-    yield model, [], 0
+    yield model, list(acks), 0
     for i, c in enumerate(calls):
         while si < len(start_order) and start_order[si] <= c.line:
             for j in starts[start_order[si]]:
@@ -638,9 +638,14 @@ class Report:
     violations: collections.Counter[str]
     examples: list[str]
     lost_found_states: int
+    entries: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # kind -> entry ids
+    acked: int = 0  # entries whose enqueue was acknowledged by the end of the workload
 
     def summary(self) -> str:
-        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.violations.items())) or "none"
+        kinds = ", ".join(
+            f"{k}: {n} (of {len(self.entries.get(k, ()))}/{self.acked} entries)"
+            for k, n in sorted(self.violations.items())
+        ) or "none"
         return (
             f"durability={self.durability}: {self.calls} calls traced, {self.crash_points} crash "
             f"points, {self.states} distinct crash states checked; violations: {kinds}; "
@@ -659,8 +664,11 @@ def run(
     if strace is None:
         raise RuntimeError("strace not found")
     spool_dir = os.path.realpath(os.path.join(work, "spool"))
-    multispool.Spool.create(spool_dir, spoolable(durability))
+    spool = multispool.Spool.create(spool_dir, spoolable(durability))
     acks = os.path.realpath(os.path.join(work, "acks"))
+    # Entries spooled before the workload (durable: the model starts from them), which the
+    # workload saves and removes: what a crash may undo.
+    initial = prepopulate(spool, acks, workers)
     trace = os.path.join(work, "trace")
     cmd = [
         strace, "-f", "-qq", "-xx", "-y", "-s", "1048576", "-o", trace, "-e", f"trace={SYSCALLS}",
@@ -678,15 +686,44 @@ def run(
     if proc.returncode != 0:
         raise RuntimeError(f"workload failed ({proc.returncode}): {proc.stderr[-2000:]}")
     calls = parse_trace(trace)
-    return check_trace(calls, model, acks, durability, work)
+    return check_trace(calls, model, acks, durability, work, initial)
 
 
-def check_trace(calls: list[Call], model: Model, acks_path: str, durability: str, work: str) -> Report:
+def prepopulate(spool: Any, acks_path: str, workers: int) -> list[dict[str, Any]]:
+    """Enqueue two entries per worker (``wNp0``, ``wNp1``) into queue a and record their
+    acknowledged enqueues in ``acks_path`` (read back by the workload); the records."""
+    from _crash_workload import Q
+
+    recs: list[dict[str, Any]] = []
+    for w in range(workers):
+        for k in range(2):
+            ident = f"w{w}p{k}"
+            meta = {"id": ident, "v": 0}
+            e = spool.enqueue(Q.A, meta, f"data {ident}".encode())
+            recs.append({"phase": "begin", "op": "enqueue", "w": w, "id": ident, "name": None,
+                         "queue": "a", "meta": meta, "data": f"data {ident}"})
+            recs.append({**recs[-1], "phase": "end", "name": e.name})
+    with open(acks_path, "w") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in recs)
+    return recs
+
+
+def check_trace(
+    calls: list[Call],
+    model: Model,
+    acks_path: str,
+    durability: str,
+    work: str,
+    initial_acks: list[dict[str, Any]] | None = None,
+) -> Report:
     seen: set[Any] = set()
     counts: collections.Counter[str] = collections.Counter()
     examples: list[str] = []
     points = states = lf_states = 0
-    for m, acks, index in replay(calls, model, acks_path):
+    entries: dict[str, set[str]] = {}
+    final: list[dict[str, Any]] = []
+    for m, acks, index in replay(calls, model, acks_path, initial_acks):
+        final = acks
         points += 1
         key = (m.durable_key(), len(acks))
         if key in seen:
@@ -702,7 +739,10 @@ def check_trace(calls: list[Call], model: Model, acks_path: str, durability: str
         if out.lost_found:
             lf_states += 1
         for msg in out.violations:
-            counts[msg.split(":", 1)[0]] += 1
+            kind, _, rest = msg.partition(":")
+            counts[kind] += 1
+            entries.setdefault(kind, set()).add(rest.split()[0] if rest.split() else "")
             if len(examples) < 20:
                 examples.append(f"after call {index}: {msg}")
-    return Report(durability, len(calls), points, states, counts, examples, lf_states)
+    acked = sum(1 for e in expectations(final).values() if e.acked)
+    return Report(durability, len(calls), points, states, counts, examples, lf_states, entries, acked)
