@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import enum
 import json
+import logging
 import os
 import shutil
 import signal
@@ -60,6 +61,7 @@ def consume(spool_dir: str, out_path: str, stop: str, save: bool, hold: int) -> 
     that many entries, keep them, say HOLDING and wait to be killed (or, on a line on
     stdin, remove them and say FINISHED)."""
     spool = multispool.Spool.load(spool_dir, SP)
+    stale = _count_stale_renames()
     held: list[tuple[str, multispool.CheckedOutEntry[Any, bytes]]] = []
     with open(out_path, "a", buffering=1) as out, spool.reader(Q.WORK, rescan_interval=1.0) as reader:
         while True:
@@ -72,6 +74,7 @@ def consume(spool_dir: str, out_path: str, stop: str, save: bool, hold: int) -> 
                 if hold and len(held) >= hold:
                     break
                 if os.path.exists(stop):
+                    out.write(f"STALE {stale[0]}\n")
                     return
                 continue
             try:
@@ -96,6 +99,23 @@ def consume(spool_dir: str, out_path: str, stop: str, save: bool, hold: int) -> 
             co.remove()
             out.write(f"DONE {ident}\n")
     print("FINISHED", flush=True)
+
+
+def _count_stale_renames() -> list[int]:
+    """Count the claims and recoveries that the library found to have moved nothing (a
+    stale client's rename): they were lost, not won. Returns a one-item list."""
+    counter = [0]
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "moved nothing" in record.getMessage():
+                counter[0] += 1
+
+    log = logging.getLogger("multispool")
+    log.addHandler(Handler(logging.DEBUG))
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    return counter
 
 
 def _where() -> str:
@@ -175,8 +195,17 @@ def read_outs(outs: list[str]) -> tuple[Counter[str], list[str], list[str]]:
     return done, excs, held
 
 
+def stale_claims(outs: list[str]) -> int:
+    n = 0
+    for path in outs:
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            n += sum(int(line.split()[1]) for line in f if line.startswith("STALE "))
+    return n
+
+
 def leftovers(spool_dir: str) -> dict[str, int]:
     """What a direct listing (no library) finds left in the work queue and checkouts."""
+
     def names(d: str) -> int:
         return sum(1 for n in os.listdir(os.path.join(spool_dir, d)) if not n.startswith("."))
 
@@ -218,6 +247,7 @@ class Flow:
         for p in self.procs.procs:
             if p.args[2] == "consume":  # type: ignore[index]
                 p.wait(DEADLINE)
+        self.counts["claims_lost_to_noop_renames"] = stale_claims(outs)
         return read_outs(outs)[0]
 
     def check(self, done: Counter[str], excs: list[str], expected: set[str], spool_dir: str) -> None:
@@ -282,7 +312,9 @@ def flow_consumers_on_both(f: Flow) -> None:
     done = f.finish_consumers(outs, 2 * per)
     if watch.poll() is not None:
         raise Fail(f"multispool watch on B exited early ({watch.returncode})")
-    fsck = subprocess.run([sys.executable, "-m", "multispool", "fsck", f.b], capture_output=True, text=True, check=False)
+    fsck = subprocess.run(
+        [sys.executable, "-m", "multispool", "fsck", f.b], capture_output=True, text=True, check=False
+    )
     in_done = len([n for n in os.listdir(os.path.join(f.a, "done")) if not n.startswith(".")])
     f.counts.update(statuses_on_b=statuses, in_done_queue=in_done, fsck_on_b=fsck.returncode)
     f.check(done, read_outs(outs)[1], ids(["p0", "p1"], per), f.a)
@@ -315,6 +347,7 @@ def flow_killed_and_recovered(f: Flow) -> None:
         p.wait(DEADLINE)
     k = max(1, f.n // 20)
     recovered_total = 0
+    noop_recoveries = _count_stale_renames()
     for rnd, (dies, recovers) in enumerate([(f.b, f.a), (f.a, f.b), (f.b, f.a), (f.a, f.b)]):
         holder, out = _hold(f, dies, k, f"h{rnd}")
         held_names = {h.split()[1] for h in read_outs([out])[2]}
@@ -332,14 +365,18 @@ def flow_killed_and_recovered(f: Flow) -> None:
                 raise Fail(f"recovered twice: {names & got}")
             still = _checkout_names(recovers)
             if names & still:
-                raise Fail(f"recover_checkouts reported {sorted(names & still)} but they are still checked out")
+                raise Fail(
+                    f"recover_checkouts reported {sorted(names & still)} but they are still checked out"
+                )
             got |= names
         if got != held_names:
             raise Fail(f"round {rnd}: recovered {len(got)} of {len(held_names)} held entries")
         recovered_total += len(got)
     outs = f.consumers([f.b, f.a, f.b], tag="c")
     done = f.finish_consumers(outs, per)
-    f.counts.update(killed_holding=4 * k, recovered=recovered_total)
+    f.counts.update(
+        killed_holding=4 * k, recovered=recovered_total, recoveries_not_reported_noop=noop_recoveries[0]
+    )
     f.check(done, read_outs(outs)[1], ids(["p0"], per), f.a)
 
 
@@ -362,7 +399,9 @@ def flow_live_holders(f: Flow) -> None:
     st = subprocess.run([sys.executable, "-m", "multispool", "status", "--json", f.b],
                         capture_output=True, text=True, check=False)  # fmt: skip
     checkouts_seen = json.loads(st.stdout)["work"]["checkouts"] if st.returncode == 0 else -1
-    fsck = subprocess.run([sys.executable, "-m", "multispool", "fsck", f.b], capture_output=True, text=True, check=False)
+    fsck = subprocess.run(
+        [sys.executable, "-m", "multispool", "fsck", f.b], capture_output=True, text=True, check=False
+    )
     f.counts.update(live_held=len(held), recovery_passes_on_b=passes, moved_from_live=moved,
                     status_checkouts_on_b=checkouts_seen, fsck_on_b=fsck.returncode)  # fmt: skip
     if moved or not held <= still:
@@ -370,7 +409,9 @@ def flow_live_holders(f: Flow) -> None:
     if checkouts_seen != len(held):
         raise Fail(f"status on B saw {checkouts_seen} checkouts, {len(held)} are held: {st.stderr[-300:]}")
     if fsck.returncode != 0:
-        raise Fail(f"multispool fsck on B exited {fsck.returncode} with live holders: {fsck.stdout.strip()[-300:]}")
+        raise Fail(
+            f"multispool fsck on B exited {fsck.returncode} with live holders: {fsck.stdout.strip()[-300:]}"
+        )
     for p, _ in holders:
         assert p.stdin is not None and p.stdout is not None
         p.stdin.write("finish\n")

@@ -81,10 +81,14 @@ def test_show(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert '{"url":"x"}' in out and "hello" in out and "5 bytes" in out
     with spool.checkout(e) as co:  # a live checkout is shown, not touched
-        before = os.lstat(co.path)
+        # Reading may update the access time (relatime); anything else would be a touch.
+        def _written(st: os.stat_result) -> tuple[int, ...]:
+            return (st.st_ino, st.st_mode, st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+        before = _written(os.lstat(co.path))
         assert main(["show", sp, "in", e.name, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["state"] == "checked out"
-        assert os.lstat(co.path) == before
+        assert _written(os.lstat(co.path)) == before
     r = subprocess.run([sys.executable, "-m", "multispool", "show", sp, "in", e.name, "--data-only"],
                        capture_output=True, env=child_env(), timeout=30, check=False)
     assert (r.returncode, r.stdout) == (0, b"hello")
@@ -241,6 +245,47 @@ def test_watch_prints_plain_lines_off_a_terminal(sp: str, procs: list[subprocess
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert "\x1b" not in "".join(first) + line + out
+
+
+def test_queue_view_counts_rates_and_oldest(sp: str) -> None:
+    """watch's per-queue view: one listing per refresh, an lstat only for arrivals."""
+    spool = spool_of(sp)
+    es = [spool.enqueue(q(spool, "in"), b"{}", b"") for _ in range(4)]
+    old = time.time() - 120
+    os.utime(os.path.join(sp, "in", es[0].name), (old, old))
+    v = cli.QueueView(spool, q(spool, "in"), window=10.0)
+    row = v.refresh(1000.0)
+    assert (row["entries"], row["checkouts"], row["in_per_s"], row["out_per_s"]) == (4, 0, 0.0, 0.0)
+    assert 119 < row["oldest_age"] < 200
+    co = spool.checkout(es[0])
+    spool.checkout(es[1]).remove()
+    spool.enqueue(q(spool, "in"), b"{}", b"")
+    stats: list[str] = []
+    real_lstat = os.lstat
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "lstat", lambda p, *a, **k: stats.append(p) or real_lstat(p, *a, **k))
+    try:
+        row = v.refresh(1001.0)
+    finally:
+        mp.undo()
+    assert len(stats) == 1  # only the one arrival was stat'ed
+    assert (row["entries"], row["checkouts"], row["in_per_s"], row["out_per_s"]) == (3, 1, 0.1, 0.2)
+    assert row["oldest_age"] < 60  # the old entry left the queue
+    co.release()
+
+
+def test_activity_spinner_only_on_a_terminal_after_a_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet = io.StringIO()
+    with cli.Activity("checking", stream=quiet):
+        pass
+    assert quiet.getvalue() == ""
+    monkeypatch.setattr(cli.Progress, "DELAY", 0.0)
+    tty = _Tty()
+    with cli.Activity("checking /sp", stream=tty):
+        deadline = time.monotonic() + 20
+        while "checking /sp" not in tty.getvalue():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
 
 
 def _families(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -77,11 +77,11 @@ CONSTRUCTED = [
 ]
 # Methods whose options users pass: each parameter is explained in the docstring.
 METHODS = [
-    (multispool.Spool, ["load", "create", "load_unsafe", "enqueue", "reader", "with_entry",
+    (multispool.Spool, ["load", "create", "load_unsafe", "reader", "with_entry",
                         "recover_checkouts", "clean_abandoned", "reserve_name"]),
     (multispool.QueueReader, ["iter", "iter_available", "dequeue"]),
     (multispool.MonitorDaemon, ["start"]),
-    (multispool.aio.AsyncSpool, ["load", "create", "enqueue", "reader"]),
+    (multispool.aio.AsyncSpool, ["load", "create", "reader"]),
     (multispool.aio.AsyncQueueReader, ["iter", "dequeue"]),
 ]
 

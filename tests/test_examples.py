@@ -18,6 +18,8 @@ import multispool
 from _procs import child_env
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# One mypy cache per interpreter: tox envs running side by side must not share one.
+MYPY_CACHE = EXAMPLES.parent / ".mypy_cache" / f"examples-py{sys.version_info[0]}{sys.version_info[1]}"
 TIMEOUT = 30.0
 posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX signals and groups")
 
@@ -168,7 +170,7 @@ def test_examples_type_check_cleanly() -> None:
     pytest.importorskip("mypy")
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "--config-file",
-         str(EXAMPLES.parent / "pyproject.toml"), "--cache-dir", str(EXAMPLES.parent / ".mypy_cache"),
+         str(EXAMPLES.parent / "pyproject.toml"), "--cache-dir", str(MYPY_CACHE),
          *sorted(str(p) for p in EXAMPLES.glob("*.py"))],
         cwd=EXAMPLES, capture_output=True, text=True, timeout=300,
     )

@@ -323,3 +323,41 @@ def test_close_of_a_registry_descriptor_saying_enoent_is_not_an_error(
     co.remove()
     monkeypatch.undo()
     assert spool.list(Queue.QUEUE1) == [] and spool.list_checkouts_unsafe(Queue.QUEUE1) == []
+
+
+def test_fsck_treats_estale_as_gone(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stray file in .data (no registry file): the Monitor lstats it for its mtime, and
+    # another client removed it meanwhile.
+    stray = os.path.join(spool.dir, ".data", "stray")
+    Path(stray).write_bytes(b"")
+    monitor = multispool.Monitor(spool.dir, spool.spoolable)
+    assert [type(p).__name__ for p in monitor.run_once()] == ["Orphaned"]
+    failed = _fail_on(monkeypatch, "lstat", lambda p: p == stray, errno.ESTALE)
+    assert monitor.run_once() == []
+    assert failed
+
+
+def test_save_whose_source_only_looked_stale_is_not_lost(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rename really moved the entry, but the client still showed the source for a
+    # moment: the retry finds the source gone and the destination there, which is a save.
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    co = spool.checkout(e)
+    spool._facts = REMOTE
+    real_lexists = multispool._fs.lexists
+    shown: list[str] = []
+
+    def stale_once(path: str) -> bool:
+        if path == co.path and not shown:
+            shown.append(path)
+            return True
+        return real_lexists(path)
+
+    monkeypatch.setattr(multispool._fs, "lexists", stale_once)
+    co.save(Queue.QUEUE2)
+    assert shown
+    assert [x.name for x in spool.list(Queue.QUEUE2)] == [e.name]
+    assert co.done

@@ -362,7 +362,7 @@ def _all_ops(spool: multispool.Spool[Any, bytes]) -> list[tuple[str, Callable[[]
         ("with_entry", with_entry),
         ("checkout3", checkout),
         ("remove", lambda: st["co"].remove()),
-        ("direct.remove", lambda: spool.enqueue(Queue.QUEUE1, 1, b"").direct.remove()),
+        ("direct.remove", lambda: spool.enqueue(Queue.QUEUE1, Cog(n=1), b"").direct.remove()),
     ]
 
 

@@ -12,18 +12,36 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import sys
+import threading
 from typing import Final
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
-# descriptors must not leak into exec'd children (they would keep checkouts locked).
+# descriptors must not leak into exec'd children (they would keep checkouts locked);
+# O_NONBLOCK: a FIFO (or device) planted at an entry's path must never block an open or a
+# read (it is refused as "not a regular file" instead). On regular files it changes nothing.
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
 _BINARY: Final = getattr(os, "O_BINARY", 0)
 _DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
-O_READ: Final = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _BINARY
-O_CREATE_EXCL: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
-O_CREATE_TRUNC: Final = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC | _BINARY
+_NONBLOCK: Final = getattr(os, "O_NONBLOCK", 0)
+O_READ: Final = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
+O_CREATE_EXCL: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
+O_CREATE_TRUNC: Final = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
+# Registry files are opened read-write: where flock is emulated with fcntl locks (NFS,
+# CIFS), an exclusive lock needs a descriptor open for writing.
+O_LOCK: Final = os.O_RDWR | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
+O_LOCK_RO: Final = O_READ
+
+# A stand-in errno for "not a regular file" (a FIFO, socket or device planted at an entry's
+# path): BSDs have EFTYPE; elsewhere ENXIO, which is also what opening a socket gives.
+ENOTREG: Final = getattr(errno, "EFTYPE", errno.ENXIO)
+
+
+def not_regular(path: str) -> OSError:
+    """The error for a path that is not a regular file (never opened blocking)."""
+    return OSError(ENOTREG, "not a regular file", path)
 
 if sys.platform == "darwin":  # pragma: no cover - macOS only
     import fcntl
@@ -91,13 +109,23 @@ def write_file(path: str, contents: bytes, *, sync: bool, mode: int, exclusive: 
 
 
 def read_file(path: str) -> bytes:
-    """Read a whole file without following a symlink at ``path``."""
+    """Read a whole regular file without following a symlink at ``path`` and without ever
+    blocking on a FIFO or device there (OSError ``not_regular`` instead)."""
     fd = os.open(path, O_READ)
     try:
         # Metadata files are small: one read usually returns all of it, and a short read
         # of a regular file means end of file, so no fstat is needed to size the buffer.
-        chunk = os.read(fd, _READ_CHUNK)
-        if len(chunk) < _READ_CHUNK:
+        # Only an empty or a long read can come from something else (a FIFO reads empty
+        # or EAGAIN, a device endlessly): those, rare for metadata, pay one fstat.
+        try:
+            chunk = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            raise not_regular(path) from None
+        if 0 < len(chunk) < _READ_CHUNK:
+            return chunk
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise not_regular(path)
+        if not chunk:
             return chunk
         chunks = [chunk]
         while chunk:
@@ -117,6 +145,8 @@ def fsync_path(path: str) -> None:
     """fsync a file that some other code wrote (a user data codec)."""
     fd = os.open(path, O_READ)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise not_regular(path)
         fsync_fd(fd)
     except OSError as e:
         raise _name(e, path) from None
@@ -244,9 +274,7 @@ def is_real_dir(path: str) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    import stat as _stat
-
-    return _stat.S_ISDIR(st.st_mode)
+    return stat.S_ISDIR(st.st_mode)
 
 
 def mkdir_durable(path: str, mode: int, *, sync: bool) -> bool:
@@ -293,12 +321,28 @@ except ImportError:  # pragma: no cover - Windows: no owner locks, recovery is d
 # Every lock descriptor this process holds. A forked child inherits them, and flock locks
 # live as long as any descriptor of the open file: the child closes its copies at once,
 # so that an owner's death still frees its entries while the child lives on.
+#
+# A descriptor is recorded in _held under _guard in the same step that opens it, before it
+# is locked, and leaves _held under _guard in the same step that closes it; fork() takes
+# _guard first (register_at_fork), so a child never inherits a lock descriptor that is
+# not in _held, nor closes a number that its parent had already closed and reused. The
+# guard is reentrant: a _Claim's __del__ may run (garbage collection) inside a guarded step.
 _held: set[int] = set()
 _generation = 0
+_guard = threading.RLock()
+
+
+def _before_fork() -> None:
+    _guard.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _guard.release()
 
 
 def _close_inherited_locks() -> None:
-    global _generation
+    global _generation, _guard
+    _guard = threading.RLock()  # the forking thread's hold is meaningless in the child
     for fd in _held:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -307,7 +351,9 @@ def _close_inherited_locks() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited_locks)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_close_inherited_locks
+    )
 
 
 def lock_generation() -> int:
@@ -326,11 +372,27 @@ def close_lock_fd(fd: int) -> None:
             raise
 
 
+def _open_held(path: str, flags: int, mode: int = 0o777) -> int:
+    """os.open, with the descriptor recorded in _held in the same guarded step."""
+    with _guard:
+        fd = os.open(path, flags, mode)
+        _held.add(fd)
+    return fd
+
+
+def _close_held(fd: int) -> None:
+    """Close a descriptor from _open_held and forget it, in one guarded step."""
+    with _guard:
+        try:
+            close_lock_fd(fd)
+        finally:
+            _held.discard(fd)
+
+
 def unlock(fd: int, generation: int) -> None:
     """Release a lock from create_locked/open_locked taken in ``generation``."""
     if generation == _generation:
-        _held.discard(fd)
-        close_lock_fd(fd)
+        _close_held(fd)
 
 
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
@@ -354,10 +416,11 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
     descriptor holding its lock;
     None if the name is taken. Where the OS allows (Linux O_TMPFILE), the file is created
     unnamed, locked, then linked in, so nobody ever sees it unlocked; elsewhere it is
-    created with O_EXCL and locked at once, and a lock lost in between counts as taken."""
+    created with O_EXCL and locked at once, and a lock lost in between counts as taken.
+    On any failure no descriptor is left open."""
     if _TMPFILE_OK and parent not in _no_tmpfile:
         try:
-            fd = os.open(parent, _O_TMPFILE | os.O_WRONLY | _CLOEXEC, mode)
+            fd = _open_held(parent, _O_TMPFILE | os.O_RDWR | _CLOEXEC, mode)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
@@ -370,20 +433,19 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
                 # are absolute or relative to the cwd either way).
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
             except FileExistsError:
-                close_lock_fd(fd)
+                _close_held(fd)
                 return None
             except BaseException:
-                close_lock_fd(fd)
+                _close_held(fd)
                 raise
-            _held.add(fd)
             return fd
     try:
-        fd = os.open(path, O_CREATE_EXCL, mode)
+        fd = _open_held(path, O_CREATE_EXCL, mode)
     except FileExistsError:
         return None
     try:
         # Someone may have locked (and even unlinked) it before us: then it is not ours.
-        return _keep_if_locked(fd)
+        return _keep_if_locked(fd, path)
     except BaseException:
         unlink_quiet(path)
         raise
@@ -391,30 +453,42 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
 
 def open_locked(path: str) -> int | None:
     """Open an existing registry file and lock it. None if it does not exist, another
-    process holds it, or it was unlinked while we took the lock (a stale inode)."""
+    process holds it, or it was unlinked while we took the lock (a stale inode). Never
+    blocks and never follows a symlink: OSError naming ``path`` if it is a symlink
+    (ELOOP), a directory (EISDIR) or otherwise not a regular file (``not_regular``)."""
     try:
-        fd = os.open(path, O_READ)
+        try:
+            fd = _open_held(path, O_LOCK)
+        except OSError as e:
+            # No write access (a read-only mount, a file we may not write): flock works on
+            # a read-only descriptor too, except where it is emulated with fcntl locks.
+            if e.errno not in (errno.EACCES, errno.EROFS):
+                raise
+            fd = _open_held(path, O_LOCK_RO)
     except OSError as e:
         if gone(e):
             return None
-        raise
-    return _keep_if_locked(fd)
+        raise _name(e, path) from None
+    return _keep_if_locked(fd, path)
 
 
-def _keep_if_locked(fd: int) -> int | None:
-    """Lock ``fd`` without waiting and keep it as held; None (and ``fd`` closed) if
-    another process holds the lock or the file was unlinked meanwhile (a stale inode)."""
+def _keep_if_locked(fd: int, path: str) -> int | None:
+    """Lock ``fd`` (recorded in _held) without waiting and keep it; None (and ``fd``
+    closed) if another process holds the lock or the file was unlinked meanwhile (a stale
+    inode); OSError ``not_regular`` if it is not a regular file."""
+    keep = False
     try:
-        if not try_lock(fd) or (HAVE_LOCKS and os.fstat(fd).st_nlink == 0):
-            close_lock_fd(fd)
-            return None
+        if try_lock(fd):
+            # One fstat serves both checks: a FIFO or device is not a registry file, and a
+            # file unlinked while we locked it is not the name's reservation any more.
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise not_regular(path)
+            keep = not (HAVE_LOCKS and st.st_nlink == 0)
     except OSError as e:
-        close_lock_fd(fd)
-        if gone(e):  # unlinked through another client: ESTALE, or ENOENT from fstat
-            return None
-        raise
-    except BaseException:
-        close_lock_fd(fd)
-        raise
-    _held.add(fd)
-    return fd
+        if not gone(e):  # unlinked through another client: ESTALE, or ENOENT from fstat
+            raise
+    finally:
+        if not keep:
+            _close_held(fd)
+    return fd if keep else None

@@ -2,7 +2,8 @@
 
     SPOOL/.registry/NAME        name reservation; lives for the entry's whole life; its
                                 flock is the owner lock of an enqueue or a checkout
-    SPOOL/.tmp/NAME             metadata (or data) being written, before its atomic rename
+    SPOOL/.tmp/NAME             metadata (or data) being written, before its atomic rename;
+                                only the holder of the entry's owner lock writes it
     SPOOL/.data/NAME            the entry's data payload
     SPOOL/QUEUE/NAME            metadata of an entry waiting in QUEUE
     SPOOL/QUEUE/.checkout/NAME  metadata of an entry some process has checked out
@@ -16,6 +17,7 @@ follows this table):
     enqueue      .tmp/NAME + .data/NAME, rename .tmp/NAME -> Q/NAME     -> queued in Q
     checkout     lock registry, rename Q/NAME -> Q/.checkout/NAME       -> checked out of Q
     save(Q2)     [rewrite via .tmp], rename Q/.checkout/NAME -> Q2/NAME -> queued in Q2
+    direct save  lock registry, check Q/NAME, rename .tmp/NAME -> Q/NAME -> queued in Q
     release      rename Q/.checkout/NAME -> Q/NAME                      -> queued in Q
     remove       unlink Q/.checkout/NAME, .data/NAME, .registry/NAME    -> gone
     recover      (owner dead) rename Q/.checkout/NAME -> Q/NAME         -> queued in Q

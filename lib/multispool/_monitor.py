@@ -149,9 +149,10 @@ class Duplicated(_ProblemBase):
 
 @dataclass(frozen=True, eq=True)
 class DeadCheckout(_ProblemBase):
-    """A checkout whose owner lock is free: the process that checked it out died, so
-    nobody will ever finish it (``fsck --repair`` / ``Spool.recover_checkouts`` puts it
-    back into its queue). Reported at once, whatever its age."""
+    """A checked-out ``file`` in checkout directory ``dir`` whose owner lock is free: the
+    process that checked it out died, so nobody will ever finish it (``fsck --repair`` /
+    ``Spool.recover_checkouts`` puts it back into its queue). Reported at once, whatever
+    its age."""
 
     file: FileWithMtime
     dir: Dir
@@ -223,8 +224,10 @@ class Limits:
 def _lstat_mtime(path: str) -> float | None:
     try:
         return os.lstat(path).st_mtime
-    except FileNotFoundError:
-        return None
+    except OSError as e:
+        if _fs.gone(e):  # ESTALE: removed through another client of a shared filesystem
+            return None
+        raise
 
 
 class _Listing:
@@ -253,8 +256,10 @@ class _Listing:
         """The entry's mtime, None if it vanished since the listing."""
         try:
             return e.stat(follow_symlinks=False).st_mtime
-        except FileNotFoundError:
-            return None
+        except OSError as err:
+            if _fs.gone(err):
+                return None
+            raise
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import random
 import threading
 import time
@@ -91,6 +92,16 @@ class _StopRelay:
                     if self._relays.get(id(self.stop)) is self:
                         del self._relays[id(self.stop)]
                     return
+
+
+def _reset_relays_after_fork() -> None:
+    # The child has none of the relay threads, and one of them may have held the lock.
+    _StopRelay._lock = threading.Lock()
+    _StopRelay._relays = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_relays_after_fork)
 
 
 class QueueReader(Generic[M, D]):
@@ -184,8 +195,9 @@ class QueueReader(Generic[M, D]):
                 if e.quarantined_to is None:
                     raise
                 continue  # quarantined (and logged): go on with the next one
-            except PermissionError as e:
-                # This one entry cannot be read now; it is back in its queue untouched.
+            except OSError as e:
+                # This one entry's trouble (unreadable, a symlink or FIFO planted at its
+                # registry name...), logged with its path: the others go on.
                 log.warning("multispool: skipping %s/%s: %s", self._qdir, name, e)
                 continue
             if co is not None:

@@ -12,6 +12,8 @@ import enum
 import errno
 import logging
 import os
+import secrets
+import shutil
 import stat as stat_mod
 import threading
 import time
@@ -105,6 +107,9 @@ NOT_FOUND: Final = NotFound()
 Action: TypeAlias = Save[M] | Remove
 """What a handler returns: ``Save(metadata, queue)`` or ``REMOVE``."""
 
+# Creates the per-claim write mutexes on first use (most checkouts never need one).
+_claim_locks_lock = threading.Lock()
+
 # Reservations made by reserve_name, locked until enqueue(use=NAME) consumes them, keyed by
 # the registry file's (st_dev, st_ino) so that any Spool object of this process finds them.
 _reserved: dict[tuple[int, int], int] = {}
@@ -112,7 +117,11 @@ _reserved_lock = threading.Lock()
 
 
 def _forget_reserved_in_child() -> None:
-    # A forked child must not think it owns its parent's reservations (_fs closes the fds).
+    # A forked child must not think it owns its parent's reservations (_fs closes the fds),
+    # and another thread of the parent may have held the table's lock at fork time.
+    global _reserved_lock, _claim_locks_lock
+    _reserved_lock = threading.Lock()
+    _claim_locks_lock = threading.Lock()
     _reserved.clear()
 
 
@@ -123,12 +132,13 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("done", "fd", "generation", "unsynced")
+    __slots__ = ("_writing", "done", "fd", "generation", "unsynced")
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
         self.generation = _fs.lock_generation()
         self.done = False
+        self._writing: threading.Lock | None = None
         # Durability "full": the queue dir the claim renamed the entry out of, whose fsync
         # (step 5 of a move, see _layout) the checkout's end owes.
         self.unsynced: str | None = None
@@ -139,11 +149,28 @@ class _Claim:
         if d is not None and d != unless:
             _fs.fsync_dir(d)
 
+    @property
+    def writing(self) -> threading.Lock:
+        """Held around each staged write: the owner's own threads take turns with the
+        entry's staging file ``.tmp/NAME`` too (other processes are kept out by the lock)."""
+        lock = self._writing
+        if lock is None:
+            with _claim_locks_lock:
+                lock = self._writing
+                if lock is None:
+                    lock = self._writing = threading.Lock()
+        return lock
+
     def release(self) -> None:
         self.done = True
         fd, self.fd = self.fd, None
         if fd is not None:
             _fs.unlock(fd, self.generation)
+
+    @property
+    def held(self) -> bool:
+        """True while this process holds the lock (not ended, not inherited by fork)."""
+        return self.fd is not None and self.generation == _fs.lock_generation()
 
     def __del__(self) -> None:
         if self.fd is not None:
@@ -153,11 +180,12 @@ class _Claim:
 class DataFile(Generic[D]):
     """An entry's data payload in ``.data/NAME``."""
 
-    __slots__ = ("name", "spool")
+    __slots__ = ("_claim", "name", "spool")
 
-    def __init__(self, spool: Spool[Any, D], name: str) -> None:
+    def __init__(self, spool: Spool[Any, D], name: str, _claim: _Claim | None = None) -> None:
         self.spool = spool
         self.name = name
+        self._claim = _claim  # the checkout this handle belongs to, if any
 
     @property
     def path(self) -> str:
@@ -174,17 +202,32 @@ class DataFile(Generic[D]):
             return sp.data.load(self.path)  # type: ignore[no-any-return]
 
     def save(self, contents: D) -> None:
-        """Atomically replace the data (written to ``.tmp/NAME``, then renamed)."""
+        """Atomically replace the data (staged in ``.tmp/NAME``, then renamed), holding
+        the entry's owner lock: the checkout's when this handle belongs to one this
+        process holds, else taken for the write (EntryNotFoundError if the entry is gone
+        or another process owns it). The lock makes its holder the only writer of the
+        entry's staging file."""
         sp = self.spool.spoolable
         lay = self.spool._layout
         tmp = lay.tmp_file(self.name)
         with sp.throttled():
+            claim = self._claim
+            if claim is None or not claim.held:
+                claim = self.spool._lock_entry(self.name)
+                own = True
+            else:
+                own = False
             try:
-                sp.encode_data(contents, tmp, sync=sp.durability != "none")
-                os.rename(tmp, self.path)
-            except BaseException:
-                _fs.unlink_quiet(tmp)
-                raise
+                with claim.writing:
+                    try:
+                        sp.encode_data(contents, tmp, sync=sp.durability != "none")
+                        os.rename(tmp, self.path)
+                    except BaseException:
+                        _fs.unlink_quiet(tmp)
+                        raise
+            finally:
+                if own:
+                    claim.release()
             if sp.durability == "full":
                 _fs.fsync_dir(lay.data)
 
@@ -198,7 +241,9 @@ class DataFile(Generic[D]):
 
 
 class _Direct(Generic[M, D]):
-    """Operations on a queued entry without checking it out (no exclusivity)."""
+    """Operations on a queued entry without checking it out. Reads take no lock; writes
+    hold the entry's owner lock for their duration, so they never race a claim (an entry
+    someone has checked out raises EntryNotFoundError instead)."""
 
     __slots__ = ("_entry",)
 
@@ -224,23 +269,36 @@ class _Direct(Generic[M, D]):
         return contents
 
     def data_file(self) -> DataFile[D]:
-        """The entry's data file (no exclusivity)."""
+        """The entry's data file (its ``save`` holds the owner lock while it writes)."""
         return DataFile(self._entry.spool, self._entry.name)
 
     def save(self, metadata: M) -> None:
-        """Atomically replace ``QUEUE/NAME`` with ``metadata`` (EntryNotFoundError if absent)."""
+        """Atomically replace ``QUEUE/NAME`` with ``metadata``, holding the entry's owner
+        lock, so that it cannot be claimed meanwhile: EntryNotFoundError if it is not in
+        its queue (gone, or checked out by anyone). A ``metadata`` that does not match the
+        Spoolable's type raises before anything touches disk."""
         e = self._entry
         sp = e.spool.spoolable
         raw = sp._codec.encode(metadata)
+        path = self._path()
         with sp.throttled():
-            e.spool._write_metadata(e.name, raw, self._path(), must_exist=True)
+            claim = e.spool._lock_entry(e.name, path)
+            try:
+                e.spool._write_metadata(e.name, raw, path)
+            finally:
+                claim.release()
 
     def remove(self) -> None:
-        """Delete the queued entry: queue file first (that is the claim), then data and
-        registry. EntryNotFoundError if it is not in its queue (e.g. checked out)."""
+        """Delete the queued entry, holding its owner lock: queue file first, then data
+        and registry. EntryNotFoundError if it is not in its queue (e.g. checked out)."""
         e = self._entry
+        path = self._path()
         with e.spool.spoolable.throttled():
-            e.spool._remove_files(e.name, self._path(), "no such entry")
+            claim = e.spool._lock_entry(e.name, path)
+            try:
+                e.spool._remove_files(e.name, path, "no such entry")
+            finally:
+                claim.release()
 
 
 class Entry(Generic[M, D]):
@@ -279,8 +337,10 @@ class Entry(Generic[M, D]):
 
     @property
     def direct(self) -> _Direct[M, D]:
-        """Read and write this entry in its queue without checking it out: no exclusivity,
-        so only for tools, tests and entries no reader is taking.
+        """Read and write this entry in its queue without checking it out. Reads take no
+        lock; each write holds the entry's owner lock while it runs (EntryNotFoundError if
+        the entry is checked out), but a read-modify-write is not atomic: for tools, tests
+        and entries no reader is taking.
         """
         return _Direct(self)
 
@@ -320,8 +380,8 @@ class CheckedOutEntry(Generic[M, D]):
 
     @property
     def data_file(self) -> DataFile[D]:
-        """The entry's data file."""
-        return DataFile(self.spool, self.name)
+        """The entry's data file (writes to it hold this checkout's owner lock)."""
+        return DataFile(self.spool, self.name, self._claim)
 
     @property
     def path(self) -> str:
@@ -357,7 +417,8 @@ class CheckedOutEntry(Generic[M, D]):
         with sp.throttled():
             if raw != self._raw:
                 # Under "full", the move below makes the rewrite durable.
-                self.spool._write_metadata(self.name, raw, src, must_exist=False, sync_dir=False)
+                with self._claim.writing:
+                    self.spool._write_metadata(self.name, raw, src, sync_dir=False)
             else:
                 # A fresh mtime in the new queue: the Monitor measures queue age from it.
                 _touch(src)
@@ -439,10 +500,16 @@ class Spool(Generic[M, D]):
         With ``keep`` (durability "full"), the move is the durable one of ``_layout``."""
         verify = self._fs_facts().verify_renames
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
+        retried = False
         while True:
             r = _fs.move(src, dst, keep, verify=verify)
+            if r == _fs.SRC_GONE and retried:
+                # The source a stale cache still showed may have moved after all: we hold
+                # the lock, so if the destination is there, it is our move.
+                return _fs.lexists(dst)
             if r != _fs.NOT_MOVED:
                 return r == _fs.MOVED
+            retried = True
             if time.monotonic() >= deadline:
                 raise SpoolError(
                     f"rename of {src} to {dst} kept reporting success without moving it "
@@ -476,40 +543,33 @@ class Spool(Generic[M, D]):
         access (for hot paths that know the spool exists)."""
         return cls(path, spoolable)
 
+    def _spool_dirs(self) -> builtins.list[str]:
+        """Every directory of the spool, in the order a creation makes them: .registry
+        and .tmp (what makes a directory look like a spool) last."""
+        lay = self._layout
+        dirs = [lay.data]
+        for q in self.spoolable._queue_list:
+            dirname = self.spoolable.dirname(q)
+            dirs += [lay.queue(dirname), lay.checkout(dirname)]
+        return [*dirs, lay.tmp, lay.registry]
+
     def _validate(self, create: bool) -> None:
         lay = self._layout
-        sp = self.spoolable
-        sync = sp.durability == "full"
         root = self.dir
-        if not os.path.isdir(root):
-            if not create:
-                raise NotASpoolError("spool directory does not exist", root)
-            if os.path.lexists(root):
-                raise NotASpoolError("spool path exists and is not a directory", root)
-            os.makedirs(root, mode=sp.dir_mode, exist_ok=True)
-            if sync:
-                _fs.fsync_dir(os.path.dirname(os.path.abspath(root)))
-        looks_like_spool = _fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)
-        if not looks_like_spool:
-            if not create:
-                raise NotASpoolError("directory does not look like a spool (no .registry and .tmp)", root)
-            if os.listdir(root):
-                raise NotASpoolError("dir is not empty while creating new spool", root)
-        dirs = [lay.registry, lay.tmp, lay.data]
-        for q in sp._queue_list:
-            dirname = sp.dirname(q)
-            dirs += [lay.queue(dirname), lay.checkout(dirname)]
+        if create:
+            self._create()
+        elif not os.path.isdir(root):
+            raise NotASpoolError("spool directory does not exist", root)
+        elif not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)):
+            raise NotASpoolError("directory does not look like a spool (no .registry and .tmp)", root)
         devices: dict[int, str] = {}
-        for d in dirs:
+        for d in self._spool_dirs():
             try:
                 st = os.lstat(d)
             except FileNotFoundError:
-                if not create:
-                    if d == lay.data:
-                        continue  # as the OCaml library: .data is created with the spool only
-                    raise NotASpoolError("spool is missing directory", d) from None
-                _fs.mkdir_durable(d, sp.dir_mode, sync=sync)
-                st = os.lstat(d)
+                if d == lay.data:
+                    continue  # as the OCaml library: .data is created with the spool only
+                raise NotASpoolError("spool is missing directory", d) from None
             if not stat_mod.S_ISDIR(st.st_mode):
                 raise NotASpoolError("not a directory (symlinks are not followed)", d)
             devices.setdefault(st.st_dev, d)
@@ -517,6 +577,83 @@ class Spool(Generic[M, D]):
             # rename(2) cannot cross filesystems (EXDEV): every spool dir must share one.
             where = ", ".join(sorted(devices.values()))
             raise NotASpoolError(f"spool directories are on different filesystems ({where})", root)
+
+    def _create(self) -> None:
+        """Make the spool exist with all its directories: idempotent, safe against other
+        processes creating the same spool at the same time, and all or nothing (a failure
+        leaves no directory this call created).
+
+        A new spool directory is built whole in a temporary sibling, then renamed into
+        place: others see no spool or a whole one. An existing directory (empty, already a
+        spool, or one that a concurrent creator is filling in place) gets the missing
+        directories, .registry and .tmp last; a non-empty directory holding anything else
+        is never turned into a spool."""
+        root = self.dir
+        if not os.path.lexists(root):
+            parent = os.path.dirname(os.path.abspath(root))
+            os.makedirs(parent, mode=self.spoolable.dir_mode, exist_ok=True)
+            if self._create_by_rename(parent):
+                return
+        if not os.path.isdir(root):
+            raise NotASpoolError("spool path exists and is not a directory", root)
+        lay = self._layout
+        if not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)):
+            ours = {os.path.basename(d) for d in self._spool_dirs() if os.path.dirname(d) == root}
+            if not set(os.listdir(root)) <= ours:
+                raise NotASpoolError("dir is not empty while creating new spool", root)
+        self._create_missing()
+
+    def _create_by_rename(self, parent: str) -> bool:
+        """Build the spool in a temporary sibling of ``self.dir`` and rename it into place.
+        False if ``self.dir`` appeared meanwhile (another creator, or anything else): the
+        caller goes on with what is there. The temporary directory never survives."""
+        sp = self.spoolable
+        root = self.dir
+        tmp_root = os.path.join(parent, f".{os.path.basename(root)}.new-{secrets.token_hex(8)}")
+        os.mkdir(tmp_root, sp.dir_mode)
+        try:
+            tmp_spool = Spool(tmp_root, sp)
+            for d in tmp_spool._spool_dirs():
+                try:
+                    os.mkdir(d, sp.dir_mode)
+                except OSError as e:
+                    # Name the directory the user asked for, not our temporary one.
+                    e.filename = root + d[len(tmp_root) :]
+                    raise
+            if sp.durability == "full":
+                for d in tmp_spool._spool_dirs():
+                    _fs.fsync_dir(d)
+                _fs.fsync_dir(tmp_root)
+            try:
+                os.rename(tmp_root, root)
+            except OSError as e:
+                # EEXIST/ENOTEMPTY: it exists now and is not empty (a concurrent creator
+                # won); EISDIR/ENOTDIR: something else is there now.
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                    return False
+                raise
+            if sp.durability == "full":
+                _fs.fsync_dir(parent)
+            return True
+        finally:
+            if os.path.lexists(tmp_root):
+                shutil.rmtree(tmp_root, ignore_errors=True)
+
+    def _create_missing(self) -> None:
+        """Create the spool's missing directories in place; on failure, remove those this
+        call created (others' and older ones are kept: only empty dirs we made go)."""
+        sp = self.spoolable
+        sync = sp.durability == "full"
+        made: list[str] = []
+        try:
+            for d in self._spool_dirs():
+                if _fs.mkdir_durable(d, sp.dir_mode, sync=sync):
+                    made.append(d)
+        except BaseException:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+            raise
 
     # -- names and enqueue ----------------------------------------------------------------
     def _reserve(self, seed: Any) -> tuple[str, int]:
@@ -533,8 +670,10 @@ class Spool(Generic[M, D]):
                 try:
                     _fs.fsync_dir(lay.registry)
                 except BaseException:
-                    _fs.unlock(fd, _fs.lock_generation())
-                    _fs.unlink_quiet(path)
+                    try:
+                        _fs.unlink_quiet(path)
+                    finally:
+                        _fs.unlock(fd, _fs.lock_generation())
                     raise
             return name, fd
         raise SpoolError(
@@ -549,10 +688,18 @@ class Spool(Generic[M, D]):
         process holds the reservation locked until then, so ``clean_abandoned`` never
         removes it while the process lives."""
         with self.spoolable.throttled():
+            gen = _fs.lock_generation()
             name, fd = self._reserve(seed)
-            st = os.fstat(fd)
-        with _reserved_lock:
-            _reserved[(st.st_dev, st.st_ino)] = fd
+            try:
+                st = os.fstat(fd)
+                with _reserved_lock:
+                    _reserved[(st.st_dev, st.st_ino)] = fd
+            except BaseException:
+                try:
+                    _fs.unlink_quiet(self._layout.registry_file(name))
+                finally:
+                    _fs.unlock(fd, gen)
+                raise
         return name
 
     def _take_reservation(self, name: str) -> int:
@@ -589,12 +736,9 @@ class Spool(Generic[M, D]):
         reserve: Any = None,
         use: str | None = None,
     ) -> Entry[M, D]:
-        """Add an entry to ``queue`` with ``metadata`` (checked against the Spoolable's
-        type before anything is written) and ``data`` (saved by its data codec); the new
-        entry becomes visible to readers at once and is returned. ``use=NAME`` takes a name
-        from ``reserve_name``; otherwise a name is reserved with seed ``reserve``. If any
-        step fails, every file the enqueue created (the reservation included) is removed
-        and the error raised."""
+        """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
+        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
+        the enqueue created (the reservation included) is removed and the error raised."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
@@ -604,41 +748,53 @@ class Spool(Generic[M, D]):
         sync_files = sp.durability != "none"
         full = sp.durability == "full"
         with sp.throttled():
-            if use is not None:
-                name, fd = use, self._take_reservation(use)
-            else:
-                name, fd = self._reserve(reserve)
+            fd: int | None = None
             gen = _fs.lock_generation()
-            tmp = lay.tmp_file(name)
-            data_path = lay.data_file(name)
+            # How far the enqueue got, so that a failure (also KeyboardInterrupt or an
+            # exception from a signal handler, which may come between any two steps)
+            # undoes exactly what happened: 1 files may exist, 2 the rename may have
+            # happened, 3 it did (the entry is queued and must be kept).
+            stage = 0
             try:
+                if use is not None:
+                    name, fd = use, self._take_reservation(use)
+                else:
+                    name, fd = self._reserve(reserve)
+                tmp = lay.tmp_file(name)
+                data_path = lay.data_file(name)
+                qfile = lay.queue_file(dirname, name)
+                stage = 1
                 _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode)
                 sp.encode_data(data, data_path, sync=sync_files)
                 if full:
                     _fs.fsync_dir(lay.data)
-                os.rename(tmp, lay.queue_file(dirname, name))
+                stage = 2
+                os.rename(tmp, qfile)
+                stage = 3
             except BaseException:
-                _fs.unlink_quiet(tmp)
-                _fs.unlink_quiet(data_path)
-                _fs.unlink_quiet(lay.registry_file(name))
-                _fs.unlock(fd, gen)
+                if stage == 2 and not os.path.lexists(tmp) and os.path.lexists(qfile):
+                    stage = 3  # interrupted right after the rename: the entry is queued
+                if 0 < stage < 3:
+                    _fs.unlink_quiet(tmp)
+                    _fs.unlink_quiet(data_path)
+                    _fs.unlink_quiet(lay.registry_file(name))
                 raise
-            # Release the enqueue's lock only once the entry is in its queue, so
-            # clean_abandoned can never take a live enqueue for a dead one.
-            _fs.unlock(fd, gen)
+            finally:
+                # Released only once the entry is in its queue (or undone), so that
+                # clean_abandoned can never take a live enqueue for a dead one; released
+                # whatever happened, so that no lock outlives the call.
+                if fd is not None:
+                    _fs.unlock(fd, gen)
             if full:
                 _fs.fsync_dir(lay.queue(dirname))
         return Entry._trusted(self, queue, name)
 
-    def _write_metadata(
-        self, name: str, raw: bytes, path: str, *, must_exist: bool, sync_dir: bool = True
-    ) -> None:
-        """Atomically replace ``path`` with encoded metadata, staged in ``.tmp/NAME``.
-        The caller holds the throttle."""
+    def _write_metadata(self, name: str, raw: bytes, path: str, *, sync_dir: bool = True) -> None:
+        """Atomically replace ``path`` with encoded metadata, staged in ``.tmp/NAME``. The
+        caller holds the entry's owner lock (so no other writer stages there) and the
+        throttle. ``sync_dir=False`` leaves the directory's fsync to a move that follows."""
         sp = self.spoolable
         tmp = self._layout.tmp_file(name)
-        if must_exist and not os.path.lexists(path):
-            raise EntryNotFoundError("no such entry", path)
         try:
             _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode)
             os.rename(tmp, path)
@@ -658,6 +814,24 @@ class Spool(Generic[M, D]):
         if claim is not None:
             claim.unsynced = None  # the queue dir was fsynced by the move (or nothing moved)
         return moved
+
+    def _lock_entry(self, name: str, qfile: str | None = None) -> _Claim:
+        """Take the owner lock of an entry that nobody has checked out, for one write.
+        A busy lock is waited for briefly, as a claim does. With ``qfile``, the entry must
+        wait in that queue file. EntryNotFoundError if it is gone or another
+        process owns it. The caller holds the throttle and releases the claim."""
+        reg = self._layout.registry_file(name)
+        fd = _fs.open_locked(reg)
+        if fd is None:
+            # Without a queue file to watch, wait while the reservation exists.
+            fd = self._wait_busy(reg, qfile or reg, BUSY_WAIT)
+        if fd is None:
+            raise EntryNotFoundError("entry is gone or checked out by another process", qfile or reg)
+        claim = _Claim(fd)
+        if qfile is not None and not _fs.lexists(qfile):
+            claim.release()
+            raise EntryNotFoundError("no such entry (not in its queue)", qfile)
+        return claim
 
     def _remove_files(self, name: str, meta_path: str, gone: str, claim: _Claim | None = None) -> None:
         """Delete an entry whose metadata is at ``meta_path``: that file first (the step
@@ -700,7 +874,9 @@ class Spool(Generic[M, D]):
             except OSError as e:
                 if _fs.gone(e):
                     continue  # its owner finished with it meanwhile
-                raise
+                # Not a regular file (FIFO, symlink...) or unreadable: that one's problem.
+                log.warning("multispool: skipping checkout %s: %s", path, e)
+                continue
             out.append(CheckedOutEntry(self, queue, n, sp._codec.decode(raw, path), raw, _Claim(None)))
         return out
 
@@ -750,6 +926,8 @@ class Spool(Generic[M, D]):
                 raise
             if moved != _fs.MOVED:
                 claim.release()
+                if moved == _fs.NOT_MOVED:
+                    log.debug("multispool: claim of %s lost: rename moved nothing (stale cache)", qfile)
                 return None
             try:
                 raw = _fs.read_file(cofile)
@@ -821,6 +999,7 @@ class Spool(Generic[M, D]):
                 claim.sync_source(unless=os.path.dirname(dst))
                 log.warning("multispool: quarantined %s to %s: %s", cofile, dst, reason)
                 raise CorruptEntryError(cofile, reason, quarantined_to=dst) from cause
+            log.warning("multispool: left %s checked out (no quarantine queue): %s", cofile, reason)
             raise CorruptEntryError(cofile, reason) from cause
         finally:
             claim.release()
@@ -909,8 +1088,13 @@ class Spool(Generic[M, D]):
             self._resolve_keeps(dirname)
             for name in sorted(self._list_names(lay.checkout(dirname))):
                 with sp.throttled():
-                    if self._recover_one(q, dirname, name, min_age):
-                        recovered.append(Entry._trusted(self, q, name))
+                    try:
+                        if self._recover_one(q, dirname, name, min_age):
+                            recovered.append(Entry._trusted(self, q, name))
+                    except OSError as e:
+                        # One entry's trouble (a symlink or FIFO planted at its registry
+                        # name, a permission...) must not stop the recovery of the others.
+                        log.warning("multispool: cannot recover %s/%s, left in place: %s", dirname, name, e)
         return recovered
 
     def _resolve_keeps(self, dirname: str) -> None:
@@ -1009,7 +1193,10 @@ class Spool(Generic[M, D]):
             # moved is reported (a no-op leaves it for the next recovery).
             qfile = lay.queue_file(dirname, name)
             keep = lay.keep_file(lay.checkout(dirname), name) if sp.durability == "full" else None
-            if _fs.move(cofile, qfile, keep, verify=self._fs_facts().verify_renames) != _fs.MOVED:
+            moved = _fs.move(cofile, qfile, keep, verify=self._fs_facts().verify_renames)
+            if moved != _fs.MOVED:
+                if moved == _fs.NOT_MOVED:
+                    log.debug("multispool: recovery of %s not done: rename moved nothing", cofile)
                 return False
             log.info("multispool: recovered %s/%s from a dead owner", dirname, name)
             return True
@@ -1061,7 +1248,11 @@ class Spool(Generic[M, D]):
                         continue
                     raise
                 gen = _fs.lock_generation()
-                fd = _fs.open_locked(reg)
+                try:
+                    fd = _fs.open_locked(reg)
+                except OSError as e:
+                    log.warning("multispool: cannot clean %s, left in place: %s", reg, e)
+                    continue
                 if fd is None:
                     continue
                 try:

@@ -146,12 +146,18 @@ _process_token = secrets.token_hex(8)
 
 
 def _new_process_token() -> None:
-    global _process_token
+    global _process_token, _names_lock
     _process_token = secrets.token_hex(8)
+    _names_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_process_token)
+
+
+# Serialises the clock bump of every TimeOrderedNames. Module-level, so that a forked
+# child can replace it: another thread of the parent may have held it at fork time.
+_names_lock = threading.Lock()
 
 
 class TimeOrderedNames:
@@ -163,14 +169,13 @@ class TimeOrderedNames:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._last = 0
 
     def next(self, seed: Any, attempt: int) -> str:
         """A new name, unique across hosts and processes, ordered by creation time within
         this process; ``seed`` (any value, or None) and ``attempt`` do not change it.
         """
-        with self._lock:
+        with _names_lock:
             now = max(time.time_ns(), self._last + 1)
             self._last = now
         return f"{'' if seed is None else seed}{now:019d}-{_process_token}"
@@ -187,6 +192,10 @@ class _Codec:
 
     def __init__(self, kind: Any, metadata_type: Any) -> None:
         self._custom: MetadataCodec | None = None
+        # With a declared type, what is written is decoded back through it first (a
+        # msgspec encoder does not check field types: {"url": 1} for url: str would be
+        # written, then fail every consumer). typing.Any accepts whatever encodes.
+        self._check = metadata_type is not Any
         if kind == "json":
             self._enc: Any = msgspec.json.Encoder()
             self._dec: Any = msgspec.json.Decoder(metadata_type)
@@ -207,7 +216,11 @@ class _Codec:
             if not isinstance(out, (bytes, bytearray, memoryview)):
                 raise TypeError(f"metadata codec encode() returned {type(out).__name__}, not bytes")
             return bytes(out)
-        return typing.cast(bytes, self._enc.encode(obj))
+        raw = typing.cast(bytes, self._enc.encode(obj))
+        if self._check:
+            # msgspec.ValidationError (a value of the wrong type) before any disk access.
+            self._dec.decode(raw)
+        return raw
 
     def decode(self, raw: bytes, path: str) -> Any:
         """Decode metadata read from ``path``; CorruptEntryError naming it on failure."""

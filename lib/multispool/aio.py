@@ -377,9 +377,8 @@ class AsyncSpool(Generic[M, D]):
     async def enqueue(
         self, queue: enum.Enum, metadata: M, data: D, *, reserve: Any = None, use: str | None = None
     ) -> AsyncEntry[M, D]:
-        """``Spool.enqueue``: add an entry to ``queue`` with ``metadata`` and ``data``
-        (name from ``use``, or reserved with seed ``reserve``). Cancelled before it
-        started, it does not happen; once started, it completes."""
+        """``Spool.enqueue``. Cancelled before it started, it does not happen; once
+        started, it completes."""
         fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use)
         return self._entry(await self._run(fn, queue, metadata, data))
 
