@@ -3,7 +3,8 @@
     python _crash_workload.py SPOOL ACKS DURABILITY WORKERS ROUNDS
 
 Forks WORKERS processes that each run ROUNDS rounds of every operation of the library on
-their own entries, concurrently (so one worker's fsyncs of a queue land between another's
+their own entries (``enqueue_many`` too where the library has it, and enqueues from two
+threads at once), concurrently (so one worker's fsyncs of a queue land between another's
 renames). Every operation writes a ``begin`` record to ACKS before it starts and an ``end``
 record after it returned, one ``write(2)`` each on an O_APPEND descriptor: the checker
 reads them back from the trace, so it knows which operations were acknowledged at every
@@ -18,6 +19,7 @@ import enum
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -157,6 +159,26 @@ def run_worker(spool_dir: str, acks_path: str, durability: str, w: int, rounds: 
 
         # one entry left queued at the end of each round
         enqueue(Q.B, f"{tag}k", f"data {tag}k".encode())
+
+        # concurrent enqueues from threads of one process (group commit, where there is one)
+        threads = [
+            threading.Thread(target=enqueue, args=(Q.A, f"{tag}t{i}", f"data {tag}t{i}".encode()))
+            for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        # a batch, where the library has enqueue_many
+        many = getattr(spool, "enqueue_many", None)
+        if many is not None:
+            items = [(f"{tag}m{i}", _meta(f"{tag}m{i}", 0), f"data {tag}m{i}") for i in range(2)]
+            for ident, m, d in items:
+                acks.rec("begin", "enqueue", id=ident, name=None, queue="a", meta=m, data=d)
+            entries = many(Q.A, [(m, d.encode()) for _, m, d in items])
+            for (ident, m, d), e in zip(items, entries, strict=True):
+                acks.rec("end", "enqueue", id=ident, name=e.name, queue="a", meta=m, data=d)
 
 
 def main(argv: list[str]) -> int:
