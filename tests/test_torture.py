@@ -90,9 +90,7 @@ def _layout_problems(spool_dir: str) -> list[str]:
     """Files outside the layout; every registry file with exactly one queue/checkout file
     and vice versa; data only for registered names; no .tmp files."""
     root = Path(spool_dir)
-    # .lost+found: clean_abandoned keeps the files of enqueues killed before their rename
-    # there (repair never deletes data; docs/crash-safety.md).
-    allowed_dirs = {".registry", ".tmp", ".data", ".lost+found"} | {q.value for q in Queue}
+    allowed_dirs = {".registry", ".tmp", ".data"} | {q.value for q in Queue}
     problems = [f"unexpected top-level {p.name}" for p in root.iterdir() if p.name not in allowed_dirs]
     for d in (".registry", ".tmp", ".data"):
         for p in (root / d).iterdir():

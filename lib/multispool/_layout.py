@@ -7,7 +7,8 @@
     SPOOL/.data/NAME            the entry's data payload
     SPOOL/QUEUE/NAME            metadata of an entry waiting in QUEUE
     SPOOL/QUEUE/.checkout/NAME  metadata of an entry some process has checked out
-    SPOOL/QUEUE/.~NAME          (durability "full", transient) keep link of a move
+    SPOOL/QUEUE/.~NAME          (durability "full", transient) keep link of a move out
+    SPOOL/QUEUE/.checkout/.~NAME  of that dir (see below; never seen after a return)
     SPOOL/.lost+found/NAME/     what repair could not put back into a queue (created on need)
 
 An entry's life, and the single rename or unlink that makes each step (every other module
@@ -21,8 +22,8 @@ follows this table):
     release      rename Q/.checkout/NAME -> Q/NAME                      -> queued in Q
     remove       unlink Q/.checkout/NAME, .data/NAME, .registry/NAME    -> gone
     recover      (owner dead) rename Q/.checkout/NAME -> Q/NAME         -> queued in Q
-    abandon      (enqueuer dead) .tmp/NAME, .data/NAME -> .lost+found/NAME/, unlink
-                 .registry/NAME                                         -> gone (kept aside)
+    abandon      (enqueuer dead) unlink .tmp/NAME, .data/NAME, .registry/NAME -> gone
+                 (fsck --repair: .tmp/NAME, .data/NAME -> .lost+found/NAME/ instead)
 
 Durability "full" (crash-consistent under the pessimistic model of docs/crash-safety.md:
 file data survives only once the file is fsynced, a directory's entries only as they were
@@ -52,7 +53,10 @@ After a crash, these states exist only where an operation was interrupted, and r
 (``recover_checkouts``, run by ``fsck --repair``) resolves them under the owner lock:
     SRC/KEEP and NAME in some queue or checkout dir   -> unlink KEEP (the move happened)
     SRC/KEEP only                                     -> rename KEEP back to SRC/NAME
-    NAME in two dirs (a move cut between 2 and 5)     -> the Monitor's Duplicated; repair
+    NAME in two dirs (a move cut between 2 and 5)     -> a dead checkout already queued
+                                                         is not moved back (dropped, or
+                                                         kept aside if it differs); else
+                                                         the Monitor's Duplicated: repair
                                                          keeps one copy
 What repair cannot put back into a queue (orphaned files, abandoned enqueues, duplicates
 that differ) goes to ``.lost+found/NAME/`` (see ``_lostfound``): repair never deletes data.

@@ -619,7 +619,7 @@ class _Repair:
         to ``.lost+found``."""
         limit = self.limits.max_tmp_file_age
         if not self.dry_run:
-            for name in self.spool.clean_abandoned(older_than=limit):
+            for name in self.spool._clean_abandoned(limit, keep_aside=True):
                 self.say("remove", "removed", f"abandoned enqueue {name} (files, if any, to {LOST_FOUND})")
             return
         now = time.time()

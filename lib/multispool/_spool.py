@@ -424,11 +424,16 @@ class CheckedOutEntry(Generic[M, D]):
                 _touch(src)
             keep = lay.keep_file(os.path.dirname(src), self.name) if full else None
             try:
-                if not self.spool._move_owned(src, dst, keep):
+                if not self.spool._move_owned(src, dst, keep, sync_src=False):
                     raise EntryNotFoundError("checked-out entry vanished", src)
-                self._claim.sync_source(unless=lay.queue(dst_dir))
             finally:
                 self._claim.release()
+            if full:
+                # Step 5 of the move, and the claim's deferred one, after the lock is
+                # given up (nobody else needs to wait for them): before returning, the
+                # entry is durable only in its new queue.
+                _fs.fsync_dir(os.path.dirname(src))
+                self._claim.sync_source(unless=lay.queue(dst_dir))
 
     def remove(self) -> None:
         """Delete the entry: checkout file, data, then the reservation."""
@@ -445,9 +450,11 @@ class CheckedOutEntry(Generic[M, D]):
         dirname = sp.dirname(self.queue)
         with sp.throttled():
             try:
-                self.spool._move_back(dirname, self.name, self._claim)
+                moved = self.spool._move_back(dirname, self.name, self._claim, sync_src=False)
             finally:
                 self._claim.release()
+            if moved and sp.durability == "full":
+                _fs.fsync_dir(self.spool._layout.checkout(dirname))  # step 5, lock given up
 
     def __enter__(self) -> CheckedOutEntry[M, D]:
         return self
@@ -493,7 +500,7 @@ class Spool(Generic[M, D]):
             facts = self._facts = _sharedfs.facts(self.dir)
         return facts
 
-    def _move_owned(self, src: str, dst: str, keep: str | None = None) -> bool:
+    def _move_owned(self, src: str, dst: str, keep: str | None = None, sync_src: bool = True) -> bool:
         """Move a checkout this process owns (save, release): True once moved, False if
         ``src`` is gone. A rename that a stale client cache turned into a no-op is retried
         until that cache expires (network filesystems keep names for about a second).
@@ -502,7 +509,7 @@ class Spool(Generic[M, D]):
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
         retried = False
         while True:
-            r = _fs.move(src, dst, keep, verify=verify)
+            r = _fs.move(src, dst, keep, verify=verify, sync_src=sync_src)
             if r == _fs.SRC_GONE and retried:
                 # The source a stale cache still showed may have moved after all: we hold
                 # the lock, so if the destination is there, it is our move.
@@ -804,13 +811,15 @@ class Spool(Generic[M, D]):
         if sync_dir and sp.durability == "full":
             _fs.fsync_dir(os.path.dirname(path))
 
-    def _move_back(self, dirname: str, name: str, claim: _Claim | None) -> bool:
-        """Move a checked-out entry back into its queue (release, give-back, recovery);
-        False if it was not checked out. Durable under "full" (the move of _layout)."""
+    def _move_back(self, dirname: str, name: str, claim: _Claim | None, sync_src: bool = True) -> bool:
+        """Move a checked-out entry back into its queue (release, give-back); False if it
+        was not checked out. Durable under "full" (the move of _layout; ``sync_src=False``
+        leaves its step 5, the checkout dir's fsync, to the caller)."""
         lay = self._layout
         co_dir = lay.checkout(dirname)
         keep = lay.keep_file(co_dir, name) if self.spoolable.durability == "full" else None
-        moved = self._move_owned(lay.checkout_file(dirname, name), lay.queue_file(dirname, name), keep)
+        cofile, qfile = lay.checkout_file(dirname, name), lay.queue_file(dirname, name)
+        moved = self._move_owned(cofile, qfile, keep, sync_src=sync_src)
         if claim is not None:
             claim.unsynced = None  # the queue dir was fsynced by the move (or nothing moved)
         return moved
@@ -1219,7 +1228,14 @@ class Spool(Generic[M, D]):
     def clean_abandoned(self, older_than: Duration = 600) -> builtins.list[str]:
         """Remove the registry, tmp and data files of enqueues whose process died before
         the entry reached a queue: registry older than ``older_than`` seconds, in no queue
-        or checkout dir, and not locked by a live process. Returns the removed names."""
+        or checkout dir (nor kept by the keep link of an interrupted move), and not locked
+        by a live process. Returns the removed names. (``fsck --repair`` does the same but
+        keeps the tmp and data files in ``.lost+found``.)"""
+        return self._clean_abandoned(older_than, keep_aside=False)
+
+    def _clean_abandoned(self, older_than: Duration, *, keep_aside: bool) -> builtins.list[str]:
+        """``clean_abandoned``; with ``keep_aside``, the tmp and data files go to
+        ``.lost+found`` instead of being deleted (repair)."""
         sp = self.spoolable
         lay = self._layout
         limit = seconds(older_than)
@@ -1265,12 +1281,14 @@ class Spool(Generic[M, D]):
                         for p in (os.path.join(d, name), lay.keep_file(d, name))
                     ):
                         continue
-                    # Never delete what may be an entry's data (an acknowledged enqueue
-                    # whose rename a crash lost, under durability "file" or "none").
-                    _lostfound.put_aside(
-                        lay, name, [(lay.tmp_file(name), "metadata"), (lay.data_file(name), "data")],
-                        sync=sp.durability == "full",
-                    )
+                    if keep_aside:
+                        # Repair never deletes what may be an entry's data (an acknowledged
+                        # enqueue whose rename a crash lost, under "file" or "none").
+                        files = [(lay.tmp_file(name), "metadata"), (lay.data_file(name), "data")]
+                        _lostfound.put_aside(lay, name, files, sync=sp.durability == "full")
+                    else:
+                        _fs.unlink_quiet(lay.tmp_file(name))
+                        _fs.unlink_quiet(lay.data_file(name))
                     _fs.unlink_quiet(reg)
                     removed.append(name)
                 finally:
