@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import enum
+import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -48,10 +50,15 @@ DEADLINE = 120.0  # per flow: a healthy run takes well under a minute
 
 
 # -- workers ------------------------------------------------------------------------------
-def produce(spool_dir: str, tag: str, count: int) -> None:
+def produce(spool_dir: str, tag: str, count: int, pace: float = 0.0) -> None:
+    """Enqueue ``count`` entries; with ``pace``, one every ``pace`` seconds, each
+    carrying the wall-clock time of its enqueue (for latency, on one machine's clock)."""
     spool = multispool.Spool.load(spool_dir, SP)
+    start = time.monotonic()
     for i in range(count):
-        spool.enqueue(Q.WORK, {"id": f"{tag}-{i}"}, f"{tag}-{i}".encode())
+        if pace:
+            time.sleep(max(0.0, start + i * pace - time.monotonic()))  # pacing, not sync
+        spool.enqueue(Q.WORK, {"id": f"{tag}-{i}", "t": time.time()}, f"{tag}-{i}".encode())
     print("PRODUCED", count, flush=True)
 
 
@@ -63,22 +70,28 @@ def consume(spool_dir: str, out_path: str, stop: str, save: bool, hold: int) -> 
     spool = multispool.Spool.load(spool_dir, SP)
     stale = _count_stale_renames()
     held: list[tuple[str, multispool.CheckedOutEntry[Any, bytes]]] = []
-    with open(out_path, "a", buffering=1) as out, spool.reader(Q.WORK, rescan_interval=1.0) as reader:
+    stopped = threading.Event()
+
+    def watch_stop() -> None:  # the parent's stop signal is a file (it may be on any host)
+        while not os.path.exists(stop):
+            time.sleep(0.2)
+        stopped.set()
+
+    threading.Thread(target=watch_stop, daemon=True).start()
+    with open(out_path, "a", buffering=1) as out, spool.reader(Q.WORK) as reader:
         while True:
             try:
-                co = reader.dequeue(timeout=0.3)
+                co = reader.dequeue(stop=stopped)
             except Exception:  # counted: the target is none
                 out.write(f"EXC {_where()}\n")
                 continue
-            if co is None:
-                if hold and len(held) >= hold:
-                    break
-                if os.path.exists(stop):
-                    out.write(f"STALE {stale[0]}\n")
-                    return
-                continue
+            if co is None:  # stopped, and nothing more came
+                out.write(f"STALE {stale[0]}\n")
+                return
             try:
                 ident = co.data_file.load().decode()
+                if isinstance(co.contents, dict) and "t" in co.contents:
+                    out.write(f"LAT {time.time() - co.contents['t']:.6f}\n")
                 if hold:
                     held.append((ident, co))
                     out.write(f"HELD {ident} {co.name}\n")
@@ -136,9 +149,12 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
 
-    def start(self, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
+    def start(
+        self, *args: str, stdin: bool = False, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
         p = subprocess.Popen(
             [sys.executable, HERE, *args],
+            env=None if env is None else {**os.environ, **env},
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             text=True,
@@ -233,12 +249,14 @@ class Flow:
     def producers(self, *sides: str, per: int) -> list[subprocess.Popen[str]]:
         return [self.procs.start("produce", side, f"p{i}", str(per)) for i, side in enumerate(sides)]
 
-    def consumers(self, sides: list[str], save: bool = False, tag: str = "c") -> list[str]:
+    def consumers(
+        self, sides: list[str], save: bool = False, tag: str = "c", env: dict[str, str] | None = None
+    ) -> list[str]:
         outs = []
         for i, side in enumerate(sides):
             o = self.out(f"{tag}{i}")
             outs.append(o)
-            self.procs.start("consume", side, o, self.stop, *(["--save"] if save else []))
+            self.procs.start("consume", side, o, self.stop, *(["--save"] if save else []), env=env)
         return outs
 
     def finish_consumers(self, outs: list[str], expect: int) -> Counter[str]:
@@ -424,11 +442,89 @@ def flow_live_holders(f: Flow) -> None:
     f.check(done, read_outs(outs)[1], ids(["p0"], per), f.a)
 
 
+def _all_done(outs: list[str], n: int) -> bool:
+    return sum(read_outs(outs)[0].values()) >= n
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flow_polling_costs(f: Flow) -> None:
+    """Not correctness (never fails the run): the issue's polling targets, printed with
+    their counts. Drain of a pre-filled queue by 2 consumers on B with the observer "auto"
+    picks (polling) against the same with native forced (ratio >= 0.8 wanted); paced
+    delivery latency A -> B (p50 <= the poll interval, 0.1 s); an idle polling reader's CPU
+    (<= 0.1 % of a core)."""
+    per = f.n
+    times: dict[str, float] = {}
+    expected: set[str] = set()
+    done: Counter[str] = Counter()
+    excs: list[str] = []
+    for mode, env in (("native", {"MULTISPOOL_OBSERVER": "native"}), ("polling", None)):
+        tag = f"d{mode}"
+        p = f.procs.start("produce", f.a, tag, str(per))
+        p.wait(DEADLINE)
+        expected |= ids([tag], per)
+        stop = f"{f.stop}-{mode}"
+        outs = []
+        started = time.monotonic()
+        for i in range(2):
+            o = f.out(f"{mode}{i}")
+            outs.append(o)
+            f.procs.start("consume", f.b, o, stop, env=env)
+        wait_for(functools.partial(_all_done, outs, per), f"{per} entries drained ({mode})")
+        times[mode] = time.monotonic() - started
+        Path(stop).touch()
+        d, e, _ = read_outs(outs)
+        done.update(d)
+        excs += e
+    # Paced latency, then the same reader left idle.
+    out = f.out("lat")
+    stop = f"{f.stop}-lat"
+    reader = f.procs.start("consume", f.b, out, stop)
+    paced = f.procs.start("produce", f.a, "lat", "40", "0.05")
+    paced.wait(DEADLINE)
+    expected |= ids(["lat"], 40)
+    wait_for(lambda: sum(read_outs([out])[0].values()) >= 40, "40 paced entries")
+    with open(out) as fh:
+        lat = sorted(float(x.split()[1]) for x in fh if x.startswith("LAT "))
+    cpu0, t0 = _cpu_seconds(reader.pid), time.monotonic()
+    time.sleep(5.0)  # measuring an idle reader over a fixed window
+    idle = (_cpu_seconds(reader.pid) - cpu0) / (time.monotonic() - t0)
+    Path(stop).touch()
+    d, e, _ = read_outs([out])
+    done.update(d)
+    excs += e
+    ratio = times["polling"] and times["native"] / times["polling"]
+    f.counts.update(
+        drain_native_s=round(times["native"], 2),
+        drain_polling_s=round(times["polling"], 2),
+        drain_ratio=round(ratio, 2),
+        latency_p50_ms=round(lat[len(lat) // 2] * 1e3, 1),
+        latency_p90_ms=round(lat[int(len(lat) * 0.9)] * 1e3, 1),
+        idle_reader_cpu_pct=round(idle * 100, 3),
+    )
+    below = []
+    if ratio < 0.8:
+        below.append("drain ratio < 0.8")
+    if lat[len(lat) // 2] > 0.1:
+        below.append("latency p50 > 0.1 s")
+    if idle > 0.001:
+        below.append("idle CPU > 0.1 %")
+    if below:
+        f.counts["below_target"] = ",".join(below).replace(" ", "")
+    f.check(done, excs, expected, f.a)
+
+
 FLOWS = {
     "producers-A-consumers-B": flow_producers_a_consumers_b,
     "consumers-on-both+watch": flow_consumers_on_both,
     "killed-and-recovered": flow_killed_and_recovered,
     "live-holders-vs-recovery": flow_live_holders,
+    "polling-costs": flow_polling_costs,
 }
 
 
@@ -443,7 +539,7 @@ def flow(args: argparse.Namespace, name: str) -> Iterator[Flow]:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "produce":
-        produce(argv[1], argv[2], int(argv[3]))
+        produce(argv[1], argv[2], int(argv[3]), float(argv[4]) if len(argv) > 4 else 0.0)
         return 0
     if argv and argv[0] == "consume":
         ap = argparse.ArgumentParser()

@@ -505,10 +505,17 @@ def test_cancel_while_waiting_claims_nothing(tmp_path: Path) -> None:
     assert check_settled(path, sp)["queue1"] == {"None000000"}
 
 
-@pytest.mark.parametrize("block_at", [1, 2], ids=["while-listing", "while-claiming"])
-def test_cancel_parked_dequeue_while_its_wake_claim_runs(tmp_path: Path, block_at: int) -> None:
+@pytest.mark.parametrize(
+    ("listing", "block_at"),
+    [(False, 1), (True, 1), (True, 2)],
+    ids=["while-claiming", "while-listing", "while-claiming-after-listing"],
+)
+def test_cancel_parked_dequeue_while_its_wake_claim_runs(
+    tmp_path: Path, listing: bool, block_at: int
+) -> None:
     """A parked dequeue has the observer thread submit its claim straight to the executor;
-    cancelling the dequeue while that claim runs gives the entry back."""
+    cancelling the dequeue while that claim runs gives the entry back. The wake's claim
+    takes the name the event carries (no listing) unless the core must list first."""
     gate = Gate()
     sp = make_spoolable(throttle=gate)
     path = tmp_path / "s"
@@ -519,6 +526,8 @@ def test_cancel_parked_dequeue_while_its_wake_claim_runs(tmp_path: Path, block_a
         async with spool, spool.reader(Queue.QUEUE1, rescan_interval=NO_RESCAN) as reader:
             task = asyncio.ensure_future(reader.dequeue())
             await until(lambda: reader._waiting)
+            assert reader._core is not None
+            reader._core._must_list = listing  # as after an event naming nothing
             gate.arm(block_at)
             producer.enqueue(Queue.QUEUE1, Cog(1), b"")
             await until(gate.entered.is_set)

@@ -263,6 +263,111 @@ def test_failed_enqueue_and_interrupted_cleanup_leave_no_lock(
     assert find_sort(spool.dir) == tree
 
 
+def _interrupt_opens(monkeypatch: pytest.MonkeyPatch, match: Any) -> list[str]:
+    """Make os.open raise KeyboardInterrupt just as it returns (the file is open, its
+    descriptor number lost), as a signal handler that raises does, for paths matching
+    ``match(path, flags)``; returns the paths so interrupted."""
+    real_open = os.open
+    hit: list[str] = []
+
+    def interrupted_open(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        fd = real_open(path, flags, *a, **kw)
+        if not hit and match(str(path), flags):
+            hit.append(str(path))
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(os, "open", interrupted_open)
+    return hit
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("where", ["/.registry", "/.tmp/", "/.data/"])
+def test_enqueue_interrupted_as_an_open_returns_leaks_nothing(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    spool.enqueue(Queue.QUEUE1, Cog(n=0), b"").direct.remove()  # lazily opened fds
+    before, held = _open_fds(), set(multispool._fs._held)
+    tree = find_sort(spool.dir)
+    hit = _interrupt_opens(monkeypatch, lambda p, f: where in p)
+    with pytest.raises(KeyboardInterrupt):
+        spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    monkeypatch.undo()
+    assert hit, "the open was not interrupted"
+    assert _open_fds() == before, f"a descriptor opened at {hit} outlived the failed enqueue"
+    assert set(multispool._fs._held) == held
+    spool.clean_abandoned(older_than=0)  # whatever is left is unlocked: removable
+    assert find_sort(spool.dir) == tree
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_claim_interrupted_as_the_registry_open_returns_leaks_nothing(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    before, held = _open_fds(), set(multispool._fs._held)
+    _interrupt_opens(monkeypatch, lambda p, f: "/.registry/" in p)
+    with pytest.raises(KeyboardInterrupt):
+        spool.checkout(e)
+    monkeypatch.undo()
+    assert _open_fds() == before and set(multispool._fs._held) == held
+    assert _lock_is_free(str(Path(spool.dir, ".registry", e.name)))
+    assert spool.checkout(e).contents == Cog(n=1)
+
+
+STORM = """
+import enum, os, signal, sys, time
+import multispool, multispool._fs as fs
+class Q(enum.Enum):
+    A = "a"
+d = sys.argv[1]
+spool = multispool.Spool.create(d, multispool.Spoolable(queues=Q, durability="none"))
+spool.enqueue(Q.A, {}, b"").direct.remove()  # lazily opened descriptors
+fds0 = set(os.listdir("/proc/self/fd"))
+class Tick(Exception):
+    pass
+armed = False
+def handler(sig, frame):
+    global armed
+    if armed:  # at most one exception per enqueue: the test's own code stays sane
+        armed = False
+        raise Tick
+signal.signal(signal.SIGALRM, handler)
+ok = failed = 0
+deadline = time.monotonic() + float(sys.argv[2])
+signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
+while time.monotonic() < deadline:
+    try:
+        armed = True
+        spool.enqueue(Q.A, {"i": ok}, b"data")
+        armed = False
+        ok += 1
+    except Tick:
+        failed += 1
+armed = False
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+leaked = sorted(set(os.listdir("/proc/self/fd")) - fds0)
+left = spool.clean_abandoned(older_than=0)
+regs = set(os.listdir(os.path.join(d, ".registry")))
+queued = {n for n in os.listdir(os.path.join(d, "a")) if n[0] != "."}
+datas = set(os.listdir(os.path.join(d, ".data")))
+print(ok, failed, len(leaked), len(fs._held), len(queued - regs) + len(queued - datas),
+      len(regs - queued), len(os.listdir(os.path.join(d, ".tmp"))), len(left))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_enqueues_interrupted_by_a_signal_handler_storm(tmp_path: Path) -> None:
+    r = run_python(STORM, str(tmp_path / "spool"), "1.0", timeout=60)
+    assert r.returncode == 0, r.stderr
+    _ok, failed, leaked, held, orphans, stray_regs, tmps, left = map(int, r.stdout.split())
+    assert failed > 50, r.stdout  # the storm did interrupt
+    assert (leaked, held) == (0, 0), f"descriptors left open: {leaked}, locks held: {held}"
+    assert orphans == 0, "a queue file without its registry or data"
+    assert (stray_regs, tmps) == (0, 0), "a name left locked (clean_abandoned could not take it)"
+    assert left == 0, f"{left} interrupted enqueues left files behind (cleanup did not match)"
+
+
 # -- item 4: module-level locks are reset in a forked child ------------------------------------
 
 FORK_WITH_HELD_LOCK = """

@@ -267,6 +267,11 @@ def test_recovery_never_takes_a_live_checkout_held_through_another_mount(
                 spool2.recover_checkouts()
             with pytest.raises(multispool.SpoolError, match="refused"):
                 spool2.reader(Queue.QUEUE1, recover=True)
+            with pytest.raises(multispool.SpoolError, match="refused"):
+                spool2._recover_one(Queue.QUEUE1, "queue1", e.name)  # fsck --repair's step
+            # fsck through m2 does not call the live checkout dead (so --repair leaves it).
+            problems = multispool.Monitor(m2 / "spool", spoolable).run_once()
+            assert not [p for p in problems if isinstance(p, multispool.DeadCheckout)], problems
             # An age the user states is: a checkout younger than it stays put.
             assert spool2.recover_checkouts(dead_after=3600) == []
             assert [c.name for c in spool2.list_checkouts_unsafe(Queue.QUEUE1)] == [e.name]

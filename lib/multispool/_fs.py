@@ -15,7 +15,7 @@ import os
 import stat
 import sys
 import threading
-from typing import Final
+from typing import Final, Protocol
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
 # descriptors must not leak into exec'd children (they would keep checkouts locked);
@@ -85,10 +85,23 @@ def _name(e: OSError, path: str) -> OSError:
     return e
 
 
-def write_file(path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False) -> None:
+def write_file(
+    path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False, owned: bool = False
+) -> None:
     """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
-    fsync it when ``sync``. On failure the partly written file is removed."""
-    fd = os.open(path, O_CREATE_EXCL if exclusive else O_CREATE_TRUNC, mode)
+    fsync it when ``sync``. On failure the partly written file is removed. ``owned``:
+    nothing else in this process has ``path`` open (a file of an entry whose owner lock
+    the caller holds), so a descriptor an interrupting exception lost can be found by
+    its path and closed."""
+    flags = O_CREATE_EXCL if exclusive else O_CREATE_TRUNC
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError:
+        raise
+    except BaseException:
+        if owned:
+            _close_lost(path, flags)
+        raise
     try:
         n = os.write(fd, contents)
         if n < len(contents):  # rare: a short write (signal, huge buffer)
@@ -361,42 +374,94 @@ def lock_generation() -> int:
     return _generation
 
 
-def close_lock_fd(fd: int) -> None:
-    """Close a registry file's descriptor. GlusterFS reports ENOENT or ESTALE from close
-    when the file was unlinked meanwhile (by a remove through this or another client);
-    the descriptor is freed all the same, and that lock is gone with it."""
-    try:
-        os.close(fd)
-    except OSError as e:
-        if not gone(e):
-            raise
+class Holder(Protocol):
+    """Receives a lock descriptor in the step that opens it (``fd``), and loses it in the
+    step that closes it: the owner of a lock, such as a checkout. ``create_locked`` also
+    sets ``path`` once the file it created has its name, so an interrupted caller knows
+    which file is its own to remove."""
+
+    fd: int | None
+    path: str | None
 
 
-def _open_held(path: str, flags: int, mode: int = 0o777) -> int:
-    """os.open, with the descriptor recorded in _held in the same guarded step."""
+def _open_held(path: str, flags: int, mode: int = 0o777, holder: Holder | None = None) -> int:
+    """os.open, with the descriptor recorded in _held (and handed to ``holder``) in the
+    same guarded step. An exception that interrupts a caller (KeyboardInterrupt, one
+    raised by a signal handler) after this step leaves the descriptor with ``holder``,
+    whose owner releases it, rather than lost."""
     with _guard:
-        fd = os.open(path, flags, mode)
+        try:
+            fd = os.open(path, flags, mode)
+        except OSError:
+            raise  # nothing was opened
+        except BaseException:
+            # Raised by a signal handler (KeyboardInterrupt...) as the open returned: the
+            # descriptor exists but its number went with the interrupted call.
+            _close_lost(path, flags)
+            raise
+        # The holder first: storing an attribute calls nothing, so no signal handler can
+        # run between the open returning and the holder owning the descriptor.
+        if holder is not None:
+            holder.fd = fd
         _held.add(fd)
     return fd
 
 
-def _close_held(fd: int) -> None:
-    """Close a descriptor from _open_held and forget it, in one guarded step."""
+def _close_lost(path: str, flags: int) -> None:
+    """Close the descriptor an interrupted ``_open_held(path, flags)`` opened and lost:
+    one of ``path`` (an unnamed file in it, with O_TMPFILE) that is not a held lock.
+    Registry files are opened only by _open_held, under _guard (which the caller holds),
+    so such a descriptor is nobody else's. Where /proc/self/fd is missing, it stays open
+    until the process exits (it holds no lock: flock comes after this step)."""
+    if not _PROC_FDS:
+        return
+    # As the kernel names it: absolute, with the directory's symlinks resolved.
+    want = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+    tmpfile = bool(_O_TMPFILE) and flags & _O_TMPFILE == _O_TMPFILE
+    with contextlib.suppress(OSError):
+        for n in os.listdir("/proc/self/fd"):
+            fd = int(n)
+            if fd in _held:
+                continue
+            try:
+                target = os.readlink(f"/proc/self/fd/{n}")
+            except OSError:
+                continue
+            unnamed = tmpfile and target.startswith(want + "/#") and target.endswith(" (deleted)")
+            if target == want or unnamed:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _close_held(fd: int, holder: Holder | None = None) -> None:
+    """Close a descriptor from _open_held and forget it (also in ``holder``), in one
+    guarded step."""
     with _guard:
+        # os.close is called directly: an interrupting exception (signal handler) can only
+        # come after it returned, and the bookkeeping below runs all the same; the holder
+        # forgets the number first (no call in between), so it never closes it twice.
         try:
-            close_lock_fd(fd)
+            os.close(fd)
+        except OSError as e:
+            if not gone(e):  # GlusterFS: ENOENT/ESTALE for a file unlinked meanwhile
+                raise
         finally:
+            if holder is not None and holder.fd == fd:
+                holder.fd = None
             _held.discard(fd)
 
 
-def unlock(fd: int, generation: int) -> None:
+def unlock(fd: int, generation: int, holder: Holder | None = None) -> None:
     """Release a lock from create_locked/open_locked taken in ``generation``."""
     if generation == _generation:
-        _close_held(fd)
+        _close_held(fd, holder)
+    elif holder is not None and holder.fd == fd:
+        holder.fd = None
 
 
+_PROC_FDS: Final = os.path.isdir("/proc/self/fd")
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
-_TMPFILE_OK: Final = bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
+_TMPFILE_OK: Final = bool(_O_TMPFILE) and _PROC_FDS
 # Directories whose filesystem refused O_TMPFILE (FUSE, NFS...): use the portable path.
 _no_tmpfile: set[str] = set()
 
@@ -411,16 +476,17 @@ def _root_fd() -> int:
     return _root
 
 
-def create_locked(parent: str, path: str, mode: int) -> int | None:
+def create_locked(parent: str, path: str, mode: int, holder: Holder | None = None) -> int | None:
     """Create ``path`` (in directory ``parent``, and which must not exist) and return a
     descriptor holding its lock;
     None if the name is taken. Where the OS allows (Linux O_TMPFILE), the file is created
     unnamed, locked, then linked in, so nobody ever sees it unlocked; elsewhere it is
     created with O_EXCL and locked at once, and a lock lost in between counts as taken.
-    On any failure no descriptor is left open."""
+    On any failure no descriptor is left open. ``holder`` gets the descriptor as soon as
+    it exists (see _open_held)."""
     if _TMPFILE_OK and parent not in _no_tmpfile:
         try:
-            fd = _open_held(parent, _O_TMPFILE | os.O_RDWR | _CLOEXEC, mode)
+            fd = _open_held(parent, _O_TMPFILE | os.O_RDWR | _CLOEXEC, mode, holder)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
@@ -432,47 +498,65 @@ def create_locked(parent: str, path: str, mode: int) -> int | None:
                 # link to the unnamed file, only when given a dir fd (ignored: both paths
                 # are absolute or relative to the cwd either way).
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
+                if holder is not None:
+                    holder.path = path
             except FileExistsError:
-                _close_held(fd)
+                _close_held(fd, holder)
                 return None
             except BaseException:
-                _close_held(fd)
+                # Interrupted (a signal handler's exception) maybe after the link: a name
+                # that is our file goes with the descriptor.
+                try:
+                    if _is_file(path, fd):
+                        unlink_quiet(path)
+                finally:
+                    _close_held(fd, holder)
                 raise
             return fd
     try:
-        fd = _open_held(path, O_CREATE_EXCL, mode)
+        fd = _open_held(path, O_CREATE_EXCL, mode, holder)
     except FileExistsError:
         return None
     try:
         # Someone may have locked (and even unlinked) it before us: then it is not ours.
-        return _keep_if_locked(fd, path)
+        return _keep_if_locked(fd, path, holder)
     except BaseException:
         unlink_quiet(path)
         raise
 
 
-def open_locked(path: str) -> int | None:
+def _is_file(path: str, fd: int) -> bool:
+    """True if ``path`` names the file open as ``fd``."""
+    try:
+        a, b = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def open_locked(path: str, holder: Holder | None = None) -> int | None:
     """Open an existing registry file and lock it. None if it does not exist, another
     process holds it, or it was unlinked while we took the lock (a stale inode). Never
     blocks and never follows a symlink: OSError naming ``path`` if it is a symlink
-    (ELOOP), a directory (EISDIR) or otherwise not a regular file (``not_regular``)."""
+    (ELOOP), a directory (EISDIR) or otherwise not a regular file (``not_regular``).
+    ``holder`` gets the descriptor as soon as it exists (see _open_held)."""
     try:
         try:
-            fd = _open_held(path, O_LOCK)
+            fd = _open_held(path, O_LOCK, holder=holder)
         except OSError as e:
             # No write access (a read-only mount, a file we may not write): flock works on
             # a read-only descriptor too, except where it is emulated with fcntl locks.
             if e.errno not in (errno.EACCES, errno.EROFS):
                 raise
-            fd = _open_held(path, O_LOCK_RO)
+            fd = _open_held(path, O_LOCK_RO, holder=holder)
     except OSError as e:
         if gone(e):
             return None
         raise _name(e, path) from None
-    return _keep_if_locked(fd, path)
+    return _keep_if_locked(fd, path, holder)
 
 
-def _keep_if_locked(fd: int, path: str) -> int | None:
+def _keep_if_locked(fd: int, path: str, holder: Holder | None = None) -> int | None:
     """Lock ``fd`` (recorded in _held) without waiting and keep it; None (and ``fd``
     closed) if another process holds the lock or the file was unlinked meanwhile (a stale
     inode); OSError ``not_regular`` if it is not a regular file."""
@@ -490,5 +574,5 @@ def _keep_if_locked(fd: int, path: str) -> int | None:
             raise
     finally:
         if not keep:
-            _close_held(fd)
+            _close_held(fd, holder)
     return fd if keep else None

@@ -110,9 +110,11 @@ def requeue(spool: Spool[Any, Any], item: str, queue: enum.Enum) -> Entry[Any, A
         meta_label = others[0]
     full = sp.durability == "full"
     dirname = sp.dirname(queue)
+    from ._spool import _Claim
+
     with sp.throttled():
-        name, fd = spool._reserve(None)
-        gen = _fs.lock_generation()
+        owner = _Claim(None)
+        name = spool._reserve(None, owner)
         try:
             tmp = lay.tmp_file(name)
             os.rename(os.path.join(d, meta_label), tmp)
@@ -126,7 +128,7 @@ def requeue(spool: Spool[Any, Any], item: str, queue: enum.Enum) -> Entry[Any, A
             if full:
                 _fs.fsync_dir(lay.queue(dirname))
         finally:
-            _fs.unlock(fd, gen)
+            owner.release()
         if not os.listdir(d):
             os.rmdir(d)
         if full:

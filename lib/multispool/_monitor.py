@@ -387,6 +387,8 @@ class Monitor:
         an instant: a live owner holds it, so only a dead one's checkout is reported)."""
         if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows: no owner locks to ask
             return
+        if not self.spool._fs_facts().locks_shared:
+            return  # a lock free here may be held through another mount: no proof of death
         for name in names:
             with _owner_lock(self._layout.registry_file(name)) as fd:
                 if fd is None:

@@ -1,20 +1,43 @@
 """Event-driven queue readers.
 
-Filesystem events are only hints: every wake re-lists the queue directory, and while
-waiting the reader re-lists every ``rescan_interval`` seconds anyway, so a lost event
-delays an entry by at most that interval and never loses it.
+How a reader finds entries, cheaply whatever the queue's history:
+
+* Events carry names. The watch (``_watch.subscribe(names=True)``) hands over the name of
+  each arrival; the reader tries those names directly, with no directory listing. ext4
+  never shrinks a directory, so after a large backlog an empty queue directory can take
+  milliseconds to list: listings stay off the per-entry path.
+* A listing happens when only a listing can tell: the first pass, an event that names
+  nothing (inotify overflow, the directory itself replaced), ``dequeue_available`` and
+  ``iter_available`` finding nothing they already know of, a re-subscription, and the
+  safety-net rescan.
+* Safety-net rescans are shared by every reader of the process (``_RescanClock``): one
+  thread stats each reader's queue directory once per ``rescan_interval`` (readers'
+  schedules are rounded to a common grid so they share the thread's wake-ups) and asks
+  the reader for a listing only when the directory changed since its last listing (or
+  its mtime is too recent to prove anything). Idle readers cost one stat each per
+  interval, in one thread, whatever their number, and wait without a timeout.
+* A "not before" map (``NotBefore``, ``reader._not_before``) holds the names a reader
+  must not try yet, with the time from which it may: failed entries, busy names, and
+  (API.md §12) entries not due yet. A waiting reader's timer is the map's earliest time,
+  never a faster rescan. See that class.
+* A watch that dies (the queue directory replaced, a reader carried across ``fork()``)
+  is noticed (event, rescan, or the pid) and re-established, followed by a listing.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
+import heapq
 import logging
+import math
 import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from typing import ClassVar, Final, Generic, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeAlias, TypeVar
 
 from . import _watch
 from ._errors import CorruptEntryError, NotASpoolError
@@ -36,12 +59,89 @@ RELAY_SLICE: Final = 0.25
 # listing, and each pass still goes in name order.
 LOSS_RATE_SKIP: Final = 0.3
 # A claim that finds the entry locked while still queued retries for this long (its holder
-# lets go within microseconds) before leaving it for a later pass.
+# lets go within microseconds) before leaving it for later.
 BUSY_SPIN: Final = 0.002
 # After a claim found the entry locked while still queued (an enqueuer finishing, or a
-# competing claimer about to rename), look again after this, doubling up to the cap.
+# competing claimer about to rename), try that name again after this, doubling up to the
+# cap while entries keep being found busy.
 BUSY_RETRY_FIRST: Final = 0.0005
 BUSY_RETRY_MAX: Final = 0.1
+# Names announced by events and not yet tried are kept up to this many; past it (a
+# reader nobody dequeues from while producers keep enqueuing), they are dropped for one
+# listing, which finds them all.
+MAX_HINTS: Final = 10_000
+# A directory mtime this close to the time it was read proves nothing: another change
+# may follow within the same timestamp granule (coarse clocks, 1-2 s on some
+# filesystems) without changing it. Such a listing is followed by one more rescan.
+RACY_MTIME: Final = 2.5
+# Rescan schedules are rounded up to multiples of this fraction of their interval (at
+# most RESCAN_GRID_MAX s) so that many readers share one wake-up of the rescan thread.
+RESCAN_GRID: Final = 0.2
+RESCAN_GRID_MAX: Final = 1.0
+
+
+class NotBefore:
+    """The names a reader must not try before a given time (``time.monotonic()``).
+
+    One small structure for every "not yet" of a reader:
+
+    * an entry that failed in this reader (unreadable, an error on that one entry) is
+      not tried again before one ``rescan_interval`` has passed: giving it back is
+      itself an arrival event, and without this the reader would spin on it;
+    * a name whose lock was busy is tried again after the busy back-off;
+    * an entry not due yet (API.md §12: delays and retries) waits for its due time.
+      Due times are POSIX times on disk; convert with
+      ``time.monotonic() + (due - time.time())``.
+
+    The reader skips names for which :meth:`blocks` is true, wakes from a wait no later
+    than :meth:`earliest`, and then tries the names :meth:`pop_ready` returns. Deferring
+    a name again replaces its time. Used by one thread at a time.
+    """
+
+    __slots__ = ("_heap", "_until")
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []  # may hold outdated pairs, skipped lazily
+
+    def defer(self, name: str, until: float) -> None:
+        """Do not try ``name`` before monotonic time ``until``."""
+        self._until[name] = until
+        heapq.heappush(self._heap, (until, name))
+
+    def discard(self, name: str) -> None:
+        """Forget ``name`` (it may be tried at once)."""
+        self._until.pop(name, None)
+
+    def blocks(self, name: str, now: float) -> bool:
+        """Whether ``name`` must not be tried at monotonic time ``now``."""
+        until = self._until.get(name)
+        return until is not None and now < until
+
+    def pop_ready(self, now: float) -> list[str]:
+        """The names whose time has come (forgotten here), earliest first."""
+        ready: list[str] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            until, name = heapq.heappop(heap)
+            if self._until.get(name) == until:
+                del self._until[name]
+                ready.append(name)
+        return ready
+
+    def earliest(self) -> float | None:
+        """The earliest time a deferred name may be tried again, or None if none is."""
+        heap = self._heap
+        while heap and self._until.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._until
+
 
 Handler: TypeAlias = Callable[[M, DataFile[D]], Action[M]]
 """A reader callback: ``f(metadata, data_file)`` returns what to do with the entry."""
@@ -95,19 +195,105 @@ class _StopRelay:
 
 
 def _reset_relays_after_fork() -> None:
-    # The child has none of the relay threads, and one of them may have held the lock.
+    # The child has none of the relay threads, and their lock may have been held by one.
     _StopRelay._lock = threading.Lock()
     _StopRelay._relays = {}
 
 
+class _RescanClock:
+    """The safety-net rescans of every reader in the process, from one thread.
+
+    Each registered reader's queue directory is stat'ed once per its
+    ``rescan_interval``; a reader is asked for a listing (``_rescan_wanted``) only when
+    the directory is not as its last listing saw it. Schedules are rounded up to a grid
+    (RESCAN_GRID of the interval), so readers sharing an interval share wake-ups: idle
+    cost is one stat per reader and interval, and a thread wake-up per grid step at most.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.heap: list[tuple[float, int, weakref.ref[QueueReader[Any, Any]]]] = []
+        self.seq = 0
+        self.thread: threading.Thread | None = None
+        self.pid = os.getpid()
+
+    @staticmethod
+    def _next_due(now: float, interval: float) -> float:
+        grid = min(interval * RESCAN_GRID, RESCAN_GRID_MAX)
+        return math.ceil((now + interval) / grid) * grid
+
+    def add(self, reader: QueueReader[Any, Any], now: float) -> None:
+        """Schedule ``reader``'s checks (unless it is closed); its ``_clock_token`` keeps
+        them going."""
+        with self.cond:
+            if reader._closed:
+                return
+            self.seq += 1
+            token = reader._clock_token = self.seq
+            due = self._next_due(now, reader.rescan_interval)
+            heapq.heappush(self.heap, (due, token, weakref.ref(reader)))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="multispool-rescan", daemon=True)
+                self.thread.start()
+            elif self.heap[0][1] == token:
+                self.cond.notify()
+
+    def remove(self, reader: QueueReader[Any, Any]) -> None:
+        """Stop checking ``reader``; the thread ends once no reader is left."""
+        with self.cond:
+            token, reader._clock_token = reader._clock_token, 0
+            if token:
+                self.heap = [item for item in self.heap if item[1] != token]
+                heapq.heapify(self.heap)
+                self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                now = time.monotonic()
+                while self.heap and self.heap[0][0] > now:
+                    self.cond.wait(self.heap[0][0] - now)
+                    now = time.monotonic()
+                if not self.heap:
+                    self.thread = None
+                    return
+                due: list[tuple[int, weakref.ref[QueueReader[Any, Any]]]] = []
+                while self.heap and self.heap[0][0] <= now:
+                    _, token, ref = heapq.heappop(self.heap)
+                    due.append((token, ref))
+            for token, ref in due:
+                reader = ref()
+                if reader is None or reader._clock_token != token:
+                    continue  # closed, collected, or registered anew
+                try:
+                    reader._safety_check()
+                except Exception:
+                    log.exception("multispool: rescan check of %s failed", reader._qdir)
+                with self.cond:
+                    if reader._clock_token == token:  # not removed meanwhile
+                        heapq.heappush(self.heap, (self._next_due(now, reader.rescan_interval), token, ref))
+
+
+_clock = _RescanClock()
+
+
+def _reset_clock_after_fork() -> None:
+    # The child has no rescan thread: readers used in the child register anew (they
+    # notice the pid), with a fresh clock.
+    global _clock
+    _clock = _RescanClock()
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_relays_after_fork)
+    os.register_at_fork(after_in_child=_reset_clock_after_fork)
 
 
 class QueueReader(Generic[M, D]):
     """Hands out the entries of one queue, each to exactly one reader among all the
-    processes reading it, in name order of each directory listing; waits for new entries
-    on filesystem events. Use from one thread at a time; ``close()`` from any thread."""
+    processes reading it, in name order of each directory listing (entries announced by
+    events in name order of each batch); waits for new entries on filesystem events.
+    Use from one thread at a time; ``close()`` from any thread."""
 
     def __init__(
         self,
@@ -117,6 +303,7 @@ class QueueReader(Generic[M, D]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
+        poll_interval: Duration = 0.1,
     ) -> None:
         self.spool = spool
         self.queue = queue
@@ -125,31 +312,132 @@ class QueueReader(Generic[M, D]):
         self.rescan_interval = seconds(rescan_interval)
         if not self.rescan_interval > 0:
             raise ValueError(f"rescan_interval must be > 0, got {rescan_interval!r}")
+        self.poll_interval = seconds(poll_interval)
+        if not self.poll_interval > 0:
+            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
         self.observer, self.observer_reason = _watch.choose_observer(self._qdir, observer)
         self._wake = threading.Event()
+        # Called (from the observer or rescan thread) after every wake; the aio reader
+        # wakes its event loop through it.
+        self._on_wake: Callable[[], None] | None = None
         self._closed = False
-        # Names of the last listing not yet tried, in reverse order (pop() takes the least).
+        # Names of the current pass not yet tried, in reverse order (pop() takes the least).
         self._pending: list[str] = []
+        self._pending_listed = False  # the pass comes from a listing (not from events)
+        # Names from events (None: "list"), appended by the observer thread.
+        self._hints: collections.deque[str | None] = collections.deque()
+        self._hinted: set[str] = set()  # drained from _hints, for the next pass
+        self._must_list = True
+        self._rescan_due = False
+        self._not_before = NotBefore()
         self._busy_seen = False
         self._busy_delay = BUSY_RETRY_FIRST
         self._loss_rate = 0.0
+        # (st_dev, st_ino, st_mtime_ns) of the queue directory at the last listing, and
+        # whether that mtime was too recent to prove the next one unchanged.
+        self._listed: tuple[tuple[int, int, int], bool] | None = None
+        self._watched: tuple[int, int] | None = None  # (st_dev, st_ino) of the watched dir
+        self._pid = os.getpid()
+        self._clock_token = 0
+        self._sub: _watch.Subscription | None = None
         if recover:
             spool.recover_checkouts(queue)
             spool.clean_abandoned()
         # Subscribe before the first listing, so nothing that lands after it goes unseen.
+        self._subscribe()
+
+    # -- watching -------------------------------------------------------------------------
+    def _subscribe(self) -> None:
         # departures=False: our own claims (and other readers') rename entries out of the
-        # queue; waking on those would only make every reader re-list for nothing.
+        # queue; waking on those would only make every reader look for nothing.
         try:
-            self._sub: _watch.Subscription | None = _watch.subscribe(
-                self._qdir, self._wake.set, self.observer, departures=False
+            self._sub = _watch.subscribe(
+                self._qdir,
+                self._on_event,
+                self.observer,
+                polling_interval=self.poll_interval,
+                departures=False,
+                names=True,
             )
+            st = os.stat(self._qdir)
         except FileNotFoundError:
+            sub, self._sub = self._sub, None
+            if sub is not None:
+                sub.close()
             raise NotASpoolError("queue directory does not exist", self._qdir) from None
+        self._watched = (st.st_dev, st.st_ino)
+        self._must_list = True
+
+    def _on_event(self, name: str | None = None) -> None:
+        # Observer thread. The hint goes in before the wake, so a reader that cleared
+        # its wake flag and then drains the hints never misses one.
+        if name is not None and name[0] == ".":
+            return  # .checkout and other dot-names are never entries
+        hints = self._hints
+        if len(hints) >= MAX_HINTS:
+            hints.clear()
+            name = None
+        hints.append(name)
+        self._wake.set()
+        if self._on_wake is not None:
+            self._on_wake()
+
+    def _rescan_wanted(self) -> None:
+        """Any thread: have the reader list its queue once its current pass is done."""
+        self._rescan_due = True
+        self._wake.set()
+        if self._on_wake is not None:
+            self._on_wake()
+
+    def _safety_check(self) -> None:
+        """Rescan thread: ask for a listing if the queue directory may hold something
+        events did not announce, or if the watch died."""
+        if self._closed:
+            return
+        sub = self._sub
+        listed = self._listed
+        try:
+            st = os.stat(self._qdir)
+        except OSError:
+            self._rescan_wanted()  # the reader's listing says what is wrong
+            return
+        if (
+            listed is None
+            or listed[1]
+            or listed[0] != (st.st_dev, st.st_ino, st.st_mtime_ns)
+            or sub is None
+            or getattr(sub, "stale", False)
+            # Polled directories are on filesystems whose attributes may be cached or
+            # stamped by another host's clock: an unchanged mtime proves nothing there.
+            or getattr(sub, "mode", None) == "polling"
+        ):
+            self._rescan_wanted()
+
+    def _check_watch(self) -> None:
+        """Re-establish a watch that died: the directory replaced or deleted (then this
+        raises NotASpoolError), or this reader carried into a forked child."""
+        if self._closed:
+            return
+        sub = self._sub  # None here: a re-subscription failed (the directory was missing)
+        forked = self._pid != os.getpid()
+        if sub is not None and not forked and not getattr(sub, "stale", False):
+            return
+        if forked:
+            # The parent's threads may have held the Event's lock at fork time.
+            self._wake = threading.Event()
+            self._pid = os.getpid()
+        if sub is not None:
+            sub.close()  # inert for a subscription inherited across fork
+            self._sub = None
+        self._subscribe()
+        if forked:
+            self._clock_token = 0  # registered with the child's clock at the next listing
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
         """Stop watching; a ``dequeue`` waiting in another thread returns None. Idempotent."""
         self._closed = True
+        _clock.remove(self)
         self._wake.set()
         sub, self._sub = self._sub, None
         if sub is not None:
@@ -168,20 +456,91 @@ class QueueReader(Generic[M, D]):
 
     # -- taking entries -------------------------------------------------------------------
     def _relist(self) -> None:
-        # The wake flag is cleared BEFORE listing: an entry that lands after the listing
-        # sets it again, so the next wait returns at once instead of missing the entry.
-        self._wake.clear()
+        """A fresh pass over the whole queue directory (replaces the current one)."""
+        self._must_list = False
+        self._rescan_due = False
+        self._drain_hints()
+        self._hinted.clear()  # announced before this listing: the listing has them
         try:
+            st = os.stat(self._qdir)
             names = self.spool._list_names(self._qdir)
         except FileNotFoundError:
             raise NotASpoolError("queue directory disappeared", self._qdir) from None
+        if self._watched is not None and self._watched != (st.st_dev, st.st_ino):
+            # Replaced by another directory: watch the new one, and list it then.
+            sub = self._sub
+            if sub is not None:
+                sub.close()
+            self._subscribe()
+            self._relist()
+            return
+        if self._clock_token == 0:
+            _clock.add(self, time.monotonic())  # rescans are scheduled from the first listing on
+        racy = time.time() - st.st_mtime < RACY_MTIME
+        self._listed = ((st.st_dev, st.st_ino, st.st_mtime_ns), racy)
         names.sort(reverse=True)
         self._pending = names
+        self._pending_listed = True
+
+    def _drain_hints(self) -> None:
+        hints = self._hints
+        while True:
+            try:
+                name = hints.popleft()
+            except IndexError:
+                return
+            if name is None:
+                self._must_list = True
+            else:
+                self._hinted.add(name)
+        if len(self._hinted) > MAX_HINTS:
+            # A long pass while entries keep coming: one listing after it finds them all.
+            self._hinted.clear()
+            self._rescan_due = True
+
+    def _take(self, *, fresh: bool) -> CheckedOutEntry[M, D] | None:
+        """The next entry this reader can claim now from what it knows: the current
+        pass; then, once it is done, a listing if one was asked for (an event naming
+        nothing, the rescan: it also covers every name announced so far, and a steady
+        stream of events cannot put it off), else the names from events and the deferred
+        names now ready, else a listing if ``fresh`` and none was made in this call.
+        None if there is nothing to take."""
+        self._check_watch()
+        listed = False
+        while not self._closed:
+            self._drain_hints()
+            if self._must_list:
+                self._relist()
+                listed = True
+            if not self._pending:
+                if self._rescan_due:
+                    self._relist()
+                    listed = True
+                    continue
+                if self._not_before:
+                    self._hinted.update(self._not_before.pop_ready(time.monotonic()))
+                if self._hinted:
+                    self._pending = sorted(self._hinted, reverse=True)
+                    self._pending_listed = False
+                    self._hinted.clear()
+                elif fresh and not listed:
+                    self._relist()
+                    listed = True
+                    continue
+                else:
+                    return None
+            co = self._take_pending()
+            if co is not None:
+                return co
+        return None
 
     def _take_pending(self) -> CheckedOutEntry[M, D] | None:
         pending = self._pending
+        not_before = self._not_before
         while pending and not self._closed:
             name = pending.pop()
+            if not_before and not_before.blocks(name, time.monotonic()):
+                continue  # comes back through pop_ready() when its time comes
             try:
                 # Alone, a busy lock is an enqueuer finishing: worth a short spin. Among
                 # competing readers it is a rival about to take the entry: move on.
@@ -189,6 +548,7 @@ class QueueReader(Generic[M, D]):
                 co = self.spool._claim(self.queue, name, busy_wait=spin, raise_busy=True)
             except _Busy:
                 self._busy_seen = True
+                not_before.defer(name, time.monotonic() + self._busy_delay)
                 self._skip_ahead(pending)
                 continue
             except CorruptEntryError as e:
@@ -197,58 +557,70 @@ class QueueReader(Generic[M, D]):
                 continue  # quarantined (and logged): go on with the next one
             except OSError as e:
                 # This one entry's trouble (unreadable, a symlink or FIFO planted at its
-                # registry name...), logged with its path: the others go on.
-                log.warning("multispool: skipping %s/%s: %s", self._qdir, name, e)
+                # registry name...), logged with its path: the others go on. Giving it
+                # back is itself an arrival event: without the deferral this reader
+                # would retry it at once, forever.
+                retry = self.rescan_interval
+                log.warning("multispool: skipping %s/%s for %g s: %s", self._qdir, name, retry, e)
+                not_before.defer(name, time.monotonic() + retry)
                 continue
             if co is not None:
                 self._busy_delay = BUSY_RETRY_FIRST
                 self._loss_rate = 0.0
                 return co
-            self._skip_ahead(pending)
+            if self._pending_listed:
+                self._skip_ahead(pending)
+            # else: an event's name that is gone already (taken by another reader, or
+            # announced twice): not a sign of readers trailing each other in a listing.
         return None
 
     def _skip_ahead(self, pending: list[str]) -> None:
         # Another reader took (or is taking) this name.
         self._loss_rate = self._loss_rate * 0.75 + 0.25
-        if self._loss_rate > LOSS_RATE_SKIP and pending:
+        if self._loss_rate > LOSS_RATE_SKIP and pending and self._pending_listed:
             skip = random.randrange(len(pending) // 2 + 1)
             if skip:
                 del pending[len(pending) - skip :]
 
+    def _next_wait(self, now: float, deadline: float | None) -> float | None:
+        """Seconds a waiting reader may block before it has something to do (a deferred
+        name becomes ready, ``deadline``); None: until woken."""
+        wait: float | None = None
+        earliest = self._not_before.earliest() if self._not_before else None
+        if earliest is not None:
+            wait = max(0.0, earliest - now)
+            if self._busy_seen:
+                self._busy_seen = False
+                self._busy_delay = min(self._busy_delay * 2, BUSY_RETRY_MAX)
+        if deadline is not None:
+            wait = deadline - now if wait is None else min(wait, deadline - now)
+        return wait
+
     def dequeue_available(self) -> CheckedOutEntry[M, D] | None:
         """The next entry if one can be claimed now, else None. Never waits."""
-        co = self._take_pending()
-        if co is None and not self._closed:
-            self._relist()
-            co = self._take_pending()
-        return co
+        return self._take(fresh=True)
 
     def dequeue(
         self, stop: threading.Event | None = None, timeout: Duration | None = None
     ) -> CheckedOutEntry[M, D] | None:
-        """The next entry, waiting for one (filesystem events, plus a re-list every
-        ``rescan_interval``). None once ``stop`` is set, ``timeout`` passes, or the reader
-        is closed."""
+        """The next entry, waiting for one (filesystem events, plus a rescan every
+        ``rescan_interval`` if the directory changed unseen). None once ``stop`` is set,
+        ``timeout`` passes, or the reader is closed."""
         deadline = None if timeout is None else time.monotonic() + seconds(timeout)
         while True:
             if self._closed or (stop is not None and stop.is_set()):
                 return None
-            co = self.dequeue_available()
-            if co is not None:
-                return co
+            # Cleared BEFORE looking: a wake after this (a hint, a rescan request) makes
+            # the wait below return at once.
+            self._wake.clear()
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return None
-            wait = self.rescan_interval
-            if self._busy_seen:
-                self._busy_seen = False
-                wait = self._busy_delay
-                self._busy_delay = min(self._busy_delay * 2, BUSY_RETRY_MAX)
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            self._wait(wait, stop)
+            last = deadline is not None and now >= deadline
+            co = self._take(fresh=last)  # one last listing at the deadline
+            if co is not None or last:
+                return co
+            self._wait(self._next_wait(now, deadline), stop)
 
-    def _wait(self, wait: float, stop: threading.Event | None) -> None:
+    def _wait(self, wait: float | None, stop: threading.Event | None) -> None:
         if stop is None:
             self._wake.wait(wait)
             return
@@ -288,6 +660,7 @@ class QueueReader(Generic[M, D]):
     def iter_available(self, f: Handler[M, D]) -> None:
         """Process the entries present in one fresh listing of the queue with ``f`` (as
         ``iter`` does), then return."""
+        self._check_watch()
         self._relist()
         while True:
             co = self._take_pending()

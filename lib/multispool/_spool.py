@@ -132,10 +132,11 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("_writing", "done", "fd", "generation", "unsynced")
+    __slots__ = ("_writing", "done", "fd", "generation", "path", "unsynced")
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        self.path: str | None = None  # the registry file an enqueue created (see _fs.Holder)
         self.generation = _fs.lock_generation()
         self.done = False
         self._writing: threading.Lock | None = None
@@ -163,9 +164,9 @@ class _Claim:
 
     def release(self) -> None:
         self.done = True
-        fd, self.fd = self.fd, None
+        fd = self.fd
         if fd is not None:
-            _fs.unlock(fd, self.generation)
+            _fs.unlock(fd, self.generation, self)  # forgets self.fd in the same step
 
     @property
     def held(self) -> bool:
@@ -173,8 +174,9 @@ class _Claim:
         return self.fd is not None and self.generation == _fs.lock_generation()
 
     def __del__(self) -> None:
-        if self.fd is not None:
-            _fs.unlock(self.fd, self.generation)
+        fd = getattr(self, "fd", None)  # None if __init__ was interrupted
+        if fd is not None:
+            _fs.unlock(fd, self.generation, self)
 
 
 class DataFile(Generic[D]):
@@ -541,7 +543,9 @@ class Spool(Generic[M, D]):
     @classmethod
     def create(cls, path: str | os.PathLike[str], spoolable: Spoolable[M, D]) -> Spool[M, D]:
         """``load(path, spoolable, create_if_missing=True)``: open the spool at ``path``,
-        creating it (or its missing queues) first. Safe to call from many processes at once."""
+        creating it (or its missing queues) first. Safe to call from many processes at once
+        (idempotent); all or nothing: a new spool appears whole (built in a temporary
+        sibling, then renamed into place), and a failed call leaves no directory it made."""
         return cls.load(path, spoolable, create_if_missing=True)
 
     @classmethod
@@ -663,14 +667,16 @@ class Spool(Generic[M, D]):
             raise
 
     # -- names and enqueue ----------------------------------------------------------------
-    def _reserve(self, seed: Any) -> tuple[str, int]:
+    def _reserve(self, seed: Any, owner: _Claim) -> str:
+        """Reserve a fresh name: ``.registry/NAME`` created locked, its descriptor handed to
+        ``owner`` in the step that opens it (so an interrupted caller still releases it)."""
         sp = self.spoolable
         lay = self._layout
         gen = sp.name_generator
         for attempt in range(MAX_NAME_ATTEMPTS):
             name = check_name(gen.next(seed, attempt))
             path = lay.registry_file(name)
-            fd = _fs.create_locked(lay.registry, path, sp.file_mode)
+            fd = _fs.create_locked(lay.registry, path, sp.file_mode, owner)
             if fd is None:
                 continue  # taken: propose the next name
             if sp.durability == "full":
@@ -680,9 +686,9 @@ class Spool(Generic[M, D]):
                     try:
                         _fs.unlink_quiet(path)
                     finally:
-                        _fs.unlock(fd, _fs.lock_generation())
+                        owner.release()
                     raise
-            return name, fd
+            return name
         raise SpoolError(
             f"no free name after {MAX_NAME_ATTEMPTS} attempts in {lay.registry} "
             f"(name generator {gen!r}, seed {seed!r})"
@@ -695,34 +701,47 @@ class Spool(Generic[M, D]):
         process holds the reservation locked until then, so ``clean_abandoned`` never
         removes it while the process lives."""
         with self.spoolable.throttled():
-            gen = _fs.lock_generation()
-            name, fd = self._reserve(seed)
+            owner = _Claim(None)
+            name: str | None = None
             try:
+                name = self._reserve(seed, owner)
+                fd = owner.fd
+                assert fd is not None
                 st = os.fstat(fd)
                 with _reserved_lock:
-                    _reserved[(st.st_dev, st.st_ino)] = fd
+                    # One step without a call, so no signal handler runs between: the
+                    # table takes the descriptor over from the owner.
+                    _reserved[(st.st_dev, st.st_ino)], owner.fd = fd, None
             except BaseException:
-                try:
-                    _fs.unlink_quiet(self._layout.registry_file(name))
-                finally:
-                    _fs.unlock(fd, gen)
+                if owner.fd is not None:
+                    try:
+                        if name is not None:
+                            _fs.unlink_quiet(self._layout.registry_file(name))
+                    finally:
+                        owner.release()
                 raise
         return name
 
-    def _take_reservation(self, name: str) -> int:
+    def _take_reservation(self, name: str, owner: _Claim) -> None:
+        """Hand the owner lock of reserved ``name`` to ``owner``: this process's
+        reservation, or a dead reserver's (its lock is free)."""
         path = self._layout.registry_file(name)
         try:
             st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
             raise EntryNotFoundError("name is not reserved", path) from None
+        key = (st.st_dev, st.st_ino)
         with _reserved_lock:
-            fd = _reserved.pop((st.st_dev, st.st_ino), None)
-        if fd is None:
+            if key in _reserved:
+                # No call between these two steps, so no signal handler runs between:
+                # the owner takes the descriptor over from the table.
+                owner.fd = _reserved[key]
+                owner.path = path
+                del _reserved[key]
+        if owner.fd is None:
             # Not reserved by this process: a name reserved elsewhere whose reserver died
             # (its lock is free). It must not be the name of an entry already spooled.
-            gen = _fs.lock_generation()
-            fd = _fs.open_locked(path)
-            if fd is None:
+            if _fs.open_locked(path, owner) is None:
                 raise EntryNotFoundError("reservation is held by another process", path)
             lay = self._layout
             sp = self.spoolable
@@ -730,9 +749,8 @@ class Spool(Generic[M, D]):
                 d = sp.dirname(q)
                 for p in (lay.queue_file(d, name), lay.checkout_file(d, name)):
                     if os.path.lexists(p):
-                        _fs.unlock(fd, gen)
+                        owner.release()
                         raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
-        return fd
 
     def enqueue(
         self,
@@ -744,8 +762,12 @@ class Spool(Generic[M, D]):
         use: str | None = None,
     ) -> Entry[M, D]:
         """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
-        otherwise a name is reserved with seed ``reserve``. If any step fails, every file
-        the enqueue created (the reservation included) is removed and the error raised."""
+        otherwise a name is reserved with seed ``reserve``. ``metadata`` that does not
+        match the Spoolable's ``metadata`` type raises (``msgspec.ValidationError`` or
+        ``TypeError``) before anything touches disk. If any step fails, every file the
+        enqueue created (the reservation included) is removed and the error raised; an
+        exception that comes once the entry is in its queue (KeyboardInterrupt) leaves
+        the entry whole. No descriptor or lock outlives the call."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
@@ -755,8 +777,8 @@ class Spool(Generic[M, D]):
         sync_files = sp.durability != "none"
         full = sp.durability == "full"
         with sp.throttled():
-            fd: int | None = None
-            gen = _fs.lock_generation()
+            # Holds the enqueue's lock from the step that opens it (see _fs._open_held).
+            owner = _Claim(None)
             # How far the enqueue got, so that a failure (also KeyboardInterrupt or an
             # exception from a signal handler, which may come between any two steps)
             # undoes exactly what happened: 1 files may exist, 2 the rename may have
@@ -764,14 +786,15 @@ class Spool(Generic[M, D]):
             stage = 0
             try:
                 if use is not None:
-                    name, fd = use, self._take_reservation(use)
+                    name = use
+                    self._take_reservation(use, owner)
                 else:
-                    name, fd = self._reserve(reserve)
+                    name = self._reserve(reserve, owner)
+                stage = 1
                 tmp = lay.tmp_file(name)
                 data_path = lay.data_file(name)
                 qfile = lay.queue_file(dirname, name)
-                stage = 1
-                _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode)
+                _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode, owned=True)
                 sp.encode_data(data, data_path, sync=sync_files)
                 if full:
                     _fs.fsync_dir(lay.data)
@@ -781,17 +804,19 @@ class Spool(Generic[M, D]):
             except BaseException:
                 if stage == 2 and not os.path.lexists(tmp) and os.path.lexists(qfile):
                     stage = 3  # interrupted right after the rename: the entry is queued
+                if stage == 0 and owner.fd is not None and owner.path is not None:
+                    # Interrupted as the reservation returned: the registry file is ours.
+                    _fs.unlink_quiet(owner.path)
                 if 0 < stage < 3:
-                    _fs.unlink_quiet(tmp)
-                    _fs.unlink_quiet(data_path)
+                    _fs.unlink_quiet(lay.tmp_file(name))
+                    _fs.unlink_quiet(lay.data_file(name))
                     _fs.unlink_quiet(lay.registry_file(name))
                 raise
             finally:
                 # Released only once the entry is in its queue (or undone), so that
                 # clean_abandoned can never take a live enqueue for a dead one; released
                 # whatever happened, so that no lock outlives the call.
-                if fd is not None:
-                    _fs.unlock(fd, gen)
+                owner.release()
             if full:
                 _fs.fsync_dir(lay.queue(dirname))
         return Entry._trusted(self, queue, name)
@@ -803,7 +828,7 @@ class Spool(Generic[M, D]):
         sp = self.spoolable
         tmp = self._layout.tmp_file(name)
         try:
-            _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode)
+            _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode, owned=True)
             os.rename(tmp, path)
         except BaseException:
             _fs.unlink_quiet(tmp)
@@ -830,13 +855,12 @@ class Spool(Generic[M, D]):
         wait in that queue file. EntryNotFoundError if it is gone or another
         process owns it. The caller holds the throttle and releases the claim."""
         reg = self._layout.registry_file(name)
-        fd = _fs.open_locked(reg)
-        if fd is None:
-            # Without a queue file to watch, wait while the reservation exists.
-            fd = self._wait_busy(reg, qfile or reg, BUSY_WAIT)
-        if fd is None:
+        claim = _Claim(None)
+        # Without a queue file to watch, a busy lock is waited for while the reservation
+        # exists.
+        watch = qfile or reg
+        if _fs.open_locked(reg, claim) is None and self._wait_busy(reg, watch, BUSY_WAIT, claim) is None:
             raise EntryNotFoundError("entry is gone or checked out by another process", qfile or reg)
-        claim = _Claim(fd)
         if qfile is not None and not _fs.lexists(qfile):
             claim.release()
             raise EntryNotFoundError("no such entry (not in its queue)", qfile)
@@ -903,15 +927,12 @@ class Spool(Generic[M, D]):
         reg = lay.registry_file(name)
         qfile = lay.queue_file(dirname, name)
         with sp.throttled():
-            fd = _fs.open_locked(reg)
-            if fd is None:
-                fd = self._wait_busy(reg, qfile, busy_wait)
-                if fd is None:
-                    if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
-                        raise _Busy(name)
-                    return None
+            claim = _Claim(None)  # holds the lock from the step that opens it
+            if _fs.open_locked(reg, claim) is None and self._wait_busy(reg, qfile, busy_wait, claim) is None:
+                if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
+                    raise _Busy(name)
+                return None
             cofile = lay.checkout_file(dirname, name)
-            claim = _Claim(fd)
             full = sp.durability == "full"
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
@@ -961,7 +982,7 @@ class Spool(Generic[M, D]):
             self._corrupt(queue, name, cofile, e.reason, claim, cause=e.__cause__ or e)
         return CheckedOutEntry(self, queue, name, contents, raw, claim)
 
-    def _wait_busy(self, reg: str, qfile: str, limit: float) -> int | None:
+    def _wait_busy(self, reg: str, qfile: str, limit: float, holder: _Claim | None = None) -> int | None:
         """Retry a busy registry lock while the entry still waits in its queue: its holder
         is an enqueuer that just renamed it in, or a claimer about to rename it out, and
         both let go within microseconds (a reader woken by the rename often gets here
@@ -971,7 +992,7 @@ class Spool(Generic[M, D]):
         deadline = time.monotonic() + limit
         delay = 0.00002
         while os.path.lexists(qfile):
-            fd = _fs.open_locked(reg)
+            fd = _fs.open_locked(reg, holder)
             if fd is not None:
                 return fd
             if time.monotonic() >= deadline:
@@ -1083,13 +1104,7 @@ class Spool(Generic[M, D]):
             return []
         min_age = None if dead_after is None else seconds(dead_after)
         if min_age is None:
-            facts = self._fs_facts()
-            if not facts.locks_shared:
-                raise SpoolError(
-                    f"recover_checkouts refused: a free owner lock does not prove its owner died here: "
-                    f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
-                    f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
-                )
+            self._check_locks_prove_death()
         queues = sp._queue_list if queue is None else (queue,)
         recovered: list[Entry[M, D]] = []
         for q in queues:
@@ -1105,6 +1120,17 @@ class Spool(Generic[M, D]):
                         # name, a permission...) must not stop the recovery of the others.
                         log.warning("multispool: cannot recover %s/%s, left in place: %s", dirname, name, e)
         return recovered
+
+    def _check_locks_prove_death(self) -> None:
+        """SpoolError unless a free owner lock proves its owner died on this filesystem
+        (locks shared by every mount and client that can reach the spool)."""
+        facts = self._fs_facts()
+        if not facts.locks_shared:
+            raise SpoolError(
+                f"recovery refused: a free owner lock does not prove its owner died here: "
+                f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
+                f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
+            )
 
     def _resolve_keeps(self, dirname: str) -> None:
         """Resolve the keep links (see _layout) that a crash left in queue ``dirname`` or
@@ -1133,9 +1159,8 @@ class Spool(Generic[M, D]):
     def _resolve_keep(self, d: str, keep: str, name: str) -> None:
         sp = self.spoolable
         lay = self._layout
-        gen = _fs.lock_generation()
-        fd = _fs.open_locked(lay.registry_file(name))
-        if fd is None:
+        claim = _Claim(None)
+        if _fs.open_locked(lay.registry_file(name), claim) is None:
             return
         try:
             kpath = os.path.join(d, keep)
@@ -1153,15 +1178,18 @@ class Spool(Generic[M, D]):
             if sp.durability == "full":
                 _fs.fsync_dir(d)
         finally:
-            _fs.unlock(fd, gen)
+            claim.release()
 
     def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
+        """Move one dead checkout back into its queue; True only if it really moved. With
+        ``min_age`` None the free lock must be proof enough (SpoolError where it is not)."""
         sp = self.spoolable
         lay = self._layout
-        fd = _fs.open_locked(lay.registry_file(name))
-        if fd is None:
+        if min_age is None:
+            self._check_locks_prove_death()
+        claim = _Claim(None)
+        if _fs.open_locked(lay.registry_file(name), claim) is None:
             return False  # a live owner, or no registry file (an orphan for the Monitor)
-        claim = _Claim(fd)
         try:
             cofile = lay.checkout_file(dirname, name)
             try:
@@ -1304,18 +1332,28 @@ class Spool(Generic[M, D]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
+        poll_interval: Duration = 0.1,
     ) -> QueueReader[M, D]:
         """An event-driven reader of ``queue`` (see QueueReader); use it as a context
         manager, or ``close`` it.
 
         ``observer``: ``"auto"`` (native events on local filesystems, polling on network
         and FUSE ones; the ``MULTISPOOL_OBSERVER`` environment variable overrides it),
-        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, re-list the queue
-        this often (seconds) in case an event was lost. ``recover``: first put back
-        checkouts of dead processes and clean abandoned enqueues."""
+        ``"native"`` or ``"polling"``. ``rescan_interval``: while waiting, check the queue
+        this often (seconds) for entries no event announced (events can be lost).
+        ``recover``: first put back checkouts of dead processes and clean abandoned
+        enqueues. ``poll_interval``: how often (seconds) a polling reader lists the
+        queue for new entries (one directory listing per poll)."""
         from ._reader import QueueReader
 
-        return QueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
+        return QueueReader(
+            self,
+            queue,
+            observer=observer,
+            rescan_interval=rescan_interval,
+            recover=recover,
+            poll_interval=poll_interval,
+        )
 
     def __repr__(self) -> str:
         return f"Spool({self.dir!r}, {self.spoolable!r})"

@@ -401,10 +401,12 @@ class Spoolable(Generic[M, D]):
         return typing.cast(AbstractContextManager[Any], self.throttle())
 
     def encode_data(self, value: Any, path: str, *, sync: bool) -> None:
-        """Write data ``value`` at ``path`` with the data codec, durably if ``sync``."""
+        """Write data ``value`` at ``path`` with the data codec, durably if ``sync``. The
+        spool calls it for files of entries whose owner lock it holds (see write_file's
+        ``owned``)."""
         enc = self._data_encode
         if enc is not None:
-            write_file(path, enc(value), sync=sync, mode=self.file_mode)
+            write_file(path, enc(value), sync=sync, mode=self.file_mode, owned=True)
         else:
             self.data.save(value, path)
             if sync:

@@ -23,7 +23,9 @@ Cancellation never loses or strands an entry:
 * ``save``, ``remove`` and ``release``, once called, always complete in the executor even
   if the awaiting task is cancelled (the cancellation is delivered at once); a save or
   remove that then fails releases the entry;
-* ``enqueue`` cancelled before it started does not happen; once started, it completes.
+* ``enqueue`` cancelled before it started does not happen; once started, it completes;
+* a parked ``dequeue`` whose event loop is closed (without cancelling it) claims nothing
+  for it any more, and a claim already made for it goes back to its queue.
 
 An ``AsyncSpool`` belongs to one event loop at a time. Close it (``await spool.aclose()``
 or ``async with spool:``) to close its readers and stop its executor threads; closing
@@ -50,7 +52,6 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
-from . import _watch
 from ._reader import QueueReader
 from ._spool import NOT_FOUND, Action, CheckedOutEntry, DataFile, Entry, NotFound, Spool
 from ._spoolable import Duration, Spoolable, seconds
@@ -74,9 +75,6 @@ DEFAULT_MAX_WORKERS: Final = 4
 """Executor threads per AsyncSpool: disk operations are short; a few threads keep the
 loop free without letting one spool flood the disk."""
 
-# After a claim found an entry locked while still queued, retry after this (doubling).
-_BUSY_RETRY_FIRST: Final = 0.0005
-_BUSY_RETRY_MAX: Final = 0.1
 # A sync callback processes a backlog in the executor in batches of this many seconds:
 # the loop hears back (stop, close, cancellation) at least this often.
 _BATCH_SECONDS: Final = 0.01
@@ -97,7 +95,7 @@ class _Call:
     whichever side finishes last undoes what nobody will receive: ``undo(result)`` for a
     result (a claim to give back), ``on_error()`` for an exception nobody will see."""
 
-    __slots__ = ("abandoned", "args", "fn", "handed", "lock", "on_error", "result", "undo")
+    __slots__ = ("abandoned", "args", "collected", "fn", "handed", "lock", "on_error", "result", "undo")
 
     def __init__(
         self,
@@ -113,6 +111,7 @@ class _Call:
         self.lock = threading.Lock()
         self.abandoned = False
         self.handed = False
+        self.collected = False  # a claim hand-off: the loop took the result (under lock)
         self.result: Any = None
 
     def run(self) -> Any:
@@ -136,6 +135,8 @@ class _Call:
     def abandon(self) -> Any:
         """Mark the call abandoned; the result to undo if the function already finished."""
         with self.lock:
+            if self.abandoned:
+                return None  # already undone by whoever abandoned it first
             self.abandoned = True
             return self.result if self.handed else None
 
@@ -458,11 +459,19 @@ class AsyncSpool(Generic[M, D]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
+        poll_interval: Duration = 0.1,
     ) -> AsyncQueueReader[M, D]:
         """An event-driven async reader of ``queue``; it opens (recovery, watch) on
-        ``async with`` or its first use, off the loop. ``observer``, ``rescan_interval``
-        and ``recover`` mean what they mean for ``Spool.reader``."""
-        r = AsyncQueueReader(self, queue, observer=observer, rescan_interval=rescan_interval, recover=recover)
+        ``async with`` or its first use, off the loop. ``observer``, ``rescan_interval``,
+        ``recover`` and ``poll_interval`` mean what they mean for ``Spool.reader``."""
+        r = AsyncQueueReader(
+            self,
+            queue,
+            observer=observer,
+            rescan_interval=rescan_interval,
+            recover=recover,
+            poll_interval=poll_interval,
+        )
         self._readers.add(r)
         return r
 
@@ -659,32 +668,68 @@ class _Claimer:
     the executor, it is never busy with other work when an entry lands (a wake claim
     never queues behind other disk operations), a hand-off costs less bookkeeping on the
     observer thread (no work item, no idle-thread accounting, no in-flight set), and it
-    wakes the loop before completing its future. A parked dequeue occupies no thread."""
+    wakes the loop before completing its future. A parked dequeue occupies no thread.
+
+    A claim handed to a loop that is closed before it collects the claim (closed before
+    the hand-off, or after it but before running the wake-up) is given back: the thread
+    looks at its uncollected hand-offs every HANDOFF_CHECK seconds while there are any."""
 
     __slots__ = ("_jobs", "_lock", "_stopped", "_thread")
 
+    HANDOFF_CHECK: Final = 0.5
+
     def __init__(self, name: str) -> None:
-        self._jobs: queue_mod.SimpleQueue[
-            tuple[_Call, concurrent.futures.Future[Any], Callable[[], None]] | None
-        ] = queue_mod.SimpleQueue()
+        self._jobs: queue_mod.Queue[
+            tuple[_Call, concurrent.futures.Future[Any], Callable[[], bool], Callable[[], bool]] | None
+        ] = queue_mod.Queue()
         self._lock = threading.Lock()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, call: _Call, done: Callable[[], None]) -> concurrent.futures.Future[Any]:
-        """Run ``call`` on the claimer thread, then ``done()`` there. RuntimeError once
-        stopped."""
+    def submit(
+        self, call: _Call, done: Callable[[], bool], gone: Callable[[], bool]
+    ) -> concurrent.futures.Future[Any]:
+        """Run ``call`` on the claimer thread, then ``done()`` there (False: the loop that
+        waits for it is gone). A result the loop has not collected (``call.collected``)
+        once ``gone()`` is true is undone. RuntimeError once stopped."""
         cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             if self._stopped:
                 raise RuntimeError("claimer stopped")
-            self._jobs.put((call, cf, done))
+            self._jobs.put((call, cf, done, gone))
         return cf
 
+    @staticmethod
+    def _settle(call: _Call, gone: Callable[[], bool]) -> bool:
+        """Give back ``call``'s claim if its loop is gone before collecting it. True once
+        nothing more is to be watched for this call."""
+        with call.lock:
+            if call.collected or call.abandoned or not call.handed or call.result is None:
+                return True
+            if not gone():
+                return False
+            call.abandoned = True
+            leftover = call.result
+        if call.undo is not None:
+            try:
+                call.undo(leftover)
+            except Exception:
+                log.exception("multispool.aio: giving back a claim nobody collected failed")
+        return True
+
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            call, cf, done = job
+        watched: list[tuple[_Call, Callable[[], bool]]] = []
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.HANDOFF_CHECK if watched else None)
+            except queue_mod.Empty:
+                watched = [w for w in watched if not self._settle(*w)]
+                continue
+            watched = [w for w in watched if not self._settle(*w)]
+            if job is None:
+                return
+            call, cf, done, gone = job
             if not cf.set_running_or_notify_cancel():
                 continue  # cancelled before it started: never happens
             try:
@@ -696,6 +741,8 @@ class _Claimer:
                 # Wake the loop first: a result for the parked dequeue is in ``call``
                 # already, and completing ``cf`` overlaps with the loop waking up.
                 done()
+                if not self._settle(call, gone):
+                    watched.append((call, gone))
                 cf.set_result(result)
 
     def stop(self) -> None:
@@ -812,10 +859,13 @@ class _LoopWake:
         if self.on_event is None or not self.on_event():
             self.wake_loop()
 
-    def wake_loop(self) -> None:
-        """Any thread: have the loop run ``set``."""
-        with contextlib.suppress(RuntimeError):  # loop closed: the reader is gone with it
+    def wake_loop(self) -> bool:
+        """Any thread: have the loop run ``set``. False if the loop is closed."""
+        try:
             self.loop.call_soon_threadsafe(self.set)
+        except RuntimeError:  # loop closed: the reader is gone with it
+            return False
+        return True
 
     def set(self) -> None:
         """On the loop: raise the flag and wake a waiting dequeue."""
@@ -840,6 +890,7 @@ class AsyncQueueReader(Generic[M, D]):
         observer: str = "auto",
         rescan_interval: Duration = 5.0,
         recover: bool = False,
+        poll_interval: Duration = 0.1,
     ) -> None:
         # Cheap checks now; everything touching the disk happens in _open, off the loop.
         spool.spoolable.dirname(queue)
@@ -848,19 +899,20 @@ class AsyncQueueReader(Generic[M, D]):
         self.rescan_interval = seconds(rescan_interval)
         if not self.rescan_interval > 0:
             raise ValueError(f"rescan_interval must be > 0, got {rescan_interval!r}")
+        self.poll_interval = seconds(poll_interval)
+        if not self.poll_interval > 0:
+            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
         self.spool = spool
         self.queue = queue
         self._observer_request = observer
         self._recover = recover
         self._core: QueueReader[M, D] | None = None
-        self._sub: _watch.Subscription | None = None
         self._wake: _LoopWake | None = None
         self._opening: asyncio.Future[None] | None = None
         # The core is a sync QueueReader: one thread at a time (a cancelled call may
         # still be running in the executor when the next one starts).
         self._core_lock = threading.Lock()
         self._closed = False
-        self._busy_delay = _BUSY_RETRY_FIRST
         self._waiting = False  # for tests: a dequeue is parked waiting for a wake
         self._pf_lock = threading.Lock()
         self._armed = False
@@ -869,27 +921,23 @@ class AsyncQueueReader(Generic[M, D]):
         self._claimer: _Claimer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def _open_sync(self, wake: _LoopWake) -> tuple[QueueReader[M, D], _watch.Subscription]:
+    def _open_sync(self, wake: _LoopWake) -> QueueReader[M, D]:
         core = QueueReader(
             self.spool.sync,
             self.queue,
             observer=self._observer_request,
             rescan_interval=self.rescan_interval,
             recover=self._recover,
+            poll_interval=self.poll_interval,
         )
-        try:
-            # Our own subscription to the same directory (one shared watch): it wakes the
-            # loop; the core's own Event is not waited on. Departures (claims) wake nobody.
-            sub = _watch.subscribe(core._qdir, wake, core.observer, departures=False)
-        except BaseException:
-            core.close()
-            raise
+        # The core's wakes (events with the names they carry, shared rescans) also wake
+        # the loop; the core's own Event is not waited on.
         self._claimer = _Claimer("multispool-aio-claim")
-        return core, sub
+        core._on_wake = wake
+        return core
 
-    def _close_sync(self, opened: tuple[QueueReader[Any, Any], _watch.Subscription]) -> None:
-        core, sub = opened
-        sub.close()
+    def _close_sync(self, core: QueueReader[Any, Any]) -> None:
+        core._on_wake = None
         core.close()
         claimer = self._claimer
         if claimer is not None:
@@ -909,11 +957,11 @@ class AsyncQueueReader(Generic[M, D]):
 
     async def _open(self) -> None:
         wake = _LoopWake(asyncio.get_running_loop(), self._on_event)
-        opened = await self.spool._run(self._open_sync, wake, undo=self._close_sync)
+        core = await self.spool._run(self._open_sync, wake, undo=self._close_sync)
         if self._closed:
-            await self.spool._run(self._close_sync, opened, cancellable=False)
+            await self.spool._run(self._close_sync, core, cancellable=False)
             return
-        self._core, self._sub = opened
+        self._core = core
         self._wake = wake
 
     @property
@@ -924,7 +972,9 @@ class AsyncQueueReader(Generic[M, D]):
     @property
     def observer(self) -> str | None:
         """The observer mode in use once open (``"native"`` or ``"polling"``)."""
-        return None if self._sub is None else self._sub.mode
+        core = self._core
+        sub = None if core is None else core._sub
+        return None if sub is None else sub.mode
 
     async def aclose(self) -> None:
         """Stop watching; a ``dequeue`` waiting in another task returns None. Idempotent."""
@@ -937,10 +987,9 @@ class AsyncQueueReader(Generic[M, D]):
             await asyncio.wait([self._opening])
         if self._opening is not None and not self._opening.cancelled():
             self._opening.exception()  # retrieved: an open failure was already raised
-        core, sub = self._core, self._sub
-        self._core = self._sub = None
-        if core is not None and sub is not None:
-            await self.spool._run(self._close_sync, (core, sub), cancellable=False)
+        core, self._core = self._core, None
+        if core is not None:
+            await self.spool._run(self._close_sync, core, cancellable=False)
 
     close = aclose
 
@@ -952,20 +1001,25 @@ class AsyncQueueReader(Generic[M, D]):
         await self.aclose()
 
     # -- taking entries -------------------------------------------------------------------
-    def _dequeue_available_sync(self, core: QueueReader[M, D]) -> tuple[CheckedOutEntry[M, D] | None, bool]:
+    def _take_sync(
+        self, core: QueueReader[M, D], fresh: bool = False
+    ) -> tuple[CheckedOutEntry[M, D] | None, float | None]:
+        """The core's next entry (see ``QueueReader._take``); with none, the seconds until
+        the core has something to retry (None: only a wake will tell)."""
         with self._core_lock:
-            co = core.dequeue_available()
-            busy, core._busy_seen = core._busy_seen, False
-            return co, busy
+            co = core._take(fresh=fresh)
+            return co, None if co is not None else core._next_wait(time.monotonic(), None)
 
     @staticmethod
-    def _undo_take(result: tuple[CheckedOutEntry[Any, Any] | None, bool]) -> None:
+    def _undo_take(result: tuple[CheckedOutEntry[Any, Any] | None, float | None]) -> None:
         if result[0] is not None:
             result[0].release()
 
-    async def _take(self, core: QueueReader[M, D]) -> tuple[AsyncCheckedOutEntry[M, D] | None, bool]:
-        co, busy = await self.spool._run(self._dequeue_available_sync, core, undo=self._undo_take)
-        return self.spool._co(co), busy
+    async def _take(
+        self, core: QueueReader[M, D], fresh: bool
+    ) -> tuple[AsyncCheckedOutEntry[M, D] | None, float | None]:
+        co, wait = await self.spool._run(self._take_sync, core, fresh, undo=self._undo_take)
+        return self.spool._co(co), wait
 
     # A dequeue parked waiting "arms" the reader: the observer thread's next wake then
     # hands the claim to the claimer thread itself, saving the loop's round trip between
@@ -980,12 +1034,14 @@ class AsyncQueueReader(Generic[M, D]):
             core, wake = self._core, self._wake
             if core is None or wake is None or self._closed:
                 return False
+            if wake.loop.is_closed():
+                return True  # nobody left to hand a claim to: claim nothing
             claimer = self._claimer
             if claimer is None:
                 return False
-            call = _Call(self._dequeue_available_sync, (core,), self._undo_take, None)
+            call = _Call(self._take_sync, (core,), self._undo_take, None)
             try:
-                cf = claimer.submit(call, wake.wake_loop)
+                cf = claimer.submit(call, wake.wake_loop, wake.loop.is_closed)
             except RuntimeError:
                 return False  # the reader is closing
             self._prefetched = (call, cf)
@@ -1014,7 +1070,7 @@ class AsyncQueueReader(Generic[M, D]):
             return None
         assert self._wake is not None
         self._wake.clear()
-        co, _ = await self._take(core)
+        co, _ = await self._take(core, fresh=True)
         return co
 
     async def dequeue(
@@ -1032,16 +1088,16 @@ class AsyncQueueReader(Generic[M, D]):
                 return None
             wake = self._wake
             assert wake is not None
-            # Cleared BEFORE the listing is submitted: an entry landing after the listing
-            # sets it again (the wake is applied on the loop after this line).
+            # Cleared BEFORE the core looks: an entry landing after that sets it again
+            # (the wake is applied on the loop after this line).
             wake.clear()
-            co, busy = await self._take(core)
-            if co is not None:
-                self._busy_delay = _BUSY_RETRY_FIRST
+            last = deadline is not None and loop.time() >= deadline
+            co, wait = await self._take(core, fresh=last)  # one last listing at the deadline
+            if co is not None or last:
                 return co
             self._arm(True)
             try:
-                more = await self._wait_for_more(wake, stop, deadline, busy)
+                more = await self._wait_for_more(wake, stop, deadline, wait)
             except BaseException:
                 self._drop_prefetched()  # cancelled: a claim made for us goes back
                 raise
@@ -1051,6 +1107,7 @@ class AsyncQueueReader(Generic[M, D]):
                 try:
                     with call.lock:  # handed and result are set together
                         handed, result = call.handed, call.result
+                        call.collected = True
                     if handed:  # usual: the loop was woken by its completion
                         raw = result[0]
                     else:
@@ -1059,43 +1116,37 @@ class AsyncQueueReader(Generic[M, D]):
                     self.spool._drop(call, cf)
                     raise
                 if raw is not None:
-                    self._busy_delay = _BUSY_RETRY_FIRST
                     co = AsyncCheckedOutEntry(self.spool, raw)
                     if self._closed:
                         await co.release()  # claimed as the reader was closing
                         return None
                     return co
-                # Nothing (another reader was faster): go on with a fresh listing.
+                # Nothing (another reader was faster): look again.
             elif not more:
                 return None
 
     async def _wait_for_more(
-        self, wake: _LoopWake, stop: asyncio.Event | None, deadline: float | None, busy: bool
+        self, wake: _LoopWake, stop: asyncio.Event | None, deadline: float | None, wait: float | None
     ) -> bool:
-        """After a pass found nothing to take: wait for a wake, ``stop``, the re-list
-        timer, or the busy back-off. False if ``deadline`` passed or the reader closed."""
+        """After the core found nothing to take: wait for a wake (events, shared rescans),
+        ``stop``, or ``wait`` seconds (the core's next retry, None for none). False if
+        the reader closed; True if ``deadline`` passed (the caller then looks once more)."""
         now = asyncio.get_running_loop().time()
-        if deadline is not None and now >= deadline:
-            return False
-        wait = self.rescan_interval
-        if busy:
-            wait = self._busy_delay
-            self._busy_delay = min(self._busy_delay * 2, _BUSY_RETRY_MAX)
         if deadline is not None:
-            wait = min(wait, deadline - now)
+            wait = deadline - now if wait is None else min(wait, deadline - now)
         if self._closed:
             return False
         await self._wait(wake, stop, wait)
         return True
 
-    async def _wait(self, wake: _LoopWake, stop: asyncio.Event | None, timeout: float) -> None:
-        """Until ``wake`` or ``stop`` is set, or ``timeout`` seconds pass."""
+    async def _wait(self, wake: _LoopWake, stop: asyncio.Event | None, timeout: float | None) -> None:
+        """Until ``wake`` or ``stop`` is set, or ``timeout`` seconds pass (None: no timer)."""
         if wake.flag or (stop is not None and stop.is_set()):
             return
         loop = asyncio.get_running_loop()
         fut = _Waiter(loop)
         wake.waiter = fut
-        timer = loop.call_later(timeout, _resolve, fut)
+        timer = None if timeout is None else loop.call_later(max(0.0, timeout), _resolve, fut)
         stopper: asyncio.Future[Any] | None = None
         if stop is not None:
             # A caller's asyncio.Event offers no callback: one task waits on it for us.
@@ -1107,7 +1158,8 @@ class AsyncQueueReader(Generic[M, D]):
         finally:
             self._waiting = False
             wake.waiter = None
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if stopper is not None and not stopper.done():
                 stopper.cancel()
                 # Let it finish now, so that no task outlives this call.
@@ -1160,12 +1212,11 @@ class AsyncQueueReader(Generic[M, D]):
                 return
             wake = self._wake
             assert wake is not None
-            wake.clear()  # before the listing, as in dequeue
-            done, busy = await self.spool._run(self._batch_sync, core, f, False, stop)
+            wake.clear()  # before the core looks, as in dequeue
+            done, wait = await self.spool._run(self._batch_sync, core, f, False, stop)
             if done:
-                self._busy_delay = _BUSY_RETRY_FIRST
                 continue
-            if not await self._wait_for_more(wake, stop, None, busy):
+            if not await self._wait_for_more(wake, stop, None, wait):
                 return
 
     async def iter_available(self, f: AsyncHandler[M, D]) -> None:
@@ -1192,6 +1243,7 @@ class AsyncQueueReader(Generic[M, D]):
     def _take_listed_sync(self, core: QueueReader[M, D], relist: bool) -> CheckedOutEntry[M, D] | None:
         with self._core_lock:
             if relist:
+                core._check_watch()
                 core._relist()
             return core._take_pending()
 
@@ -1202,27 +1254,28 @@ class AsyncQueueReader(Generic[M, D]):
         listed_only: bool,
         stop: asyncio.Event | None,
         relist: bool = False,
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, float | None]:
         """Executor side of a sync callback: claim and process entries one after the
         other for up to _BATCH_SECONDS (each one claimed is processed to the end), so
         that a backlog costs one trip to the executor per batch, not two per entry.
-        Returns (entries processed, whether a busy entry was skipped)."""
+        Returns (entries processed, seconds until the core has something to retry)."""
         end = time.monotonic() + _BATCH_SECONDS
         done = 0
         with self._core_lock:
             if relist:
+                core._check_watch()
                 core._relist()
             # stop.is_set() and _closed are plain reads of flags the loop sets: safe here.
             while not self._closed and not (stop is not None and stop.is_set()):
-                co = core._take_pending() if listed_only else core.dequeue_available()
+                co = core._take_pending() if listed_only else core._take(fresh=False)
                 if co is None:
                     break
                 core._process(co, f)
                 done += 1
                 if time.monotonic() >= end:
                     break
-            busy, core._busy_seen = core._busy_seen, False
-        return done, busy
+            wait = None if done else core._next_wait(time.monotonic(), None)
+        return done, wait
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else (self.observer or "not open")
