@@ -121,6 +121,11 @@ def test_mv_requeues_under_the_owner_lock(sp: str, capsys: pytest.CaptureFixture
     assert main(["mv", sp, e.name, "--to", "queue-2"]) == 0
     assert "already in queue-2" in capsys.readouterr().out
     assert main(["mv", sp, "nope", "--to", "in"]) == 2
+    Path(sp, "in", "orphan").touch()
+    capsys.readouterr()
+    assert main(["mv", sp, "orphan", "--to", "queue-2"]) == 2
+    assert "no registry file" in capsys.readouterr().err
+    os.unlink(os.path.join(sp, "in", "orphan"))
     assert main(["mv", sp, "../x", "--to", "in"]) == 2
     assert main(["fsck", sp]) == 0
 

@@ -437,7 +437,10 @@ spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(
 def produce(until):
     n = 0
     while time.monotonic() < until:
-        spool.enqueue(Queue.QUEUE1, Cog(n=n), b"x")
+        if n % 4 == 3:  # a reservation first, used later: held locked all the while
+            spool.enqueue(Queue.QUEUE1, Cog(n=n), b"x", use=spool.reserve_name())
+        else:
+            spool.enqueue(Queue.QUEUE1, Cog(n=n), b"x")
         n += 1
     return n
 
@@ -446,10 +449,19 @@ def consume(until):
     while time.monotonic() < until:
         for q in (Queue.QUEUE1, Queue.QUEUE2):
             for e in spool.list(q)[:20]:
+                n += 1
+                try:
+                    if q is Queue.QUEUE2 and n % 5 == 0:  # writes to queued entries
+                        e.direct.save(Cog(n=-n))
+                        continue
+                    if q is Queue.QUEUE2 and n % 5 == 1:
+                        e.direct.remove()
+                        continue
+                except multispool.EntryNotFoundError:
+                    continue  # another consumer has it
                 co = spool.checkout_if_found(e)
                 if co is None:
                     continue
-                n += 1
                 if q is Queue.QUEUE2 or n % 3 == 0:
                     co.remove()
                 elif n % 3 == 1:
@@ -469,7 +481,8 @@ serve(handle)
 
 def test_fsck_is_clean_under_load(spool: multispool.Spool[bytes], capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 10 item 13: with real producers and consumers running (enqueues in progress,
-    claims, saves into another queue, removals, releases), the Monitor and ``multispool
+    reservations, claims, saves into another queue, removals, releases, direct rewrites
+    and removals of queued entries), the Monitor and ``multispool
     fsck`` report nothing on this healthy spool, in every run."""
     from _procs import workers
     from multispool.cli import main
@@ -529,3 +542,35 @@ def test_repair_releases_locks_through_fs(spool: multispool.Spool[bytes]) -> Non
         os.close(r)
         os.close(w)
     assert m.run_once() == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="finds the file by /proc/self/fd")
+def test_probe_of_a_fresh_reservation_leaves_no_orphan(
+    spool: multispool.Spool[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsck takes a registry lock for an instant to tell an enqueue in progress from an
+    abandoned one. Where a registry file is created with O_EXCL and then locked (no
+    O_TMPFILE: macOS, FUSE, NFS), a probe landing between the two made the enqueuer give
+    up a name it had just created, leaving an orphaned registry file for fsck to report.
+    The creator now waits that instant out."""
+    reg_dir = os.path.join(spool.dir, ".registry")
+    monkeypatch.setattr(_fs, "_no_tmpfile", {reg_dir})  # the portable O_EXCL path
+    real_try_lock = _fs.try_lock
+    probes: list[int] = []
+
+    def probed_once(fd: int) -> bool:
+        if not probes:  # a Monitor holds the fresh file's lock at the first attempt
+            probes.append(fd)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            with contextlib.ExitStack() as st:
+                other = os.open(path, os.O_RDONLY)
+                st.callback(os.close, other)
+                assert real_try_lock(other)
+                return real_try_lock(fd)  # False: held by the "probe"
+        return real_try_lock(fd)
+
+    monkeypatch.setattr(_fs, "try_lock", probed_once)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    assert probes
+    assert sorted(os.listdir(reg_dir)) == [e.name]  # no abandoned name left behind
+    assert make(spool).run_once() == []

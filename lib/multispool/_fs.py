@@ -15,6 +15,7 @@ import os
 import stat
 import sys
 import threading
+import time
 from typing import Final, Protocol
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
@@ -518,6 +519,10 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
     except FileExistsError:
         return None
     try:
+        # A prober (fsck telling an enqueue in progress from an abandoned one) may hold the
+        # new file's lock for an instant: wait that out, rather than give up a name we
+        # created and leave its registry file behind as an orphan.
+        _await_lock(fd)
         # Someone may have locked (and even unlinked) it before us: then it is not ours.
         return _keep_if_locked(fd, path, holder)
     except BaseException:
@@ -532,6 +537,19 @@ def _is_file(path: str, fd: int) -> bool:
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+# How long a creator waits for a lock that a prober holds (probers hold it for microseconds).
+_PROBE_WAIT: Final = 0.05
+
+
+def _await_lock(fd: int) -> None:
+    """Try to lock ``fd`` until it succeeds or ``_PROBE_WAIT`` has passed."""
+    deadline = time.monotonic() + _PROBE_WAIT
+    delay = 0.00005
+    while not try_lock(fd) and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
 
 
 def open_locked(path: str, holder: Holder | None = None) -> int | None:

@@ -574,7 +574,10 @@ def _claim(
                              "left alone")
     co = spool._claim(q, name)
     if co is None:
-        if os.path.lexists(lay.checkout_file(dn, name)) or os.path.lexists(lay.queue_file(dn, name)):
+        present = any(map(os.path.lexists, (lay.checkout_file(dn, name), lay.queue_file(dn, name))))
+        if present and not os.path.lexists(lay.registry_file(name)):
+            raise UsageError(f"{disp(dn)}/{disp(name)} has no registry file (an orphan, see fsck): left")
+        if present:
             raise UsageError(f"{disp(dn)}/{disp(name)} is held by a live process: left alone")
         raise UsageError(f"{disp(spool.dir)}: no entry {disp(name)!r} in queue {disp(dn)!r}")
     return co
@@ -825,12 +828,15 @@ def cmd_recover(a: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
-    """Set ``stop`` on SIGINT/SIGTERM; returns a function restoring the old handlers."""
+def _stop_on_signals(stop: threading.Event, *also: threading.Event) -> Callable[[], None]:
+    """Set ``stop`` (and the events ``also``, to end a wait at once) on SIGINT/SIGTERM;
+    returns a function restoring the old handlers."""
     old: dict[int, Any] = {}
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
+        for ev in also:
+            ev.set()
 
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -1019,7 +1025,7 @@ def cmd_watch(a: argparse.Namespace) -> int:
     mode, _ = choose_observer(spool.dir, a.observer)
     wake = threading.Event()
     stop = threading.Event()
-    restore = _stop_on_signals(stop)
+    restore = _stop_on_signals(stop, wake)
     subs = []
     printed: dict[str, tuple[Any, ...]] = {}
     try:
