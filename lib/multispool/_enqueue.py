@@ -77,7 +77,7 @@ class Staged:
         self.qdir = qdir
         self.dst = dst
         self.published = False
-        self.abandoned = False
+        self.abandoned = False  # cleanup was attempted: never twice (its lock is released)
         # Descriptors of the written files if a writer kept them open (write() does not:
         # see there); None: synced by path.
         self.tmp_fd: int | None = None
@@ -97,10 +97,9 @@ class Staged:
         self.owner.release()
 
     def abandon(self) -> None:
-        """Remove what this enqueue created and release its lock (before publish). Once
-        only: after the unlock the name may belong to another enqueue."""
-        if self.abandoned:
-            return
+        """Remove what this enqueue created and release its lock (before publish). Tried
+        once: if an interrupt stops it, the lock is released all the same and
+        clean_abandoned removes what is left."""
         self.abandoned = True
         try:
             self.close_files()
@@ -112,20 +111,44 @@ class Staged:
 
 
 # -- write ------------------------------------------------------------------------------
-def write(
+Item = tuple[bytes, Callable[[str, bool], "int | None"]]
+
+
+def enqueue(
     spool: Spool[Any, Any],
     dirname: str,
-    items: Sequence[tuple[bytes, Callable[[str, bool], int | None]]],
+    items: Sequence[Item],
+    *,
+    reserve: Any = None,
+    use: str | None = None,
+    sfd: int | None = None,
+) -> list[str]:
+    """The whole pipeline for ``items`` (encoded metadata, writer of the data file at a
+    path) into queue dir ``dirname``: write, then ``commit``. Returns the names. The
+    list of staged entries lives in this frame from the start, so an exception that
+    interrupts between two steps (a signal handler's) still finds everything to undo."""
+    staged: list[Staged] = []
+    try:
+        write(spool, staged, dirname, items, reserve=reserve, use=use)
+        commit(spool, staged, sfd)
+    except BaseException:
+        abandon(staged)  # again: what commit did not get to (published entries are kept)
+        raise
+    return [st.name for st in staged]
+
+
+def write(
+    spool: Spool[Any, Any],
     staged: list[Staged],
+    dirname: str,
+    items: Sequence[Item],
     *,
     reserve: Any = None,
     use: str | None = None,
 ) -> None:
     """Reserve a name for each item and write its metadata and data (not synced),
-    appending each entry to ``staged`` as soon as its name is reserved (so that a caller
-    interrupted anywhere, even as this returns, knows what to abandon). ``items`` are
-    (encoded metadata, writer of the data file at a path). On failure, everything
-    written so far is removed and the error raised."""
+    recording each entry in ``staged`` as soon as its name is reserved. On failure,
+    everything written so far is removed and the error raised."""
     sp = spool.spoolable
     lay = spool._layout
     qdir = lay.queue(dirname)
@@ -173,7 +196,7 @@ def abandon(staged: Iterable[Staged]) -> None:
     """Remove every unpublished entry of ``staged`` (first error raised after all)."""
     err: BaseException | None = None
     for st in staged:
-        if st.published:
+        if st.published or st.abandoned:
             continue
         try:
             st.abandon()
@@ -278,8 +301,8 @@ def publish(staged: Sequence[Staged]) -> None:
     try:
         for st in staged:
             os.rename(st.tmp, st.dst)
+            done.append(st)  # before the flag: an interrupt between is seen below
             st.published = True
-            done.append(st)
     except BaseException:
         if st is not None and not st.published and not os.path.lexists(st.tmp) and os.path.lexists(st.dst):
             st.published = True  # the rename happened: an interrupt, not a failed rename

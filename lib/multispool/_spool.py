@@ -778,14 +778,8 @@ class Spool(Generic[M, D]):
             check_name(use)
         item = self._encode_item(metadata, data)  # before touching disk: a bad value leaves nothing
         with sp.throttled():
-            staged: builtins.list[_enqueue.Staged] = []
-            try:
-                _enqueue.write(self, dirname, [item], staged, reserve=reserve, use=use)
-                _enqueue.commit(self, staged)
-            except BaseException:
-                _enqueue.abandon(staged)  # interrupted between the steps: nothing is left
-                raise
-        return Entry._trusted(self, queue, staged[0].name)
+            (name,) = _enqueue.enqueue(self, dirname, [item], reserve=reserve, use=use)
+        return Entry._trusted(self, queue, name)
 
     def enqueue_many(
         self, queue: enum.Enum, items: Iterable[tuple[M, D]], *, reserve: Any = None
@@ -811,21 +805,17 @@ class Spool(Generic[M, D]):
         with sp.throttled():
             # syncfs reports writeback errors since its descriptor opened: before the writes.
             use_syncfs = sp.syncfs and sp.durability == "full" and len(encoded) > 1
-            sfd = _fs.open_syncfs(self.dir) if use_syncfs else None
+            sfd: int | None = None
             try:
-                staged: builtins.list[_enqueue.Staged] = []
-                try:
-                    _enqueue.write(self, dirname, encoded, staged, reserve=reserve)
-                    _enqueue.commit(self, staged, sfd)
-                except BaseException:
-                    _enqueue.abandon(staged)  # interrupted between the steps
-                    raise
+                if use_syncfs:
+                    sfd = _fs.open_syncfs(self.dir)
+                names = _enqueue.enqueue(self, dirname, encoded, reserve=reserve, sfd=sfd)
             finally:
                 if sfd is not None:
                     os.close(sfd)
-        return [Entry._trusted(self, queue, st.name) for st in staged]
+        return [Entry._trusted(self, queue, n) for n in names]
 
-    def _encode_item(self, metadata: M, data: D) -> tuple[bytes, Callable[[str, bool], int | None]]:
+    def _encode_item(self, metadata: M, data: D) -> _enqueue.Item:
         """Validate and encode one item without touching disk: (metadata bytes, a writer of
         the data file at a path, unsynced)."""
         sp = self.spoolable
