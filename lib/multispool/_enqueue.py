@@ -62,7 +62,9 @@ LEADER_SYNCS_FILES = True
 class Staged:
     """One entry written to disk but not yet published; holds its owner lock."""
 
-    __slots__ = ("data", "data_fd", "dst", "name", "owner", "published", "qdir", "reg", "tmp", "tmp_fd")
+    __slots__ = (
+        "abandoned", "data", "data_fd", "dst", "name", "owner", "published", "qdir", "reg", "tmp", "tmp_fd"
+    )
 
     def __init__(
         self, name: str, owner: _Claim, reg: str, tmp: str, data: str, qdir: str, dst: str
@@ -75,6 +77,7 @@ class Staged:
         self.qdir = qdir
         self.dst = dst
         self.published = False
+        self.abandoned = False  # cleanup was attempted: never twice (its lock is released)
         # Descriptors of the written files if a writer kept them open (write() does not:
         # see there); None: synced by path.
         self.tmp_fd: int | None = None
@@ -94,7 +97,10 @@ class Staged:
         self.owner.release()
 
     def abandon(self) -> None:
-        """Remove what this enqueue created and release its lock (before publish)."""
+        """Remove what this enqueue created and release its lock (before publish). Tried
+        once: if an interrupt stops it, the lock is released all the same and
+        clean_abandoned removes what is left."""
+        self.abandoned = True
         try:
             self.close_files()
             _fs.unlink_quiet(self.tmp)
@@ -105,22 +111,52 @@ class Staged:
 
 
 # -- write ------------------------------------------------------------------------------
-def write(
+Item = tuple[bytes, Callable[[str, bool], "int | None"]]
+
+
+def enqueue(
     spool: Spool[Any, Any],
     dirname: str,
-    items: Sequence[tuple[bytes, Callable[[str, bool], int | None]]],
+    items: Sequence[Item],
     *,
     reserve: Any = None,
     use: str | None = None,
-) -> list[Staged]:
-    """Reserve a name for each item and write its metadata and data (not synced).
-    ``items`` are (encoded metadata, writer of the data file at a path). A single entry
-    keeps its files open for the sync step. On failure, everything written so far is
-    removed and the error raised."""
+    sfd: int | None = None,
+    prepare: Callable[[list[Staged]], None] | None = None,
+) -> list[str]:
+    """The whole pipeline for ``items`` (encoded metadata, writer of the data file at a
+    path) into queue dir ``dirname``: write, then ``commit``. Returns the names. The
+    list of staged entries lives in this frame from the start, so an exception that
+    interrupts between two steps (a signal handler's) still finds everything to undo.
+    ``prepare(staged)`` runs between the two, while every entry's owner lock is held
+    (a delayed enqueue writes its due time there)."""
+    staged: list[Staged] = []
+    try:
+        write(spool, staged, dirname, items, reserve=reserve, use=use)
+        if prepare is not None:
+            prepare(staged)
+        commit(spool, staged, sfd)
+    except BaseException:
+        abandon(staged)  # again: what commit did not get to (published entries are kept)
+        raise
+    return [st.name for st in staged]
+
+
+def write(
+    spool: Spool[Any, Any],
+    staged: list[Staged],
+    dirname: str,
+    items: Sequence[Item],
+    *,
+    reserve: Any = None,
+    use: str | None = None,
+) -> None:
+    """Reserve a name for each item and write its metadata and data (not synced),
+    recording each entry in ``staged`` as soon as its name is reserved. On failure,
+    everything written so far is removed and the error raised."""
     sp = spool.spoolable
     lay = spool._layout
     qdir = lay.queue(dirname)
-    staged: list[Staged] = []
     # Files are synced by path (fsync_file), not through the writer's descriptors: a
     # descriptor handed back from a call can be lost to a signal handler's exception
     # between the return and its recording, and the reopen costs ~5 us against a sync.
@@ -159,14 +195,13 @@ def write(
                 owner.release()
         abandon(staged)
         raise
-    return staged
 
 
 def abandon(staged: Iterable[Staged]) -> None:
     """Remove every unpublished entry of ``staged`` (first error raised after all)."""
     err: BaseException | None = None
     for st in staged:
-        if st.published:
+        if st.published or st.abandoned:
             continue
         try:
             st.abandon()
@@ -271,8 +306,8 @@ def publish(staged: Sequence[Staged]) -> None:
     try:
         for st in staged:
             os.rename(st.tmp, st.dst)
+            done.append(st)  # before the flag: an interrupt between is seen below
             st.published = True
-            done.append(st)
     except BaseException:
         if st is not None and not st.published and not os.path.lexists(st.tmp) and os.path.lexists(st.dst):
             st.published = True  # the rename happened: an interrupt, not a failed rename
@@ -484,3 +519,5 @@ def commit(spool: Spool[Any, Any], staged: Sequence[Staged], sfd: int | None = N
     finally:
         for st in staged:
             st.close_files()
+            if st.published:
+                st.unlock()  # done by publish, unless an interrupt cut its unlock loop short

@@ -325,6 +325,53 @@ def rename_verified(src: str, dst: str, *, verify: bool) -> int:
     return MOVED
 
 
+# errnos of link(2) on file systems without hard links (some FUSE, CIFS, AFS mounts).
+_NO_LINKS: Final = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+
+
+def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src: bool = True) -> int:
+    """rename(2) ``src`` to ``dst`` (as ``rename_verified``: MOVED, SRC_GONE or NOT_MOVED)
+    for a caller holding the entry's owner lock.
+
+    With ``keep`` (durability "full": a dot-name path in ``src``'s directory), the move is
+    durable and never leaves the file in no durable place (the protocol in ``_layout``):
+    link ``src`` to ``keep``, rename, fsync ``dst``'s directory, unlink ``keep``, then
+    fsync ``src``'s directory when ``sync_src`` (a checkout defers that step). Where the
+    file system has no hard links, the keep link is skipped (a plain rename and fsyncs)."""
+    if keep is None:
+        return rename_verified(src, dst, verify=verify)
+    linked = True
+    try:
+        os.link(src, keep, follow_symlinks=False)
+    except FileExistsError:
+        # A keep link left by a crash (recovery removes them; we hold the owner lock):
+        # ours replaces it.
+        os.unlink(keep)
+        return move(src, dst, keep, verify=verify, sync_src=sync_src)
+    except OSError as e:
+        if gone(e):
+            return SRC_GONE
+        if e.errno not in _NO_LINKS:
+            raise
+        linked = False
+    try:
+        r = rename_verified(src, dst, verify=verify)
+    except BaseException:
+        if linked:
+            unlink_quiet(keep)
+        raise
+    if r != MOVED:
+        if linked:
+            unlink_quiet(keep)
+        return r
+    fsync_dir(os.path.dirname(dst))
+    if linked:
+        os.unlink(keep)
+    if sync_src:
+        fsync_dir(os.path.dirname(src))
+    return MOVED
+
+
 def is_real_dir(path: str) -> bool:
     """True if ``path`` is a directory and not a symlink to one."""
     try:
