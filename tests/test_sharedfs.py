@@ -127,6 +127,7 @@ def _noop_renames(monkeypatch: pytest.MonkeyPatch, times: int) -> list[tuple[str
     itself): both names then lead to the entry, as that client sees it. The next real
     rename first drops the stale name (the client's cache expired)."""
     real = os.rename
+    real_lexists = multispool._fs.lexists
     calls: list[tuple[str, str]] = []
 
     def fake(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
@@ -139,7 +140,19 @@ def _noop_renames(monkeypatch: pytest.MonkeyPatch, times: int) -> list[tuple[str
         expire_stale_names(calls)
         real(src, dst, *a, **kw)
 
+    def lexists(path: str) -> bool:
+        # Looking the stale name up (before a rename onto it) counts as a try too: the
+        # cache expires after ``times`` tries, whichever calls they were.
+        stale = [c for c in calls if c[1] == path]
+        if stale and real_lexists(path):
+            if len(calls) < times:
+                calls.append(stale[0])
+            else:
+                expire_stale_names(calls)
+        return real_lexists(path)
+
     monkeypatch.setattr(os, "rename", fake)
+    monkeypatch.setattr(multispool._fs, "lexists", lexists)
     return calls
 
 
@@ -366,3 +379,25 @@ def test_save_whose_source_only_looked_stale_is_not_lost(
     assert shown
     assert [x.name for x in spool.list(Queue.QUEUE2)] == [e.name]
     assert co.done
+
+
+def test_recovery_never_drops_a_checkout_whose_queue_name_only_looks_present(
+    spool: multispool.Spool[Any, bytes],
+) -> None:
+    """A client whose name cache is stale still resolves the queue name that another
+    client's claim moved away, to the file now in the checkout dir: one file under both
+    names, as a move cut by a crash would leave it on a local disk. On such filesystems
+    that is no proof of a cut move: recovery must neither drop the checkout as a copy nor
+    rename onto the stale name, and recovers it once the cache has expired (seen on
+    GlusterFS: the entry was deleted)."""
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    co = spool.checkout(e)
+    co._claim.release()  # its owner died
+    spool._facts = REMOTE
+    stale = os.path.join(spool.dir, "queue1", e.name)
+    os.link(co.path, stale)  # the stale client's view: both names lead to the checkout
+    assert spool.recover_checkouts() == []
+    assert os.path.exists(co.path), "the only copy was dropped"
+    os.unlink(stale)  # the cache expired
+    assert spool.recover_checkouts() == [e]
+    assert spool.checkout(e).contents == Cog(n=1)

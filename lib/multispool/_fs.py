@@ -308,12 +308,15 @@ SRC_GONE: Final = 0
 NOT_MOVED: Final = -1
 
 
-def rename_verified(src: str, dst: str, *, verify: bool) -> int:
+def rename_verified(src: str, dst: str, *, verify: bool, dst_checked: bool = False) -> int:
     """rename(2) ``src`` to ``dst`` for a caller holding the entry's owner lock (so nobody
     else moves either name meanwhile). MOVED, SRC_GONE if ``src`` does not exist, or,
-    when ``verify``, NOT_MOVED if rename said yes but ``src`` is still there: a client
-    with a stale name cache resolved both names to the same inode, and the kernel's
-    rename of a file onto itself succeeds without doing anything."""
+    when ``verify``, NOT_MOVED if ``dst`` already resolves (nothing is renamed over it) or
+    if rename said yes but ``src`` is still there: a client with a stale name cache
+    resolves a name another client just moved away to the file now at the other name,
+    and the kernel's rename of a file onto itself succeeds without doing anything."""
+    if verify and not dst_checked and lexists(dst):
+        return _stale_or_gone(src)
     try:
         os.rename(src, dst)
     except OSError as e:
@@ -323,6 +326,13 @@ def rename_verified(src: str, dst: str, *, verify: bool) -> int:
     if verify and lexists(src):
         return NOT_MOVED
     return MOVED
+
+
+def _stale_or_gone(src: str) -> int:
+    """The destination resolves before the move: NOT_MOVED (a stale name, or a file that
+    must not be renamed over), or SRC_GONE if the source is not there either (an earlier
+    move of ours went through after all: the caller decides)."""
+    return NOT_MOVED if lexists(src) else SRC_GONE
 
 
 # errnos of link(2) on file systems without hard links (some FUSE, CIFS, AFS mounts).
@@ -340,6 +350,10 @@ def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src
     file system has no hard links, the keep link is skipped (a plain rename and fsyncs)."""
     if keep is None:
         return rename_verified(src, dst, verify=verify)
+    if verify and lexists(dst):
+        # Before the keep link: linking touches the file, and a stale client then keeps
+        # resolving the moved-away name to it for as long as we retry.
+        return _stale_or_gone(src)
     linked = True
     try:
         os.link(src, keep, follow_symlinks=False)
@@ -355,7 +369,7 @@ def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src
             raise
         linked = False
     try:
-        r = rename_verified(src, dst, verify=verify)
+        r = rename_verified(src, dst, verify=verify, dst_checked=True)
     except BaseException:
         if linked:
             unlink_quiet(keep)

@@ -1400,7 +1400,13 @@ class Spool(Generic[M, D]):
             except CorruptEntryError as e:
                 return self._recover_undecodable(q, name, cofile, e.reason, claim)
             _fs.unlink_quiet(lay.tmp_file(name))  # a rewrite the dead owner left half done
-            elsewhere = [
+            verify = self._fs_facts().verify_renames
+            # Where a client's name cache can be stale (network and FUSE filesystems), a
+            # queue name that another client moved away a moment ago still resolves, to
+            # the very file now in our checkout dir: that is no proof of a cut move, and
+            # dropping "this copy" would drop the only one. There the verified move below
+            # decides (a no-op rename counts as not done, and is tried again later).
+            elsewhere = [] if verify else [
                 lay.queue_file(sp.dirname(other), name)
                 for other in sp._queue_list
                 if os.path.lexists(lay.queue_file(sp.dirname(other), name))
@@ -1423,7 +1429,7 @@ class Spool(Generic[M, D]):
             # moved is reported (a no-op leaves it for the next recovery).
             qfile = lay.queue_file(dirname, name)
             keep = lay.keep_file(lay.checkout(dirname), name) if sp.durability == "full" else None
-            moved = _fs.move(cofile, qfile, keep, verify=self._fs_facts().verify_renames)
+            moved = _fs.move(cofile, qfile, keep, verify=verify)
             if moved != _fs.MOVED:
                 if moved == _fs.NOT_MOVED:
                     log.debug("multispool: recovery of %s not done: rename moved nothing", cofile)
