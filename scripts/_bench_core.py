@@ -134,32 +134,72 @@ class Floor:
             _fsync_dir(f"{d}/a")
         return name
 
-    def checkout_remove(self, name: str) -> Any:
+    def _move(self, src: str, dst: str, sync_src: bool = True) -> None:
+        """A move of the life-cycle table: under "full", keep link in the source dir until
+        the destination dir is fsynced, then the source dir (see multispool._layout)."""
+        if not self.full:
+            os.rename(src, dst)
+            return
+        sdir, name = os.path.split(src)
+        keep = f"{sdir}/.~{name}"
+        os.link(src, keep, follow_symlinks=False)
+        os.rename(src, dst)
+        _fsync_dir(os.path.dirname(dst))
+        os.unlink(keep)
+        if sync_src:
+            _fsync_dir(sdir)
+
+    def _claim(self, name: str, q: str) -> tuple[int, Any]:
         d = self.d
         fd = os.open(f"{d}/.registry/{name}", O_READ)
         try:
             fcntl.flock(fd, LOCK)
-            co = f"{d}/a/.checkout/{name}"
+            co = f"{d}/{q}/.checkout/{name}"
             if not self.minimal:
                 os.fstat(fd)
-                os.utime(f"{d}/a/{name}", follow_symlinks=False)
-            os.rename(f"{d}/a/{name}", co)
+                os.utime(f"{d}/{q}/{name}", follow_symlinks=False)
+            self._move(f"{d}/{q}/{name}", co, sync_src=False)  # the queue's fsync is owed
             mfd = os.open(co, O_READ)
             try:
                 meta = self.dec.decode(os.read(mfd, 65536))
             finally:
                 os.close(mfd)
-            os.unlink(co)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, meta
+
+    def checkout_save(self, name: str) -> Any:
+        """Checkout from a, save (metadata unchanged) into b."""
+        d = self.d
+        fd, meta = self._claim(name, "a")
+        try:
+            co = f"{d}/a/.checkout/{name}"
+            os.utime(co, follow_symlinks=False)
+            self._move(co, f"{d}/b/{name}")
             if self.full:
-                _fsync_dir(f"{d}/a/.checkout")
+                _fsync_dir(f"{d}/a")  # the claim's owed fsync
+        finally:
+            os.close(fd)
+        return meta
+
+    def checkout_remove(self, name: str) -> Any:
+        """Checkout from b and remove."""
+        d = self.d
+        fd, meta = self._claim(name, "b")
+        try:
+            os.unlink(f"{d}/b/.checkout/{name}")
+            if self.full:
+                _fsync_dir(f"{d}/b/.checkout")
+                _fsync_dir(f"{d}/b")  # the claim's owed fsync
             os.unlink(f"{d}/.data/{name}")
             os.unlink(f"{d}/.registry/{name}")
         finally:
             os.close(fd)
         return meta
 
-    def names(self) -> list[str]:
-        return sorted(n for n in os.listdir(f"{self.d}/a") if n[0] != ".")
+    def names(self, q: str = "a") -> list[str]:
+        return sorted(n for n in os.listdir(f"{self.d}/{q}") if n[0] != ".")
 
 
 class Lib:
@@ -173,14 +213,20 @@ class Lib:
     def enqueue(self, meta: Any, data: bytes) -> Any:
         return self.spool.enqueue(Q.A, meta, data)
 
+    def checkout_save(self, entry: Any) -> Any:
+        co = self.spool.checkout(entry)
+        meta = co.contents
+        co.save(Q.B)
+        return meta
+
     def checkout_remove(self, entry: Any) -> Any:
         co = self.spool.checkout(entry)
         meta = co.contents
         co.remove()
         return meta
 
-    def names(self) -> list[Any]:
-        return self.spool.list(Q.A)
+    def names(self, q: str = "a") -> list[Any]:
+        return self.spool.list(Q(q))
 
 
 class MinimalFloor(Floor):
@@ -190,8 +236,9 @@ class MinimalFloor(Floor):
 IMPLS: dict[str, Callable[[str, str], Any]] = {"floor": Floor, "multispool": Lib}
 
 
-def run_paired(mode: str, base: str, ops: int, chunk: int = 10) -> dict[str, tuple[float, float]]:
-    """{impl: (enqueue ops/s, checkout+remove ops/s)}, each impl in a fresh spool under
+def run_paired(mode: str, base: str, ops: int, chunk: int = 10) -> dict[str, tuple[float, float, float]]:
+    """{impl: (enqueue ops/s, checkout+save ops/s, checkout+remove ops/s)}: enqueue into
+    a, save every entry from a into b, drain b. Each impl in a fresh spool under
     ``base``. The two implementations alternate in chunks of ``chunk`` operations, so
     both see the same background load (other processes on the disk); each side's rate is
     its operations over the sum of its own chunk times."""
@@ -199,7 +246,7 @@ def run_paired(mode: str, base: str, ops: int, chunk: int = 10) -> dict[str, tup
     try:
         qs = {impl: cls(os.path.join(d, impl), mode) for impl, cls in IMPLS.items()}
         impls = list(qs)
-        spent = {impl: [0.0, 0.0] for impl in impls}
+        spent = {impl: [0.0, 0.0, 0.0] for impl in impls}
         for k, start in enumerate(range(0, ops, chunk)):
             for impl in impls if k % 2 == 0 else impls[::-1]:
                 q = qs[impl]
@@ -210,16 +257,20 @@ def run_paired(mode: str, base: str, ops: int, chunk: int = 10) -> dict[str, tup
         names = {impl: qs[impl].names() for impl in impls}
         for impl in impls:
             assert len(names[impl]) == ops, (impl, len(names[impl]))
-        for k, start in enumerate(range(0, ops, chunk)):
-            for impl in impls if k % 2 == 0 else impls[::-1]:
-                q = qs[impl]
-                t0 = time.perf_counter()
-                for n in names[impl][start : start + chunk]:
-                    q.checkout_remove(n)
-                spent[impl][1] += time.perf_counter() - t0
+        for phase, op, where in ((1, "checkout_save", "a"), (2, "checkout_remove", "b")):
+            names = {impl: qs[impl].names(where) for impl in impls}
+            for impl in impls:
+                assert len(names[impl]) == ops, (impl, where, len(names[impl]))
+            for k, start in enumerate(range(0, ops, chunk)):
+                for impl in impls if k % 2 == 0 else impls[::-1]:
+                    f = getattr(qs[impl], op)
+                    t0 = time.perf_counter()
+                    for n in names[impl][start : start + chunk]:
+                        f(n)
+                    spent[impl][phase] += time.perf_counter() - t0
         for impl in impls:
-            assert not qs[impl].names()
-        return {impl: (ops / spent[impl][0], ops / spent[impl][1]) for impl in impls}
+            assert not qs[impl].names("a") and not qs[impl].names("b")
+        return {impl: (ops / spent[impl][0], ops / spent[impl][1], ops / spent[impl][2]) for impl in impls}
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -234,12 +285,18 @@ def strace_child(impl: str, mode: str, base: str, ops: int) -> None:
     try:
         q = IMPLS[impl](os.path.join(d, "spool"), mode)
         q.enqueue({"n": -1}, PAYLOAD)  # warm up imports and caches outside the marks
-        q.checkout_remove(q.names()[0])
+        q.checkout_save(q.names()[0])
+        q.checkout_remove(q.names("b")[0])
         _mark(MARK_BEGIN + "-enqueue")
         for i in range(ops):
             q.enqueue({"n": i}, PAYLOAD)
         _mark(MARK_END + "-enqueue")
         names = q.names()
+        _mark(MARK_BEGIN + "-save")
+        for n in names:
+            q.checkout_save(n)
+        _mark(MARK_END + "-save")
+        names = q.names("b")
         _mark(MARK_BEGIN + "-checkout")
         for n in names:
             q.checkout_remove(n)
@@ -293,7 +350,7 @@ def profile(mode: str, base: str, ops: int) -> str:
     out = io.StringIO()
     try:
         q = Lib(os.path.join(d, "spool"), mode)
-        for phase in ("enqueue", "checkout+remove"):
+        for phase in ("enqueue", "checkout+save", "checkout+remove"):
             prof = cProfile.Profile()
             if phase == "enqueue":
                 prof.enable()
@@ -301,10 +358,12 @@ def profile(mode: str, base: str, ops: int) -> str:
                     q.enqueue({"n": i}, PAYLOAD)
                 prof.disable()
             else:
-                entries = q.names()
+                save = phase == "checkout+save"
+                entries = q.names("a" if save else "b")
+                f = q.checkout_save if save else q.checkout_remove
                 prof.enable()
                 for e in entries:
-                    q.checkout_remove(e)
+                    f(e)
                 prof.disable()
             out.write(f"-- {phase} --\n")
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
@@ -343,6 +402,9 @@ def machine(base: str) -> list[str]:
         f"msgspec {msgspec.__version__}",
         f"Filesystem of {base}: {fs}",
     ]
+
+
+PHASES = (("enqueue", "enqueue"), ("save", "checkout+save"), ("checkout", "checkout+remove"))
 
 
 def fmt(xs: list[float]) -> str:
@@ -387,14 +449,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ops per measurement: {ops_for}; repeats: {repeats} (interleaved); payload {len(PAYLOAD)} B")
         print()
         res: dict[tuple[str, str], dict[str, list[float]]] = {
-            (impl, mode): {"enqueue": [], "checkout": []} for impl in IMPLS for mode in MODES
+            (impl, mode): {"enqueue": [], "save": [], "checkout": []} for impl in IMPLS for mode in MODES
         }
         for mode in MODES:
             run_paired(mode, base, 20)  # warm up imports, caches and the directories' code paths
         for rep in range(repeats):
             for mode in MODES[rep % 3 :] + MODES[: rep % 3]:
-                for impl, (enq, co) in run_paired(mode, base, ops_for[mode]).items():
+                for impl, (enq, save, co) in run_paired(mode, base, ops_for[mode]).items():
                     res[impl, mode]["enqueue"].append(enq)
+                    res[impl, mode]["save"].append(save)
                     res[impl, mode]["checkout"].append(co)
             print(f"  repeat {rep + 1}/{repeats} done", file=sys.stderr)
         print(
@@ -403,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         below: list[str] = []
         for mode in MODES:
-            for op, label in (("enqueue", "enqueue"), ("checkout", "checkout+remove")):
+            for op, label in PHASES:
                 f = res["floor", mode][op]
                 m = res["multispool", mode][op]
                 ratio = statistics.median(m) / statistics.median(f)
@@ -422,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                 if any(c is None for c in counts.values()):
                     print("  strace not available")
                     break
-                for phase, label in (("enqueue", "enqueue"), ("checkout", "checkout+remove")):
+                for phase, label in PHASES:
                     fl = counts["floor"][phase]  # type: ignore[index]
                     ms = counts["multispool"][phase]  # type: ignore[index]
                     calls = sorted(set(fl) | set(ms), key=lambda c: (-ms.get(c, 0), c))

@@ -230,8 +230,9 @@ def test_fsck_reports_and_repairs(sp: str, capsys: pytest.CaptureFixture[str]) -
     assert main(["fsck", sp, "--repair", "--dry-run"]) == 1
     out = capsys.readouterr().out
     assert tree(sp) == before  # nothing changed, not even an mtime
-    for needle in ("would remove orphan .tmp/orph-tmp", "would remove abandoned enqueue abandoned",
-                   "would recover dead checkout", "would remove duplicate in/", "would remove stale .tmp/"):
+    for needle in ("would move orphan .tmp/orph-tmp to .lost+found",
+                   "would remove abandoned enqueue abandoned", "would recover dead checkout",
+                   "would remove duplicate in/", "would move stale .tmp/"):
         assert needle in out, out
 
     assert main(["fsck", sp, "--repair", "--json"]) == 0
@@ -244,6 +245,11 @@ def test_fsck_reports_and_repairs(sp: str, capsys: pytest.CaptureFixture[str]) -
     )
     assert os.listdir(os.path.join(sp, "in")) == [".checkout"]
     assert os.listdir(os.path.join(sp, ".tmp")) == []
+    # ... and deleted no data: what could not go back into a queue is in .lost+found
+    lf = os.path.join(sp, ".lost+found")
+    for item, label in (("orph-tmp", "metadata"), ("orph-data", "data"), ("orph-queue", "in"),
+                        ("orph-co", "queue-2.checkout")):
+        assert os.listdir(os.path.join(lf, item)) == [label]
 
 
 def test_fsck_repair_leaves_live_owner_alone(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -353,7 +359,7 @@ def test_subprocess_every_subcommand(tmp_path: Path) -> None:
     assert r.returncode == 1 and "left orphan .data/orphan: younger than" in r.stdout
     assert Path(d, ".data", "orphan").exists()
     r = run_cli("fsck", d, "--repair", "--max-tmp-file-age", "0")
-    assert r.returncode == 0 and "removed orphan .data/orphan" in r.stdout
+    assert r.returncode == 0 and "moved orphan .data/orphan to .lost+found" in r.stdout
     r = run_cli("recover", d)
     assert (r.returncode, r.stdout.strip()) == (0, "nothing to recover")
     r = run_cli("watch", d, "--once")

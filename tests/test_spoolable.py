@@ -537,13 +537,16 @@ def test_save_remove_and_rewrites_fsync(
         assert _idx(events, ("fsync", f"{d}/.data")) > renames[0]
         assert events.index(("fsync", f"{d}/queue2"), renames[1]) > renames[1]
 
-    # remove: the checkout directory, whose entry changed, is fsynced after the unlink.
+    # remove: the checkout directory, whose entry changed, is fsynced after the unlink,
+    # then the queue the claim took it from (the claim's deferred fsync, see _layout).
     events.clear()
     co = spool.checkout(e2)
     co.remove()
     gone = _idx(events, ("unlink", f"{spool.dir}/queue2/.checkout/{n}"))
     if durability == "full":
-        assert _idx(events, ("fsync", f"{d}/queue2/.checkout")) > gone
+        co_sync = events.index(("fsync", f"{d}/queue2/.checkout"), gone)
+        assert events.index(("fsync", f"{d}/queue2"), co_sync) > co_sync
+        assert _idx(events, ("unlink", f"{spool.dir}/.data/{n}")) > co_sync
     else:
         assert not any(ev[0] == "fsync" for ev in events)
 

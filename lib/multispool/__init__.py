@@ -33,6 +33,7 @@ from ._spool import Remove as Remove
 from ._spool import Save as Save
 from ._spool import Spool as Spool
 from ._spoolable import BytesData as BytesData
+from ._spoolable import FileData as FileData
 from ._spoolable import MsgspecData as MsgspecData
 from ._spoolable import PrefixNames as PrefixNames
 from ._spoolable import Spoolable as Spoolable
@@ -53,6 +54,7 @@ __all__ = [
     "End",
     "Entry",
     "EntryNotFoundError",
+    "FileData",
     "FileWithMtime",
     "InvalidNameError",
     "Limits",

@@ -16,7 +16,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
 # descriptors must not leak into exec'd children (they would keep checkouts locked);
@@ -78,6 +78,47 @@ else:
             os.close(fd)
 
 
+def _syncfs_function() -> Any:
+    """libc's syncfs where it reports writeback errors (Linux >= 5.8), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) < (5, 8):
+        return None  # older kernels return 0 from syncfs even when writeback failed
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs: Final = _syncfs_function()
+HAVE_SYNCFS: Final = _syncfs is not None
+
+
+def open_syncfs(path: str) -> int:
+    """A descriptor for ``syncfs``: open it BEFORE writing what it must make durable, as
+    syncfs reports the writeback errors of the filesystem since the descriptor opened."""
+    return os.open(path, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+
+
+def syncfs(fd: int, path: str) -> None:
+    """syncfs(2): write back the whole filesystem of ``fd``; OSError naming ``path`` on
+    a writeback error since ``fd`` was opened."""
+    if _syncfs(fd) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
 def _name(e: OSError, path: str) -> OSError:
     """Errors from calls on a descriptor (write, fsync, read, utimensat) carry no path;
     give them the file's, so every error says where."""
@@ -87,13 +128,21 @@ def _name(e: OSError, path: str) -> OSError:
 
 
 def write_file(
-    path: str, contents: bytes, *, sync: bool, mode: int, exclusive: bool = False, owned: bool = False
-) -> None:
+    path: str,
+    contents: bytes,
+    *,
+    sync: bool,
+    mode: int,
+    exclusive: bool = False,
+    owned: bool = False,
+    keep_open: bool = False,
+) -> int | None:
     """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
     fsync it when ``sync``. On failure the partly written file is removed. ``owned``:
     nothing else in this process has ``path`` open (a file of an entry whose owner lock
     the caller holds), so a descriptor an interrupting exception lost can be found by
-    its path and closed."""
+    its path and closed. With ``keep_open``, return the open descriptor (the caller
+    syncs and closes it)."""
     flags = O_CREATE_EXCL if exclusive else O_CREATE_TRUNC
     try:
         fd = os.open(path, flags, mode)
@@ -119,7 +168,45 @@ def write_file(
         os.close(fd)
         unlink_quiet(path)
         raise
+    if keep_open:
+        return fd
     os.close(fd)
+    return None
+
+
+class _FileHold:
+    """A Holder for a descriptor that is not a lock (see _open_held)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.path: str | None = None
+
+
+def fsync_file(path: str, fd: int | None = None) -> None:
+    """fsync the file at ``path`` (a regular file, not followed through a symlink),
+    through ``fd`` if the caller has it open; errors name ``path``. Opened by path, the
+    descriptor never outlives the call, also when a signal handler's exception
+    interrupts it (a writeback error is reported to a descriptor opened after it all
+    the same, as long as nobody else has seen it)."""
+    if fd is not None:
+        try:
+            fsync_fd(fd)
+        except OSError as e:
+            raise _name(e, path) from None
+        return
+    hold = _FileHold()
+    try:
+        own = _open_held(path, O_READ, 0o777, hold)
+        if not stat.S_ISREG(os.fstat(own).st_mode):
+            raise not_regular(path)
+        fsync_fd(own)
+    except OSError as e:
+        raise _name(e, path) from None
+    finally:
+        if hold.fd is not None:
+            _close_held(hold.fd, hold)
 
 
 def read_file(path: str) -> bytes:
@@ -232,6 +319,53 @@ def rename_verified(src: str, dst: str, *, verify: bool) -> int:
         raise
     if verify and lexists(src):
         return NOT_MOVED
+    return MOVED
+
+
+# errnos of link(2) on file systems without hard links (some FUSE, CIFS, AFS mounts).
+_NO_LINKS: Final = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+
+
+def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src: bool = True) -> int:
+    """rename(2) ``src`` to ``dst`` (as ``rename_verified``: MOVED, SRC_GONE or NOT_MOVED)
+    for a caller holding the entry's owner lock.
+
+    With ``keep`` (durability "full": a dot-name path in ``src``'s directory), the move is
+    durable and never leaves the file in no durable place (the protocol in ``_layout``):
+    link ``src`` to ``keep``, rename, fsync ``dst``'s directory, unlink ``keep``, then
+    fsync ``src``'s directory when ``sync_src`` (a checkout defers that step). Where the
+    file system has no hard links, the keep link is skipped (a plain rename and fsyncs)."""
+    if keep is None:
+        return rename_verified(src, dst, verify=verify)
+    linked = True
+    try:
+        os.link(src, keep, follow_symlinks=False)
+    except FileExistsError:
+        # A keep link left by a crash (recovery removes them; we hold the owner lock):
+        # ours replaces it.
+        os.unlink(keep)
+        return move(src, dst, keep, verify=verify, sync_src=sync_src)
+    except OSError as e:
+        if gone(e):
+            return SRC_GONE
+        if e.errno not in _NO_LINKS:
+            raise
+        linked = False
+    try:
+        r = rename_verified(src, dst, verify=verify)
+    except BaseException:
+        if linked:
+            unlink_quiet(keep)
+        raise
+    if r != MOVED:
+        if linked:
+            unlink_quiet(keep)
+        return r
+    fsync_dir(os.path.dirname(dst))
+    if linked:
+        os.unlink(keep)
+    if sync_src:
+        fsync_dir(os.path.dirname(src))
     return MOVED
 
 

@@ -7,6 +7,9 @@
     SPOOL/.data/NAME            the entry's data payload
     SPOOL/QUEUE/NAME            metadata of an entry waiting in QUEUE
     SPOOL/QUEUE/.checkout/NAME  metadata of an entry some process has checked out
+    SPOOL/QUEUE/.~NAME          (durability "full", transient) keep link of a move out
+    SPOOL/QUEUE/.checkout/.~NAME  of that dir (see below; never seen after a return)
+    SPOOL/.lost+found/NAME/     what repair could not put back into a queue (created on need)
 
 An entry's life, and the single rename or unlink that makes each step (every other module
 follows this table):
@@ -20,6 +23,43 @@ follows this table):
     remove       unlink Q/.checkout/NAME, .data/NAME, .registry/NAME    -> gone
     recover      (owner dead) rename Q/.checkout/NAME -> Q/NAME         -> queued in Q
     abandon      (enqueuer dead) unlink .tmp/NAME, .data/NAME, .registry/NAME -> gone
+                 (fsck --repair: .tmp/NAME, .data/NAME -> .lost+found/NAME/ instead)
+
+Durability "full" (crash-consistent under the pessimistic model of docs/crash-safety.md:
+file data survives only once the file is fsynced, a directory's entries only as they were
+at its last fsync). Every step above is made durable before it returns, in this order:
+
+    enqueue      reserve: fsync .registry; write+fsync .tmp/NAME and .data/NAME, fsync .data;
+                 rename into Q; fsync Q.
+    move         (checkout, save, release, recover, quarantine: every rename of a queued
+                 or checked-out entry from SRC/NAME to DST/NAME)
+                   1. link SRC/NAME -> SRC/KEEP        KEEP = keep_name(NAME), a dot-name
+                   2. rename SRC/NAME -> DST/NAME      the step itself (the claim, for a
+                                                       checkout: still one rename(2))
+                   3. fsync DST                        the entry is durable in DST
+                   4. unlink SRC/KEEP
+                   5. fsync SRC                        it is durable only in DST
+                 A fsync of SRC by anyone records NAME (before 2) or KEEP (after 1, until
+                 4), so SRC's durable state holds the entry until DST's does: the entry is
+                 never in no durable place, whoever fsyncs what and when. A checkout
+                 defers step 5 to the save, remove or quarantine that ends it (a release
+                 needs none: DST is SRC); a metadata rewrite before a save is renamed
+                 over SRC/NAME without a directory fsync (the move makes it durable).
+    remove       unlink Q/.checkout/NAME; fsync Q/.checkout; fsync Q (the checkout's
+                 deferred step 5); then unlink .data/NAME and .registry/NAME.
+    direct ops   rewrite or unlink Q/NAME; fsync Q.
+
+After a crash, these states exist only where an operation was interrupted, and recovery
+(``recover_checkouts``, run by ``fsck --repair``) resolves them under the owner lock:
+    SRC/KEEP and NAME in some queue or checkout dir   -> unlink KEEP (the move happened)
+    SRC/KEEP only                                     -> rename KEEP back to SRC/NAME
+    NAME in two dirs (a move cut between 2 and 5)     -> a dead checkout already queued
+                                                         is not moved back (dropped, or
+                                                         kept aside if it differs); else
+                                                         the Monitor's Duplicated: repair
+                                                         keeps one copy
+What repair cannot put back into a queue (orphaned files, abandoned enqueues, duplicates
+that differ) goes to ``.lost+found/NAME/`` (see ``_lostfound``): repair never deletes data.
 """
 
 from __future__ import annotations
@@ -37,6 +77,18 @@ DATA: Final = ".data"
 CHECKOUT: Final = ".checkout"
 
 MAX_NAME_BYTES: Final = 255
+LOST_FOUND: Final = ".lost+found"
+KEEP_PREFIX: Final = ".~"
+
+
+def keep_name(name: str) -> str:
+    """The dot-name of the hard link a durable move leaves in its source directory (see
+    the life-cycle table): ``.~NAME``, or ``.~#`` and a hash where that would be too long."""
+    if len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES - len(KEEP_PREFIX):
+        return KEEP_PREFIX + name
+    import hashlib
+
+    return KEEP_PREFIX + "#" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def check_name(name: object) -> str:
@@ -122,6 +174,14 @@ class Layout:
         if p is None:
             p = self._co[dirname] = os.path.join(self._root + dirname, CHECKOUT, "")
         return p + name
+
+    def keep_file(self, directory: str, name: str) -> str:
+        """The keep link of ``name`` in ``directory`` (a queue or checkout dir path)."""
+        return os.path.join(directory, keep_name(name))
+
+    @property
+    def lost_found(self) -> str:
+        return self._root + LOST_FOUND
 
     def fixed_dirs(self) -> tuple[str, str, str]:
         return (self.registry, self.tmp, self.data)

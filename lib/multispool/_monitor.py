@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
-from . import _fs
-from ._layout import CHECKOUT, REGISTRY, TMP, Dir, Layout
+from . import _fs, _lostfound
+from ._layout import CHECKOUT, KEEP_PREFIX, LOST_FOUND, REGISTRY, TMP, Dir, Layout
 from ._spool import Spool
 from ._spoolable import Duration, Spoolable, seconds
 
@@ -488,9 +488,41 @@ class _Repair:
     def path(self, d: Dir, name: str) -> str:
         return os.path.join(self.lay.dir, d.name_on_disk, name)
 
+    @property
+    def full(self) -> bool:
+        return self.spool.spoolable.durability == "full"
+
+    def put_aside(self, name: str, files: list[tuple[Dir, str]]) -> list[Dir]:
+        """Move the files (dir, name) of ``name`` into one ``.lost+found`` item; the dirs
+        whose file was there (all of them in a dry run)."""
+        present = [d for d, _ in files if os.path.lexists(self.path(d, name))]
+        if not self.dry_run:
+            _lostfound.put_aside(
+                self.lay, name, [(self.path(d, n), _label(d)) for d, n in files], sync=self.full
+            )
+        return present
+
+    def keep_links(self, problems: list[Problem]) -> None:
+        """Keep links of moves a crash interrupted (see ``_layout``): under the owner
+        lock, dropped if the entry is in place, else renamed back (the move undone)."""
+        sp = self.spool.spoolable
+        for q in sp._queue_list:
+            dn = sp.dirname(q)
+            for d in (self.lay.queue(dn), self.lay.checkout(dn)):
+                try:
+                    keeps = sorted(n for n in os.listdir(d) if n.startswith(KEEP_PREFIX))
+                except FileNotFoundError:
+                    continue
+                for k in keeps:
+                    rel = f"{os.path.relpath(d, self.lay.dir)}/{k}"
+                    self.say("resolve", "resolved", f"keep link {rel} of an interrupted move")
+            if not self.dry_run:
+                self.spool._resolve_keeps(dn)
+
     def duplicates(self, problems: list[Problem]) -> None:
         """Under the owner lock, keep the copy with the newest mtime (the last transition
-        written: claims and saves set it), ties to the one latest in queue order."""
+        written: claims and saves set it), ties to the one latest in queue order; the other
+        copies go if they are the same file or bytes, else to ``.lost+found``."""
         for p in problems:
             if not isinstance(p, Duplicated):
                 continue
@@ -507,12 +539,21 @@ class _Repair:
                 if len(copies) < 2:
                     continue
                 keep = max(copies)[2]
+                kept = f"{keep.name_on_disk}/{name}"
                 for _, _, d in copies:
-                    if d != keep:
+                    if d == keep:
+                        continue
+                    what = f"duplicate {d.name_on_disk}/{name}"
+                    if _lostfound.same_file(self.path(d, name), self.path(keep, name)):
                         if not self.dry_run:
                             _fs.unlink_quiet(self.path(d, name))
-                        kept = f"{keep.name_on_disk}/{name}"
-                        self.say("remove", "removed", f"duplicate {d.name_on_disk}/{name} (kept {kept})")
+                            if self.full:
+                                _fs.fsync_dir(os.path.dirname(self.path(d, name)))
+                        self.say("remove", "removed", f"{what} (kept {kept})")
+                    else:
+                        # Never delete data: a copy that differs is kept aside.
+                        self.put_aside(name, [(d, name)])
+                        self.say("move", "moved", f"differing {what} to {LOST_FOUND} (kept {kept})")
 
     def dead_checkouts(self, problems: list[Problem]) -> None:
         """Put each dead checkout back into its queue (under its owner lock, as
@@ -542,8 +583,8 @@ class _Repair:
     def orphans(self, problems: list[Problem]) -> None:
         """Files in .tmp, .data, a queue or checkout dir with no registry file, older than
         ``max_tmp_file_age``: the name is reserved first (``.registry/NAME`` created and
-        locked, so nobody can start using the name meanwhile), the files are unlinked,
-        then the reservation."""
+        locked, so nobody can start using the name meanwhile), the files are moved to
+        ``.lost+found`` (never deleted), then the reservation is removed."""
         now = time.time()
         by_name: dict[str, list[Orphaned]] = {}
         for p in problems:
@@ -561,27 +602,27 @@ class _Repair:
             if self.dry_run:
                 if not os.path.lexists(reg):
                     for p in old:
-                        self.say("remove", "removed", f"orphan {p.dir.name_on_disk}/{name}")
+                        self.say("move", "moved", f"orphan {p.dir.name_on_disk}/{name} to {LOST_FOUND}")
                 continue
             gen = _fs.lock_generation()
             fd = _fs.create_locked(self.lay.registry, reg, self.spool.spoolable.file_mode)
             if fd is None:
                 continue  # registered meanwhile: no longer an orphan
             try:
-                for p in old:
-                    if _fs.unlink_quiet(self.path(p.dir, name)):
-                        self.say("remove", "removed", f"orphan {p.dir.name_on_disk}/{name}")
+                for d in self.put_aside(name, [(p.dir, name) for p in old]):
+                    self.say("move", "moved", f"orphan {d.name_on_disk}/{name} to {LOST_FOUND}")
             finally:
                 _fs.unlink_quiet(reg)
                 _fs.unlock(fd, gen)
 
     def abandoned(self, problems: list[Problem]) -> None:
         """Orphaned registry files (abandoned enqueues) older than ``max_tmp_file_age`` and
-        not locked: ``Spool.clean_abandoned`` removes them with their tmp and data files."""
+        not locked: ``Spool.clean_abandoned`` removes them, their tmp and data files going
+        to ``.lost+found``."""
         limit = self.limits.max_tmp_file_age
         if not self.dry_run:
-            for name in self.spool.clean_abandoned(older_than=limit):
-                self.say("remove", "removed", f"abandoned enqueue {name}")
+            for name in self.spool._clean_abandoned(limit, keep_aside=True):
+                self.say("remove", "removed", f"abandoned enqueue {name} (files, if any, to {LOST_FOUND})")
             return
         now = time.time()
         for p in problems:
@@ -597,7 +638,8 @@ class _Repair:
                 self.say("remove", "removed", f"abandoned enqueue {name}")
 
     def stale_tmp(self, problems: list[Problem]) -> None:
-        """TooOld tmp files of a registered entry: unlinked under its owner lock."""
+        """TooOld tmp files of a registered entry: moved to ``.lost+found`` under its
+        owner lock."""
         for p in problems:
             if not (isinstance(p, TooOld) and p.dir == Dir.TMP):
                 continue
@@ -609,8 +651,17 @@ class _Repair:
                 m = _lstat_mtime(tmp)
                 if m is None or time.time() - m <= self.limits.max_tmp_file_age:
                     continue
-                if self.dry_run or _fs.unlink_quiet(tmp):
-                    self.say("remove", "removed", f"stale {TMP}/{name}")
+                if self.put_aside(name, [(Dir.TMP, name)]):
+                    self.say("move", "moved", f"stale {TMP}/{name} to {LOST_FOUND}")
+
+
+def _label(d: Dir) -> str:
+    """The ``.lost+found`` label of a file from spool dir ``d`` (see ``_lostfound``)."""
+    if d == Dir.TMP:
+        return _lostfound.METADATA
+    if d == Dir.DATA:
+        return _lostfound.DATA
+    return d.name_on_disk.replace("/", "")
 
 
 def repair(
@@ -620,13 +671,15 @@ def repair(
     the actions taken (or, with ``dry_run``, that would be taken: then nothing changes),
     one sentence each ("removed ..." / "would remove ...", "left ...: why").
 
-    Never touches an entry a live process owns (its registry lock is held). The steps,
-    in order, are the methods of ``_Repair``: duplicates, dead checkouts, orphaned files,
-    abandoned enqueues, stale tmp files. Entries that are merely too old in a queue or a
-    live checkout are left alone.
+    Never touches an entry a live process owns (its registry lock is held), and never
+    deletes data: what cannot go back into a queue goes to ``.lost+found/`` (see
+    ``_lostfound``). The steps, in order, are the methods of ``_Repair``: keep links of
+    interrupted moves, duplicates, dead checkouts, orphaned files, abandoned enqueues,
+    stale tmp files. Entries that are merely too old in a queue or a live checkout are
+    left alone.
     """
     ps = sorted(problems)
     r = _Repair(spool, limits, dry_run)
-    for step in (r.duplicates, r.dead_checkouts, r.orphans, r.abandoned, r.stale_tmp):
+    for step in (r.keep_links, r.duplicates, r.dead_checkouts, r.orphans, r.abandoned, r.stale_tmp):
         step(ps)
     return r.done

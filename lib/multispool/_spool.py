@@ -17,13 +17,13 @@ import shutil
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
-from . import _fs, _sharedfs
+from . import _enqueue, _fs, _lostfound, _sharedfs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
-from ._layout import CHECKOUT, Layout, check_name
+from ._layout import CHECKOUT, KEEP_PREFIX, Layout, check_name, keep_name
 from ._spoolable import Duration, Spoolable, seconds
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("_writing", "done", "fd", "generation", "path")
+    __slots__ = ("_writing", "done", "fd", "generation", "path", "unsynced")
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
@@ -140,6 +140,15 @@ class _Claim:
         self.generation = _fs.lock_generation()
         self.done = False
         self._writing: threading.Lock | None = None
+        # Durability "full": the queue dir the claim renamed the entry out of, whose fsync
+        # (step 5 of a move, see _layout) the checkout's end owes.
+        self.unsynced: str | None = None
+
+    def sync_source(self, unless: str | None = None) -> None:
+        """fsync the directory the claim moved the entry out of, if still owed."""
+        d, self.unsynced = self.unsynced, None
+        if d is not None and d != unless:
+            _fs.fsync_dir(d)
 
     @property
     def writing(self) -> threading.Lock:
@@ -406,24 +415,33 @@ class CheckedOutEntry(Generic[M, D]):
         src = self.path
         dst = lay.queue_file(dst_dir, self.name)
         raw = sp._codec.encode(self.contents)
+        full = sp.durability == "full"
         with sp.throttled():
             if raw != self._raw:
+                # Under "full", the move below makes the rewrite durable.
                 with self._claim.writing:
-                    self.spool._write_metadata(self.name, raw, src)
+                    self.spool._write_metadata(self.name, raw, src, sync_dir=False)
             else:
                 # A fresh mtime in the new queue: the Monitor measures queue age from it.
                 _touch(src)
-            if not self.spool._move_owned(src, dst):
-                raise EntryNotFoundError("checked-out entry vanished", src)
-            self._claim.release()
-            if sp.durability == "full":
-                _fs.fsync_dir(lay.queue(dst_dir))
+            keep = lay.keep_file(os.path.dirname(src), self.name) if full else None
+            try:
+                if not self.spool._move_owned(src, dst, keep, sync_src=False):
+                    raise EntryNotFoundError("checked-out entry vanished", src)
+            finally:
+                self._claim.release()
+            if full:
+                # Step 5 of the move, and the claim's deferred one, after the lock is
+                # given up (nobody else needs to wait for them): before returning, the
+                # entry is durable only in its new queue.
+                _fs.fsync_dir(os.path.dirname(src))
+                self._claim.sync_source(unless=lay.queue(dst_dir))
 
     def remove(self) -> None:
         """Delete the entry: checkout file, data, then the reservation."""
         self._check_live()
         with self.spool.spoolable.throttled():
-            self.spool._remove_files(self.name, self.path, "checked-out entry vanished")
+            self.spool._remove_files(self.name, self.path, "checked-out entry vanished", self._claim)
             self._claim.release()
 
     def release(self) -> None:
@@ -431,15 +449,14 @@ class CheckedOutEntry(Generic[M, D]):
         if self._claim.done or self._claim.generation != _fs.lock_generation():
             return  # already ended, or owned by our parent (inherited by fork)
         sp = self.spool.spoolable
-        lay = self.spool._layout
         dirname = sp.dirname(self.queue)
         with sp.throttled():
             try:
-                moved = self.spool._move_owned(self.path, lay.queue_file(dirname, self.name))
+                moved = self.spool._move_back(dirname, self.name, self._claim, sync_src=False)
             finally:
                 self._claim.release()
             if moved and sp.durability == "full":
-                _fs.fsync_dir(lay.queue(dirname))
+                _fs.fsync_dir(self.spool._layout.checkout(dirname))  # step 5, lock given up
 
     def __enter__(self) -> CheckedOutEntry[M, D]:
         return self
@@ -485,15 +502,16 @@ class Spool(Generic[M, D]):
             facts = self._facts = _sharedfs.facts(self.dir)
         return facts
 
-    def _move_owned(self, src: str, dst: str) -> bool:
+    def _move_owned(self, src: str, dst: str, keep: str | None = None, sync_src: bool = True) -> bool:
         """Move a checkout this process owns (save, release): True once moved, False if
         ``src`` is gone. A rename that a stale client cache turned into a no-op is retried
-        until that cache expires (network filesystems keep names for about a second)."""
+        until that cache expires (network filesystems keep names for about a second).
+        With ``keep`` (durability "full"), the move is the durable one of ``_layout``."""
         verify = self._fs_facts().verify_renames
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
         retried = False
         while True:
-            r = _fs.rename_verified(src, dst, verify=verify)
+            r = _fs.move(src, dst, keep, verify=verify, sync_src=sync_src)
             if r == _fs.SRC_GONE and retried:
                 # The source a stale cache still showed may have moved after all: we hold
                 # the lock, so if the destination is there, it is our move.
@@ -649,9 +667,11 @@ class Spool(Generic[M, D]):
             raise
 
     # -- names and enqueue ----------------------------------------------------------------
-    def _reserve(self, seed: Any, owner: _Claim) -> str:
+    def _reserve(self, seed: Any, owner: _Claim, *, sync: bool = True) -> str:
         """Reserve a fresh name: ``.registry/NAME`` created locked, its descriptor handed to
-        ``owner`` in the step that opens it (so an interrupted caller still releases it)."""
+        ``owner`` in the step that opens it (so an interrupted caller still releases it).
+        With ``sync`` (and durability "full") the name is made durable at once; enqueue
+        passes False and syncs ``.registry`` later, after its files, once per group."""
         sp = self.spoolable
         lay = self._layout
         gen = sp.name_generator
@@ -661,7 +681,7 @@ class Spool(Generic[M, D]):
             fd = _fs.create_locked(lay.registry, path, sp.file_mode, owner)
             if fd is None:
                 continue  # taken: propose the next name
-            if sp.durability == "full":
+            if sync and sp.durability == "full":
                 try:
                     _fs.fsync_dir(lay.registry)
                 except BaseException:
@@ -746,67 +766,66 @@ class Spool(Generic[M, D]):
         """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
         otherwise a name is reserved with seed ``reserve``. ``metadata`` that does not
         match the Spoolable's ``metadata`` type raises (``msgspec.ValidationError`` or
-        ``TypeError``) before anything touches disk. If any step fails, every file the
-        enqueue created (the reservation included) is removed and the error raised; an
-        exception that comes once the entry is in its queue (KeyboardInterrupt) leaves
-        the entry whole. No descriptor or lock outlives the call."""
+        ``TypeError``) before anything touches disk, and so does ``data`` its codec
+        rejects. If any step fails, every file the enqueue created (the reservation
+        included) is removed and the error raised; an exception that comes once the entry
+        is in its queue (KeyboardInterrupt) leaves the entry whole. No descriptor or lock
+        outlives the call. Concurrent enqueues in threads of this process share their
+        syncs (group commit, see ``_enqueue``); each returns once its own entry is durable."""
         sp = self.spoolable
-        lay = self._layout
         dirname = sp.dirname(queue)
         if use is not None:
             check_name(use)
-        raw = sp._codec.encode(metadata)  # before touching disk: a bad value leaves nothing
-        sync_files = sp.durability != "none"
-        full = sp.durability == "full"
+        item = self._encode_item(metadata, data)  # before touching disk: a bad value leaves nothing
         with sp.throttled():
-            # Holds the enqueue's lock from the step that opens it (see _fs._open_held).
-            owner = _Claim(None)
-            # How far the enqueue got, so that a failure (also KeyboardInterrupt or an
-            # exception from a signal handler, which may come between any two steps)
-            # undoes exactly what happened: 1 files may exist, 2 the rename may have
-            # happened, 3 it did (the entry is queued and must be kept).
-            stage = 0
-            try:
-                if use is not None:
-                    name = use
-                    self._take_reservation(use, owner)
-                else:
-                    name = self._reserve(reserve, owner)
-                stage = 1
-                tmp = lay.tmp_file(name)
-                data_path = lay.data_file(name)
-                qfile = lay.queue_file(dirname, name)
-                _fs.write_file(tmp, raw, sync=sync_files, mode=sp.file_mode, owned=True)
-                sp.encode_data(data, data_path, sync=sync_files)
-                if full:
-                    _fs.fsync_dir(lay.data)
-                stage = 2
-                os.rename(tmp, qfile)
-                stage = 3
-            except BaseException:
-                if stage == 2 and not os.path.lexists(tmp) and os.path.lexists(qfile):
-                    stage = 3  # interrupted right after the rename: the entry is queued
-                if stage == 0 and owner.fd is not None and owner.path is not None:
-                    # Interrupted as the reservation returned: the registry file is ours.
-                    _fs.unlink_quiet(owner.path)
-                if 0 < stage < 3:
-                    _fs.unlink_quiet(lay.tmp_file(name))
-                    _fs.unlink_quiet(lay.data_file(name))
-                    _fs.unlink_quiet(lay.registry_file(name))
-                raise
-            finally:
-                # Released only once the entry is in its queue (or undone), so that
-                # clean_abandoned can never take a live enqueue for a dead one; released
-                # whatever happened, so that no lock outlives the call.
-                owner.release()
-            if full:
-                _fs.fsync_dir(lay.queue(dirname))
+            (name,) = _enqueue.enqueue(self, dirname, [item], reserve=reserve, use=use)
         return Entry._trusted(self, queue, name)
 
-    def _write_metadata(self, name: str, raw: bytes, path: str) -> None:
+    def enqueue_many(
+        self, queue: enum.Enum, items: Iterable[tuple[M, D]], *, reserve: Any = None
+    ) -> builtins.list[Entry[M, D]]:
+        """Add every ``(metadata, data)`` of ``items`` to ``queue``, in order, with as few
+        syncs as the filesystem allows: all files written, synced together, each directory
+        synced once, and only then every entry published (one sync of the queue dir).
+        When it returns, every entry is as durable as the Spoolable's durability says.
+        Every item is validated before anything touches disk; if it raises before
+        publishing, nothing of the batch is left (names, tmp and data files removed, locks
+        released). The batch holds one open descriptor per entry until it is published."""
+        sp = self.spoolable
+        dirname = sp.dirname(queue)
+        encoded = []
+        for i, pair in enumerate(items):
+            try:
+                metadata, data = pair
+            except (TypeError, ValueError):
+                raise TypeError(f"enqueue_many: item {i} is not a (metadata, data) pair: {pair!r}") from None
+            encoded.append(self._encode_item(metadata, data))
+        if not encoded:
+            return []
+        with sp.throttled():
+            # syncfs reports writeback errors since its descriptor opened: before the writes.
+            use_syncfs = sp.syncfs and sp.durability == "full" and len(encoded) > 1
+            sfd: int | None = None
+            try:
+                if use_syncfs:
+                    sfd = _fs.open_syncfs(self.dir)
+                names = _enqueue.enqueue(self, dirname, encoded, reserve=reserve, sfd=sfd)
+            finally:
+                if sfd is not None:
+                    os.close(sfd)
+        return [Entry._trusted(self, queue, n) for n in names]
+
+    def _encode_item(self, metadata: M, data: D) -> _enqueue.Item:
+        """Validate and encode one item without touching disk: (metadata bytes, a writer of
+        the data file at a path, unsynced)."""
+        sp = self.spoolable
+        raw = sp._codec.encode(metadata)
+        return raw, sp.data_writer(data)
+
+    def _write_metadata(self, name: str, raw: bytes, path: str, *, sync_dir: bool = True) -> None:
         """Atomically replace ``path`` with encoded metadata, staged in ``.tmp/NAME``. The
         caller holds the entry's owner lock (so no other writer stages there) and the
-        throttle."""
+        throttle. ``sync_dir=False`` leaves the directory's fsync to a move that follows."""
         sp = self.spoolable
         tmp = self._layout.tmp_file(name)
         try:
@@ -815,8 +834,21 @@ class Spool(Generic[M, D]):
         except BaseException:
             _fs.unlink_quiet(tmp)
             raise
-        if sp.durability == "full":
+        if sync_dir and sp.durability == "full":
             _fs.fsync_dir(os.path.dirname(path))
+
+    def _move_back(self, dirname: str, name: str, claim: _Claim | None, sync_src: bool = True) -> bool:
+        """Move a checked-out entry back into its queue (release, give-back); False if it
+        was not checked out. Durable under "full" (the move of _layout; ``sync_src=False``
+        leaves its step 5, the checkout dir's fsync, to the caller)."""
+        lay = self._layout
+        co_dir = lay.checkout(dirname)
+        keep = lay.keep_file(co_dir, name) if self.spoolable.durability == "full" else None
+        cofile, qfile = lay.checkout_file(dirname, name), lay.queue_file(dirname, name)
+        moved = self._move_owned(cofile, qfile, keep, sync_src=sync_src)
+        if claim is not None:
+            claim.unsynced = None  # the queue dir was fsynced by the move (or nothing moved)
+        return moved
 
     def _lock_entry(self, name: str, qfile: str | None = None) -> _Claim:
         """Take the owner lock of an entry that nobody has checked out, for one write.
@@ -835,7 +867,7 @@ class Spool(Generic[M, D]):
             raise EntryNotFoundError("no such entry (not in its queue)", qfile)
         return claim
 
-    def _remove_files(self, name: str, meta_path: str, gone: str) -> None:
+    def _remove_files(self, name: str, meta_path: str, gone: str, claim: _Claim | None = None) -> None:
         """Delete an entry whose metadata is at ``meta_path``: that file first (the step
         that makes the entry gone; EntryNotFoundError(``gone``) if it already is), then
         its data and, last, its reservation. The caller holds the throttle."""
@@ -843,6 +875,8 @@ class Spool(Generic[M, D]):
             raise EntryNotFoundError(gone, meta_path)
         if self.spoolable.durability == "full":
             _fs.fsync_dir(os.path.dirname(meta_path))
+            if claim is not None:
+                claim.sync_source()
         _fs.unlink_quiet(self._layout.data_file(name))
         _fs.unlink_quiet(self._layout.registry_file(name))
 
@@ -900,11 +934,19 @@ class Spool(Generic[M, D]):
                     raise _Busy(name)
                 return None
             cofile = lay.checkout_file(dirname, name)
+            full = sp.durability == "full"
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
                 # Verified where a stale client could make rename a no-op: a claim that
-                # did not move the entry is lost, never won (it stays in its queue).
-                moved = _fs.rename_verified(qfile, cofile, verify=self._fs_facts().verify_renames)
+                # did not move the entry is lost, never won (it stays in its queue). Under
+                # "full" the entry stays durable in the queue (keep link) until the
+                # checkout dir's fsync; the queue's own fsync is owed by the checkout's end.
+                keep = lay.keep_file(lay.queue(dirname), name) if full else None
+                moved = _fs.move(
+                    qfile, cofile, keep, verify=self._fs_facts().verify_renames, sync_src=False
+                )
+                if moved == _fs.MOVED and full:
+                    claim.unsynced = lay.queue(dirname)
             except OSError as e:
                 claim.release()
                 if _fs.gone(e):
@@ -924,16 +966,16 @@ class Spool(Generic[M, D]):
                 if _fs.gone(e):
                     # Our own client lost track of the file it just moved (ESTALE): put
                     # the entry back for a later attempt rather than fail the reader.
-                    self._give_back(cofile, qfile, claim)
+                    self._give_back(dirname, name, claim)
                     return None
                 if e.errno in _NOT_A_FILE:
                     why = f"not a regular file ({os.strerror(e.errno or 0)})"
                     self._corrupt(queue, name, cofile, why, claim)
                 # Unreadable for now (permissions, I/O): give it back, untouched.
-                self._give_back(cofile, qfile, claim)
+                self._give_back(dirname, name, claim)
                 raise
             except BaseException:
-                self._give_back(cofile, qfile, claim)
+                self._give_back(dirname, name, claim)
                 raise
         try:
             contents = sp._codec.decode(raw, cofile)
@@ -960,9 +1002,9 @@ class Spool(Generic[M, D]):
             delay = min(delay * 2, 0.002)
         return None
 
-    def _give_back(self, cofile: str, qfile: str, claim: _Claim) -> None:
+    def _give_back(self, dirname: str, name: str, claim: _Claim) -> None:
         try:
-            _fs.rename_if_exists(cofile, qfile)
+            self._move_back(dirname, name, claim)
         finally:
             claim.release()
 
@@ -982,9 +1024,10 @@ class Spool(Generic[M, D]):
             q = sp.quarantine
             if q is not None and q != queue:
                 dst = self._layout.queue_file(sp.dirname(q), name)
-                os.rename(cofile, dst)
-                if sp.durability == "full":
-                    _fs.fsync_dir(os.path.dirname(dst))
+                full = sp.durability == "full"
+                keep = self._layout.keep_file(os.path.dirname(cofile), name) if full else None
+                _fs.move(cofile, dst, keep)
+                claim.sync_source(unless=os.path.dirname(dst))
                 log.warning("multispool: quarantined %s to %s: %s", cofile, dst, reason)
                 raise CorruptEntryError(cofile, reason, quarantined_to=dst) from cause
             log.warning("multispool: left %s checked out (no quarantine queue): %s", cofile, reason)
@@ -1067,6 +1110,7 @@ class Spool(Generic[M, D]):
         recovered: list[Entry[M, D]] = []
         for q in queues:
             dirname = sp.dirname(q)
+            self._resolve_keeps(dirname)
             for name in sorted(self._list_names(lay.checkout(dirname))):
                 with sp.throttled():
                     try:
@@ -1088,6 +1132,54 @@ class Spool(Generic[M, D]):
                 f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
                 f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
             )
+
+    def _resolve_keeps(self, dirname: str) -> None:
+        """Resolve the keep links (see _layout) that a crash left in queue ``dirname`` or
+        its checkout dir: under the entry's owner lock, unlink one whose entry is in
+        some queue or checkout dir (its move happened), else rename it back to the name
+        it keeps (the move is undone). Links of live moves (lock held) are left alone."""
+        sp = self.spoolable
+        lay = self._layout
+        by_keep: dict[str, str] | None = None
+        for d in (lay.queue(dirname), lay.checkout(dirname)):
+            with sp.throttled():
+                keeps = [n for n in os.listdir(d) if n.startswith(KEEP_PREFIX)]
+            for k in sorted(keeps):
+                if k.startswith(KEEP_PREFIX + "#"):
+                    if by_keep is None:
+                        with sp.throttled():
+                            by_keep = {keep_name(n): n for n in os.listdir(lay.registry)}
+                    name = by_keep.get(k)
+                    if name is None:
+                        continue
+                else:
+                    name = k[len(KEEP_PREFIX) :]
+                with sp.throttled():
+                    self._resolve_keep(d, k, name)
+
+    def _resolve_keep(self, d: str, keep: str, name: str) -> None:
+        sp = self.spoolable
+        lay = self._layout
+        claim = _Claim(None)
+        if _fs.open_locked(lay.registry_file(name), claim) is None:
+            return
+        try:
+            kpath = os.path.join(d, keep)
+            placed = any(
+                os.path.lexists(p)
+                for q in sp._queue_list
+                for p in (lay.queue_file(sp.dirname(q), name), lay.checkout_file(sp.dirname(q), name))
+            )
+            if placed:
+                _fs.unlink_quiet(kpath)
+                log.info("multispool: removed keep link %s of a finished move", kpath)
+            else:
+                _fs.rename_if_exists(kpath, os.path.join(d, name))
+                log.info("multispool: undid the interrupted move of %s (restored from %s)", name, kpath)
+            if sp.durability == "full":
+                _fs.fsync_dir(d)
+        finally:
+            claim.release()
 
     def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
         """Move one dead checkout back into its queue; True only if it really moved. With
@@ -1116,16 +1208,34 @@ class Spool(Generic[M, D]):
             except CorruptEntryError as e:
                 return self._recover_undecodable(q, name, cofile, e.reason, claim)
             _fs.unlink_quiet(lay.tmp_file(name))  # a rewrite the dead owner left half done
+            elsewhere = [
+                lay.queue_file(sp.dirname(other), name)
+                for other in sp._queue_list
+                if os.path.lexists(lay.queue_file(sp.dirname(other), name))
+            ]
+            if elsewhere:
+                # A move out of the checkout (save, release) or the claim itself was cut by
+                # a crash: the entry is queued already; putting this copy back too would
+                # hand it out twice. Drop it if it is the same, else keep it aside.
+                if _lostfound.same_file(cofile, elsewhere[0]):
+                    _fs.unlink_quiet(cofile)
+                else:
+                    _lostfound.put_aside(
+                        lay, name, [(cofile, f"{dirname}.checkout")], sync=sp.durability == "full"
+                    )
+                if sp.durability == "full":
+                    _fs.fsync_dir(lay.checkout(dirname))
+                log.warning("multispool: dead checkout %s was queued as %s too", cofile, elsewhere[0])
+                return False
             # Verified where a stale client could make rename a no-op: only what really
             # moved is reported (a no-op leaves it for the next recovery).
             qfile = lay.queue_file(dirname, name)
-            moved = _fs.rename_verified(cofile, qfile, verify=self._fs_facts().verify_renames)
+            keep = lay.keep_file(lay.checkout(dirname), name) if sp.durability == "full" else None
+            moved = _fs.move(cofile, qfile, keep, verify=self._fs_facts().verify_renames)
             if moved != _fs.MOVED:
                 if moved == _fs.NOT_MOVED:
                     log.debug("multispool: recovery of %s not done: rename moved nothing", cofile)
                 return False
-            if sp.durability == "full":
-                _fs.fsync_dir(lay.queue(dirname))
             log.info("multispool: recovered %s/%s from a dead owner", dirname, name)
             return True
         finally:
@@ -1147,7 +1257,14 @@ class Spool(Generic[M, D]):
     def clean_abandoned(self, older_than: Duration = 600) -> builtins.list[str]:
         """Remove the registry, tmp and data files of enqueues whose process died before
         the entry reached a queue: registry older than ``older_than`` seconds, in no queue
-        or checkout dir, and not locked by a live process. Returns the removed names."""
+        or checkout dir (nor kept by the keep link of an interrupted move), and not locked
+        by a live process. Returns the removed names. (``fsck --repair`` does the same but
+        keeps the tmp and data files in ``.lost+found``.)"""
+        return self._clean_abandoned(older_than, keep_aside=False)
+
+    def _clean_abandoned(self, older_than: Duration, *, keep_aside: bool) -> builtins.list[str]:
+        """``clean_abandoned``; with ``keep_aside``, the tmp and data files go to
+        ``.lost+found`` instead of being deleted (repair)."""
         sp = self.spoolable
         lay = self._layout
         limit = seconds(older_than)
@@ -1164,8 +1281,8 @@ class Spool(Generic[M, D]):
         now = time.time()
         removed: list[str] = []
         for name in sorted(set(regs) - present):
-            if name[0] == ".":
-                continue
+            if name[0] == "." or keep_name(name) in present:
+                continue  # a keep link: an interrupted move, for recover_checkouts
             reg = lay.registry_file(name)
             with sp.throttled():
                 try:
@@ -1187,13 +1304,20 @@ class Spool(Generic[M, D]):
                     # It may have reached a queue after the listing above; with the lock
                     # held, nobody can move it into one now.
                     if any(
-                        os.path.lexists(lay.queue_file(sp.dirname(q), name))
-                        or os.path.lexists(lay.checkout_file(sp.dirname(q), name))
+                        os.path.lexists(p)
                         for q in sp._queue_list
+                        for d in (lay.queue(sp.dirname(q)), lay.checkout(sp.dirname(q)))
+                        for p in (os.path.join(d, name), lay.keep_file(d, name))
                     ):
                         continue
-                    _fs.unlink_quiet(lay.tmp_file(name))
-                    _fs.unlink_quiet(lay.data_file(name))
+                    if keep_aside:
+                        # Repair never deletes what may be an entry's data (an acknowledged
+                        # enqueue whose rename a crash lost, under "file" or "none").
+                        files = [(lay.tmp_file(name), "metadata"), (lay.data_file(name), "data")]
+                        _lostfound.put_aside(lay, name, files, sync=sp.durability == "full")
+                    else:
+                        _fs.unlink_quiet(lay.tmp_file(name))
+                        _fs.unlink_quiet(lay.data_file(name))
                     _fs.unlink_quiet(reg)
                     removed.append(name)
                 finally:

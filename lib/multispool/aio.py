@@ -49,7 +49,7 @@ import queue as queue_mod
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from ._reader import QueueReader
@@ -382,6 +382,15 @@ class AsyncSpool(Generic[M, D]):
         started, it completes."""
         fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use)
         return self._entry(await self._run(fn, queue, metadata, data))
+
+    async def enqueue_many(
+        self, queue: enum.Enum, items: Iterable[tuple[M, D]], *, reserve: Any = None
+    ) -> builtins.list[AsyncEntry[M, D]]:
+        """``Spool.enqueue_many``. Cancelled before it started, it does not happen; once
+        started, it completes."""
+        items = builtins.list(items)  # consumed here, not in the executor thread
+        fn = functools.partial(self.sync.enqueue_many, reserve=reserve)
+        return [self._entry(e) for e in await self._run(fn, queue, items)]
 
     async def list(self, queue: enum.Enum) -> builtins.list[AsyncEntry[M, D]]:
         """Entries waiting in ``queue``, sorted by name."""

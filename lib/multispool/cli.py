@@ -37,7 +37,7 @@ from typing import Any, NoReturn, TextIO
 
 import msgspec
 
-from . import __version__, _fs
+from . import __version__, _fs, _lostfound
 from ._errors import SpoolError
 from ._layout import CHECKOUT, REGISTRY, TMP, Dir, Layout, check_name, check_queue_dirname
 from ._monitor import (
@@ -364,6 +364,45 @@ def cmd_status(a: argparse.Namespace) -> int:
     for dn, s in st.items():
         rows.append([dn, str(s["entries"]), str(s["checkouts"]), _fmt_age(s["oldest_age"])])
     _table(rows, sys.stdout)
+    _print_lost_found_note(a.dir)
+    return 0
+
+
+def _print_lost_found_note(spool_dir: str) -> None:
+    """One line when repair has put something aside in ``.lost+found`` (never data lost:
+    a person decides; see ``multispool lost+found``)."""
+    n = len(_lostfound.items(spool_dir))
+    if n:
+        print(f"{n} item{'s' if n != 1 else ''} in .lost+found (repair kept them aside: "
+              f"multispool lost+found {disp(spool_dir)})")
+
+
+def cmd_lost_found(a: argparse.Namespace) -> int:
+    """List ``.lost+found`` items (their files and sizes), or put one back into a queue
+    as a new entry with ``ITEM --to QUEUE``."""
+    spool = open_spool(a.dir)
+    if a.item is not None:
+        if a.to is None:
+            raise UsageError(f"{PROG} lost+found: ITEM needs --to QUEUE")
+        e = _lostfound.requeue(spool, a.item, find_queue(spool, a.to))
+        print(f"requeued {disp(a.item)} into {disp(str(e.queue.value))} as {disp(e.name)}")
+        return 0
+    root = os.path.join(spool.dir, ".lost+found")
+    items = {}
+    for item in _lostfound.items(spool.dir):
+        d = os.path.join(root, item)
+        try:
+            files = {f: os.lstat(os.path.join(d, f)).st_size for f in sorted(os.listdir(d))}
+        except OSError:
+            continue
+        items[item] = files
+    if a.json:
+        print(dumps(items))
+        return 0
+    for item, files in items.items():
+        print(f"{disp(item)}: " + ", ".join(f"{disp(f)} ({n} bytes)" for f, n in files.items()))
+    if not items:
+        print("nothing in .lost+found")
     return 0
 
 
@@ -751,6 +790,7 @@ def cmd_fsck(a: argparse.Namespace) -> int:
             print(problem_text(p, now))
         if not problems:
             print("no problems" if not actions or a.dry_run else "no problems left")
+        _print_lost_found_note(spool.dir)
     return 1 if problems else 0
 
 
@@ -1166,6 +1206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="queue", metavar="QUEUE",
                    help="where NAME is (default: search every queue)")
     p.set_defaults(func=cmd_mv)
+
+    p = add("lost+found", "list what repair kept aside in SPOOL/.lost+found, or requeue an item "
+            "(a new entry) with ITEM --to QUEUE", "multispool lost+found /tmp/sp NAME --to in")
+    p.add_argument("item", metavar="ITEM", nargs="?")
+    p.add_argument("--to", metavar="QUEUE", help="the queue to put ITEM back into")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_lost_found)
 
     p = add("rm", "remove entries of a queue under their owner locks (exit 1 if some could not be)",
             "multispool rm /tmp/sp in NAME1 NAME2")

@@ -161,6 +161,8 @@ def audit(a: dict[str, Any]) -> None:
 
 def main(arg: str) -> None:
     a = json.loads(arg)
+    if a.get("lib"):  # measure another snapshot of the library (runner's --baseline-ref)
+        sys.path.insert(0, a["lib"])
     what = a["what"]
     if what == "throughput":
         _say(json.dumps(throughput(a)))
@@ -170,6 +172,10 @@ def main(arg: str) -> None:
         _say(json.dumps(paired(a)))
     elif what == "audit":
         audit(a)
+    elif what == "batch":
+        from .batch import child as batch_child
+
+        _say(json.dumps(batch_child(a)))
     elif what == "drain_competing":
         _say(json.dumps(drain_competing(a)))
     else:

@@ -322,7 +322,14 @@ def main(argv: list[str]) -> int:
                     "of the working tree")
     ap.add_argument("--audit", action="store_true",
                     help="also count fsyncs per enqueue with strace in --quick (always in full)")
+    ap.add_argument("--batch", action="store_true",
+                    help="only the durable batch / group-commit cases; writes docs/benchmarks-batch.md")
+    ap.add_argument("--label", help="--batch: the section title (default: the filesystem of --dir)")
+    ap.add_argument("--baseline-ref", help="--batch: also run multispool's 1- and 8-thread cases on "
+                    "lib/ as of this git commit")
     args = ap.parse_args(argv)
+    if args.batch:
+        return _main_batch(args, argv)
     st = (
         Settings(True, 3, 0.2, 201, 1.5, 10.0, 200, 500, 10)
         if args.quick
@@ -405,7 +412,7 @@ def main(argv: list[str]) -> int:
 
     cmd = "scripts/bench" + "".join(f" {a}" for a in argv)
     meta = report.machine(args.dir, args.git_ref)
-    meta.update({"load": (load_before, os.getloadavg()), "command": cmd, "elapsed": elapsed,
+    meta.update({"load": (load_before[0], os.getloadavg()[0]), "command": cmd, "elapsed": elapsed,
                  "settings": st.__dict__, "skipped": skipped})
     raw = os.path.join(sys.prefix, "last-results.json")
     with open(raw, "w") as f:
@@ -413,6 +420,32 @@ def main(argv: list[str]) -> int:
                    "systems": {s.name: _describe(s) for s in systems}}, f, indent=1)
     report.write(args.out, meta, res, systems, plots=not args.no_plots)
     _log(f"wrote {os.path.join(args.out, 'benchmarks.md')} (raw results: {raw})")
+    return 0
+
+
+def _main_batch(args: Any, argv: list[str]) -> int:
+    from . import batch
+
+    reps, seconds = (3, 1.0) if args.quick else (5, 3.0)
+    load_before = os.getloadavg()
+    base = tempfile.mkdtemp(prefix=".bench-batch-", dir=args.dir)
+    global LIB_OVERRIDE
+    try:
+        if args.git_ref:  # measure a snapshot: the working tree may change during the run
+            LIB_OVERRIDE = _snapshot_lib(args.git_ref, os.path.join(base, "current"))
+        baseline = _snapshot_lib(args.baseline_ref, base) if args.baseline_ref else None
+        res = batch.run(lambda job, t: _run_child(job, t), _fresh_dir, base, reps, seconds, baseline, _log)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", args.git_ref or "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    if args.baseline_ref:
+        rev += f" (baseline: {args.baseline_ref})"
+    fs = batch._fstype(args.dir)
+    meta = {"dir_fs": f"`{args.dir}`: {fs}", "cpus": os.cpu_count(), "load": (load_before[0], os.getloadavg()[0]),
+            "reps": reps, "seconds": seconds, "command": "scripts/bench" + "".join(f" {a}" for a in argv),
+            "rev": rev, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    batch.report(os.path.join(args.out, "benchmarks-batch.md"), args.label or fs, res, meta)
     return 0
 
 

@@ -1,0 +1,518 @@
+"""The enqueue pipeline: one entry, a batch, and concurrent enqueues of one process.
+
+Every enqueue goes through these steps, in this order, and only here:
+
+    validate    encode every item: nothing touches disk before all of them pass
+    write       reserve each name (.registry/NAME, created locked), write .tmp/NAME and
+                .data/NAME, without syncing
+    sync files  fsync the tmp and data files                     (durability file, full)
+    sync dirs   fsync .registry and .data, once for everything committed together  (full)
+    publish     rename each .tmp/NAME into QUEUE/NAME, then release the owner locks
+    sync queue  fsync each queue dir that received entries, once                   (full)
+
+Publish is the only step that makes an entry visible, and it comes after every sync
+that makes the entry's files durable: no crash leaves an entry in a queue whose data,
+metadata or reservation is not on disk. Up to publish, a failure removes everything the
+failed enqueue created (reservations, tmp and data files) and releases its locks.
+
+Why these five syncs ("full"): the tmp file's and the data file's contents, the names in
+``.data`` and ``.registry`` (an entry whose reservation is lost cannot be claimed) must
+be durable before the rename, and the queue dir after it, before returning. What this
+module changes is how often they happen, not which: the directory syncs are shared.
+
+Group commit ("full"): enqueues running at the same time in threads of this process
+(``enqueue`` from many threads, ``AsyncSpool.enqueue`` from many tasks, ``enqueue_many``)
+sync their own files in their own threads (concurrent fsyncs, which journalling
+filesystems merge into one commit), then hand their entries to the committer. One of
+them, the leader, syncs each directory once for the whole group, publishes every
+entry, syncs each queue dir once, and wakes the others. An enqueue that arrives alone
+leads at once: it waits for nobody. Each call still returns only when its own entries
+are durable, and gets its own errors (a failed directory sync fails every enqueue
+that needed that directory).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _fs
+
+if TYPE_CHECKING:
+    from ._spool import Spool, _Claim
+
+# File syncs of a batch are issued from this many threads at once (see docs/benchmarks.md:
+# on ext4 and xfs, concurrent fsyncs share journal commits; beyond a few threads the gain
+# is flat while the cost in threads is not).
+SYNC_THREADS: Final = 16
+# Benchmarks switch this off to measure enqueues that each sync on their own.
+GROUP_COMMIT = True
+# True: the group's leader syncs every member's files together with the directories, in
+# one round from the pool; False: each enqueue syncs its own files in its own thread
+# before joining the group. Chosen by measurement (docs/benchmarks-batch.md).
+LEADER_SYNCS_FILES = True
+
+
+class Staged:
+    """One entry written to disk but not yet published; holds its owner lock."""
+
+    __slots__ = (
+        "abandoned", "data", "data_fd", "dst", "name", "owner", "published", "qdir", "reg", "tmp", "tmp_fd"
+    )
+
+    def __init__(
+        self, name: str, owner: _Claim, reg: str, tmp: str, data: str, qdir: str, dst: str
+    ) -> None:
+        self.name = name
+        self.owner = owner  # holds the owner lock from the step that opened it
+        self.reg = reg
+        self.tmp = tmp
+        self.data = data
+        self.qdir = qdir
+        self.dst = dst
+        self.published = False
+        self.abandoned = False  # cleanup was attempted: never twice (its lock is released)
+        # Descriptors of the written files if a writer kept them open (write() does not:
+        # see there); None: synced by path.
+        self.tmp_fd: int | None = None
+        self.data_fd: int | None = None
+
+    def files(self) -> list[tuple[str, int | None]]:
+        return [(self.tmp, self.tmp_fd), (self.data, self.data_fd)]
+
+    def close_files(self) -> None:
+        for attr in ("tmp_fd", "data_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+
+    def unlock(self) -> None:
+        self.owner.release()
+
+    def abandon(self) -> None:
+        """Remove what this enqueue created and release its lock (before publish). Tried
+        once: if an interrupt stops it, the lock is released all the same and
+        clean_abandoned removes what is left."""
+        self.abandoned = True
+        try:
+            self.close_files()
+            _fs.unlink_quiet(self.tmp)
+            _fs.unlink_quiet(self.data)
+            _fs.unlink_quiet(self.reg)
+        finally:
+            self.unlock()
+
+
+# -- write ------------------------------------------------------------------------------
+Item = tuple[bytes, Callable[[str, bool], "int | None"]]
+
+
+def enqueue(
+    spool: Spool[Any, Any],
+    dirname: str,
+    items: Sequence[Item],
+    *,
+    reserve: Any = None,
+    use: str | None = None,
+    sfd: int | None = None,
+) -> list[str]:
+    """The whole pipeline for ``items`` (encoded metadata, writer of the data file at a
+    path) into queue dir ``dirname``: write, then ``commit``. Returns the names. The
+    list of staged entries lives in this frame from the start, so an exception that
+    interrupts between two steps (a signal handler's) still finds everything to undo."""
+    staged: list[Staged] = []
+    try:
+        write(spool, staged, dirname, items, reserve=reserve, use=use)
+        commit(spool, staged, sfd)
+    except BaseException:
+        abandon(staged)  # again: what commit did not get to (published entries are kept)
+        raise
+    return [st.name for st in staged]
+
+
+def write(
+    spool: Spool[Any, Any],
+    staged: list[Staged],
+    dirname: str,
+    items: Sequence[Item],
+    *,
+    reserve: Any = None,
+    use: str | None = None,
+) -> None:
+    """Reserve a name for each item and write its metadata and data (not synced),
+    recording each entry in ``staged`` as soon as its name is reserved. On failure,
+    everything written so far is removed and the error raised."""
+    sp = spool.spoolable
+    lay = spool._layout
+    qdir = lay.queue(dirname)
+    # Files are synced by path (fsync_file), not through the writer's descriptors: a
+    # descriptor handed back from a call can be lost to a signal handler's exception
+    # between the return and its recording, and the reopen costs ~5 us against a sync.
+    keep = False
+    from ._spool import _Claim  # runtime import: _spool imports this module
+
+    owner: _Claim | None = None  # a reservation not yet in ``staged``
+    try:
+        for raw, write_data in items:
+            owner = _Claim(None)
+            if use is not None:
+                spool._take_reservation(use, owner)
+                name = use
+            else:
+                name = spool._reserve(reserve, owner, sync=False)
+            staged.append(
+                Staged(
+                    name, owner, lay.registry_file(name), lay.tmp_file(name), lay.data_file(name),
+                    qdir, lay.queue_file(dirname, name),
+                )
+            )
+            owner = None
+            st = staged[-1]
+            st.tmp_fd = _fs.write_file(
+                st.tmp, raw, sync=False, mode=sp.file_mode, owned=True, keep_open=keep
+            )
+            st.data_fd = write_data(st.data, keep)
+    except BaseException:
+        # Interrupted between reserving a name and recording it in ``staged``: the
+        # registry file is ours if the lock is (the reservation returned or created it).
+        if owner is not None and (not staged or staged[-1].owner is not owner):
+            try:
+                if owner.fd is not None and owner.path is not None:
+                    _fs.unlink_quiet(owner.path)
+            finally:
+                owner.release()
+        abandon(staged)
+        raise
+
+
+def abandon(staged: Iterable[Staged]) -> None:
+    """Remove every unpublished entry of ``staged`` (first error raised after all)."""
+    err: BaseException | None = None
+    for st in staged:
+        if st.published or st.abandoned:
+            continue
+        try:
+            st.abandon()
+        except BaseException as e:  # keep cleaning the others
+            err = err or e
+    if err is not None:
+        raise err
+
+
+# -- sync -------------------------------------------------------------------------------
+class _SyncPool:
+    """Threads that issue fsyncs at once (journalling filesystems merge concurrent fsyncs
+    into shared commits). Started on demand, up to SYNC_THREADS; a thread idle for
+    IDLE_EXIT seconds ends, so an idle process keeps none, while back-to-back batches
+    reuse them (starting 16 threads per batch costs ~1 ms)."""
+
+    IDLE_EXIT: Final = 0.2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tasks: queue.SimpleQueue[tuple[Callable[[], None], concurrent.futures.Future[None]]] = (
+            queue.SimpleQueue()
+        )
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, fn: Callable[[], None]) -> concurrent.futures.Future[None]:
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            self._tasks.put((fn, fut))
+            if self._idle == 0 and self._threads < SYNC_THREADS:
+                self._threads += 1
+                threading.Thread(target=self._work, name="multispool-sync", daemon=True).start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                fn, fut = self._tasks.get(timeout=self.IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if self._tasks.empty():  # a submit that counted on us finds us here
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+            try:
+                fn()
+            except BaseException as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+
+
+_pool = _SyncPool()
+
+
+def sync_paths(paths: Sequence[str], sync: Callable[[str], None]) -> None:
+    """Run ``sync`` on every path, from up to SYNC_THREADS threads at once when there are
+    more than two; every one is waited for, then the first error (naming its file) is
+    raised."""
+    if len(paths) <= 2:
+        # One entry's two files: measured, the thread hand-off costs a lone enqueue more
+        # than it saves (docs/benchmarks.md), and concurrent enqueues already sync from
+        # their own threads.
+        for p in paths:
+            sync(p)
+        return
+    futs = [_pool.submit(functools.partial(sync, p)) for p in paths]
+    err: BaseException | None = None
+    for f in futs:
+        e = f.exception()
+        if e is not None and err is None:
+            err = e
+    if err is not None:
+        raise err
+
+
+def sync_files(staged: Sequence[Staged]) -> None:
+    """fsync every staged entry's tmp and data files."""
+    files = [f for st in staged for f in st.files()]
+    if len(files) <= 2:
+        for path, fd in files:
+            _fs.fsync_file(path, fd)
+    else:
+        sync_paths([p for p, _ in files], _fs.fsync_path)
+
+
+# -- publish ----------------------------------------------------------------------------
+def publish(staged: Sequence[Staged]) -> None:
+    """Rename every entry into its queue, then release the locks. If a rename fails,
+    those already made are undone (nobody can have claimed them: we hold their locks)
+    and the error is raised, the entries left unpublished: all or nothing. An interrupt
+    (KeyboardInterrupt, a signal handler's exception) that arrives just after a rename
+    keeps the entries renamed so far: they are whole and their files durable."""
+    done: list[Staged] = []
+    st = None
+    try:
+        for st in staged:
+            os.rename(st.tmp, st.dst)
+            done.append(st)  # before the flag: an interrupt between is seen below
+            st.published = True
+    except BaseException:
+        if st is not None and not st.published and not os.path.lexists(st.tmp) and os.path.lexists(st.dst):
+            st.published = True  # the rename happened: an interrupt, not a failed rename
+            for s in staged:
+                if s.published:
+                    s.unlock()
+            raise
+        for st in reversed(done):
+            try:
+                os.rename(st.dst, st.tmp)
+            except OSError:
+                st.unlock()  # stays published: it is in its queue, complete and durable files
+                continue
+            st.published = False
+        raise
+    for st in staged:
+        st.unlock()
+
+
+# -- commit: sync dirs, publish, sync queue ----------------------------------------------
+class _Job:
+    __slots__ = ("data_dir", "done", "error", "files_synced", "registry", "sfd", "staged")
+
+    def __init__(
+        self, staged: Sequence[Staged], registry: str, data_dir: str, files_synced: bool, sfd: int | None
+    ) -> None:
+        self.staged = staged
+        self.files_synced = files_synced
+        self.sfd = sfd  # syncfs descriptor (opened before the writes), or None: fsync
+        self.registry = registry
+        self.data_dir = data_dir
+        self.done = False
+        self.error: BaseException | None = None
+
+
+def _fsync_dir_err(path: str) -> BaseException | None:
+    try:
+        _fs.fsync_dir(path)
+    except BaseException as e:
+        return e
+    return None
+
+
+def _sync_round(group: Sequence[_Job]) -> None:
+    """Before publishing: the files of the jobs that left them to the group, and each
+    directory once (or one syncfs for a job that opted in). One job of one entry syncs
+    serially (the lone enqueue: threads would cost it more than they save); a bigger
+    group issues every sync at once from the pool, so the journal merges them into as
+    few commits as it can."""
+    fsync_jobs = [j for j in group if j.sfd is None]
+    files = [(j, f) for j in fsync_jobs if not j.files_synced for st in j.staged for f in st.files()]
+    dirs = list({d: None for j in fsync_jobs for d in (j.registry, j.data_dir)})
+    whole = [j for j in group if j.sfd is not None]
+    if len(files) <= 2 and len(group) == 1 and not whole:
+        for j, (p, fd) in files:
+            try:
+                _fs.fsync_file(p, fd)
+            except BaseException as e:
+                j.error = j.error or e
+                return  # the job has failed: its directories need no sync
+        derrs = {d: _fsync_dir_err(d) for d in dirs}
+    else:
+        ffuts = [(j, _pool.submit(functools.partial(_fs.fsync_file, p, fd))) for j, (p, fd) in files]
+        for j in whole:
+            assert j.sfd is not None
+            ffuts.append((j, _pool.submit(functools.partial(_fs.syncfs, j.sfd, os.path.dirname(j.registry)))))
+        dfuts = [(d, _pool.submit(functools.partial(_fs.fsync_dir, d))) for d in dirs]
+        for j, f in ffuts:
+            j.error = j.error or f.exception()
+        derrs = {d: f.exception() for d, f in dfuts}
+    for j in fsync_jobs:
+        j.error = j.error or derrs[j.registry] or derrs[j.data_dir]
+
+
+def _run_group(group: Sequence[_Job]) -> None:
+    """sync files and dirs (each dir once) -> publish each job -> sync queue dirs (each
+    once). Errors go to the jobs they concern."""
+    _sync_round(group)
+    qdirs: dict[str, list[_Job]] = {}
+    for j in group:
+        if j.error is not None:
+            continue
+        try:
+            publish(j.staged)
+        except BaseException as e:
+            j.error = e
+            continue
+        for q in {st.qdir for st in j.staged}:
+            qdirs.setdefault(q, []).append(j)
+    for q, jobs in qdirs.items():
+        qerr = _fsync_dir_err(q)
+        if qerr is not None:
+            for j in jobs:
+                j.error = j.error or qerr
+
+
+class _Committer:
+    """Leader/follower group commit (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting: list[_Job] = []
+        self._busy = False
+        self._sleepers = 0  # followers in wait(): only they need a notify
+
+    def commit(self, job: _Job) -> None:
+        with self._cond:
+            self._waiting.append(job)
+            while self._busy:
+                self._sleepers += 1
+                try:
+                    self._cond.wait()
+                except BaseException:
+                    # Interrupted while waiting (the lock is held again here). Not yet
+                    # taken by a leader: withdraw. Taken: the leader is working on our
+                    # files, so wait for it to finish before the caller cleans up.
+                    if job in self._waiting:
+                        self._waiting.remove(job)
+                        raise
+                    while not job.done:
+                        with contextlib.suppress(BaseException):
+                            self._cond.wait()
+                    raise
+                finally:
+                    self._sleepers -= 1
+                if job.done:
+                    break
+            if job.done:
+                if job.error is not None:
+                    raise job.error
+                return
+            group, self._waiting = self._waiting, []
+            self._busy = True
+        try:
+            if len(group) == 1:
+                _run_lone(job)
+            else:
+                _run_group(group)
+        except BaseException as e:  # pragma: no cover - the runners hand errors to jobs
+            for j in group:
+                j.error = j.error or e
+        finally:
+            with self._cond:
+                for j in group:
+                    j.done = True
+                self._busy = False
+                if self._sleepers:
+                    self._cond.notify_all()
+        if job.error is not None:
+            raise job.error
+
+
+def _run_lone(job: _Job) -> None:
+    """``_run_group`` for a group of one job, without its bookkeeping: the path of every
+    enqueue that meets no concurrent one, kept as cheap as the recipe before groups."""
+    if len(job.staged) != 1 or job.sfd is not None:
+        _run_group([job])
+        return
+    st = job.staged[0]
+    try:
+        if not job.files_synced:
+            _fs.fsync_file(st.tmp, st.tmp_fd)
+            _fs.fsync_file(st.data, st.data_fd)
+        _fs.fsync_dir(job.registry)
+        _fs.fsync_dir(job.data_dir)
+        publish(job.staged)
+        _fs.fsync_dir(st.qdir)
+    except BaseException as e:
+        job.error = e
+
+
+_committer = _Committer()
+
+
+def _reset_after_fork() -> None:
+    # The parent's threads (a leader among them) do not exist in a forked child.
+    global _committer, _pool
+    _committer = _Committer()
+    _pool = _SyncPool()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def commit(spool: Spool[Any, Any], staged: Sequence[Staged], sfd: int | None = None) -> None:
+    """Make ``staged`` (files written) durable and visible: sync files, sync dirs, publish,
+    sync queue dirs, as the durability asks; with ``sfd`` (from ``_fs.open_syncfs``,
+    opened before the files were written), one syncfs replaces the file and dir syncs.
+    Before publish, a failure abandons every entry of ``staged`` and raises; after it,
+    the entries stay queued and the error of the queue dir sync is raised."""
+    durability = spool.spoolable.durability
+    try:
+        if durability == "file" or (durability == "full" and not LEADER_SYNCS_FILES and sfd is None):
+            sync_files(staged)
+        if durability == "full":
+            lay = spool._layout
+            job = _Job(staged, lay.registry, lay.data, files_synced=not LEADER_SYNCS_FILES, sfd=sfd)
+            if GROUP_COMMIT:
+                _committer.commit(job)
+            else:
+                _run_lone(job)
+                if job.error is not None:
+                    raise job.error
+        else:
+            publish(staged)
+    except BaseException:
+        abandon(staged)
+        raise
+    finally:
+        for st in staged:
+            st.close_files()
+            if st.published:
+                st.unlock()  # done by publish, unless an interrupt cut its unlock loop short

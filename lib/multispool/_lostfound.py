@@ -1,0 +1,136 @@
+"""``SPOOL/.lost+found/``: where repair puts what it cannot put back into a queue.
+
+Repair never deletes data. Files of an abandoned enqueue, files with no registry file,
+duplicates that differ from the copy kept, stale ``.tmp`` files: each goes, by rename(2),
+into its own directory ``.lost+found/ITEM/`` (ITEM is the entry name, with ``.1``, ``.2``...
+appended when taken), under a label saying what it was:
+
+    metadata        the entry's metadata (from .tmp/NAME)
+    data            the entry's data payload (from .data/NAME)
+    QUEUE           metadata found in queue dir QUEUE (an orphan, or a differing duplicate)
+    QUEUE.checkout  metadata found in QUEUE/.checkout
+
+A person inspects them (``multispool status``/``fsck`` count them) and puts an item back
+into a queue with ``requeue`` (``multispool lost+found DIR ITEM --to QUEUE``), or deletes
+the directory. Under durability "full" the move is durable before the source disappears
+(the destination is fsynced first, as every move of the life-cycle table).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import _fs
+from ._errors import EntryNotFoundError, SpoolError
+from ._layout import LOST_FOUND, Layout
+
+if TYPE_CHECKING:
+    from ._spool import Entry, Spool
+
+METADATA = "metadata"
+DATA = "data"
+
+
+def put_aside(lay: Layout, name: str, files: Sequence[tuple[str, str]], *, sync: bool) -> str | None:
+    """Move the existing ``files`` ((path, label) pairs) into a fresh ``.lost+found/ITEM/``;
+    the item's path, or None if none of the files exists. The caller holds the entry's
+    owner lock (or its registry name reserved), so nobody else moves these files."""
+    present = [(p, label) for p, label in files if os.path.lexists(p)]
+    if not present:
+        return None
+    root = lay.lost_found
+    _fs.mkdir_durable(root, 0o700, sync=sync)
+    item = _fresh_dir(root, name)
+    if sync:
+        _fs.fsync_dir(root)
+    for path, label in present:
+        os.rename(path, os.path.join(item, label))
+    if sync:
+        _fs.fsync_dir(item)
+        for d in sorted({os.path.dirname(p) for p, _ in present}):
+            _fs.fsync_dir(d)
+    return item
+
+
+def same_file(a: str, b: str) -> bool:
+    """True if ``a`` and ``b`` are links of one file or hold the same bytes."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+        if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+            return True
+        return _fs.read_file(a) == _fs.read_file(b)
+    except OSError:
+        return False
+
+
+def _fresh_dir(root: str, name: str) -> str:
+    for k in range(100_000):
+        p = os.path.join(root, name if k == 0 else f"{name}.{k}")
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            continue
+        return p
+    raise SpoolError(f"no free item name for {name!r} in {root}")
+
+
+def items(spool_dir: str) -> list[str]:
+    """The items in ``SPOOL/.lost+found/``, sorted (empty if it does not exist)."""
+    try:
+        return sorted(os.listdir(os.path.join(spool_dir, LOST_FOUND)))
+    except FileNotFoundError:
+        return []
+
+
+def requeue(spool: Spool[Any, Any], item: str, queue: enum.Enum) -> Entry[Any, Any]:
+    """Put lost+found ``item`` back into ``queue`` as a new entry (a fresh name): its
+    metadata (``metadata``, else the one queue-labelled file) and its data (``data``,
+    else empty) are renamed into place, then the item directory is removed. The
+    metadata is not decoded: a bad one is the reader's corrupt entry, as any other."""
+    from ._spool import Entry
+
+    lay = spool._layout
+    sp = spool.spoolable
+    if "/" in item or item in ("", ".", ".."):
+        raise ValueError(f"not a lost+found item: {item!r}")
+    d = os.path.join(lay.lost_found, item)
+    try:
+        labels = set(os.listdir(d))
+    except FileNotFoundError:
+        raise EntryNotFoundError("no such lost+found item", d) from None
+    if METADATA in labels:
+        meta_label = METADATA
+    else:
+        others = sorted(labels - {DATA})
+        if len(others) != 1:
+            raise SpoolError(f"{d}: cannot tell which file is the metadata ({sorted(labels)})")
+        meta_label = others[0]
+    full = sp.durability == "full"
+    dirname = sp.dirname(queue)
+    from ._spool import _Claim
+
+    with sp.throttled():
+        owner = _Claim(None)
+        name = spool._reserve(None, owner)
+        try:
+            tmp = lay.tmp_file(name)
+            os.rename(os.path.join(d, meta_label), tmp)
+            if DATA in labels:
+                os.rename(os.path.join(d, DATA), lay.data_file(name))
+            else:
+                _fs.write_file(lay.data_file(name), b"", sync=full, mode=sp.file_mode)
+            if full:
+                _fs.fsync_dir(lay.data)
+            os.rename(tmp, lay.queue_file(dirname, name))
+            if full:
+                _fs.fsync_dir(lay.queue(dirname))
+        finally:
+            owner.release()
+        if not os.listdir(d):
+            os.rmdir(d)
+        if full:
+            _fs.fsync_dir(lay.lost_found)
+    return Entry._trusted(spool, queue, name)

@@ -1,0 +1,314 @@
+"""Durable enqueue throughput: batches and concurrent producers (issue 15).
+
+    scripts/bench --batch [--dir DIR] [--label LABEL] [--baseline-ref REF] [--quick]
+
+Every case puts entries with the "survives power loss" guarantee for a fixed time in a
+fresh child process and a fresh queue, and reports entries per second:
+
+  multispool  batch of 1 (``enqueue``), 10, 100, 1000 (``enqueue_many``), with fsync and
+              with the opt-in ``syncfs=True``; 8 threads of single ``enqueue`` with group
+              commit, and the same 8 threads with group commit switched off (each
+              syncing on its own, as before issue 15); and the alternative group-commit
+              design where each caller syncs its own files (LEADER_SYNCS_FILES=False)
+  litequeue   synchronous=FULL: one transaction per put, one per batch; 8 threads (one
+              connection each, one transaction per put)
+  pq-sqlite   persist-queue SQLiteQueue (WAL, synchronous=FULL): one commit per put, one
+              per batch (auto_commit=False, then task_done); 8 threads (one queue object each)
+
+With ``--baseline-ref REF`` the multispool cases of 1 and 8 threads also run on lib/ as of
+git REF ("today's figure in the same run"). Repetitions are interleaved between cases;
+the table gives medians. Results go to docs/benchmarks-batch.md, one section per LABEL
+(a run replaces its label's section and keeps the others).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .common import payload
+
+BATCHES = (1, 10, 100, 1000)
+THREADS = 8
+
+
+# -- child side ---------------------------------------------------------------------------
+class _Q(enum.Enum):
+    Q = "q"
+
+
+def _multispool(
+    d: str, group: bool, own_files: bool, syncfs: bool
+) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    import multispool
+
+    if not group or own_files:
+        from multispool import _enqueue
+
+        _enqueue.GROUP_COMMIT = group
+        _enqueue.LEADER_SYNCS_FILES = not own_files
+    extra = {"syncfs": True} if syncfs else {}
+    sp = multispool.Spoolable(
+        queues=_Q, metadata_codec="json", data=multispool.BytesData(), durability="full", **extra
+    )
+    spool = multispool.Spool.create(os.path.join(d, "spool"), sp)
+
+    def put(start: int, n: int) -> None:
+        if n == 1:
+            spool.enqueue(_Q.Q, {"seq": start}, payload(start))
+        else:
+            spool.enqueue_many(_Q.Q, [({"seq": i}, payload(i)) for i in range(start, start + n)])
+
+    return put, lambda: None
+
+
+def _litequeue(d: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    from litequeue import LiteQueue
+
+    local = threading.local()
+    queues: list[Any] = []
+    lock = threading.Lock()
+
+    def q() -> Any:
+        lq = getattr(local, "q", None)
+        if lq is None:
+            lq = local.q = LiteQueue(os.path.join(d, "queue.sqlite3"), timeout=60)
+            lq.conn.execute("PRAGMA synchronous = FULL;")
+            with lock:
+                queues.append(lq)
+        return lq
+
+    def put(start: int, n: int) -> None:
+        lq = q()
+        if n == 1:
+            lq.put(payload(start).decode())
+        else:
+            with lq.transaction("IMMEDIATE"):
+                for i in range(start, start + n):
+                    lq.put(payload(i).decode())
+
+    return put, lambda: [x.close() for x in queues] and None
+
+
+def _pq_sqlite(d: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    import persistqueue
+
+    local = threading.local()
+
+    def q(batch: bool) -> Any:
+        key = "b" if batch else "s"
+        pq = getattr(local, key, None)
+        if pq is None:
+            pq = persistqueue.SQLiteQueue(os.path.join(d, "sq"), auto_commit=not batch, timeout=60)
+            setattr(local, key, pq)
+        return pq
+
+    def put(start: int, n: int) -> None:
+        pq = q(n > 1)
+        for i in range(start, start + n):
+            pq.put(payload(i))
+        if n > 1:
+            pq.task_done()  # commits what auto_commit=False held back
+
+    return put, lambda: None
+
+
+def child(a: dict[str, Any]) -> dict[str, Any]:
+    """Put for ``seconds`` with ``threads`` threads, ``batch`` entries per call."""
+    d, system, batch, threads = a["dir"], a["system"], a["batch"], a["threads"]
+    if system == "multispool":
+        put, close = _multispool(d, a.get("group", True), a.get("own_files", False), a.get("syncfs", False))
+    elif system == "litequeue":
+        put, close = _litequeue(d)
+    elif system == "pq-sqlite":
+        put, close = _pq_sqlite(d)
+    else:
+        raise SystemExit(f"unknown system {system!r}")
+    put(10**9, 1)  # first-use work (directories, schema) stays outside the measurement
+    counts = [0] * threads
+    stop = threading.Event()
+    start = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        seq = k * 10**8
+        start.wait()
+        try:
+            while not stop.is_set():
+                put(seq, batch)
+                seq += batch
+                counts[k] += batch
+        except BaseException as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(a["seconds"])
+    stop.set()
+    for t in ts:
+        t.join()
+    el = time.perf_counter() - t0
+    close()
+    if errors:
+        raise errors[0]
+    return {"rate": sum(counts) / el, "n": sum(counts)}
+
+
+# -- runner side --------------------------------------------------------------------------
+def cases(baseline: bool) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for n in BATCHES:
+        out.append({"system": "multispool", "batch": n, "threads": 1})
+    out.append({"system": "multispool", "batch": 1, "threads": THREADS, "group": True})
+    out.append({"system": "multispool", "batch": 1, "threads": THREADS, "group": False})
+    out.append({"system": "multispool", "batch": 1, "threads": THREADS, "group": True, "own_files": True})
+    out.append({"system": "multispool", "batch": 1, "threads": 1, "own_files": True})
+    out.append({"system": "multispool", "batch": 100, "threads": 1, "own_files": True})
+    for n in BATCHES[1:]:
+        out.append({"system": "multispool", "batch": n, "threads": 1, "syncfs": True})
+    if baseline:
+        out.append({"system": "multispool", "batch": 1, "threads": 1, "baseline": True})
+        out.append({"system": "multispool", "batch": 1, "threads": THREADS, "baseline": True})
+    for s in ("litequeue", "pq-sqlite"):
+        for n in BATCHES:
+            out.append({"system": s, "batch": n, "threads": 1})
+        out.append({"system": s, "batch": 1, "threads": THREADS})
+    return out
+
+
+def label(c: dict[str, Any]) -> str:
+    if c["threads"] > 1:
+        what = f"{c['threads']} threads, single puts"
+        if c["system"] == "multispool" and not c.get("baseline"):
+            what += ", group commit" if c.get("group", True) else ", group commit off"
+    elif c["batch"] == 1:
+        what = "single puts (1 per call)"
+    else:
+        what = f"batch of {c['batch']}"
+    if c.get("own_files"):
+        what += ", files synced by each caller"
+    if c.get("syncfs"):
+        what += ", syncfs=True"
+    if c.get("baseline"):
+        what += " [baseline]"
+    return f"{c['system']}: {what}"
+
+
+def _key(c: dict[str, Any]) -> str:
+    return label(c)
+
+
+def run(
+    run_child: Callable[[dict[str, Any], float], Any],
+    fresh_dir: Callable[[str, str], str],
+    base: str,
+    reps: int,
+    seconds: float,
+    baseline_lib: str | None,
+    log: Callable[[str], None],
+) -> dict[str, list[float]]:
+    import shutil
+
+    res: dict[str, list[float]] = {}
+    cs = cases(baseline_lib is not None)
+    for rep in range(reps):
+        log(f"batch cases, repetition {rep + 1}/{reps}")
+        order = cs[rep % len(cs) :] + cs[: rep % len(cs)]
+        for c in order:
+            d = fresh_dir(base, c["system"])
+            job = {"what": "batch", "dir": d, "seconds": seconds, **c}
+            if c.get("baseline"):
+                job["lib"] = baseline_lib
+            try:
+                r = run_child(job, seconds * 20 + 120)
+                res.setdefault(_key(c), []).append(r["rate"])
+            except Exception as e:
+                log(f"{_key(c)} failed: {e}")
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
+def _fstype(path: str) -> str:
+    try:
+        best, fs = "", "?"
+        real = os.path.realpath(path)
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[1].replace("\\040", " ")
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fs = mnt, f"{parts[2]} on {parts[0]}"
+        return fs
+    except OSError:
+        return "?"
+
+
+def report(out_file: str, section: str, res: dict[str, list[float]], meta: dict[str, Any]) -> None:
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+
+    def rate(system: str, what: str) -> float | None:
+        return med.get(f"{system}: {what}")
+
+    lines = [f"## {section}", ""]
+    lines.append(
+        f"{meta['dir_fs']}; {meta['cpus']} CPUs; load average {meta['load'][0]:.2f} before, "
+        f"{meta['load'][1]:.2f} after; {meta['reps']} repetitions x {meta['seconds']} s per case, "
+        f"medians; `{meta['command']}` at {meta['rev']}; {meta['date']}."
+    )
+    lines += ["", "| case | entries/s | runs |", "|---|---:|---|"]
+    for c in cases(True):
+        k = _key(c)
+        if k in res:
+            lines.append(f"| {k} | {med[k]:,.0f} | {', '.join(f'{x:,.0f}' for x in res[k])} |")
+    lines.append("")
+    single = rate("multispool", "single puts (1 per call)")
+    ratios = []
+    lq1 = rate("litequeue", "single puts (1 per call)")
+    b100 = rate("multispool", "batch of 100")
+    if b100 and lq1:
+        ratios.append(f"batch of 100 / litequeue FULL one put per transaction: {b100 / lq1:.1f}x (target >= 2)")
+    if b100 and single:
+        ratios.append(f"batch of 100 / single enqueue: {b100 / single:.1f}x (target >= 8)")
+    g_on = rate("multispool", f"{THREADS} threads, single puts, group commit")
+    g_off = rate("multispool", f"{THREADS} threads, single puts, group commit off")
+    lq8 = rate("litequeue", f"{THREADS} threads, single puts")
+    if g_on and g_off:
+        ratios.append(f"{THREADS} threads, group commit on / off: {g_on / g_off:.2f}x (target >= 1.5)")
+    if g_on and lq8:
+        ratios.append(f"{THREADS} threads, group commit / litequeue {THREADS} threads: {g_on / lq8:.2f}x (target >= 1)")
+    base1 = rate("multispool", "single puts (1 per call) [baseline]")
+    if single and base1:
+        ratios.append(f"single enqueue / baseline single enqueue: {single / base1:.2f}x (target >= 0.95)")
+    base8 = rate("multispool", f"{THREADS} threads, single puts [baseline]")
+    if g_on and base8:
+        ratios.append(f"{THREADS} threads, group commit / baseline {THREADS} threads: {g_on / base8:.2f}x")
+    lines += [f"- {r}" for r in ratios] + [""]
+    text = "\n".join(lines)
+    head = (
+        "# Durable enqueue: batches and group commit\n\n"
+        "Generated by `scripts/bench --batch` (see scripts/_bench/batch.py for what each case "
+        "does); every case has the same guarantee: a put that returned survives power loss. "
+        "One section per filesystem the run was pointed at (`--dir`, `--label`).\n\n"
+    )
+    old = ""
+    if os.path.exists(out_file):
+        with open(out_file) as f:
+            old = f.read()
+    if not old.startswith("# "):
+        old = head
+    pat = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pat.sub(lambda _m: text + "\n", old) if pat.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
+    with open(out_file, "w") as f:
+        f.write(new)
+    sys.stderr.write(text + "\n")

@@ -1,0 +1,185 @@
+"""How should an enqueue make its files durable? Times candidate sync mechanisms for the
+"full" guarantee on the directory given, with bare ``os`` calls (no library):
+
+    python scripts/_bench_sync.py DIR [DIR ...] [--seconds S] [--repeat R]
+
+One entry = a registry file, a tmp (metadata) file and a data file, as multispool's
+layout; published by renaming tmp into the queue dir. Variants:
+
+  serial5     today's recipe: fsync .registry, tmp, data, .data, rename, fsync queue
+  rounds      same 5 fsyncs in 2 rounds: {tmp, data, .registry, .data} issued together
+              from a small thread pool, rename, fsync queue
+  fdatasync   as serial5 with fdatasync for the two files
+  batch N / serial   N entries: 2N file fsyncs one after the other, each dir once
+  batch N / pool K   same, file fsyncs issued from K threads at once
+  batch N / syncfs   same, one syncfs(2) instead of the file and dir fsyncs (whole fs)
+
+Prints entries per second, median of --repeat runs of --seconds each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import ctypes
+import ctypes.util
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+O_EXCL = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+PAD = b"x" * 200
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def dsync(path: str, sync: Callable[[int], None] = os.fsync) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.reg, self.tmp, self.data, self.q = (os.path.join(root, d) for d in (".registry", ".tmp", ".data", "q"))
+        for d in (self.reg, self.tmp, self.data, self.q):
+            os.makedirs(d)
+        self.seq = 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(4)
+        self.pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+    def write(self, sync_files: Callable[[int], None] | None) -> tuple[str, list[int]]:
+        self.seq += 1
+        name = str(self.seq)
+        fds = [os.open(os.path.join(self.reg, name), O_EXCL, 0o600)]
+        for d, body in ((self.tmp, b'{"seq":%d}' % self.seq), (self.data, PAD)):
+            fd = os.open(os.path.join(d, name), O_EXCL, 0o600)
+            os.write(fd, body)
+            if sync_files is not None:
+                sync_files(fd)
+            fds.append(fd)
+        return name, fds
+
+    def publish(self, name: str, fds: list[int]) -> None:
+        os.rename(os.path.join(self.tmp, name), os.path.join(self.q, name))
+        for fd in fds:
+            os.close(fd)
+
+    # -- variants: each call enqueues some entries and returns how many --
+    def serial5(self, fsync: Callable[[int], None] = os.fsync) -> int:
+        self.seq += 1
+        name = str(self.seq)
+        reg = os.open(os.path.join(self.reg, name), O_EXCL, 0o600)
+        dsync(self.reg)
+        fds = [reg]
+        for d, body in ((self.tmp, b'{"seq":%d}' % self.seq), (self.data, PAD)):
+            fd = os.open(os.path.join(d, name), O_EXCL, 0o600)
+            os.write(fd, body)
+            fsync(fd)
+            fds.append(fd)
+        dsync(self.data)
+        self.publish(name, fds)
+        dsync(self.q)
+        return 1
+
+    def fdatasync(self) -> int:
+        return self.serial5(os.fdatasync)
+
+    def rounds(self) -> int:
+        name, fds = self.write(None)
+        futs = [self.pool.submit(os.fsync, fd) for fd in fds[1:]]
+        futs += [self.pool.submit(dsync, d) for d in (self.reg, self.data)]
+        for f in futs:
+            f.result()
+        self.publish(name, fds)
+        dsync(self.q)
+        return 1
+
+    def batch(self, n: int, how: str) -> int:
+        entries = [self.write(None) for _ in range(n)]
+        if how == "syncfs":
+            fd = os.open(self.root, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                syncfs(fd)
+            finally:
+                os.close(fd)
+        else:
+            fds = [fd for _, e in entries for fd in e[1:]]
+            if how == "serial":
+                for fd in fds:
+                    os.fsync(fd)
+            else:
+                k = int(how.split()[1])
+                if k not in self.pools:
+                    self.pools[k] = concurrent.futures.ThreadPoolExecutor(k)
+                list(self.pools[k].map(os.fsync, fds))
+            dsync(self.reg)
+            dsync(self.data)
+        for name, fds in entries:
+            self.publish(name, fds)
+        dsync(self.q)
+        return n
+
+
+def run(base: str, variant: str, seconds: float) -> float:
+    root = tempfile.mkdtemp(prefix="syncbench-", dir=base)
+    try:
+        sp = Spool(root)
+        if variant.startswith("batch"):
+            _, n, how = variant.split(" ", 2)
+            step: Callable[[], int] = lambda: sp.batch(int(n), how)  # noqa: E731
+        else:
+            step = getattr(sp, variant)
+        done = 0
+        t0 = time.perf_counter()
+        while True:
+            done += step()
+            el = time.perf_counter() - t0
+            if el >= seconds:
+                return done / el
+    finally:
+        sp.pool.shutdown()
+        for p in sp.pools.values():
+            p.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+VARIANTS = ["serial5", "fdatasync", "rounds"] + [
+    f"batch {n} {how}" for n in (10, 100) for how in ("serial", "pool 4", "pool 16", "syncfs")
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dirs", nargs="+")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default=None, help="comma-separated variant names")
+    a = ap.parse_args()
+    variants = a.only.split(",") if a.only else VARIANTS
+    print(f"load average {os.getloadavg()[0]:.2f}; median of {a.repeat} x {a.seconds}s", file=sys.stderr)
+    print("| variant | " + " | ".join(a.dirs) + " |")
+    print("|---|" + "---|" * len(a.dirs))
+    for v in variants:
+        cells = []
+        for d in a.dirs:
+            rates = [run(d, v, a.seconds) for _ in range(a.repeat)]
+            cells.append(f"{statistics.median(rates):,.0f}/s")
+        print(f"| {v} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

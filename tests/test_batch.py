@@ -1,0 +1,452 @@
+"""enqueue_many, group commit of concurrent enqueues, and the order of the enqueue
+pipeline's steps (write -> sync files -> sync dirs -> publish -> sync queue dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multispool
+from conftest import Cog, Queue
+from multispool import _enqueue, _fs
+from multispool.aio import AsyncSpool
+
+# Owner locks held before each test (reservations other tests left): none may be added.
+_HELD_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _held_before() -> None:
+    _HELD_BEFORE.clear()
+    _HELD_BEFORE.update(_fs._held)
+
+
+def _files(spool: multispool.Spool[Any]) -> dict[str, list[str]]:
+    root = Path(spool.dir)
+    return {
+        d: sorted(os.listdir(root / d))
+        for d in (".registry", ".tmp", ".data", "queue1", "queue1/.checkout", "queue2")
+    }
+
+
+def _empty(spool: multispool.Spool[Any]) -> dict[str, list[str]]:
+    return {d: [] for d in _files(spool)} | {"queue1": [".checkout"], "queue2": [".checkout"]}
+
+
+class _Trace:
+    """Records the pipeline's disk steps, in order, across threads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, spool: multispool.Spool[Any]) -> None:
+        self.ops: list[tuple[str, str]] = []
+        self.root = spool.dir
+        self._lock = threading.Lock()
+        fsync_file, fsync_dir, rename = _fs.fsync_file, _fs.fsync_dir, os.rename
+
+        def rec(kind: str, path: Any) -> None:
+            with self._lock:
+                self.ops.append((kind, os.path.relpath(os.fspath(path), self.root)))
+
+        def t_fsync_file(p: str, fd: int | None = None) -> None:
+            fsync_file(p, fd)
+            rec("fsync", p)
+
+        def t_fsync_dir(p: str) -> None:
+            self.before_dir_sync(p)
+            fsync_dir(p)
+            rec("fsync_dir", p)
+
+        def t_rename(a: Any, b: Any, **kw: Any) -> None:
+            rename(a, b, **kw)
+            rec("rename", b)
+
+        monkeypatch.setattr(_fs, "fsync_file", t_fsync_file)
+        monkeypatch.setattr(_fs, "fsync_dir", t_fsync_dir)
+        monkeypatch.setattr(os, "rename", t_rename)
+
+    def before_dir_sync(self, path: str) -> None:
+        pass
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.ops]
+
+
+@pytest.fixture
+def full_spool(tmp_path: Path) -> multispool.Spool[bytes]:
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability="full")
+    return multispool.Spool.create(tmp_path / "spool", sp)
+
+
+# -- enqueue_many -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("durability", ["full", "file", "none"])
+def test_enqueue_many_writes_every_entry_in_order(tmp_path: Path, durability: Any) -> None:
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability=durability)
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    entries = spool.enqueue_many(Queue.QUEUE2, ((Cog(n=i), b"d%d" % i) for i in range(25)))
+    assert [e.queue for e in entries] == [Queue.QUEUE2] * 25
+    assert [e.name for e in entries] == sorted(e.name for e in entries)  # creation order
+    assert spool.list(Queue.QUEUE2) == entries
+    assert [e.direct.contents() for e in entries] == [Cog(n=i) for i in range(25)]
+    assert [e.direct.data_file().load() for e in entries] == [b"d%d" % i for i in range(25)]
+    files = _files(spool)
+    assert files[".tmp"] == [] and files["queue1"] == [".checkout"]
+    assert files[".registry"] == files[".data"] == sorted(e.name for e in entries)
+    assert _fs._held <= _HELD_BEFORE  # every owner lock it took released
+    assert spool.enqueue_many(Queue.QUEUE1, []) == []
+
+
+def test_enqueue_many_reserve_seed(tmp_path: Path) -> None:
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, name_generator=multispool.PrefixNames())
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    entries = spool.enqueue_many(Queue.QUEUE1, [(Cog(n=1), b""), (Cog(n=2), b"")], reserve="job_")
+    assert [e.name for e in entries] == ["job_000000", "job_000001"]
+
+
+def test_enqueue_many_full_syncs_each_directory_once(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The invariant, step by step: every file and directory sync of the batch comes
+    before its first rename into the queue, and the queue dir is synced once, after."""
+    tr = _Trace(monkeypatch, full_spool)
+    entries = full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(10)])
+    kinds = tr.kinds()
+    first_rename = kinds.index("rename")
+    assert kinds[:first_rename].count("fsync") == 20  # 10 tmp + 10 data files
+    assert sorted(p for k, p in tr.ops[:first_rename] if k == "fsync_dir") == [".data", ".registry"]
+    assert kinds[first_rename:] == ["rename"] * 10 + ["fsync_dir"]
+    assert tr.ops[-1] == ("fsync_dir", "queue1")
+    synced = {p for k, p in tr.ops if k == "fsync"}
+    assert synced == {f"{d}/{e.name}" for e in entries for d in (".tmp", ".data")}
+
+
+def test_single_enqueue_needs_five_syncs_in_pipeline_order(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tr = _Trace(monkeypatch, full_spool)
+    e = full_spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    assert tr.ops == [
+        ("fsync", f".tmp/{e.name}"),
+        ("fsync", f".data/{e.name}"),
+        ("fsync_dir", ".registry"),
+        ("fsync_dir", ".data"),
+        ("rename", f"queue1/{e.name}"),
+        ("fsync_dir", "queue1"),
+    ]
+
+
+def test_enqueue_many_validates_every_item_before_touching_disk(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tr = _Trace(monkeypatch, full_spool)
+    with pytest.raises(TypeError):  # the 3rd item's data is not bytes
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=1), b""), (Cog(n=2), b""), (Cog(n=3), "str")])
+    with pytest.raises(TypeError, match="item 1 is not a"):
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=1), b""), Cog(n=2)])  # type: ignore[list-item]
+    with pytest.raises(TypeError):  # metadata that msgspec cannot encode
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=1), b""), (object(), b"")])
+    assert tr.ops == []
+    assert _files(full_spool) == _empty(full_spool)
+
+
+class _FailingCodec:
+    """Data codec whose save fails on the ``fail_at``-th call (0-based)."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def load(self, path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    def save(self, value: bytes, path: str) -> None:
+        n, self.calls = self.calls, self.calls + 1
+        Path(path).write_bytes(value)
+        if n == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def _fail_on(monkeypatch: pytest.MonkeyPatch, target: Any, attr: str, when: Callable[[Any], bool]) -> None:
+    orig = getattr(target, attr)
+
+    def f(*a: Any, **kw: Any) -> Any:
+        if when(a[0]):
+            raise OSError(errno.EIO, "Input/output error", os.fspath(a[0]))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(target, attr, f)
+
+
+@pytest.mark.parametrize("step", ["write", "sync_file", "sync_dir", "publish"])
+def test_enqueue_many_failure_before_publishing_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Writeback errors (EIO from fsync) surface as exceptions naming the file; whatever
+    step fails, nothing of the batch is left and its locks are released."""
+    codec = _FailingCodec(fail_at=3 if step == "write" else -1)
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, data=codec, durability="full")
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    keep = spool.enqueue(Queue.QUEUE1, Cog(n=0), b"keep")
+    renames = [0]
+    if step == "sync_file":
+        data_dir = spool.dir + "/.data/"
+        _fail_on(monkeypatch, _fs, "fsync_file", lambda p: p.startswith(data_dir) and keep.name not in p)
+    elif step == "sync_dir":
+        _fail_on(monkeypatch, _fs, "fsync_dir", lambda p: p.endswith(".data"))
+    elif step == "publish":
+
+        def third_rename(p: Any) -> bool:
+            if os.fspath(p).startswith(spool.dir + "/.tmp/"):
+                renames[0] += 1
+                return renames[0] == 3
+            return False
+
+        _fail_on(monkeypatch, os, "rename", third_rename)
+    with pytest.raises(OSError) as ei:
+        spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"%d" % i) for i in range(6)])
+    assert ei.value.filename and ei.value.filename.startswith(spool.dir)
+    monkeypatch.undo()
+    assert spool.list(Queue.QUEUE1) == [keep]
+    assert {d: f for d, f in _files(spool).items()} == _empty(spool) | {
+        ".registry": [keep.name], ".data": [keep.name], "queue1": sorted([".checkout", keep.name])
+    }
+    assert _fs._held <= _HELD_BEFORE
+    if step == "publish":
+        assert renames[0] == 3
+
+
+def test_enqueue_many_queue_dir_sync_failure_raises_after_publishing(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_on(monkeypatch, _fs, "fsync_dir", lambda p: p.endswith("queue1"))
+    with pytest.raises(OSError) as ei:
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"") for i in range(3)])
+    assert ei.value.filename.endswith("queue1")
+    monkeypatch.undo()
+    # Published (complete, files durable), so not removed: its queue entry may not be.
+    assert len(full_spool.list(Queue.QUEUE1)) == 3
+    assert _fs._held <= _HELD_BEFORE
+
+
+# -- group commit -------------------------------------------------------------------------
+
+
+def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def _group_of(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, n: int, fail_queue_sync: bool = False
+) -> tuple[_Trace, list[Any]]:
+    """n threads enqueue at once; the first leader is held in its first directory sync
+    until the n-1 others wait for the committer, so they form one group."""
+    tr = _Trace(monkeypatch, spool)
+    release = threading.Event()
+    first = [True]
+    queue_syncs = [0]
+
+    def hold(path: str) -> None:
+        if first[0]:
+            first[0] = False
+            release.wait(10)
+        if path.endswith("queue1"):
+            queue_syncs[0] += 1
+            if fail_queue_sync and queue_syncs[0] == 2:  # the second group's
+                raise OSError(errno.EIO, "Input/output error", path)
+
+    tr.before_dir_sync = hold  # type: ignore[method-assign]
+    results: list[Any] = [None] * n
+
+    def worker(i: int) -> None:
+        try:
+            e = spool.enqueue(Queue.QUEUE1, Cog(n=i), b"%d" % i)
+            # Returned: its own entry is published and its queue dir synced since.
+            assert os.path.exists(os.path.join(spool.dir, "queue1", e.name))
+            results[i] = e
+        except BaseException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    try:
+        threads[0].start()
+        _wait_for(lambda: not first[0], "the first leader")
+        for t in threads[1:]:
+            t.start()
+        _wait_for(lambda: len(_enqueue._committer._waiting) == n - 1, "the others to queue up")
+    finally:
+        release.set()
+        for t in threads:
+            t.join(10)
+    return tr, results
+
+
+def test_group_commit_shares_directory_syncs(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tr, results = _group_of(full_spool, monkeypatch, 8)
+    assert all(isinstance(r, multispool.Entry) for r in results), results
+    by_name: Callable[[Any], str] = lambda e: e.name  # noqa: E731
+    assert sorted(full_spool.list(Queue.QUEUE1), key=by_name) == sorted(results, key=by_name)
+    dir_syncs = [p for k, p in tr.ops if k == "fsync_dir"]
+    # Two groups (the held leader alone, then the 7 others), three dir syncs each,
+    # instead of 8 x 3 without group commit.
+    assert dir_syncs[:3] == [".registry", ".data", "queue1"]
+    assert sorted(dir_syncs[3:5]) == [".data", ".registry"] and dir_syncs[5:] == ["queue1"]  # concurrent
+    assert [k for k, _ in tr.ops].count("fsync") == 16
+    # The second group: its 7 renames after its dir syncs, one queue sync after them.
+    second = tr.ops[tr.ops.index(("fsync_dir", "queue1")) + 1 :]
+    second = [op for op in second if op[0] != "fsync"]
+    assert [k for k, _ in second] == ["fsync_dir", "fsync_dir"] + ["rename"] * 7 + ["fsync_dir"]
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_group_commit_error_reaches_every_member(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, results = _group_of(full_spool, monkeypatch, 4, fail_queue_sync=True)
+    assert isinstance(results[0], multispool.Entry)  # the first group synced fine
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results[1:]), results
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_aio_enqueue_many_and_concurrent_enqueues(tmp_path: Path) -> None:
+    async def main() -> None:
+        sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability="full")
+        async with await AsyncSpool.create(tmp_path / "spool", sp) as spool:
+            batch = await spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"") for i in range(5)])
+            singles = await asyncio.gather(*(spool.enqueue(Queue.QUEUE1, Cog(n=i), b"") for i in range(20)))
+            listed = await spool.list(Queue.QUEUE1)
+            assert sorted(e.name for e in listed) == sorted(e.name for e in batch + list(singles))
+            assert [await e.direct.contents() for e in batch] == [Cog(n=i) for i in range(5)]
+
+    asyncio.run(main())
+
+
+def test_group_commit_after_fork_is_fresh(full_spool: multispool.Spool[bytes]) -> None:
+    """A child forked while a leader of the parent is mid-commit does not wait for it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    committer = _enqueue._committer
+    with committer._cond:
+        committer._busy = True  # as if a leader were committing at fork time
+        try:
+            p = ctx.Process(target=_child_enqueue, args=(full_spool.dir,))
+            p.start()
+            p.join(20)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        finally:
+            committer._busy = False
+    assert p.exitcode == 0
+    assert len(full_spool.list(Queue.QUEUE1)) == 1
+
+
+def _child_enqueue(path: str) -> None:
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability="full")
+    multispool.Spool.load(path, sp).enqueue(Queue.QUEUE1, Cog(n=1), b"")
+
+
+# -- syncfs (opt-in) ----------------------------------------------------------------------
+
+needs_syncfs = pytest.mark.skipif(not _fs.HAVE_SYNCFS, reason="needs syncfs with errors: Linux >= 5.8")
+
+
+@needs_syncfs
+def test_syncfs_batch_one_syncfs_opened_before_the_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, syncfs=True)
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    tr = _Trace(monkeypatch, spool)
+    open_syncfs, syncfs, write_file = _fs.open_syncfs, _fs.syncfs, _fs.write_file
+
+    def t_open(p: str) -> int:
+        tr.ops.append(("open_syncfs", os.path.relpath(p, spool.dir)))
+        return open_syncfs(p)
+
+    def t_syncfs(fd: int, p: str) -> None:
+        syncfs(fd, p)
+        tr.ops.append(("syncfs", os.path.relpath(p, spool.dir)))
+
+    def t_write(p: str, *a: Any, **kw: Any) -> None:
+        tr.ops.append(("write", os.path.relpath(p, spool.dir)))
+        write_file(p, *a, **kw)
+
+    monkeypatch.setattr(_fs, "open_syncfs", t_open)
+    monkeypatch.setattr(_fs, "syncfs", t_syncfs)
+    monkeypatch.setattr(_fs, "write_file", t_write)
+    entries = spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(5)])
+    kinds = tr.kinds()
+    assert kinds[0] == "open_syncfs"
+    assert kinds[kinds.index("syncfs") + 1 :] == ["rename"] * 5 + ["fsync_dir"]
+    assert "fsync" not in kinds and kinds.count("fsync_dir") == 1  # the queue dir, after
+    assert [e.direct.contents() for e in entries] == [Cog(n=i) for i in range(5)]
+    # A single enqueue keeps fsync: syncfs would sync the whole filesystem for one entry.
+    tr.ops.clear()
+    spool.enqueue(Queue.QUEUE1, Cog(n=9), b"")
+    assert "syncfs" not in tr.kinds() and tr.kinds().count("fsync") == 2
+
+
+@needs_syncfs
+def test_syncfs_error_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, syncfs=True)
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+
+    def failing(fd: int, p: str) -> None:
+        raise OSError(errno.EIO, "Input/output error", p)
+
+    monkeypatch.setattr(_fs, "syncfs", failing)
+    with pytest.raises(OSError) as ei:
+        spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(3)])
+    assert ei.value.errno == errno.EIO and ei.value.filename == spool.dir
+    assert _files(spool) == _empty(spool)
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_syncfs_is_off_by_default() -> None:
+    assert multispool.Spoolable(queues=Queue).syncfs is False
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_interrupt_right_after_a_publishing_rename_keeps_what_was_published(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    """KeyboardInterrupt (or a signal handler's exception) just after the n-th rename
+    into the queue: the n entries renamed are queued and whole (their files were synced
+    before), the rest of the batch is gone, and no lock is left."""
+    rename = os.rename
+    count = [0]
+
+    def interrupted(a: Any, b: Any, **kw: Any) -> None:
+        rename(a, b, **kw)
+        if os.fspath(b).startswith(os.path.join(full_spool.dir, "queue1")):
+            count[0] += 1
+            if count[0] == n:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x%d" % i) for i in range(3)])
+    monkeypatch.undo()
+    queued = full_spool.list(Queue.QUEUE1)
+    assert [e.direct.contents() for e in queued] == [Cog(n=i) for i in range(n)]
+    assert [e.direct.data_file().load() for e in queued] == [b"x%d" % i for i in range(n)]
+    names = sorted(e.name for e in queued)
+    assert _files(full_spool) == _empty(full_spool) | {
+        ".registry": names, ".data": names, "queue1": sorted([".checkout", *names])
+    }
+    assert _fs._held <= _HELD_BEFORE

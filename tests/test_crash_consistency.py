@@ -1,0 +1,328 @@
+"""Crash consistency under the pessimistic POSIX model (issue 12): the strace-based
+checker of tests/_crashmodel.py (its docstring states the model and the invariants), the
+protocol's recovery of interrupted moves, and repair that never deletes data.
+
+The checker traces a multi-process workload (tests/_crash_workload.py) under ``strace -f``
+and checks every crash point. Default run: 2 workers x 1 round (~10 s); MULTISPOOL_SLOW=1:
+3 workers x 3 rounds, and the "file" and "none" modes (whose losses docs/crash-safety.md
+tabulates: ``scripts/crashcheck``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multispool
+from multispool import _lostfound
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _crashmodel
+from _crashmodel import Call, Model
+from _procs import run_python
+
+SLOW = os.environ.get("MULTISPOOL_SLOW") == "1"
+
+needs_strace = pytest.mark.skipif(
+    _crashmodel.strace_path() is None,
+    reason="CRASH-CONSISTENCY CHECKER NOT RUN: strace is not installed "
+    "(scripts/test installs it with apt-get when run as root; else: apt-get install strace)",
+)
+
+
+@needs_strace
+def test_full_durability_survives_every_crash_point(tmp_path: Path) -> None:
+    workers, rounds = (3, 3) if SLOW else (2, 1)
+    report = _crashmodel.run(str(tmp_path), "full", workers=workers, rounds=rounds)
+    print(report.summary())
+    assert report.states > 50  # the trace was parsed and replayed
+    assert not report.violations, "\n".join([report.summary(), *report.examples])
+
+
+@needs_strace
+@pytest.mark.skipif(not SLOW, reason="set MULTISPOOL_SLOW=1")
+@pytest.mark.parametrize("durability", ["file", "none"])
+def test_weaker_modes_lose_acknowledged_entries(tmp_path: Path, durability: str) -> None:
+    # Under the pessimistic model nothing that "file" or "none" does makes a directory
+    # entry durable: the checker must see it (and docs/crash-safety.md says so).
+    report = _crashmodel.run(str(tmp_path), durability, workers=2, rounds=2)
+    print(report.summary())
+    assert report.violations["lost"] > 0
+
+
+# -- the checker catches the two cases of issue 12 on the protocol before it ----------------
+class _Trace:
+    """Builds the calls the library made before issue 12's fix, for one process."""
+
+    def __init__(self, spool: str, acks: str) -> None:
+        self.spool, self.acks = spool, acks
+        self.calls: list[Call] = []
+
+    def _add(self, name: str, *args: Any, ret: int = 0) -> None:
+        n = len(self.calls)
+        self.calls.append(Call(1, name, list(args), ret, None, n, n))
+
+    def fd(self, rel: str) -> tuple[str, int, str, bool]:
+        return ("fd", 9, os.path.join(self.spool, rel), False)
+
+    def rename(self, a: str, b: str) -> None:
+        self._add("rename", os.path.join(self.spool, a).encode(), os.path.join(self.spool, b).encode())
+
+    def fsync(self, rel: str) -> None:
+        self._add("fsync", self.fd(rel))
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        p = os.path.join(self.spool, rel).encode()
+        self._add("openat", ("fd", -100, "/", False), p, "O_WRONLY|O_CREAT|O_TRUNC", ret=9)
+        self._add("write", self.fd(rel), data, ret=len(data))
+        self.fsync(rel)
+
+    def ack(self, phase: str, op: str, **kw: Any) -> None:
+        line = json.dumps({"phase": phase, "op": op, "w": 0, **kw}).encode() + b"\n"
+        self._add("write", ("fd", 3, self.acks, False), line, ret=len(line))
+
+    def enqueue(self, name: str, q: str) -> None:
+        meta = {"id": name, "v": 0}
+        kw = {"id": name, "queue": q, "meta": meta, "data": f"data {name}"}
+        self.ack("begin", "enqueue", name=None, **kw)
+        self._add("openat", ("fd", -100, "/", False), os.path.join(self.spool, ".registry", name).encode(),
+                  "O_WRONLY|O_CREAT|O_EXCL", ret=9)
+        self.fsync(".registry")
+        self.write_file(f".tmp/{name}", json.dumps(meta).encode())
+        self.write_file(f".data/{name}", f"data {name}".encode())
+        self.fsync(".data")
+        self.rename(f".tmp/{name}", f"{q}/{name}")
+        self.fsync(q)
+        self.ack("end", "enqueue", name=name, **kw)
+
+
+def _old_protocol_violations(tmp_path: Path, build: Any) -> dict[str, int]:
+    from _crash_workload import spoolable
+
+    spool = str(tmp_path / "spool")
+    multispool.Spool.create(spool, spoolable("full"))
+    t = _Trace(spool, str(tmp_path / "acks"))
+    build(t)
+    report = _crashmodel.check_trace(t.calls, Model(spool), t.acks, "full", str(tmp_path))
+    return dict(report.violations)
+
+
+def test_checker_catches_save_left_durable_in_both_queues(tmp_path: Path) -> None:
+    # enqueue X, checkout X, Save X into B returns: A was never fsynced after the claim.
+    def build(t: _Trace) -> None:
+        t.enqueue("x", "a")
+        t.rename("a/x", "a/.checkout/x")
+        t.ack("begin", "save", id="x", name="x", queue="b", meta={"id": "x", "v": 0})
+        t.rename("a/.checkout/x", "b/x")
+        t.fsync("b")
+        t.ack("end", "save", id="x", name="x", queue="b", meta={"id": "x", "v": 0})
+
+    assert _old_protocol_violations(tmp_path, build).get("durable in two places", 0) >= 1
+
+
+def test_checker_catches_checkout_lost_by_another_enqueue(tmp_path: Path) -> None:
+    # enqueue X, checkout X, enqueue Y: Y's fsync of A makes X's leaving A durable, while
+    # A/.checkout was never fsynced: X is in no durable place.
+    def build(t: _Trace) -> None:
+        t.enqueue("x", "a")
+        t.rename("a/x", "a/.checkout/x")
+        t.enqueue("y", "a")
+
+    assert _old_protocol_violations(tmp_path, build).get("lost", 0) >= 1
+
+
+# -- recovery of interrupted moves ------------------------------------------------------------
+class Q(enum.Enum):
+    A = "a"
+    B = "b"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> multispool.Spool[bytes]:
+    return multispool.Spool.create(tmp_path / "spool", multispool.Spoolable(queues=Q))  # type: ignore[arg-type]
+
+
+def _where(spool: multispool.Spool[bytes], name: str) -> list[str]:
+    out = []
+    for q in ("a", "b"):
+        for d in (q, f"{q}/.checkout"):
+            for n in os.listdir(os.path.join(spool.dir, d)):
+                if n == name or n.endswith(name):
+                    out.append(f"{d}/{n}")
+    return sorted(out)
+
+
+def test_full_mode_leaves_no_keep_link_after_each_operation(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    co = spool.checkout(e)
+    assert _where(spool, e.name) == [f"a/.checkout/{e.name}"]
+    co.release()
+    assert _where(spool, e.name) == [f"a/{e.name}"]
+    co = spool.checkout(e)
+    co.save(Q.B)
+    assert _where(spool, e.name) == [f"b/{e.name}"]
+
+
+def test_recover_restores_an_entry_kept_only_by_its_keep_link(spool: multispool.Spool[bytes]) -> None:
+    # A crash between the claim's link and rename, where the queue's fsync recorded only
+    # the keep link (the name itself not durable in the checkout dir).
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    qfile = os.path.join(spool.dir, "a", e.name)
+    os.rename(qfile, os.path.join(spool.dir, "a", ".~" + e.name))
+    assert spool.list(Q.A) == []
+    spool.recover_checkouts()
+    assert [x.name for x in spool.list(Q.A)] == [e.name]
+    assert _where(spool, e.name) == [f"a/{e.name}"]
+    with spool.checkout(e) as co:
+        assert co.contents == {"k": 1} and co.data_file.load() == b"d"
+
+
+def test_recover_drops_the_keep_link_of_a_finished_move(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    os.link(os.path.join(spool.dir, "a", e.name), os.path.join(spool.dir, "a", ".~" + e.name))
+    os.rename(os.path.join(spool.dir, "a", e.name), os.path.join(spool.dir, "a", ".checkout", e.name))
+    # the owner died here (no lock held): recovery resolves the keep link, then the checkout
+    assert [x.name for x in spool.recover_checkouts()] == [e.name]
+    assert _where(spool, e.name) == [f"a/{e.name}"]
+
+
+def test_keep_link_of_a_live_move_is_left_alone(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    co = spool.checkout(e)  # we hold the owner lock
+    keep = os.path.join(spool.dir, "a", ".checkout", ".~" + e.name)
+    os.link(co.path, keep)  # as a save would, between its link and rename
+    spool.recover_checkouts()
+    assert os.path.exists(keep) and os.path.exists(co.path)
+    os.unlink(keep)
+    co.remove()
+
+
+def test_clean_abandoned_spares_an_entry_kept_by_a_keep_link(spool: multispool.Spool[bytes]) -> None:
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    os.rename(os.path.join(spool.dir, "a", e.name), os.path.join(spool.dir, "a", ".~" + e.name))
+    assert spool.clean_abandoned(older_than=0) == []
+    spool.recover_checkouts()
+    assert [x.name for x in spool.list(Q.A)] == [e.name]
+
+
+def test_dead_checkout_also_queued_is_not_handed_out_twice(spool: multispool.Spool[bytes]) -> None:
+    # A claim cut by a crash after its rename, before the queue's removal was durable:
+    # the same file in A and A/.checkout. Recovery must not put a second copy in A.
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    os.link(os.path.join(spool.dir, "a", e.name), os.path.join(spool.dir, "a", ".checkout", e.name))
+    assert spool.recover_checkouts() == []
+    assert _where(spool, e.name) == [f"a/{e.name}"]
+
+
+def test_dead_checkout_differing_from_its_queued_copy_goes_to_lost_found(
+    spool: multispool.Spool[bytes],
+) -> None:
+    # A save into B cut after its rename: B holds the new metadata; a differing old copy in
+    # the checkout dir is put aside, not deleted, and not queued.
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    co = spool.checkout(e)
+    co.contents = {"k": 2}
+    co.save(Q.B)
+    Path(spool.dir, "a", ".checkout", e.name).write_bytes(b'{"k":1}')
+    spool.recover_checkouts()
+    assert _where(spool, e.name) == [f"b/{e.name}"]
+    assert _lostfound.items(spool.dir) == [e.name]
+    assert Path(spool.dir, ".lost+found", e.name, "a.checkout").read_bytes() == b'{"k":1}'
+
+
+# -- repair never deletes data ----------------------------------------------------------------
+def test_abandoned_enqueue_goes_to_lost_found_and_can_be_requeued(spool: multispool.Spool[bytes]) -> None:
+    # Issue 12 item 2: an acknowledged enqueue whose rename a crash lost ("file" mode):
+    # metadata in .tmp, data in .data, a registry file; repair used to delete them.
+    # The enqueuer is a process that reserved the name, wrote both files, and died.
+    r = run_python(
+        """
+        import enum, sys, multispool
+        Q = enum.Enum("Q", {"A": "a", "B": "b"})
+        spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(queues=Q))
+        name = spool.reserve_name()
+        open(f"{sys.argv[1]}/.tmp/{name}", "wb").write(b'{"k":7}')
+        open(f"{sys.argv[1]}/.data/{name}", "wb").write(b"payload")
+        print(name)
+        """,
+        spool.dir,
+    )
+    assert r.returncode == 0, r.stderr
+    name = r.stdout.strip()
+    limits = multispool.Limits(max_tmp_file_age=0)
+    mon = multispool.Monitor(spool.dir, spool.spoolable, limits)
+    from multispool._monitor import repair
+
+    actions = repair(spool, limits, mon.run_once(), dry_run=False)
+    assert any("abandoned enqueue" in a for a in actions), actions
+    assert os.listdir(os.path.join(spool.dir, ".registry")) == []
+    assert os.listdir(os.path.join(spool.dir, ".tmp")) == []
+    assert _lostfound.items(spool.dir) == [name]
+    item = Path(spool.dir, ".lost+found", name)
+    assert (item / "metadata").read_bytes() == b'{"k":7}' and (item / "data").read_bytes() == b"payload"
+
+    back = _lostfound.requeue(spool, name, Q.B)
+    assert _lostfound.items(spool.dir) == []
+    with spool.checkout(back) as co:
+        assert co.contents == {"k": 7} and co.data_file.load() == b"payload"
+    assert multispool.Monitor(spool.dir, spool.spoolable).run_once() == []
+
+
+def test_orphans_go_to_lost_found_with_their_origin(spool: multispool.Spool[bytes]) -> None:
+    Path(spool.dir, "a", "junk").write_bytes(b"{}")
+    Path(spool.dir, ".data", "junk").write_bytes(b"x")
+    limits = multispool.Limits(max_tmp_file_age=0)
+    mon = multispool.Monitor(spool.dir, spool.spoolable, limits)
+    from multispool._monitor import repair
+
+    repair(spool, limits, mon.run_once(), dry_run=False)
+    assert sorted(os.listdir(Path(spool.dir, ".lost+found", "junk"))) == ["a", "data"]
+    assert mon.run_once() == []
+    # a second orphan of the same name gets its own item
+    Path(spool.dir, "a", "junk").write_bytes(b"{}")
+    repair(spool, limits, mon.run_once(), dry_run=False)
+    assert _lostfound.items(spool.dir) == ["junk", "junk.1"]
+
+
+def test_requeue_refuses_an_item_without_clear_metadata(spool: multispool.Spool[bytes]) -> None:
+    item = Path(spool.dir, ".lost+found", "x")
+    item.mkdir(parents=True)
+    (item / "data").write_bytes(b"d")
+    with pytest.raises(multispool.SpoolError, match="which file is the metadata"):
+        _lostfound.requeue(spool, "x", Q.A)
+    with pytest.raises(multispool.EntryNotFoundError):
+        _lostfound.requeue(spool, "nope", Q.A)
+    assert (item / "data").read_bytes() == b"d"
+
+
+def test_cli_shows_lost_found_and_requeues_from_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multispool.cli import main
+
+    d = str(tmp_path / "sp")
+    assert main(["init", d, "--queue", "in"]) == 0
+    Path(d, ".data", "junk").write_bytes(b"payload")
+    Path(d, ".tmp", "junk").write_bytes(b'{"k": 1}')
+    capsys.readouterr()
+    assert main(["fsck", d, "--repair", "--max-tmp-file-age", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "moved orphan .tmp/junk to .lost+found" in out and "1 item in .lost+found" in out
+    assert main(["status", d]) == 0
+    assert "1 item in .lost+found" in capsys.readouterr().out
+    assert main(["lost+found", d, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"junk": {"data": 7, "metadata": 8}}
+    assert main(["lost+found", d, "junk", "--to", "in"]) == 0
+    assert "requeued junk into in as " in capsys.readouterr().out
+    assert main(["lost+found", d]) == 0
+    assert capsys.readouterr().out.strip() == "nothing in .lost+found"
+    spool = multispool.Spool.load(d, multispool.cli.make_spoolable(["in"]))
+    [e] = spool.list(spool.spoolable.queues("in"))
+    assert e.direct.contents() == b'{"k": 1}' and e.direct.data_file().load() == b"payload"

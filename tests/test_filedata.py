@@ -1,0 +1,187 @@
+"""multispool.FileData: large payloads streamed (or hard-linked) into .data, memory bounded."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multispool
+from conftest import Cog, Queue
+from multispool import _fs
+
+# Owner locks held before each test (reservations other tests left): none may be added.
+_HELD_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _held_before() -> None:
+    _HELD_BEFORE.clear()
+    _HELD_BEFORE.update(_fs._held)
+
+LIB = str(Path(__file__).resolve().parent.parent / "lib")
+
+
+def _spool(tmp_path: Path, data: multispool.FileData | None = None) -> multispool.Spool[Any]:
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, data=data or multispool.FileData())
+    return multispool.Spool.create(tmp_path / "spool", sp)
+
+
+def test_path_on_same_filesystem_is_hard_linked(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    src = tmp_path / "payload.bin"
+    src.write_bytes(b"big" * 1000)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), str(src))
+    path = e.direct.data_file().load()
+    assert path == os.path.join(spool.dir, ".data", e.name)
+    assert os.path.samefile(path, src)
+    with spool.checkout(e) as co:
+        assert Path(co.data_file.load()).read_bytes() == b"big" * 1000
+        co.remove()
+    assert src.read_bytes() == b"big" * 1000  # the user's file survives the entry
+
+
+def test_link_false_copies_and_uses_the_spool_file_mode(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, multispool.FileData(link=False))
+    src = tmp_path / "payload.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    src.chmod(0o644)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), src)  # os.PathLike too
+    path = e.direct.data_file().load()
+    assert not os.path.samefile(path, src)
+    assert Path(path).read_bytes() == src.read_bytes()
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("kind", ["raw_file", "buffered_at_offset", "bytesio", "read_only"])
+def test_binary_file_objects_are_streamed_from_their_position(tmp_path: Path, kind: str) -> None:
+    spool = _spool(tmp_path)
+    body = os.urandom((2 << 20) + 123)
+    src = tmp_path / "payload.bin"
+    src.write_bytes(b"HEAD" + body)
+    f: Any
+    if kind == "raw_file":
+        f = open(src, "rb", buffering=0)  # noqa: SIM115
+    elif kind == "buffered_at_offset":
+        f = open(src, "rb")  # noqa: SIM115
+        f.read(1)  # the buffer is ahead of the logical position
+    elif kind == "bytesio":
+        f = io.BytesIO(src.read_bytes())
+    else:
+
+        class OnlyRead:
+            def __init__(self, data: bytes) -> None:
+                self._b = io.BytesIO(data)
+
+            def read(self, n: int = -1) -> bytes:
+                return self._b.read(min(n, 1000))
+
+        f = OnlyRead(src.read_bytes())
+    f.read(3 if kind == "buffered_at_offset" else 4)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), f)
+    getattr(f, "close", lambda: None)()
+    assert Path(e.direct.data_file().load()).read_bytes() == body
+
+
+@pytest.mark.parametrize("bad", ["missing", "directory", "not_a_file_object"])
+def test_bad_values_fail_before_touching_the_spool(tmp_path: Path, bad: str) -> None:
+    spool = _spool(tmp_path)
+    value: Any = {"missing": str(tmp_path / "nope"), "directory": str(tmp_path), "not_a_file_object": 42}[bad]
+    exc = {"missing": FileNotFoundError, "directory": ValueError, "not_a_file_object": TypeError}[bad]
+    with pytest.raises(exc) as ei:
+        spool.enqueue_many(Queue.QUEUE1, [(Cog(n=0), io.BytesIO(b"ok")), (Cog(n=1), value)])
+    if bad != "not_a_file_object":
+        assert str(value) in str(ei.value)
+    for d in (".registry", ".tmp", ".data"):
+        assert os.listdir(os.path.join(spool.dir, d)) == []
+
+
+def test_stream_failure_leaves_nothing(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+
+    class Broken(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError):
+        spool.enqueue(Queue.QUEUE1, Cog(n=1), Broken())
+    for d in (".registry", ".tmp", ".data", "queue1"):
+        assert [n for n in os.listdir(os.path.join(spool.dir, d)) if n != ".checkout"] == []
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_data_file_save_replaces_the_payload(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), io.BytesIO(b"one"))
+    with spool.checkout(e) as co:
+        co.data_file.save(io.BytesIO(b"two"))  # type: ignore[arg-type]
+        assert Path(co.data_file.load()).read_bytes() == b"two"
+
+
+_RSS_CHILD = textwrap.dedent(
+    """
+    import enum, io, os, sys
+    import multispool
+
+    class Q(enum.Enum):
+        A = "a"
+
+    size = int(sys.argv[2])
+
+    class Zeros(io.RawIOBase):  # a file object that is no file: the streaming path
+        left = size
+        def readable(self): return True
+        def readinto(self, b):
+            n = min(len(b), self.left)
+            b[:n] = bytes(n)
+            self.left -= n
+            return n
+
+    sp = multispool.Spoolable(queues=Q, data=multispool.FileData(link=False), durability="full")
+    spool = multispool.Spool.create(sys.argv[1], sp)
+    src = os.path.join(sys.argv[1], "..", "src.bin")
+    with open(src, "wb") as f:
+        f.truncate(size)  # sparse: the copy still reads every byte
+    e1 = spool.enqueue(Q.A, {"n": 1}, Zeros())
+    e2 = spool.enqueue(Q.A, {"n": 2}, src)
+    os.unlink(src)
+    for e in (e1, e2):
+        with spool.checkout(e) as co:
+            path = co.data_file.load()
+            assert os.path.getsize(path) == size, path
+            co.remove()
+    # VmHWM: this process's own peak (ru_maxrss would include the forking parent's,
+    # which Linux carries over exec).
+    with open("/proc/self/status") as f:
+        print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) // 1024)
+    """
+)
+
+
+_SLOW = pytest.mark.skipif(not os.environ.get("MULTISPOOL_SLOW"), reason="set MULTISPOOL_SLOW=1")
+
+
+@pytest.mark.parametrize("size_mb", [64, pytest.param(1024, marks=_SLOW)])
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_large_payload_memory_is_bounded(tmp_path: Path, size_mb: int) -> None:
+    """A payload far larger than the process enqueues and loads with RSS under 50 MB
+    (read and written in 1 MiB pieces; 100 MB with BytesData peaked at 120 MB)."""
+    r = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(tmp_path / "spool"), str(size_mb << 20)],
+        env={**os.environ, "PYTHONPATH": LIB},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    peak_mb = int(r.stdout.split()[-1])
+    assert peak_mb < 50, f"peak RSS {peak_mb} MB for a {size_mb} MB payload"
