@@ -106,7 +106,8 @@ def test_enqueue_ls_status(sp: str, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert items[name3]["metadata_format"] == "bytes" and items[name3]["metadata"] == "wf8="
     assert main(["ls", sp, "in"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].split() == ["NAME", "AGE", "SIZE", "METADATA"] and '{"n":1}' in out
+    assert out.splitlines()[0].split() == ["NAME", "AGE", "DUE", "ATTEMPTS", "SIZE", "METADATA"]
+    assert '{"n":1}' in out
 
     e = spool.list(spool.spoolable.queues("in"))[0]
     co = spool.checkout(e)
@@ -114,14 +115,14 @@ def test_enqueue_ls_status(sp: str, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [i["name"] for i in json.loads(capsys.readouterr().out)] == [name]
     assert main(["status", sp, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert st["in"] == {"entries": 0, "checkouts": 1, "oldest_age": None}
+    assert st["in"] == {"entries": 0, "checkouts": 1, "oldest_age": None, "delayed": 0}
     assert st["queue-2"]["entries"] == 2 and st["queue-2"]["checkouts"] == 0
     assert 0 <= st["queue-2"]["oldest_age"] < 60
     co.release()
     assert main(["status", sp]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["QUEUE", "ENTRIES", "CHECKOUTS", "OLDEST"]
-    assert lines[1].split()[:3] == ["in", "1", "0"]
+    assert lines[0].split() == ["QUEUE", "ENTRIES", "CHECKOUTS", "DELAYED", "OLDEST"]
+    assert lines[1].split()[:4] == ["in", "1", "0", "0"]
 
 
 def test_enqueue_from_stdin(

@@ -162,7 +162,7 @@ def test_ls_streams_and_limits(
     capsys.readouterr()
     assert main(["ls", sp, "in", "--limit", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "AGE", "SIZE", "METADATA"]
+    assert lines[0].split() == ["NAME", "AGE", "DUE", "ATTEMPTS", "SIZE", "METADATA"]
     assert [ln.split()[0] for ln in lines[1:]] == names[:3]
     assert main(["ls", sp, "in", "--json"]) == 0
     assert [x["name"] for x in json.loads(capsys.readouterr().out)] == names

@@ -175,3 +175,10 @@ def test_examples_type_check_cleanly() -> None:
         cwd=EXAMPLES, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_retry_consumer_delivers_after_retries_and_dead_letters() -> None:
+    lines = run("retry_consumer.py")
+    assert any(ln.endswith("/flaky") and "delivered" in ln for ln in lines), lines
+    assert any(ln.startswith("dead-lettered ") and "/down after 4 attempts" in ln for ln in lines), lines
+    assert lines[-1] == "server saw: {'/flaky': 3, '/down': 4}"

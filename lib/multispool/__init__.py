@@ -24,12 +24,14 @@ from ._monitor import Orphaned as Orphaned
 from ._monitor import Start as Start
 from ._monitor import TooOld as TooOld
 from ._reader import QueueReader as QueueReader
+from ._schedule import Backoff as Backoff
 from ._spool import NOT_FOUND as NOT_FOUND
 from ._spool import REMOVE as REMOVE
 from ._spool import CheckedOutEntry as CheckedOutEntry
 from ._spool import DataFile as DataFile
 from ._spool import Entry as Entry
 from ._spool import Remove as Remove
+from ._spool import Retry as Retry
 from ._spool import Save as Save
 from ._spool import Spool as Spool
 from ._spoolable import BytesData as BytesData
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NOT_FOUND",
     "REMOVE",
+    "Backoff",
     "BytesData",
     "CheckedOutEntry",
     "CorruptEntryError",
@@ -66,6 +69,7 @@ __all__ = [
     "PrefixNames",
     "QueueReader",
     "Remove",
+    "Retry",
     "Save",
     "Spool",
     "SpoolError",

@@ -122,14 +122,19 @@ def enqueue(
     reserve: Any = None,
     use: str | None = None,
     sfd: int | None = None,
+    prepare: Callable[[list[Staged]], None] | None = None,
 ) -> list[str]:
     """The whole pipeline for ``items`` (encoded metadata, writer of the data file at a
     path) into queue dir ``dirname``: write, then ``commit``. Returns the names. The
     list of staged entries lives in this frame from the start, so an exception that
-    interrupts between two steps (a signal handler's) still finds everything to undo."""
+    interrupts between two steps (a signal handler's) still finds everything to undo.
+    ``prepare(staged)`` runs between the two, while every entry's owner lock is held
+    (a delayed enqueue writes its due time there)."""
     staged: list[Staged] = []
     try:
         write(spool, staged, dirname, items, reserve=reserve, use=use)
+        if prepare is not None:
+            prepare(staged)
         commit(spool, staged, sfd)
     except BaseException:
         abandon(staged)  # again: what commit did not get to (published entries are kept)

@@ -43,6 +43,9 @@ ENOTREG: Final = getattr(errno, "EFTYPE", errno.ENXIO)
 def not_regular(path: str) -> OSError:
     """The error for a path that is not a regular file (never opened blocking)."""
     return OSError(ENOTREG, "not a regular file", path)
+# An existing file opened for writing in place (a registry file's schedule record,
+# when its lock was taken on a read-only descriptor).
+O_WRITE_EXISTING: Final = os.O_WRONLY | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
 
 if sys.platform == "darwin":  # pragma: no cover - macOS only
     import fcntl
@@ -645,6 +648,13 @@ def open_locked(path: str, holder: Holder | None = None) -> int | None:
     blocks and never follows a symlink: OSError naming ``path`` if it is a symlink
     (ELOOP), a directory (EISDIR) or otherwise not a regular file (``not_regular``).
     ``holder`` gets the descriptor as soon as it exists (see _open_held)."""
+    r = open_locked_sized(path, holder)
+    return None if r is None else r[0]
+
+
+def open_locked_sized(path: str, holder: Holder | None = None) -> tuple[int, int] | None:
+    """As ``open_locked``, also giving the file's size from the fstat that checks the
+    inode is still linked (the size says whether a schedule record is there)."""
     try:
         try:
             fd = _open_held(path, O_LOCK, holder=holder)
@@ -658,14 +668,22 @@ def open_locked(path: str, holder: Holder | None = None) -> int | None:
         if gone(e):
             return None
         raise _name(e, path) from None
-    return _keep_if_locked(fd, path, holder)
+    size = _keep_if_locked_sized(fd, path, holder)
+    return None if size is None else (fd, size)
 
 
 def _keep_if_locked(fd: int, path: str, holder: Holder | None = None) -> int | None:
     """Lock ``fd`` (recorded in _held) without waiting and keep it; None (and ``fd``
     closed) if another process holds the lock or the file was unlinked meanwhile (a stale
     inode); OSError ``not_regular`` if it is not a regular file."""
+    return None if _keep_if_locked_sized(fd, path, holder) is None else fd
+
+
+def _keep_if_locked_sized(fd: int, path: str, holder: Holder | None = None) -> int | None:
+    """As ``_keep_if_locked``, returning the file's size (from the same fstat) instead of
+    ``fd`` when it keeps it."""
     keep = False
+    size = 0
     try:
         if try_lock(fd):
             # One fstat serves both checks: a FIFO or device is not a registry file, and a
@@ -674,10 +692,11 @@ def _keep_if_locked(fd: int, path: str, holder: Holder | None = None) -> int | N
             if not stat.S_ISREG(st.st_mode):
                 raise not_regular(path)
             keep = not (HAVE_LOCKS and st.st_nlink == 0)
+            size = st.st_size
     except OSError as e:
         if not gone(e):  # unlinked through another client: ESTALE, or ENOENT from fstat
             raise
     finally:
         if not keep:
             _close_held(fd, holder)
-    return fd if keep else None
+    return size if keep else None

@@ -1,7 +1,10 @@
 """The on-disk layout of a spool: the one module that builds spool paths.
 
     SPOOL/.registry/NAME        name reservation; lives for the entry's whole life; its
-                                flock is the owner lock of an enqueue or a checkout
+                                flock is the owner lock of an enqueue or a checkout;
+                                empty (the OCaml layout: due now, 0 attempts) unless the
+                                entry was delayed or retried: then it holds the schedule
+                                record (due time, attempts; see _schedule)
     SPOOL/.tmp/NAME             metadata (or data) being written, before its atomic rename;
                                 only the holder of the entry's owner lock writes it
     SPOOL/.data/NAME            the entry's data payload
@@ -60,6 +63,23 @@ After a crash, these states exist only where an operation was interrupted, and r
                                                          keeps one copy
 What repair cannot put back into a queue (orphaned files, abandoned enqueues, duplicates
 that differ) goes to ``.lost+found/NAME/`` (see ``_lostfound``): repair never deletes data.
+
+Delays and retries add no step and no file: they change the schedule record in
+``.registry/NAME``, always under the owner lock and made durable before the rename that
+publishes the move (so a crash after the rename never shows an older record):
+
+    enqueue(delay)   record written into the locked registry file before
+                     rename .tmp/NAME -> Q/NAME                         -> queued, delayed
+    checkout         readers only: a record whose due time is ahead     -> stays queued
+                     (lock released, no rename; st_size 0 = due now)
+    save(Q2, delay)  record (due, attempts 0), then the save rename     -> queued in Q2
+    retry(delay)     record (due, same attempts), rename -> Q/NAME      -> queued in Q, delayed
+    fail (Backoff)   record (due, attempts + 1), rename -> Q/NAME       -> queued in Q, delayed
+    dead-letter      record (due now, attempts + 1), rename -> DL/NAME  -> queued in DL
+    recover          record untouched: a retry decided before the crash stands
+
+A move that makes a due time still in the future earlier also rewrites Q/NAME (a new
+inode): a reader that deferred it until its old due time drops that on the arrival event.
 """
 
 from __future__ import annotations

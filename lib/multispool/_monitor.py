@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
-from . import _fs, _lostfound
+from . import _fs, _lostfound, _schedule
 from ._layout import CHECKOUT, KEEP_PREFIX, LOST_FOUND, REGISTRY, TMP, Dir, Layout
 from ._spool import Spool
 from ._spoolable import Duration, Spoolable, seconds
@@ -221,6 +221,14 @@ class Limits:
         object.__setattr__(self, "max_queue_ages", MappingProxyType(ages))
 
 
+def _due(registry_file: str) -> float:
+    """The due time in an entry's schedule record (0.0: due now, or unreadable)."""
+    try:
+        return _schedule.read_path(registry_file).due
+    except OSError:
+        return 0.0
+
+
 def _lstat_mtime(path: str) -> float | None:
     try:
         return os.lstat(path).st_mtime
@@ -341,6 +349,10 @@ class Monitor:
                 for name, e in listing.entries.items():
                     m = _Listing.mtime(e)
                     if name not in orphans and m is not None and now - m > limit:
+                        # A delayed entry waits on purpose: its age in the queue counts
+                        # from its due time (read only for entries that look too old).
+                        if not is_checkout and now - max(m, _due(lay.registry_file(name))) <= limit:
+                            continue
                         problems.append(TooOld(FileWithMtime(name, m), d))
             if is_checkout:
                 # A name seen in several dirs is reported once, as Duplicated (below).

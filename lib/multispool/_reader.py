@@ -41,7 +41,8 @@ from typing import Any, ClassVar, Final, Generic, TypeAlias, TypeVar
 
 from . import _watch
 from ._errors import CorruptEntryError, NotASpoolError
-from ._spool import Action, CheckedOutEntry, DataFile, Spool, _Busy
+from ._schedule import Backoff
+from ._spool import Action, CheckedOutEntry, DataFile, Spool, _Busy, _NotDue
 from ._spoolable import Duration, seconds
 
 log = logging.getLogger("multispool")
@@ -78,6 +79,11 @@ RACY_MTIME: Final = 2.5
 # most RESCAN_GRID_MAX s) so that many readers share one wake-up of the rescan thread.
 RESCAN_GRID: Final = 0.2
 RESCAN_GRID_MAX: Final = 1.0
+# A delayed entry is deferred until its due time, but at most this long: then it is
+# looked at again (one lock and read), in case a tool re-queued it earlier without an
+# event naming it (every path in this library announces such a move: it renames the
+# entry into its queue, and with a new inode, see CheckedOutEntry._move).
+DUE_RECHECK: Final = 3600.0
 
 
 class NotBefore:
@@ -347,6 +353,9 @@ class QueueReader(Generic[M, D]):
         self._must_list = True
         self._rescan_due = False
         self._not_before = NotBefore()
+        # Names deferred because not due yet -> their queue file's inode then: a name
+        # announced again with another inode was re-queued, maybe earlier (see _take_pending).
+        self._due_ino: dict[str, int] = {}
         self._busy_seen = False
         self._busy_delay = BUSY_RETRY_FIRST
         self._loss_rate = 0.0
@@ -532,12 +541,17 @@ class QueueReader(Generic[M, D]):
                 self._relist()
                 listed = True
             if not self._pending:
-                if self._rescan_due:
+                ready = self._not_before.pop_ready(time.monotonic()) if self._not_before else []
+                if ready:
+                    # Deferred names whose time came (a delayed entry now due, a busy one
+                    # to retry) go before a requested listing, which can take milliseconds
+                    # in a large directory: the timer was set for them. Each deferral
+                    # comes back once, so this never puts the listing off for long.
+                    self._hinted.update(ready)
+                elif self._rescan_due:
                     self._relist()
                     listed = True
                     continue
-                if self._not_before:
-                    self._hinted.update(self._not_before.pop_ready(time.monotonic()))
                 if self._hinted:
                     self._pending = sorted(self._hinted, reverse=True)
                     self._pending_listed = False
@@ -558,13 +572,19 @@ class QueueReader(Generic[M, D]):
         not_before = self._not_before
         while pending and not self._closed:
             name = pending.pop()
-            if not_before and not_before.blocks(name, time.monotonic()):
+            if not_before and not_before.blocks(name, time.monotonic()) and not self._requeued(name):
                 continue  # comes back through pop_ready() when its time comes
             try:
                 # Alone, a busy lock is an enqueuer finishing: worth a short spin. Among
                 # competing readers it is a rival about to take the entry: move on.
                 spin = BUSY_SPIN if self._loss_rate <= LOSS_RATE_SKIP else 0.0
-                co = self.spool._claim(self.queue, name, busy_wait=spin, raise_busy=True)
+                co = self.spool._claim(self.queue, name, busy_wait=spin, raise_busy=True, when_due=True)
+            except _NotDue as e:
+                # Not due yet: not tried again (no lock, no read) before its due time.
+                wait = min(e.due - time.time(), DUE_RECHECK)
+                not_before.defer(name, time.monotonic() + wait)
+                self._due_ino[name] = e.ino
+                continue
             except _Busy:
                 self._busy_seen = True
                 not_before.defer(name, time.monotonic() + self._busy_delay)
@@ -593,6 +613,23 @@ class QueueReader(Generic[M, D]):
             # announced twice): not a sign of readers trailing each other in a listing.
         return None
 
+    def _requeued(self, name: str) -> bool:
+        """For a name deferred as not due, announced by an event: True (and the deferral
+        dropped) if its queue file is another inode now: it was moved back into the queue,
+        possibly due earlier. One lstat, only for such names."""
+        ino = self._due_ino.get(name)
+        if ino is None or self._pending_listed:
+            return False
+        try:
+            now_ino = os.lstat(self.spool._layout.queue_file(self._dirname, name)).st_ino
+        except OSError:
+            return False
+        if now_ino == ino:
+            return False
+        del self._due_ino[name]
+        self._not_before.discard(name)
+        return True
+
     def _skip_ahead(self, pending: list[str]) -> None:
         # Another reader took (or is taking) this name.
         self._loss_rate = self._loss_rate * 0.75 + 0.25
@@ -616,7 +653,7 @@ class QueueReader(Generic[M, D]):
         return wait
 
     def dequeue_available(self) -> CheckedOutEntry[M, D] | None:
-        """The next entry if one can be claimed now, else None. Never waits."""
+        """The next entry that is due and can be claimed now, else None. Never waits."""
         return self._take(fresh=True)
 
     def dequeue(
@@ -637,7 +674,9 @@ class QueueReader(Generic[M, D]):
             co = self._take(fresh=last)  # one last listing at the deadline
             if co is not None or last:
                 return co
-            self._wait(self._next_wait(now, deadline), stop)
+            # The time after looking: a due time is waited for from now, not from before
+            # the pass (which may have taken a while).
+            self._wait(self._next_wait(time.monotonic(), deadline), stop)
 
     def _wait(self, wait: float | None, stop: threading.Event | None) -> None:
         if stop is None:
@@ -659,22 +698,38 @@ class QueueReader(Generic[M, D]):
             yield co
 
     # -- processing -----------------------------------------------------------------------
-    def _process(self, co: CheckedOutEntry[M, D], f: Handler[M, D]) -> None:
+    def _process(self, co: CheckedOutEntry[M, D], f: Handler[M, D], on_error: Backoff | None = None) -> None:
         try:
-            Spool._finish(co, f(co.contents, co.data_file))
+            action = f(co.contents, co.data_file)
+        except Exception as e:
+            if on_error is not None and Spool._on_failure(co, on_error, e):
+                return
+            co.release()
+            raise
+        except BaseException:
+            co.release()
+            raise
+        try:
+            Spool._finish(co, action)
         except BaseException:
             co.release()
             raise
 
-    def iter(self, f: Handler[M, D], stop: threading.Event | None = None) -> None:
-        """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
-        are left, wait for new ones, until ``stop`` is set (or the reader is closed). If
-        ``f`` raises, that entry goes back unchanged and the exception propagates."""
+    def iter(
+        self, f: Handler[M, D], stop: threading.Event | None = None, on_error: Backoff | None = None
+    ) -> None:
+        """Process entries with ``f(metadata, data_file) -> Save(...) | Retry(...) |
+        REMOVE``; when none are left, wait for new ones (and for delayed ones to become
+        due), until ``stop`` is set (or the reader is closed). If ``f`` raises: with
+        ``on_error=None`` that entry goes back unchanged and the exception propagates;
+        with a Backoff policy the exception is logged, the entry retried later or
+        dead-lettered by the policy, and ``iter`` goes on."""
+        policy = self.spool._check_policy(on_error)
         while True:
             co = self.dequeue(stop=stop)
             if co is None:
                 return
-            self._process(co, f)
+            self._process(co, f, policy)
 
     def iter_available(self, f: Handler[M, D]) -> None:
         """Process the entries present in one fresh listing of the queue with ``f`` (as

@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
-from . import _enqueue, _fs, _lostfound, _sharedfs
+from . import _enqueue, _fs, _lostfound, _schedule, _sharedfs
 from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
 from ._layout import CHECKOUT, KEEP_PREFIX, Layout, check_name, keep_name
+from ._schedule import NOW as _DUE_NOW
+from ._schedule import Backoff, Schedule
 from ._spoolable import Duration, Spoolable, seconds
 
 if TYPE_CHECKING:
@@ -53,12 +55,36 @@ class _Busy(Exception):
     """A claim found the registry locked while the entry still sat in its queue."""
 
 
+class _NotDue(Exception):
+    """A reader's claim found the entry delayed: not to be handed out before ``due``.
+    ``ino`` is its queue file's inode (readers note it with the deferral)."""
+
+    def __init__(self, name: str, due: float, ino: int) -> None:
+        super().__init__(name)
+        self.name = name
+        self.due = due
+        self.ino = ino
+
+
 @dataclass(frozen=True)
 class Save(Generic[M]):
-    """Handler action: write ``metadata`` and move the entry into ``queue``."""
+    """Handler action: write ``metadata`` and move the entry into ``queue``, not to be
+    handed out by a reader before ``delay`` seconds (None: due at once). Resets the
+    attempt count."""
 
     metadata: M
     queue: enum.Enum
+    delay: Duration | None = None
+
+
+@dataclass(frozen=True)
+class Retry(Generic[M]):
+    """Handler action: back into the queue the entry came from, not to be handed out by
+    a reader before ``delay`` seconds; ``metadata=None`` keeps its metadata. The attempt
+    count is kept (only a Backoff policy counts failures)."""
+
+    delay: Duration
+    metadata: M | None = None
 
 
 class Remove:
@@ -104,8 +130,8 @@ REMOVE: Final = Remove()
 NOT_FOUND: Final = NotFound()
 """Returned by ``with_entry_if_found`` when the entry could not be checked out."""
 
-Action: TypeAlias = Save[M] | Remove
-"""What a handler returns: ``Save(metadata, queue)`` or ``REMOVE``."""
+Action: TypeAlias = Save[M] | Retry[M] | Remove
+"""What a handler returns: ``Save(metadata, queue)``, ``Retry(delay)`` or ``REMOVE``."""
 
 # Creates the per-claim write mutexes on first use (most checkouts never need one).
 _claim_locks_lock = threading.Lock()
@@ -132,13 +158,14 @@ if hasattr(os, "register_at_fork"):
 class _Claim:
     """The owner lock of one checkout, shared by a CheckedOutEntry and its updates."""
 
-    __slots__ = ("_writing", "done", "fd", "generation", "path", "unsynced")
+    __slots__ = ("_writing", "done", "fd", "generation", "path", "sched", "unsynced")
 
-    def __init__(self, fd: int | None) -> None:
+    def __init__(self, fd: int | None, sched: Schedule = _DUE_NOW) -> None:
         self.fd = fd
         self.path: str | None = None  # the registry file an enqueue created (see _fs.Holder)
         self.generation = _fs.lock_generation()
         self.done = False
+        self.sched = sched  # the entry's schedule record as it was claimed
         self._writing: threading.Lock | None = None
         # Durability "full": the queue dir the claim renamed the entry out of, whose fsync
         # (step 5 of a move, see _layout) the checkout's end owes.
@@ -337,6 +364,24 @@ class Entry(Generic[M, D]):
                     raise EntryNotFoundError("no such entry", path) from None
                 raise
 
+    def _schedule(self) -> Schedule:
+        path = self.spool._layout.registry_file(self.name)
+        with self.spool.spoolable.throttled():
+            try:
+                return _schedule.read_path(path)
+            except FileNotFoundError:
+                raise EntryNotFoundError("no such entry", path) from None
+
+    def due(self) -> float | None:
+        """POSIX time before which no reader hands this entry out, or None if it is due
+        now. EntryNotFoundError if the entry is gone."""
+        due = self._schedule().due
+        return due if due > time.time() else None
+
+    def attempts(self) -> int:
+        """Failures counted for this entry by a Backoff policy (0 if none)."""
+        return self._schedule().attempts
+
     @property
     def direct(self) -> _Direct[M, D]:
         """Read and write this entry in its queue without checking it out. Reads take no
@@ -406,24 +451,70 @@ class CheckedOutEntry(Generic[M, D]):
             # A forked child closed its copy of the lock: the parent still owns the entry.
             raise SpoolError(f"checkout of {self.name!r} belongs to the parent process (inherited by fork)")
 
-    def save(self, queue: enum.Enum) -> None:
-        """Write the contents (only if they changed) and move the entry into ``queue``."""
+    @property
+    def attempts(self) -> int:
+        """Failures counted for this entry by a Backoff policy (0 if none)."""
+        return self._claim.sched.attempts
+
+    def save(self, queue: enum.Enum, delay: Duration | None = None) -> None:
+        """Write the contents (only if they changed) and move the entry into ``queue``,
+        not to be handed out by a reader before ``delay`` seconds (None: due at once).
+        The attempt count goes back to 0."""
         self._check_live()
+        self._move(queue, self.contents, _schedule.due_at(delay, time.time()), 0)
+
+    def retry(self, delay: Duration, metadata: M | None = None) -> None:
+        """Back into the queue it came from, not to be handed out by a reader before
+        ``delay`` seconds; ``metadata=None`` keeps the contents. Attempts are kept."""
+        self._check_live()
+        contents = self.contents if metadata is None else metadata
+        due = _schedule.due_at(delay, time.time())
+        self._move(self.queue, contents, due, self._claim.sched.attempts)
+
+    def _fail(self, policy: Backoff) -> enum.Enum | None:
+        """Count a failure under ``policy``: back into its queue after the policy's delay,
+        or into its dead-letter queue once out of attempts (metadata and data untouched).
+        Returns the dead-letter queue when it went there, else None. The caller checked
+        that a dead-letter queue exists if the policy is exhausted."""
+        self._check_live()
+        attempts = self._claim.sched.attempts
+        if policy.exhausted(attempts):
+            dl = policy.dead_letter
+            self._move(dl, self.contents, 0.0, attempts + 1)
+            return dl  # type: ignore[no-any-return]
+        due = time.time() + policy.delay(attempts)
+        self._move(self.queue, self.contents, due, attempts + 1)
+        return None
+
+    def _move(self, queue: enum.Enum, contents: Any, due: float, attempts: int) -> None:
+        """Write ``contents`` (only if changed) and the schedule (only if changed), then
+        rename into ``queue``: the one step every save, retry and dead-letter ends with."""
         sp = self.spool.spoolable
         lay = self.spool._layout
         dst_dir = sp.dirname(queue)
         src = self.path
         dst = lay.queue_file(dst_dir, self.name)
-        raw = sp._codec.encode(self.contents)
+        raw = sp._codec.encode(contents)
         full = sp.durability == "full"
+        claim = self._claim
+        old = claim.sched
+        sched_changed = due != old.due or attempts != old.attempts
+        # Readers defer a delayed entry until its due time, noting its queue file's inode.
+        # If the entry goes back earlier than a due time still in the future (it was
+        # checked out before it was due), a new inode tells them the deferral is stale.
+        new_inode = raw != self._raw or (sched_changed and old.due > time.time() and due < old.due)
         with sp.throttled():
-            if raw != self._raw:
+            if new_inode:
                 # Under "full", the move below makes the rewrite durable.
                 with self._claim.writing:
                     self.spool._write_metadata(self.name, raw, src, sync_dir=False)
             else:
                 # A fresh mtime in the new queue: the Monitor measures queue age from it.
                 _touch(src)
+            if sched_changed:
+                # Durable before the rename publishes the move: an acknowledged retry's
+                # count never goes backwards.
+                claim.sched = self.spool._write_schedule(claim.fd, self.name, old, due, attempts)
             keep = lay.keep_file(os.path.dirname(src), self.name) if full else None
             try:
                 if not self.spool._move_owned(src, dst, keep, sync_src=False):
@@ -762,9 +853,11 @@ class Spool(Generic[M, D]):
         *,
         reserve: Any = None,
         use: str | None = None,
+        delay: Duration | None = None,
     ) -> Entry[M, D]:
         """Add an entry to ``queue``. ``use=NAME`` takes a name from ``reserve_name``;
-        otherwise a name is reserved with seed ``reserve``. ``metadata`` that does not
+        otherwise a name is reserved with seed ``reserve``. With ``delay`` (seconds), no
+        reader hands it out before then. ``metadata`` that does not
         match the Spoolable's ``metadata`` type raises (``msgspec.ValidationError`` or
         ``TypeError``) before anything touches disk, and so does ``data`` its codec
         rejects. If any step fails, every file the enqueue created (the reservation
@@ -776,10 +869,21 @@ class Spool(Generic[M, D]):
         dirname = sp.dirname(queue)
         if use is not None:
             check_name(use)
+        due = 0.0 if delay is None else _schedule.due_at(delay, time.time())
         item = self._encode_item(metadata, data)  # before touching disk: a bad value leaves nothing
         with sp.throttled():
-            (name,) = _enqueue.enqueue(self, dirname, [item], reserve=reserve, use=use)
-        return Entry._trusted(self, queue, name)
+            names = _enqueue.enqueue(
+                self, dirname, [item], reserve=reserve, use=use,
+                prepare=(lambda staged: self._schedule_staged(staged, due)) if due else None,
+            )
+        return Entry._trusted(self, queue, names[0])
+
+    def _schedule_staged(self, staged: builtins.list[_enqueue.Staged], due: float) -> None:
+        """Write the due time into each staged entry's registry file, which its enqueue
+        holds locked: durable before the publishing rename, so no reader ever sees the
+        entry without it."""
+        for st in staged:
+            self._write_schedule(st.owner.fd, st.name, _DUE_NOW, due, 0)
 
     def enqueue_many(
         self, queue: enum.Enum, items: Iterable[tuple[M, D]], *, reserve: Any = None
@@ -821,6 +925,28 @@ class Spool(Generic[M, D]):
         sp = self.spoolable
         raw = sp._codec.encode(metadata)
         return raw, sp.data_writer(data)
+
+    def _write_schedule(
+        self, fd: int | None, name: str, old: Schedule, due: float, attempts: int
+    ) -> Schedule:
+        """Write an entry's schedule record into its registry file, whose owner lock the
+        caller holds on ``fd`` (None: a handle from list_checkouts_unsafe, which holds
+        none). The caller holds the throttle."""
+        path = self._layout.registry_file(name)
+        sync = self.spoolable.durability != "none"
+        if fd is not None:
+            try:
+                return _schedule.write_fd(fd, old, due, attempts, sync=sync, path=path)
+            except OSError as e:
+                if e.errno not in (errno.EBADF, errno.EINVAL):  # fd not open for writing
+                    raise
+                # A lock taken on a read-only descriptor: write through a second one (the
+                # lock is on the file, whichever descriptor writes).
+        wfd = os.open(path, _fs.O_WRITE_EXISTING)
+        try:
+            return _schedule.write_fd(wfd, old, due, attempts, sync=sync, path=path)
+        finally:
+            os.close(wfd)
 
     def _write_metadata(self, name: str, raw: bytes, path: str, *, sync_dir: bool = True) -> None:
         """Atomically replace ``path`` with encoded metadata, staged in ``.tmp/NAME``. The
@@ -916,12 +1042,19 @@ class Spool(Generic[M, D]):
 
     # -- checkouts ----------------------------------------------------------------------
     def _claim(
-        self, queue: enum.Enum, name: str, busy_wait: float = BUSY_WAIT, raise_busy: bool = False
+        self,
+        queue: enum.Enum,
+        name: str,
+        busy_wait: float = BUSY_WAIT,
+        raise_busy: bool = False,
+        when_due: bool = False,
     ) -> CheckedOutEntry[M, D] | None:
         """Check out ``queue``/``name``: lock its registry file, then rename it into the
         checkout dir. None if it is gone or another process owns it. A lock that is busy
         while the entry still sits in its queue is waited for up to ``busy_wait`` seconds;
-        if it is still busy then, ``raise_busy`` raises _Busy (readers retry later)."""
+        if it is still busy then, ``raise_busy`` raises _Busy (readers retry later).
+        ``when_due`` (readers): an entry whose due time is still ahead raises _NotDue and
+        stays where it is."""
         sp = self.spoolable
         lay = self._layout
         dirname = sp.dirname(queue)
@@ -929,10 +1062,25 @@ class Spool(Generic[M, D]):
         qfile = lay.queue_file(dirname, name)
         with sp.throttled():
             claim = _Claim(None)  # holds the lock from the step that opens it
-            if _fs.open_locked(reg, claim) is None and self._wait_busy(reg, qfile, busy_wait, claim) is None:
-                if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
-                    raise _Busy(name)
-                return None
+            locked = _fs.open_locked_sized(reg, claim)
+            if locked is None:
+                locked = self._wait_busy(reg, qfile, busy_wait, claim)
+                if locked is None:
+                    if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
+                        raise _Busy(name)
+                    return None
+            fd, size = locked
+            if size:  # an empty registry file (st_size from the lock's fstat) is due now
+                try:
+                    claim.sched = sched = _schedule.read_fd(fd, size, reg)
+                    if when_due and sched.due > time.time():
+                        raise _NotDue(name, sched.due, os.lstat(qfile).st_ino)
+                except FileNotFoundError:
+                    claim.release()
+                    return None  # left its queue before we took the lock
+                except BaseException:
+                    claim.release()
+                    raise
             cofile = lay.checkout_file(dirname, name)
             full = sp.durability == "full"
             try:
@@ -983,7 +1131,9 @@ class Spool(Generic[M, D]):
             self._corrupt(queue, name, cofile, e.reason, claim, cause=e.__cause__ or e)
         return CheckedOutEntry(self, queue, name, contents, raw, claim)
 
-    def _wait_busy(self, reg: str, qfile: str, limit: float, holder: _Claim | None = None) -> int | None:
+    def _wait_busy(
+        self, reg: str, qfile: str, limit: float, holder: _Claim | None = None
+    ) -> tuple[int, int] | None:
         """Retry a busy registry lock while the entry still waits in its queue: its holder
         is an enqueuer that just renamed it in, or a claimer about to rename it out, and
         both let go within microseconds (a reader woken by the rename often gets here
@@ -993,9 +1143,9 @@ class Spool(Generic[M, D]):
         deadline = time.monotonic() + limit
         delay = 0.00002
         while os.path.lexists(qfile):
-            fd = _fs.open_locked(reg, holder)
-            if fd is not None:
-                return fd
+            locked = _fs.open_locked_sized(reg, holder)
+            if locked is not None:
+                return locked
             if time.monotonic() >= deadline:
                 break
             time.sleep(delay)
@@ -1063,11 +1213,53 @@ class Spool(Generic[M, D]):
         """Carry out a callback's action on its checkout."""
         if isinstance(action, Save):
             co.contents = action.metadata
-            co.save(action.queue)
+            co.save(action.queue, action.delay)
         elif action is REMOVE:
             co.remove()
+        elif isinstance(action, Retry):
+            co.retry(action.delay, action.metadata)
         else:
-            raise TypeError(f"expected multispool.Save(...) or multispool.REMOVE, got {action!r}")
+            raise TypeError(
+                f"expected multispool.Save(...), multispool.Retry(...) or multispool.REMOVE, got {action!r}"
+            )
+
+    def _check_policy(self, on_error: object) -> Backoff | None:
+        """``on_error`` if it is None or a Backoff whose dead-letter queue is ours."""
+        if on_error is None:
+            return None
+        if not isinstance(on_error, Backoff):
+            raise TypeError(f"on_error must be None or a multispool.Backoff, got {on_error!r}")
+        if on_error.dead_letter is not None:
+            self.spoolable.dirname(on_error.dead_letter)  # ValueError if not one of our queues
+        return on_error
+
+    @staticmethod
+    def _on_failure(co: CheckedOutEntry[Any, Any], policy: Backoff, exc: BaseException) -> bool:
+        """A callback raised ``exc`` on ``co``: log it and apply ``policy`` (retry later,
+        or dead-letter). False if the policy leaves it to the caller (out of attempts with
+        no dead-letter queue): then nothing was done and the caller releases and raises."""
+        attempts = co.attempts
+        if policy.exhausted(attempts) and policy.dead_letter is None:
+            return False
+        try:
+            dl = co._fail(policy)
+        except BaseException:
+            co.release()
+            raise
+        if dl is None:
+            # One line per retry (a flaky remote would flood the log with tracebacks);
+            # the final failure below carries the traceback.
+            log.warning(
+                "multispool: %s/%s failed (attempt %d), retrying later: %r",
+                co.spool.spoolable.dirname(co.queue), co.name, attempts + 1, exc,
+            )
+        else:
+            log.error(
+                "multispool: %s/%s failed (attempt %d), moved to dead-letter queue %s: %r",
+                co.spool.spoolable.dirname(co.queue), co.name, attempts + 1,
+                co.spool.spoolable.dirname(dl), exc, exc_info=exc,
+            )
+        return True
 
     def with_entry(self, entry: Entry[M, D], f: Callable[[M, DataFile[D]], tuple[Action[M], R]]) -> R:
         """Check out ``entry``, run ``f(metadata, data_file) -> (action, result)``, apply
@@ -1367,6 +1559,7 @@ __all__ = [
     "Action",
     "NotFound",
     "Remove",
+    "Retry",
     "CheckedOutEntry",
     "DataFile",
     "Entry",

@@ -53,6 +53,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 from ._reader import QueueReader
+from ._schedule import Backoff
 from ._spool import NOT_FOUND, Action, CheckedOutEntry, DataFile, Entry, NotFound, Spool
 from ._spoolable import Duration, Spoolable, seconds
 
@@ -376,11 +377,20 @@ class AsyncSpool(Generic[M, D]):
         return await self._run(self.sync.reserve_name, seed)
 
     async def enqueue(
-        self, queue: enum.Enum, metadata: M, data: D, *, reserve: Any = None, use: str | None = None
+        self,
+        queue: enum.Enum,
+        metadata: M,
+        data: D,
+        *,
+        reserve: Any = None,
+        use: str | None = None,
+        delay: Duration | None = None,
     ) -> AsyncEntry[M, D]:
-        """``Spool.enqueue``. Cancelled before it started, it does not happen; once
+        """``Spool.enqueue``: add an entry to ``queue`` with ``metadata`` and ``data``
+        (name from ``use``, or reserved with seed ``reserve``; not handed out by a reader
+        before ``delay`` seconds). Cancelled before it started, it does not happen; once
         started, it completes."""
-        fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use)
+        fn = functools.partial(self.sync.enqueue, reserve=reserve, use=use, delay=delay)
         return self._entry(await self._run(fn, queue, metadata, data))
 
     async def enqueue_many(
@@ -580,6 +590,14 @@ class AsyncEntry(Generic[M, D]):
         """``os.stat_result`` of ``.registry/NAME``; EntryNotFoundError if absent."""
         return await self.spool._run(self.sync.stat)
 
+    async def due(self) -> float | None:
+        """``Entry.due``: POSIX time before which no reader hands it out, or None."""
+        return await self.spool._run(self.sync.due)
+
+    async def attempts(self) -> int:
+        """``Entry.attempts``: failures counted by a Backoff policy."""
+        return await self.spool._run(self.sync.attempts)
+
     @property
     def direct(self) -> _AsyncDirect[M, D]:
         """Read and write this entry in its queue without checking it out (no exclusivity)."""
@@ -644,10 +662,21 @@ class AsyncCheckedOutEntry(Generic[M, D]):
         """A new handle on the same checkout, with contents ``f(contents)``."""
         return AsyncCheckedOutEntry(self.spool, self.sync.update(f))
 
-    async def save(self, queue: enum.Enum) -> None:
-        """Write the contents and move the entry into ``queue``. Completes even if the
-        awaiting task is cancelled; if it then fails, the entry is released."""
-        await self.spool._run(self.sync.save, queue, cancellable=False, on_error=self.sync.release)
+    @property
+    def attempts(self) -> int:
+        """Failures counted for this entry by a Backoff policy (0 if none)."""
+        return self.sync.attempts
+
+    async def save(self, queue: enum.Enum, delay: Duration | None = None) -> None:
+        """Write the contents and move the entry into ``queue`` (not handed out before
+        ``delay`` seconds). Completes even if the awaiting task is cancelled; if it then
+        fails, the entry is released."""
+        await self.spool._run(self.sync.save, queue, delay, cancellable=False, on_error=self.sync.release)
+
+    async def retry(self, delay: Duration, metadata: M | None = None) -> None:
+        """``CheckedOutEntry.retry``: back into its queue, not handed out before ``delay``
+        seconds. Completes even if the awaiting task is cancelled."""
+        await self.spool._run(self.sync.retry, delay, metadata, cancellable=False, on_error=self.sync.release)
 
     async def remove(self) -> None:
         """Delete the entry. Completes even if the awaiting task is cancelled."""
@@ -1185,7 +1214,9 @@ class AsyncQueueReader(Generic[M, D]):
         return co
 
     # -- processing -----------------------------------------------------------------------
-    async def _process(self, co: AsyncCheckedOutEntry[M, D], f: Callable[..., Any]) -> None:
+    async def _process(
+        self, co: AsyncCheckedOutEntry[M, D], f: Callable[..., Any], on_error: Backoff | None = None
+    ) -> None:
         if not _is_async(f):
             # The sync reader's own processing (f, then the action, or a release if either
             # raises), in the executor; once started it completes even if we are cancelled.
@@ -1193,28 +1224,40 @@ class AsyncQueueReader(Generic[M, D]):
             if core is None:
                 await co.release()
                 return
-            await self.spool._run(core._process, co.sync, f, cancellable=False)
+            await self.spool._run(core._process, co.sync, f, on_error, cancellable=False)
             return
         try:
             action = await f(co.contents, co.data_file)
+        except Exception as e:
+            # The same policy step as the sync reader's, in the executor (it writes).
+            if on_error is not None and await self.spool._run(
+                Spool._on_failure, co.sync, on_error, e, cancellable=False, on_error=co.sync.release
+            ):
+                return
+            await co.release()
+            raise
         except BaseException:
             await co.release()
             raise
         await self.spool._run(_finish_or_release, co.sync, action, cancellable=False)
 
-    async def iter(self, f: AsyncHandler[M, D], stop: asyncio.Event | None = None) -> None:
-        """Process entries with ``f(metadata, data_file) -> Save(...) | REMOVE``; when none
-        are left, wait for new ones until ``stop`` is set or the reader is closed. A
-        coroutine function ``f`` runs on the loop with an AsyncDataFile; a plain function
-        runs in the executor with the sync DataFile (several entries per trip there).
-        If ``f`` raises (or the task is cancelled in it), that entry goes back unchanged
-        and the exception propagates."""
+    async def iter(
+        self, f: AsyncHandler[M, D], stop: asyncio.Event | None = None, on_error: Backoff | None = None
+    ) -> None:
+        """Process entries with ``f(metadata, data_file) -> Save(...) | Retry(...) |
+        REMOVE``; when none are left, wait for new ones (and for delayed ones to become
+        due) until ``stop`` is set or the reader is closed. A coroutine function ``f``
+        runs on the loop with an AsyncDataFile; a plain function runs in the executor
+        with the sync DataFile (several entries per trip there). If ``f`` raises (or the
+        task is cancelled in it): with ``on_error=None`` that entry goes back unchanged
+        and the exception propagates; with a Backoff policy, as ``QueueReader.iter``."""
+        policy = self.spool.sync._check_policy(on_error)
         if _is_async(f):
             while True:
                 co = await self.dequeue(stop=stop)
                 if co is None:
                     return
-                await self._process(co, f)
+                await self._process(co, f, policy)
         core = await self._ensure_open()
         while True:
             if core is None or self._closed or (stop is not None and stop.is_set()):
@@ -1222,7 +1265,7 @@ class AsyncQueueReader(Generic[M, D]):
             wake = self._wake
             assert wake is not None
             wake.clear()  # before the core looks, as in dequeue
-            done, wait = await self.spool._run(self._batch_sync, core, f, False, stop)
+            done, wait = await self.spool._run(self._batch_sync, core, f, False, stop, False, policy)
             if done:
                 continue
             if not await self._wait_for_more(wake, stop, None, wait):
@@ -1263,6 +1306,7 @@ class AsyncQueueReader(Generic[M, D]):
         listed_only: bool,
         stop: asyncio.Event | None,
         relist: bool = False,
+        on_error: Backoff | None = None,
     ) -> tuple[int, float | None]:
         """Executor side of a sync callback: claim and process entries one after the
         other for up to _BATCH_SECONDS (each one claimed is processed to the end), so
@@ -1279,7 +1323,7 @@ class AsyncQueueReader(Generic[M, D]):
                 co = core._take_pending() if listed_only else core._take(fresh=False)
                 if co is None:
                     break
-                core._process(co, f)
+                core._process(co, f, on_error)
                 done += 1
                 if time.monotonic() >= end:
                     break

@@ -37,7 +37,7 @@ from typing import Any, NoReturn, TextIO
 
 import msgspec
 
-from . import __version__, _fs, _lostfound
+from . import __version__, _fs, _lostfound, _schedule
 from ._errors import SpoolError
 from ._layout import CHECKOUT, REGISTRY, TMP, Dir, Layout, check_name, check_queue_dirname
 from ._monitor import (
@@ -347,22 +347,34 @@ def queue_status(spool: Spool[Any, bytes]) -> dict[str, dict[str, Any]]:
 
 
 def count_delayed(spool: Spool[Any, bytes], queue: enum.Enum, names: Iterable[str], now: float) -> int:
-    """How many of ``names`` (waiting in ``queue``) are not due yet. Delays are stored by
-    the retry feature (``Entry.due()``); until a spool has any, nothing is delayed."""
-    del spool, queue, names, now
-    return 0
+    """How many of ``names`` (waiting in ``queue``) are not due yet: a registry file's
+    size (one lstat) says whether it holds a schedule record, read only then."""
+    del queue
+    lay = Layout(spool.dir)
+    n = 0
+    for name in names:
+        reg = lay.registry_file(name)
+        try:
+            if os.lstat(reg).st_size and _schedule.read_path(reg).due > now:
+                n += 1
+        except FileNotFoundError:
+            continue  # gone since the listing
+    return n
+
+
+def _fmt_due(now: float, due: float | None) -> str:
+    return "-" if due is None else "in " + _fmt_age(due - now)
 
 
 def cmd_status(a: argparse.Namespace) -> int:
     st = queue_status(open_spool(a.dir))
-    for row in st.values():
-        del row["delayed"]  # shown (status --json "delayed") by the retry feature's change
     if a.json:
         print(dumps(st))
         return 0
-    rows = [["QUEUE", "ENTRIES", "CHECKOUTS", "OLDEST"]]
+    rows = [["QUEUE", "ENTRIES", "CHECKOUTS", "DELAYED", "OLDEST"]]
     for dn, s in st.items():
-        rows.append([dn, str(s["entries"]), str(s["checkouts"]), _fmt_age(s["oldest_age"])])
+        counts = [str(s["entries"]), str(s["checkouts"]), str(s["delayed"])]
+        rows.append([dn, *counts, _fmt_age(s["oldest_age"])])
     _table(rows, sys.stdout)
     _print_lost_found_note(a.dir)
     return 0
@@ -445,12 +457,18 @@ def ls_items(spool: Spool[Any, bytes], queue: enum.Enum, a: argparse.Namespace) 
             size: int | None = os.lstat(lay.data_file(name)).st_size
         except FileNotFoundError:
             size = None
+        sched = _schedule.NOW
+        reg = lay.registry_file(name)
+        try:
+            if os.lstat(reg).st_size:  # empty: never delayed nor retried, nothing to read
+                sched = _schedule.read_path(reg)
+        except FileNotFoundError:
+            pass
         fmt, value = show_metadata(raw)
         now = time.time()
         n += 1
-        # Columns DUE and ATTEMPTS of the retry feature go here.
-        yield {"name": name, "age": _age(now, st.st_mtime), "size": size, "metadata_format": fmt,
-               "metadata": value}
+        yield {"name": name, "age": _age(now, st.st_mtime), "due": sched.due if sched.due > now else None,
+               "attempts": sched.attempts, "size": size, "metadata_format": fmt, "metadata": value}
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
@@ -470,11 +488,12 @@ def cmd_ls(a: argparse.Namespace) -> int:
             sep = ",\n"
         out.write("[]\n" if sep == "[\n" else "\n]\n")
         return 0
-    out.write("NAME  AGE  SIZE  METADATA\n")
+    out.write("NAME  AGE  DUE  ATTEMPTS  SIZE  METADATA\n")
     for it in items:
         size_s = "-" if it["size"] is None else str(it["size"])
         meta = _metadata_text(it["metadata_format"], it["metadata"])
-        out.write(f"{disp(it['name'])}  {_fmt_age(it['age'])}  {size_s}  {disp(meta)}\n")
+        sched = f"{_fmt_due(time.time(), it['due'])}  {it['attempts']}"
+        out.write(f"{disp(it['name'])}  {_fmt_age(it['age'])}  {sched}  {size_s}  {disp(meta)}\n")
         out.flush()
     return 0
 
@@ -673,7 +692,7 @@ def cmd_enqueue(a: argparse.Namespace) -> int:
     else:
         with open(a.data, "rb") as f:
             data = f.read()
-    entry = spool.enqueue(q, raw, data)
+    entry = spool.enqueue(q, raw, data, delay=a.delay)
     print(disp(entry.name))
     return 0
 
@@ -1234,6 +1253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "msgpack"), default="json",
                    help="store the metadata as JSON (default) or MessagePack")
     p.add_argument("--data", metavar="FILE", help="data payload from FILE ('-': stdin); default empty")
+    p.add_argument("--delay", type=parse_duration, default=None, metavar="DURATION",
+                   help="no reader hands the entry out before this (e.g. 30s, 5m)")
     p.set_defaults(func=cmd_enqueue)
 
     p = add("fsck", "check a spool; exit 1 if there are problems",

@@ -1,6 +1,4 @@
 """Mistakes with retries that mypy --strict must report."""
-# xfail: Retry, Backoff, enqueue(delay=), Entry.due()/attempts() (h-retry) are not on main yet
-# xfail-unless-exported: Retry, Backoff
 
 from __future__ import annotations
 

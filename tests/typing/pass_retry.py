@@ -1,6 +1,4 @@
 """Handlers may return Retry[M] (delays and retries); Backoff as on_error."""
-# xfail: Retry, Backoff, enqueue(delay=), Entry.due()/attempts() (h-retry) are not on main yet
-# xfail-unless-exported: Retry, Backoff
 
 from __future__ import annotations
 
