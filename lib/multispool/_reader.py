@@ -214,14 +214,28 @@ class _RescanClock:
     the directory is not as its last listing saw it. Schedules are rounded up to a grid
     (RESCAN_GRID of the interval), so readers sharing an interval share wake-ups: idle
     cost is one stat per reader and interval, and a thread wake-up per grid step at most.
+    The thread starts when a reader is made (``attach``), not in its first ``dequeue``,
+    and ends once no reader is left.
     """
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.heap: list[tuple[float, int, weakref.ref[QueueReader[Any, Any]]]] = []
+        self.users: weakref.WeakSet[QueueReader[Any, Any]] = weakref.WeakSet()
         self.seq = 0
         self.thread: threading.Thread | None = None
-        self.pid = os.getpid()
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="multispool-rescan", daemon=True)
+            self.thread.start()
+
+    def attach(self, reader: QueueReader[Any, Any]) -> None:
+        """Keep the thread running for ``reader`` until ``remove``."""
+        with self.cond:
+            if not reader._closed:
+                self.users.add(reader)
+                self._start()
 
     @staticmethod
     def _next_due(now: float, interval: float) -> float:
@@ -238,31 +252,34 @@ class _RescanClock:
             token = reader._clock_token = self.seq
             due = self._next_due(now, reader.rescan_interval)
             heapq.heappush(self.heap, (due, token, weakref.ref(reader)))
+            self.users.add(reader)
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="multispool-rescan", daemon=True)
-                self.thread.start()
+                self._start()
             elif self.heap[0][1] == token:
                 self.cond.notify()
 
     def remove(self, reader: QueueReader[Any, Any]) -> None:
         """Stop checking ``reader``; the thread ends once no reader is left."""
         with self.cond:
+            self.users.discard(reader)
             token, reader._clock_token = reader._clock_token, 0
             if token:
                 self.heap = [item for item in self.heap if item[1] != token]
                 heapq.heapify(self.heap)
-                self.cond.notify()
+            self.cond.notify()
 
     def _run(self) -> None:
         while True:
             with self.cond:
                 now = time.monotonic()
-                while self.heap and self.heap[0][0] > now:
-                    self.cond.wait(self.heap[0][0] - now)
+                while not (self.heap and self.heap[0][0] <= now):
+                    if not self.heap and not self.users:
+                        self.thread = None
+                        return
+                    # No schedule yet (readers made, not yet listed): look again now
+                    # and then, in case they are dropped without close().
+                    self.cond.wait(self.heap[0][0] - now if self.heap else 1.0)
                     now = time.monotonic()
-                if not self.heap:
-                    self.thread = None
-                    return
                 due: list[tuple[int, weakref.ref[QueueReader[Any, Any]]]] = []
                 while self.heap and self.heap[0][0] <= now:
                     _, token, ref = heapq.heappop(self.heap)
@@ -354,6 +371,7 @@ class QueueReader(Generic[M, D]):
             spool.clean_abandoned()
         # Subscribe before the first listing, so nothing that lands after it goes unseen.
         self._subscribe()
+        _clock.attach(self)
 
     # -- watching -------------------------------------------------------------------------
     def _subscribe(self) -> None:
@@ -440,7 +458,8 @@ class QueueReader(Generic[M, D]):
             self._sub = None
         self._subscribe()
         if forked:
-            self._clock_token = 0  # registered with the child's clock at the next listing
+            self._clock_token = 0  # scheduled with the child's clock at the next listing
+            _clock.attach(self)
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:

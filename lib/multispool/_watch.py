@@ -754,15 +754,11 @@ class _PollingBackend(_Backend):
         self._running = threading.Lock()
         self._running.acquire()
 
-    @staticmethod
-    def _snapshot(path: str) -> tuple[tuple[int, int], frozenset[str]]:
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino), frozenset(os.listdir(path))
-
     def _watch(self, entry: _Entry) -> None:
         # The first listing is taken now, in subscribe(): whatever lands after subscribe()
-        # returns differs from it and is reported.
-        entry.handle = self._snapshot(entry.path)
+        # returns differs from it and is reported. The path is what is polled: a directory
+        # put in place of the first one is compared with what was there before.
+        entry.handle = frozenset(os.listdir(entry.path))
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="multispool-poll", daemon=True)
             self._thread.start()
@@ -780,22 +776,19 @@ class _PollingBackend(_Backend):
                 self._poll(entry)
 
     def _poll(self, entry: _Entry) -> None:
-        before = entry.handle
-        if not isinstance(before, tuple) or entry.stale:
+        names = entry.handle
+        if not isinstance(names, frozenset) or entry.stale:
             return
-        ident, names = before
         try:
-            now_ident, now_names = self._snapshot(entry.path)
+            now_names = frozenset(os.listdir(entry.path))  # the one system call of a poll
         except OSError:
-            now_ident, now_names = None, frozenset()
-        if now_ident != ident:
-            # Deleted, replaced or unreadable: this watch is over (subscribe anew).
+            # Deleted or unreadable: this watch is over (subscribe anew).
             entry.stale = True
             entry.notify(departure=False)
             return
         if now_names == names:
             return
-        entry.handle = (ident, now_names)
+        entry.handle = now_names
         for name in sorted(now_names - names):
             entry.notify(departure=False, name=name)
         if entry.departures:
