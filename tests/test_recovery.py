@@ -325,12 +325,15 @@ def test_recover_undecodable_checkout(
 
 FORK_HOLD = """
 co = spool.checkout(multispool.Entry(spool, Queue.QUEUE1, sys.argv[2]))
+r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
     # A long-lived forked helper (a worker pool, a daemonised child...) that knows
-    # nothing of the checkout.
+    # nothing of the checkout. fork() returns here after the at-fork handlers ran.
+    os.write(w, b"x")
     while True:
         time.sleep(60)
+os.read(r, 1)  # the child is past fork(): the owner's death alone must now free the entry
 ready(str(pid))
 block()
 """

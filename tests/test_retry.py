@@ -66,7 +66,7 @@ def test_unreadable_record_is_due_now_and_logged(caplog: pytest.LogCaptureFixtur
 # -- enqueue, due(), attempts(), layout -------------------------------------------------
 
 
-def test_plain_entries_keep_the_ocaml_layout(spool: multispool.Spool[bytes]) -> None:
+def test_plain_entries_keep_the_ocaml_layout(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="p")
     assert reg_size(spool, e.name) == 0
     assert e.due() is None and e.attempts() == 0
@@ -75,7 +75,7 @@ def test_plain_entries_keep_the_ocaml_layout(spool: multispool.Spool[bytes]) -> 
     assert reg_size(spool, e.name) == 0
 
 
-def test_delayed_enqueue(spool: multispool.Spool[bytes]) -> None:
+def test_delayed_enqueue(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(spool.dir)
     t = time.time()
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="d", delay=60)
@@ -98,7 +98,7 @@ def test_delayed_enqueue(spool: multispool.Spool[bytes]) -> None:
         multispool.Entry(spool, Queue.QUEUE1, "nope").due()
 
 
-def test_save_with_delay_then_plain_save_restores_the_layout(spool: multispool.Spool[bytes]) -> None:
+def test_save_with_delay_then_plain_save_restores_the_layout(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="p")
     co = spool.checkout(e)
     co.save(Queue.QUEUE2, delay=30)
@@ -116,7 +116,7 @@ def test_save_with_delay_then_plain_save_restores_the_layout(spool: multispool.S
     assert (e.due() or 0) > time.time() + 4
 
 
-def test_retry_action_keeps_queue_and_attempts(spool: multispool.Spool[bytes]) -> None:
+def test_retry_action_keeps_queue_and_attempts(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="r")
     spool.with_entry(e, lambda m, d: (multispool.Retry(20), None))
     assert spool.list(Queue.QUEUE1) == [e]
@@ -129,7 +129,7 @@ def test_retry_action_keeps_queue_and_attempts(spool: multispool.Spool[bytes]) -
 # -- readers ----------------------------------------------------------------------------
 
 
-def test_reader_skips_entries_not_due(spool: multispool.Spool[bytes]) -> None:
+def test_reader_skips_entries_not_due(spool: multispool.Spool[Any, bytes]) -> None:
     d = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="a", delay=60)
     p = spool.enqueue(Queue.QUEUE1, Cog(2), b"x", reserve="b")
     with spool.reader(Queue.QUEUE1) as r:
@@ -145,8 +145,16 @@ def test_reader_skips_entries_not_due(spool: multispool.Spool[bytes]) -> None:
     assert spool.list_checkouts_unsafe(Queue.QUEUE1) == []
 
 
-def test_reader_wakes_at_due_time(spool: multispool.Spool[bytes]) -> None:
-    """Wake by a timer at the due time, not by rescans: rescan_interval is far longer."""
+def test_reader_wakes_at_due_time(tmp_path: Path) -> None:
+    """Wake by a timer at the due time, not by rescans: rescan_interval is far longer.
+    Durability "none": what is timed is the wake, not the claim's fsyncs (several ms each
+    on a shared disk)."""
+    spool = multispool.Spool.create(
+        tmp_path / "spool",
+        multispool.Spoolable(
+            queues=Queue, metadata=Cog, durability="none", name_generator=multispool.PrefixNames()
+        ),
+    )
     lateness = []
     with spool.reader(Queue.QUEUE1, rescan_interval=60) as r:
         assert r.dequeue_available() is None
@@ -166,7 +174,7 @@ def test_reader_wakes_at_due_time(spool: multispool.Spool[bytes]) -> None:
     assert max(lateness) < 0.25, lateness
 
 
-def test_earlier_due_time_is_noticed(spool: multispool.Spool[bytes]) -> None:
+def test_earlier_due_time_is_noticed(spool: multispool.Spool[Any, bytes]) -> None:
     """A reader caches a due time an hour ahead; the entry is checked out directly and
     saved due now: the reader hands it out at once (no hour-long wait)."""
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="e", delay=3600)
@@ -179,7 +187,7 @@ def test_earlier_due_time_is_noticed(spool: multispool.Spool[bytes]) -> None:
         co.remove()
 
 
-def test_many_delayed_entries_cost_no_cpu_and_wake_on_time(spool: multispool.Spool[bytes]) -> None:
+def test_many_delayed_entries_cost_no_cpu_and_wake_on_time(spool: multispool.Spool[Any, bytes]) -> None:
     """10,000 delayed entries, nothing due: the waiting reader stays under 0.1 % of a core
     (deferred names are not claimed again; rescans do not list an unchanged directory);
     then the earliest wakes it within 10 ms of its due time."""
@@ -247,7 +255,7 @@ serve(handle)
 """
 
 
-def test_due_order_across_processes(spool: multispool.Spool[bytes]) -> None:
+def test_due_order_across_processes(spool: multispool.Spool[Any, bytes]) -> None:
     """Another process enqueues entries whose name order is the reverse of their due
     order; a reader here hands them out in due order, each not before it is due."""
     with workers(ORDER_CHILD, 1, spool.dir) as (w,), spool.reader(Queue.QUEUE1, rescan_interval=60) as r:
@@ -268,7 +276,7 @@ def test_due_order_across_processes(spool: multispool.Spool[bytes]) -> None:
 # -- Monitor ----------------------------------------------------------------------------
 
 
-def test_monitor_counts_queue_age_from_due_time(spool: multispool.Spool[bytes]) -> None:
+def test_monitor_counts_queue_age_from_due_time(spool: multispool.Spool[Any, bytes]) -> None:
     """A delayed entry is not TooOld before it is due; once due, its age counts from then."""
     d = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="d", delay=3600)
     p = spool.enqueue(Queue.QUEUE1, Cog(2), b"x", reserve="p")
@@ -361,7 +369,7 @@ def _failing(calls: list[tuple[str, float]]) -> Callable[[Any, Any], Any]:
 
 
 def test_backoff_retries_then_dead_letters(
-    spool: multispool.Spool[bytes], caplog: pytest.LogCaptureFixture
+    spool: multispool.Spool[Any, bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(7), b"payload", reserve="f")
     ok = spool.enqueue(Queue.QUEUE1, Cog(8), b"fine", reserve="g")
@@ -401,7 +409,7 @@ def test_backoff_retries_then_dead_letters(
     assert e.name in caplog.text and "remote host down" in caplog.text
 
 
-def test_attempts_count_up_and_reset_on_save(spool: multispool.Spool[bytes]) -> None:
+def test_attempts_count_up_and_reset_on_save(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="c")
     policy = multispool.Backoff(first=0.0, jitter=0.0)
     with spool.reader(Queue.QUEUE1) as r:
@@ -416,7 +424,7 @@ def test_attempts_count_up_and_reset_on_save(spool: multispool.Spool[bytes]) -> 
     assert reg_size(spool, e.name) == 0  # back to the OCaml layout
 
 
-def test_no_policy_or_no_dead_letter_propagates(spool: multispool.Spool[bytes]) -> None:
+def test_no_policy_or_no_dead_letter_propagates(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="n")
     with spool.reader(Queue.QUEUE1) as r:
         with pytest.raises(RuntimeError):
@@ -462,7 +470,7 @@ with spool.reader(Queue.QUEUE1) as r:
 
 
 @pytest.mark.parametrize("where", ["before-record", "before-rename"])
-def test_kill9_in_the_middle_of_a_retry(spool: multispool.Spool[bytes], where: str) -> None:
+def test_kill9_in_the_middle_of_a_retry(spool: multispool.Spool[Any, bytes], where: str) -> None:
     """A consumer killed while retrying leaves the entry recoverable, and its attempt
     count is never below the last acknowledged one."""
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="k")

@@ -51,7 +51,7 @@ M = TypeVar("M")
 D = TypeVar("D")
 
 # A stop relay thread checks this often whether any reader still waits on its Event.
-RELAY_SLICE: Final = 0.25
+RELAY_SLICE: Final = 1.0
 # Competing readers walking the same listing trail each other and lose most claims. When
 # claims keep getting lost (a running loss rate above LOSS_RATE_SKIP: one isolated loss,
 # e.g. an entry held by another process, never triggers it), jump a random distance into
