@@ -42,8 +42,9 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", snap], input=tar, check=True)
         os.rename(os.path.join(snap, "lib", "multispool"), os.path.join(snap, "multispool_base"))
         sys.path[:0] = [os.path.join(ROOT, "lib"), snap]
-        import multispool
         import multispool_base  # the package uses relative imports only
+
+        import multispool
 
         new = multispool.Spool.create(os.path.join(work, "new"), multispool.Spoolable(queues=Q))
         old = multispool_base.Spool.create(os.path.join(work, "old"), multispool_base.Spoolable(queues=Q))

@@ -54,7 +54,9 @@ def dsync(path: str, sync: Callable[[int], None] = os.fsync) -> None:
 class Spool:
     def __init__(self, root: str) -> None:
         self.root = root
-        self.reg, self.tmp, self.data, self.q = (os.path.join(root, d) for d in (".registry", ".tmp", ".data", "q"))
+        self.reg, self.tmp, self.data, self.q = (
+            os.path.join(root, d) for d in (".registry", ".tmp", ".data", "q")
+        )
         for d in (self.reg, self.tmp, self.data, self.q):
             os.makedirs(d)
         self.seq = 0

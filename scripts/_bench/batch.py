@@ -277,7 +277,9 @@ def report(out_file: str, section: str, res: dict[str, list[float]], meta: dict[
     lq1 = rate("litequeue", "single puts (1 per call)")
     b100 = rate("multispool", "batch of 100")
     if b100 and lq1:
-        ratios.append(f"batch of 100 / litequeue FULL one put per transaction: {b100 / lq1:.1f}x (target >= 2)")
+        ratios.append(
+            f"batch of 100 / litequeue FULL one put per transaction: {b100 / lq1:.1f}x (target >= 2)"
+        )
     if b100 and single:
         ratios.append(f"batch of 100 / single enqueue: {b100 / single:.1f}x (target >= 8)")
     g_on = rate("multispool", f"{THREADS} threads, single puts, group commit")
@@ -286,7 +288,9 @@ def report(out_file: str, section: str, res: dict[str, list[float]], meta: dict[
     if g_on and g_off:
         ratios.append(f"{THREADS} threads, group commit on / off: {g_on / g_off:.2f}x (target >= 1.5)")
     if g_on and lq8:
-        ratios.append(f"{THREADS} threads, group commit / litequeue {THREADS} threads: {g_on / lq8:.2f}x (target >= 1)")
+        ratios.append(
+            f"{THREADS} threads, group commit / litequeue {THREADS} threads: {g_on / lq8:.2f}x (target >= 1)"
+        )
     base1 = rate("multispool", "single puts (1 per call) [baseline]")
     if single and base1:
         ratios.append(f"single enqueue / baseline single enqueue: {single / base1:.2f}x (target >= 0.95)")

@@ -442,7 +442,8 @@ def _main_batch(args: Any, argv: list[str]) -> int:
     if args.baseline_ref:
         rev += f" (baseline: {args.baseline_ref})"
     fs = batch._fstype(args.dir)
-    meta = {"dir_fs": f"`{args.dir}`: {fs}", "cpus": os.cpu_count(), "load": (load_before[0], os.getloadavg()[0]),
+    meta = {"dir_fs": f"`{args.dir}`: {fs}", "cpus": os.cpu_count(),
+            "load": (load_before[0], os.getloadavg()[0]),
             "reps": reps, "seconds": seconds, "command": "scripts/bench" + "".join(f" {a}" for a in argv),
             "rev": rev, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     batch.report(os.path.join(args.out, "benchmarks-batch.md"), args.label or fs, res, meta)
