@@ -87,42 +87,43 @@ class Retry(Generic[M]):
     metadata: M | None = None
 
 
-class Remove:
+_C = TypeVar("_C", bound="_Constant")
+
+
+class _Constant:
+    """A class with one instance, named ``multispool.<_name>``, that pickles by name."""
+
+    __slots__ = ()
+    _name: ClassVar[str]
+    _instances: ClassVar[dict[type, Any]] = {}
+
+    def __new__(cls: type[_C]) -> _C:
+        inst: _C | None = _Constant._instances.get(cls)
+        if inst is None:
+            inst = _Constant._instances[cls] = super().__new__(cls)
+        return inst
+
+    def __repr__(self) -> str:
+        return f"multispool.{self._name}"
+
+    def __reduce__(self) -> str:
+        return self._name
+
+
+class Remove(_Constant):
     """The type of ``multispool.REMOVE``, the handler action that deletes the entry.
     There is one instance; compare with ``is``."""
 
     __slots__ = ()
-    _instance: ClassVar[Remove | None] = None
-
-    def __new__(cls) -> Remove:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "multispool.REMOVE"
-
-    def __reduce__(self) -> str:
-        return "REMOVE"
+    _name = "REMOVE"
 
 
-class NotFound:
+class NotFound(_Constant):
     """The type of ``multispool.NOT_FOUND``, returned by ``with_entry_if_found`` when the
     entry could not be checked out. There is one instance; compare with ``is``."""
 
     __slots__ = ()
-    _instance: ClassVar[NotFound | None] = None
-
-    def __new__(cls) -> NotFound:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "multispool.NOT_FOUND"
-
-    def __reduce__(self) -> str:
-        return "NOT_FOUND"
+    _name = "NOT_FOUND"
 
 
 REMOVE: Final = Remove()
