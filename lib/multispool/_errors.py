@@ -104,3 +104,22 @@ class InvalidNameError(SpoolError, ValueError):
 
     def __str__(self) -> str:
         return f"invalid entry name {self.args[0]!r}: {self.args[1]}"
+
+
+
+class _RecoveryRefused(SpoolError):
+    """Recovery without ``dead_after`` on a filesystem where a free owner lock does not
+    prove that its owner died (locks not shared between its mounts or clients); nothing
+    was touched. ``reason`` says which filesystem and why. Private: the command line
+    catches it to word the remedy in its own options."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message, reason)
+
+    @property
+    def reason(self) -> str:
+        """The filesystem and why its locks prove nothing (``_sharedfs.FsFacts.reason``)."""
+        return str(self.args[1])
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -17,12 +17,12 @@ import shutil
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, TypeAlias, TypeVar
 
 from . import _enqueue, _fs, _lostfound, _schedule, _sharedfs
-from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError
+from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, SpoolError, _RecoveryRefused
 from ._layout import CHECKOUT, KEEP_PREFIX, Layout, check_name, keep_name
 from ._schedule import NOW as _DUE_NOW
 from ._schedule import Backoff, Schedule
@@ -1291,39 +1291,19 @@ class Spool(Generic[M, D]):
         whose locks are not shared between their mounts or clients (bindfs, sshfs, NFS
         ``nolock``...: see docs/shared-filesystems.md), where a free lock does not prove
         the owner died; there, without it, SpoolError is raised and nothing is moved."""
-        sp = self.spoolable
-        lay = self._layout
-        if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows
-            log.warning("multispool: no owner locks on this platform: recover_checkouts does nothing")
-            return []
-        min_age = None if dead_after is None else seconds(dead_after)
-        if min_age is None:
-            self._check_locks_prove_death()
-        queues = sp._queue_list if queue is None else (queue,)
-        recovered: list[Entry[M, D]] = []
-        for q in queues:
-            dirname = sp.dirname(q)
-            self._resolve_keeps(dirname)
-            for name in sorted(self._list_names(lay.checkout(dirname))):
-                with sp.throttled():
-                    try:
-                        if self._recover_one(q, dirname, name, min_age):
-                            recovered.append(Entry._trusted(self, q, name))
-                    except OSError as e:
-                        # One entry's trouble (a symlink or FIFO planted at its registry
-                        # name, a permission...) must not stop the recovery of the others.
-                        log.warning("multispool: cannot recover %s/%s, left in place: %s", dirname, name, e)
-        return recovered
+        run = _Recovery(self, dead_after)
+        return [Entry._trusted(self, r.queue, r.name) for r in run.run(queue) if r.moved]
 
     def _check_locks_prove_death(self) -> None:
         """SpoolError unless a free owner lock proves its owner died on this filesystem
         (locks shared by every mount and client that can reach the spool)."""
         facts = self._fs_facts()
         if not facts.locks_shared:
-            raise SpoolError(
+            raise _RecoveryRefused(
                 f"recovery refused: a free owner lock does not prove its owner died here: "
                 f"{facts.reason}. Pass dead_after=SECONDS (an age no live checkout reaches), or set "
-                f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount"
+                f"{_sharedfs.TRUST_ENV}=1 if every process uses this one mount",
+                facts.reason,
             )
 
     def _resolve_keeps(self, dirname: str) -> None:
@@ -1573,3 +1553,65 @@ __all__ = [
     "Save",
     "Spool",
 ]
+
+
+@dataclass(frozen=True)
+class _Recovered:
+    """What a recovery run did with one checkout (see ``_Recovery``)."""
+
+    queue: enum.Enum
+    name: str
+    moved: bool  # put back into its queue
+    error: OSError | None = None  # could not be read or moved: logged, left in place
+
+
+class _Recovery(Generic[M, D]):
+    """One run of crash recovery: the one mechanism behind ``Spool.recover_checkouts``,
+    ``fsck --repair`` and the command line's ``recover`` and ``mv`` of a checked-out entry.
+
+    Creating it is the proof-of-death check, made once: with ``dead_after`` None a free
+    owner lock must prove that its owner died on the spool's filesystem, else
+    ``_RecoveryRefused`` (a SpoolError) is raised and nothing has been touched; with
+    ``dead_after`` (seconds), a checkout must also be at least that old. ``checkouts``
+    resolves each queue's keep links, then yields its checkouts in name order;
+    ``recover`` puts one back under its owner lock and reports what it did, an OSError
+    being logged and reported, never raised (one entry's trouble, a symlink or FIFO
+    planted at its registry name or a permission, must not stop the others). ``run``
+    is the two together, entry by entry, for a caller that shows progress."""
+
+    def __init__(self, spool: Spool[M, D], dead_after: Duration | None = None) -> None:
+        self.spool = spool
+        self.min_age = None if dead_after is None else seconds(dead_after)
+        if self.min_age is None and _fs.HAVE_LOCKS:
+            spool._check_locks_prove_death()
+
+    def checkouts(self, queue: enum.Enum | None = None) -> Iterator[tuple[enum.Enum, str]]:
+        """``(queue, name)`` of every checkout of ``queue`` (None: every queue), each
+        queue's keep links resolved first (lazily: queue by queue, as iterated)."""
+        spool = self.spool
+        sp = spool.spoolable
+        if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows
+            log.warning("multispool: no owner locks on this platform: recovery does nothing")
+            return
+        for q in sp._queue_list if queue is None else (queue,):
+            dirname = sp.dirname(q)
+            spool._resolve_keeps(dirname)
+            for name in sorted(spool._list_names(spool._layout.checkout(dirname))):
+                yield q, name
+
+    def recover(self, q: enum.Enum, name: str) -> _Recovered:
+        """Put checkout ``name`` of queue ``q`` back if its owner is dead (see the class)."""
+        sp = self.spool.spoolable
+        dirname = sp.dirname(q)
+        with sp.throttled():
+            try:
+                moved = self.spool._recover_one(q, dirname, name, self.min_age)
+            except OSError as e:
+                log.warning("multispool: cannot recover %s/%s, left in place: %s", dirname, name, e)
+                return _Recovered(q, name, False, e)
+        return _Recovered(q, name, moved)
+
+    def run(self, queue: enum.Enum | None = None) -> Iterator[_Recovered]:
+        """``recover`` each of ``checkouts(queue)``, reporting each as it goes."""
+        for q, name in self.checkouts(queue):
+            yield self.recover(q, name)
