@@ -206,6 +206,24 @@ def test_recover_prints_a_summary(sp: str, capsys: pytest.CaptureFixture[str]) -
     assert all(ln.startswith("recovered in/") for ln in lines[:3])
 
 
+def test_recover_resolves_keep_links_as_the_library_does(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`multispool recover` runs the library's recovery, keep links included: a move cut
+    by a crash between its link and its rename is undone (the entry was only reachable
+    through its keep link), and the keep link of a move that finished is dropped."""
+    spool = spool_of(sp)
+    cut = spool.enqueue(q(spool, "in"), b"{}", b"cut").name
+    os.rename(Path(sp, "in", cut), Path(sp, "in", ".~" + cut))  # the claim's link, then the crash
+    done = spool.enqueue(q(spool, "in"), b"{}", b"done").name
+    os.link(Path(sp, "in", done), Path(sp, "in", ".~" + done))
+    os.rename(Path(sp, "in", done), Path(sp, "in", ".checkout", done))  # claimed; owner died
+    capsys.readouterr()
+    assert main(["recover", sp, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"recovered": [f"in/{done}"], "removed_abandoned": []}
+    assert sorted(os.listdir(Path(sp, "in"))) == sorted([".checkout", cut, done])
+    assert os.listdir(Path(sp, "in", ".checkout")) == []
+    assert main(["fsck", sp]) == 0
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -10,7 +10,11 @@ is tested on real bindfs mounts, whose locks are per mount.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from typing import Any
 import pytest
 
 import multispool
-from _procs import Worker
+from _procs import Worker, child_env
 from conftest import Cog, Queue
 from multispool import _sharedfs
 from test_watch import bindfs_mount, ensure_bindfs
@@ -310,6 +314,79 @@ def test_trust_locks_env_restores_lock_only_recovery_on_one_mount(
         spool1.checkout(e)._claim.release()  # its owner died
         assert spool1._fs_facts().verify_renames
         assert spool1.recover_checkouts() == [e]
+
+
+# The command line drives the same recovery (issue 11 item 4): through a mount whose locks
+# prove nothing, `multispool recover` refuses unless told --dead-after.
+CLI_HOLDER = """
+import sys, multispool
+from conftest import Queue
+spool = multispool.Spool.load(sys.argv[1], multispool.Spoolable(queues=Queue))
+co = spool.checkout(multispool.Entry(spool, Queue.QUEUE1, sys.argv[2]))
+print("HOLDING", flush=True)
+sys.stdin.readline()
+co.save(Queue.QUEUE2)
+print("SAVED", flush=True)
+sys.stdin.read()
+"""
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "multispool", *args],
+        capture_output=True, text=True, env=child_env(), timeout=60, check=False,
+    )
+
+
+def _names(d: Path) -> list[str]:
+    return sorted(n for n in os.listdir(d) if n[0] != ".")
+
+
+@pytest.mark.timeout(120)
+def test_cli_recover_through_another_mount_needs_dead_after(
+    tmp_path: Path, spoolable: multispool.Spoolable[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(_sharedfs.TRUST_ENV, raising=False)
+    source, m1, m2 = _mounted(tmp_path, spoolable)
+    checkout = source / "spool" / "queue1" / ".checkout"
+    with bindfs_mount(source, m1), bindfs_mount(source, m2):
+        spool1 = multispool.Spool.load(m1 / "spool", spoolable)
+        live, dead = (spool1.enqueue(Queue.QUEUE1, Cog(n=i), b"x").name for i in range(2))
+        holder = Worker(CLI_HOLDER, str(m1 / "spool"), live)
+        killed = Worker(CLI_HOLDER, str(m1 / "spool"), dead)
+        try:
+            assert holder.recv() == "HOLDING" and killed.recv() == "HOLDING"
+            os.kill(killed.pid, signal.SIGKILL)
+            killed.proc.wait(timeout=30)
+            # Without --dead-after: refused in one line naming the spool, nothing moved.
+            r = _cli("recover", str(m2 / "spool"))
+            assert r.returncode == 2 and r.stdout == "", r
+            assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+            for needle in (str(m2 / "spool"), "refused", "--dead-after", _sharedfs.TRUST_ENV, "fuse"):
+                assert needle in r.stderr, r.stderr
+            assert _names(checkout) == sorted([live, dead])
+            # Both checkouts are younger than --dead-after: the dead one's free lock alone
+            # proves nothing here, so neither moves.
+            r = _cli("recover", str(m2 / "spool"), "--dead-after", "1h", "--json")
+            assert (r.returncode, json.loads(r.stdout)) == (0, {"recovered": [], "removed_abandoned": []}), r
+            assert _names(checkout) == sorted([live, dead])
+            # The live holder still owns its entry and finishes it.
+            holder.send("save")
+            assert holder.recv() == "SAVED"
+            assert _names(source / "spool" / "queue2") == [live]
+            # The dead holder's checkout, once older than --dead-after, goes back. (Aged
+            # through m2: FUSE caches attributes per mount for a second.)
+            os.utime(m2 / "spool" / "queue1" / ".checkout" / dead, (1, 1), follow_symlinks=False)
+            r = _cli("recover", str(m2 / "spool"), "--dead-after", "1h", "-v")
+            assert r.returncode == 0, r
+            assert r.stdout.splitlines() == [
+                f"recovered queue1/{dead} (its owner died) back into queue1",
+                "recovered 1 dead checkouts, removed 0 abandoned enqueues",
+            ]
+            assert _names(checkout) == [] and _names(source / "spool" / "queue1") == [dead]
+        finally:
+            holder.close()
+            killed.close()
 
 
 def test_close_of_a_registry_descriptor_saying_enoent_is_not_an_error(

@@ -38,7 +38,7 @@ from typing import Any, NoReturn, TextIO
 import msgspec
 
 from . import __version__, _fs, _lostfound, _schedule
-from ._errors import SpoolError
+from ._errors import SpoolError, _RecoveryRefused
 from ._layout import CHECKOUT, REGISTRY, TMP, Dir, Layout, check_name, check_queue_dirname
 from ._monitor import (
     DeadCheckout,
@@ -53,7 +53,8 @@ from ._monitor import (
     TooOld,
     repair,
 )
-from ._spool import CheckedOutEntry, Spool
+from ._sharedfs import TRUST_ENV
+from ._spool import CheckedOutEntry, Spool, _Recovery
 from ._spoolable import BytesData, Spoolable
 
 PROG = "multispool"
@@ -813,38 +814,56 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _recovery(spool: Spool[Any, bytes], dead_after: float | None) -> _Recovery[Any, bytes]:
+    """The library's recovery run (see ``_spool._Recovery``); where the spool's filesystem
+    does not let a free owner lock prove its owner died and no ``--dead-after`` was given,
+    a UsageError naming the spool and the remedies, before anything is touched."""
+    try:
+        return _Recovery(spool, dead_after)
+    except _RecoveryRefused as e:
+        raise UsageError(
+            f"{disp(spool.dir)}: recovery refused, nothing moved: {e.reason}, so a free owner lock "
+            f"does not prove that its owner died; pass --dead-after DURATION (an age no live checkout "
+            f"reaches) or set {TRUST_ENV}=1 if every process uses this one mount"
+        ) from None
+
+
 def cmd_recover(a: argparse.Namespace) -> int:
     """One summary line; with ``-v`` also one line per entry. The checkouts are
-    recovered one by one (each under its owner lock), with a progress bar on a terminal."""
+    recovered one by one (each under its owner lock) by the library's recovery run, with
+    a progress bar on a terminal. An entry that could not be read or moved is logged,
+    left in place, and makes the exit code 1."""
     spool = open_spool(a.dir)
-    lay = Layout(spool.dir)
-    sp = spool.spoolable
-    todo = [(q, n) for q in sp.queues for n in sorted(os.listdir(lay.checkout(str(q.value)))) if n[0] != "."]
+    run = _recovery(spool, a.dead_after)
+    todo = list(run.checkouts())
     recovered: list[str] = []
+    failed = 0
     verbose = a.verbose and not a.json
     with Progress("recovering dead checkouts", len(todo)) as bar:
         for q, name in todo:
+            r = run.recover(q, name)
             dn = str(q.value)
-            with sp.throttled():
-                ok = spool._recover_one(q, dn, name)
-            if ok:
+            if r.moved:
                 recovered.append(f"{dn}/{name}")
                 if verbose:
                     print(f"recovered {disp(dn)}/{disp(name)} (its owner died) back into {disp(dn)}")
+            elif r.error is not None:
+                failed += 1
             bar.advance()
     with Activity("removing abandoned enqueues"):
         removed = spool.clean_abandoned(older_than=a.older_than)
     if a.json:
         print(dumps({"recovered": recovered, "removed_abandoned": removed}))
-        return 0
+        return 1 if failed else 0
     if verbose:
         for name in removed:
             print(f"removed abandoned enqueue {disp(name)}")
+    tail = f"; {failed} could not be recovered (see the warnings above)" if failed else ""
     if not recovered and not removed:
-        print("nothing to recover")
+        print(f"nothing to recover{tail}")
     else:
-        print(f"recovered {len(recovered)} dead checkouts, removed {len(removed)} abandoned enqueues")
-    return 0
+        print(f"recovered {len(recovered)} dead checkouts, removed {len(removed)} abandoned enqueues{tail}")
+    return 1 if failed else 0
 
 
 def _stop_on_signals(stop: threading.Event, *also: threading.Event) -> Callable[[], None]:
@@ -1176,6 +1195,14 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                    help="an entry waiting in QUEUE longer than this is a problem (repeatable)")
 
 
+def _add_dead_after(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dead-after", type=parse_duration, default=None, metavar="DURATION",
+                   help="only take a checkout for dead once it is at least this old (checked out or "
+                        "last rewritten that long ago), besides its free owner lock; required where "
+                        "the filesystem does not share locks between mounts or clients (bindfs, "
+                        f"sshfs, NFS nolock...), unless {TRUST_ENV}=1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog=PROG, description="Inspect, check, repair and watch a multispool spool.",
@@ -1288,9 +1315,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_metrics)
 
     p = add("recover", "return dead checkouts to their queues and remove abandoned enqueues",
-            "multispool recover /tmp/sp --older-than 10m")
+            "multispool recover /tmp/sp --older-than 10m\n"
+            "  multispool recover /mnt/bindfs/sp --dead-after 1h")
     p.add_argument("--older-than", type=parse_duration, default=600.0, metavar="DURATION",
                    help="only remove abandoned enqueues older than this (default 10m)")
+    _add_dead_after(p)
     p.add_argument("-v", "--verbose", action="store_true", help="one line per entry, then the summary")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_recover)
