@@ -224,6 +224,26 @@ def test_recover_resolves_keep_links_as_the_library_does(sp: str, capsys: pytest
     assert main(["fsck", sp]) == 0
 
 
+def test_recover_goes_on_past_an_entry_it_cannot_read(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # A symlink planted at one dead checkout's registry name (ELOOP under the lock): that
+    # entry is left and reported (exit 1), the others are still recovered.
+    spool = spool_of(sp)
+    names = sorted(spool.enqueue(q(spool, "in"), b"{}", b"").name for _ in range(2))
+    for n in names:
+        spool.checkout(multispool.Entry(spool, q(spool, "in"), n))._claim.release()  # owner "died"
+    bad, good = names
+    os.unlink(Path(sp, ".registry", bad))
+    os.symlink(Path(sp, ".registry", good), Path(sp, ".registry", bad))
+    capsys.readouterr()
+    assert main(["recover", sp]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "recovered 1 dead checkouts, removed 0 abandoned enqueues; 1 could not be recovered "
+        "(see the warnings above)"
+    ]
+    assert os.listdir(Path(sp, "in", ".checkout")) == [bad]
+    assert [e.name for e in spool.list(q(spool, "in"))] == [good]
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
