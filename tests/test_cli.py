@@ -266,6 +266,27 @@ def test_fsck_repair_leaves_live_owner_alone(sp: str, capsys: pytest.CaptureFixt
     co.remove()
 
 
+def test_fsck_repair_dead_after_requires_that_age_too(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = multispool.Spool.load(sp, multispool.cli.make_spoolable(["in", "queue-2"]))
+    young, old = (spool.enqueue(spool.spoolable.queues("in"), b"{}", b"").name for _ in range(2))
+    for name in (young, old):
+        spool.checkout(multispool.Entry(spool, spool.spoolable.queues("in"), name))._claim.release()
+    age(os.path.join(sp, "in", ".checkout", old), 300)
+    capsys.readouterr()
+    assert main(["fsck", sp, "--dead-after", "2m"]) == 2
+    err_one_line(capsys, "--dead-after applies to --repair")
+    assert main(["fsck", sp, "--repair", "--dead-after", "2m"]) == 1  # the young one is left
+    out = capsys.readouterr().out
+    assert f"recovered dead checkout in/.checkout/{old} into in" in out
+    assert f"left dead checkout in/.checkout/{young}: younger than --dead-after" in out
+    assert f"dead checkout: in/.checkout/{young}" in out
+    assert os.listdir(os.path.join(sp, "in", ".checkout")) == [young]
+    assert main(["recover", sp, "--dead-after", "2m"]) == 0
+    assert capsys.readouterr().out.strip() == "nothing to recover"
+    assert main(["recover", sp]) == 0
+    assert os.listdir(os.path.join(sp, "in", ".checkout")) == []
+
+
 def test_fsck_limits(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     spool = multispool.Spool.load(sp, multispool.cli.make_spoolable(["in", "queue-2"]))
     e = spool.enqueue(spool.spoolable.queues("in"), b"{}", b"")

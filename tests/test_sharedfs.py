@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import pytest
 import multispool
 from _procs import Worker, child_env
 from conftest import Cog, Queue
-from multispool import _sharedfs
+from multispool import _sharedfs, cli
 from test_watch import bindfs_mount, ensure_bindfs
 
 REMOTE = _sharedfs.FsFacts("fuse.glusterfs", "/mnt", remote=True, locks_shared=True, reason="test")
@@ -387,6 +388,73 @@ def test_cli_recover_through_another_mount_needs_dead_after(
         finally:
             holder.close()
             killed.close()
+
+
+@pytest.mark.timeout(120)
+def test_cli_fsck_and_mv_through_another_mount_take_dead_after(
+    tmp_path: Path, spoolable: multispool.Spoolable[bytes], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv(_sharedfs.TRUST_ENV, raising=False)
+    source, m1, m2 = _mounted(tmp_path, spoolable)
+    sp2 = str(m2 / "spool")
+    checkout = source / "spool" / "queue1" / ".checkout"
+    with bindfs_mount(source, m1), bindfs_mount(source, m2):
+        spool1 = multispool.Spool.load(m1 / "spool", spoolable)
+        live, dead, moved = (spool1.enqueue(Queue.QUEUE1, Cog(n=i), b"x").name for i in range(3))
+        holder = Worker(CLI_HOLDER, str(m1 / "spool"), live)
+        killed = [Worker(CLI_HOLDER, str(m1 / "spool"), n) for n in (dead, moved)]
+        try:
+            assert [w.recv() for w in (holder, *killed)] == ["HOLDING"] * 3
+            for w in killed:
+                os.kill(w.pid, signal.SIGKILL)
+                w.proc.wait(timeout=30)
+            # Checked out 5 minutes ago: older than --dead-after 2m, not yet too old for fsck
+            # (10m). Aged through m2, whose cached attributes the commands read.
+            then = time.time() - 300
+            for n in (dead, moved):
+                os.utime(m2 / "spool" / "queue1" / ".checkout" / n, (then, then), follow_symlinks=False)
+            capsys.readouterr()
+            # fsck: every checkout looks dead from here (the live one too), and is said to
+            # be unproven; none is a problem.
+            assert cli.main(["fsck", sp2]) == 0
+            out = capsys.readouterr().out.splitlines()
+            assert out[0] == "no problems"
+            assert sorted(ln.split()[3] for ln in out[1:4]) == sorted(
+                f"queue1/.checkout/{n}" for n in (live, dead, moved)
+            )
+            assert all(ln.startswith("unproven dead checkout: ") for ln in out[1:4])
+            assert out[4].startswith("note: that proves nothing here: ") and "--dead-after" in out[4]
+            # --repair without --dead-after leaves them all.
+            assert cli.main(["fsck", sp2, "--repair", "--json"]) == 0
+            assert json.loads(capsys.readouterr().out) == {"actions": [], "dry_run": False, "problems": []}
+            assert _names(checkout) == sorted([live, dead, moved])
+            # mv of a checked-out entry recovers it first: refused without --dead-after,
+            # left while younger than it, moved once its checkout is older.
+            assert cli.main(["mv", sp2, live, "--to", "queue3"]) == 2
+            err = capsys.readouterr().err
+            assert "refused" in err and "--dead-after" in err and err.count("\n") == 1, err
+            assert cli.main(["mv", sp2, live, "--to", "queue3", "--dead-after", "2m"]) == 2
+            assert "less than --dead-after ago" in capsys.readouterr().err
+            assert cli.main(["mv", sp2, moved, "--to", "queue3", "--dead-after", "2m"]) == 0
+            assert _names(source / "spool" / "queue3") == [moved]
+            # fsck --repair --dead-after: the old dead checkout goes back, the live one stays.
+            assert cli.main(["fsck", sp2, "--repair", "--dead-after", "2m", "--dry-run"]) == 0
+            out = capsys.readouterr().out
+            assert f"would recover dead checkout queue1/.checkout/{dead} into queue1" in out, out
+            assert f"left dead checkout queue1/.checkout/{live}: younger than --dead-after" in out, out
+            assert _names(checkout) == sorted([live, dead])
+            assert cli.main(["fsck", sp2, "--repair", "--dead-after", "2m"]) == 0
+            out = capsys.readouterr().out
+            assert f"recovered dead checkout queue1/.checkout/{dead} into queue1" in out, out
+            assert _names(checkout) == [live] and _names(source / "spool" / "queue1") == [dead]
+            holder.send("save")
+            assert holder.recv() == "SAVED"
+            assert _names(source / "spool" / "queue2") == [live]
+        finally:
+            holder.close()
+            for w in killed:
+                w.close()
 
 
 def test_close_of_a_registry_descriptor_saying_enoent_is_not_an_error(

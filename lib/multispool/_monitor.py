@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Union
 
 from . import _fs, _lostfound, _schedule
 from ._layout import CHECKOUT, KEEP_PREFIX, LOST_FOUND, REGISTRY, TMP, Dir, Layout
-from ._spool import Spool
+from ._spool import Spool, _Recovery
 from ._spoolable import Duration, Spoolable, seconds
 
 log = logging.getLogger("multispool")
@@ -308,6 +308,9 @@ class Monitor:
         self.spool: Spool[Any, Any] = Spool.load(spool_dir, spoolable)
         self.limits = limits
         self._layout = Layout(self.spool.dir)
+        # The last check's checkouts whose owner lock was free here on a filesystem where
+        # that proves nothing (see _dead_checkouts): no problems, shown by fsck as unproven.
+        self._unproven: list[DeadCheckout] = []
 
     def run_once(self) -> list[Problem]:
         """Check the spool now; the problems found, sorted."""
@@ -316,6 +319,7 @@ class Monitor:
         lay = self._layout
         lim = self.limits
         problems: list[Problem] = []
+        unproven: list[DeadCheckout] = []
         # Listing order: queue files before the registry, so that a registry file removed
         # after its queue file (the order of every removal) is rarely a false orphan;
         # candidates are re-checked on disk anyway.
@@ -357,7 +361,7 @@ class Monitor:
             if is_checkout:
                 # A name seen in several dirs is reported once, as Duplicated (below).
                 once = {n for n in listing.names if counts.get(n) == 1}
-                self._dead_checkouts(once, d, path, problems)
+                self._dead_checkouts(once, d, path, problems, unproven)
 
         # Registry files in no queue/checkout dir, or in several.
         for name in reg - {n for n, c in counts.items() if c == 1}:
@@ -377,6 +381,7 @@ class Monitor:
             fwm = FileWithMtime(name, m)
             problems.append(Orphaned(fwm, Dir.REGISTRY) if not where else Duplicated(fwm, tuple(where)))
         problems.sort()
+        self._unproven = sorted(unproven)
         return problems
 
     def _orphans(
@@ -394,20 +399,24 @@ class Monitor:
                 found.add(name)
         return found
 
-    def _dead_checkouts(self, names: set[str], d: Dir, dir_path: str, problems: list[Problem]) -> None:
+    def _dead_checkouts(
+        self, names: set[str], d: Dir, dir_path: str, problems: list[Problem], unproven: list[DeadCheckout]
+    ) -> None:
         """Report the checkouts whose owner lock is free (checked with the lock taken for
-        an instant: a live owner holds it, so only a dead one's checkout is reported)."""
+        an instant: a live owner holds it, so only a dead one's checkout is reported).
+        Where the filesystem does not share locks between its mounts or clients, a lock
+        free here may be held through another mount: no proof of death, so such a
+        checkout goes to ``unproven`` instead, never to ``problems``."""
         if not _fs.HAVE_LOCKS:  # pragma: no cover - Windows: no owner locks to ask
             return
-        if not self.spool._fs_facts().locks_shared:
-            return  # a lock free here may be held through another mount: no proof of death
+        found = problems if self.spool._fs_facts().locks_shared else unproven
         for name in names:
             with _owner_lock(self._layout.registry_file(name)) as fd:
                 if fd is None:
                     continue  # a live owner (or removed meanwhile)
                 m = _lstat_mtime(os.path.join(dir_path, name))
             if m is not None:
-                problems.append(DeadCheckout(FileWithMtime(name, m), d))
+                found.append(DeadCheckout(FileWithMtime(name, m), d))
 
 
 class _Alerter:
@@ -486,11 +495,20 @@ class _Repair:
     """One ``repair`` run: the spool, the limits, dry-run or not, and the actions said.
     Each kind of repair is one method (a step), run in the order of ``repair``."""
 
-    def __init__(self, spool: Spool[Any, Any], limits: Limits, dry_run: bool) -> None:
+    def __init__(
+        self,
+        spool: Spool[Any, Any],
+        limits: Limits,
+        dry_run: bool,
+        dead_after: float | None = None,
+        unproven: Iterable[DeadCheckout] = (),
+    ) -> None:
         self.spool = spool
         self.lay = Layout(spool.dir)
         self.limits = limits
         self.dry_run = dry_run
+        self.dead_after = dead_after
+        self.unproven = sorted(unproven)
         self.done: list[str] = []
 
     def say(self, verb: str, past: str, rest: str) -> None:
@@ -568,29 +586,42 @@ class _Repair:
                         self.say("move", "moved", f"differing {what} to {LOST_FOUND} (kept {kept})")
 
     def dead_checkouts(self, problems: list[Problem]) -> None:
-        """Put each dead checkout back into its queue (under its owner lock, as
-        ``Spool.recover_checkouts`` does); an undecodable one is quarantined or left."""
+        """Put each dead checkout back into its queue through the recovery run of
+        ``Spool.recover_checkouts`` (under its owner lock); an undecodable one is
+        quarantined or left. With ``dead_after``, only checkouts at least that old, and
+        then also those whose free lock proves nothing on this filesystem (``unproven``,
+        which are left alone without it)."""
         sp = self.spool.spoolable
-        for p in problems:
-            if not isinstance(p, DeadCheckout):
-                continue
+        found = [p for p in problems if isinstance(p, DeadCheckout)]
+        if self.dead_after is not None:
+            found = sorted(found + self.unproven)
+        if not found:
+            return
+        run = None if self.dry_run else _Recovery(self.spool, self.dead_after)
+        now = time.time()
+        for p in found:
             q = p.dir.queue_member
             dn = sp.dirname(q)
             name = p.file.filename
             what = f"dead checkout {dn}/{CHECKOUT}/{name}"
-            if self.dry_run:
+            if self.dead_after is not None and now - p.file.mtime < self.dead_after:
+                self.done.append(f"left {what}: younger than --dead-after")
+                continue
+            if run is None:
                 self.say("recover", "recovered", f"{what} into {dn}")
                 continue
-            with sp.throttled():
-                if self.spool._recover_one(q, dn, name):
-                    self.say("recover", "recovered", f"{what} into {dn}")
-                elif os.path.lexists(self.lay.checkout_file(dn, name)):
-                    self.done.append(f"left {what}: its owner is alive again or its metadata "
-                                     "cannot be read (see the log)")
-                elif sp.quarantine is not None and os.path.lexists(
-                    self.lay.queue_file(sp.dirname(sp.quarantine), name)
-                ):
-                    self.say("quarantine", "quarantined", f"{what} into {sp.dirname(sp.quarantine)}")
+            r = run.recover(q, name)
+            if r.moved:
+                self.say("recover", "recovered", f"{what} into {dn}")
+            elif r.error is not None:
+                self.done.append(f"left {what}: {r.error}")
+            elif os.path.lexists(self.lay.checkout_file(dn, name)):
+                self.done.append(f"left {what}: its owner is alive again or its metadata "
+                                 "cannot be read (see the log)")
+            elif sp.quarantine is not None and os.path.lexists(
+                self.lay.queue_file(sp.dirname(sp.quarantine), name)
+            ):
+                self.say("quarantine", "quarantined", f"{what} into {sp.dirname(sp.quarantine)}")
 
     def orphans(self, problems: list[Problem]) -> None:
         """Files in .tmp, .data, a queue or checkout dir with no registry file, older than
@@ -677,7 +708,13 @@ def _label(d: Dir) -> str:
 
 
 def repair(
-    spool: Spool[Any, Any], limits: Limits, problems: Iterable[Problem], *, dry_run: bool
+    spool: Spool[Any, Any],
+    limits: Limits,
+    problems: Iterable[Problem],
+    *,
+    dry_run: bool,
+    dead_after: float | None = None,
+    unproven: Iterable[DeadCheckout] = (),
 ) -> list[str]:
     """Fix what is safe to fix among ``problems`` (as found by a Monitor with ``limits``);
     the actions taken (or, with ``dry_run``, that would be taken: then nothing changes),
@@ -689,9 +726,13 @@ def repair(
     interrupted moves, duplicates, dead checkouts, orphaned files, abandoned enqueues,
     stale tmp files. Entries that are merely too old in a queue or a live checkout are
     left alone.
+
+    ``dead_after`` (seconds) is ``recover_checkouts``' proof of death by age: dead
+    checkouts younger than it are left, and the ``unproven`` ones (``Monitor._unproven``:
+    free locks on a filesystem where that proves nothing) older than it are recovered.
     """
     ps = sorted(problems)
-    r = _Repair(spool, limits, dry_run)
+    r = _Repair(spool, limits, dry_run, dead_after, unproven)
     for step in (r.keep_links, r.duplicates, r.dead_checkouts, r.orphans, r.abandoned, r.stale_tmp):
         step(ps)
     return r.done

@@ -579,19 +579,22 @@ def cmd_show(a: argparse.Namespace) -> int:
 
 
 def _claim(
-    spool: Spool[Any, bytes], q: enum.Enum, name: str, checked_out: bool
+    spool: Spool[Any, bytes], q: enum.Enum, name: str, checked_out: bool, dead_after: float | None = None
 ) -> CheckedOutEntry[Any, bytes]:
     """Check ``name`` out of ``q`` the way the library does (its owner lock held until
     the caller saves or removes it). A dead process's checkout is first put back into
-    its queue; a live one's is never touched."""
+    its queue by the library's recovery (``dead_after`` as for ``recover``); a live
+    one's is never touched."""
     dn = str(q.value)
     lay = Layout(spool.dir)
     if checked_out:
-        with spool.spoolable.throttled():
-            spool._recover_one(q, dn, name)
+        r = _recovery(spool, dead_after).recover(q, name)
+        where = f"{disp(dn)}/{CHECKOUT}/{disp(name)}"
+        if r.error is not None:
+            raise UsageError(f"{where}: cannot recover it: {r.error}")
         if os.path.lexists(lay.checkout_file(dn, name)):
-            raise UsageError(f"{disp(dn)}/{CHECKOUT}/{disp(name)} is checked out by a live process: "
-                             "left alone")
+            younger = "" if dead_after is None else " (or was checked out less than --dead-after ago)"
+            raise UsageError(f"{where} is checked out by a live process{younger}: left alone")
     co = spool._claim(q, name)
     if co is None:
         present = any(map(os.path.lexists, (lay.checkout_file(dn, name), lay.queue_file(dn, name))))
@@ -614,7 +617,7 @@ def cmd_mv(a: argparse.Namespace) -> int:
     if q == dst and not checked_out:
         print(f"{disp(name)} is already in {disp(str(dst.value))}")
         return 0
-    co = _claim(spool, q, name, checked_out)
+    co = _claim(spool, q, name, checked_out, a.dead_after)
     try:
         co.save(dst)
     except BaseException:
@@ -787,6 +790,8 @@ class Activity:
 
 
 def cmd_fsck(a: argparse.Namespace) -> int:
+    if a.dead_after is not None and not (a.repair or a.dry_run):
+        raise UsageError(f"{PROG} fsck: --dead-after applies to --repair (or --dry-run) only")
     spool = open_spool(a.dir)
     monitor = Monitor(spool.dir, spool.spoolable, _limits(a, spool))
     with Activity(f"checking {disp(spool.dir)}"):
@@ -794,7 +799,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     actions: list[str] = []
     if a.repair or a.dry_run:
         with Activity(f"repairing {len(problems)} problems"):
-            actions = repair(spool, monitor.limits, problems, dry_run=a.dry_run)
+            actions = repair(spool, monitor.limits, problems, dry_run=a.dry_run,
+                             dead_after=a.dead_after, unproven=monitor._unproven)
             if not a.dry_run:
                 problems = monitor.run_once()
     now = time.time()
@@ -810,8 +816,22 @@ def cmd_fsck(a: argparse.Namespace) -> int:
             print(problem_text(p, now))
         if not problems:
             print("no problems" if not actions or a.dry_run else "no problems left")
+        _print_unproven(spool, monitor._unproven, now)
         _print_lost_found_note(spool.dir)
     return 1 if problems else 0
+
+
+def _print_unproven(spool: Spool[Any, bytes], unproven: list[DeadCheckout], now: float) -> None:
+    """Checkouts whose owner lock is free through this mount, on a filesystem where that
+    does not prove their owner died. Not problems (exit 0): a checkout held through
+    another mount or client looks just the same from here."""
+    for p in unproven:
+        print(f"unproven dead checkout: {p.dir.name_on_disk}/{disp(p.file.filename)} "
+              f"(age {_fmt_age(_age(now, p.file.mtime))}): its owner lock is free through this mount")
+    if unproven:
+        print(f"note: that proves nothing here: {spool._fs_facts().reason}; "
+              "recover --dead-after DURATION (or fsck --repair --dead-after DURATION) puts back "
+              "the checkouts older than DURATION")
 
 
 def _recovery(spool: Spool[Any, bytes], dead_after: float | None) -> _Recovery[Any, bytes]:
@@ -1195,12 +1215,12 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                    help="an entry waiting in QUEUE longer than this is a problem (repeatable)")
 
 
-def _add_dead_after(p: argparse.ArgumentParser) -> None:
+def _add_dead_after(p: argparse.ArgumentParser, lead: str, unshared: str) -> None:
     p.add_argument("--dead-after", type=parse_duration, default=None, metavar="DURATION",
-                   help="only take a checkout for dead once it is at least this old (checked out or "
-                        "last rewritten that long ago), besides its free owner lock; required where "
-                        "the filesystem does not share locks between mounts or clients (bindfs, "
-                        f"sshfs, NFS nolock...), unless {TRUST_ENV}=1")
+                   help=f"{lead}take a checkout's owner for dead only if its lock is free and the "
+                        "checkout is at least this old (checked out or last rewritten that long "
+                        "ago); where the filesystem does not share locks between mounts or clients "
+                        f"(bindfs, sshfs, NFS nolock...), {unshared} without it, unless {TRUST_ENV}=1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1251,6 +1271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="QUEUE", help="the destination queue")
     p.add_argument("--from", dest="queue", metavar="QUEUE",
                    help="where NAME is (default: search every queue)")
+    _add_dead_after(p, "for a checked-out NAME: ", "mv refuses")
     p.set_defaults(func=cmd_mv)
 
     p = add("lost+found", "list what repair kept aside in SPOOL/.lost+found, or requeue an item "
@@ -1291,6 +1312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix what is safe to fix (dead checkouts, orphans, abandoned enqueues, "
                         "stale tmp files, duplicates), then check again")
     p.add_argument("--dry-run", action="store_true", help="say what --repair would do; change nothing")
+    _add_dead_after(p, "with --repair: ", "dead-looking checkouts are left")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_fsck)
 
@@ -1319,7 +1341,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  multispool recover /mnt/bindfs/sp --dead-after 1h")
     p.add_argument("--older-than", type=parse_duration, default=600.0, metavar="DURATION",
                    help="only remove abandoned enqueues older than this (default 10m)")
-    _add_dead_after(p)
+    _add_dead_after(p, "", "recover refuses to run")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per entry, then the summary")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_recover)
