@@ -26,6 +26,7 @@ import multispool
 from _procs import Worker, child_env
 from conftest import Cog, Queue
 from multispool import _sharedfs, cli
+from multispool._spool import _Recovery
 from test_watch import bindfs_mount, ensure_bindfs
 
 REMOTE = _sharedfs.FsFacts("fuse.glusterfs", "/mnt", remote=True, locks_shared=True, reason="test")
@@ -286,7 +287,9 @@ def test_recovery_never_takes_a_live_checkout_held_through_another_mount(
             with pytest.raises(multispool.SpoolError, match="refused"):
                 spool2.reader(Queue.QUEUE1, recover=True)
             with pytest.raises(multispool.SpoolError, match="refused"):
-                spool2._recover_one(Queue.QUEUE1, "queue1", e.name)  # fsck --repair's step
+                _Recovery(spool2)  # the run behind fsck --repair and the CLI's recover and mv
+            with pytest.raises(multispool.SpoolError, match="refused"):
+                spool2._recover_one(Queue.QUEUE1, "queue1", e.name)  # and its one-entry step
             # fsck through m2 does not call the live checkout dead (so --repair leaves it).
             problems = multispool.Monitor(m2 / "spool", spoolable).run_once()
             assert not [p for p in problems if isinstance(p, multispool.DeadCheckout)], problems
