@@ -106,7 +106,6 @@ class InvalidNameError(SpoolError, ValueError):
         return f"invalid entry name {self.args[0]!r}: {self.args[1]}"
 
 
-
 class _RecoveryRefused(SpoolError):
     """Recovery without ``dead_after`` on a filesystem where a free owner lock does not
     prove that its owner died (locks not shared between its mounts or clients); nothing

@@ -1539,22 +1539,6 @@ class Spool(Generic[M, D]):
         return f"Spool({self.dir!r}, {self.spoolable!r})"
 
 
-__all__ = [
-    "CHECKOUT",
-    "NOT_FOUND",
-    "REMOVE",
-    "Action",
-    "NotFound",
-    "Remove",
-    "Retry",
-    "CheckedOutEntry",
-    "DataFile",
-    "Entry",
-    "Save",
-    "Spool",
-]
-
-
 @dataclass(frozen=True)
 class _Recovered:
     """What a recovery run did with one checkout (see ``_Recovery``)."""
@@ -1615,3 +1599,20 @@ class _Recovery(Generic[M, D]):
         """``recover`` each of ``checkouts(queue)``, reporting each as it goes."""
         for q, name in self.checkouts(queue):
             yield self.recover(q, name)
+
+
+__all__ = [
+    "CHECKOUT",
+    "NOT_FOUND",
+    "REMOVE",
+    "Action",
+    "NotFound",
+    "Remove",
+    "Retry",
+    "CheckedOutEntry",
+    "DataFile",
+    "Entry",
+    "Save",
+    "Spool",
+]
+
