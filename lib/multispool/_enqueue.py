@@ -329,7 +329,7 @@ def publish(staged: Sequence[Staged]) -> None:
 
 # -- commit: sync dirs, publish, sync queue ----------------------------------------------
 class _Job:
-    __slots__ = ("data_dir", "done", "error", "files_synced", "registry", "sfd", "staged")
+    __slots__ = ("data_dir", "done", "error", "files_synced", "registry", "sfd", "staged", "taken")
 
     def __init__(
         self, staged: Sequence[Staged], registry: str, data_dir: str, files_synced: bool, sfd: int | None
@@ -339,6 +339,7 @@ class _Job:
         self.sfd = sfd  # syncfs descriptor (opened before the writes), or None: fsync
         self.registry = registry
         self.data_dir = data_dir
+        self.taken = False  # a leader has it in its group
         self.done = False
         self.error: BaseException | None = None
 
@@ -382,11 +383,15 @@ def _sync_round(group: Sequence[_Job]) -> None:
         j.error = j.error or derrs[j.registry] or derrs[j.data_dir]
 
 
-def _run_group(group: Sequence[_Job]) -> None:
-    """sync files and dirs (each dir once) -> publish each job -> sync queue dirs (each
-    once). Errors go to the jobs they concern."""
+# The queue dirs a stage-one round published into, each with the jobs that need its sync.
+QueueSyncs = dict[str, list[_Job]]
+
+
+def _publish_group(group: Sequence[_Job]) -> QueueSyncs:
+    """Stage one of a round: sync files and dirs (each dir once), then publish each job.
+    Returns the queue dirs to sync (stage two). Errors go to the jobs they concern."""
     _sync_round(group)
-    qdirs: dict[str, list[_Job]] = {}
+    qdirs: QueueSyncs = {}
     for j in group:
         if j.error is not None:
             continue
@@ -397,75 +402,14 @@ def _run_group(group: Sequence[_Job]) -> None:
             continue
         for q in {st.qdir for st in j.staged}:
             qdirs.setdefault(q, []).append(j)
-    for q, jobs in qdirs.items():
-        qerr = _fsync_dir_err(q)
-        if qerr is not None:
-            for j in jobs:
-                j.error = j.error or qerr
+    return qdirs
 
 
-class _Committer:
-    """Leader/follower group commit (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._waiting: list[_Job] = []
-        self._busy = False
-        self._sleepers = 0  # followers in wait(): only they need a notify
-
-    def commit(self, job: _Job) -> None:
-        with self._cond:
-            self._waiting.append(job)
-            while self._busy:
-                self._sleepers += 1
-                try:
-                    self._cond.wait()
-                except BaseException:
-                    # Interrupted while waiting (the lock is held again here). Not yet
-                    # taken by a leader: withdraw. Taken: the leader is working on our
-                    # files, so wait for it to finish before the caller cleans up.
-                    if job in self._waiting:
-                        self._waiting.remove(job)
-                        raise
-                    while not job.done:
-                        with contextlib.suppress(BaseException):
-                            self._cond.wait()
-                    raise
-                finally:
-                    self._sleepers -= 1
-                if job.done:
-                    break
-            if job.done:
-                if job.error is not None:
-                    raise job.error
-                return
-            group, self._waiting = self._waiting, []
-            self._busy = True
-        try:
-            if len(group) == 1:
-                _run_lone(job)
-            else:
-                _run_group(group)
-        except BaseException as e:  # pragma: no cover - the runners hand errors to jobs
-            for j in group:
-                j.error = j.error or e
-        finally:
-            with self._cond:
-                for j in group:
-                    j.done = True
-                self._busy = False
-                if self._sleepers:
-                    self._cond.notify_all()
-        if job.error is not None:
-            raise job.error
-
-
-def _run_lone(job: _Job) -> None:
-    """``_run_group`` for a group of one job, without its bookkeeping: the path of every
-    enqueue that meets no concurrent one, kept as cheap as the recipe before groups."""
+def _publish_lone(job: _Job) -> QueueSyncs:
+    """``_publish_group`` for a group of one job, without its bookkeeping: the path of
+    every enqueue that meets no concurrent one, kept as cheap as the recipe before groups."""
     if len(job.staged) != 1 or job.sfd is not None:
-        _run_group([job])
-        return
+        return _publish_group([job])
     st = job.staged[0]
     try:
         if not job.files_synced:
@@ -474,9 +418,114 @@ def _run_lone(job: _Job) -> None:
         _fs.fsync_dir(job.registry)
         _fs.fsync_dir(job.data_dir)
         publish(job.staged)
-        _fs.fsync_dir(st.qdir)
     except BaseException as e:
         job.error = e
+        return {}
+    return {st.qdir: [job]}
+
+
+def _sync_queues(qdirs: QueueSyncs) -> None:
+    """Stage two of a round: sync each queue dir that received entries, once."""
+    for q, jobs in qdirs.items():
+        qerr = _fsync_dir_err(q)
+        if qerr is not None:
+            for j in jobs:
+                j.error = j.error or qerr
+
+
+def _run_group(group: Sequence[_Job]) -> None:
+    """Both stages of a round, one after the other."""
+    _sync_queues(_publish_group(group))
+
+
+def _run_lone(job: _Job) -> None:
+    """Both stages for one job."""
+    _sync_queues(_publish_lone(job))
+
+
+class _Committer:
+    """Leader/follower group commit (see the module docstring), in two stages. A leader
+    takes every waiting job, syncs their files and directories and publishes them
+    (stage one), then syncs the queue dirs (stage two). Only stage one is exclusive: the
+    next leader starts its own stage one while this one's queue dir syncs run, so a
+    journalling filesystem can fold the two into one commit instead of running them
+    back to back."""
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        self._free = threading.Condition(lock)  # notified when stage one is free
+        self._done = threading.Condition(lock)  # notified when a round has finished
+        self._waiting: list[_Job] = []
+        self._busy = False  # a leader is in stage one
+        self._want_lead = 0  # followers waiting on _free
+        self._want_done = 0  # followers waiting on _done
+
+    def _await_done(self, job: _Job) -> None:
+        # Lock held. The job is in a leader's round: wait until the round ends, even when
+        # interrupted (the leader works on our files; the caller cleans up after it).
+        err: BaseException | None = None
+        while not job.done:
+            self._want_done += 1
+            try:
+                self._done.wait()
+            except BaseException as e:
+                err = err or e
+            finally:
+                self._want_done -= 1
+        if err is not None:
+            raise err
+
+    def commit(self, job: _Job) -> None:
+        with self._free:
+            self._waiting.append(job)
+            while self._busy and not job.taken:
+                self._want_lead += 1
+                try:
+                    self._free.wait()
+                except BaseException:
+                    # Interrupted while waiting. Not yet taken by a leader: withdraw.
+                    # Taken: wait for the round, then let the caller clean up.
+                    if not job.taken:
+                        self._waiting.remove(job)
+                        raise
+                    self._await_done(job)
+                    raise
+                finally:
+                    self._want_lead -= 1
+            if job.taken:
+                self._await_done(job)
+                if job.error is not None:
+                    raise job.error
+                return
+            group, self._waiting = self._waiting, []
+            for j in group:
+                j.taken = True
+            self._busy = True
+            if self._want_lead:
+                # Every follower now waiting is in this group: move them to _done, so
+                # that the notify below, at the end of stage one, reaches a new job.
+                self._free.notify_all()
+        qdirs: QueueSyncs = {}
+        try:
+            try:
+                qdirs = _publish_lone(job) if len(group) == 1 else _publish_group(group)
+            finally:
+                with self._free:
+                    self._busy = False
+                    if self._want_lead:
+                        self._free.notify()  # one new leader takes every waiting job
+            _sync_queues(qdirs)
+        except BaseException as e:  # pragma: no cover - the stages hand errors to jobs
+            for j in group:
+                j.error = j.error or e
+        finally:
+            with self._free:
+                for j in group:
+                    j.done = True
+                if self._want_done:
+                    self._done.notify_all()
+        if job.error is not None:
+            raise job.error
 
 
 _committer = _Committer()
