@@ -22,11 +22,13 @@ module changes is how often they happen, not which: the directory syncs are shar
 
 Group commit ("full"): enqueues running at the same time in threads of this process
 (``enqueue`` from many threads, ``AsyncSpool.enqueue`` from many tasks, ``enqueue_many``)
-sync their own files in their own threads (concurrent fsyncs, which journalling
-filesystems merge into one commit), then hand their entries to the committer. One of
-them, the leader, syncs each directory once for the whole group, publishes every
-entry, syncs each queue dir once, and wakes the others. An enqueue that arrives alone
-leads at once: it waits for nobody. Each call still returns only when its own entries
+hand their entries to the committer. One of them, the leader, takes every entry
+waiting, syncs their files (from a few threads at once, which journalling filesystems
+merge into shared commits) and each directory once for the whole group, publishes
+every entry (stage one), then syncs each queue dir once (stage two) and wakes the
+others. Stage one is exclusive, stage two is not: the next leader starts its own
+round while this one's queue dir syncs run. An enqueue that arrives alone leads at
+once: it waits for nobody. Each call still returns only when its own entries
 are durable, and gets its own errors (a failed directory sync fails every enqueue
 that needed that directory).
 """
