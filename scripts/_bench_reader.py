@@ -182,6 +182,20 @@ def idle_reader(path: str, observer: str, ready: Connection, stop_conn: Connecti
         assert co is None
 
 
+def idle_floor(path: str, observer: str, ready: Connection, stop_conn: Connection) -> None:
+    """The floor of an idle polling reader: the same timed wait and one listing of the
+    queue dir per 0.1 s, written directly with ``os``, until told to stop."""
+    import threading
+
+    running = threading.Lock()
+    running.acquire()
+    threading.Thread(target=lambda: (stop_conn.recv(), running.release()), daemon=True).start()
+    qdir = os.path.join(path, Queue.Q.value)
+    ready.send("ready")
+    while not running.acquire(timeout=0.1):
+        os.listdir(qdir)
+
+
 def drainer(path: str, ready: Connection, go: Connection, out: Connection) -> None:
     """REMOVE entries until the queue is empty; send (count, t_end_ns)."""
     spool = open_spool(path)
@@ -303,14 +317,14 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
 
 
-def bench_idle(base: str, seconds: float, observer: str) -> float:
+def bench_idle(base: str, seconds: float, observer: str, target: Any = idle_reader) -> float:
     path = tempfile.mkdtemp(dir=base)
     open_spool(path)
     ready_r, ready_w = CTX.Pipe(False)
     stop_r, stop_w = CTX.Pipe(False)
     try:
         with Procs() as procs:
-            p = procs.start(idle_reader, path, observer, ready_w, stop_r)
+            p = procs.start(target, path, observer, ready_w, stop_r)
             recv(ready_r, 30, "ready")
             time.sleep(0.5)  # past start-up work
             t0, c0 = time.monotonic(), cpu_ticks(p.pid)
@@ -480,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
             if cpu > 0.1:
                 failed.append(f"idle CPU {cpu:.3f} % > 0.1 %")
             cpu_p = bench_idle(base, idle_s, "polling")
+            cpu_f = bench_idle(base, idle_s, "polling", idle_floor)
             print(f"  polling: {cpu_p:.3f} % of a core (informational: 0.1 s polling interval)")
+            print(f"  polling floor (a bare os.listdir every 0.1 s): {cpu_f:.3f} % of a core; "
+                  f"polling / floor {cpu_p / cpu_f if cpu_f else float('nan'):.2f}x")
         if "drain" in only:
             print(f"\n3. drain rate, {n_drain} entries pre-filled (durability=none), consumers REMOVE")
             rates = bench_drain(base, args.runs, n_drain)
