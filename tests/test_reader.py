@@ -946,6 +946,32 @@ def _assert_idle(calls: collections.Counter[str], others: float, relay_waits: in
     assert relay_waits <= 2 * seconds, f"the stop relay woke {relay_waits} times in {seconds} s"
 
 
+def test_stop_relay_wakes_less_often_the_longer_a_reader_waits(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay checks on its waiters at doubling intervals: a reader idle for long
+    costs a wake-up per RELAY_SLICE_MAX, not one per RELAY_SLICE; a stop set late still
+    ends the wait at once."""
+    from multispool import _reader
+
+    monkeypatch.setattr(_reader, "RELAY_SLICE", 0.01)
+    monkeypatch.setattr(_reader, "RELAY_SLICE_MAX", 0.16)
+    stop = _CountingEvent()
+    with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
+        t = threading.Timer(1.5, stop.set)
+        t.start()
+        try:
+            t0 = time.monotonic()
+            assert reader.dequeue(stop=stop, timeout=30) is None
+            took = time.monotonic() - t0
+        finally:
+            t.cancel()
+    assert 1.5 <= took < 5.0
+    # 0.01, 0.02, 0.04, 0.08, then every 0.16 s: about 13 waits in 1.5 s (150 without
+    # the doubling). A loaded machine only makes the waits longer, so fewer.
+    assert stop.waits <= 16, f"the relay woke {stop.waits} times in 1.5 s"
+
+
 def test_blocked_dequeue_without_stop_uses_no_cpu(spool: multispool.Spool[Any, bytes]) -> None:
     with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
         _assert_idle(*_blocked(reader, None, 2.0), 2.0)

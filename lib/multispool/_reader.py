@@ -50,8 +50,12 @@ log = logging.getLogger("multispool")
 M = TypeVar("M")
 D = TypeVar("D")
 
-# A stop relay thread checks this often whether any reader still waits on its Event.
-RELAY_SLICE: Final = 1.0
+# A stop relay thread checks whether any reader still waits on its Event after
+# RELAY_SLICE, then at intervals doubling up to RELAY_SLICE_MAX: a reader idle for hours
+# costs a wake-up every RELAY_SLICE_MAX (each one is charged milliseconds on a virtual
+# machine), and a relay outlives its last waiter by at most as long as it has served.
+RELAY_SLICE = 1.0
+RELAY_SLICE_MAX = 32.0
 # Competing readers walking the same listing trail each other and lose most claims. When
 # claims keep getting lost (a running loss rate above LOSS_RATE_SKIP: one isolated loss,
 # e.g. an entry held by another process, never triggers it), jump a random distance into
@@ -158,8 +162,8 @@ class _StopRelay:
 
     threading cannot wait on two Events at once, and polling the caller's Event would
     cost CPU while idle; one thread per distinct stop Event (shared by all readers that
-    wait with it, living only while one does) blocks on it instead and sets their wake
-    flags. Notifying the Event's own condition instead would make other ``stop.wait()``
+    wait with it, living while one does, and at most as long again after) blocks on it
+    instead and sets their wake flags. Notifying the Event's own condition instead would make other ``stop.wait()``
     callers return True while it is not set.
     """
 
@@ -188,8 +192,9 @@ class _StopRelay:
             self.waiters.discard(wake)
 
     def _run(self) -> None:
+        wait = RELAY_SLICE
         while True:
-            is_set = self.stop.wait(RELAY_SLICE)
+            is_set = self.stop.wait(wait)
             with self._lock:
                 if is_set:
                     for wake in self.waiters:
@@ -198,6 +203,7 @@ class _StopRelay:
                     if self._relays.get(id(self.stop)) is self:
                         del self._relays[id(self.stop)]
                     return
+            wait = min(wait * 2, RELAY_SLICE_MAX)
 
 
 def _reset_relays_after_fork() -> None:
