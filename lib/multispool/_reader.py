@@ -163,8 +163,8 @@ class _StopRelay:
     threading cannot wait on two Events at once, and polling the caller's Event would
     cost CPU while idle; one thread per distinct stop Event (shared by all readers that
     wait with it, living while one does, and at most as long again after) blocks on it
-    instead and sets their wake flags. Notifying the Event's own condition instead would make other ``stop.wait()``
-    callers return True while it is not set.
+    instead and sets their wake flags. Notifying the Event's own condition instead would
+    make other ``stop.wait()`` callers return True while it is not set.
     """
 
     _lock: ClassVar[threading.Lock] = threading.Lock()
