@@ -332,8 +332,8 @@ def test_next_group_publishes_while_a_leader_syncs_its_queue_dir(
     full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Only stage one of a round (file and dir syncs, publish) is exclusive: while one
-    leader is held in its queue dir sync, another enqueue leads its own round up to
-    its publish, and returns only after its own queue dir sync."""
+    leader is held in its queue dir sync, another enqueue leads its own round, syncs
+    its own queue dir and returns."""
     tr = _Trace(monkeypatch, full_spool)
     release = threading.Event()
     held = threading.Event()
@@ -358,10 +358,12 @@ def test_next_group_publishes_while_a_leader_syncs_its_queue_dir(
         first.start()
         _wait_for(held.is_set, "the first leader in its queue dir sync")
         second.start()
-        # The second entry reaches its queue while the first leader is still held.
-        _wait_for(lambda: len(full_spool.list(Queue.QUEUE1)) == 2, "the second entry published")
-        assert first.is_alive() and second.is_alive()  # neither has its queue dir synced yet
-        assert results == [None, None]
+        # The second enqueue runs its whole round, and returns, while the first leader is
+        # still held in its queue dir sync.
+        _wait_for(lambda: not second.is_alive(), "the second enqueue to return")
+        assert isinstance(results[1], multispool.Entry), results
+        assert first.is_alive() and results[0] is None
+        assert len(full_spool.list(Queue.QUEUE1)) == 2
     finally:
         release.set()
         first.join(10)
