@@ -373,6 +373,73 @@ def test_next_group_publishes_while_a_leader_syncs_its_queue_dir(
     assert _fs._held <= _HELD_BEFORE
 
 
+class _Interrupt(BaseException):
+    """What a signal handler's exception looks like to the committer."""
+
+
+def test_interrupted_follower_woken_to_lead_passes_the_lead_on(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a leader's stage one wakes one follower to lead the next round. If an
+    interrupt reaches that follower as it wakes, it withdraws its own enqueue and
+    wakes another: no follower is left waiting for a leader that never comes."""
+    committer = _enqueue._committer
+    tr = _Trace(monkeypatch, full_spool)
+    release = threading.Event()
+    held = threading.Event()
+
+    def hold(path: str) -> None:
+        if not held.is_set():
+            held.set()
+            release.wait(10)
+
+    tr.before_dir_sync = hold  # type: ignore[method-assign]
+    interrupted: set[int] = set()
+    real_wait = committer._free.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        got = real_wait(timeout)
+        if threading.get_ident() in interrupted:
+            interrupted.discard(threading.get_ident())
+            raise _Interrupt
+        return got
+
+    monkeypatch.setattr(committer._free, "wait", wait)
+    results: list[Any] = [None] * 3
+
+    def worker(i: int, interrupt: bool = False) -> None:
+        if interrupt:
+            interrupted.add(threading.get_ident())
+        try:
+            results[i] = full_spool.enqueue(Queue.QUEUE1, Cog(n=i), b"%d" % i)
+        except BaseException as e:
+            results[i] = e
+
+    # Daemons: a follower left waiting (the bug) must fail the test, not hang pytest.
+    leader = threading.Thread(target=worker, args=(0,), daemon=True)
+    first = threading.Thread(target=worker, args=(1, True), daemon=True)
+    second = threading.Thread(target=worker, args=(2,), daemon=True)
+    try:
+        leader.start()
+        _wait_for(held.is_set, "the leader in stage one")
+        first.start()  # first in line: the one the leader's notify wakes
+        _wait_for(lambda: committer._want_lead == 1, "the first follower waiting")
+        second.start()
+        _wait_for(lambda: committer._want_lead == 2, "the second follower waiting")
+    finally:
+        release.set()
+        for t in (leader, first, second):
+            t.join(10)
+    assert not second.is_alive(), "the second follower was left waiting for a leader"
+    assert isinstance(results[0], multispool.Entry) and isinstance(results[2], multispool.Entry), results
+    assert isinstance(results[1], _Interrupt), results
+    assert sorted(e.name for e in full_spool.list(Queue.QUEUE1)) == sorted(
+        [results[0].name, results[2].name]
+    )
+    assert _files(full_spool)[".tmp"] == [] and len(_files(full_spool)[".registry"]) == 2
+    assert _fs._held <= _HELD_BEFORE
+
+
 def test_batch_sync_round_hands_each_pool_thread_one_share(
     full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:

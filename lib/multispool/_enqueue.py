@@ -512,6 +512,9 @@ class _Committer:
                     # Taken: wait for the round, then let the caller clean up.
                     if not job.taken:
                         self._waiting.remove(job)
+                        if not self._busy and self._waiting:
+                            # We may be the one the last leader woke to lead: pass it on.
+                            self._free.notify()
                         raise
                     self._await_done(job)
                     raise
