@@ -313,7 +313,7 @@ def sync_files(staged: Sequence[Staged]) -> None:
         for path, fd in files:
             _fs.fsync_file(path, fd)
     else:
-        sync_paths([p for p, _ in files], _fs.fsync_path)
+        sync_paths([p for p, _ in files], _fs.fsync_file)
 
 
 # -- publish ----------------------------------------------------------------------------

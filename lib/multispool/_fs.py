@@ -245,19 +245,6 @@ def read_file(path: str) -> bytes:
 _READ_CHUNK: Final = 1 << 16
 
 
-def fsync_path(path: str) -> None:
-    """fsync a file that some other code wrote (a user data codec)."""
-    fd = os.open(path, O_READ)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise not_regular(path)
-        fsync_fd(fd)
-    except OSError as e:
-        raise _name(e, path) from None
-    finally:
-        os.close(fd)
-
-
 # errnos that mean "that file is gone". ESTALE is what NFS, GlusterFS and other network
 # filesystems return when a file removed or renamed through another client is reached
 # through a name or handle this client still had cached; fstat then may say ENOENT too.

@@ -21,7 +21,7 @@ import msgspec
 
 from . import _fs
 from ._errors import CorruptEntryError
-from ._fs import O_CREATE_TRUNC, fsync_path, read_file, unlink_quiet, write_file
+from ._fs import O_CREATE_TRUNC, fsync_file, read_file, unlink_quiet, write_file
 from ._layout import check_queue_dirname
 
 T = TypeVar("T")
@@ -597,11 +597,11 @@ class Spoolable(Generic[M, D]):
         elif hasattr(self.data, "_write"):
             self.data_writer(value)(path, False)
             if sync:
-                fsync_path(path)
+                fsync_file(path)
         else:
             self.data.save(value, path)
             if sync:
-                fsync_path(path)
+                fsync_file(path)
 
     def __repr__(self) -> str:
         return (
