@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -498,6 +499,121 @@ def _child_enqueue(path: str) -> None:
     multispool.Spool.load(path, sp).enqueue(Queue.QUEUE1, Cog(n=1), b"")
 
 
+# -- writeback started as each file is written ----------------------------------------
+
+
+class _Writeback:
+    """Records, by inode, each writeback hint (``_fs._sync_file_range``) and each fsync of
+    a regular file, in order, across threads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, result: int = 0) -> None:
+        self.ops: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        fsync_fd = _fs.fsync_fd
+
+        def hint(fd: int, offset: int, nbytes: int, flags: int) -> int:
+            assert (offset, nbytes, flags) == (0, 0, 2)  # whole file, SYNC_FILE_RANGE_WRITE only
+            self._rec("hint", fd)
+            return result
+
+        def t_fsync_fd(fd: int) -> None:
+            fsync_fd(fd)
+            self._rec("fsync", fd)
+
+        monkeypatch.setattr(_fs, "_sync_file_range", hint)
+        monkeypatch.setattr(_fs, "fsync_fd", t_fsync_fd)
+
+    def _rec(self, kind: str, fd: int) -> None:
+        st = os.fstat(fd)
+        if not os.path.isdir(f"/proc/self/fd/{fd}") and st.st_mode & 0o170000 == 0o100000:
+            with self._lock:
+                self.ops.append((kind, st.st_ino))
+
+    def of(self, kind: str) -> list[int]:
+        return [ino for k, ino in self.ops if k == kind]
+
+
+def _inodes(spool: multispool.Spool[Any], entries: list[multispool.Entry[Any, Any]]) -> set[int]:
+    """The inodes of the entries' metadata and data files (the tmp file is the metadata
+    file, renamed)."""
+    return {
+        os.stat(os.path.join(spool.dir, d, e.name)).st_ino for e in entries for d in (e.queue.value, ".data")
+    }
+
+
+@pytest.mark.parametrize("durability", ["full", "file"])
+@pytest.mark.parametrize("how", ["single", "batch", "threads"])
+def test_files_to_be_synced_start_writeback_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: Any, how: str
+) -> None:
+    """Every tmp and data file an enqueue will fsync gets its writeback started when it
+    is written, before any fsync of the enqueue: on ext4 and xfs that puts every block
+    allocation into one journal transaction, committed once (docs/benchmarks-batch.md)."""
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability=durability)
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    wb = _Writeback(monkeypatch)
+    entries: list[multispool.Entry[Any, Any]] = []
+    if how == "single":
+        entries.append(spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x"))
+    elif how == "batch":
+        entries += spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(10)])
+    else:
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            e = spool.enqueue(Queue.QUEUE1, Cog(n=i), b"x")
+            with lock:
+                entries.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    files = _inodes(spool, entries)
+    assert set(wb.of("hint")) == files and len(wb.of("hint")) == len(files)
+    assert set(wb.of("fsync")) == files  # each still fsynced: the hint makes nothing durable
+    if how != "threads":  # concurrent enqueues interleave; each file's own order holds
+        last_hint = max(i for i, (k, _) in enumerate(wb.ops) if k == "hint")
+        first_fsync = min(i for i, (k, _) in enumerate(wb.ops) if k == "fsync")
+        assert last_hint < first_fsync
+    for ino in files:
+        assert wb.ops.index(("hint", ino)) < wb.ops.index(("fsync", ino))
+
+
+def test_no_writeback_hint_without_file_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durability "none" syncs nothing, so it asks for no early writeback either."""
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability="none")
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    wb = _Writeback(monkeypatch)
+    spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(5)])
+    assert wb.ops == []
+
+
+def test_a_failed_writeback_hint_changes_nothing(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hint's result is not the check: the fsyncs that follow are."""
+    wb = _Writeback(monkeypatch, result=-1)
+    entries = full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"d%d" % i) for i in range(4)])
+    assert [e.direct.data_file().load() for e in entries] == [b"d%d" % i for i in range(4)]
+    assert set(wb.of("fsync")) == _inodes(full_spool, entries)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_hint_is_real_on_linux(tmp_path: Path) -> None:
+    """On Linux the hint is libc's sync_file_range, and it accepts a file just written."""
+    assert _fs._sync_file_range is not None
+    fd = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"x" * 10000)
+        assert _fs._sync_file_range(fd, 0, 0, 2) == 0
+        _fs.start_writeback(fd)
+    finally:
+        os.close(fd)
+
+
 # -- syncfs (opt-in) ----------------------------------------------------------------------
 
 needs_syncfs = pytest.mark.skipif(not _fs.HAVE_SYNCFS, reason="needs syncfs with errors: Linux >= 5.8")
@@ -537,6 +653,19 @@ def test_syncfs_batch_one_syncfs_opened_before_the_writes(
     tr.ops.clear()
     spool.enqueue(Queue.QUEUE1, Cog(n=9), b"")
     assert "syncfs" not in tr.kinds() and tr.kinds().count("fsync") == 2
+
+
+@needs_syncfs
+def test_syncfs_batch_starts_no_writeback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A syncfs merges the writeback of everything; early per-file writeback would split
+    it. A single enqueue of the same spool (fsyncs) still starts it."""
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, syncfs=True)
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    wb = _Writeback(monkeypatch)
+    spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(5)])
+    assert wb.of("hint") == []
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=9), b"")
+    assert set(wb.of("hint")) == _inodes(spool, [e])
 
 
 @needs_syncfs

@@ -112,7 +112,7 @@ class Staged:
 
 
 # -- write ------------------------------------------------------------------------------
-Item = tuple[bytes, Callable[[str, bool], "int | None"]]
+Item = tuple[bytes, Callable[[str, bool, bool], "int | None"]]
 
 
 def enqueue(
@@ -133,7 +133,10 @@ def enqueue(
     (a delayed enqueue writes its due time there)."""
     staged: list[Staged] = []
     try:
-        write(spool, staged, dirname, items, reserve=reserve, use=use)
+        # A syncfs writes everything back in one sweep that merges the writes; starting
+        # each file's writeback first would only split them up.
+        writeback = spool.spoolable.durability != "none" and sfd is None
+        write(spool, staged, dirname, items, reserve=reserve, use=use, writeback=writeback)
         if prepare is not None:
             prepare(staged)
         commit(spool, staged, sfd)
@@ -151,10 +154,12 @@ def write(
     *,
     reserve: Any = None,
     use: str | None = None,
+    writeback: bool = False,
 ) -> None:
     """Reserve a name for each item and write its metadata and data (not synced),
     recording each entry in ``staged`` as soon as its name is reserved. On failure,
-    everything written so far is removed and the error raised."""
+    everything written so far is removed and the error raised. ``writeback``: the files
+    will be fsynced; start their writeback as each is written (``_fs.start_writeback``)."""
     sp = spool.spoolable
     lay = spool._layout
     qdir = lay.queue(dirname)
@@ -182,9 +187,9 @@ def write(
             owner = None
             st = staged[-1]
             st.tmp_fd = _fs.write_file(
-                st.tmp, raw, sync=False, mode=sp.file_mode, owned=True, keep_open=keep
+                st.tmp, raw, sync=False, mode=sp.file_mode, owned=True, keep_open=keep, writeback=writeback
             )
-            st.data_fd = write_data(st.data, keep)
+            st.data_fd = write_data(st.data, keep, writeback)
     except BaseException:
         # Interrupted between reserving a name and recording it in ``staged``: the
         # registry file is ours if the lock is (the reservation returned or created it).

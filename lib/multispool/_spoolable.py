@@ -555,18 +555,21 @@ class Spoolable(Generic[M, D]):
             return cm
         return typing.cast(AbstractContextManager[Any], self.throttle())
 
-    def data_writer(self, value: Any) -> Callable[[str, bool], int | None]:
+    def data_writer(self, value: Any) -> Callable[[str, bool, bool], int | None]:
         """Validate data ``value`` now (nothing touches disk) and return what writes it,
         unsynced, at a path: the codec's bytes written with the spool's file mode, or its
         own ``save``. The writer's second argument asks it to return the file's open
-        descriptor (it may return None: the file is then synced by path)."""
+        descriptor (it may return None: the file is then synced by path); the third says
+        the file will be fsynced soon (see ``_fs.start_writeback``)."""
         enc = self._data_encode
         if enc is not None:
             raw = enc(value)
             mode = self.file_mode
 
-            def write_bytes(path: str, keep_open: bool) -> int | None:
-                return write_file(path, raw, sync=False, mode=mode, owned=True, keep_open=keep_open)
+            def write_bytes(path: str, keep_open: bool, writeback: bool) -> int | None:
+                return write_file(
+                    path, raw, sync=False, mode=mode, owned=True, keep_open=keep_open, writeback=writeback
+                )
 
             return write_bytes
         write = getattr(self.data, "_write", None)
@@ -576,13 +579,13 @@ class Spoolable(Generic[M, D]):
                 check(value)
             mode = self.file_mode
 
-            def write_stream(path: str, keep_open: bool) -> None:
+            def write_stream(path: str, keep_open: bool, writeback: bool) -> None:
                 write(value, path, mode)
 
             return write_stream
         save = self.data.save
 
-        def write_own(path: str, keep_open: bool) -> None:
+        def write_own(path: str, keep_open: bool, writeback: bool) -> None:
             save(value, path)
 
         return write_own
@@ -595,7 +598,7 @@ class Spoolable(Generic[M, D]):
         if enc is not None:
             write_file(path, enc(value), sync=sync, mode=self.file_mode, owned=True)
         elif hasattr(self.data, "_write"):
-            self.data_writer(value)(path, False)
+            self.data_writer(value)(path, False, False)
             if sync:
                 fsync_file(path)
         else:
