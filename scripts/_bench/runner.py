@@ -446,6 +446,7 @@ def _main_batch(args: Any, argv: list[str]) -> int:
             "load": (load_before[0], os.getloadavg()[0]),
             "reps": reps, "seconds": seconds, "command": "scripts/bench" + "".join(f" {a}" for a in argv),
             "rev": rev, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    os.makedirs(args.out, exist_ok=True)  # else a run's results die at the very end
     batch.report(os.path.join(args.out, "benchmarks-batch.md"), args.label or fs, res, meta)
     return 0
 
