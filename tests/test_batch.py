@@ -460,6 +460,17 @@ def test_batch_sync_round_hands_each_pool_thread_one_share(
     assert submits[0] == _enqueue.SYNC_THREADS - 1
 
 
+def test_sync_pool_grows_past_threads_left_idle_by_a_smaller_round() -> None:
+    """A round of SYNC_THREADS shares runs them all at once, also when a smaller round
+    left only a few pool threads alive: idle threads count for one task each, not for
+    every task queued before they wake."""
+    assert _enqueue.run_all([lambda: None] * 3) == [None] * 3  # leaves (at least) 2 threads
+    k = _enqueue.SYNC_THREADS
+    together = threading.Barrier(k, timeout=10)  # broken unless k calls run at the same time
+    errs = _enqueue.run_all([together.wait] * k)
+    assert errs == [None] * k
+
+
 def test_aio_enqueue_many_and_concurrent_enqueues(tmp_path: Path) -> None:
     async def main() -> None:
         sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability="full")

@@ -232,38 +232,44 @@ class _SyncPool:
             queue.SimpleQueue()
         )
         self._threads = 0
-        self._idle = 0
+        # Threads waiting for a task that no submit has counted on yet. A submit counts on
+        # one at once (not when it wakes): else every task queued before the idle
+        # threads woke counted on the same ones, and a round ran on fewer threads.
+        self._free = 0
 
     def submit(self, fn: Callable[[], None]) -> concurrent.futures.Future[None]:
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
             self._tasks.put((fn, fut))
-            if self._idle == 0 and self._threads < SYNC_THREADS:
+            if self._free > 0:
+                self._free -= 1
+            elif self._threads < SYNC_THREADS:
                 self._threads += 1
                 threading.Thread(target=self._work, name="multispool-sync", daemon=True).start()
         return fut
 
     def _work(self) -> None:
         while True:
-            with self._lock:
-                self._idle += 1
             try:
                 fn, fut = self._tasks.get(timeout=self.IDLE_EXIT)
             except queue.Empty:
                 with self._lock:
-                    self._idle -= 1
-                    if self._tasks.empty():  # a submit that counted on us finds us here
+                    # Leave only with nothing queued (a submit puts under this lock): no
+                    # task can be left behind. The count may have been on us, or stale
+                    # (another thread took the task a submit counted us for).
+                    if self._tasks.empty():
+                        self._free = max(0, self._free - 1)
                         self._threads -= 1
                         return
                 continue
-            with self._lock:
-                self._idle -= 1
             try:
                 fn()
             except BaseException as e:
                 fut.set_exception(e)
             else:
                 fut.set_result(None)
+            with self._lock:
+                self._free += 1
 
 
 _pool = _SyncPool()
