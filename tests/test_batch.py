@@ -17,11 +17,23 @@ import pytest
 
 import multispool
 from conftest import Cog, Queue
-from multispool import _enqueue, _fs
+from multispool import _aio, _enqueue, _fs
 from multispool.aio import AsyncSpool
 
 # Owner locks held before each test (reservations other tests left): none may be added.
 _HELD_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True, params=["aio", "threads"])
+def sync_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs both ways a round's syncs are issued: all at once through Linux
+    AIO, and from the sync pool's threads (where AIO is not to be had)."""
+    if request.param == "aio":
+        if not _aio._usable:
+            pytest.skip("Linux AIO fsync is not available here")
+    else:
+        monkeypatch.setattr(_aio, "_usable", False)
+    return str(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +80,21 @@ class _Trace:
             rename(a, b, **kw)
             rec("rename", b)
 
+        fsync_all = _aio.fsync_all
+
+        def t_fsync_all(targets: Any) -> Any:
+            for p, _, is_dir in targets:
+                if is_dir:
+                    self.before_dir_sync(p)
+            errs = fsync_all(targets)
+            for (p, _, is_dir), err in zip(targets, errs or [], strict=False):
+                if err is None:
+                    rec("fsync_dir" if is_dir else "fsync", p)
+            return errs
+
         monkeypatch.setattr(_fs, "fsync_file", t_fsync_file)
         monkeypatch.setattr(_fs, "fsync_dir", t_fsync_dir)
+        monkeypatch.setattr(_aio, "fsync_all", t_fsync_all)
         monkeypatch.setattr(os, "rename", t_rename)
 
     def before_dir_sync(self, path: str) -> None:
@@ -186,6 +211,24 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, target: Any, attr: str, when: Call
     monkeypatch.setattr(target, attr, f)
 
 
+def _fail_sync(monkeypatch: pytest.MonkeyPatch, kind: str, when: Callable[[str], bool]) -> None:
+    """fsyncs of files (``kind`` "file") or dirs ("dir") at paths ``when`` picks fail with
+    EIO, whichever way they are issued (one by one, or together through AIO)."""
+    _fail_on(monkeypatch, _fs, "fsync_file" if kind == "file" else "fsync_dir", when)
+    fsync_all = _aio.fsync_all
+
+    def failing(targets: Any) -> Any:
+        errs = fsync_all(targets)
+        if errs is None:
+            return None
+        return [
+            OSError(errno.EIO, "Input/output error", p) if is_dir == (kind == "dir") and when(p) else err
+            for (p, _, is_dir), err in zip(targets, errs, strict=True)
+        ]
+
+    monkeypatch.setattr(_aio, "fsync_all", failing)
+
+
 @pytest.mark.parametrize("step", ["write", "sync_file", "sync_dir", "publish"])
 def test_enqueue_many_failure_before_publishing_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
@@ -199,9 +242,9 @@ def test_enqueue_many_failure_before_publishing_leaves_nothing(
     renames = [0]
     if step == "sync_file":
         data_dir = spool.dir + "/.data/"
-        _fail_on(monkeypatch, _fs, "fsync_file", lambda p: p.startswith(data_dir) and keep.name not in p)
+        _fail_sync(monkeypatch, "file", lambda p: p.startswith(data_dir) and keep.name not in p)
     elif step == "sync_dir":
-        _fail_on(monkeypatch, _fs, "fsync_dir", lambda p: p.endswith(".data"))
+        _fail_sync(monkeypatch, "dir", lambda p: p.endswith(".data"))
     elif step == "publish":
 
         def third_rename(p: Any) -> bool:
@@ -441,11 +484,37 @@ def test_interrupted_follower_woken_to_lead_passes_the_lead_on(
     assert _fs._held <= _HELD_BEFORE
 
 
-def test_batch_sync_round_hands_each_pool_thread_one_share(
-    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+def test_batch_sync_round_is_one_aio_submission(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, sync_path: str
 ) -> None:
-    """A batch's 2N file syncs and its dir syncs go to at most SYNC_THREADS threads, the
-    caller's included: SYNC_THREADS - 1 hand-offs, not one per file."""
+    """Where AIO is to be had, a batch's 2N file syncs and its dir syncs are all handed
+    to the kernel in one call, none to the sync pool's threads."""
+    if sync_path != "aio":
+        pytest.skip("the AIO path")
+    calls: list[list[tuple[str, bool]]] = []
+    fsync_all = _aio.fsync_all
+
+    def recording(targets: Any) -> Any:
+        calls.append([(os.path.relpath(p, full_spool.dir), d) for p, _, d in targets])
+        return fsync_all(targets)
+
+    monkeypatch.setattr(_aio, "fsync_all", recording)
+    monkeypatch.setattr(_enqueue._pool, "submit", None)  # any hand-off fails the batch
+    entries = full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"x") for i in range(100)])
+    assert len(calls) == 1
+    assert sorted(calls[0]) == sorted(
+        [(f"{d}/{e.name}", False) for e in entries for d in (".tmp", ".data")]
+        + [(".registry", True), (".data", True)]
+    )
+
+
+def test_batch_sync_round_hands_each_pool_thread_one_share(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, sync_path: str
+) -> None:
+    """From threads, a batch's 2N file syncs and its dir syncs go to at most SYNC_THREADS
+    threads, the caller's included: SYNC_THREADS - 1 hand-offs, not one per file."""
+    if sync_path != "threads":
+        pytest.skip("the threads path")
     submits = [0]
     submit = _enqueue._pool.submit
 
@@ -531,8 +600,20 @@ class _Writeback:
             fsync_fd(fd)
             self._rec("fsync", fd)
 
+        fsync_all = _aio.fsync_all
+
+        def t_fsync_all(targets: Any) -> Any:
+            inos = [None if is_dir else os.stat(p).st_ino for p, _, is_dir in targets]
+            errs = fsync_all(targets)
+            for ino, err in zip(inos, errs or [], strict=False):
+                if ino is not None and err is None:
+                    with self._lock:
+                        self.ops.append(("fsync", ino))
+            return errs
+
         monkeypatch.setattr(_fs, "_sync_file_range", hint)
         monkeypatch.setattr(_fs, "fsync_fd", t_fsync_fd)
+        monkeypatch.setattr(_aio, "fsync_all", t_fsync_all)
 
     def _rec(self, kind: str, fd: int) -> None:
         st = os.fstat(fd)

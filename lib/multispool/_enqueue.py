@@ -43,7 +43,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _fs
+from . import _aio, _fs
 
 if TYPE_CHECKING:
     from ._spool import Spool, _Claim
@@ -324,7 +324,13 @@ def sync_files(staged: Sequence[Staged]) -> None:
         for path, fd in files:
             _fs.fsync_file(path, fd)
     else:
-        sync_paths([p for p, _ in files], _fs.fsync_file)
+        errs = _aio.fsync_all([(p, fd, False) for p, fd in files])
+        if errs is None:
+            sync_paths([p for p, _ in files], _fs.fsync_file)
+            return
+        err = next((e for e in errs if e is not None), None)
+        if err is not None:
+            raise err
 
 
 # -- publish ----------------------------------------------------------------------------
@@ -389,8 +395,8 @@ def _sync_round(group: Sequence[_Job]) -> None:
     """Before publishing: the files of the jobs that left them to the group, and each
     directory once (or one syncfs for a job that opted in). One job of one entry syncs
     serially (the lone enqueue: threads would cost it more than they save); a bigger
-    group issues every sync at once from the pool, so the journal merges them into as
-    few commits as it can."""
+    group issues every sync at once (``_aio``, else from the pool's threads), so the
+    journal merges them into as few commits and cache flushes as it can."""
     fsync_jobs = [j for j in group if j.sfd is None]
     files = [(j, f) for j in fsync_jobs if not j.files_synced for st in j.staged for f in st.files()]
     dirs = list({d: None for j in fsync_jobs for d in (j.registry, j.data_dir)})
@@ -404,19 +410,42 @@ def _sync_round(group: Sequence[_Job]) -> None:
                 return  # the job has failed: its directories need no sync
         derrs = {d: _fsync_dir_err(d) for d in dirs}
     else:
-        calls: list[Callable[[], None]] = [functools.partial(_fs.fsync_file, p, fd) for _, (p, fd) in files]
-        owners = [j for j, _ in files]
-        for j in whole:
-            assert j.sfd is not None
-            calls.append(functools.partial(_fs.syncfs, j.sfd, os.path.dirname(j.registry)))
-            owners.append(j)
-        calls += [functools.partial(_fs.fsync_dir, d) for d in dirs]
-        errs = run_all(calls)
-        for j, err in zip(owners, errs[: len(owners)], strict=True):
-            j.error = j.error or err
-        derrs = dict(zip(dirs, errs[len(owners) :], strict=True))
+        together = _sync_together(files, dirs) if not whole else None
+        derrs = together if together is not None else _sync_from_threads(files, dirs, whole)
     for j in fsync_jobs:
         j.error = j.error or derrs[j.registry] or derrs[j.data_dir]
+
+
+def _sync_together(
+    files: list[tuple[_Job, tuple[str, int | None]]], dirs: list[str]
+) -> dict[str, BaseException | None] | None:
+    """A round's file and dir fsyncs all in flight at once (``_aio``): each file's error
+    to its job; returns each dir's. None where AIO is not to be had (nothing done)."""
+    targets = [(p, fd, False) for _, (p, fd) in files] + [(d, None, True) for d in dirs]
+    errs = _aio.fsync_all(targets)
+    if errs is None:
+        return None
+    for (j, _), err in zip(files, errs, strict=False):
+        j.error = j.error or err
+    return dict(zip(dirs, errs[len(files) :], strict=True))
+
+
+def _sync_from_threads(
+    files: list[tuple[_Job, tuple[str, int | None]]], dirs: list[str], whole: list[_Job]
+) -> dict[str, BaseException | None]:
+    """``_sync_together`` from the sync pool's threads, with the syncfs of the jobs that
+    opted in."""
+    calls: list[Callable[[], None]] = [functools.partial(_fs.fsync_file, p, fd) for _, (p, fd) in files]
+    owners = [j for j, _ in files]
+    for j in whole:
+        assert j.sfd is not None
+        calls.append(functools.partial(_fs.syncfs, j.sfd, os.path.dirname(j.registry)))
+        owners.append(j)
+    calls += [functools.partial(_fs.fsync_dir, d) for d in dirs]
+    errs = run_all(calls)
+    for j, err in zip(owners, errs[: len(owners)], strict=True):
+        j.error = j.error or err
+    return dict(zip(dirs, errs[len(owners) :], strict=True))
 
 
 # The queue dirs a stage-one round published into, each with the jobs that need its sync.

@@ -1,0 +1,243 @@
+"""Many fsyncs in flight at once, without a thread for each: Linux AIO's IOCB_CMD_FSYNC.
+
+Why: an fsync that finds its journal transaction already committed still asks the disk
+for a cache flush of its own, and flushes only merge when they are pending together. A
+batch's file syncs issued from 16 threads, each taking its files in turn, reached the
+disk in about 60 flushes for 100 entries (ext4 loop image); all submitted at once they
+join one commit and about 8 flushes, and the batch takes 11 ms instead of 18 (23.6
+instead of 55.8 ms on a disk whose flush costs 1 ms more; docs/benchmarks-batch.md).
+
+The kernel (Linux >= 4.18) runs each request as ``vfs_fsync`` in a kernel worker: the same
+call fsync(2) makes, with the same durability and the same writeback error reporting,
+one result per file. Where AIO cannot be used (not Linux on x86-64, arm64 or riscv64, a
+kernel or a sandbox that refuses it), ``fsync_all`` says so and the caller syncs from
+threads instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import stat
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, Final
+
+from . import _fs
+
+# (io_setup, io_destroy, io_getevents, io_submit), little-endian 64-bit ABIs only: the
+# iocb below is laid out for them.
+_SYSCALLS: Final = {
+    "x86_64": (206, 207, 208, 209),
+    "aarch64": (0, 1, 4, 2),
+    "riscv64": (0, 1, 4, 2),
+}
+_IOCB_CMD_FSYNC: Final = 2
+# Requests in flight per context: more are submitted as these complete.
+CAPACITY: Final = 256
+
+
+class _Iocb(ctypes.Structure):
+    _fields_ = [
+        ("aio_data", ctypes.c_uint64),
+        ("aio_key", ctypes.c_uint32),
+        ("aio_rw_flags", ctypes.c_int32),
+        ("aio_lio_opcode", ctypes.c_uint16),
+        ("aio_reqprio", ctypes.c_int16),
+        ("aio_fildes", ctypes.c_uint32),
+        ("aio_buf", ctypes.c_uint64),
+        ("aio_nbytes", ctypes.c_uint64),
+        ("aio_offset", ctypes.c_int64),
+        ("aio_reserved2", ctypes.c_uint64),
+        ("aio_flags", ctypes.c_uint32),
+        ("aio_resfd", ctypes.c_uint32),
+    ]
+
+
+class _Event(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_uint64),
+        ("obj", ctypes.c_uint64),
+        ("res", ctypes.c_int64),
+        ("res2", ctypes.c_int64),
+    ]
+
+
+def _syscall_function() -> Any:
+    if not sys.platform.startswith("linux") or platform.machine() not in _SYSCALLS:
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    return fn
+
+
+_syscall: Final = _syscall_function()
+_NR: Final = _SYSCALLS.get(platform.machine(), (0, 0, 0, 0))
+
+_lock = threading.Lock()
+_contexts: list[int] = []  # set up and idle, each for one caller at a time
+_usable = _syscall is not None  # False once the kernel refused AIO for good
+
+
+def _setup() -> int | None:
+    """A context from the idle ones, or a new one; None where AIO is not to be had."""
+    global _usable
+    with _lock:
+        if not _usable:
+            return None
+        if _contexts:
+            return _contexts.pop()
+    ctx = ctypes.c_ulong(0)
+    if _syscall(ctypes.c_long(_NR[0]), ctypes.c_uint(CAPACITY), ctypes.byref(ctx)) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EAGAIN:  # EAGAIN: the system's aio-max-nr is used up, for now
+            with _lock:
+                _usable = False
+        return None
+    return ctx.value
+
+
+def _release(ctx: int, idle: bool) -> None:
+    """Give back a context: kept for reuse if ``idle`` (nothing in flight), else
+    destroyed (which waits for what is still in flight)."""
+    if idle:
+        with _lock:
+            _contexts.append(ctx)
+    else:
+        _syscall(ctypes.c_long(_NR[1]), ctypes.c_ulong(ctx))
+
+
+def _reset_after_fork() -> None:
+    # Contexts belong to the parent's address space: a child has none of them.
+    global _lock
+    _lock = threading.Lock()
+    _contexts.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseException | None] | None:
+    """fsync every target (path, its open descriptor or None, whether it is a directory),
+    all in flight at once. Returns each target's error (an OSError naming its path) or
+    None, in order, once every one has finished; or None, having done nothing, where AIO
+    cannot be used here. A file is opened without following a symlink and must be a
+    regular file, as ``_fs.fsync_file`` requires."""
+    if not targets:
+        return []
+    ctx = _setup()
+    if ctx is None:
+        return None
+    errs: list[BaseException | None] = [None] * len(targets)
+    holds = [_fs._FileHold() for _ in targets]
+    fds: list[int | None] = [None] * len(targets)
+    idle = True
+    try:
+        for i, (path, fd, is_dir) in enumerate(targets):
+            if fd is not None:
+                fds[i] = fd
+                continue
+            try:
+                flags = os.O_RDONLY | _fs._DIRECTORY | _fs._CLOEXEC if is_dir else _fs.O_READ
+                own = _fs._open_held(path, flags, 0o777, holds[i])
+                if not is_dir and not stat.S_ISREG(os.fstat(own).st_mode):
+                    raise _fs.not_regular(path)
+                fds[i] = own
+            except OSError as e:
+                errs[i] = _fs._name(e, path)
+        todo = [i for i, fd in enumerate(fds) if fd is not None and errs[i] is None]
+        idle = False
+        serial = _run(ctx, todo, fds, targets, errs)
+        idle = True
+        for i in serial:  # refused by the kernel mid-way: synced here, one by one
+            try:
+                _fs.fsync_fd(fds[i])  # type: ignore[arg-type]
+            except OSError as e:
+                errs[i] = _fs._name(e, targets[i][0])
+    finally:
+        _release(ctx, idle)
+        for h in holds:
+            if h.fd is not None:
+                _fs._close_held(h.fd, h)
+    return errs
+
+
+def _run(
+    ctx: int,
+    todo: list[int],
+    fds: list[int | None],
+    targets: Sequence[tuple[str, int | None, bool]],
+    errs: list[BaseException | None],
+) -> list[int]:
+    """Submit an fsync for each index of ``todo``, at most CAPACITY in flight, and reap
+    every one. Returns the indexes the kernel refused to take (to sync otherwise).
+    Interrupted (a signal handler's exception), it raises with requests still in flight:
+    the caller then destroys the context, which waits for them."""
+    global _usable
+    n = len(todo)
+    cbs = (_Iocb * n)()
+    ptrs = (ctypes.POINTER(_Iocb) * n)()
+    for k, i in enumerate(todo):
+        cbs[k].aio_data = i
+        cbs[k].aio_lio_opcode = _IOCB_CMD_FSYNC
+        cbs[k].aio_fildes = fds[i]
+        ptrs[k] = ctypes.pointer(cbs[k])
+    events = (_Event * CAPACITY)()
+    ptr_size = ctypes.sizeof(ctypes.c_void_p)
+    submitted = inflight = 0
+    while submitted < n or inflight:
+        room = min(n - submitted, CAPACITY - inflight)
+        if room:
+            r = _syscall(
+                ctypes.c_long(_NR[3]), ctypes.c_ulong(ctx), ctypes.c_long(room),
+                ctypes.byref(ptrs, submitted * ptr_size),
+            )
+            if r > 0:
+                submitted += r
+                inflight += r
+                continue
+            err = ctypes.get_errno()
+            if not (err == errno.EINTR or (err == errno.EAGAIN and inflight)):
+                # Not to be had for these files (EINVAL: a kernel before 4.18 or a file
+                # without fsync; ENOSYS, EPERM: a sandbox; EAGAIN: no resources): what
+                # was not taken is synced otherwise, and AIO is not tried again where
+                # the kernel refuses it as such.
+                if err in (errno.ENOSYS, errno.EPERM) or (err == errno.EINVAL and submitted == 0):
+                    with _lock:
+                        _usable = False
+                while inflight:
+                    inflight -= _reap(ctx, inflight, events, targets, errs)
+                return todo[submitted:]
+            if not inflight:
+                continue  # interrupted before anything was taken: submit again
+        inflight -= _reap(ctx, inflight, events, targets, errs)
+    return []
+
+
+def _reap(
+    ctx: int, inflight: int, events: Any, targets: Sequence[tuple[str, int | None, bool]],
+    errs: list[BaseException | None],
+) -> int:
+    """Wait for at least one request in flight to finish; record the results of all that
+    have. Returns how many."""
+    r = _syscall(
+        ctypes.c_long(_NR[2]), ctypes.c_ulong(ctx), ctypes.c_long(1), ctypes.c_long(inflight),
+        events, None,
+    )
+    if r < 0:
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            return 0
+        raise OSError(err, f"io_getevents: {os.strerror(err)}")
+    for ev in events[:r]:
+        if ev.res < 0:
+            i = int(ev.data)
+            errs[i] = OSError(-ev.res, os.strerror(-ev.res), targets[i][0])
+    return int(r)
