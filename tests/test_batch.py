@@ -529,6 +529,50 @@ def test_batch_sync_round_hands_each_pool_thread_one_share(
     assert submits[0] == _enqueue.SYNC_THREADS - 1
 
 
+def test_a_lone_enqueue_among_others_syncs_its_four_at_once(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, sync_path: str
+) -> None:
+    """Alone in the process, an enqueue syncs its two files and two dirs one by one (the
+    cheapest there); leading while other enqueues are under way (here one in its queue
+    dir sync), it holds up their next round, so it hands all four to the kernel at once."""
+    tr = _Trace(monkeypatch, full_spool)
+    rounds: list[list[str]] = []
+    fsync_all = _aio.fsync_all
+
+    def recording(targets: Any) -> Any:
+        rounds.append(sorted(os.path.relpath(p, full_spool.dir) for p, _, _ in targets))
+        return fsync_all(targets)
+
+    monkeypatch.setattr(_aio, "fsync_all", recording)
+    first = full_spool.enqueue(Queue.QUEUE1, Cog(n=0), b"")
+    assert rounds == []  # alone: one by one
+    in_stage_two = threading.Event()
+    release = threading.Event()
+
+    def hold(path: str) -> None:
+        if path.endswith("queue1") and not in_stage_two.is_set():
+            in_stage_two.set()
+            release.wait(10)
+
+    tr.before_dir_sync = hold  # type: ignore[method-assign]
+    other: list[Any] = []
+    t = threading.Thread(target=lambda: other.append(full_spool.enqueue(Queue.QUEUE1, Cog(n=1), b"")))
+    t.start()
+    try:
+        assert in_stage_two.wait(10)
+        e = full_spool.enqueue(Queue.QUEUE1, Cog(n=2), b"")
+    finally:
+        release.set()
+        t.join(10)
+    assert isinstance(other[0], multispool.Entry) and first.name != e.name
+    if sync_path == "aio":
+        assert rounds == [sorted([f".tmp/{e.name}", f".data/{e.name}", ".registry", ".data"])]
+    else:
+        assert rounds == []  # without AIO, threads would cost it more than they save
+        own = [op for op in tr.ops if e.name in op[1]]
+        assert own[:2] == [("fsync", f".tmp/{e.name}"), ("fsync", f".data/{e.name}")]
+
+
 def test_sync_pool_grows_past_threads_left_idle_by_a_smaller_round() -> None:
     """A round of SYNC_THREADS shares runs them all at once, also when a smaller round
     left only a few pool threads alive: idle threads count for one task each, not for

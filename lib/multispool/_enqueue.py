@@ -391,17 +391,19 @@ def _fsync_dir_err(path: str) -> BaseException | None:
     return None
 
 
-def _sync_round(group: Sequence[_Job]) -> None:
+def _sync_round(group: Sequence[_Job], crowded: bool = False) -> None:
     """Before publishing: the files of the jobs that left them to the group, and each
-    directory once (or one syncfs for a job that opted in). One job of one entry syncs
-    serially (the lone enqueue: threads would cost it more than they save); a bigger
-    group issues every sync at once (``_aio``, else from the pool's threads), so the
-    journal merges them into as few commits and cache flushes as it can."""
+    directory once (or one syncfs for a job that opted in). A bigger group issues every
+    sync at once (``_aio``, else from the pool's threads), so the journal merges them
+    into as few commits and cache flushes as it can. One job of one entry syncs
+    serially (the lone enqueue: measured, the kernel workers' wake-ups cost it more
+    than they save), unless ``crowded`` (other enqueues of this process are under way:
+    its round holds up theirs, so its syncs go at once through AIO, where it is had)."""
     fsync_jobs = [j for j in group if j.sfd is None]
     files = [(j, f) for j in fsync_jobs if not j.files_synced for st in j.staged for f in st.files()]
     dirs = list({d: None for j in fsync_jobs for d in (j.registry, j.data_dir)})
     whole = [j for j in group if j.sfd is not None]
-    if len(files) <= 2 and len(group) == 1 and not whole:
+    if len(files) <= 2 and len(group) == 1 and not whole and not (crowded and _aio._usable):
         for j, (p, fd) in files:
             try:
                 _fs.fsync_file(p, fd)
@@ -452,10 +454,11 @@ def _sync_from_threads(
 QueueSyncs = dict[str, list[_Job]]
 
 
-def _publish_group(group: Sequence[_Job]) -> QueueSyncs:
+def _publish_group(group: Sequence[_Job], crowded: bool = False) -> QueueSyncs:
     """Stage one of a round: sync files and dirs (each dir once), then publish each job.
-    Returns the queue dirs to sync (stage two). Errors go to the jobs they concern."""
-    _sync_round(group)
+    Returns the queue dirs to sync (stage two). Errors go to the jobs they concern.
+    ``crowded``: see ``_sync_round``."""
+    _sync_round(group, crowded)
     qdirs: QueueSyncs = {}
     for j in group:
         if j.error is not None:
@@ -524,6 +527,7 @@ class _Committer:
         self._busy = False  # a leader is in stage one
         self._want_lead = 0  # followers waiting on _free
         self._want_done = 0  # followers waiting on _done
+        self._active = 0  # jobs in commit(), in either stage or waiting
 
     def _await_done(self, job: _Job) -> None:
         # Lock held. The job is in a leader's round: wait until the round ends, even when
@@ -541,6 +545,15 @@ class _Committer:
             raise err
 
     def commit(self, job: _Job) -> None:
+        with self._free:
+            self._active += 1
+        try:
+            self._commit(job)
+        finally:
+            with self._free:
+                self._active -= 1
+
+    def _commit(self, job: _Job) -> None:
         with self._free:
             self._waiting.append(job)
             while self._busy and not job.taken:
@@ -569,6 +582,7 @@ class _Committer:
             for j in group:
                 j.taken = True
             self._busy = True
+            alone = self._active == 1
             if self._want_lead:
                 # Every follower now waiting is in this group: move them to _done, so
                 # that the notify below, at the end of stage one, reaches a new job.
@@ -576,7 +590,7 @@ class _Committer:
         qdirs: QueueSyncs = {}
         try:
             try:
-                qdirs = _publish_lone(job) if len(group) == 1 else _publish_group(group)
+                qdirs = _publish_lone(job) if len(group) == 1 and alone else _publish_group(group, True)
             finally:
                 with self._free:
                     self._busy = False
