@@ -23,6 +23,18 @@ The crash model (what a power cut after a given system call may leave on disk):
   change); other calls take effect when they **complete** (strace's order of completion).
 * ``sync``/``syncfs`` make everything durable. Writes append to the file (the library
   writes files sequentially after ``O_TRUNC``/``O_CREAT``); ``pwrite`` writes at its offset.
+* **Linux AIO fsyncs** (``IOCB_CMD_FSYNC``/``IOCB_CMD_FDSYNC`` iocbs, ``multispool._aio``)
+  are fsyncs split over two calls. Each request's snapshot of its file or directory is
+  taken when the ``io_submit`` that carries it **starts** (the kernel may run the fsync at
+  any moment after that; the start is the earliest, as for ``fsync``), and it becomes
+  durable when the ``io_getevents`` that reports its completion **returns**, matched by
+  (process, context, ``aio_data``): contexts belong to a process, shared by its threads
+  (thread ids are mapped to processes through the traced ``clone``/``clone3``). Only the
+  first ``n`` iocbs of an ``io_submit`` that returned ``n`` are in flight; an event with
+  ``res < 0`` makes nothing durable, nor does a request still in flight at the crash or
+  when its context is destroyed (``io_destroy`` waits for it, but nobody learns whether
+  it succeeded). Any other opcode, an event that matches no request in flight, or an
+  array strace abbreviated is an error of the checker, never ignored.
 
 This is the most pessimistic single state per crash point (everything not fsynced is
 lost); a real file system may also keep any subset of what was not fsynced. Crash points
@@ -65,8 +77,11 @@ WORKLOAD = os.path.join(HERE, "_crash_workload.py")
 
 SYSCALLS = (
     "open,openat,write,pwrite64,writev,fsync,fdatasync,rename,renameat,renameat2,link,linkat,"
-    "unlink,unlinkat,mkdir,mkdirat,rmdir,ftruncate,sync,syncfs"
+    "unlink,unlinkat,mkdir,mkdirat,rmdir,ftruncate,sync,syncfs,"
+    "io_submit,io_getevents,io_destroy,clone,clone3"
 )
+# The AIO requests that are fsyncs; io_submit of anything else is refused (see _iocb_fsyncs).
+AIO_FSYNC_OPCODES = ("IOCB_CMD_FSYNC", "IOCB_CMD_FDSYNC")
 
 
 def strace_path() -> str | None:
@@ -138,6 +153,89 @@ def _arg(a: str) -> Any:
     return a
 
 
+@dataclasses.dataclass(frozen=True)
+class Iocb:
+    """One request of an ``io_submit``, as strace printed it."""
+
+    data: int  # aio_data
+    opcode: str  # "IOCB_CMD_FSYNC", ..., or strace's text for an unknown one ("42 /* IOCB_CMD_??? */")
+    fd: Any  # ("fd", n, path, deleted), as _arg gives it
+
+
+@dataclasses.dataclass(frozen=True)
+class IoEvent:
+    """One completion reported by ``io_getevents``."""
+
+    data: int
+    res: int
+
+
+def _array(s: str, what: str) -> list[str]:
+    """The elements of an array strace printed in full; an abbreviated one (strace stops
+    after ``-s`` elements and prints ``...``) or anything else is an error."""
+    if not (s.startswith("[") and s.endswith("]")):
+        raise ValueError(f"crash model: {what}: expected an array, strace printed {s[:200]!r}")
+    inner = s[1:-1]
+    elems = _split_args(inner) if inner else []
+    if "..." in elems:
+        raise ValueError(f"crash model: {what}: strace abbreviated the array (raise -s)")
+    return elems
+
+
+def _struct(s: str, what: str) -> dict[str, str]:
+    if not (s.startswith("{") and s.endswith("}")):
+        raise ValueError(f"crash model: {what}: expected a structure, strace printed {s[:200]!r}")
+    out = {}
+    for field in _split_args(s[1:-1]):
+        k, eq, v = field.partition("=")
+        if not eq or field == "...":
+            raise ValueError(f"crash model: {what}: cannot read {field[:200]!r} of {s[:200]!r}")
+        out[k] = v
+    return out
+
+
+def _iocb(s: str) -> Iocb:
+    f = _struct(s, "io_submit iocb")
+    try:
+        fd = _arg(f["aio_fildes"])
+        cb = Iocb(int(f["aio_data"], 0), f["aio_lio_opcode"], fd)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"crash model: cannot read the iocb {s[:300]!r}: {e!r}") from None
+    if not (isinstance(fd, tuple) and fd[0] == "fd"):
+        raise ValueError(f"crash model: cannot read the descriptor of the iocb {s[:300]!r}")
+    return cb
+
+
+def _io_event(s: str) -> IoEvent:
+    f = _struct(s, "io_getevents event")
+    try:
+        return IoEvent(int(f["data"], 0), int(f["res"], 0))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"crash model: cannot read the io_event {s[:300]!r}: {e!r}") from None
+
+
+def _aio_args(name: str, argstr: str, ret: int) -> list[Any]:
+    """io_submit: [ctx, nr, [Iocb, ...]]; io_getevents: [ctx, min_nr, nr, [IoEvent, ...]]
+    (the events only when it returned some); io_destroy: [ctx]."""
+    a = _split_args(argstr)
+    try:
+        if name == "io_submit" and len(a) == 3:
+            return [int(a[0], 0), int(a[1], 0), [_iocb(e) for e in _array(a[2], "io_submit")]]
+        if name == "io_getevents" and len(a) == 5:
+            evs = [_io_event(e) for e in _array(a[3], "io_getevents")] if ret > 0 else []
+            return [int(a[0], 0), int(a[1], 0), int(a[2], 0), evs]
+        if name == "io_destroy" and len(a) == 1:
+            return [int(a[0], 0)]
+    except ValueError as e:
+        if str(e).startswith("crash model:"):
+            raise
+        raise ValueError(f"crash model: cannot read {name}({argstr[:300]}): {e}") from None
+    raise ValueError(f"crash model: unexpected arguments {name}({argstr[:300]})")
+
+
+_AIO_CALLS = ("io_submit", "io_getevents", "io_destroy")
+
+
 def parse_trace(path: str) -> list[Call]:
     """The completed calls of a ``strace -f -xx -y`` output, in order of completion."""
     pending: dict[int, tuple[str, int]] = {}
@@ -150,7 +248,10 @@ def parse_trace(path: str) -> list[Call]:
             continue
         pid, rest = int(m.group(1)), m.group(2)
         if rest.endswith("<unfinished ...>"):
-            pending[pid] = (rest[: -len("<unfinished ...>")].rstrip(), idx)
+            # Keep a trailing ", ": a call cut after its input arguments (io_getevents)
+            # resumes with the next argument.
+            before = rest[: -len("<unfinished ...>")].rstrip()
+            pending[pid] = (before + " " if before.endswith(",") else before, idx)
             continue
         start = idx
         if rest.startswith("<... "):
@@ -163,7 +264,12 @@ def parse_trace(path: str) -> list[Call]:
         if not cm:
             continue
         name, argstr, ret = cm.group(1), cm.group(2), int(cm.group(3))
-        args = [_arg(a) for a in _split_args(argstr)] if argstr else []
+        if name in _AIO_CALLS:
+            args = _aio_args(name, argstr, ret)
+        elif name in ("clone", "clone3"):
+            args = [argstr]  # only its flags are read (CLONE_THREAD)
+        else:
+            args = [_arg(a) for a in _split_args(argstr)] if argstr else []
         ret_path = _path(cm.group(4)) if cm.group(4) is not None else None
         if cm.group(5):
             ret_path = (ret_path or "") + "(deleted)"
@@ -352,25 +458,127 @@ def replay(
     """Yield (model, acknowledgement records so far, number of calls replayed) at the
     start and after every call that changed the durable state or wrote an
     acknowledgement. An fsync records the state when it started: its snapshot is taken
-    before the first call that completed after its start."""
+    before the first call that completed after its start (for an AIO fsync: the start of
+    its io_submit; it is applied when the io_getevents that reaps it completes)."""
     acks: list[dict[str, Any]] = list(initial_acks or [])
-    starts: dict[int, list[int]] = collections.defaultdict(list)
+    # The snapshots to take, by the line where their call started: (index of an fsync,
+    # None) or (index of an io_submit, index of its iocb).
+    starts: dict[int, list[tuple[int, int | None]]] = collections.defaultdict(list)
     for i, c in enumerate(calls):
         if c.name in ("fsync", "fdatasync"):
-            starts[c.started].append(i)
+            starts[c.started].append((i, None))
+        elif c.name == "io_submit":
+            starts[c.started] += [(i, k) for k in _iocb_fsyncs(c)]
     start_order = sorted(starts)
-    snap: dict[int, Any] = {}
+    process = _processes(calls)
+    aio = _Aio()
+    snap: dict[tuple[int, int | None], Any] = {}
     si = 0
     yield model, list(acks), 0
     for i, c in enumerate(calls):
         while si < len(start_order) and start_order[si] <= c.line:
-            for j in starts[start_order[si]]:
-                node = _fd_node(model, calls[j].args[0], calls[j].pid)
+            for j, k in starts[start_order[si]]:
+                fd = calls[j].args[0] if k is None else calls[j].args[2][k].fd
+                node = _fd_node(model, fd, calls[j].pid)
                 if node is not None:
-                    snap[j] = (node, model.snapshot(node), calls[j].started)
+                    snap[(j, k)] = (node, model.snapshot(node), calls[j].started)
             si += 1
-        if _apply(model, c, acks, acks_path, snap.pop(i, None)):
+        if c.name in _AIO_CALLS:
+            changed = aio.apply(model, c, process.get(c.pid, c.pid), snap, i)
+        else:
+            changed = _apply(model, c, acks, acks_path, snap.pop((i, None), None))
+        if changed:
             yield model, list(acks), i + 1
+
+
+def _iocb_fsyncs(c: Call) -> range:
+    """The indexes of an io_submit's iocbs (all of them: each must be an fsync)."""
+    for cb in c.args[2]:
+        if cb.opcode not in AIO_FSYNC_OPCODES:
+            raise NotImplementedError(
+                f"crash model: io_submit of {cb.opcode} (aio_data={cb.data:#x}, trace line "
+                f"{c.started + 1}): only {' and '.join(AIO_FSYNC_OPCODES)} are modelled"
+            )
+    return range(len(c.args[2]))
+
+
+def _processes(calls: list[Call]) -> dict[int, int]:
+    """The process (thread group) of every thread a traced clone/clone3 created with
+    CLONE_THREAD; a thread id not in it is its own process's (its main thread, or a
+    process made by fork)."""
+    creator: dict[int, int] = {}
+    created: set[int] = set()
+    for c in calls:
+        if c.name in ("clone", "clone3") and c.ret > 0:
+            if c.ret in created:
+                raise ValueError(f"crash model: thread id {c.ret} created twice: cannot tell processes apart")
+            created.add(c.ret)
+            if "CLONE_THREAD" in c.args[0]:
+                creator[c.ret] = c.pid
+    out = {}
+    for t in creator:
+        p = t
+        while p in creator:
+            p = creator[p]
+        out[t] = p
+    return out
+
+
+class _Aio:
+    """The AIO fsyncs in flight: submitted (io_submit returned), not yet reaped."""
+
+    def __init__(self) -> None:
+        # (process, context, aio_data) -> (node, snapshot, started), or None for a file the
+        # model does not follow (outside the spool)
+        self.inflight: dict[tuple[int, int, int], Any] = {}
+
+    def apply(
+        self, model: Model, c: Call, proc: int, snap: dict[tuple[int, int | None], Any], i: int
+    ) -> bool:
+        """Apply one completed io_submit, io_getevents or io_destroy (``i`` its index);
+        True if the durable state changed."""
+        if c.name == "io_submit":
+            ctx, _, cbs = c.args
+            taken = [snap.pop((i, k), None) for k in range(len(cbs))]
+            if c.ret > len(cbs):
+                raise ValueError(f"crash model: io_submit of {len(cbs)} iocbs returned {c.ret} "
+                                 f"(line {c.line + 1})")
+            for k in range(max(c.ret, 0)):  # the kernel took the first c.ret, in order
+                key = (proc, ctx, cbs[k].data)
+                if key in self.inflight:
+                    raise ValueError(
+                        f"crash model: two requests with aio_data={cbs[k].data:#x} in flight in context "
+                        f"{ctx:#x} of process {proc} (line {c.line + 1}): cannot tell their completions apart"
+                    )
+                self.inflight[key] = taken[k]
+            return False
+        if c.name == "io_getevents":
+            ctx, events = c.args[0], c.args[3]
+            if c.ret <= 0:
+                return False
+            if len(events) != c.ret:
+                raise ValueError(f"crash model: io_getevents returned {c.ret} but shows {len(events)} events "
+                                 f"(line {c.line + 1})")
+            changed = False
+            for ev in events:
+                key = (proc, ctx, ev.data)
+                if key not in self.inflight:
+                    raise ValueError(
+                        f"crash model: io_getevents (line {c.line + 1}) reports data={ev.data:#x} of context "
+                        f"{ctx:#x}, which no traced io_submit of process {proc} has in flight"
+                    )
+                s = self.inflight.pop(key)
+                if ev.res < 0 or s is None:
+                    continue  # failed: nothing made durable; or not a file of the model
+                model.fsync(*s)
+                changed = True
+            return changed
+        if c.name == "io_destroy" and c.ret == 0:
+            # It waits for the requests in flight, but their results are lost: none counts.
+            ctx = c.args[0]
+            for key in [k for k in self.inflight if k[:2] == (proc, ctx)]:
+                del self.inflight[key]
+        return False
 
 
 def _fd_node(model: Model, fd: Any, pid: int) -> Inode | DirNode | None:

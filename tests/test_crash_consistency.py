@@ -138,6 +138,172 @@ def test_checker_catches_checkout_lost_by_another_enqueue(tmp_path: Path) -> Non
     assert _old_protocol_violations(tmp_path, build).get("lost", 0) >= 1
 
 
+# -- the model's AIO fsyncs (multispool._aio), from strace lines as strace 6.1 prints them ---------
+CTX = "0x7f87dd73d000"
+
+
+def _hx(s: str | bytes) -> str:
+    """A path or data as ``strace -xx`` prints it."""
+    b = s.encode() if isinstance(s, str) else s
+    return "".join(f"\\x{c:02x}" for c in b)
+
+
+def _x(n: int) -> str:
+    return "0" if n == 0 else hex(n)  # strace prints 0, 0x1, 0x2...
+
+
+def _event(data: int, res: int = 0) -> str:
+    return f"{{data={_x(data)}, obj={0x7F87DD902430 + 0x40 * data:#x}, res={res}, res2=0}}"
+
+
+class _Strace:
+    """A hand-written ``strace -f -qq -xx -y`` excerpt."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.lines: list[str] = []
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def fd(self, n: int, rel: str) -> str:
+        return f"{n}<{_hx(self.path(rel))}>"
+
+    def cb(self, data: int, fd: int, rel: str, op: str = "IOCB_CMD_FSYNC") -> str:
+        return f"{{aio_data={_x(data)}, aio_lio_opcode={op}, aio_fildes={self.fd(fd, rel)}}}"
+
+    def create(self, pid: int, fd: int, rel: str, data: bytes) -> None:
+        self.lines.append(f'{pid}  openat(AT_FDCWD<{_hx("/")}>, "{_hx(self.path(rel))}", '
+                          f"O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0600) = {self.fd(fd, rel)}")
+        self.write(pid, fd, rel, data)
+
+    def write(self, pid: int, fd: int, rel: str, data: bytes) -> None:
+        self.lines.append(f'{pid}  write({self.fd(fd, rel)}, "{_hx(data)}", {len(data)}) = {len(data)}')
+
+    def submit(self, pid: int, cbs: list[str], ret: int | None = None, split: bool = False) -> None:
+        call = f"{pid}  io_submit({CTX}, {len(cbs)}, [{', '.join(cbs)}]"
+        r = len(cbs) if ret is None else ret
+        if split:  # as strace -f shows a call another thread's call interrupts
+            self.lines += [f"{call} <unfinished ...>", f"{pid}  <... io_submit resumed>)          = {r}"]
+        else:
+            self.lines.append(f"{call}) = {r}")
+
+    def getevents(self, pid: int, events: list[str], split: bool = False) -> None:
+        head = f"{pid}  io_getevents({CTX}, 1, {len(events)}, "
+        tail = f"[{', '.join(events)}], NULL) = {len(events)}"
+        if split:
+            self.lines += [f"{head} <unfinished ...>", f"{pid}  <... io_getevents resumed>{tail}"]
+        else:
+            self.lines.append(head + tail)
+
+    def calls(self, tmp: Path) -> list[Call]:
+        trace = tmp / "trace"
+        trace.write_text("\n".join(self.lines) + "\n")
+        return _crashmodel.parse_trace(str(trace))
+
+
+def _durable_after_each_call(tmp: Path, t: _Strace) -> dict[int, tuple[bytes | None, list[str]]]:
+    """After each call that changed the durable state: (durable data of d/f, durable names
+    in d)."""
+    model = Model(t.root)
+    out = {}
+    for m, _, index in _crashmodel.replay(t.calls(tmp), model, str(tmp / "acks")):
+        d = m.dirs[t.path("d")]
+        f = d.entries.get("f")
+        out[index] = (f.durable if isinstance(f, _crashmodel.Inode) else None, sorted(d.durable or {}))
+    return out
+
+
+@pytest.fixture
+def aio_trace(tmp_path: Path) -> _Strace:
+    (tmp_path / "root" / "d").mkdir(parents=True)
+    return _Strace(str(tmp_path / "root"))
+
+
+def test_model_aio_fsync_is_durable_when_its_event_is_reaped(tmp_path: Path, aio_trace: _Strace) -> None:
+    t = aio_trace
+    t.create(100, 3, "d/f", b"first")
+    t.submit(100, [t.cb(0, 3, "d/f"), t.cb(1, 4, "d")], split=True)  # calls 2
+    t.lines.insert(-1, f"101  write({t.fd(7, 'd/f')}, \"{_hx(b'+other')}\", 6) = 6")  # call 3: in the submit
+    t.write(100, 3, "d/f", b"+late")  # call 4: after the submit: in no snapshot
+    t.getevents(100, [_event(1)], split=True)  # call 5: the directory
+    t.getevents(100, [_event(0)])  # call 6: the file
+    assert [c.name for c in t.calls(tmp_path)] == ["openat", "write", "write", "io_submit", "write",
+                                                    "io_getevents", "io_getevents"]
+    states = _durable_after_each_call(tmp_path, t)
+    # Nothing durable before the io_getevents that reaps each request returns; then the
+    # state as it was when the io_submit started ("+other" completed after that start).
+    assert states == {0: (None, []), 6: (None, ["f"]), 7: (b"first", ["f"])}
+
+
+def test_model_aio_fsync_that_failed_makes_nothing_durable(tmp_path: Path, aio_trace: _Strace) -> None:
+    t = aio_trace
+    t.create(100, 3, "d/f", b"first")
+    t.submit(100, [t.cb(0, 3, "d/f"), t.cb(1, 4, "d")])
+    t.getevents(100, [_event(0, res=-5), _event(1, res=-28)])
+    assert _durable_after_each_call(tmp_path, t) == {0: (None, [])}
+
+
+def test_model_aio_only_the_requests_io_submit_took_are_in_flight(tmp_path: Path, aio_trace: _Strace) -> None:
+    t = aio_trace
+    t.create(100, 3, "d/f", b"first")
+    t.submit(100, [t.cb(0, 4, "d"), t.cb(1, 3, "d/f")], ret=1)
+    t.getevents(100, [_event(0)])
+    assert _durable_after_each_call(tmp_path, t) == {0: (None, []), 4: (None, ["f"])}
+    t.getevents(100, [_event(1)])  # the refused one, reaped: the model cannot explain it
+    with pytest.raises(ValueError, match="no traced io_submit of process 100 has in flight"):
+        _durable_after_each_call(tmp_path, t)
+
+
+def test_model_aio_completions_are_matched_within_their_process(tmp_path: Path, aio_trace: _Strace) -> None:
+    # Two processes (forked workers) whose contexts have the same address and whose requests
+    # the same aio_data; a thread of the second (clone3 with CLONE_THREAD) reaps its own.
+    t = aio_trace
+    t.create(100, 3, "d/f", b"first")
+    t.lines.append("200  clone3({flags=CLONE_VM|CLONE_FS|CLONE_FILES|CLONE_SIGHAND|CLONE_THREAD|"
+                   "CLONE_SYSVSEM|CLONE_SETTLS|CLONE_PARENT_SETTID|CLONE_CHILD_CLEARTID, "
+                   "child_tid=0x7f7fb3fd0990, parent_tid=0x7f7fb3fd0990, exit_signal=0, "
+                   "stack=0x7f7fb37d0000, stack_size=0x7fff80, tls=0x7f7fb3fd06c0} "
+                   "=> {parent_tid=[201]}, 88) = 201")
+    t.submit(100, [t.cb(0, 3, "d/f")])
+    t.submit(201, [t.cb(0, 5, "d")])
+    t.getevents(100, [_event(0)])  # call 5: process 100's: the file only
+    t.getevents(200, [_event(0)])  # call 6: process 200's: the directory
+    assert _durable_after_each_call(tmp_path, t) == {0: (None, []), 6: (b"first", []), 7: (b"first", ["f"])}
+
+
+@pytest.mark.parametrize("op", ["IOCB_CMD_PREAD", "IOCB_CMD_NOOP", "42 /* IOCB_CMD_??? */"])
+def test_model_aio_refuses_other_requests(tmp_path: Path, aio_trace: _Strace, op: str) -> None:
+    t = aio_trace
+    t.create(100, 3, "d/f", b"first")
+    t.submit(100, [t.cb(0, 4, "d"), t.cb(1, 3, "d/f", op=op)], ret=-1)
+    with pytest.raises(NotImplementedError, match="only IOCB_CMD_FSYNC and IOCB_CMD_FDSYNC"):
+        _durable_after_each_call(tmp_path, t)
+
+
+def test_model_aio_fdsync_counts_and_pwrite_iocb_is_refused(tmp_path: Path, aio_trace: _Strace) -> None:
+    t = aio_trace
+    t.create(100, 3, "d/f", b"first")
+    t.submit(100, [t.cb(7, 3, "d/f", op="IOCB_CMD_FDSYNC")])
+    t.getevents(100, [_event(7)])
+    assert _durable_after_each_call(tmp_path, t) == {0: (None, []), 4: (b"first", [])}
+    # as strace printed a PWRITE request
+    t.submit(100, [f"{{aio_data=0x9, aio_lio_opcode=IOCB_CMD_PWRITE, aio_fildes={t.fd(3, 'd/f')}, "
+                   f'aio_buf="{_hx(bytes(10))}", aio_nbytes=10, aio_offset=0}}'])
+    with pytest.raises(NotImplementedError, match="IOCB_CMD_PWRITE"):
+        _durable_after_each_call(tmp_path, t)
+
+
+def test_model_aio_fails_on_an_abbreviated_array(tmp_path: Path, aio_trace: _Strace) -> None:
+    t = aio_trace
+    t.submit(100, [t.cb(0, 3, "d/f"), t.cb(1, 4, "d"), "..."], ret=3)
+    with pytest.raises(ValueError, match="strace abbreviated the array"):
+        t.calls(tmp_path)
+    t.lines = [f"100  io_getevents({CTX}, 1, 3, [{_event(0)}, {_event(1)}, ...], NULL) = 3"]
+    with pytest.raises(ValueError, match="strace abbreviated the array"):
+        t.calls(tmp_path)
+
+
 # -- recovery of interrupted moves ------------------------------------------------------------
 class Q(enum.Enum):
     A = "a"
