@@ -133,10 +133,8 @@ def enqueue(
     (a delayed enqueue writes its due time there)."""
     staged: list[Staged] = []
     try:
-        # A syncfs writes everything back in one sweep that merges the writes; starting
-        # each file's writeback first would only split them up.
-        writeback = spool.spoolable.durability != "none" and sfd is None
-        write(spool, staged, dirname, items, reserve=reserve, use=use, writeback=writeback)
+        wb = _writeback(spool, items, sfd)
+        write(spool, staged, dirname, items, reserve=reserve, use=use, writeback=wb)
         if prepare is not None:
             prepare(staged)
         commit(spool, staged, sfd)
@@ -144,6 +142,23 @@ def enqueue(
         abandon(staged)  # again: what commit did not get to (published entries are kept)
         raise
     return [st.name for st in staged]
+
+
+def _writeback(spool: Spool[Any, Any], items: Sequence[Item], sfd: int | None) -> bool:
+    """Whether to start each file's writeback as it is written (``_fs.start_writeback``):
+    where its fsyncs will be issued one after another, or from threads. There it puts
+    every block allocation into one journal transaction, committed once (a lone
+    enqueue: 3 commits -> 2, 1.3x). Not for what will be synced together through AIO (a
+    batch, or an enqueue among others under way): the fsyncs in flight together get the
+    same commit sharing without it, and the hints' calls, one by one in the writer,
+    cost more than they save (batch of 100: 12.7 against 15.1 ms on ext4, 13.3 against
+    16.1 ms on xfs; a journal busy with other writers makes each call wait). Nor for a
+    syncfs batch: its one sweep merges the writes, which early starts would split."""
+    if spool.spoolable.durability == "none" or sfd is not None:
+        return False
+    if not _aio._usable:
+        return True
+    return len(items) == 1 and _committer._active == 0
 
 
 def write(
