@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -254,6 +255,37 @@ def _mounted(tmp_path: Path, spoolable: multispool.Spoolable[bytes]) -> tuple[Pa
         d.mkdir()
     multispool.Spool.create(source / "spool", spoolable)
     return source, m1, m2
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sync_path", ["aio", "threads"])
+def test_durable_batch_and_group_through_a_fuse_mount(
+    tmp_path: Path, spoolable: multispool.Spoolable[bytes], monkeypatch: pytest.MonkeyPatch, sync_path: str
+) -> None:
+    """A batch and concurrent enqueues on a FUSE mount (bindfs, as GlusterFS's client is):
+    their fsyncs, through AIO or from threads, reach the filesystem and succeed, and the
+    entries are whole seen through another mount."""
+    from multispool import _aio
+
+    if sync_path == "threads":
+        monkeypatch.setattr(_aio, "_usable", False)
+    elif not _aio._usable:
+        pytest.skip("Linux AIO fsync is not available here")
+    source, m1, m2 = _mounted(tmp_path, spoolable)
+    with bindfs_mount(source, m1), bindfs_mount(source, m2):
+        spool1 = multispool.Spool.load(m1 / "spool", spoolable)
+        entries = spool1.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"d%d" % i) for i in range(40)])
+        args = [(Queue.QUEUE2, Cog(n=i), b"t%d" % i) for i in range(8)]
+        threads = [threading.Thread(target=spool1.enqueue, args=a) for a in args]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        spool2 = multispool.Spool.load(m2 / "spool", spoolable)
+        got = [(e.direct.contents(), e.direct.data_file().load()) for e in spool2.list(Queue.QUEUE1)]
+        assert got == [(Cog(n=i), b"d%d" % i) for i in range(40)]
+        assert [e.name for e in spool2.list(Queue.QUEUE1)] == [e.name for e in entries]
+        assert sorted(e.direct.contents().n for e in spool2.list(Queue.QUEUE2)) == list(range(8))
 
 
 HOLDER = """
