@@ -13,8 +13,16 @@ layout; published by renaming tmp into the queue dir. Variants:
   batch N / serial   N entries: 2N file fsyncs one after the other, each dir once
   batch N / pool K   same, file fsyncs issued from K threads at once
   batch N / syncfs   same, one syncfs(2) instead of the file and dir fsyncs (whole fs)
+  batch N / hint+pool K   as "pool K", each file's writeback started (sync_file_range
+                     SYNC_FILE_RANGE_WRITE) as it is written
+  batch N / aio      the 2N file fsyncs and both dir fsyncs in flight at once through
+                     Linux AIO (IOCB_CMD_FSYNC; multispool's _aio.fsync_all)
+  batch N / hint+aio both
 
-Prints entries per second, median of --repeat runs of --seconds each.
+Prints entries per second, median of --repeat runs of --seconds each. With --dev NAME (a
+block device under /sys/block, e.g. loop0), each cell also gives the cache flushes the
+device completed and, for ext4, the journal commits (/proc/fs/jbd2/NAME-8), per step
+(a batch, or one entry).
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ class Spool:
         self.pool = concurrent.futures.ThreadPoolExecutor(4)
         self.pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 
-    def write(self, sync_files: Callable[[int], None] | None) -> tuple[str, list[int]]:
+    def write(self, sync_files: Callable[[int], None] | None, hint: bool = False) -> tuple[str, list[int]]:
         self.seq += 1
         name = str(self.seq)
         fds = [os.open(os.path.join(self.reg, name), O_EXCL, 0o600)]
@@ -72,6 +80,8 @@ class Spool:
             os.write(fd, body)
             if sync_files is not None:
                 sync_files(fd)
+            if hint:
+                _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(2))
             fds.append(fd)
         return name, fds
 
@@ -111,8 +121,18 @@ class Spool:
         return 1
 
     def batch(self, n: int, how: str) -> int:
-        entries = [self.write(None) for _ in range(n)]
-        if how == "syncfs":
+        hint = how.startswith("hint+")
+        how = how.removeprefix("hint+")
+        entries = [self.write(None, hint) for _ in range(n)]
+        if how == "aio":
+            from multispool import _aio
+
+            targets = [("", fd, False) for _, e in entries for fd in e[1:]]
+            targets += [(self.reg, None, True), (self.data, None, True)]
+            errs = _aio.fsync_all(targets)
+            if errs is None or any(errs):
+                raise OSError(f"AIO fsync: {errs}")
+        elif how == "syncfs":
             fd = os.open(self.root, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 syncfs(fd)
@@ -136,7 +156,8 @@ class Spool:
         return n
 
 
-def run(base: str, variant: str, seconds: float) -> float:
+def run(base: str, variant: str, seconds: float, calls: list[int]) -> float:
+    """Entries per second of ``variant``; adds the number of its steps to ``calls[0]``."""
     root = tempfile.mkdtemp(prefix="syncbench-", dir=base)
     try:
         sp = Spool(root)
@@ -149,6 +170,7 @@ def run(base: str, variant: str, seconds: float) -> float:
         t0 = time.perf_counter()
         while True:
             done += step()
+            calls[0] += 1
             el = time.perf_counter() - t0
             if el >= seconds:
                 return done / el
@@ -160,8 +182,30 @@ def run(base: str, variant: str, seconds: float) -> float:
 
 
 VARIANTS = ["serial5", "fdatasync", "rounds"] + [
-    f"batch {n} {how}" for n in (10, 100) for how in ("serial", "pool 4", "pool 16", "syncfs")
+    f"batch {n} {how}"
+    for n in (10, 100)
+    for how in ("serial", "pool 4", "pool 16", "hint+pool 16", "aio", "hint+aio", "syncfs")
 ]
+
+
+class _Counters:
+    """Cache flushes the device completed, and ext4's journal commits, so far."""
+
+    def __init__(self, dev: str | None) -> None:
+        self.dev = dev
+        jbd = f"/proc/fs/jbd2/{dev}-8/info"
+        self.jbd = jbd if dev and os.path.exists(jbd) else None
+
+    def read(self) -> tuple[int, int]:
+        if self.dev is None:
+            return 0, 0
+        with open(f"/sys/block/{self.dev}/stat") as f:
+            flushes = int(f.read().split()[14])
+        commits = 0
+        if self.jbd:
+            with open(self.jbd) as f:
+                commits = int(f.readline().split()[0])
+        return flushes, commits
 
 
 def main() -> None:
@@ -170,7 +214,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--dev", default=None, help="block device of the (single) DIR, e.g. loop0")
     a = ap.parse_args()
+    counters = _Counters(a.dev)
     variants = a.only.split(",") if a.only else VARIANTS
     print(f"load average {os.getloadavg()[0]:.2f}; median of {a.repeat} x {a.seconds}s", file=sys.stderr)
     print("| variant | " + " | ".join(a.dirs) + " |")
@@ -178,8 +224,16 @@ def main() -> None:
     for v in variants:
         cells = []
         for d in a.dirs:
-            rates = [run(d, v, a.seconds) for _ in range(a.repeat)]
-            cells.append(f"{statistics.median(rates):,.0f}/s")
+            before = counters.read()
+            batches = [0]
+            rates = [run(d, v, a.seconds, batches) for _ in range(a.repeat)]
+            cell = f"{statistics.median(rates):,.0f}/s"
+            if a.dev:
+                after = counters.read()
+                per = max(batches[0], 1)
+                cell += f" ({(after[0] - before[0]) / per:.1f} flushes"
+                cell += f", {(after[1] - before[1]) / per:.1f} commits)" if counters.jbd else ")"
+            cells.append(cell)
         print(f"| {v} | " + " | ".join(cells) + " |", flush=True)
 
 
