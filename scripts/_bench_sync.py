@@ -200,7 +200,7 @@ class _Counters:
         if self.dev is None:
             return 0, 0
         with open(f"/sys/block/{self.dev}/stat") as f:
-            flushes = int(f.read().split()[14])
+            flushes = int(f.read().split()[15])  # field 16: flush requests completed
         commits = 0
         if self.jbd:
             with open(self.jbd) as f:
