@@ -23,8 +23,8 @@ module changes is how often they happen, not which: the directory syncs are shar
 Group commit ("full"): enqueues running at the same time in threads of this process
 (``enqueue`` from many threads, ``AsyncSpool.enqueue`` from many tasks, ``enqueue_many``)
 hand their entries to the committer. One of them, the leader, takes every entry
-waiting, syncs their files (from a few threads at once, which journalling filesystems
-merge into shared commits) and each directory once for the whole group, publishes
+waiting, syncs their files and each directory once for the whole group, all in flight
+at once (``_aio``; from a pool of threads where AIO is not to be had), publishes
 every entry (stage one), then syncs each queue dir once (stage two) and wakes the
 others. Stage one is exclusive, stage two is not: the next leader starts its own
 round while this one's queue dir syncs run. An enqueue that arrives alone leads at
@@ -48,9 +48,9 @@ from . import _aio, _fs
 if TYPE_CHECKING:
     from ._spool import Spool, _Claim
 
-# File syncs of a batch are issued from this many threads at once (see docs/benchmarks.md:
-# on ext4 and xfs, concurrent fsyncs share journal commits; beyond a few threads the gain
-# is flat while the cost in threads is not).
+# Where AIO is not to be had, the syncs of a round are issued from this many threads at
+# once (docs/benchmarks.md: on ext4 and xfs, concurrent fsyncs share journal commits;
+# beyond a few threads the gain was flat while the cost in threads was not).
 SYNC_THREADS: Final = 16
 # Benchmarks switch this off to measure enqueues that each sync on their own.
 GROUP_COMMIT = True
