@@ -199,6 +199,22 @@ def test_an_interrupted_wait_destroys_its_context_and_closes_what_it_opened(
     assert len(_aio._contexts) == 1  # a clean run gives its context back for reuse
 
 
+def test_one_idle_context_is_kept_at_most(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Contexts count against the system's fs.aio-max-nr: concurrent callers each get
+    one, and all but one are destroyed when they are done."""
+    monkeypatch.setattr(_aio, "_contexts", [])
+    kernel = _Kernel(monkeypatch)
+    paths = _files(tmp_path, 4)
+    ctxs = [_aio._setup() for _ in range(3)]  # three callers at once
+    assert None not in ctxs and len(set(ctxs)) == 3
+    for c in ctxs:
+        assert c is not None
+        _aio._release(c, idle=True)
+    assert _aio._contexts == [ctxs[0]] and kernel.calls.count("io_destroy") == 2
+    assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 4
+    assert _aio._contexts == [ctxs[0]] and kernel.calls.count("io_setup") == 3
+
+
 def test_a_forked_child_gets_contexts_of_its_own(tmp_path: Path) -> None:
     paths = _files(tmp_path, 3)
     assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 3

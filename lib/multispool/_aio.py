@@ -104,13 +104,16 @@ def _setup() -> int | None:
 
 
 def _release(ctx: int, idle: bool) -> None:
-    """Give back a context: kept for reuse if ``idle`` (nothing in flight), else
-    destroyed (which waits for what is still in flight)."""
+    """Give back a context: kept for reuse if ``idle`` (nothing in flight) and no other
+    is kept, else destroyed (which waits for what is still in flight). One at most is
+    kept: each holds about 2 x CAPACITY of the system's ``fs.aio-max-nr`` (65536 by
+    default), which other programs on the machine may need."""
     if idle:
         with _lock:
-            _contexts.append(ctx)
-    else:
-        _syscall(ctypes.c_long(_NR[1]), ctypes.c_ulong(ctx))
+            if not _contexts:
+                _contexts.append(ctx)
+                return
+    _syscall(ctypes.c_long(_NR[1]), ctypes.c_ulong(ctx))
 
 
 def _reset_after_fork() -> None:
