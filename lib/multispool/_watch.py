@@ -43,7 +43,7 @@ import stat
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from watchdog.observers.api import BaseObserver, EventEmitter, ObservedWatch
-    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, WatchDescriptor
+    from watchdog.observers.inotify_c import InotifyEvent  # InotifyFD: see _InotifyFD
 
 __all__ = ["ENV_VAR", "ObserverMode", "Subscription", "choose_observer", "subscribe"]
 
@@ -560,7 +560,32 @@ class _Backend:
         raise NotImplementedError
 
 
-def _join_unless_current(thread: threading.Thread) -> None:
+class _Thread(Protocol):
+    """What stopping a backend needs of its thread (a threading.Thread)."""
+
+    @property
+    def ident(self) -> int | None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+class _InotifyFD(_Thread, Protocol):
+    """The part of watchdog's ``inotify_c.InotifyFD`` (watchdog 7.0+) that the native
+    backend uses. Declared here rather than imported, and the class looked up at run
+    time (:func:`_inotify_fd_class`), because watchdog 4 - 6 have no InotifyFD, nor its
+    WatchDescriptor, Mask and CallbackId types (NewTypes of int): this module must
+    type-check against either watchdog major."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def add_callback(self, path: bytes, mask: int, callback: _InotifyTarget, id_: int) -> int: ...
+
+    def remove_callbacks(self, callbacks: list[tuple[int, int]]) -> None: ...
+
+
+def _join_unless_current(thread: _Thread) -> None:
     # A callback that closes the last subscription runs on this very thread, which
     # cannot join itself; it leaves its loop once it returns from the callback.
     if thread is not threading.current_thread() and thread.ident is not None:
@@ -586,7 +611,7 @@ class _InotifyTarget:
         elif mask & _IN_DEPARTURE:
             self.entry.notify(departure=True, name=os.fsdecode(event.name) or None)
 
-    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+    def on_watch_deleted(self, wd: int) -> None:
         # IN_IGNORED: the kernel removed the watch (directory deleted, unmounted).
         self.entry.stale = True
         self.entry.gone = True
@@ -622,22 +647,21 @@ _IN_MASK_ARRIVALS: Final = _IN_MASK & ~_IN_DEPARTURE
 class _InotifyBackend(_Backend):
     """Linux native: one watchdog InotifyFD (one inotify instance, one thread)."""
 
-    def __init__(self, key: _BackendKey) -> None:
+    def __init__(self, key: _BackendKey, fd_class: type[_InotifyFD]) -> None:
         super().__init__(key)
-        self._fd: InotifyFD | None = None
+        self._fd_class = fd_class
+        self._fd: _InotifyFD | None = None
         self._ids = itertools.count(1)
 
     def _watch(self, entry: _Entry) -> None:
-        from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask
-
         if self._fd is None:
-            fd = InotifyFD()
+            fd = self._fd_class()
             fd.start()
             self._fd = fd
         target = _InotifyTarget(entry)
-        id_ = CallbackId(next(self._ids))
+        id_ = next(self._ids)
         mask = _IN_MASK if entry.departures else _IN_MASK_ARRIVALS
-        wd = self._fd.add_callback(os.fsencode(entry.path), Mask(mask), target, id_)
+        wd = self._fd.add_callback(os.fsencode(entry.path), mask, target, id_)
         if wd == -1:
             # watchdog 7.1 returns -1 instead of raising for EACCES.
             self._fd.remove_callbacks([(wd, id_)])
@@ -824,20 +848,31 @@ def _as_watch(handle: object) -> ObservedWatch:
     return handle
 
 
+def _inotify_fd_class() -> type[_InotifyFD] | None:
+    """watchdog's InotifyFD if the installed watchdog (7.0+) has its callback API, else
+    None (watchdog 4 - 6, or an incompatible future one). Linux only."""
+    try:
+        from watchdog.observers import inotify_c
+    except ImportError:
+        return None
+    # Looked up, not imported by name: see _InotifyFD.
+    fd_class: type[_InotifyFD] | None = getattr(inotify_c, "InotifyFD", None)
+    if fd_class is None or not all(hasattr(fd_class, n) for n in ("add_callback", "remove_callbacks")):
+        return None
+    return fd_class
+
+
 def _has_inotify_fd() -> bool:
     """Whether the installed watchdog (7.0+) has the InotifyFD callback API."""
-    try:
-        from watchdog.observers.inotify_c import InotifyFD
-    except ImportError:
-        return False
-    return all(hasattr(InotifyFD, name) for name in ("add_callback", "remove_callbacks"))
+    return _inotify_fd_class() is not None
 
 
 def _new_backend(key: _BackendKey) -> _Backend:
     if key[0] == "polling":
         return _PollingBackend(key)
-    if key[0] == "native" and _IS_LINUX and _has_inotify_fd():
-        return _InotifyBackend(key)
+    fd_class = _inotify_fd_class() if key[0] == "native" and _IS_LINUX else None
+    if fd_class is not None:
+        return _InotifyBackend(key, fd_class)
     return _WatchdogBackend(key)
 
 
