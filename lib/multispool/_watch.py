@@ -6,8 +6,10 @@
 #     lost events wake nobody and the reader's periodic re-listing has to find them).
 #   * watchdog 4.0 - 6.x (the only choice on Python 3.10): a watchdog InotifyEmitter
 #     subclass whose kernel mask leaves out IN_MOVED_FROM, so watchdog's move grouper
-#     never holds an event back. Costs two threads per watched directory plus the
-#     observer thread, and renames out of a directory wake nobody there.
+#     never holds an event back, and which reports its directory moved away (watchdog's
+#     emitter says nothing of IN_MOVE_SELF). Costs two threads and one inotify instance
+#     per watched directory plus the observer thread, and renames out of a directory
+#     wake nobody there.
 #   inotify_c is a public module but not a documented API: the 7.1 backend is chosen by
 #   feature detection, and an incompatible future watchdog falls back to the emitter.
 """Filesystem events on queue directories, turned into wake-up calls.
@@ -33,6 +35,7 @@ of the kernel mask so that nothing waits in the grouper.)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -830,13 +833,54 @@ class _PollingBackend(_Backend):
 def _arrivals_emitter_class() -> type[EventEmitter]:
     """watchdog's InotifyEmitter with IN_MOVED_FROM left out of the kernel mask, so
     that its move grouper, which delays every unmatched IN_MOVED_FROM and all events
-    behind it by 0.5 s, never sees one."""
+    behind it by 0.5 s, never sees one; and which reports its directory moved away.
+
+    Up to watchdog 6 the emitter turns IN_MOVE_SELF (and IN_UNMOUNT) into no event at
+    all and goes on watching the moved directory under its old path: a reader whose
+    queue directory was moved away and replaced kept watching the old one, and heard of
+    nothing put in the new one until its next rescan. Every event about the directory's
+    entries becomes at least one watchdog event, so a kernel event that yields none is
+    about the directory itself: then, if the path no longer leads to the directory
+    watched, this emitter reports it moved (the watch goes stale and readers subscribe
+    anew) and stops, as watchdog's own does on IN_DELETE_SELF."""
+    from watchdog.events import DirMovedEvent
     from watchdog.observers.inotify import InotifyEmitter
 
     class _ArrivalsInotifyEmitter(InotifyEmitter):
+        _watched: tuple[int, int] | None = None
+        _queued = False
+
         # The return type is int | None up to watchdog 6 and Mask from 7.0.
         def get_event_mask_from_filter(self) -> Any:
             return _IN_ARRIVAL | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
+
+        def on_thread_start(self) -> None:
+            # Taken before the watch is added: a directory put in place in between costs
+            # at most a needless re-subscription, never a missed replacement.
+            with contextlib.suppress(OSError):
+                st = os.stat(self.watch.path)
+                self._watched = (st.st_dev, st.st_ino)
+            super().on_thread_start()
+
+        def queue_event(self, event: FileSystemEvent) -> None:
+            self._queued = True
+            super().queue_event(event)
+
+        # Keyword-only full_events from watchdog 5.0, positional before.
+        def queue_events(self, timeout: float, *args: Any, **kwargs: Any) -> None:
+            self._queued = False
+            super().queue_events(timeout, *args, **kwargs)
+            if self._queued or not self.should_keep_running():
+                return
+            try:
+                st = os.stat(self.watch.path)
+            except OSError:
+                pass
+            else:
+                if (st.st_dev, st.st_ino) == self._watched:
+                    return
+            self.queue_event(DirMovedEvent(self.watch.path, ""))
+            self.stop()
 
     return _ArrivalsInotifyEmitter
 
