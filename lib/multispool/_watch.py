@@ -894,10 +894,12 @@ def _as_watch(handle: object) -> ObservedWatch:
 
 def _inotify_fd_class() -> type[_InotifyFD] | None:
     """watchdog's InotifyFD if the installed watchdog (7.0+) has its callback API, else
-    None (watchdog 4 - 6, or an incompatible future one). Linux only."""
+    None (watchdog 4 - 6, or an incompatible future one, or not Linux)."""
+    if not _IS_LINUX:
+        return None
     try:
         from watchdog.observers import inotify_c
-    except ImportError:
+    except Exception:  # ImportError, or watchdog's UnsupportedLibcError (no inotify in libc)
         return None
     # Looked up, not imported by name: see _InotifyFD.
     fd_class: type[_InotifyFD] | None = getattr(inotify_c, "InotifyFD", None)
@@ -914,7 +916,7 @@ def _has_inotify_fd() -> bool:
 def _new_backend(key: _BackendKey) -> _Backend:
     if key[0] == "polling":
         return _PollingBackend(key)
-    fd_class = _inotify_fd_class() if key[0] == "native" and _IS_LINUX else None
+    fd_class = _inotify_fd_class() if key[0] == "native" else None
     if fd_class is not None:
         return _InotifyBackend(key, fd_class)
     return _WatchdogBackend(key)
