@@ -28,9 +28,10 @@ the rename ``QUEUE/NAME -> QUEUE/.checkout/NAME``; with a non-recursive watch on
 arrival was reported ~0.25 s late on average. We register our own callbacks on
 watchdog's ``InotifyFD`` instead: events reach us as the kernel delivers them, with
 no grouping, no delay, and one thread per process however many directories are
-watched. (watchdog's emitter API costs one thread per watched directory plus the
-observer thread; with watchdog older than 7.1 we use it, with IN_MOVED_FROM left out
-of the kernel mask so that nothing waits in the grouper.)
+watched. (watchdog's emitter API costs an emitter thread per watched directory plus
+the observer thread, and up to watchdog 6 also an inotify instance and a reading thread
+per directory; with watchdog older than 7.0 we use it, with IN_MOVED_FROM left out of
+the kernel mask so that nothing waits in the grouper.)
 """
 
 from __future__ import annotations
@@ -403,10 +404,13 @@ def subscribe(
     may deadlock with watchdog's observers. Exceptions it raises are logged.
 
     One observer per process and mode (per interval for polling) is shared by all
-    subscriptions and started lazily: in native mode on Linux and in polling mode that
-    is a single thread for all directories; watchdog's non-Linux observers add one
-    emitter thread per watched directory. Subscriptions to one directory share one
-    non-recursive watch. Closing the last subscription stops and joins the threads.
+    subscriptions and started lazily: in polling mode, and in native mode on Linux with
+    watchdog 7.0 or later, that is a single thread for all directories; watchdog's
+    other observers add one emitter thread per watched directory, and on Linux with
+    watchdog older than 7.0 (Python 3.10) also an inotify instance and a second thread
+    per directory. None of these threads runs while nothing changes. Subscriptions to
+    one directory share one non-recursive watch. Closing the last subscription stops and
+    joins the threads.
 
     In polling mode no inotify instance is opened; `polling_interval` is the seconds
     between two polls, each one ``os.listdir`` of every watched directory (no stat per
