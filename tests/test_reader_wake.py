@@ -48,6 +48,23 @@ def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def context_switches(threads: list[threading.Thread]) -> dict[str, int] | None:
+    """How often each of `threads` was switched out so far (a thread blocked in the
+    kernel is never switched: an unchanged count means it did not run), by thread;
+    None where /proc does not say (not Linux)."""
+    counts = {}
+    for t in threads:
+        try:
+            with open(f"/proc/self/task/{t.native_id}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except (OSError, TypeError):
+            return None
+        counts[f"{t.name}/{t.native_id}"] = sum(
+            int(fields[k]) for k in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
+        )
+    return counts
+
+
 def dequeue_when_blocked(reader: multispool.QueueReader[Any], waiting: threading.Event, produce: Any) -> Any:
     """Start ``reader.dequeue()`` in a thread, call ``produce()`` once it blocks, and return
     (entry, seconds from produce() returning to dequeue returning)."""
@@ -191,14 +208,28 @@ def test_idle_readers_share_rescans_and_never_wake(tmp_path: Path, monkeypatch: 
         for t in threads:
             t.start()
         wait_for(lambda: all(waits), what="every reader blocked")
-        # Ten rescan intervals: the safety net checks every queue, one thread for all.
-        wait_for(lambda: all(checks.count(r._qdir) >= 10 for r in readers), what="rescan checks")
-        new = [t.name for t in threading.enumerate() if t not in before and t not in threads]
-        assert new.count("multispool-rescan") == 1, new
-        assert len(new) == 2, f"one observer thread and one rescan thread for {n} readers: {new}"
-        # Nothing changed: no reader woke, none listed again.
+        # Two rescan intervals: every thread has long reached the point where it blocks.
+        wait_for(lambda: all(checks.count(r._qdir) >= 2 for r in readers), what="two rescan checks")
+        new = [t for t in threading.enumerate() if t not in before and t not in threads]
+        assert [t.name for t in new].count("multispool-rescan") == 1, new
+        watchers = [t for t in new if t.name != "multispool-rescan"]
+        switches = context_switches(watchers)
+        # Ten more rescan intervals: the safety net checks every queue, one thread for all.
+        wait_for(lambda: all(checks.count(r._qdir) >= 12 for r in readers), what="rescan checks")
+        assert [t for t in threading.enumerate() if t not in before and t not in threads] == new
+        if _watch._has_inotify_fd():
+            # Only the InotifyFD backend (Linux with watchdog >= 7, so Python >= 3.11)
+            # reads every watch from one thread. watchdog's observers, used with watchdog
+            # < 7 (all that Python 3.10 gets) and on macOS and Windows, run an emitter
+            # thread per watched directory; on Linux each also has an inotify instance
+            # and a reading thread of its own (2n + 1 threads for n directories), and
+            # watchdog < 7 has no API to share them (see _watch). What holds everywhere
+            # is checked below: those threads do not run while nothing changes.
+            assert len(watchers) == 1, f"one observer thread and one rescan thread for {n} readers: {new}"
+        # Nothing changed: no reader woke, none listed again, and no observer thread ran.
         assert all(len(w) == 1 for w in waits), [len(w) for w in waits]
         assert len(listings) == n
+        assert context_switches(watchers) == switches, "an observer thread ran while nothing changed"
         # The safety net still catches what no event announced.
         sub = readers[7]._sub
         assert sub is not None

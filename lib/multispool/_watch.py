@@ -6,8 +6,10 @@
 #     lost events wake nobody and the reader's periodic re-listing has to find them).
 #   * watchdog 4.0 - 6.x (the only choice on Python 3.10): a watchdog InotifyEmitter
 #     subclass whose kernel mask leaves out IN_MOVED_FROM, so watchdog's move grouper
-#     never holds an event back. Costs two threads per watched directory plus the
-#     observer thread, and renames out of a directory wake nobody there.
+#     never holds an event back, and which reports its directory moved away (watchdog's
+#     emitter says nothing of IN_MOVE_SELF). Costs two threads and one inotify instance
+#     per watched directory plus the observer thread, and renames out of a directory
+#     wake nobody there.
 #   inotify_c is a public module but not a documented API: the 7.1 backend is chosen by
 #   feature detection, and an incompatible future watchdog falls back to the emitter.
 """Filesystem events on queue directories, turned into wake-up calls.
@@ -26,13 +28,15 @@ the rename ``QUEUE/NAME -> QUEUE/.checkout/NAME``; with a non-recursive watch on
 arrival was reported ~0.25 s late on average. We register our own callbacks on
 watchdog's ``InotifyFD`` instead: events reach us as the kernel delivers them, with
 no grouping, no delay, and one thread per process however many directories are
-watched. (watchdog's emitter API costs one thread per watched directory plus the
-observer thread; with watchdog older than 7.1 we use it, with IN_MOVED_FROM left out
-of the kernel mask so that nothing waits in the grouper.)
+watched. (watchdog's emitter API costs an emitter thread per watched directory plus
+the observer thread, and up to watchdog 6 also an inotify instance and a reading thread
+per directory; with watchdog older than 7.0 we use it, with IN_MOVED_FROM left out of
+the kernel mask so that nothing waits in the grouper.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -43,7 +47,7 @@ import stat
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 
@@ -51,7 +55,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from watchdog.observers.api import BaseObserver, EventEmitter, ObservedWatch
-    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, WatchDescriptor
+    from watchdog.observers.inotify_c import InotifyEvent  # InotifyFD: see _InotifyFD
 
 __all__ = ["ENV_VAR", "ObserverMode", "Subscription", "choose_observer", "subscribe"]
 
@@ -400,10 +404,13 @@ def subscribe(
     may deadlock with watchdog's observers. Exceptions it raises are logged.
 
     One observer per process and mode (per interval for polling) is shared by all
-    subscriptions and started lazily: in native mode on Linux and in polling mode that
-    is a single thread for all directories; watchdog's non-Linux observers add one
-    emitter thread per watched directory. Subscriptions to one directory share one
-    non-recursive watch. Closing the last subscription stops and joins the threads.
+    subscriptions and started lazily: in polling mode, and in native mode on Linux with
+    watchdog 7.0 or later, that is a single thread for all directories; watchdog's
+    other observers add one emitter thread per watched directory, and on Linux with
+    watchdog older than 7.0 (Python 3.10) also an inotify instance and a second thread
+    per directory. None of these threads runs while nothing changes. Subscriptions to
+    one directory share one non-recursive watch. Closing the last subscription stops and
+    joins the threads.
 
     In polling mode no inotify instance is opened; `polling_interval` is the seconds
     between two polls, each one ``os.listdir`` of every watched directory (no stat per
@@ -560,7 +567,32 @@ class _Backend:
         raise NotImplementedError
 
 
-def _join_unless_current(thread: threading.Thread) -> None:
+class _Thread(Protocol):
+    """What stopping a backend needs of its thread (a threading.Thread)."""
+
+    @property
+    def ident(self) -> int | None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+class _InotifyFD(_Thread, Protocol):
+    """The part of watchdog's ``inotify_c.InotifyFD`` (watchdog 7.0+) that the native
+    backend uses. Declared here rather than imported, and the class looked up at run
+    time (:func:`_inotify_fd_class`), because watchdog 4 - 6 have no InotifyFD, nor its
+    WatchDescriptor, Mask and CallbackId types (NewTypes of int): this module must
+    type-check against either watchdog major."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def add_callback(self, path: bytes, mask: int, callback: _InotifyTarget, id_: int) -> int: ...
+
+    def remove_callbacks(self, callbacks: list[tuple[int, int]]) -> None: ...
+
+
+def _join_unless_current(thread: _Thread) -> None:
     # A callback that closes the last subscription runs on this very thread, which
     # cannot join itself; it leaves its loop once it returns from the callback.
     if thread is not threading.current_thread() and thread.ident is not None:
@@ -586,7 +618,7 @@ class _InotifyTarget:
         elif mask & _IN_DEPARTURE:
             self.entry.notify(departure=True, name=os.fsdecode(event.name) or None)
 
-    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+    def on_watch_deleted(self, wd: int) -> None:
         # IN_IGNORED: the kernel removed the watch (directory deleted, unmounted).
         self.entry.stale = True
         self.entry.gone = True
@@ -622,22 +654,21 @@ _IN_MASK_ARRIVALS: Final = _IN_MASK & ~_IN_DEPARTURE
 class _InotifyBackend(_Backend):
     """Linux native: one watchdog InotifyFD (one inotify instance, one thread)."""
 
-    def __init__(self, key: _BackendKey) -> None:
+    def __init__(self, key: _BackendKey, fd_class: type[_InotifyFD]) -> None:
         super().__init__(key)
-        self._fd: InotifyFD | None = None
+        self._fd_class = fd_class
+        self._fd: _InotifyFD | None = None
         self._ids = itertools.count(1)
 
     def _watch(self, entry: _Entry) -> None:
-        from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask
-
         if self._fd is None:
-            fd = InotifyFD()
+            fd = self._fd_class()
             fd.start()
             self._fd = fd
         target = _InotifyTarget(entry)
-        id_ = CallbackId(next(self._ids))
+        id_ = next(self._ids)
         mask = _IN_MASK if entry.departures else _IN_MASK_ARRIVALS
-        wd = self._fd.add_callback(os.fsencode(entry.path), Mask(mask), target, id_)
+        wd = self._fd.add_callback(os.fsencode(entry.path), mask, target, id_)
         if wd == -1:
             # watchdog 7.1 returns -1 instead of raising for EACCES.
             self._fd.remove_callbacks([(wd, id_)])
@@ -806,13 +837,54 @@ class _PollingBackend(_Backend):
 def _arrivals_emitter_class() -> type[EventEmitter]:
     """watchdog's InotifyEmitter with IN_MOVED_FROM left out of the kernel mask, so
     that its move grouper, which delays every unmatched IN_MOVED_FROM and all events
-    behind it by 0.5 s, never sees one."""
+    behind it by 0.5 s, never sees one; and which reports its directory moved away.
+
+    Up to watchdog 6 the emitter turns IN_MOVE_SELF (and IN_UNMOUNT) into no event at
+    all and goes on watching the moved directory under its old path: a reader whose
+    queue directory was moved away and replaced kept watching the old one, and heard of
+    nothing put in the new one until its next rescan. Every event about the directory's
+    entries becomes at least one watchdog event, so a kernel event that yields none is
+    about the directory itself: then, if the path no longer leads to the directory
+    watched, this emitter reports it moved (the watch goes stale and readers subscribe
+    anew) and stops, as watchdog's own does on IN_DELETE_SELF."""
+    from watchdog.events import DirMovedEvent
     from watchdog.observers.inotify import InotifyEmitter
 
     class _ArrivalsInotifyEmitter(InotifyEmitter):
+        _watched: tuple[int, int] | None = None
+        _queued = False
+
         # The return type is int | None up to watchdog 6 and Mask from 7.0.
         def get_event_mask_from_filter(self) -> Any:
             return _IN_ARRIVAL | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
+
+        def on_thread_start(self) -> None:
+            # Taken before the watch is added: a directory put in place in between costs
+            # at most a needless re-subscription, never a missed replacement.
+            with contextlib.suppress(OSError):
+                st = os.stat(self.watch.path)
+                self._watched = (st.st_dev, st.st_ino)
+            super().on_thread_start()
+
+        def queue_event(self, event: FileSystemEvent) -> None:
+            self._queued = True
+            super().queue_event(event)
+
+        # Keyword-only full_events from watchdog 5.0, positional before.
+        def queue_events(self, timeout: float, *args: Any, **kwargs: Any) -> None:
+            self._queued = False
+            super().queue_events(timeout, *args, **kwargs)
+            if self._queued or not self.should_keep_running():
+                return
+            try:
+                st = os.stat(self.watch.path)
+            except OSError:
+                pass
+            else:
+                if (st.st_dev, st.st_ino) == self._watched:
+                    return
+            self.queue_event(DirMovedEvent(self.watch.path, ""))
+            self.stop()
 
     return _ArrivalsInotifyEmitter
 
@@ -824,20 +896,33 @@ def _as_watch(handle: object) -> ObservedWatch:
     return handle
 
 
+def _inotify_fd_class() -> type[_InotifyFD] | None:
+    """watchdog's InotifyFD if the installed watchdog (7.0+) has its callback API, else
+    None (watchdog 4 - 6, or an incompatible future one, or not Linux)."""
+    if not _IS_LINUX:
+        return None
+    try:
+        from watchdog.observers import inotify_c
+    except Exception:  # ImportError, or watchdog's UnsupportedLibcError (no inotify in libc)
+        return None
+    # Looked up, not imported by name: see _InotifyFD.
+    fd_class: type[_InotifyFD] | None = getattr(inotify_c, "InotifyFD", None)
+    if fd_class is None or not all(hasattr(fd_class, n) for n in ("add_callback", "remove_callbacks")):
+        return None
+    return fd_class
+
+
 def _has_inotify_fd() -> bool:
     """Whether the installed watchdog (7.0+) has the InotifyFD callback API."""
-    try:
-        from watchdog.observers.inotify_c import InotifyFD
-    except ImportError:
-        return False
-    return all(hasattr(InotifyFD, name) for name in ("add_callback", "remove_callbacks"))
+    return _inotify_fd_class() is not None
 
 
 def _new_backend(key: _BackendKey) -> _Backend:
     if key[0] == "polling":
         return _PollingBackend(key)
-    if key[0] == "native" and _IS_LINUX and _has_inotify_fd():
-        return _InotifyBackend(key)
+    fd_class = _inotify_fd_class() if key[0] == "native" else None
+    if fd_class is not None:
+        return _InotifyBackend(key, fd_class)
     return _WatchdogBackend(key)
 
 
