@@ -217,7 +217,7 @@ def test_idle_readers_share_rescans_and_never_wake(tmp_path: Path, monkeypatch: 
         # Ten more rescan intervals: the safety net checks every queue, one thread for all.
         wait_for(lambda: all(checks.count(r._qdir) >= 12 for r in readers), what="rescan checks")
         assert [t for t in threading.enumerate() if t not in before and t not in threads] == new
-        if _watch._has_inotify_fd():
+        if _watch._has_shared_inotify():
             # Only the InotifyFD backend (Linux with watchdog >= 7, so Python >= 3.11)
             # reads every watch from one thread. watchdog's observers, used with watchdog
             # < 7 (all that Python 3.10 gets) and on macOS and Windows, run an emitter

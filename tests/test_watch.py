@@ -178,7 +178,7 @@ def test_closing_every_subscription_stops_the_observer(tmp_path: Path, mode: Obs
 def test_native_linux_uses_one_thread_and_one_inotify_for_many_directories(
     tmp_path: Path,
 ) -> None:
-    if not (IS_LINUX and _watch._has_inotify_fd()):
+    if not (IS_LINUX and _watch._has_shared_inotify()):
         pytest.skip("needs Linux and watchdog>=7.0 (InotifyFD)")
     baseline = set(threading.enumerate())
     before = inotify_instances()
@@ -228,7 +228,7 @@ def test_departures_flag(queue: Path, outside: Path, mode: ObserverMode) -> None
         assert without.wait()
         assert len(without.times) == 1
         assert with_departures.wait()  # the arrival, too
-        rename_out_reported = mode == "polling" or _watch._has_inotify_fd()
+        rename_out_reported = mode == "polling" or _watch._has_shared_inotify()
         if rename_out_reported:
             n = len(with_departures.times)
             os.rename(queue / "old2", queue / ".checkout" / "old2")
@@ -359,7 +359,7 @@ def test_callback_may_close_the_last_subscription(queue: Path, outside: Path, mo
 def test_native_falls_back_to_polling_when_inotify_is_exhausted(
     queue: Path, outside: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if not (IS_LINUX and _watch._has_inotify_fd()):
+    if not (IS_LINUX and _watch._has_shared_inotify()):
         pytest.skip("exercises the Linux InotifyFD backend")
 
     def exhausted(self: object, entry: object) -> None:
@@ -720,7 +720,7 @@ def test_departures_stay_out_of_the_kernel_mask_until_a_subscriber_wants_them(
     """A consumer's own claims (renames out of the queue) must not wake the observer
     thread at all when no subscriber asks for departures; one that asks widens the watch
     and then hears them."""
-    if not _watch._has_inotify_fd():
+    if not _watch._has_shared_inotify():
         pytest.skip("needs the InotifyFD backend (watchdog >= 7)")
     moved_from, deleted = 0x40, 0x200
     (queue / "a").write_text("x")

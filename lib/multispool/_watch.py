@@ -1,17 +1,20 @@
-# Requires watchdog>=4.0 (the project pin); best with watchdog>=7.1 on Linux.
-#   * watchdog>=7.0 (Python>=3.11): the Linux native backend registers callbacks on
-#     watchdog.observers.inotify_c.InotifyFD: one inotify instance and one thread for
-#     every watched directory, and every event -- departures included -- delivered
-#     without delay. 7.1 adds the on_queue_overflow hook (7.0 drops IN_Q_OVERFLOW, so
-#     lost events wake nobody and the reader's periodic re-listing has to find them).
-#   * watchdog 4.0 - 6.x (the only choice on Python 3.10): a watchdog InotifyEmitter
-#     subclass whose kernel mask leaves out IN_MOVED_FROM, so watchdog's move grouper
-#     never holds an event back, and which reports its directory moved away (watchdog's
-#     emitter says nothing of IN_MOVE_SELF). Costs two threads and one inotify instance
-#     per watched directory plus the observer thread, and renames out of a directory
-#     wake nobody there.
-#   inotify_c is a public module but not a documented API: the 7.1 backend is chosen by
-#   feature detection, and an incompatible future watchdog falls back to the emitter.
+# Requires watchdog>=4.0 (the project pin). The Linux native backend reads every watched
+# directory through one inotify instance and one thread, whatever the watchdog version:
+#   * watchdog>=7.0 (Python>=3.11): it registers callbacks on
+#     watchdog.observers.inotify_c.InotifyFD, and every event -- departures included --
+#     is delivered without delay. 7.1 adds the on_queue_overflow hook (7.0 drops
+#     IN_Q_OVERFLOW, so lost events wake nobody and the reader's periodic re-listing has
+#     to find them).
+#   * watchdog 4.0 - 6.x (the only choice on Python 3.10), which has no InotifyFD: the
+#     same backend on multispool._inotify.InotifyReader, a small ctypes inotify reader
+#     with InotifyFD's interface and the behaviour of 7.1's that the backend relies on
+#     (overflow reported). watchdog's emitters, used here before, cost two threads and an
+#     inotify instance per directory, and the per-user instance limit (128 by default)
+#     ran out at about 128 queues.
+#   inotify_c is a public module but not a documented API: watchdog's InotifyFD is found
+#   by feature detection, and an incompatible future watchdog gets ours. watchdog's
+#   emitter (_WatchdogBackend) is the native backend outside Linux, and on Linux only
+#   where the C library has no inotify calls.
 """Filesystem events on queue directories, turned into wake-up calls.
 
 Events are hints only: a reader tries the names they carry, lists its directory when an
@@ -28,10 +31,12 @@ the rename ``QUEUE/NAME -> QUEUE/.checkout/NAME``; with a non-recursive watch on
 arrival was reported ~0.25 s late on average. We register our own callbacks on
 watchdog's ``InotifyFD`` instead: events reach us as the kernel delivers them, with
 no grouping, no delay, and one thread per process however many directories are
-watched. (watchdog's emitter API costs an emitter thread per watched directory plus
-the observer thread, and up to watchdog 6 also an inotify instance and a reading thread
-per directory; with watchdog older than 7.0 we use it, with IN_MOVED_FROM left out of
-the kernel mask so that nothing waits in the grouper.)
+watched. watchdog older than 7.0 has no ``InotifyFD``; there the same callbacks are
+registered on :class:`multispool._inotify.InotifyReader`, which has its interface.
+(watchdog's emitter API costs an emitter thread per watched directory plus the observer
+thread, and up to watchdog 6 also an inotify instance and a reading thread per
+directory; where we still use it, IN_MOVED_FROM is left out of the kernel mask so that
+nothing waits in the grouper.)
 """
 
 from __future__ import annotations
@@ -51,11 +56,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 
+from multispool import _inotify
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from watchdog.observers.api import BaseObserver, EventEmitter, ObservedWatch
-    from watchdog.observers.inotify_c import InotifyEvent  # InotifyFD: see _InotifyFD
 
 __all__ = ["ENV_VAR", "ObserverMode", "Subscription", "choose_observer", "subscribe"]
 
@@ -404,13 +410,13 @@ def subscribe(
     may deadlock with watchdog's observers. Exceptions it raises are logged.
 
     One observer per process and mode (per interval for polling) is shared by all
-    subscriptions and started lazily: in polling mode, and in native mode on Linux with
-    watchdog 7.0 or later, that is a single thread for all directories; watchdog's
-    other observers add one emitter thread per watched directory, and on Linux with
-    watchdog older than 7.0 (Python 3.10) also an inotify instance and a second thread
-    per directory. None of these threads runs while nothing changes. Subscriptions to
-    one directory share one non-recursive watch. Closing the last subscription stops and
-    joins the threads.
+    subscriptions and started lazily: in polling mode, and in native mode on Linux (any
+    watchdog version: watchdog's InotifyFD from 7.0, multispool's own inotify reader
+    before), that is a single thread for all directories, and on Linux one inotify
+    instance; watchdog's observers on macOS and Windows add one emitter thread per
+    watched directory. None of these threads runs while nothing changes. Subscriptions
+    to one directory share one non-recursive watch. Closing the last subscription stops
+    and joins the threads.
 
     In polling mode no inotify instance is opened; `polling_interval` is the seconds
     between two polls, each one ``os.listdir`` of every watched directory (no stat per
@@ -578,7 +584,8 @@ class _Thread(Protocol):
 
 class _InotifyFD(_Thread, Protocol):
     """The part of watchdog's ``inotify_c.InotifyFD`` (watchdog 7.0+) that the native
-    backend uses. Declared here rather than imported, and the class looked up at run
+    backend uses, which ``_inotify.InotifyReader`` also has (and used where watchdog is
+    older). Declared here rather than imported, and watchdog's class looked up at run
     time (:func:`_inotify_fd_class`), because watchdog 4 - 6 have no InotifyFD, nor its
     WatchDescriptor, Mask and CallbackId types (NewTypes of int): this module must
     type-check against either watchdog major."""
@@ -595,20 +602,32 @@ class _InotifyFD(_Thread, Protocol):
 def _join_unless_current(thread: _Thread) -> None:
     # A callback that closes the last subscription runs on this very thread, which
     # cannot join itself; it leaves its loop once it returns from the callback.
-    if thread is not threading.current_thread() and thread.ident is not None:
+    # (Compared by ident: _inotify.InotifyReader is not itself a Thread.)
+    if thread.ident is not None and thread.ident != threading.get_ident():
         thread.join()
 
 
+class _InotifyEvent(Protocol):
+    """What _InotifyTarget reads of an inotify event: watchdog's
+    ``inotify_c.InotifyEvent`` or ``_inotify.InotifyEvent``."""
+
+    @property
+    def mask(self) -> int: ...
+
+    @property
+    def name(self) -> bytes: ...
+
+
 class _InotifyTarget:
-    """Receives raw inotify events for one directory from watchdog's InotifyFD
-    (implements watchdog.observers.inotify_c.WatchCallback)."""
+    """Receives raw inotify events for one directory from the _InotifyFD (implements
+    watchdog.observers.inotify_c.WatchCallback and _inotify.WatchCallback)."""
 
     __slots__ = ("entry",)
 
     def __init__(self, entry: _Entry) -> None:
         self.entry = entry
 
-    def on_event(self, event: InotifyEvent) -> None:
+    def on_event(self, event: _InotifyEvent) -> None:
         mask = event.mask
         if mask & _IN_SELF:
             self.entry.stale = True
@@ -652,7 +671,8 @@ _IN_MASK_ARRIVALS: Final = _IN_MASK & ~_IN_DEPARTURE
 
 
 class _InotifyBackend(_Backend):
-    """Linux native: one watchdog InotifyFD (one inotify instance, one thread)."""
+    """Linux native: one _InotifyFD, watchdog's or ours (one inotify instance, one
+    thread)."""
 
     def __init__(self, key: _BackendKey, fd_class: type[_InotifyFD]) -> None:
         super().__init__(key)
@@ -670,7 +690,7 @@ class _InotifyBackend(_Backend):
         mask = _IN_MASK if entry.departures else _IN_MASK_ARRIVALS
         wd = self._fd.add_callback(os.fsencode(entry.path), mask, target, id_)
         if wd == -1:
-            # watchdog 7.1 returns -1 instead of raising for EACCES.
+            # watchdog 7.1 returns -1 instead of raising for EACCES (ours raises).
             self._fd.remove_callbacks([(wd, id_)])
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), entry.path)
         entry.handle = (wd, id_)
@@ -733,8 +753,8 @@ class _Handler(FileSystemEventHandler):
 
 
 class _WatchdogBackend(_Backend):
-    """A watchdog BaseObserver: native outside Linux, and native on Linux with watchdog
-    older than 7.1."""
+    """A watchdog BaseObserver: native outside Linux. On Linux only a fallback, for a C
+    library without the inotify calls _inotify needs (which watchdog needs, too)."""
 
     def __init__(self, key: _BackendKey) -> None:
         super().__init__(key)
@@ -897,10 +917,21 @@ def _as_watch(handle: object) -> ObservedWatch:
 
 
 def _inotify_fd_class() -> type[_InotifyFD] | None:
-    """watchdog's InotifyFD if the installed watchdog (7.0+) has its callback API, else
-    None (watchdog 4 - 6, or an incompatible future one, or not Linux)."""
+    """The class of the one inotify reader that the Linux native backend shares between
+    every watched directory: watchdog's InotifyFD where the installed watchdog (7.0+)
+    has its callback API, else ours (:class:`_inotify.InotifyReader`: watchdog 4 - 6, so
+    every Python 3.10, or an incompatible future watchdog); None off Linux, or where the
+    C library has no inotify calls."""
     if not _IS_LINUX:
         return None
+    fd_class = _watchdog_inotify_fd_class()
+    if fd_class is not None:
+        return fd_class
+    return _inotify.InotifyReader if _inotify.available() else None
+
+
+def _watchdog_inotify_fd_class() -> type[_InotifyFD] | None:
+    """watchdog's InotifyFD if the installed watchdog (7.0+) has its callback API."""
     try:
         from watchdog.observers import inotify_c
     except Exception:  # ImportError, or watchdog's UnsupportedLibcError (no inotify in libc)
@@ -912,8 +943,9 @@ def _inotify_fd_class() -> type[_InotifyFD] | None:
     return fd_class
 
 
-def _has_inotify_fd() -> bool:
-    """Whether the installed watchdog (7.0+) has the InotifyFD callback API."""
+def _has_shared_inotify() -> bool:
+    """Whether the native backend here reads every watch through one inotify instance
+    and one thread (on Linux, with watchdog's InotifyFD or ours)."""
     return _inotify_fd_class() is not None
 
 
@@ -938,9 +970,10 @@ _state = _State()
 def _reset_after_fork() -> None:
     # The child has none of the parent's threads, and the lock may have been held by
     # one of them at fork time. Forget everything; subscriptions inherited from the
-    # parent become inert (their close() checks the pid). The inherited inotify and
-    # pipe descriptors are left open: closing them through watchdog would remove the
-    # watches of the inotify instance the parent still shares.
+    # parent become inert (their close() checks the pid). The inherited descriptors of
+    # watchdog's InotifyFD are left open: closing them through watchdog would remove the
+    # watches of the inotify instance the parent still shares. (_inotify closes the
+    # child's copies of its own, without touching the watches.)
     _state.lock = threading.Lock()
     _state.backends = {}
 
