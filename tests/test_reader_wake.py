@@ -13,6 +13,7 @@ import enum
 import itertools
 import os
 import statistics
+import sys
 import threading
 import time
 import warnings
@@ -217,14 +218,13 @@ def test_idle_readers_share_rescans_and_never_wake(tmp_path: Path, monkeypatch: 
         # Ten more rescan intervals: the safety net checks every queue, one thread for all.
         wait_for(lambda: all(checks.count(r._qdir) >= 12 for r in readers), what="rescan checks")
         assert [t for t in threading.enumerate() if t not in before and t not in threads] == new
-        if _watch._has_shared_inotify():
-            # Only the InotifyFD backend (Linux with watchdog >= 7, so Python >= 3.11)
-            # reads every watch from one thread. watchdog's observers, used with watchdog
-            # < 7 (all that Python 3.10 gets) and on macOS and Windows, run an emitter
-            # thread per watched directory; on Linux each also has an inotify instance
-            # and a reading thread of its own (2n + 1 threads for n directories), and
-            # watchdog < 7 has no API to share them (see _watch). What holds everywhere
-            # is checked below: those threads do not run while nothing changes.
+        if sys.platform.startswith("linux"):
+            # On Linux one thread reads every watch, whatever watchdog is installed:
+            # watchdog's InotifyFD (watchdog >= 7, Python >= 3.11), or multispool's own
+            # reader (watchdog < 7, all that Python 3.10 gets). watchdog's observers on
+            # macOS and Windows run an emitter thread per watched directory; what holds
+            # everywhere is checked below: those threads do not run while nothing changes.
+            assert _watch._has_shared_inotify()
             assert len(watchers) == 1, f"one observer thread and one rescan thread for {n} readers: {new}"
         # Nothing changed: no reader woke, none listed again, and no observer thread ran.
         assert all(len(w) == 1 for w in waits), [len(w) for w in waits]
