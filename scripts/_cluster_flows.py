@@ -497,15 +497,21 @@ def flow_polling_costs(f: Flow) -> None:
         expected |= ids([tag], per)
         stop = f"{f.stop}-{mode}"
         outs = []
+        consumers = []
         started = time.monotonic()
         for i in range(2):
             o = f.out(f"{mode}{i}")
             outs.append(o)
-            f.procs.start("consume", f.b, o, stop, env=env)
+            consumers.append(f.procs.start("consume", f.b, o, stop, env=env))
         wait_for(functools.partial(_all_done, outs, per), f"{per} entries drained ({mode})")
         # From the consumers' own stamps: wait_for's polling steps would round the time.
         times[mode] = _last_stamp(outs) - started
         Path(stop).touch()
+        # Gone before the next phase puts entries in the same queue: a drain consumer
+        # still running (slow to see its stop file on a loaded machine) would take some
+        # of them, and the phase would wait for entries its own reader never gets.
+        for p in consumers:
+            p.wait(DEADLINE)
         d, e, _ = read_outs(outs)
         done.update(d)
         excs += e
