@@ -34,7 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import multispool
 
@@ -50,15 +50,37 @@ DEADLINE = 120.0  # per flow: a healthy run takes well under a minute
 
 
 # -- workers ------------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+def _through_hiccups(what: str, fn: Callable[[], T]) -> T:
+    """``fn()``, tried again (up to 10 times, 0.3 s apart) when the volume briefly cannot
+    find a path that is there: a GlusterFS client of the distributed volume, now and
+    then, both failing to reopen a file just written through it and not seeing the
+    spool directory from the other client, at the same moment. A failed enqueue leaves
+    nothing behind (its contract), so trying it again is what an application does;
+    each retry is printed to stderr, and duplicates or losses still fail the flow."""
+    for attempt in range(10):
+        try:
+            return fn()
+        except (FileNotFoundError, multispool.NotASpoolError) as e:
+            if attempt == 9:
+                raise
+            print(f"RETRY {what} after: {e}", file=sys.stderr, flush=True)
+            time.sleep(0.3)  # backing off from the volume's hiccup, not synchronising
+    raise AssertionError("unreachable")
+
+
 def produce(spool_dir: str, tag: str, count: int, pace: float = 0.0) -> None:
     """Enqueue ``count`` entries; with ``pace``, one every ``pace`` seconds, each
     carrying the wall-clock time of its enqueue (for latency, on one machine's clock)."""
-    spool = multispool.Spool.load(spool_dir, SP)
+    spool = _through_hiccups("load", lambda: multispool.Spool.load(spool_dir, SP))
     start = time.monotonic()
     for i in range(count):
         if pace:
             time.sleep(max(0.0, start + i * pace - time.monotonic()))  # pacing, not sync
-        spool.enqueue(Q.WORK, {"id": f"{tag}-{i}", "t": time.time()}, f"{tag}-{i}".encode())
+        meta, data = {"id": f"{tag}-{i}", "t": time.time()}, f"{tag}-{i}".encode()
+        _through_hiccups("enqueue", lambda: spool.enqueue(Q.WORK, meta, data))  # noqa: B023
     print("PRODUCED", count, flush=True)
 
 
@@ -77,7 +99,7 @@ def consume(spool_dir: str, out_path: str, stop: str, save: bool, hold: int) -> 
     line per event to ``out_path``: DONE id, EXC error, HELD id. With ``hold``, claim
     that many entries, keep them, say HOLDING and wait to be killed (or, on a line on
     stdin, remove them and say FINISHED)."""
-    spool = multispool.Spool.load(spool_dir, SP)
+    spool = _through_hiccups("load", lambda: multispool.Spool.load(spool_dir, SP))
     stale = _count_stale_renames()
     held: list[tuple[str, multispool.CheckedOutEntry[Any, bytes]]] = []
     stopped = threading.Event()
