@@ -316,36 +316,33 @@ def run_all(calls: Sequence[Callable[[], None]]) -> list[BaseException | None]:
     return errs
 
 
-def sync_paths(paths: Sequence[str], sync: Callable[[str], None]) -> None:
-    """Run ``sync`` on every path, from up to SYNC_THREADS threads at once when there are
-    more than two; every one is waited for, then the first error (naming its file) is
-    raised."""
-    if len(paths) <= 2:
-        # One entry's two files: measured, the thread hand-off costs a lone enqueue more
-        # than it saves (docs/benchmarks.md), and concurrent enqueues already sync from
-        # their own threads.
-        for p in paths:
-            sync(p)
-        return
-    err = next((e for e in run_all([functools.partial(sync, p) for p in paths]) if e is not None), None)
-    if err is not None:
-        raise err
+def fsync_together(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseException | None]:
+    """fsync every target (path, its open descriptor or None, whether it is a directory),
+    all at once: through AIO (``_aio``), else from the sync pool's threads. Returns each
+    target's error (naming its path) or None, in order, once every one has finished."""
+    errs = _aio.fsync_all(targets)
+    if errs is not None:
+        return errs
+    return run_all(
+        [
+            functools.partial(_fs.fsync_dir, p) if is_dir else functools.partial(_fs.fsync_file, p, fd)
+            for p, fd, is_dir in targets
+        ]
+    )
 
 
 def sync_files(staged: Sequence[Staged]) -> None:
-    """fsync every staged entry's tmp and data files."""
+    """fsync every staged entry's tmp and data files; the first error is raised."""
     files = [f for st in staged for f in st.files()]
     if len(files) <= 2:
+        # One entry's two files: measured, a hand-off (to a thread or the kernel's
+        # workers) costs a lone enqueue more than it saves (docs/benchmarks.md).
         for path, fd in files:
             _fs.fsync_file(path, fd)
-    else:
-        errs = _aio.fsync_all([(p, fd, False) for p, fd in files])
-        if errs is None:
-            sync_paths([p for p, _ in files], _fs.fsync_file)
-            return
-        err = next((e for e in errs if e is not None), None)
-        if err is not None:
-            raise err
+        return
+    err = next((e for e in fsync_together([(p, fd, False) for p, fd in files]) if e is not None), None)
+    if err is not None:
+        raise err
 
 
 # -- publish ----------------------------------------------------------------------------
@@ -427,31 +424,27 @@ def _sync_round(group: Sequence[_Job], crowded: bool = False) -> None:
                 return  # the job has failed: its directories need no sync
         derrs = {d: _fsync_dir_err(d) for d in dirs}
     else:
-        together = _sync_together(files, dirs) if not whole else None
-        derrs = together if together is not None else _sync_from_threads(files, dirs, whole)
+        derrs = _sync_with_syncfs(files, dirs, whole) if whole else _sync_together(files, dirs)
     for j in fsync_jobs:
         j.error = j.error or derrs[j.registry] or derrs[j.data_dir]
 
 
 def _sync_together(
     files: list[tuple[_Job, tuple[str, int | None]]], dirs: list[str]
-) -> dict[str, BaseException | None] | None:
-    """A round's file and dir fsyncs all in flight at once (``_aio``): each file's error
-    to its job; returns each dir's. None where AIO is not to be had (nothing done)."""
-    targets = [(p, fd, False) for _, (p, fd) in files] + [(d, None, True) for d in dirs]
-    errs = _aio.fsync_all(targets)
-    if errs is None:
-        return None
+) -> dict[str, BaseException | None]:
+    """A round's file and dir fsyncs all at once (``fsync_together``): each file's error
+    to its job; returns each dir's."""
+    errs = fsync_together([(p, fd, False) for _, (p, fd) in files] + [(d, None, True) for d in dirs])
     for (j, _), err in zip(files, errs, strict=False):
         j.error = j.error or err
     return dict(zip(dirs, errs[len(files) :], strict=True))
 
 
-def _sync_from_threads(
+def _sync_with_syncfs(
     files: list[tuple[_Job, tuple[str, int | None]]], dirs: list[str], whole: list[_Job]
 ) -> dict[str, BaseException | None]:
-    """``_sync_together`` from the sync pool's threads, with the syncfs of the jobs that
-    opted in."""
+    """``_sync_together`` for a round with jobs that opted into syncfs: their syncfs and
+    the others' fsyncs from the sync pool's threads, at once."""
     calls: list[Callable[[], None]] = [functools.partial(_fs.fsync_file, p, fd) for _, (p, fd) in files]
     owners = [j for j, _ in files]
     for j in whole:
