@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import shutil
 import statistics
 import sys
 import threading
@@ -242,16 +243,41 @@ def run(
     baseline_lib: str | None,
     log: Callable[[str], None],
 ) -> dict[str, list[float]]:
-    import shutil
-
     res: dict[str, list[float]] = {}
     stat = _device_stat(base)
     cs = cases(baseline_lib is not None)
+    # Every case's files stay until the run ends: removing thousands of files between
+    # cases taxes the next case's file creations on some filesystems (ext4 without a
+    # journal scans past every inode freed in the last minute or more: see
+    # docs/benchmarks-batch.md), which would charge one case for another's cleanup.
+    done: list[str] = []
+    try:
+        _run_cases(run_child, fresh_dir, base, reps, seconds, baseline_lib, log, res, stat, cs, done)
+    finally:
+        for d in done:
+            shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
+def _run_cases(
+    run_child: Callable[[dict[str, Any], float], Any],
+    fresh_dir: Callable[[str, str], str],
+    base: str,
+    reps: int,
+    seconds: float,
+    baseline_lib: str | None,
+    log: Callable[[str], None],
+    res: dict[str, list[float]],
+    stat: str | None,
+    cs: list[dict[str, Any]],
+    done: list[str],
+) -> None:
     for rep in range(reps):
         log(f"batch cases, repetition {rep + 1}/{reps}")
         order = cs[rep % len(cs) :] + cs[: rep % len(cs)]
         for c in order:
             d = fresh_dir(base, c["system"])
+            done.append(d)
             job = {"what": "batch", "dir": d, "seconds": seconds, **c}
             if c.get("baseline"):
                 job["lib"] = baseline_lib
@@ -266,9 +292,6 @@ def run(
                     res.setdefault(_key(c) + WPE, []).append((w1 - w0) / r["n"])
             except Exception as e:
                 log(f"{_key(c)} failed: {e}")
-            finally:
-                shutil.rmtree(d, ignore_errors=True)
-    return res
 
 
 def _fstype(path: str) -> str:
@@ -281,6 +304,16 @@ def _fstype(path: str) -> str:
                 mnt = parts[1].replace("\\040", " ")
                 if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
                     best, fs = mnt, f"{parts[2]} on {parts[0]}"
+        if fs.startswith("ext4 on /dev/"):
+            # Without a journal, ext4 behaves differently enough to say so: each fsync
+            # flushes on its own, and new files skip recently freed inodes one by one.
+            task = f"/sys/fs/ext4/{os.path.basename(fs.split(' on ')[1])}/journal_task"
+            try:
+                with open(task) as f:
+                    if f.read().strip() == "<none>":
+                        fs = fs.replace("ext4", "ext4 (no journal)", 1)
+            except OSError:
+                pass
         return fs
     except OSError:
         return "?"

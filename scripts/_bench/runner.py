@@ -328,6 +328,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--baseline-ref", help="--batch: also run multispool's 1- and 8-thread cases on "
                     "lib/ as of this git commit")
     args = ap.parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)  # like --out: a fresh place to measure in
     if args.batch:
         return _main_batch(args, argv)
     st = (
