@@ -246,52 +246,42 @@ def run(
     res: dict[str, list[float]] = {}
     stat = _device_stat(base)
     cs = cases(baseline_lib is not None)
-    # Every case's files stay until the run ends: removing thousands of files between
-    # cases taxes the next case's file creations on some filesystems (ext4 without a
-    # journal scans past every inode freed in the last minute or more: see
-    # docs/benchmarks-batch.md), which would charge one case for another's cleanup.
-    done: list[str] = []
+    # On ext4 without a journal, every case's files stay until the run ends: there a new
+    # file's inode is found by scanning past every inode freed in the last minute or
+    # more, so removing thousands of files between cases would charge the next case for
+    # the cleanup (docs/benchmarks-batch.md). Elsewhere they go as each case ends (a
+    # whole run's files would not fit in a small loop image's inodes).
+    keep = "(no journal)" in _fstype(base)
+    kept: list[str] = []
     try:
-        _run_cases(run_child, fresh_dir, base, reps, seconds, baseline_lib, log, res, stat, cs, done)
+        for rep in range(reps):
+            log(f"batch cases, repetition {rep + 1}/{reps}")
+            order = cs[rep % len(cs) :] + cs[: rep % len(cs)]
+            for c in order:
+                d = fresh_dir(base, c["system"])
+                job = {"what": "batch", "dir": d, "seconds": seconds, **c}
+                if c.get("baseline"):
+                    job["lib"] = baseline_lib
+                try:
+                    w0 = _writes(stat)
+                    r = run_child(job, seconds * 20 + 120)
+                    w1 = _writes(stat)
+                    res.setdefault(_key(c), []).append(r["rate"])
+                    if w0 is not None and w1 is not None and r.get("n"):
+                        # Device write requests per entry put: what a fast-fsync disk charges
+                        # (merged requests count once; the spool's setup is included).
+                        res.setdefault(_key(c) + WPE, []).append((w1 - w0) / r["n"])
+                except Exception as e:
+                    log(f"{_key(c)} failed: {e}")
+                finally:
+                    if keep:
+                        kept.append(d)
+                    else:
+                        shutil.rmtree(d, ignore_errors=True)
     finally:
-        for d in done:
+        for d in kept:
             shutil.rmtree(d, ignore_errors=True)
     return res
-
-
-def _run_cases(
-    run_child: Callable[[dict[str, Any], float], Any],
-    fresh_dir: Callable[[str, str], str],
-    base: str,
-    reps: int,
-    seconds: float,
-    baseline_lib: str | None,
-    log: Callable[[str], None],
-    res: dict[str, list[float]],
-    stat: str | None,
-    cs: list[dict[str, Any]],
-    done: list[str],
-) -> None:
-    for rep in range(reps):
-        log(f"batch cases, repetition {rep + 1}/{reps}")
-        order = cs[rep % len(cs) :] + cs[: rep % len(cs)]
-        for c in order:
-            d = fresh_dir(base, c["system"])
-            done.append(d)
-            job = {"what": "batch", "dir": d, "seconds": seconds, **c}
-            if c.get("baseline"):
-                job["lib"] = baseline_lib
-            try:
-                w0 = _writes(stat)
-                r = run_child(job, seconds * 20 + 120)
-                w1 = _writes(stat)
-                res.setdefault(_key(c), []).append(r["rate"])
-                if w0 is not None and w1 is not None and r.get("n"):
-                    # Device write requests per entry put: what a fast-fsync disk charges
-                    # (merged requests count once; the spool's setup is included).
-                    res.setdefault(_key(c) + WPE, []).append((w1 - w0) / r["n"])
-            except Exception as e:
-                log(f"{_key(c)} failed: {e}")
 
 
 def _fstype(path: str) -> str:
