@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import multispool
@@ -616,6 +617,190 @@ def test_group_commit_after_fork_is_fresh(full_spool: multispool.Spool[bytes]) -
             committer._busy = False
     assert p.exitcode == 0
     assert len(full_spool.list(Queue.QUEUE1)) == 1
+
+
+class _Writers:
+    """Records which thread wrote each enqueue's entry (``_enqueue.write``), by the n of
+    its Cog metadata."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_n: dict[int, int] = {}
+        write = _enqueue.write
+
+        def recording(spool: Any, staged: Any, dirname: str, items: Any, **kw: Any) -> None:
+            for raw, _ in items:
+                self.by_n[int(msgspec.json.decode(raw)["n"])] = threading.get_ident()
+            write(spool, staged, dirname, items, **kw)
+
+        monkeypatch.setattr(_enqueue, "write", recording)
+
+
+def test_leader_writes_the_entries_of_enqueues_waiting_for_it(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enqueues that find a round under way wait with their entry unwritten; the next
+    leader, one of them, writes all of them, then syncs them as one group."""
+    writers = _Writers(monkeypatch)
+    root = Path(full_spool.dir)
+    seen_waiting: list[list[str]] = []
+    real_take = _enqueue._committer._take
+
+    def take(job: Any, group: list[Any]) -> None:
+        if len(_enqueue._committer._waiting) == 7:  # the second leader, before it writes
+            seen_waiting.append(sorted(os.listdir(root / ".tmp")) + sorted(os.listdir(root / ".data")))
+        real_take(job, group)
+
+    monkeypatch.setattr(_enqueue._committer, "_take", take)
+    tr, results = _group_of(full_spool, monkeypatch, 8)
+    assert all(isinstance(r, multispool.Entry) for r in results), results
+    # While they waited, only the first leader's entry was written (and published).
+    assert seen_waiting and seen_waiting[0] == [results[0].name]
+    followers = {writers.by_n[i] for i in range(1, 8)}
+    assert len(followers) == 1, "one leader wrote every waiting entry"
+    assert writers.by_n[0] != followers.pop()
+    assert [k for k, _ in tr.ops].count("fsync_dir") == 6  # still two groups of syncs
+    assert _files(full_spool)[".tmp"] == []
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_a_write_that_fails_in_the_leader_fails_only_its_own_enqueue(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader writes a follower's entry and the disk refuses it: that follower's call
+    raises the error (naming the file), nothing of its entry is left, and the others of
+    the group are published."""
+    write_file = _fs.write_file
+
+    def failing(path: str, contents: bytes, **kw: Any) -> Any:
+        if contents == msgspec.json.encode(Cog(n=3)):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return write_file(path, contents, **kw)
+
+    monkeypatch.setattr(_fs, "write_file", failing)
+    writers = _Writers(monkeypatch)
+    _, results = _group_of(full_spool, monkeypatch, 6)
+    err = results[3]
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC, results
+    assert err.filename and ".tmp" in err.filename
+    assert writers.by_n[3] != writers.by_n[0]  # written (and failed) by the second leader
+    ok = [r for i, r in enumerate(results) if i != 3]
+    assert all(isinstance(r, multispool.Entry) for r in ok), results
+    names = sorted(r.name for r in ok)
+    assert sorted(e.name for e in full_spool.list(Queue.QUEUE1)) == names
+    files = _files(full_spool)
+    assert files[".tmp"] == [] and files[".registry"] == names and files[".data"] == names
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_a_leader_in_the_main_thread_writes_no_other_threads_entry(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signal handlers run in the main thread, and their exceptions must not be taken for
+    another enqueue's error: a main-thread leader writes only its own entry, and leaves
+    the others waiting for a leader of their own."""
+    committer = _enqueue._committer
+    writers = _Writers(monkeypatch)
+    tr = _Trace(monkeypatch, full_spool)
+    release, held = threading.Event(), threading.Event()
+
+    def hold(path: str) -> None:
+        if not held.is_set():
+            held.set()
+            release.wait(10)
+
+    tr.before_dir_sync = hold  # type: ignore[method-assign]
+    results: list[Any] = [None] * 5
+
+    def worker(i: int) -> None:
+        try:
+            results[i] = full_spool.enqueue(Queue.QUEUE1, Cog(n=i), b"%d" % i)
+        except BaseException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in (0, 2, 3, 4)]
+
+    def conduct() -> None:
+        # The main thread queued up first, so the end of the held round wakes it to
+        # lead; three more threads queue up behind it.
+        try:
+            _wait_for(lambda: committer._want_lead == 1, "the main thread waiting")
+            for t in threads[1:]:
+                t.start()
+            _wait_for(lambda: committer._want_lead == 4, "three more threads waiting")
+        finally:
+            release.set()
+
+    conductor = threading.Thread(target=conduct, daemon=True)
+    try:
+        threads[0].start()
+        _wait_for(held.is_set, "the first leader held in its first sync")
+        conductor.start()
+        results[1] = full_spool.enqueue(Queue.QUEUE1, Cog(n=1), b"1")
+    finally:
+        release.set()
+        for t in [conductor, *threads]:
+            if t.ident is not None:
+                t.join(20)
+    assert all(isinstance(r, multispool.Entry) for r in results), results
+    main = threading.main_thread().ident
+    assert writers.by_n[1] == main
+    assert all(writers.by_n[i] != main for i in (0, 2, 3, 4)), writers.by_n
+    # Threads 2-4 formed a round of their own: one of them wrote all three.
+    assert len({writers.by_n[i] for i in (2, 3, 4)}) == 1
+    assert len(full_spool.list(Queue.QUEUE1)) == 5
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_an_entry_whose_data_runs_user_code_is_written_by_its_own_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only bytes are written by the leader: a data codec's own save() (user code, maybe
+    slow, maybe relying on its thread) runs in the enqueue's own thread."""
+    savers: dict[int, int] = {}
+
+    class Saving:
+        def load(self, path: str) -> bytes:
+            return Path(path).read_bytes()
+
+        def save(self, value: bytes, path: str) -> None:
+            savers[int(value)] = threading.get_ident()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, value)
+            finally:
+                os.close(fd)
+
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, data=Saving(), durability="full")
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    callers: dict[int, int] = {}
+    start = threading.Barrier(6, timeout=10)
+
+    def worker(i: int) -> None:
+        start.wait()
+        for k in range(5):
+            callers[i * 10 + k] = threading.get_ident()
+            spool.enqueue(Queue.QUEUE1, Cog(n=i), b"%d" % (i * 10 + k))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert savers == callers
+    assert len(spool.list(Queue.QUEUE1)) == 30
+
+
+def test_leader_writes_only_single_enqueues_of_bytes_synced_by_a_group(tmp_path: Path) -> None:
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability="full")
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    one = [spool._encode_item(Cog(n=1), b"x")]
+    assert _enqueue._leader_writes(spool, one, None)
+    assert not _enqueue._leader_writes(spool, one * 2, None)  # a batch writes its own
+    assert not _enqueue._leader_writes(spool, one, 3)  # syncfs
+    for durability in ("file", "none"):
+        weaker = multispool.Spoolable(queues=Queue, metadata=Cog, durability=durability)
+        other = multispool.Spool.load(spool.dir, weaker)
+        assert not _enqueue._leader_writes(other, one, None)
 
 
 def _child_enqueue(path: str) -> None:

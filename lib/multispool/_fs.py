@@ -220,6 +220,23 @@ def write_file(
     return None
 
 
+class BytesWriter:
+    """A data writer (see ``Spoolable.data_writer``) that writes given bytes as a new
+    file: library code that runs no user code, so any thread may run it for another
+    (the leader of a group commit writes its followers' entries, ``_enqueue``)."""
+
+    __slots__ = ("mode", "raw")
+
+    def __init__(self, raw: bytes, mode: int) -> None:
+        self.raw = raw
+        self.mode = mode
+
+    def __call__(self, path: str, keep_open: bool, writeback: bool) -> int | None:
+        return write_file(
+            path, self.raw, sync=False, mode=self.mode, owned=True, keep_open=keep_open, writeback=writeback
+        )
+
+
 class _FileHold:
     """A Holder for a descriptor that is not a lock (see _open_held)."""
 

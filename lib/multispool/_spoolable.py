@@ -21,7 +21,7 @@ import msgspec
 
 from . import _fs
 from ._errors import CorruptEntryError
-from ._fs import O_CREATE_TRUNC, fsync_file, read_file, unlink_quiet, write_file
+from ._fs import O_CREATE_TRUNC, BytesWriter, fsync_file, read_file, unlink_quiet, write_file
 from ._layout import check_queue_dirname
 
 T = TypeVar("T")
@@ -563,15 +563,7 @@ class Spoolable(Generic[M, D]):
         the file will be fsynced soon (see ``_fs.start_writeback``)."""
         enc = self._data_encode
         if enc is not None:
-            raw = enc(value)
-            mode = self.file_mode
-
-            def write_bytes(path: str, keep_open: bool, writeback: bool) -> int | None:
-                return write_file(
-                    path, raw, sync=False, mode=mode, owned=True, keep_open=keep_open, writeback=writeback
-                )
-
-            return write_bytes
+            return BytesWriter(enc(value), self.file_mode)
         write = getattr(self.data, "_write", None)
         if write is not None:  # a codec that streams (FileData): checked now, written later
             check = getattr(self.data, "_check", None)
