@@ -156,8 +156,13 @@ class Spool:
         return n
 
 
-def run(base: str, variant: str, seconds: float, calls: list[int]) -> float:
-    """Entries per second of ``variant``; adds the number of its steps to ``calls[0]``."""
+# Roots left for the end of the run (--keep-until-end).
+KEPT: list[str] = []
+
+
+def run(base: str, variant: str, seconds: float, calls: list[int], keep: bool = False) -> float:
+    """Entries per second of ``variant``; adds the number of its steps to ``calls[0]``.
+    ``keep``: leave its files until the run ends (see --keep-until-end)."""
     root = tempfile.mkdtemp(prefix="syncbench-", dir=base)
     try:
         sp = Spool(root)
@@ -178,7 +183,10 @@ def run(base: str, variant: str, seconds: float, calls: list[int]) -> float:
         sp.pool.shutdown()
         for p in sp.pools.values():
             p.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
+        if keep:
+            KEPT.append(root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 VARIANTS = ["serial5", "fdatasync", "rounds"] + [
@@ -215,7 +223,21 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default=None, help="comma-separated variant names")
     ap.add_argument("--dev", default=None, help="block device of the (single) DIR, e.g. loop0")
+    ap.add_argument(
+        "--keep-until-end",
+        action="store_true",
+        help="remove the files only when the run ends: on ext4 without a journal, removing "
+        "thousands of files slows the file creations of the next minutes",
+    )
     a = ap.parse_args()
+    try:
+        _main(a)
+    finally:
+        for root in KEPT:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _main(a: argparse.Namespace) -> None:
     counters = _Counters(a.dev)
     variants = a.only.split(",") if a.only else VARIANTS
     print(f"load average {os.getloadavg()[0]:.2f}; median of {a.repeat} x {a.seconds}s", file=sys.stderr)
@@ -226,7 +248,7 @@ def main() -> None:
         for d in a.dirs:
             before = counters.read()
             batches = [0]
-            rates = [run(d, v, a.seconds, batches) for _ in range(a.repeat)]
+            rates = [run(d, v, a.seconds, batches, a.keep_until_end) for _ in range(a.repeat)]
             cell = f"{statistics.median(rates):,.0f}/s"
             if a.dev:
                 after = counters.read()
