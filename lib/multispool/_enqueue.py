@@ -38,10 +38,15 @@ encoded item and waits, and the next leader writes every waiting entry, one afte
 another, taking in those that arrive meanwhile, before the group's syncs. Measured
 (docs/benchmarks-batch.md), 8 threads that each wrote their own entry spent 0.6 ms
 on it, taking turns for the GIL with the rest, and so joined only every other round;
-one writer takes 40 us per entry, and every thread is in every round. A leader in the
-main thread writes no other thread's entry: a signal handler's exception (only the
-main thread runs them) would be taken for that entry's error, or end the follower's
-call. It leaves them waiting for the next leader.
+one writer takes 40 us per entry, and every thread is in every round.
+
+The main thread never joins a group: it syncs its own entries (through AIO when other
+enqueues are under way). Python runs signal handlers there, between any two bytecodes,
+and an exception one raises inside ``threading.Condition.wait`` (KeyboardInterrupt, a
+handler's own) can leave the condition's lock released while its caller believes it
+holds it: the committer would be broken for every thread. Nor could a leader there
+tell a handler's exception, raised while it wrote a follower's entry, from that
+entry's own error.
 """
 
 from __future__ import annotations
@@ -170,9 +175,13 @@ def enqueue(
     return [st.name for st in staged]
 
 
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _leader_writes(spool: Spool[Any, Any], items: Sequence[Item], sfd: int | None) -> bool:
     """Whether the leader of the group may write this enqueue's entry: one entry of
-    bytes, synced by a group ("full", group commit on, no syncfs)."""
+    bytes, synced by a group ("full", group commit on, no syncfs, not the main thread)."""
     return (
         LEADER_WRITES
         and GROUP_COMMIT
@@ -181,6 +190,7 @@ def _leader_writes(spool: Spool[Any, Any], items: Sequence[Item], sfd: int | Non
         and len(items) == 1
         and isinstance(items[0][1], _fs.BytesWriter)
         and spool.spoolable.durability == "full"
+        and not _in_main_thread()
     )
 
 
@@ -540,11 +550,12 @@ def _publish_group(group: Sequence[_Job], crowded: bool = False) -> QueueSyncs:
     return qdirs
 
 
-def _publish_lone(job: _Job) -> QueueSyncs:
+def _publish_lone(job: _Job, crowded: bool = False) -> QueueSyncs:
     """``_publish_group`` for a group of one job, without its bookkeeping: the path of
-    every enqueue that meets no concurrent one, kept as cheap as the recipe before groups."""
-    if len(job.staged) != 1 or job.sfd is not None:
-        return _publish_group([job])
+    every enqueue that meets no concurrent one, kept as cheap as the recipe before groups.
+    ``crowded``: see ``_sync_round``."""
+    if len(job.staged) != 1 or job.sfd is not None or (crowded and _aio._usable):
+        return _publish_group([job], crowded)
     st = job.staged[0]
     try:
         if not job.files_synced:
@@ -573,9 +584,9 @@ def _run_group(group: Sequence[_Job]) -> None:
     _sync_queues(_publish_group(group))
 
 
-def _run_lone(job: _Job) -> None:
+def _run_lone(job: _Job, crowded: bool = False) -> None:
     """Both stages for one job."""
-    _sync_queues(_publish_lone(job))
+    _sync_queues(_publish_lone(job, crowded))
 
 
 class _Committer:
@@ -611,21 +622,15 @@ class _Committer:
         if err is not None:
             raise err
 
-    def _take(self, job: _Job, group: list[_Job]) -> None:
-        # Lock held. Move waiting jobs into this leader's round (``job``: its own), up to
-        # GROUP_MAX; in the main thread, not other threads' unwritten ones (see the
-        # module docstring): they stay for the next leader.
-        main = threading.current_thread() is threading.main_thread()
-        left: list[_Job] = []
-        for j in self._waiting:
-            if len(group) >= GROUP_MAX or (main and j.pending is not None and j is not job):
-                left.append(j)
-            else:
-                j.taken = True
-                group.append(j)
-        self._waiting = left
+    def _take(self, group: list[_Job]) -> None:
+        # Lock held. Move waiting jobs into this leader's round, up to GROUP_MAX.
+        room = GROUP_MAX - len(group)
+        for j in self._waiting[:room]:
+            j.taken = True
+            group.append(j)
+        del self._waiting[:room]
 
-    def _write_pending(self, job: _Job, group: list[_Job], alone: bool) -> None:
+    def _write_pending(self, group: list[_Job], alone: bool) -> None:
         """Write every unwritten entry of ``group``, taking in the jobs that arrive
         meanwhile (into ``group``, which the caller marks done whatever happens). A
         write's error is its job's: it is raised in that job's own thread."""
@@ -640,10 +645,12 @@ class _Committer:
                 try:
                     write_job(not _aio._usable or (alone and len(group) == 1))
                 except BaseException as e:
-                    j.error = e  # write() removed what it had written
+                    # write() removed what it had written. No signal handler runs in this
+                    # thread (never the main one): the error is the write's own.
+                    j.error = e
             i = len(group)
             with self._free:
-                self._take(job, group)
+                self._take(group)
                 if len(group) == i:
                     return
                 if self._want_lead:
@@ -684,7 +691,7 @@ class _Committer:
                     raise job.error
                 return
             group: list[_Job] = []
-            self._take(job, group)
+            self._take(group)
             self._busy = True
             alone = self._active == 1
             if self._want_lead:
@@ -696,7 +703,7 @@ class _Committer:
         try:
             try:
                 if any(j.pending is not None for j in group):
-                    self._write_pending(job, group, alone)
+                    self._write_pending(group, alone)
                 ready = [j for j in group if j.error is None]
                 if len(group) == 1 and alone:
                     qdirs = _publish_lone(job) if ready else {}
@@ -747,10 +754,12 @@ def commit(spool: Spool[Any, Any], staged: Sequence[Staged], sfd: int | None = N
         if durability == "full":
             lay = spool._layout
             job = _Job(staged, lay.registry, lay.data, files_synced=not LEADER_SYNCS_FILES, sfd=sfd)
-            if GROUP_COMMIT:
+            if GROUP_COMMIT and not _in_main_thread():
                 _committer.commit(job)
             else:
-                _run_lone(job)
+                # The main thread commits on its own (see the module docstring), through
+                # AIO when others are under way: its round would hold theirs up.
+                _run_lone(job, GROUP_COMMIT and _committer._active > 0)
                 if job.error is not None:
                     raise job.error
         else:
