@@ -440,16 +440,15 @@ def test_interrupted_follower_woken_to_lead_passes_the_lead_on(
 
     tr.before_dir_sync = hold  # type: ignore[method-assign]
     interrupted: set[int] = set()
-    real_wait = committer._free.wait
+    real_sleep = committer._sleep
 
-    def wait(timeout: float | None = None) -> bool:
-        got = real_wait(timeout)
+    def sleep(job: Any) -> None:
+        real_sleep(job)  # woken: to lead, here
         if threading.get_ident() in interrupted:
             interrupted.discard(threading.get_ident())
             raise _Interrupt
-        return got
 
-    monkeypatch.setattr(committer._free, "wait", wait)
+    monkeypatch.setattr(committer, "_sleep", sleep)
     results: list[Any] = [None] * 3
 
     def worker(i: int, interrupt: bool = False) -> None:
@@ -604,7 +603,7 @@ def test_group_commit_after_fork_is_fresh(full_spool: multispool.Spool[bytes]) -
 
     ctx = multiprocessing.get_context("fork")
     committer = _enqueue._committer
-    with committer._free:
+    with committer._lock:
         committer._busy = True  # as if a leader were committing at fork time
         try:
             p = ctx.Process(target=_child_enqueue, args=(full_spool.dir,))
@@ -743,6 +742,48 @@ def test_the_main_thread_commits_on_its_own(
         # Others under way: its two files and two dirs at once, as a leader would.
         assert 4 in rounds
     assert len(full_spool.list(Queue.QUEUE1)) == 2
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_many_threads_in_small_groups_each_enqueue_once(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """24 threads, rounds of at most 3: jobs left waiting when a round is full are led
+    by a job woken for it, every call returns its own entry once, and nobody is left
+    asleep (the threads are daemons: a hang fails the join, not pytest)."""
+    monkeypatch.setattr(_enqueue, "GROUP_MAX", 3)
+    sizes: list[int] = []
+    publish_group = _enqueue._publish_group
+
+    def recording(group: Any, crowded: bool = False) -> Any:
+        sizes.append(len(group))
+        return publish_group(group, crowded)
+
+    monkeypatch.setattr(_enqueue, "_publish_group", recording)
+    results: dict[int, Any] = {}
+    start = threading.Barrier(24, timeout=10)
+
+    def worker(i: int) -> None:
+        start.wait()
+        for k in range(20):
+            try:
+                results[i * 100 + k] = full_spool.enqueue(Queue.QUEUE1, Cog(n=i * 100 + k), b"x")
+            except BaseException as e:
+                results[i * 100 + k] = e
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread was left asleep"
+    assert len(results) == 480 and all(isinstance(r, multispool.Entry) for r in results.values())
+    names = sorted(r.name for r in results.values())
+    assert len(set(names)) == 480
+    assert sorted(e.name for e in full_spool.list(Queue.QUEUE1)) == names
+    assert max(sizes) <= 3 and sizes.count(3) > 0  # full rounds happened, none over the cap
+    committer = _enqueue._committer
+    assert (committer._waiting, committer._busy, committer._want_lead, committer._active) == ([], False, 0, 0)
     assert _fs._held <= _HELD_BEFORE
 
 

@@ -446,7 +446,10 @@ def publish(staged: Sequence[Staged]) -> None:
 
 # -- commit: sync dirs, publish, sync queue ----------------------------------------------
 class _Job:
-    __slots__ = ("data_dir", "done", "error", "files_synced", "pending", "registry", "sfd", "staged", "taken")
+    __slots__ = (
+        "asleep", "data_dir", "done", "error", "files_synced", "lead", "pending", "registry", "sfd", "staged",
+        "taken", "wake",
+    )
 
     def __init__(
         self, staged: Sequence[Staged], registry: str, data_dir: str, files_synced: bool, sfd: int | None
@@ -457,6 +460,10 @@ class _Job:
         self.registry = registry
         self.data_dir = data_dir
         self.taken = False  # a leader has it in its group
+        self.asleep = False  # a follower, asleep until taken or woken to lead
+        self.lead = False  # woken to lead the next round
+        self.wake = threading.Lock()  # released once, when done or to lead
+        self.wake.acquire()
         # Its entries are not written yet: the leader calls this with the writeback hint
         # (see ``_writeback``) before the round's syncs.
         self.pending: Callable[[bool], None] | None = None
@@ -595,30 +602,34 @@ class _Committer:
     (stage one), then syncs the queue dirs (stage two). Only stage one is exclusive: the
     next leader starts its own stage one while this one's queue dir syncs run, so a
     journalling filesystem can fold the two into one commit instead of running them
-    back to back."""
+    back to back.
+
+    A follower sleeps on a lock of its own (``_Job.wake``), released once: when its
+    round has ended, or when it is to lead the next round. Sleeping on a shared
+    condition, every follower woken at the end of a round queued up for the condition's
+    lock, one after another: with 8 threads, 0.5 ms of a 3 ms round went by before the
+    last of them was back."""
 
     def __init__(self) -> None:
-        lock = threading.Lock()
-        self._free = threading.Condition(lock)  # notified when stage one is free
-        self._done = threading.Condition(lock)  # notified when a round has finished
-        self._waiting: list[_Job] = []
-        self._busy = False  # a leader is in stage one
-        self._want_lead = 0  # followers waiting on _free
-        self._want_done = 0  # followers waiting on _done
+        self._lock = threading.Lock()
+        self._waiting: list[_Job] = []  # not yet in a round
+        self._busy = False  # a leader is in stage one, or a job has been woken to lead
+        self._want_lead = 0  # followers asleep and not yet in a round
         self._active = 0  # jobs in commit(), in either stage or waiting
 
+    def _sleep(self, job: _Job) -> None:
+        """Block until ``job.wake`` is released: its round has ended, or it leads."""
+        job.wake.acquire()
+
     def _await_done(self, job: _Job) -> None:
-        # Lock held. The job is in a leader's round: wait until the round ends, even when
-        # interrupted (the leader works on our files; the caller cleans up after it).
+        # The job is in a leader's round: wait until the round ends, even when interrupted
+        # (the leader works on our files; the caller cleans up after it).
         err: BaseException | None = None
         while not job.done:
-            self._want_done += 1
             try:
-                self._done.wait()
+                self._sleep(job)
             except BaseException as e:
                 err = err or e
-            finally:
-                self._want_done -= 1
         if err is not None:
             raise err
 
@@ -627,8 +638,27 @@ class _Committer:
         room = GROUP_MAX - len(group)
         for j in self._waiting[:room]:
             j.taken = True
+            self._unqueue(j)
             group.append(j)
         del self._waiting[:room]
+
+    def _unqueue(self, job: _Job) -> None:
+        # Lock held: ``job`` no longer waits for a leader.
+        if job.asleep:
+            job.asleep = False
+            self._want_lead -= 1
+
+    def _hand_off(self) -> None:
+        # Lock held, stage one over: wake the first job still waiting to lead the next
+        # round (it takes every waiting job); ``_busy`` stays set for it meanwhile, so
+        # that a job arriving now does not lead a round of its own.
+        self._busy = False
+        if self._waiting:
+            nxt = self._waiting[0]
+            self._unqueue(nxt)
+            nxt.lead = True
+            self._busy = True
+            nxt.wake.release()
 
     def _write_pending(self, group: list[_Job], alone: bool) -> None:
         """Write every unwritten entry of ``group``, taking in the jobs that arrive
@@ -649,56 +679,56 @@ class _Committer:
                     # thread (never the main one): the error is the write's own.
                     j.error = e
             i = len(group)
-            with self._free:
+            with self._lock:
                 self._take(group)
                 if len(group) == i:
                     return
-                if self._want_lead:
-                    self._free.notify_all()  # as in _commit: the newcomers wait on _done
 
     def commit(self, job: _Job) -> None:
-        with self._free:
+        with self._lock:
             self._active += 1
         try:
             self._commit(job)
         finally:
-            with self._free:
+            with self._lock:
                 self._active -= 1
 
-    def _commit(self, job: _Job) -> None:
-        with self._free:
-            self._waiting.append(job)
-            while self._busy and not job.taken:
-                self._want_lead += 1
-                try:
-                    self._free.wait()
-                except BaseException:
-                    # Interrupted while waiting. Not yet taken by a leader: withdraw.
-                    # Taken: wait for the round, then let the caller clean up.
-                    if not job.taken:
-                        self._waiting.remove(job)
-                        if not self._busy and self._waiting:
-                            # We may be the one the last leader woke to lead: pass it on.
-                            self._free.notify()
-                        raise
-                    self._await_done(job)
+    def _follow(self, job: _Job) -> None:
+        """Sleep until ``job`` is done (its round has ended) or is to lead. Interrupted:
+        not yet in a round, it withdraws (passing the lead on if it was woken to lead);
+        in a round, it waits for the round to end; then the interrupt is raised."""
+        try:
+            self._sleep(job)
+        except BaseException:
+            with self._lock:
+                if not job.done and not job.taken:
+                    self._waiting.remove(job)
+                    self._unqueue(job)
+                    if job.lead:
+                        job.lead = False
+                        self._hand_off()
                     raise
-                finally:
-                    self._want_lead -= 1
-            if job.taken:
-                self._await_done(job)
+            self._await_done(job)
+            raise
+
+    def _commit(self, job: _Job) -> None:
+        with self._lock:
+            self._waiting.append(job)
+            if self._busy:
+                job.asleep = True
+                self._want_lead += 1
+            else:
+                self._busy = True
+        if job.asleep:
+            self._follow(job)
+            if job.done:
                 if job.error is not None:
                     raise job.error
                 return
+        with self._lock:
             group: list[_Job] = []
             self._take(group)
-            self._busy = True
             alone = self._active == 1
-            if self._want_lead:
-                # Every follower now waiting is in this group (but those _take left):
-                # move them to _done, so that the notify below, at the end of stage
-                # one, reaches a job that still needs a leader.
-                self._free.notify_all()
         qdirs: QueueSyncs = {}
         try:
             try:
@@ -710,20 +740,19 @@ class _Committer:
                 elif ready:
                     qdirs = _publish_group(ready, True)
             finally:
-                with self._free:
-                    self._busy = False
-                    if self._want_lead:
-                        self._free.notify()  # one new leader takes every waiting job
+                with self._lock:
+                    self._hand_off()
             _sync_queues(qdirs)
         except BaseException as e:  # pragma: no cover - the stages hand errors to jobs
             for j in group:
                 j.error = j.error or e
         finally:
-            with self._free:
+            with self._lock:
                 for j in group:
                     j.done = True
-                if self._want_done:
-                    self._done.notify_all()
+            for j in group:
+                if j is not job:
+                    j.wake.release()
         if job.error is not None:
             raise job.error
 
