@@ -315,6 +315,67 @@ def test_claim_interrupted_as_the_registry_open_returns_leaks_nothing(
     assert spool.checkout(e).contents == Cog(n=1)
 
 
+def test_write_file_interrupted_anywhere_after_the_open_leaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython runs a signal handler as a call returns and at a jump (Python 3.10: at an
+    ``if``). Wherever its exception comes in write_file once the file is open, the
+    descriptor is closed (once), and a partly written file is removed."""
+    import inspect
+
+    from multispool import _fs
+
+    code = _fs.write_file.__code__
+    lines, first = inspect.getsourcelines(_fs.write_file)
+    opened = first + next(i for i, ln in enumerate(lines) if "os.open(" in ln)
+    jumps = [
+        first + i
+        for i, ln in enumerate(lines)
+        if first + i > opened and ln.strip().startswith(("if ", "elif ", "while ", "return "))
+    ]
+    calls = ["write", "close"]
+    points: list[tuple[str, Any]] = [("line", n) for n in jumps] + [("call", c) for c in calls]
+    for kind, where in points:
+        path = str(tmp_path / f"f-{kind}-{where}")
+        before = _open_fds()
+        hit: list[bool] = []
+
+        def tracer(frame: Any, event: str, arg: Any, where: Any = where, hit: list[bool] = hit) -> Any:
+            if frame.f_code is not code:
+                return None
+            if event == "line" and frame.f_lineno == where and not hit:
+                hit.append(True)
+                raise KeyboardInterrupt
+            return tracer
+
+        with monkeypatch.context() as m:
+            if kind == "call":
+                real = getattr(os, where)
+
+                def interrupted_after(*a: Any, real: Any = real, hit: list[bool] = hit) -> Any:
+                    r = real(*a)
+                    if sys._getframe(1).f_code is code and not hit:
+                        hit.append(True)
+                        raise KeyboardInterrupt  # as the call returns
+                    return r
+
+                m.setattr(os, where, interrupted_after)
+            else:
+                sys.settrace(tracer)
+            try:
+                _fs.write_file(path, b"data", sync=False, mode=0o600, owned=True)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+        if not hit:
+            continue  # that line was not reached (a branch not taken)
+        assert _open_fds() == before, f"a descriptor leaked, interrupted at {kind} {where}"
+        if os.path.exists(path):  # interrupted once it was written and closed: whole
+            assert Path(path).read_bytes() == b"data", f"a partial file was left at {kind} {where}"
+    assert len(jumps) >= 4
+
+
 STORM = """
 import enum, os, signal, sys, time
 import multispool, multispool._fs as fs

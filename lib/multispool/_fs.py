@@ -188,6 +188,12 @@ def write_file(
     syncs and closes it). ``writeback``: the caller will fsync the file later; start
     its writeback now (``start_writeback``)."""
     flags = O_CREATE_EXCL if exclusive else O_CREATE_TRUNC
+    # Nothing runs between the open and the try that closes its descriptor, and the close
+    # is inside it: Python 3.10 runs signal handlers at a jump, and an exception raised
+    # at ``if keep_open`` outside it lost the descriptor. ``closed`` is set just before
+    # the close (no handler runs between the two): an exception raised as the close
+    # returns must not close the number again (another file may have it by then).
+    closed = False
     try:
         fd = os.open(path, flags, mode)
     except OSError:
@@ -206,17 +212,20 @@ def write_file(
             fsync_fd(fd)
         elif writeback:
             start_writeback(fd)
-    except OSError as e:
+        if keep_open:
+            return fd
+        closed = True
         os.close(fd)
+    except OSError as e:
+        if not closed:
+            os.close(fd)
         unlink_quiet(path)
         raise _name(e, path) from None
     except BaseException:
-        os.close(fd)
+        if not closed:
+            os.close(fd)
         unlink_quiet(path)
         raise
-    if keep_open:
-        return fd
-    os.close(fd)
     return None
 
 
