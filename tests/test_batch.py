@@ -847,6 +847,61 @@ def test_leader_writes_only_single_enqueues_of_bytes_synced_by_a_group(tmp_path:
     assert answers == [True, False, False, False, False]
 
 
+def test_write_out_starts_every_file_then_waits_for_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int]] = []
+    real = _fs._write_out_range
+
+    def recording(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append((os.fstat(fd).st_ino, flags))
+        return int(real(fd, offset, nbytes, flags)) if real is not None else 0
+
+    monkeypatch.setattr(_fs, "_write_out_range", recording)
+    paths = [str(tmp_path / f"f{i}") for i in range(3)]
+    for p in paths:
+        Path(p).write_bytes(b"x" * 100)
+    before = set(os.listdir("/proc/self/fd"))
+    _fs.write_out([*paths, str(tmp_path / "missing")])  # a path that is not there: skipped
+    assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
+    inos = [os.stat(p).st_ino for p in paths]
+    assert calls == [(i, 2) for i in inos] + [(i, 7) for i in inos]  # all started, then each waited
+
+
+def test_a_group_round_writes_out_its_files_before_the_fsyncs(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, sync_path: str
+) -> None:
+    """Through AIO, a round of several files first has every file written back (so the
+    first log force takes in all of them), then fsyncs them all; not in the main thread."""
+    events: list[tuple[str, Any]] = []
+    write_out, fsync_all = _fs.write_out, _aio.fsync_all
+
+    def rec_write_out(paths: Any) -> None:
+        events.append(("write_out", sorted(os.path.basename(p) for p in paths)))
+        write_out(paths)
+
+    def rec_fsync_all(targets: Any) -> Any:
+        events.append(("fsync_all", sorted(os.path.basename(p) for p, _, d in targets if not d)))
+        return fsync_all(targets)
+
+    monkeypatch.setattr(_fs, "write_out", rec_write_out)
+    monkeypatch.setattr(_aio, "fsync_all", rec_fsync_all)
+    _, results = _group_of(full_spool, monkeypatch, 4)
+    assert all(isinstance(r, multispool.Entry) for r in results), results
+    if sync_path == "threads":
+        assert not [e for e in events if e[0] == "write_out"]
+        return
+    # The second round (3 followers): written out, then synced, the same files.
+    outs = [e for e in events if e[0] == "write_out"]
+    assert outs, events
+    i = events.index(outs[-1])
+    assert events[i + 1][0] == "fsync_all" and events[i + 1][1] == outs[-1][1]
+    assert len(outs[-1][1]) == 6
+    events.clear()
+    full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=9), b"a"), (Cog(n=10), b"b")])  # main thread
+    assert [e[0] for e in events] == ["fsync_all"]
+
+
 def _child_enqueue(path: str) -> None:
     sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability="full")
     multispool.Spool.load(path, sp).enqueue(Queue.QUEUE1, Cog(n=1), b"")

@@ -500,7 +500,15 @@ def _sync_round(group: Sequence[_Job], crowded: bool = False) -> None:
                 return  # the job has failed: its directories need no sync
         derrs = {d: _fsync_dir_err(d) for d in dirs}
     else:
-        derrs = _sync_with_syncfs(files, dirs, whole) if whole else _sync_together(files, dirs)
+        if whole:
+            derrs = _sync_with_syncfs(files, dirs, whole)
+        else:
+            if _aio._usable and not _in_main_thread():
+                # Every file's data written before any fsync forces the log (see there).
+                # Not in the main thread: a signal handler's exception between two of its
+                # closes would leave the other descriptors open.
+                _fs.write_out([p for _, (p, _) in files])
+            derrs = _sync_together(files, dirs)
     for j in fsync_jobs:
         j.error = j.error or derrs[j.registry] or derrs[j.data_dir]
 

@@ -16,6 +16,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
@@ -143,6 +144,46 @@ def start_writeback(fd: int) -> None:
     their data and a cache flush (docs/benchmarks-batch.md)."""
     if _sync_file_range is not None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # failure: the fsync reports it
+
+
+# The same function, for write_out only: tests that watch the hints above patch the name
+# ``_sync_file_range`` and must not see these calls.
+_write_out_range: Final = _sync_file_range
+_SYNC_FILE_RANGE_WAIT: Final = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def write_out(paths: Sequence[str]) -> None:
+    """Start writing back every regular file at ``paths``, then wait until all of them
+    are written (Linux; a no-op elsewhere), for files about to be fsynced together. A
+    hint only, like ``start_writeback``: it makes nothing durable and reports nothing
+    (an error is the fsync's to report); a path that cannot be opened is skipped.
+
+    Why: each file's fsync first waits for its own data, and the filesystem logs what
+    the write changed (xfs: the new file size, at I/O completion) only then. Fsyncs in
+    flight together force the log at different times, each for what had arrived by
+    then. With every file's data already written, the first log force takes in all of
+    it. Eight threads in group commit: 1.12-1.20x on an xfs loop image
+    (docs/benchmarks-batch.md). The files are the spool's own (their owner lock is
+    held), opened like ``fsync_file`` opens them."""
+    if _write_out_range is None:
+        return
+    holds: list[_FileHold] = []
+    try:
+        for path in paths:
+            hold = _FileHold()
+            holds.append(hold)
+            try:
+                fd = _open_held(path, O_READ, 0o777, hold)
+            except OSError:
+                continue
+            _write_out_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        for hold in holds:
+            if hold.fd is not None:
+                _write_out_range(hold.fd, 0, 0, _SYNC_FILE_RANGE_WAIT)
+    finally:
+        for hold in holds:
+            if hold.fd is not None:
+                _close_held(hold.fd, hold)
 
 
 def open_syncfs(path: str) -> int:
