@@ -506,8 +506,11 @@ def _sync_round(group: Sequence[_Job], crowded: bool = False) -> None:
             if _aio._usable and not _in_main_thread():
                 # Every file's data written before any fsync forces the log (see there).
                 # Not in the main thread: a signal handler's exception between two of its
-                # closes would leave the other descriptors open.
-                _fs.write_out([p for _, (p, _) in files])
+                # closes would leave the other descriptors open. A writeback error it
+                # saw is its file's: the fsync that follows would not report it again.
+                werrs = _fs.write_out([p for _, (p, _) in files])
+                for (j, _), err in zip(files, werrs, strict=True):
+                    j.error = j.error or err
             derrs = _sync_together(files, dirs)
     for j in fsync_jobs:
         j.error = j.error or derrs[j.registry] or derrs[j.data_dir]

@@ -152,11 +152,14 @@ _write_out_range: Final = _sync_file_range
 _SYNC_FILE_RANGE_WAIT: Final = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
-def write_out(paths: Sequence[str]) -> None:
+def write_out(paths: Sequence[str]) -> list[OSError | None]:
     """Start writing back every regular file at ``paths``, then wait until all of them
-    are written (Linux; a no-op elsewhere), for files about to be fsynced together. A
-    hint only, like ``start_writeback``: it makes nothing durable and reports nothing
-    (an error is the fsync's to report); a path that cannot be opened is skipped.
+    are written (Linux; a no-op elsewhere), for files about to be fsynced together.
+    Returns, for each path, the writeback error its wait reported, or None: the caller
+    must take it as that file's fsync error. The wait reports an error once and marks it
+    seen, so an fsync through a descriptor opened afterwards would not report it again.
+    Otherwise a hint, like ``start_writeback``: it makes nothing durable, and a path
+    that cannot be opened gives None (its fsync reports why).
 
     Why: each file's fsync first waits for its own data, and the filesystem logs what
     the write changed (xfs: the new file size, at I/O completion) only then. Fsyncs in
@@ -165,25 +168,30 @@ def write_out(paths: Sequence[str]) -> None:
     it. Eight threads in group commit: 1.12-1.20x on an xfs loop image
     (docs/benchmarks-batch.md). The files are the spool's own (their owner lock is
     held), opened like ``fsync_file`` opens them."""
+    errs: list[OSError | None] = [None] * len(paths)
     if _write_out_range is None:
-        return
+        return errs
     holds: list[_FileHold] = []
     try:
         for path in paths:
             hold = _FileHold()
-            holds.append(hold)
+            holds.append(hold)  # one per path, in order: errs[i] is paths[i]'s
             try:
                 fd = _open_held(path, O_READ, 0o777, hold)
             except OSError:
                 continue
             _write_out_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-        for hold in holds:
-            if hold.fd is not None:
-                _write_out_range(hold.fd, 0, 0, _SYNC_FILE_RANGE_WAIT)
+        for i, hold in enumerate(holds):
+            if hold.fd is not None and _write_out_range(hold.fd, 0, 0, _SYNC_FILE_RANGE_WAIT) != 0:
+                import ctypes
+
+                err = ctypes.get_errno()
+                errs[i] = OSError(err, os.strerror(err), paths[i])
     finally:
         for hold in holds:
             if hold.fd is not None:
                 _close_held(hold.fd, hold)
+    return errs
 
 
 def open_syncfs(path: str) -> int:
