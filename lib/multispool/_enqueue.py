@@ -447,8 +447,8 @@ def publish(staged: Sequence[Staged]) -> None:
 # -- commit: sync dirs, publish, sync queue ----------------------------------------------
 class _Job:
     __slots__ = (
-        "asleep", "data_dir", "done", "error", "files_synced", "lead", "pending", "registry", "sfd", "staged",
-        "taken", "wake",
+        "data_dir", "done", "error", "files_synced", "follower", "lead", "pending", "registry", "sfd",
+        "staged", "taken", "wake",
     )
 
     def __init__(
@@ -460,7 +460,7 @@ class _Job:
         self.registry = registry
         self.data_dir = data_dir
         self.taken = False  # a leader has it in its group
-        self.asleep = False  # a follower, asleep until taken or woken to lead
+        self.follower = False  # found a round under way: sleeps until done or woken to lead
         self.lead = False  # woken to lead the next round
         self.wake = threading.Lock()  # released once, when done or to lead
         self.wake.acquire()
@@ -597,11 +597,6 @@ def _sync_queues(qdirs: QueueSyncs) -> None:
                 j.error = j.error or qerr
 
 
-def _run_group(group: Sequence[_Job]) -> None:
-    """Both stages of a round, one after the other."""
-    _sync_queues(_publish_group(group))
-
-
 def _run_lone(job: _Job, crowded: bool = False) -> None:
     """Both stages for one job."""
     _sync_queues(_publish_lone(job, crowded))
@@ -625,8 +620,12 @@ class _Committer:
         self._lock = threading.Lock()
         self._waiting: list[_Job] = []  # not yet in a round
         self._busy = False  # a leader is in stage one, or a job has been woken to lead
-        self._want_lead = 0  # followers asleep and not yet in a round
         self._active = 0  # jobs in commit(), in either stage or waiting
+
+    @property
+    def _want_lead(self) -> int:
+        """Followers asleep and not yet in a round (for tests and diagnostics)."""
+        return sum(1 for j in self._waiting if j.follower and not j.lead)
 
     def _sleep(self, job: _Job) -> None:
         """Block until ``job.wake`` is released: its round has ended, or it leads."""
@@ -649,15 +648,8 @@ class _Committer:
         room = GROUP_MAX - len(group)
         for j in self._waiting[:room]:
             j.taken = True
-            self._unqueue(j)
             group.append(j)
         del self._waiting[:room]
-
-    def _unqueue(self, job: _Job) -> None:
-        # Lock held: ``job`` no longer waits for a leader.
-        if job.asleep:
-            job.asleep = False
-            self._want_lead -= 1
 
     def _hand_off(self) -> None:
         # Lock held, stage one over: wake the first job still waiting to lead the next
@@ -666,7 +658,6 @@ class _Committer:
         self._busy = False
         if self._waiting:
             nxt = self._waiting[0]
-            self._unqueue(nxt)
             nxt.lead = True
             self._busy = True
             nxt.wake.release()
@@ -714,7 +705,6 @@ class _Committer:
             with self._lock:
                 if not job.done and not job.taken:
                     self._waiting.remove(job)
-                    self._unqueue(job)
                     if job.lead:
                         job.lead = False
                         self._hand_off()
@@ -725,12 +715,9 @@ class _Committer:
     def _commit(self, job: _Job) -> None:
         with self._lock:
             self._waiting.append(job)
-            if self._busy:
-                job.asleep = True
-                self._want_lead += 1
-            else:
-                self._busy = True
-        if job.asleep:
+            job.follower = self._busy
+            self._busy = True
+        if job.follower:
             self._follow(job)
             if job.done:
                 if job.error is not None:
