@@ -36,6 +36,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -166,6 +167,30 @@ def serve(handler: Callable[[str], str]) -> None:
             reply = f"ERR {type(e).__name__}: {e}".replace("\n", " ")
         out.write(reply + "\n")
         out.flush()
+
+
+def in_forked_child(body: Callable[[], bool]) -> None:
+    """fork() (with threads running, on purpose: its warning is silenced), run ``body``
+    in the child, which exits 0 if it returned True and never returns into pytest;
+    in the parent, wait for the child (killing it if the wait is interrupted) and
+    assert that it exited 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = False
+        try:
+            ok = bool(body())
+        finally:
+            os._exit(0 if ok else 1)
+    try:
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child failed"
 
 
 def run_python(

@@ -6,13 +6,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import multispool
+from _procs import in_forked_child
 from conftest import Cog, Queue
 from multispool import _aio, _fs
 
@@ -219,20 +219,6 @@ def test_a_forked_child_gets_contexts_of_its_own(tmp_path: Path) -> None:
     paths = _files(tmp_path, 3)
     assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 3
     assert _aio._contexts  # the parent keeps one
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads: on purpose
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        ok = False
-        try:
-            ok = not _aio._contexts and _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 3
-        finally:
-            os._exit(0 if ok else 1)
-    try:
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        pid = 0
-    finally:
-        if pid:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
+    in_forked_child(
+        lambda: not _aio._contexts and _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 3
+    )

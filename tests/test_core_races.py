@@ -376,13 +376,15 @@ def test_write_file_interrupted_anywhere_after_the_open_leaks_nothing(
     assert len(jumps) >= 4
 
 
-STORM = """
-import enum, os, signal, sys, time
+# A spool (durability from argv[3]) and a SIGALRM handler that raises Tick in the main
+# thread once per ``armed``; the tally at the end says what an interrupted enqueue left.
+STORM_PRELUDE = """
+import enum, os, signal, sys, threading, time
 import multispool, multispool._fs as fs
 class Q(enum.Enum):
     A = "a"
 d = sys.argv[1]
-spool = multispool.Spool.create(d, multispool.Spoolable(queues=Q, durability="none"))
+spool = multispool.Spool.create(d, multispool.Spoolable(queues=Q, durability=sys.argv[3]))
 spool.enqueue(Q.A, {}, b"").direct.remove()  # lazily opened descriptors
 fds0 = set(os.listdir("/proc/self/fd"))
 class Tick(Exception):
@@ -394,6 +396,29 @@ def handler(sig, frame):
         armed = False
         raise Tick
 signal.signal(signal.SIGALRM, handler)
+"""
+STORM_TALLY = """
+leaked = sorted(set(os.listdir("/proc/self/fd")) - fds0)
+left = spool.clean_abandoned(older_than=0)
+regs = set(os.listdir(os.path.join(d, ".registry")))
+queued = {n for n in os.listdir(os.path.join(d, "a")) if n[0] != "."}
+datas = set(os.listdir(os.path.join(d, ".data")))
+tally = [len(leaked), len(fs._held), len(queued - regs) + len(queued - datas), len(regs - queued),
+         len(os.listdir(os.path.join(d, ".tmp"))), len(left)]
+"""
+
+
+def _assert_storm_left_nothing(tally: list[int]) -> None:
+    leaked, held, orphans, stray_regs, tmps, left = tally
+    assert (leaked, held) == (0, 0), f"descriptors left open: {leaked}, locks held: {held}"
+    assert orphans == 0, "a queue file without its registry or data"
+    assert (stray_regs, tmps) == (0, 0), "a name left locked (clean_abandoned could not take it)"
+    assert left == 0, f"{left} interrupted enqueues left files behind (cleanup did not match)"
+
+
+STORM = (
+    STORM_PRELUDE
+    + """
 ok = failed = 0
 deadline = time.monotonic() + float(sys.argv[2])
 signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
@@ -407,46 +432,26 @@ while time.monotonic() < deadline:
         failed += 1
 armed = False
 signal.setitimer(signal.ITIMER_REAL, 0, 0)
-leaked = sorted(set(os.listdir("/proc/self/fd")) - fds0)
-left = spool.clean_abandoned(older_than=0)
-regs = set(os.listdir(os.path.join(d, ".registry")))
-queued = {n for n in os.listdir(os.path.join(d, "a")) if n[0] != "."}
-datas = set(os.listdir(os.path.join(d, ".data")))
-print(ok, failed, len(leaked), len(fs._held), len(queued - regs) + len(queued - datas),
-      len(regs - queued), len(os.listdir(os.path.join(d, ".tmp"))), len(left))
 """
+    + STORM_TALLY
+    + """
+print(ok, failed, *tally)
+"""
+)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 def test_enqueues_interrupted_by_a_signal_handler_storm(tmp_path: Path) -> None:
-    r = run_python(STORM, str(tmp_path / "spool"), "1.0", timeout=60)
+    r = run_python(STORM, str(tmp_path / "spool"), "1.0", "none", timeout=60)
     assert r.returncode == 0, r.stderr
-    _ok, failed, leaked, held, orphans, stray_regs, tmps, left = map(int, r.stdout.split())
+    _ok, failed, *tally = map(int, r.stdout.split())
     assert failed > 50, r.stdout  # the storm did interrupt
-    assert (leaked, held) == (0, 0), f"descriptors left open: {leaked}, locks held: {held}"
-    assert orphans == 0, "a queue file without its registry or data"
-    assert (stray_regs, tmps) == (0, 0), "a name left locked (clean_abandoned could not take it)"
-    assert left == 0, f"{left} interrupted enqueues left files behind (cleanup did not match)"
+    _assert_storm_left_nothing(tally)
 
 
-STORM_WITH_THREADS = """
-import enum, os, signal, sys, threading, time
-import multispool, multispool._fs as fs
-class Q(enum.Enum):
-    A = "a"
-d = sys.argv[1]
-spool = multispool.Spool.create(d, multispool.Spoolable(queues=Q, durability="full"))
-spool.enqueue(Q.A, {}, b"").direct.remove()  # lazily opened descriptors
-fds0 = set(os.listdir("/proc/self/fd"))
-class Tick(Exception):
-    pass
-armed = False
-def handler(sig, frame):
-    global armed
-    if armed:
-        armed = False
-        raise Tick
-signal.signal(signal.SIGALRM, handler)
+STORM_WITH_THREADS = (
+    STORM_PRELUDE
+    + """
 acked, worker_errors, stop = [], [], threading.Event()
 def worker(k):
     i = 0
@@ -478,16 +483,13 @@ signal.setitimer(signal.ITIMER_REAL, 0, 0)
 stop.set()
 for t in workers:
     t.join()
-leaked = sorted(set(os.listdir("/proc/self/fd")) - fds0)
-left = spool.clean_abandoned(older_than=0)
-regs = set(os.listdir(os.path.join(d, ".registry")))
-queued = {n for n in os.listdir(os.path.join(d, "a")) if n[0] != "."}
-datas = set(os.listdir(os.path.join(d, ".data")))
-print(ok, failed, len(acked) - ok, len(worker_errors), len(set(acked) - queued), len(leaked), len(fs._held),
-      len(queued - regs) + len(queued - datas), len(regs - queued), len(os.listdir(os.path.join(d, ".tmp"))),
-      len(left))
+"""
+    + STORM_TALLY
+    + """
+print(ok, failed, len(acked) - ok, len(worker_errors), len(set(acked) - queued), *tally)
 print(worker_errors[:3], file=sys.stderr)
 """
+)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
@@ -497,18 +499,13 @@ def test_durable_enqueues_from_threads_while_the_main_thread_is_interrupted(tmp_
     exceptions: no worker's enqueue fails, none hangs (an exception raised inside a wait
     on the committer's conditions used to break them for every thread: the main thread
     now never joins a group), and nothing leaks or is lost."""
-    r = run_python(STORM_WITH_THREADS, str(tmp_path / "spool"), "2.0", timeout=90)
+    r = run_python(STORM_WITH_THREADS, str(tmp_path / "spool"), "2.0", "full", timeout=90)
     assert r.returncode == 0, r.stderr
-    ok, failed, worker_ok, worker_errors, lost, leaked, held, orphans, stray_regs, tmps, left = map(
-        int, r.stdout.split()
-    )
+    ok, failed, worker_ok, worker_errors, lost, *tally = map(int, r.stdout.split())
     assert failed > 20 and ok > 0 and worker_ok > 50, r.stdout  # the storm did interrupt, in groups
     assert worker_errors == 0, f"a worker thread's enqueue failed: {r.stderr}"
     assert lost == 0, "an acknowledged entry is not in its queue"
-    assert (leaked, held) == (0, 0), f"descriptors left open: {leaked}, locks held: {held}"
-    assert orphans == 0, "a queue file without its registry or data"
-    assert (stray_regs, tmps) == (0, 0), "a name left locked (clean_abandoned could not take it)"
-    assert left == 0, f"{left} interrupted enqueues left files behind (cleanup did not match)"
+    _assert_storm_left_nothing(tally)
 
 
 # -- item 4: module-level locks are reset in a forked child ------------------------------------

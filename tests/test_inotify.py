@@ -19,12 +19,12 @@ import shutil
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from _procs import in_forked_child
 from multispool import _inotify, _watch
 from multispool._watch import subscribe
 from test_reader_wake import context_switches
@@ -399,45 +399,33 @@ def test_forked_child_closes_its_copies_and_parent_keeps_watching(
     wd = reader.add_callback(os.fsencode(d), MASK, t, 1)
     # (watchdog 7's shared InotifyFD, started by test_watch, may be open too.)
     instances = inotify_instances()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads: the point
-        pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        status = 1
-        try:
-            # No thread reads the inherited instance: its descriptors are closed, the
-            # parent's watches left alone, and the reader is inert here.
-            ok = inotify_instances() == instances - 1
-            reader.stop()
-            reader.remove_callbacks([(wd, 1)])
-            with contextlib.suppress(OSError):
-                reader.add_callback(os.fsencode(d), MASK, t, 2)
-                ok = False
-            # A new reader in the child works.
-            child = _inotify.InotifyReader()
-            child.start()
-            ct = Target()
-            child.add_callback(os.fsencode(d), MASK, ct, 1)
-            (d / "from-child").touch()
-            ok = ok and ct.until("from-child", IN_CLOSE_WRITE)[-1] == (IN_CLOSE_WRITE, "from-child")
-            child.stop()
-            child.join(WAIT)
-            status = 0 if ok else 1
-        finally:
-            os._exit(status)
-    try:
-        _, status = os.waitpid(pid, 0)
-        pid = 0
-        assert os.waitstatus_to_exitcode(status) == 0
-        # The parent's watch survived the child's stop() and remove_callbacks().
-        assert t.until("from-child", IN_CLOSE_WRITE)[-1] == (IN_CLOSE_WRITE, "from-child")
-        (d / "from-parent").touch()
-        assert t.until("from-parent", IN_CLOSE_WRITE)[-1] == (IN_CLOSE_WRITE, "from-parent")
-        assert len(inotify_masks()) == 1
-    finally:
-        if pid:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
+
+    def child() -> bool:
+        # No thread reads the inherited instance: its descriptors are closed, the
+        # parent's watches left alone, and the reader is inert here.
+        ok = inotify_instances() == instances - 1
+        reader.stop()
+        reader.remove_callbacks([(wd, 1)])
+        with contextlib.suppress(OSError):
+            reader.add_callback(os.fsencode(d), MASK, t, 2)
+            ok = False
+        # A new reader in the child works.
+        fresh = _inotify.InotifyReader()
+        fresh.start()
+        ct = Target()
+        fresh.add_callback(os.fsencode(d), MASK, ct, 1)
+        (d / "from-child").touch()
+        ok = ok and ct.until("from-child", IN_CLOSE_WRITE)[-1] == (IN_CLOSE_WRITE, "from-child")
+        fresh.stop()
+        fresh.join(WAIT)
+        return ok
+
+    in_forked_child(child)
+    # The parent's watch survived the child's stop() and remove_callbacks().
+    assert t.until("from-child", IN_CLOSE_WRITE)[-1] == (IN_CLOSE_WRITE, "from-child")
+    (d / "from-parent").touch()
+    assert t.until("from-parent", IN_CLOSE_WRITE)[-1] == (IN_CLOSE_WRITE, "from-parent")
+    assert len(inotify_masks()) == 1
 
 
 # --------------------------------------------------------- the native backend on it

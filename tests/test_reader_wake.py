@@ -16,13 +16,13 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import multispool
+from _procs import in_forked_child
 from conftest import Cog, Queue
 from multispool import _fs, _reader, _watch
 from multispool.aio import AsyncSpool
@@ -377,32 +377,21 @@ def test_queue_directory_replaced_while_waiting(spool: multispool.Spool[bytes], 
 def test_reader_made_before_fork_works_in_the_child(spool: multispool.Spool[bytes]) -> None:
     with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
         assert reader.dequeue_available() is None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
-            pid = os.fork()
-        if pid == 0:  # child: never returns into pytest
-            status = 1
-            try:
-                waiting = hook_waits(reader)
-                co, took = dequeue_when_blocked(reader, waiting, lambda: enqueue(spool, "f"))
-                if co is not None and co.name == "f000000" and took < WAIT / 2:
-                    co.remove()
-                    status = 0
-            finally:
-                os._exit(status)
-        try:
-            _, status = os.waitpid(pid, 0)
-            pid = 0
-            assert os.waitstatus_to_exitcode(status) == 0
-            # The parent's reader still works.
+
+        def child() -> bool:
             waiting = hook_waits(reader)
-            co, _ = dequeue_when_blocked(reader, waiting, lambda: enqueue(spool, "p"))
-            assert co is not None and co.name == "p000000"
-            co.remove()
-        finally:
-            if pid:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
+            co, took = dequeue_when_blocked(reader, waiting, lambda: enqueue(spool, "f"))
+            if co is not None and co.name == "f000000" and took < WAIT / 2:
+                co.remove()
+                return True
+            return False
+
+        in_forked_child(child)
+        # The parent's reader still works.
+        waiting = hook_waits(reader)
+        co, _ = dequeue_when_blocked(reader, waiting, lambda: enqueue(spool, "p"))
+        assert co is not None and co.name == "p000000"
+        co.remove()
 
 
 # --------------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from _procs import in_forked_child
 from multispool import _watch
 from multispool._watch import ObserverMode, choose_observer, subscribe
 
@@ -415,31 +415,17 @@ def test_fork_child_gets_a_fresh_observer(queue: Path, outside: Path, tmp_path: 
     other = tmp_path / "child-queue"
     other.mkdir()
     with subscribe(queue, rec, "native"):
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork() with threads running; that is the point.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # child: never returns into pytest
-            status = 1
-            try:
-                child_rec = Recorder()
-                with subscribe(other, child_rec, "native"):
-                    (other / "x").write_text("x")
-                    if child_rec.wait():
-                        status = 0
-            finally:
-                os._exit(status)
-        try:
-            _, status = os.waitpid(pid, 0)
-            pid = 0
-            assert os.waitstatus_to_exitcode(status) == 0
-            # The parent's observer still works.
-            drop_in(outside, queue, "e")
-            assert rec.wait()
-        finally:
-            if pid:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
+
+        def child() -> bool:
+            child_rec = Recorder()
+            with subscribe(other, child_rec, "native"):
+                (other / "x").write_text("x")
+                return bool(child_rec.wait())
+
+        in_forked_child(child)
+        # The parent's observer still works.
+        drop_in(outside, queue, "e")
+        assert rec.wait()
 
 
 # --------------------------------------------------------------------------- latency
