@@ -129,10 +129,13 @@ if hasattr(os, "register_at_fork"):
 
 def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseException | None] | None:
     """fsync every target (path, its open descriptor or None, whether it is a directory),
-    all in flight at once. Returns each target's error (an OSError naming its path) or
-    None, in order, once every one has finished; or None, having done nothing, where AIO
-    cannot be used here. A file is opened without following a symlink and must be a
-    regular file, as ``_fs.fsync_file`` requires."""
+    all in flight at once, up to CAPACITY at a time. Returns each target's error (an
+    OSError naming its path) or None, in order, once every one has finished; or None,
+    having done nothing, where AIO cannot be used here. A file is opened without
+    following a symlink and must be a regular file, as ``_fs.fsync_file`` requires. It
+    is opened just before its request is submitted and closed as soon as that request
+    completes: a batch of thousands of files holds at most CAPACITY of them open, not
+    one descriptor each (the process's limit on open files is often 1,024)."""
     if not targets:
         return []
     ctx = _setup()
@@ -140,30 +143,23 @@ def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseExcep
         return None
     errs: list[BaseException | None] = [None] * len(targets)
     holds = [_fs._FileHold() for _ in targets]
-    fds: list[int | None] = [None] * len(targets)
     idle = True
     try:
-        for i, (path, fd, is_dir) in enumerate(targets):
-            if fd is not None:
-                fds[i] = fd
-                continue
-            try:
-                flags = os.O_RDONLY | _fs._DIRECTORY | _fs._CLOEXEC if is_dir else _fs.O_READ
-                own = _fs._open_held(path, flags, 0o777, holds[i])
-                if not is_dir and not stat.S_ISREG(os.fstat(own).st_mode):
-                    raise _fs.not_regular(path)
-                fds[i] = own
-            except OSError as e:
-                errs[i] = _fs._name(e, path)
-        todo = [i for i, fd in enumerate(fds) if fd is not None and errs[i] is None]
         idle = False
-        serial = _run(ctx, todo, fds, targets, errs)
+        serial = _run(ctx, targets, errs, holds)
         idle = True
         for i in serial:  # refused by the kernel mid-way: synced here, one by one
+            path, fd, is_dir = targets[i]
+            fd = holds[i].fd if holds[i].fd is not None else fd
             try:
-                _fs.fsync_fd(fds[i])  # type: ignore[arg-type]
+                if fd is not None:
+                    _fs.fsync_fd(fd)
+                elif is_dir:
+                    _fs.fsync_dir(path)
+                else:
+                    _fs.fsync_file(path)
             except OSError as e:
-                errs[i] = _fs._name(e, targets[i][0])
+                errs[i] = _fs._name(e, path)
     finally:
         _release(ctx, idle)
         for h in holds:
@@ -172,31 +168,58 @@ def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseExcep
     return errs
 
 
+def _open(
+    i: int, targets: Sequence[tuple[str, int | None, bool]], errs: list[BaseException | None],
+    holds: list[_fs._FileHold],
+) -> int | None:
+    """Target ``i``'s descriptor: the caller's, or opened into ``holds[i]``; None, with its
+    error in ``errs[i]``, if it cannot be opened or is not a regular file or dir."""
+    path, fd, is_dir = targets[i]
+    if fd is not None:
+        return fd
+    try:
+        flags = os.O_RDONLY | _fs._DIRECTORY | _fs._CLOEXEC if is_dir else _fs.O_READ
+        own = _fs._open_held(path, flags, 0o777, holds[i])
+        if not is_dir and not stat.S_ISREG(os.fstat(own).st_mode):
+            raise _fs.not_regular(path)
+    except OSError as e:
+        errs[i] = _fs._name(e, path)
+        return None
+    return own
+
+
 def _run(
     ctx: int,
-    todo: list[int],
-    fds: list[int | None],
     targets: Sequence[tuple[str, int | None, bool]],
     errs: list[BaseException | None],
+    holds: list[_fs._FileHold],
 ) -> list[int]:
-    """Submit an fsync for each index of ``todo``, at most CAPACITY in flight, and reap
-    every one. Returns the indexes the kernel refused to take (to sync otherwise).
-    Interrupted (a signal handler's exception), it raises with requests still in flight:
-    the caller then destroys the context, which waits for them."""
+    """Open (``_open``) and submit an fsync for each target, at most CAPACITY opened or in
+    flight, and reap every one, closing what it opened as each completes. Returns the
+    indexes the kernel refused to take (to sync otherwise). Interrupted (a signal
+    handler's exception), it raises with requests still in flight: the caller then
+    destroys the context, which waits for them, and closes what is still open."""
     global _usable
-    n = len(todo)
+    n = len(targets)
     cbs = (_Iocb * n)()
     ptrs = (ctypes.POINTER(_Iocb) * n)()
-    for k, i in enumerate(todo):
-        cbs[k].aio_data = i
-        cbs[k].aio_lio_opcode = _IOCB_CMD_FSYNC
-        cbs[k].aio_fildes = fds[i]
-        ptrs[k] = ctypes.pointer(cbs[k])
     events = (_Event * CAPACITY)()
     ptr_size = ctypes.sizeof(ctypes.c_void_p)
-    submitted = inflight = 0
-    while submitted < n or inflight:
-        room = min(n - submitted, CAPACITY - inflight)
+    opened = prepared = submitted = inflight = 0
+    while opened < n or submitted < prepared or inflight:
+        while opened < n and prepared - submitted + inflight < CAPACITY:
+            i = opened
+            opened += 1
+            fd = _open(i, targets, errs, holds)
+            if fd is None:
+                continue
+            cb = cbs[prepared]
+            cb.aio_data = i
+            cb.aio_lio_opcode = _IOCB_CMD_FSYNC
+            cb.aio_fildes = fd
+            ptrs[prepared] = ctypes.pointer(cb)
+            prepared += 1
+        room = prepared - submitted
         if room:
             r = _syscall(
                 ctypes.c_long(_NR[3]), ctypes.c_ulong(ctx), ctypes.c_long(room),
@@ -216,20 +239,21 @@ def _run(
                     with _lock:
                         _usable = False
                 while inflight:
-                    inflight -= _reap(ctx, inflight, events, targets, errs)
-                return todo[submitted:]
+                    inflight -= _reap(ctx, inflight, events, targets, errs, holds)
+                return [int(cbs[k].aio_data) for k in range(submitted, prepared)] + list(range(opened, n))
             if not inflight:
                 continue  # interrupted before anything was taken: submit again
-        inflight -= _reap(ctx, inflight, events, targets, errs)
+        if inflight:
+            inflight -= _reap(ctx, inflight, events, targets, errs, holds)
     return []
 
 
 def _reap(
     ctx: int, inflight: int, events: Any, targets: Sequence[tuple[str, int | None, bool]],
-    errs: list[BaseException | None],
+    errs: list[BaseException | None], holds: list[_fs._FileHold],
 ) -> int:
     """Wait for at least one request in flight to finish; record the results of all that
-    have. Returns how many."""
+    have, and close the descriptors ``_open`` opened for them. Returns how many."""
     r = _syscall(
         ctypes.c_long(_NR[2]), ctypes.c_ulong(ctx), ctypes.c_long(1), ctypes.c_long(inflight),
         events, None,
@@ -240,7 +264,10 @@ def _reap(
             return 0
         raise OSError(err, f"io_getevents: {os.strerror(err)}")
     for ev in events[:r]:
+        i = int(ev.data)
         if ev.res < 0:
-            i = int(ev.data)
             errs[i] = OSError(-ev.res, os.strerror(-ev.res), targets[i][0])
+        h = holds[i]
+        if h.fd is not None:
+            _fs._close_held(h.fd, h)
     return int(r)

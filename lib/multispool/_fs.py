@@ -154,7 +154,8 @@ _SYNC_FILE_RANGE_WAIT: Final = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
 def write_out(paths: Sequence[str]) -> list[OSError | None]:
     """Start writing back every regular file at ``paths``, then wait until all of them
-    are written (Linux; a no-op elsewhere), for files about to be fsynced together.
+    are written (Linux; a no-op elsewhere), for files about to be fsynced together;
+    ``WRITE_OUT_WINDOW`` files at a time, each window started, then waited for.
     Returns, for each path, the writeback error its wait reported, or None: the caller
     must take it as that file's fsync error. The wait reports an error once and marks it
     seen, so an fsync through a descriptor opened afterwards would not report it again.
@@ -171,27 +172,88 @@ def write_out(paths: Sequence[str]) -> list[OSError | None]:
     errs: list[OSError | None] = [None] * len(paths)
     if _write_out_range is None:
         return errs
+    # Window by window: every file of a window is open from its start to its wait, and a
+    # batch of thousands must not run the process out of descriptors.
+    for lo in range(0, len(paths), WRITE_OUT_WINDOW):
+        _write_out_window(paths, lo, min(lo + WRITE_OUT_WINDOW, len(paths)), errs)
+    return errs
+
+
+# Files ``write_out`` holds open at once.
+WRITE_OUT_WINDOW: Final = 256
+
+
+def _write_out_window(paths: Sequence[str], lo: int, hi: int, errs: list[OSError | None]) -> None:
+    """``write_out`` for ``paths[lo:hi]``: start them all, then wait for each."""
     holds: list[_FileHold] = []
     try:
-        for path in paths:
+        for path in paths[lo:hi]:
             hold = _FileHold()
-            holds.append(hold)  # one per path, in order: errs[i] is paths[i]'s
+            holds.append(hold)  # one per path, in order: errs[lo + k] is holds[k]'s
             try:
                 fd = _open_held(path, O_READ, 0o777, hold)
             except OSError:
                 continue
             _write_out_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-        for i, hold in enumerate(holds):
+        for k, hold in enumerate(holds):
             if hold.fd is not None and _write_out_range(hold.fd, 0, 0, _SYNC_FILE_RANGE_WAIT) != 0:
                 import ctypes
 
                 err = ctypes.get_errno()
-                errs[i] = OSError(err, os.strerror(err), paths[i])
+                errs[lo + k] = OSError(err, os.strerror(err), paths[lo + k])
     finally:
         for hold in holds:
             if hold.fd is not None:
                 _close_held(hold.fd, hold)
-    return errs
+
+
+# Descriptors a batch may hold beyond one lock per entry: ``write_out``'s window (AIO's is
+# no larger), the directories, and some for the rest of the process.
+SPARE_FDS: Final = WRITE_OUT_WINDOW + 64
+
+
+def _open_fd_count() -> int | None:
+    for d in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(d))
+        except OSError:
+            continue
+    return None
+
+
+def make_room_for_locks(n: int, where: str) -> None:
+    """Make sure this process may open ``n`` more files (the owner locks of a batch, each
+    held until the batch is published) and ``SPARE_FDS`` besides. If the soft limit on
+    open files (RLIMIT_NOFILE, often 1,024) is too low, it is raised as far as needed,
+    never above the hard limit (Go's runtime raises it to the hard limit at start); if
+    that is not enough, OSError EMFILE naming ``where``, before anything is written. No
+    such limit (Windows): nothing to do."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    if soft == inf or n + SPARE_FDS <= soft // 2:
+        return  # the common case, without counting what is open
+    in_use = _open_fd_count()
+    need = (soft // 2 if in_use is None else in_use) + n + SPARE_FDS
+    if need <= soft:
+        return
+    if hard == inf or need <= hard:
+        want = need if hard == inf else min(hard, max(need, 2 * soft))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return
+        except (OSError, ValueError):  # macOS: above kern.maxfilesperproc
+            pass
+    raise OSError(
+        errno.EMFILE,
+        f"a batch of {n} entries keeps an open file per entry until it is published: it needs "
+        f"about {need} open files, and this process may open {hard} (RLIMIT_NOFILE; "
+        f"{'?' if in_use is None else in_use} open now): enqueue fewer at a time",
+        where,
+    )
 
 
 def open_syncfs(path: str) -> int:
