@@ -207,9 +207,10 @@ def _write_out_window(paths: Sequence[str], lo: int, hi: int, errs: list[OSError
                 _close_held(hold.fd, hold)
 
 
-# Descriptors a batch may hold beyond one lock per entry: ``write_out``'s window (AIO's is
-# no larger), the directories, and some for the rest of the process.
-SPARE_FDS: Final = WRITE_OUT_WINDOW + 64
+# Descriptors a batch may hold beyond one lock per entry: ``write_out``'s window (Linux; AIO's
+# is no larger; elsewhere the sync pool's 16 threads hold one each), the directories, and
+# some for the rest of the process.
+SPARE_FDS: Final = (WRITE_OUT_WINDOW if _write_out_range is not None else 16) + 64
 
 
 def _open_fd_count() -> int | None:
