@@ -14,6 +14,11 @@ fresh child process and a fresh queue, and reports entries per second:
               connection each, one transaction per put)
   pq-sqlite   persist-queue SQLiteQueue (WAL, synchronous=FULL): one commit per put, one
               per batch (auto_commit=False, then task_done); 8 threads (one queue object each)
+  floor       the same recipe with bare ``os`` calls, no library (sys_floor.BatchProducer):
+              batch of 1 (five fsyncs one after another), 10, 100, 1000 (every fsync in
+              flight at once). What the layout itself costs on this disk: the ratio of
+              the floor's batch of 100 to litequeue bounds what any implementation of
+              the same files and syncs can reach here
 
 With ``--baseline-ref REF`` the multispool cases of 1 and 8 threads also run on lib/ as of
 git REF ("today's figure in the same run"). Repetitions are interleaved between cases;
@@ -99,6 +104,14 @@ def _litequeue(d: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     return put, lambda: [x.close() for x in queues] and None
 
 
+def _floor(d: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    from .sys_floor import BatchProducer, create
+
+    create(d)
+    p = BatchProducer(d)
+    return p.put, p.close
+
+
 def _pq_sqlite(d: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     import persistqueue
 
@@ -131,6 +144,8 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
         put, close = _litequeue(d)
     elif system == "pq-sqlite":
         put, close = _pq_sqlite(d)
+    elif system == "floor":
+        put, close = _floor(d)
     else:
         raise SystemExit(f"unknown system {system!r}")
     put(10**9, 1)  # first-use work (directories, schema) stays outside the measurement
@@ -185,6 +200,8 @@ def cases(baseline: bool) -> list[dict[str, Any]]:
         for n in BATCHES:
             out.append({"system": s, "batch": n, "threads": 1})
         out.append({"system": s, "batch": 1, "threads": THREADS})
+    for n in BATCHES:
+        out.append({"system": "floor", "batch": n, "threads": 1})
     return out
 
 
@@ -347,6 +364,14 @@ def report(out_file: str, section: str, res: dict[str, list[float]], meta: dict[
         ratios.append(
             f"{THREADS} threads, group commit / litequeue {THREADS} threads: {g_on / lq8:.2f}x (target >= 1)"
         )
+    f100 = rate("floor", "batch of 100")
+    if f100 and lq1:
+        ratios.append(
+            f"floor batch of 100 / litequeue FULL one put per transaction: {f100 / lq1:.1f}x "
+            "(the same files and syncs with bare os calls: what the layout allows on this disk)"
+        )
+    if b100 and f100:
+        ratios.append(f"batch of 100 / floor batch of 100: {b100 / f100:.2f}x")
     base1 = rate("multispool", "single puts (1 per call) [baseline]")
     if single and base1:
         ratios.append(f"single enqueue / baseline single enqueue: {single / base1:.2f}x (target >= 0.95)")
