@@ -378,6 +378,39 @@ def test_write_file_interrupted_anywhere_after_the_open_leaks_nothing(
 
 # A spool (durability from argv[3]) and a SIGALRM handler that raises Tick in the main
 # thread once per ``armed``; the tally at the end says what an interrupted enqueue left.
+@pytest.mark.skipif(
+    not (multispool._fs._TMPFILE_OK and os.path.isdir("/proc/self/fd")), reason="needs O_TMPFILE and /proc"
+)
+def test_closing_a_lost_unnamed_file_closes_nothing_else_of_its_directory(tmp_path: Path) -> None:
+    """An O_TMPFILE open interrupted as it returned loses an unnamed file, found by its
+    /proc link ("DIR/#INO (deleted)") and closed. Another thread's descriptor of DIR
+    itself (a directory fsync in flight) or of a named file in it is left open: closing it
+    made that thread's fsync fail with EBADF, or close a number reused meanwhile."""
+    from multispool import _fs
+
+    d = tmp_path / "reg"
+    d.mkdir()
+    (d / "named").write_bytes(b"")
+    flags = _fs._O_TMPFILE | os.O_RDWR | _fs._CLOEXEC
+    lost = os.open(d, flags, 0o600)  # the interrupted open's descriptor: not in _held
+    dir_fd = os.open(d, os.O_RDONLY | _fs._DIRECTORY)  # another thread's, not in _held
+    named = os.open(d / "named", os.O_RDONLY)
+    closed = False
+    try:
+        _fs._close_lost(str(d), flags)
+        with pytest.raises(OSError) as e:
+            os.fstat(lost)
+        assert e.value.errno == errno.EBADF, "the lost unnamed file was not closed"
+        closed = True
+        os.fsync(dir_fd)  # still open: EBADF if it was closed
+        os.fstat(named)
+    finally:
+        os.close(dir_fd)
+        os.close(named)
+        if not closed:
+            os.close(lost)
+
+
 STORM_PRELUDE = """
 import enum, os, signal, sys, threading, time
 import multispool, multispool._fs as fs

@@ -700,8 +700,11 @@ def _close_lost(path: str, flags: int) -> None:
                 target = os.readlink(f"/proc/self/fd/{n}")
             except OSError:
                 continue
+            # An O_TMPFILE open gives an unnamed file in the directory, never the directory
+            # itself: another thread's descriptor of the directory (a directory fsync in
+            # flight) is not ours to close.
             unnamed = tmpfile and target.startswith(want + "/#") and target.endswith(" (deleted)")
-            if target == want or unnamed:
+            if unnamed or (not tmpfile and target == want):
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
