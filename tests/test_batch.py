@@ -862,8 +862,23 @@ def test_write_out_starts_every_file_then_waits_for_each(
     for p in paths:
         Path(p).write_bytes(b"x" * 100)
     before = set(os.listdir("/proc/self/fd"))
-    errs = _fs.write_out([*paths, str(tmp_path / "missing")])  # a path not there: skipped
+    # A path not there: skipped. A file given with its descriptor: written out through it.
+    mine = os.open(paths[2], os.O_RDONLY)
+    try:
+        files: list[tuple[str, int | None]] = [(paths[0], None), (paths[1], None), (paths[2], mine)]
+        opened: list[str] = []
+        open_held = _fs._open_held
+
+        def counting(path: str, *a: Any, **kw: Any) -> int:
+            opened.append(path)
+            return open_held(path, *a, **kw)
+
+        monkeypatch.setattr(_fs, "_open_held", counting)
+        errs = _fs.write_out([*files, (str(tmp_path / "missing"), None)])
+    finally:
+        os.close(mine)
     assert errs == [None] * 4
+    assert opened == [paths[0], paths[1], str(tmp_path / "missing")]
     assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
     inos = [os.stat(p).st_ino for p in paths]
     assert calls == [(i, 2) for i in inos] + [(i, 7) for i in inos]  # all started, then each waited
@@ -877,9 +892,9 @@ def test_a_group_round_writes_out_its_files_before_the_fsyncs(
     events: list[tuple[str, Any]] = []
     write_out, fsync_all = _fs.write_out, _aio.fsync_all
 
-    def rec_write_out(paths: Any) -> Any:
-        events.append(("write_out", sorted(os.path.basename(p) for p in paths)))
-        return write_out(paths)
+    def rec_write_out(files: Any) -> Any:
+        events.append(("write_out", sorted(os.path.basename(p) for p, _ in files)))
+        return write_out(files)
 
     def rec_fsync_all(targets: Any) -> Any:
         events.append(("fsync_all", sorted(os.path.basename(p) for p, _, d in targets if not d)))
@@ -1191,3 +1206,106 @@ def test_interrupt_right_after_a_publishing_rename_keeps_what_was_published(
         ".registry": names, ".data": names, "queue1": sorted([".checkout", *names])
     }
     assert _fs._held <= _HELD_BEFORE
+
+
+# -- written files synced through the writer's descriptors ------------------------------
+
+
+class _Opens:
+    """Counts os.open calls per path, and fsyncs per inode (through whatever descriptor)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.opens: dict[str, int] = {}
+        self.lock = threading.Lock()
+        real_open = os.open
+
+        def counting(path: Any, *a: Any, **kw: Any) -> int:
+            with self.lock:
+                self.opens[str(path)] = self.opens.get(str(path), 0) + 1
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(os, "open", counting)
+
+
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_written_files_are_synced_through_the_descriptors_that_wrote_them(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Each tmp and data file is opened once, to be written; its write-out and fsync go
+    through that descriptor (an error of its writeback is reported there, whoever else
+    saw it), which is closed once the entry is published."""
+    full_spool.enqueue(Queue.QUEUE1, Cog(n=-1), b"")  # what is opened once per process
+    opens = _Opens(monkeypatch)
+    before = set(os.listdir("/proc/self/fd"))
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.extend(full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"%d" % i) for i in range(5)]))
+            out.append(full_spool.enqueue(Queue.QUEUE1, Cog(n=5), b"5"))
+        except BaseException as e:
+            out.append(e)
+
+    if where == "main thread":
+        run()
+    else:
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(30)
+    assert len(out) == 6 and all(isinstance(e, multispool.Entry) for e in out), out
+    root = full_spool.dir
+    for e in out:
+        assert opens.opens.get(os.path.join(root, ".tmp", e.name)) == 1, opens.opens
+        assert opens.opens.get(os.path.join(root, ".data", e.name)) == 1, opens.opens
+    assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
+
+
+def test_a_batch_whose_files_do_not_fit_the_limit_syncs_them_by_path(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the limit on open files leaves room for a batch's locks but not for its
+    files too, the files are closed once written and synced by path: durable all the
+    same."""
+    asked: list[tuple[int, int]] = []
+    make_room = _fs.make_room_for_locks
+
+    def no_room_for_files(n: int, where: str, extra: int = 0) -> bool:
+        asked.append((n, extra))
+        make_room(n, where)
+        return False
+
+    monkeypatch.setattr(_fs, "make_room_for_locks", no_room_for_files)
+    opens = _Opens(monkeypatch)
+    entries = full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"%d" % i) for i in range(4)])
+    assert asked == [(4, 8)]
+    for e in entries:
+        # Written, then reopened for the fsync (and, through AIO in a thread, to write out).
+        assert opens.opens[os.path.join(full_spool.dir, ".data", e.name)] >= 2
+    assert [e.direct.contents() for e in entries] == [Cog(n=i) for i in range(4)]
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_an_interrupt_while_releasing_a_published_entry_leaks_nothing(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler's exception between the closes of a published entry's two files:
+    the enqueue raises it, the entry stays queued, and its other file is closed and its
+    lock released all the same."""
+    full_spool.enqueue(Queue.QUEUE1, Cog(n=-1), b"")  # what is opened once per process
+    real = _enqueue.Staged.close_files
+    hit: list[bool] = []
+
+    def interrupted(self: _enqueue.Staged) -> None:
+        if not hit and self.published and self.data_hold.fd is not None:
+            hit.append(True)
+            _fs._close_held(self.tmp_hold.fd, self.tmp_hold)  # type: ignore[arg-type]
+            raise KeyboardInterrupt  # as the first close returns
+        real(self)
+
+    monkeypatch.setattr(_enqueue.Staged, "close_files", interrupted)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        full_spool.enqueue(Queue.QUEUE1, Cog(n=1), b"1")
+    assert hit
+    assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
+    assert Cog(n=1) in [e.direct.contents() for e in full_spool.list(Queue.QUEUE1)]

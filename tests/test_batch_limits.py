@@ -154,6 +154,6 @@ def test_aio_holds_at_most_its_capacity_open(tmp_path: Path, monkeypatch: pytest
 def test_write_out_holds_at_most_its_window_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     counting = _Counting(monkeypatch)
     paths = _files(tmp_path, 2 * _fs.WRITE_OUT_WINDOW + 50)
-    assert _fs.write_out(paths) == [None] * len(paths)
+    assert _fs.write_out([(p, None) for p in paths]) == [None] * len(paths)
     assert counting.most == _fs.WRITE_OUT_WINDOW and counting.open == 0
     assert os.path.getsize(paths[-1]) == (len(paths) - 1) % 7

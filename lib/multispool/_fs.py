@@ -152,10 +152,11 @@ _write_out_range: Final = _sync_file_range
 _SYNC_FILE_RANGE_WAIT: Final = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
-def write_out(paths: Sequence[str]) -> list[OSError | None]:
-    """Start writing back every regular file at ``paths``, then wait until all of them
-    are written (Linux; a no-op elsewhere), for files about to be fsynced together;
-    ``WRITE_OUT_WINDOW`` files at a time, each window started, then waited for.
+def write_out(files: Sequence[tuple[str, int | None]]) -> list[OSError | None]:
+    """Start writing back every regular file of ``files`` (path, its open descriptor or
+    None), then wait until all of them are written (Linux; a no-op elsewhere), for files
+    about to be fsynced together; ``WRITE_OUT_WINDOW`` files at a time, each window
+    started, then waited for.
     Returns, for each path, the writeback error its wait reported, or None: the caller
     must take it as that file's fsync error. The wait reports an error once and marks it
     seen, so an fsync through a descriptor opened afterwards would not report it again.
@@ -169,13 +170,13 @@ def write_out(paths: Sequence[str]) -> list[OSError | None]:
     it. Eight threads in group commit: 1.12-1.20x on an xfs loop image
     (docs/benchmarks-batch.md). The files are the spool's own (their owner lock is
     held), opened like ``fsync_file`` opens them."""
-    errs: list[OSError | None] = [None] * len(paths)
+    errs: list[OSError | None] = [None] * len(files)
     if _write_out_range is None:
         return errs
     # Window by window: every file of a window is open from its start to its wait, and a
     # batch of thousands must not run the process out of descriptors.
-    for lo in range(0, len(paths), WRITE_OUT_WINDOW):
-        _write_out_window(paths, lo, min(lo + WRITE_OUT_WINDOW, len(paths)), errs)
+    for lo in range(0, len(files), WRITE_OUT_WINDOW):
+        _write_out_window(files, lo, min(lo + WRITE_OUT_WINDOW, len(files)), errs)
     return errs
 
 
@@ -183,24 +184,29 @@ def write_out(paths: Sequence[str]) -> list[OSError | None]:
 WRITE_OUT_WINDOW: Final = 256
 
 
-def _write_out_window(paths: Sequence[str], lo: int, hi: int, errs: list[OSError | None]) -> None:
-    """``write_out`` for ``paths[lo:hi]``: start them all, then wait for each."""
+def _write_out_window(
+    files: Sequence[tuple[str, int | None]], lo: int, hi: int, errs: list[OSError | None]
+) -> None:
+    """``write_out`` for ``files[lo:hi]``: start them all, then wait for each."""
     holds: list[_FileHold] = []
+    fds: list[int | None] = []  # one per file, in order: errs[lo + k] is fds[k]'s
     try:
-        for path in paths[lo:hi]:
-            hold = _FileHold()
-            holds.append(hold)  # one per path, in order: errs[lo + k] is holds[k]'s
-            try:
-                fd = _open_held(path, O_READ, 0o777, hold)
-            except OSError:
-                continue
-            _write_out_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-        for k, hold in enumerate(holds):
-            if hold.fd is not None and _write_out_range(hold.fd, 0, 0, _SYNC_FILE_RANGE_WAIT) != 0:
+        for path, given in files[lo:hi]:
+            fd = given
+            if fd is None:
+                hold = _FileHold()
+                holds.append(hold)
+                with contextlib.suppress(OSError):  # its fsync reports why
+                    fd = _open_held(path, O_READ, 0o777, hold)
+            fds.append(fd)
+            if fd is not None:
+                _write_out_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        for k, fd in enumerate(fds):
+            if fd is not None and _write_out_range(fd, 0, 0, _SYNC_FILE_RANGE_WAIT) != 0:
                 import ctypes
 
                 err = ctypes.get_errno()
-                errs[lo + k] = OSError(err, os.strerror(err), paths[lo + k])
+                errs[lo + k] = OSError(err, os.strerror(err), files[lo + k][0])
     finally:
         for hold in holds:
             if hold.fd is not None:
@@ -222,39 +228,52 @@ def _open_fd_count() -> int | None:
     return None
 
 
-def make_room_for_locks(n: int, where: str) -> None:
+def make_room_for_locks(n: int, where: str, extra: int = 0) -> bool:
     """Make sure this process may open ``n`` more files (the owner locks of a batch, each
-    held until the batch is published) and ``SPARE_FDS`` besides. If the soft limit on
-    open files (RLIMIT_NOFILE, often 1,024) is too low, it is raised as far as needed,
-    never above the hard limit (Go's runtime raises it to the hard limit at start); if
-    that is not enough, OSError EMFILE naming ``where``, before anything is written. No
-    such limit (Windows): nothing to do."""
+    held until the batch is published) and ``SPARE_FDS`` besides; then try to make room
+    for ``extra`` more as well (its written files, kept open until published): returns
+    whether it did. If the soft limit on open files (RLIMIT_NOFILE, often 1,024) is too
+    low, it is raised as far as needed, never above the hard limit (Go's runtime raises
+    it to the hard limit at start); if even the locks do not fit, OSError EMFILE naming
+    ``where``, before anything is written. No such limit (Windows): True."""
     try:
         import resource
     except ImportError:  # pragma: no cover - Windows
-        return
+        return True
+    if _room(resource, n + extra)[0]:
+        return True
+    fits, need, in_use, hard = _room(resource, n)
+    if not fits:
+        raise OSError(
+            errno.EMFILE,
+            f"a batch of {n} entries keeps an open file per entry until it is published: it "
+            f"needs about {need} open files, and this process may open {hard} (RLIMIT_NOFILE; "
+            f"{'?' if in_use is None else in_use} open now): enqueue fewer at a time",
+            where,
+        )
+    return False
+
+
+def _room(resource: Any, n: int) -> tuple[bool, int, int | None, int]:
+    """Whether ``n`` more files and ``SPARE_FDS`` fit under the soft limit, raised if need
+    be (see ``make_room_for_locks``); with the count needed, the count open (None:
+    unknown) and the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     inf = resource.RLIM_INFINITY
     if soft == inf or n + SPARE_FDS <= soft // 2:
-        return  # the common case, without counting what is open
+        return True, n + SPARE_FDS, None, hard  # the common case, without counting what is open
     in_use = _open_fd_count()
     need = (soft // 2 if in_use is None else in_use) + n + SPARE_FDS
     if need <= soft:
-        return
+        return True, need, in_use, hard
     if hard == inf or need <= hard:
         want = need if hard == inf else min(hard, max(need, 2 * soft))
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            return
+            return True, need, in_use, hard
         except (OSError, ValueError):  # macOS: above kern.maxfilesperproc
             pass
-    raise OSError(
-        errno.EMFILE,
-        f"a batch of {n} entries keeps an open file per entry until it is published: it needs "
-        f"about {need} open files, and this process may open {hard} (RLIMIT_NOFILE; "
-        f"{'?' if in_use is None else in_use} open now): enqueue fewer at a time",
-        where,
-    )
+    return False, need, in_use, hard
 
 
 def open_syncfs(path: str) -> int:
@@ -291,14 +310,21 @@ def write_file(
     owned: bool = False,
     keep_open: bool = False,
     writeback: bool = False,
+    holder: _FileHold | None = None,
 ) -> int | None:
     """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
     fsync it when ``sync``. On failure the partly written file is removed. ``owned``:
     nothing else in this process has ``path`` open (a file of an entry whose owner lock
     the caller holds), so a descriptor an interrupting exception lost can be found by
     its path and closed. With ``keep_open``, return the open descriptor (the caller
-    syncs and closes it). ``writeback``: the caller will fsync the file later; start
-    its writeback now (``start_writeback``)."""
+    syncs and closes it). With ``holder``, the descriptor stays open in it instead,
+    recorded in the step that opens it (``_open_held``: no interrupting exception can
+    lose it), for the caller to sync through and close (``_close_held``).
+    ``writeback``: the caller will fsync the file later; start its writeback now
+    (``start_writeback``)."""
+    if holder is not None:
+        _write_held(path, contents, O_CREATE_EXCL if exclusive else O_CREATE_TRUNC, mode, holder, writeback)
+        return None
     flags = O_CREATE_EXCL if exclusive else O_CREATE_TRUNC
     # Nothing runs between the open and the try that closes its descriptor, and the close
     # is inside it: Python 3.10 runs signal handlers at a jump, and an exception raised
@@ -341,6 +367,31 @@ def write_file(
     return None
 
 
+def _write_held(
+    path: str, contents: bytes, flags: int, mode: int, holder: _FileHold, writeback: bool
+) -> None:
+    """``write_file`` with a ``holder``: on success the descriptor stays in it; on
+    failure it is closed and the partly written file removed."""
+    fd = _open_held(path, flags, mode, holder)
+    try:
+        n = os.write(fd, contents)
+        if n < len(contents):  # rare: a short write (signal, huge buffer)
+            view = memoryview(contents)[n:]
+            while view:
+                view = view[os.write(fd, view) :]
+        if writeback:
+            start_writeback(fd)
+    except BaseException as e:
+        try:
+            if holder.fd is not None:
+                _close_held(holder.fd, holder)
+        finally:
+            unlink_quiet(path)
+        if isinstance(e, OSError):
+            raise _name(e, path) from None
+        raise
+
+
 class BytesWriter:
     """A data writer (see ``Spoolable.data_writer``) that writes given bytes as a new
     file: library code that runs no user code, so any thread may run it for another
@@ -352,10 +403,8 @@ class BytesWriter:
         self.raw = raw
         self.mode = mode
 
-    def __call__(self, path: str, keep_open: bool, writeback: bool) -> int | None:
-        return write_file(
-            path, self.raw, sync=False, mode=self.mode, owned=True, keep_open=keep_open, writeback=writeback
-        )
+    def __call__(self, path: str, hold: _FileHold | None, writeback: bool) -> None:
+        write_file(path, self.raw, sync=False, mode=self.mode, owned=True, writeback=writeback, holder=hold)
 
 
 class _FileHold:

@@ -895,9 +895,10 @@ class Spool(Generic[M, D]):
         When it returns, every entry is as durable as the Spoolable's durability says.
         Every item is validated before anything touches disk; if it raises before
         publishing, nothing of the batch is left (names, tmp and data files removed, locks
-        released). The batch holds one open descriptor per entry until it is published:
-        where the process's soft limit on open files is too low for that, it is raised
-        (up to the hard limit), else OSError EMFILE before anything is written."""
+        released). The batch holds one open descriptor per entry until it is published
+        (three where the limit on open files allows): where the process's soft limit on
+        open files is too low for that, it is raised (up to the hard limit), else
+        OSError EMFILE before anything is written."""
         sp = self.spoolable
         dirname = sp.dirname(queue)
         encoded = []
@@ -909,7 +910,9 @@ class Spool(Generic[M, D]):
             encoded.append(self._encode_item(metadata, data))
         if not encoded:
             return []
-        _fs.make_room_for_locks(len(encoded), self.dir)
+        # Each entry's owner lock stays open until publish; its two files too, where the
+        # limit allows (synced through their descriptors, not reopened).
+        keep = _fs.make_room_for_locks(len(encoded), self.dir, extra=2 * len(encoded))
         with sp.throttled():
             # syncfs reports writeback errors since its descriptor opened: before the writes.
             use_syncfs = sp.syncfs and sp.durability == "full" and len(encoded) > 1
@@ -917,7 +920,7 @@ class Spool(Generic[M, D]):
             try:
                 if use_syncfs:
                     sfd = _fs.open_syncfs(self.dir)
-                names = _enqueue.enqueue(self, dirname, encoded, reserve=reserve, sfd=sfd)
+                names = _enqueue.enqueue(self, dirname, encoded, reserve=reserve, sfd=sfd, keep_open=keep)
             finally:
                 if sfd is not None:
                     os.close(sfd)

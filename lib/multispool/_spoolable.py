@@ -21,7 +21,7 @@ import msgspec
 
 from . import _fs
 from ._errors import CorruptEntryError
-from ._fs import O_CREATE_TRUNC, BytesWriter, fsync_file, read_file, unlink_quiet, write_file
+from ._fs import O_CREATE_TRUNC, BytesWriter, _FileHold, fsync_file, read_file, unlink_quiet, write_file
 from ._layout import check_queue_dirname
 
 T = TypeVar("T")
@@ -555,12 +555,13 @@ class Spoolable(Generic[M, D]):
             return cm
         return typing.cast(AbstractContextManager[Any], self.throttle())
 
-    def data_writer(self, value: Any) -> Callable[[str, bool, bool], int | None]:
+    def data_writer(self, value: Any) -> Callable[[str, _FileHold | None, bool], None]:
         """Validate data ``value`` now (nothing touches disk) and return what writes it,
         unsynced, at a path: the codec's bytes written with the spool's file mode, or its
-        own ``save``. The writer's second argument asks it to return the file's open
-        descriptor (it may return None: the file is then synced by path); the third says
-        the file will be fsynced soon (see ``_fs.start_writeback``)."""
+        own ``save``. The writer's second argument, if given, is where it may leave the
+        file's descriptor open (``_fs.write_file``'s ``holder``; left empty, the file is
+        synced by path); the third says the file will be fsynced soon (see
+        ``_fs.start_writeback``)."""
         enc = self._data_encode
         if enc is not None:
             return BytesWriter(enc(value), self.file_mode)
@@ -571,13 +572,13 @@ class Spoolable(Generic[M, D]):
                 check(value)
             mode = self.file_mode
 
-            def write_stream(path: str, keep_open: bool, writeback: bool) -> None:
+            def write_stream(path: str, hold: _FileHold | None, writeback: bool) -> None:
                 write(value, path, mode)
 
             return write_stream
         save = self.data.save
 
-        def write_own(path: str, keep_open: bool, writeback: bool) -> None:
+        def write_own(path: str, hold: _FileHold | None, writeback: bool) -> None:
             save(value, path)
 
         return write_own
@@ -590,7 +591,7 @@ class Spoolable(Generic[M, D]):
         if enc is not None:
             write_file(path, enc(value), sync=sync, mode=self.file_mode, owned=True)
         elif hasattr(self.data, "_write"):
-            self.data_writer(value)(path, False, False)
+            self.data_writer(value)(path, None, False)
             if sync:
                 fsync_file(path)
         else:
