@@ -10,10 +10,12 @@ the test run itself); races between processes run real processes, always reaped.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +317,47 @@ def test_claim_interrupted_as_the_registry_open_returns_leaks_nothing(
     assert spool.checkout(e).contents == Cog(n=1)
 
 
+def _interrupt_at(
+    monkeypatch: pytest.MonkeyPatch, code: Any, kind: str, where: Any, call: Callable[[], Any]
+) -> bool:
+    """Run ``call`` with a KeyboardInterrupt raised once in ``code``: at its line ``where``
+    (kind "line"), or as a call of ``os.<where>`` made by it, or by a helper it called,
+    returns (kind "call"): where CPython may run a signal handler. Returns whether it
+    was raised (the line or call may not be reached)."""
+    hit: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        if event == "line" and frame.f_lineno == where and not hit:
+            hit.append(True)
+            raise KeyboardInterrupt
+        return tracer
+
+    with monkeypatch.context() as m:
+        if kind == "call":
+            real = getattr(os, where)
+
+            def interrupted_after(*a: Any) -> Any:
+                r = real(*a)
+                callers = (sys._getframe(1).f_code, sys._getframe(2).f_code)
+                if code in callers and not hit:
+                    hit.append(True)
+                    raise KeyboardInterrupt  # as the call returns
+                return r
+
+            m.setattr(os, where, interrupted_after)
+        else:
+            sys.settrace(tracer)
+        try:
+            call()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+    return bool(hit)
+
+
 def test_write_file_interrupted_anywhere_after_the_open_leaks_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -338,37 +381,10 @@ def test_write_file_interrupted_anywhere_after_the_open_leaks_nothing(
     for kind, where in points:
         path = str(tmp_path / f"f-{kind}-{where}")
         before = _open_fds()
-        hit: list[bool] = []
-
-        def tracer(frame: Any, event: str, arg: Any, where: Any = where, hit: list[bool] = hit) -> Any:
-            if frame.f_code is not code:
-                return None
-            if event == "line" and frame.f_lineno == where and not hit:
-                hit.append(True)
-                raise KeyboardInterrupt
-            return tracer
-
-        with monkeypatch.context() as m:
-            if kind == "call":
-                real = getattr(os, where)
-
-                def interrupted_after(*a: Any, real: Any = real, hit: list[bool] = hit) -> Any:
-                    r = real(*a)
-                    if sys._getframe(1).f_code is code and not hit:
-                        hit.append(True)
-                        raise KeyboardInterrupt  # as the call returns
-                    return r
-
-                m.setattr(os, where, interrupted_after)
-            else:
-                sys.settrace(tracer)
-            try:
-                _fs.write_file(path, b"data", sync=False, mode=0o600, owned=True)
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.settrace(None)
-        if not hit:
+        if not _interrupt_at(
+            monkeypatch, code, kind, where,
+            functools.partial(_fs.write_file, path, b"data", sync=False, mode=0o600, owned=True),
+        ):
             continue  # that line was not reached (a branch not taken)
         assert _open_fds() == before, f"a descriptor leaked, interrupted at {kind} {where}"
         if os.path.exists(path):  # interrupted once it was written and closed: whole
@@ -395,38 +411,13 @@ def test_write_file_into_a_holder_interrupted_anywhere_leaks_nothing(
     for kind, where in points:
         path = str(tmp_path / f"f-{kind}-{where}")
         before = _open_fds()
-        hit: list[bool] = []
         hold = _fs._FileHold()
-
-        def tracer(frame: Any, event: str, arg: Any, where: Any = where, hit: list[bool] = hit) -> Any:
-            if frame.f_code is not code:
-                return None
-            if event == "line" and frame.f_lineno == where and not hit:
-                hit.append(True)
-                raise KeyboardInterrupt
-            return tracer
-
-        with monkeypatch.context() as m:
-            if kind == "call":
-                real = os.write
-
-                def interrupted_after(*a: Any, hit: list[bool] = hit, real: Any = real) -> Any:
-                    r = real(*a)
-                    if sys._getframe(1).f_code is code and not hit:
-                        hit.append(True)
-                        raise KeyboardInterrupt  # as the call returns
-                    return r
-
-                m.setattr(os, "write", interrupted_after)
-            else:
-                sys.settrace(tracer)
-            try:
-                _fs.write_file(path, b"data", sync=False, mode=0o600, owned=True, writeback=True, holder=hold)
-            except KeyboardInterrupt:
-                pass
-            finally:
-                sys.settrace(None)
-        if not hit:
+        if not _interrupt_at(
+            monkeypatch, code, kind, where,
+            functools.partial(
+                _fs.write_file, path, b"data", sync=False, mode=0o600, owned=True, writeback=True, holder=hold
+            ),
+        ):
             continue  # that line was not reached (a branch not taken)
         hits += 1
         if hold.fd is not None:  # the file's own descriptor, for the entry's cleanup

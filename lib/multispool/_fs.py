@@ -341,11 +341,7 @@ def write_file(
             _close_lost(path, flags)
         raise
     try:
-        n = os.write(fd, contents)
-        if n < len(contents):  # rare: a short write (signal, huge buffer)
-            view = memoryview(contents)[n:]
-            while view:
-                view = view[os.write(fd, view) :]
+        _write_all(fd, contents)
         if sync:
             fsync_fd(fd)
         elif writeback:
@@ -367,6 +363,14 @@ def write_file(
     return None
 
 
+def _write_all(fd: int, contents: bytes) -> None:
+    n = os.write(fd, contents)
+    if n < len(contents):  # rare: a short write (signal, huge buffer)
+        view = memoryview(contents)[n:]
+        while view:
+            view = view[os.write(fd, view) :]
+
+
 def _write_held(
     path: str, contents: bytes, flags: int, mode: int, holder: _FileHold, writeback: bool
 ) -> None:
@@ -374,11 +378,7 @@ def _write_held(
     failure it is closed and the partly written file removed."""
     fd = _open_held(path, flags, mode, holder)
     try:
-        n = os.write(fd, contents)
-        if n < len(contents):  # rare: a short write (signal, huge buffer)
-            view = memoryview(contents)[n:]
-            while view:
-                view = view[os.write(fd, view) :]
+        _write_all(fd, contents)
         if writeback:
             start_writeback(fd)
     except BaseException as e:
