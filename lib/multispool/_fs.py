@@ -308,27 +308,25 @@ def write_file(
     mode: int,
     exclusive: bool = False,
     owned: bool = False,
-    keep_open: bool = False,
     writeback: bool = False,
     holder: _FileHold | None = None,
-) -> int | None:
+) -> None:
     """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
     fsync it when ``sync``. On failure the partly written file is removed. ``owned``:
     nothing else in this process has ``path`` open (a file of an entry whose owner lock
     the caller holds), so a descriptor an interrupting exception lost can be found by
-    its path and closed. With ``keep_open``, return the open descriptor (the caller
-    syncs and closes it). With ``holder``, the descriptor stays open in it instead,
+    its path and closed. With ``holder``, the descriptor stays open in it,
     recorded in the step that opens it (``_open_held``: no interrupting exception can
     lose it), for the caller to sync through and close (``_close_held``).
     ``writeback``: the caller will fsync the file later; start its writeback now
     (``start_writeback``)."""
-    if holder is not None:
-        _write_held(path, contents, O_CREATE_EXCL if exclusive else O_CREATE_TRUNC, mode, holder, writeback)
-        return None
     flags = O_CREATE_EXCL if exclusive else O_CREATE_TRUNC
+    if holder is not None:
+        _write_held(path, contents, flags, mode, holder, sync, writeback)
+        return
     # Nothing runs between the open and the try that closes its descriptor, and the close
     # is inside it: Python 3.10 runs signal handlers at a jump, and an exception raised
-    # at ``if keep_open`` outside it lost the descriptor. ``closed`` is set just before
+    # at a jump outside it lost the descriptor. ``closed`` is set just before
     # the close (no handler runs between the two): an exception raised as the close
     # returns must not close the number again (another file may have it by then).
     closed = False
@@ -346,8 +344,6 @@ def write_file(
             fsync_fd(fd)
         elif writeback:
             start_writeback(fd)
-        if keep_open:
-            return fd
         closed = True
         os.close(fd)
     except OSError as e:
@@ -360,7 +356,6 @@ def write_file(
             os.close(fd)
         unlink_quiet(path)
         raise
-    return None
 
 
 def _write_all(fd: int, contents: bytes) -> None:
@@ -372,14 +367,16 @@ def _write_all(fd: int, contents: bytes) -> None:
 
 
 def _write_held(
-    path: str, contents: bytes, flags: int, mode: int, holder: _FileHold, writeback: bool
+    path: str, contents: bytes, flags: int, mode: int, holder: _FileHold, sync: bool, writeback: bool
 ) -> None:
     """``write_file`` with a ``holder``: on success the descriptor stays in it; on
     failure it is closed and the partly written file removed."""
     fd = _open_held(path, flags, mode, holder)
     try:
         _write_all(fd, contents)
-        if writeback:
+        if sync:
+            fsync_fd(fd)
+        elif writeback:
             start_writeback(fd)
     except BaseException as e:
         try:
