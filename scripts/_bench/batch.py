@@ -372,12 +372,19 @@ def report(out_file: str, section: str, res: dict[str, list[float]], meta: dict[
         )
     if b100 and f100:
         ratios.append(f"batch of 100 / floor batch of 100: {b100 / f100:.2f}x")
+    # The issue's targets compare with the library as it was when it was filed ("today's
+    # single enqueue", "the same 8 threads each syncing on its own (today)"): the baseline.
+    # The lines above hold the same targets against today's library, a stricter reading.
     base1 = rate("multispool", "single puts (1 per call) [baseline]")
     if single and base1:
         ratios.append(f"single enqueue / baseline single enqueue: {single / base1:.2f}x (target >= 0.95)")
+    if b100 and base1:
+        ratios.append(f"batch of 100 / baseline single enqueue: {b100 / base1:.1f}x (target >= 8)")
     base8 = rate("multispool", f"{THREADS} threads, single puts [baseline]")
     if g_on and base8:
-        ratios.append(f"{THREADS} threads, group commit / baseline {THREADS} threads: {g_on / base8:.2f}x")
+        ratios.append(
+            f"{THREADS} threads, group commit / baseline {THREADS} threads: {g_on / base8:.2f}x (target >= 1.5)"
+        )
     lines += [f"- {r}" for r in ratios] + [""]
     text = "\n".join(lines)
     head = (
