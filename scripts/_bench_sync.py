@@ -18,6 +18,11 @@ layout; published by renaming tmp into the queue dir. Variants:
   batch N / aio      the 2N file fsyncs and both dir fsyncs in flight at once through
                      Linux AIO (IOCB_CMD_FSYNC; multispool's _aio.fsync_all)
   batch N / hint+aio both
+  batch N / aio early K   as "aio", but each K entries' file fsyncs are submitted as soon
+                     as those entries are written, while the next ones are written (the
+                     dir fsyncs after the last): does overlapping writes and syncs help?
+  batch N / aio 2 writers   as "aio", the entries written by two threads, half each (the
+                     kernel's share of the writes on both cores)
 
 Prints entries per second, median of --repeat runs of --seconds each. With --dev NAME (a
 block device under /sys/block, e.g. loop0), each cell also gives the cache flushes the
@@ -36,6 +41,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -85,6 +91,64 @@ class Spool:
             fds.append(fd)
         return name, fds
 
+    def _write_at(self, seq: int) -> tuple[str, list[int]]:
+        name = str(seq)
+        fds = [os.open(os.path.join(self.reg, name), O_EXCL, 0o600)]
+        for d, body in ((self.tmp, b'{"seq":%d}' % seq), (self.data, PAD)):
+            fd = os.open(os.path.join(d, name), O_EXCL, 0o600)
+            os.write(fd, body)
+            fds.append(fd)
+        return name, fds
+
+    def _batch_early(self, n: int, k: int) -> int:
+        from multispool import _aio
+
+        ctx = _aio._setup()
+        if ctx is None:
+            raise OSError("AIO is not to be had here")
+        keep: list[object] = []  # iocbs stay alive until reaped
+        inflight = 0
+
+        def submit(fds: list[int]) -> None:
+            nonlocal inflight
+            cbs = (_aio._Iocb * len(fds))()
+            ptrs = (ctypes.POINTER(_aio._Iocb) * len(fds))()
+            for i, fd in enumerate(fds):
+                cbs[i].aio_lio_opcode = _aio._IOCB_CMD_FSYNC
+                cbs[i].aio_fildes = fd
+                ptrs[i] = ctypes.pointer(cbs[i])
+            keep.append((cbs, ptrs))
+            r = _aio._syscall(ctypes.c_long(_aio._NR[3]), ctypes.c_ulong(ctx), ctypes.c_long(len(fds)), ptrs)
+            if r != len(fds):
+                raise OSError(ctypes.get_errno(), "io_submit")
+            inflight += len(fds)
+
+        entries: list[tuple[str, list[int]]] = []
+        for lo in range(0, n, k):
+            part = [self.write(None) for _ in range(min(k, n - lo))]
+            entries += part
+            submit([fd for _, e in part for fd in e[1:]])
+        dfds = [os.open(d, os.O_RDONLY | os.O_CLOEXEC) for d in (self.reg, self.data)]
+        submit(dfds)
+        events = (_aio._Event * _aio.CAPACITY)()
+        while inflight:
+            r = _aio._syscall(
+                ctypes.c_long(_aio._NR[2]), ctypes.c_ulong(ctx), ctypes.c_long(1),
+                ctypes.c_long(min(inflight, _aio.CAPACITY)), events, None,
+            )
+            if r < 0:
+                raise OSError(ctypes.get_errno(), "io_getevents")
+            if any(ev.res < 0 for ev in events[:r]):
+                raise OSError("AIO fsync failed")
+            inflight -= r
+        _aio._release(ctx, True)
+        for fd in dfds:
+            os.close(fd)
+        for name, fds in entries:
+            self.publish(name, fds)
+        dsync(self.q)
+        return n
+
     def publish(self, name: str, fds: list[int]) -> None:
         os.rename(os.path.join(self.tmp, name), os.path.join(self.q, name))
         for fd in fds:
@@ -123,7 +187,23 @@ class Spool:
     def batch(self, n: int, how: str) -> int:
         hint = how.startswith("hint+")
         how = how.removeprefix("hint+")
-        entries = [self.write(None, hint) for _ in range(n)]
+        if how.startswith("aio early"):
+            return self._batch_early(n, int(how.split()[2]))
+        if how == "aio 2 writers":
+            half: list[tuple[str, list[int]]] = []
+            # Names from a range of their own: the two threads never race for one.
+            start = self.seq + n
+            helper = threading.Thread(
+                target=lambda: half.extend(self._write_at(start + k) for k in range(n // 2))
+            )
+            helper.start()
+            entries = [self.write(None) for _ in range(n - n // 2)]
+            helper.join()
+            self.seq = start + n
+            entries += half
+            how = "aio"
+        else:
+            entries = [self.write(None, hint) for _ in range(n)]
         if how == "aio":
             from multispool import _aio
 
@@ -193,7 +273,7 @@ VARIANTS = ["serial5", "fdatasync", "rounds"] + [
     f"batch {n} {how}"
     for n in (10, 100)
     for how in ("serial", "pool 4", "pool 16", "hint+pool 16", "aio", "hint+aio", "syncfs")
-]
+] + ["batch 100 aio early 25", "batch 100 aio early 10", "batch 100 aio 2 writers"]
 
 
 class _Counters:
