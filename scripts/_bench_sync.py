@@ -24,7 +24,8 @@ layout; published by renaming tmp into the queue dir. Variants:
   batch N / aio 2 writers   as "aio", the entries written by two threads, half each (the
                      kernel's share of the writes on both cores)
 
-Prints entries per second, median of --repeat runs of --seconds each. With --dev NAME (a
+Prints entries per second, median of --repeat runs of --seconds each, the repetitions
+interleaved across variants (one run of each, then the next round). With --dev NAME (a
 block device under /sys/block, e.g. loop0), each cell also gives the cache flushes the
 device completed and, for ext4, the journal commits (/proc/fs/jbd2/NAME-8), per step
 (a batch, or one entry).
@@ -320,21 +321,35 @@ def main() -> None:
 def _main(a: argparse.Namespace) -> None:
     counters = _Counters(a.dev)
     variants = a.only.split(",") if a.only else VARIANTS
-    print(f"load average {os.getloadavg()[0]:.2f}; median of {a.repeat} x {a.seconds}s", file=sys.stderr)
+    print(f"load average {os.getloadavg()[0]:.2f}; median of {a.repeat} x {a.seconds}s, "
+          "repetitions interleaved across variants", file=sys.stderr)
+    rates: dict[tuple[str, str], list[float]] = {}
+    steps: dict[tuple[str, str], int] = {}
+    flushes: dict[tuple[str, str], list[int]] = {}
+    # Round-robin: a machine that drifts during the run (other load, a filling disk)
+    # affects every variant alike, not the ones measured last.
+    for _ in range(a.repeat):
+        for v in variants:
+            for d in a.dirs:
+                before = counters.read()
+                batches = [0]
+                rates.setdefault((v, d), []).append(run(d, v, a.seconds, batches, a.keep_until_end))
+                after = counters.read()
+                steps[(v, d)] = steps.get((v, d), 0) + batches[0]
+                acc = flushes.setdefault((v, d), [0, 0])
+                acc[0] += after[0] - before[0]
+                acc[1] += after[1] - before[1]
     print("| variant | " + " | ".join(a.dirs) + " |")
     print("|---|" + "---|" * len(a.dirs))
     for v in variants:
         cells = []
         for d in a.dirs:
-            before = counters.read()
-            batches = [0]
-            rates = [run(d, v, a.seconds, batches, a.keep_until_end) for _ in range(a.repeat)]
-            cell = f"{statistics.median(rates):,.0f}/s"
+            cell = f"{statistics.median(rates[(v, d)]):,.0f}/s"
             if a.dev:
-                after = counters.read()
-                per = max(batches[0], 1)
-                cell += f" ({(after[0] - before[0]) / per:.1f} flushes"
-                cell += f", {(after[1] - before[1]) / per:.1f} commits)" if counters.jbd else ")"
+                per = max(steps[(v, d)], 1)
+                f, c = flushes[(v, d)]
+                cell += f" ({f / per:.1f} flushes"
+                cell += f", {c / per:.1f} commits)" if counters.jbd else ")"
             cells.append(cell)
         print(f"| {v} | " + " | ".join(cells) + " |", flush=True)
 
