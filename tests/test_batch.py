@@ -662,6 +662,68 @@ def test_leader_writes_the_entries_of_enqueues_waiting_for_it(
     assert _fs._held <= _HELD_BEFORE
 
 
+def test_the_leader_closes_its_groups_files_before_publishing(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a group's files are synced, its leader closes them, each entry's before its
+    rename: a follower woken at the end of the round closes nothing (its closes would
+    contend with the next leader's opens for the descriptor guard)."""
+    events: list[tuple[str, str, int]] = []  # (what, name, thread)
+    close_files, publish = _enqueue.Staged.close_files, _enqueue.publish
+
+    def closing(st: Any) -> None:
+        if st.tmp_hold.fd is not None or st.data_hold.fd is not None:
+            events.append(("close", st.name, threading.get_ident()))
+        close_files(st)
+
+    def publishing(staged: Any) -> None:
+        for st in staged:
+            events.append(("publish", st.name, threading.get_ident()))
+        publish(staged)
+
+    monkeypatch.setattr(_enqueue.Staged, "close_files", closing)
+    monkeypatch.setattr(_enqueue, "publish", publishing)
+    _, results = _group_of(full_spool, monkeypatch, 8)
+    assert all(isinstance(r, multispool.Entry) for r in results), results
+    for e in results[1:]:
+        mine = [(what, thread) for what, name, thread in events if name == e.name]
+        assert [what for what, _ in mine] == ["close", "publish"], (e.name, mine)
+        assert mine[0][1] == mine[1][1], "closed by the thread that published it"
+    leaders = {thread for what, name, thread in events if what == "publish" and name != results[0].name}
+    assert len(leaders) == 1
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_a_close_that_fails_fails_its_enqueue_before_publishing(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network filesystem may report a write error only at close (EIO): the leader's
+    close of a member's files fails that member's enqueue, naming the file, and nothing
+    of its entry is left; the others of the group are published."""
+    close_files = _enqueue.Staged.close_files
+    bad = msgspec.json.encode(Cog(n=3))
+
+    def closing(st: Any) -> None:
+        # Before its rename only (the lone first leader closes its files after it).
+        doomed = st.tmp_hold.fd is not None and os.path.exists(st.tmp) and Path(st.tmp).read_bytes() == bad
+        close_files(st)
+        if doomed:
+            raise OSError(errno.EIO, "Input/output error", st.tmp)
+
+    monkeypatch.setattr(_enqueue.Staged, "close_files", closing)
+    _, results = _group_of(full_spool, monkeypatch, 6)
+    err = results[3]
+    assert isinstance(err, OSError) and err.errno == errno.EIO, results
+    assert err.filename and ".tmp" in err.filename
+    ok = [r for i, r in enumerate(results) if i != 3]
+    assert all(isinstance(r, multispool.Entry) for r in ok), results
+    names = sorted(r.name for r in ok)
+    assert sorted(e.name for e in full_spool.list(Queue.QUEUE1)) == names
+    files = _files(full_spool)
+    assert files[".tmp"] == [] and files[".registry"] == names and files[".data"] == names
+    assert _fs._held <= _HELD_BEFORE
+
+
 def test_a_write_that_fails_in_the_leader_fails_only_its_own_enqueue(
     full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
