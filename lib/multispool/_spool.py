@@ -896,7 +896,7 @@ class Spool(Generic[M, D]):
         Every item is validated before anything touches disk; if it raises before
         publishing, nothing of the batch is left (names, tmp and data files removed, locks
         released). The batch holds one open descriptor per entry until it is published
-        (three where the limit on open files allows): where the process's soft limit on
+        (three until its files are synced, where the limit on open files allows): where the process's soft limit on
         open files is too low for that, it is raised (up to the hard limit), else
         OSError EMFILE before anything is written."""
         sp = self.spoolable
@@ -910,8 +910,8 @@ class Spool(Generic[M, D]):
             encoded.append(self._encode_item(metadata, data))
         if not encoded:
             return []
-        # Each entry's owner lock stays open until publish; its two files too, where the
-        # limit allows (synced through their descriptors, not reopened).
+        # Each entry's owner lock stays open until publish; its two files until synced,
+        # where the limit allows (synced through their descriptors, not reopened).
         keep = _fs.make_room_for_locks(len(encoded), self.dir, extra=2 * len(encoded))
         with sp.throttled():
             # syncfs reports writeback errors since its descriptor opened: before the writes.
