@@ -896,9 +896,9 @@ class Spool(Generic[M, D]):
         Every item is validated before anything touches disk; if it raises before
         publishing, nothing of the batch is left (names, tmp and data files removed, locks
         released). The batch holds one open descriptor per entry until it is published
-        (three until its files are synced, where the limit on open files allows): where the process's soft limit on
-        open files is too low for that, it is raised (up to the hard limit), else
-        OSError EMFILE before anything is written."""
+        (three until its files are synced, where the limit on open files allows): where
+        the process's soft limit on open files is too low for that, it is raised (up to
+        the hard limit), else OSError EMFILE before anything is written."""
         sp = self.spoolable
         dirname = sp.dirname(queue)
         encoded = []
