@@ -358,7 +358,8 @@ def write_file(
         raise
 
 
-def _write_all(fd: int, contents: bytes) -> None:
+def _write_all(fd: int, contents: bytes | bytearray | memoryview) -> None:
+    """Write all of ``contents`` at ``fd``'s offset, however many writes it takes."""
     n = os.write(fd, contents)
     if n < len(contents):  # rare: a short write (signal, huge buffer)
         view = memoryview(contents)[n:]

@@ -201,12 +201,12 @@ class FileData:
                 buf = bytearray(_COPY_CHUNK)
                 view = memoryview(buf)
                 while n := readinto(buf):
-                    _write_all(fd, view[:n])
+                    _fs._write_all(fd, view[:n])
             else:
                 while chunk := f.read(_COPY_CHUNK):
                     if not isinstance(chunk, (bytes, bytearray, memoryview)):
                         raise TypeError(f"FileData: file object gave {type(chunk).__name__}, not bytes")
-                    _write_all(fd, chunk)
+                    _fs._write_all(fd, chunk)
         except OSError as e:
             os.close(fd)
             unlink_quiet(path)
@@ -257,12 +257,6 @@ def _sendfile_all(src_fd: int, dst_fd: int, f: Any) -> bool:
     with contextlib.suppress(AttributeError, OSError, ValueError):
         f.seek(offset)
     return True
-
-
-def _write_all(fd: int, chunk: Any) -> None:
-    view = memoryview(chunk)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class PrefixNames:
