@@ -662,6 +662,18 @@ def test_leader_writes_the_entries_of_enqueues_waiting_for_it(
     assert _fs._held <= _HELD_BEFORE
 
 
+def _assert_only_it_failed(spool: multispool.Spool[bytes], results: list[Any], failed: int) -> None:
+    """Every enqueue of the group but ``failed`` is published, and nothing of the failed
+    one's entry is left (no name, no tmp or data file, no descriptor)."""
+    ok = [r for i, r in enumerate(results) if i != failed]
+    assert all(isinstance(r, multispool.Entry) for r in ok), results
+    names = sorted(r.name for r in ok)
+    assert sorted(e.name for e in spool.list(Queue.QUEUE1)) == names
+    files = _files(spool)
+    assert files[".tmp"] == [] and files[".registry"] == names and files[".data"] == names
+    assert _fs._held <= _HELD_BEFORE
+
+
 def test_the_leader_closes_its_groups_files_before_publishing(
     full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -715,13 +727,7 @@ def test_a_close_that_fails_fails_its_enqueue_before_publishing(
     err = results[3]
     assert isinstance(err, OSError) and err.errno == errno.EIO, results
     assert err.filename and ".tmp" in err.filename
-    ok = [r for i, r in enumerate(results) if i != 3]
-    assert all(isinstance(r, multispool.Entry) for r in ok), results
-    names = sorted(r.name for r in ok)
-    assert sorted(e.name for e in full_spool.list(Queue.QUEUE1)) == names
-    files = _files(full_spool)
-    assert files[".tmp"] == [] and files[".registry"] == names and files[".data"] == names
-    assert _fs._held <= _HELD_BEFORE
+    _assert_only_it_failed(full_spool, results, 3)
 
 
 def test_a_write_that_fails_in_the_leader_fails_only_its_own_enqueue(
@@ -744,13 +750,7 @@ def test_a_write_that_fails_in_the_leader_fails_only_its_own_enqueue(
     assert isinstance(err, OSError) and err.errno == errno.ENOSPC, results
     assert err.filename and ".tmp" in err.filename
     assert writers.by_n[3] != writers.by_n[0]  # written (and failed) by the second leader
-    ok = [r for i, r in enumerate(results) if i != 3]
-    assert all(isinstance(r, multispool.Entry) for r in ok), results
-    names = sorted(r.name for r in ok)
-    assert sorted(e.name for e in full_spool.list(Queue.QUEUE1)) == names
-    files = _files(full_spool)
-    assert files[".tmp"] == [] and files[".registry"] == names and files[".data"] == names
-    assert _fs._held <= _HELD_BEFORE
+    _assert_only_it_failed(full_spool, results, 3)
 
 
 def test_the_main_thread_commits_on_its_own(
