@@ -80,24 +80,20 @@ class Spool:
 
     def write(self, sync_files: Callable[[int], None] | None, hint: bool = False) -> tuple[str, list[int]]:
         self.seq += 1
-        name = str(self.seq)
+        return self._write_at(self.seq, sync_files, hint)
+
+    def _write_at(
+        self, seq: int, sync_files: Callable[[int], None] | None = None, hint: bool = False
+    ) -> tuple[str, list[int]]:
+        name = str(seq)
         fds = [os.open(os.path.join(self.reg, name), O_EXCL, 0o600)]
-        for d, body in ((self.tmp, b'{"seq":%d}' % self.seq), (self.data, PAD)):
+        for d, body in ((self.tmp, b'{"seq":%d}' % seq), (self.data, PAD)):
             fd = os.open(os.path.join(d, name), O_EXCL, 0o600)
             os.write(fd, body)
             if sync_files is not None:
                 sync_files(fd)
             if hint:
                 _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(2))
-            fds.append(fd)
-        return name, fds
-
-    def _write_at(self, seq: int) -> tuple[str, list[int]]:
-        name = str(seq)
-        fds = [os.open(os.path.join(self.reg, name), O_EXCL, 0o600)]
-        for d, body in ((self.tmp, b'{"seq":%d}' % seq), (self.data, PAD)):
-            fd = os.open(os.path.join(d, name), O_EXCL, 0o600)
-            os.write(fd, body)
             fds.append(fd)
         return name, fds
 
