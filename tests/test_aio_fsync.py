@@ -43,6 +43,7 @@ class _Kernel:
         self.fail_data: dict[int, int] = {}  # aio_data -> negative result to report
         self.interrupt_wait = False
         self.taken = 0
+        self.waits: list[tuple[int, int]] = []  # io_getevents: (min_nr, nr)
         real = _aio._syscall
         names = dict(zip(_aio._NR, ("io_setup", "io_destroy", "io_getevents", "io_submit"), strict=True))
 
@@ -61,8 +62,10 @@ class _Kernel:
                 r = int(real(nr, *args))
                 self.taken += max(r, 0)
                 return r
-            if name == "io_getevents" and self.interrupt_wait:
-                raise KeyboardInterrupt
+            if name == "io_getevents":
+                self.waits.append((args[1].value, args[2].value))
+                if self.interrupt_wait:
+                    raise KeyboardInterrupt
             r = int(real(nr, *args))
             if name == "io_getevents" and r > 0:
                 for ev in args[3][:r]:
@@ -109,6 +112,29 @@ def test_more_targets_than_a_context_holds(tmp_path: Path, monkeypatch: pytest.M
     errs = _aio.fsync_all([(p, None, False) for p in paths])
     assert errs == [None] * len(paths)
     assert kernel.taken == len(paths) and kernel.calls.count("io_submit") >= 2
+
+
+def test_once_every_request_is_in_flight_one_wait_takes_all_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wake-up per completion costs CPU the kernel's fsync workers need: once nothing
+    is left to submit, the wait asks for every request in flight. Before that (more
+    targets than a context holds), it asks for one, to refill the context at once."""
+    kernel = _Kernel(monkeypatch)
+    paths = _files(tmp_path, 40)
+    assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 40
+    assert kernel.waits == [(40, 40)]
+    kernel.waits.clear()
+    kernel.calls.clear()
+    paths = _files(tmp_path, _aio.CAPACITY + 44)
+    assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * len(paths)
+    assert kernel.waits[0] == (1, _aio.CAPACITY)
+    # Every wait before the last submission asks for one; the first after it, for all.
+    calls = [c for c in kernel.calls if c in ("io_submit", "io_getevents")]
+    first_after = calls.count("io_getevents") - calls[::-1].index("io_submit")
+    assert {want for want, _ in kernel.waits[:first_after]} == {1}
+    want, nr = kernel.waits[first_after]
+    assert want == nr > 1
 
 
 def test_a_failed_fsync_is_reported_for_its_file_only(

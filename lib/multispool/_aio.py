@@ -244,18 +244,22 @@ def _run(
             if not inflight:
                 continue  # interrupted before anything was taken: submit again
         if inflight:
-            inflight -= _reap(ctx, inflight, events, targets, errs, holds)
+            # Everything submitted: one wait for all of it, not a wake-up per few requests
+            # (a batch of 100 woke 35 times, taking CPU from the kernel's fsync workers:
+            # docs/benchmarks-batch.md). Before that, as soon as one is done, to refill.
+            want = inflight if opened == n and submitted == prepared else 1
+            inflight -= _reap(ctx, inflight, events, targets, errs, holds, want)
     return []
 
 
 def _reap(
     ctx: int, inflight: int, events: Any, targets: Sequence[tuple[str, int | None, bool]],
-    errs: list[BaseException | None], holds: list[_fs._FileHold],
+    errs: list[BaseException | None], holds: list[_fs._FileHold], want: int = 1,
 ) -> int:
-    """Wait for at least one request in flight to finish; record the results of all that
-    have, and close the descriptors ``_open`` opened for them. Returns how many."""
+    """Wait for at least ``want`` requests in flight to finish; record the results of all
+    that have, and close the descriptors ``_open`` opened for them. Returns how many."""
     r = _syscall(
-        ctypes.c_long(_NR[2]), ctypes.c_ulong(ctx), ctypes.c_long(1), ctypes.c_long(inflight),
+        ctypes.c_long(_NR[2]), ctypes.c_ulong(ctx), ctypes.c_long(want), ctypes.c_long(inflight),
         events, None,
     )
     if r < 0:
