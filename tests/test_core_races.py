@@ -983,3 +983,72 @@ def test_soak_direct_saves_while_readers_move_3000_entries(tmp_path: Path) -> No
     assert moved == n and len(spool.list(Queue.QUEUE2)) == n, (moved, saved)
     assert spool.list(Queue.QUEUE1) == []
 
+
+
+OPEN_WINDOW_STORM = """
+import os, signal, sys
+from multispool import _fs
+
+call = {"fsync_dir": lambda d, f: _fs.fsync_dir(d), "read_file": lambda d, f: _fs.read_file(f)}[sys.argv[2]]
+d = sys.argv[1]
+f = os.path.join(d, "meta")
+with open(f, "wb") as fh:
+    fh.write(b"{}")
+
+class Boom(Exception):
+    pass
+
+armed = [True]
+
+def handler(*a):
+    if armed[0]:
+        raise Boom
+
+before = set(os.listdir("/proc/self/fd"))
+n, hits, i = 20000, 0, 0
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.00007)
+
+def loop():
+    global i, hits
+    while i < n:
+        try:
+            while i < n:
+                i += 1
+                try:
+                    call(d, f)
+                except Boom:
+                    hits += 1
+        except Boom:
+            pass
+
+while True:
+    try:
+        loop()
+        armed[0] = False
+        break
+    except Boom:
+        continue
+signal.setitimer(signal.ITIMER_REAL, 0)
+signal.signal(signal.SIGALRM, signal.SIG_IGN)
+print(hits, len(set(os.listdir("/proc/self/fd")) - before))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="Python 3.10 runs signal handlers between other bytecodes too: the window narrows, not closes",
+)
+@pytest.mark.parametrize("what", ["fsync_dir", "read_file"])
+def test_a_signal_storm_loses_no_descriptor_opened_by_path(tmp_path: Path, what: str) -> None:
+    """A handler's exception as ``os.open`` returns, or before the close in a ``finally``,
+    lost the descriptor (about 1 in 20 interrupted calls, measured); opened and closed
+    from C (``_fs._open_boxed``), none is lost."""
+    r = run_python(OPEN_WINDOW_STORM, str(tmp_path), what, timeout=60)
+    assert r.returncode == 0, r.stderr
+    hits, leaked = map(int, r.stdout.split())
+    # The storm did interrupt: the old way lost about 6 % of them (579 of 9,760), so a
+    # few hundred are enough for a loss to be all but certain there.
+    assert hits > 200, r.stdout
+    assert leaked == 0, f"{leaked} descriptors lost in {hits} interrupted calls"
