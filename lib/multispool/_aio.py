@@ -178,7 +178,7 @@ def _open(
     if fd is not None:
         return fd
     try:
-        flags = os.O_RDONLY | _fs._DIRECTORY | _fs._CLOEXEC if is_dir else _fs.O_READ
+        flags = _fs._DIR_FLAGS if is_dir else _fs.O_READ
         own = _fs._open_held(path, flags, 0o777, holds[i])
         if not is_dir and not stat.S_ISREG(os.fstat(own).st_mode):
             raise _fs.not_regular(path)
