@@ -1041,3 +1041,92 @@ def test_a_signal_storm_loses_no_descriptor_opened_by_path(tmp_path: Path, what:
     # few hundred are enough for a loss to be all but certain there.
     assert hits > 200, r.stdout
     assert leaked == 0, f"{leaked} descriptors lost in {hits} interrupted calls"
+
+
+# -- descriptor guards: per thread, exclusive for fork -------------------------------------
+
+GUARDED_OPENS = """
+import os, sys, threading, time, warnings
+from multispool import _fs
+warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads: on purpose
+d = sys.argv[1]
+mode = sys.argv[2]
+slow, fast = os.path.join(d, "slow"), os.path.join(d, "fast")
+inside, go = threading.Event(), threading.Event()
+real_open = os.open
+
+def open_(path, flags, mode=0o777, *a, **k):
+    fd = real_open(path, flags, mode, *a, **k)
+    if path == slow:
+        inside.set()  # inside the guarded step: opened, not yet recorded
+        if not go.wait(30):
+            raise SystemExit("never released")
+    return fd
+
+os.open = open_
+held = []
+a = threading.Thread(target=lambda: held.append(_fs._open_held(slow, _fs.O_CREATE_EXCL, 0o600)))
+a.start()
+assert inside.wait(30)
+if mode == "threads":
+    # Another thread's open and close go through while the first is still in its open.
+    done = threading.Event()
+    def other():
+        _fs._close_held(_fs._open_held(fast, _fs.O_CREATE_EXCL, 0o600))
+        done.set()
+    b = threading.Thread(target=other, daemon=True)
+    b.start()
+    print("other done while the first open waited:", done.wait(10))
+    go.set()
+    a.join()
+else:
+    # A fork waits for the open in progress, so the child knows its descriptor (in
+    # _held) and closes its copy.
+    result = []
+    def fork():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            fds = set()
+            for n in os.listdir("/proc/self/fd"):
+                try:
+                    if os.readlink(f"/proc/self/fd/{n}") == slow:
+                        fds.add(n)
+                except OSError:
+                    pass
+            os.write(w, str(len(fds)).encode())
+            os._exit(0)
+        os.close(w)
+        result.append(int(os.read(r, 100)))
+        os.close(r)
+        os.waitpid(pid, 0)
+    f = threading.Thread(target=fork, daemon=True)
+    f.start()
+    print("forked before the open finished:", f.join(0.3) or not f.is_alive())
+    go.set()
+    a.join()
+    f.join(30)
+    print("the child's copies of the descriptor:", result)
+_fs._close_held(held[0])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/fd"), reason="POSIX with /proc")
+def test_a_thread_in_a_slow_open_holds_up_no_other_threads_opens(tmp_path: Path) -> None:
+    """Each thread's open and close is a guarded step (its descriptor recorded as it
+    opens), but the guard is the thread's own: with one lock for the process, every
+    thread's open waited for one slow open of another (a network filesystem's round
+    trip, a busy journal)."""
+    r = run_python(GUARDED_OPENS, str(tmp_path), "threads", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "other done while the first open waited: True" in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/fd"), reason="POSIX with /proc")
+def test_fork_waits_for_every_threads_open_in_progress(tmp_path: Path) -> None:
+    """fork() takes every thread's guard: it waits for an open in progress in another
+    thread, whose descriptor the child then finds recorded and closes."""
+    r = run_python(GUARDED_OPENS, str(tmp_path), "fork", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "forked before the open finished: False" in r.stdout, r.stdout
+    assert "the child's copies of the descriptor: [0]" in r.stdout, r.stdout

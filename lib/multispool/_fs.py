@@ -17,6 +17,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, Protocol
 
@@ -86,7 +87,7 @@ else:
 
 
 
-def _open_boxed(path: str, flags: int) -> Iterator[int]:
+def _open_boxed(path: str, flags: int, mode: int = 0o777) -> Iterator[int]:
     """``os.open(path, flags)`` as a lazy iterator, for ``box.extend(...)`` on a box from
     ``_fd_box``: the open runs and its descriptor is stored inside one C call (list.extend
     drives the map), where no signal handler runs. ``fd = os.open(...)`` loses the number
@@ -95,7 +96,7 @@ def _open_boxed(path: str, flags: int) -> Iterator[int]:
     storm every 70 us (100,000 opens): 2,321-3,285 descriptors lost the plain way on
     Python 3.10 to 3.13, 0 this way on 3.11 to 3.13, 508 on 3.10 (which also runs
     handlers between other bytecodes)."""
-    return map(os.open, (path,), (flags,))
+    return map(os.open, (path,), (flags,), (mode,))
 
 
 def _fd_box() -> tuple[list[int], Callable[[], None]]:
@@ -682,27 +683,94 @@ except ImportError:  # pragma: no cover - Windows: no owner locks, recovery is d
 # live as long as any descriptor of the open file: the child closes its copies at once,
 # so that an owner's death still frees its entries while the child lives on.
 #
-# A descriptor is recorded in _held under _guard in the same step that opens it, before it
-# is locked, and leaves _held under _guard in the same step that closes it; fork() takes
-# _guard first (register_at_fork), so a child never inherits a lock descriptor that is
-# not in _held, nor closes a number that its parent had already closed and reused. The
-# guard is reentrant: a _Claim's __del__ may run (garbage collection) inside a guarded step.
+# A descriptor is recorded in _held in the same guarded step that opens it, before it is
+# locked, and leaves _held in the same guarded step that closes it; fork() waits until no
+# thread is inside such a step (register_at_fork), so a child never inherits a lock
+# descriptor that is not in _held, nor closes a number that its parent had already
+# closed and reused.
+#
+# Each thread guards its steps with a lock of its own, and fork() takes every thread's
+# (_exclusive): a reader-writer lock whose readers never meet. One lock for the whole
+# process held each open and close for the length of its system call, so threads
+# opening files waited for each other's: with 8 threads enqueueing, half the
+# throughput on a filesystem whose creates are slow (a busy journal, a network
+# filesystem's round trip), and 1.5x the CPU per entry on tmpfs from threads queueing
+# on it. A thread's guard is reentrant: a _Claim's __del__ may run (garbage
+# collection) inside a guarded step. _held itself is a set changed only by single
+# operations (add, discard), which the GIL makes atomic.
 _held: set[int] = set()
 _generation = 0
-_guard = threading.RLock()
+
+
+class _Guard:
+    """One thread's guard (see above); dropped from ``_guards`` when its thread ends."""
+
+    __slots__ = ("__weakref__", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+
+
+_guards: weakref.WeakSet[_Guard] = weakref.WeakSet()
+_guards_lock = threading.Lock()  # held while a guard joins _guards, and by _exclusive
+_local = threading.local()
+
+
+def _thread_guard() -> threading.RLock:
+    """This thread's guard, made on first use."""
+    try:
+        return _local.guard.lock  # type: ignore[no-any-return]
+    except AttributeError:
+        pass
+    g = _Guard()
+    with _guards_lock:  # not while _exclusive holds it: that holder must see every guard
+        _guards.add(g)
+    _local.guard = g
+    return g.lock
+
+
+def _acquire_all() -> list[_Guard]:
+    """Wait until no thread is inside a guarded step, and keep every thread out of one
+    (a thread may re-enter its own) until ``_release_all``. The caller must not hold
+    its own guard: another thread's wait for ``_guards_lock`` would then deadlock."""
+    _guards_lock.acquire()
+    taken: list[_Guard] = []
+    try:
+        for g in list(_guards):
+            g.lock.acquire()
+            taken.append(g)
+    except BaseException:
+        _release_all(taken)
+        raise
+    return taken
+
+
+def _release_all(taken: list[_Guard]) -> None:
+    for g in reversed(taken):
+        g.lock.release()
+    _guards_lock.release()
+
+
+_forking: list[_Guard] = []
 
 
 def _before_fork() -> None:
-    _guard.acquire()
+    _forking[:] = _acquire_all()
 
 
 def _after_fork_in_parent() -> None:
-    _guard.release()
+    taken = _forking[:]
+    _forking.clear()
+    _release_all(taken)
 
 
 def _close_inherited_locks() -> None:
-    global _generation, _guard
-    _guard = threading.RLock()  # the forking thread's hold is meaningless in the child
+    global _generation, _guards, _guards_lock, _local
+    # The parent's guards and their holds mean nothing in the child: start afresh.
+    _forking.clear()
+    _guards = weakref.WeakSet()
+    _guards_lock = threading.Lock()
+    _local = threading.local()
     for fd in _held:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -735,33 +803,49 @@ def _open_held(path: str, flags: int, mode: int = 0o777, holder: Holder | None =
     """os.open, with the descriptor recorded in _held (and handed to ``holder``) in the
     same guarded step. An exception that interrupts a caller (KeyboardInterrupt, one
     raised by a signal handler) after this step leaves the descriptor with ``holder``,
-    whose owner releases it, rather than lost."""
-    with _guard:
-        try:
-            fd = os.open(path, flags, mode)
-        except OSError:
-            raise  # nothing was opened
-        except BaseException:
-            # Raised by a signal handler (KeyboardInterrupt...) as the open returned: the
-            # descriptor exists but its number went with the interrupted call.
+    whose owner releases it, rather than lost; one that interrupts this call closes
+    what it opened."""
+    box: list[int] = []
+    try:
+        with _thread_guard():
+            # Opened and stored from C (see _open_boxed): no handler runs between the two.
+            box.extend(_open_boxed(path, flags, mode))
+            fd = box[0]
+            _held.add(fd)
+            # The holder last: storing an attribute calls nothing, so no signal handler
+            # runs between the store and the end of the step; from then on it owns fd.
+            if holder is not None:
+                holder.fd = fd
+        return fd
+    except BaseException as e:
+        if box:
+            if holder is None or holder.fd != box[0]:
+                _close_held(box[0])  # not handed over: ours to close
+        elif not isinstance(e, OSError):
+            # An exception from inside the open (a handler run while it retried after
+            # EINTR opened nothing); should one come once it opened, the number is lost:
+            # look for it by its path.
             _close_lost(path, flags)
-            raise
-        # The holder first: storing an attribute calls nothing, so no signal handler can
-        # run between the open returning and the holder owning the descriptor.
-        if holder is not None:
-            holder.fd = fd
-        _held.add(fd)
-    return fd
+        raise
 
 
 def _close_lost(path: str, flags: int) -> None:
     """Close the descriptor an interrupted ``_open_held(path, flags)`` opened and lost:
     one of ``path`` (an unnamed file in it, with O_TMPFILE) that is not a held lock.
-    Registry files are opened only by _open_held, under _guard (which the caller holds),
-    so such a descriptor is nobody else's. Where /proc/self/fd is missing, it stays open
-    until the process exits (it holds no lock: flock comes after this step)."""
+    Registry files are opened only by _open_held, and this runs while no thread is
+    inside a guarded step (``_acquire_all``), so such a descriptor is nobody else's.
+    Where /proc/self/fd is missing, it stays open until the process exits (it holds no
+    lock: flock comes after the open). The caller must not hold its own guard."""
     if not _PROC_FDS:
         return
+    taken = _acquire_all()
+    try:
+        _close_unheld(path, flags)
+    finally:
+        _release_all(taken)
+
+
+def _close_unheld(path: str, flags: int) -> None:
     # As the kernel names it: absolute, with the directory's symlinks resolved.
     want = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
     tmpfile = bool(_O_TMPFILE) and flags & _O_TMPFILE == _O_TMPFILE
@@ -786,7 +870,7 @@ def _close_lost(path: str, flags: int) -> None:
 def _close_held(fd: int, holder: Holder | None = None) -> None:
     """Close a descriptor from _open_held and forget it (also in ``holder``), in one
     guarded step."""
-    with _guard:
+    with _thread_guard():
         # os.close is called directly: an interrupting exception (signal handler) can only
         # come after it returned, and the bookkeeping below runs all the same; the holder
         # forgets the number first (no call in between), so it never closes it twice.
