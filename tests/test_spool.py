@@ -516,3 +516,31 @@ def test_two_processes_race_for_one_entry(spool: multispool.Spool[Any, bytes]) -
         assert spool.list(Queue.QUEUE1) == []
     assert find_sort(spool.dir)[1:3] == ["spool/.data", "spool/.registry"]
     assert os.listdir(Path(spool.dir) / ".registry") == []
+
+
+@pytest.mark.parametrize("durability", ["none", "file", "full"])
+def test_an_enqueue_runs_no_import_machinery(tmp_path: Path, durability: str) -> None:
+    """The per-entry path imports nothing: a ``from ... import`` inside a function
+    runs importlib's code on every call (2 us of 50 for a non-durable enqueue), and
+    with 8 threads enqueueing its bookkeeping made them queue up (1.4x throughput
+    once gone, tmpfs)."""
+    import sys
+
+    spool = multispool.Spool.create(
+        tmp_path / "spool", multispool.Spoolable(queues=Queue, durability=durability)  # type: ignore[arg-type]
+    )
+    spool.enqueue(Queue.QUEUE1, {"n": 0}, b"warm")  # what runs once per process
+    seen: set[str] = set()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            seen.add(frame.f_code.co_filename)
+
+    sys.setprofile(profile)
+    try:
+        e = spool.enqueue(Queue.QUEUE1, {"n": 1}, b"data")
+    finally:
+        sys.setprofile(None)
+    assert e.name in [x.name for x in spool.list(Queue.QUEUE1)]
+    assert any(f.endswith("_enqueue.py") for f in seen)  # the profile saw the pipeline
+    assert not [f for f in seen if "importlib" in f], sorted(seen)

@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _aio, _fs
+from . import _spool as _spool_module  # a cycle: _spool imports this module; used at call time
 
 if TYPE_CHECKING:
     from ._spool import Spool, _Claim
@@ -261,12 +262,11 @@ def write(
     sp = spool.spoolable
     lay = spool._layout
     qdir = lay.queue(dirname)
-    from ._spool import _Claim  # runtime import: _spool imports this module
 
     owner: _Claim | None = None  # a reservation not yet in ``staged``
     try:
         for raw, write_data in items:
-            owner = _Claim(None)
+            owner = _spool_module._Claim(None)
             if use is not None:
                 spool._take_reservation(use, owner)
                 name = use
