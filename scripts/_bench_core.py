@@ -3,7 +3,10 @@ bare ``os`` calls, for each durability mode, on one disk, in one run.
 
     scripts/bench_core [--quick] [--dir DIR] [--repeats N] [--ops N] [--no-strace] [--profile]
 
-Measures enqueue throughput and checkout+remove throughput (ops/s). Every measurement is
+Measures enqueue throughput and checkout+remove throughput (ops/s), and enqueue
+throughput with 8 threads enqueueing at once into one spool (the floor: 8 threads with
+the same bare calls, each syncing on its own; multispool: one Spool shared by the
+threads, which under "full" share their syncs). Every measurement is
 repeated (interleaved: floor and multispool alternate, modes rotate) and reported as
 median and min-max; "ratio" is multispool median / floor median, "paired" the median of
 the per-repeat ratios (each pair ran interleaved, under the same load): the target
@@ -30,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -275,6 +279,45 @@ def run_paired(mode: str, base: str, ops: int, chunk: int = 10) -> dict[str, tup
         shutil.rmtree(d, ignore_errors=True)
 
 
+THREADS = 8
+
+
+def run_threads(mode: str, base: str, ops: int, order: list[str]) -> dict[str, float]:
+    """{impl: enqueue ops/s} with THREADS threads enqueueing ``ops`` entries in all at
+    once into one fresh spool, the implementations one after the other in ``order``
+    (the caller alternates it). Floor threads have a Floor each (their own names); the
+    library's share one Spool, as an application's threads would."""
+    d = tempfile.mkdtemp(dir=base, prefix=f"{mode}-threads-")
+    per = max(1, ops // THREADS)
+    rates: dict[str, float] = {}
+    try:
+        for impl in order:
+            path = os.path.join(d, impl)
+            if impl == "floor":
+                qs = [IMPLS[impl](path, mode) for _ in range(THREADS)]
+            else:
+                qs = [IMPLS[impl](path, mode)] * THREADS
+            start = threading.Barrier(THREADS + 1)
+
+            def work(q: Any, start: threading.Barrier = start) -> None:
+                start.wait()
+                for i in range(per):
+                    q.enqueue({"n": i}, PAYLOAD)
+
+            ts = [threading.Thread(target=work, args=(q,)) for q in qs]
+            for t in ts:
+                t.start()
+            start.wait()
+            t0 = time.perf_counter()
+            for t in ts:
+                t.join()
+            rates[impl] = per * THREADS / (time.perf_counter() - t0)
+            assert len(qs[0].names()) == per * THREADS, (impl, len(qs[0].names()))
+        return rates
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # -- syscall counts ---------------------------------------------------------------------------
 
 
@@ -453,12 +496,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         for mode in MODES:
             run_paired(mode, base, 20)  # warm up imports, caches and the directories' code paths
+        threaded: dict[tuple[str, str], list[float]] = {(impl, mode): [] for impl in IMPLS for mode in MODES}
         for rep in range(repeats):
             for mode in MODES[rep % 3 :] + MODES[: rep % 3]:
                 for impl, (enq, save, co) in run_paired(mode, base, ops_for[mode]).items():
                     res[impl, mode]["enqueue"].append(enq)
                     res[impl, mode]["save"].append(save)
                     res[impl, mode]["checkout"].append(co)
+                order = list(IMPLS) if rep % 2 == 0 else list(IMPLS)[::-1]
+                for impl, rate in run_threads(mode, base, 2 * ops_for[mode], order).items():
+                    threaded[impl, mode].append(rate)
             print(f"  repeat {rep + 1}/{repeats} done", file=sys.stderr)
         print(
             f"{'mode':5} {'operation':16} {'floor ops/s (min-max)':>27} "
@@ -476,6 +523,19 @@ def main(argv: list[str] | None = None) -> int:
                 if paired < TARGET:
                     below.append(mode)
                 print(f"{mode:5} {label:16} {fmt(f):>27} {fmt(m):>30} {ratio:6.2f} {paired:7.2f}{flag}")
+        for mode in MODES:
+            f, m = threaded["floor", mode], threaded["multispool", mode]
+            ratio = statistics.median(m) / statistics.median(f)
+            paired = statistics.median([x / y for x, y in zip(m, f, strict=True)])
+            flag = "" if paired >= TARGET else "  < target"
+            if paired < TARGET:
+                below.append(mode)
+            label = f"enqueue {THREADS} thr"
+            print(f"{mode:5} {label:16} {fmt(f):>27} {fmt(m):>30} {ratio:6.2f} {paired:7.2f}{flag}")
+        print(
+            f"  ({THREADS} thr: {THREADS} threads enqueueing into one spool at once; the floor's each "
+            "sync on their own, multispool's share one Spool and, under full, their syncs)"
+        )
         print()
         if not args.no_strace:
             sops = 100
