@@ -575,12 +575,11 @@ def _publish_group(group: Sequence[_Job], crowded: bool = False) -> QueueSyncs:
         if j.error is not None:
             continue
         try:
-            # Synced: the files' descriptors have served. The leader closes them, not each
-            # follower as it wakes: every close takes ``_fs._guard``, which the next
-            # leader takes for every file it opens, and a leader that found it held
-            # slept on it (8 threads: 6-17 % more entries/s on the loop images,
-            # docs/benchmarks-batch.md). A close that fails (a network filesystem's
-            # EIO) fails the job before it is published.
+            # Synced: the files' descriptors have served. The leader closes them before
+            # the renames, so that a close that fails (a network filesystem's EIO) fails
+            # the job before it is published. (Followers closing their own as they woke
+            # once held up the next leader on a descriptor lock shared by the process;
+            # each thread now has its own: docs/benchmarks-batch.md.)
             for st in j.staged:
                 st.close_files()
             publish(j.staged)
