@@ -1130,3 +1130,34 @@ def test_fork_waits_for_every_threads_open_in_progress(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "forked before the open finished: False" in r.stdout, r.stdout
     assert "the child's copies of the descriptor: [0]" in r.stdout, r.stdout
+
+
+GUARD_REGISTRATION = """
+import threading, weakref
+from multispool import _fs
+
+class Nesting(weakref.WeakSet):
+    def add(self, item):
+        # What a _Claim's __del__, run by garbage collection here, would do: a guarded step.
+        with _fs._thread_guard():
+            pass
+        super().add(item)
+
+_fs._guards = Nesting()
+done = threading.Event()
+t = threading.Thread(target=lambda: (_fs._thread_guard(), done.set()), daemon=True)
+t.start()
+print("registered:", done.wait(10))
+"""
+
+
+def test_a_guarded_step_inside_the_registration_of_its_threads_guard_does_not_deadlock(
+    tmp_path: Path,
+) -> None:
+    """A thread's first guarded step registers its guard under a lock; garbage collection
+    may run a finalizer there that takes a guarded step itself (a _Claim closing its
+    lock descriptor). It must find the guard being registered, not wait for the lock
+    its own thread holds."""
+    r = run_python(GUARD_REGISTRATION, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "registered: True", r.stdout

@@ -723,9 +723,12 @@ def _thread_guard() -> threading.RLock:
     except AttributeError:
         pass
     g = _Guard()
-    with _guards_lock:  # not while _exclusive holds it: that holder must see every guard
-        _guards.add(g)
+    # This thread's before it is registered: a _Claim's __del__ that garbage collection
+    # runs inside the registration below finds it, instead of registering another and
+    # waiting for the _guards_lock this thread holds.
     _local.guard = g
+    with _guards_lock:  # not while _acquire_all holds it: fork must see every guard in use
+        _guards.add(g)
     return g.lock
 
 
