@@ -639,3 +639,21 @@ def test_prefix_names_is_exactly_the_api_formula() -> None:
     for seed in ("q1_co_test_", "", None, 7):
         for attempt in (0, 1, 42, 999_999):
             assert g.next(seed, attempt) == f"{seed}{attempt:06d}"
+
+
+def test_only_the_spoolables_own_queue_members_name_a_queue(tmp_path: Path) -> None:
+    """A queue is named by a member of the Spoolable's Enum: another Enum's member, even
+    one of the same name and value, a string or a value is refused before anything
+    touches disk."""
+
+    class Other(enum.Enum):
+        QUEUE1 = "queue1"
+
+    spool = multispool.Spool.create(tmp_path / "spool", multispool.Spoolable(queues=Queue))
+    tree = find_sort(spool.dir)
+    for bad in (Other.QUEUE1, "queue1", "QUEUE1", Queue.QUEUE1.value, None, 1, [Queue.QUEUE1]):
+        with pytest.raises(ValueError, match="not a member of Queue"):
+            spool.enqueue(bad, {}, b"")  # type: ignore[arg-type]
+        assert find_sort(spool.dir) == tree
+    assert spool.spoolable.dirname(Queue.QUEUE2) == "queue2"
+    assert [e.name for e in spool.list(Queue.QUEUE1)] == []

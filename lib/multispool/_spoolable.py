@@ -347,7 +347,7 @@ class _Codec:
             if not isinstance(out, (bytes, bytearray, memoryview)):
                 raise TypeError(f"metadata codec encode() returned {type(out).__name__}, not bytes")
             return bytes(out)
-        raw = typing.cast(bytes, self._enc.encode(obj))
+        raw: bytes = self._enc.encode(obj)
         if self._check:
             # msgspec.ValidationError (a value of the wrong type) before any disk access.
             self._dec.decode(raw)
@@ -532,15 +532,20 @@ class Spoolable(Generic[M, D]):
         self._data_encode: Callable[[Any], bytes] | None = getattr(data, "_encode", None)
         self._data_decode: Callable[[bytes], Any] | None = getattr(data, "_decode", None)
         self._queue_list: tuple[enum.Enum, ...] = tuple(members)
-        self._dirnames: dict[enum.Enum, str] = {m: str(m.value) for m in members}
+        # By member name, not by member: an Enum's __hash__ is Python code, one call more
+        # on every operation's path (dirname is called up to three times per save).
+        self._dirnames: dict[str, tuple[enum.Enum, str]] = {m._name_: (m, str(m.value)) for m in members}
 
     # -- helpers used by the spool ----------------------------------------------------
     def dirname(self, queue: enum.Enum) -> str:
         """The directory name of ``queue``; ValueError if it is not one of our queues."""
         try:
-            return self._dirnames[queue]
-        except (KeyError, TypeError):
-            raise ValueError(f"{queue!r} is not a member of {self.queues.__name__}") from None
+            member, name = self._dirnames[queue._name_]
+            if member is queue:  # not another Enum's member of the same name
+                return name
+        except (KeyError, AttributeError, TypeError):
+            pass
+        raise ValueError(f"{queue!r} is not a member of {self.queues.__name__}")
 
     def throttled(self) -> AbstractContextManager[Any]:
         """The context to enter around one disk operation."""
