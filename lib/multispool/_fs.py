@@ -87,7 +87,7 @@ else:
 
 
 
-def _open_boxed(path: str, flags: int, mode: int = 0o777) -> Iterator[int]:
+def _open_boxed(path: str, flags: int) -> Iterator[int]:
     """``os.open(path, flags)`` as a lazy iterator, for ``box.extend(...)`` on a box from
     ``_fd_box``: the open runs and its descriptor is stored inside one C call (list.extend
     drives the map), where no signal handler runs. ``fd = os.open(...)`` loses the number
@@ -96,7 +96,7 @@ def _open_boxed(path: str, flags: int, mode: int = 0o777) -> Iterator[int]:
     storm every 70 us (100,000 opens): 2,321-3,285 descriptors lost the plain way on
     Python 3.10 to 3.13, 0 this way on 3.11 to 3.13, 508 on 3.10 (which also runs
     handlers between other bytecodes)."""
-    return map(os.open, (path,), (flags,), (mode,))
+    return map(os.open, (path,), (flags,))
 
 
 def _fd_box() -> tuple[list[int], Callable[[], None]]:
@@ -365,7 +365,9 @@ def write_file(
             _close_lost(path, flags)
         raise
     try:
-        _write_all(fd, contents)
+        n = os.write(fd, contents)  # all of it, but for a rare short write
+        if n < len(contents):
+            _write_rest(fd, contents, n)
         if sync:
             fsync_fd(fd)
         elif writeback:
@@ -388,9 +390,15 @@ def _write_all(fd: int, contents: bytes | bytearray | memoryview) -> None:
     """Write all of ``contents`` at ``fd``'s offset, however many writes it takes."""
     n = os.write(fd, contents)
     if n < len(contents):  # rare: a short write (signal, huge buffer)
-        view = memoryview(contents)[n:]
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_rest(fd, contents, n)
+
+
+def _write_rest(fd: int, contents: bytes | bytearray | memoryview, n: int) -> None:
+    """Write ``contents`` after its first ``n`` bytes (a short write wrote those). The
+    entry files' writers make the first write themselves: a call fewer per file."""
+    view = memoryview(contents)[n:]
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _write_held(
@@ -400,7 +408,9 @@ def _write_held(
     failure it is closed and the partly written file removed."""
     fd = _open_held(path, flags, mode, holder)
     try:
-        _write_all(fd, contents)
+        n = os.write(fd, contents)  # all of it, but for a rare short write
+        if n < len(contents):
+            _write_rest(fd, contents, n)
         if sync:
             fsync_fd(fd)
         elif writeback:
@@ -810,9 +820,13 @@ def _open_held(path: str, flags: int, mode: int = 0o777, holder: Holder | None =
     what it opened."""
     box: list[int] = []
     try:
-        with _thread_guard():
-            # Opened and stored from C (see _open_boxed): no handler runs between the two.
-            box.extend(_open_boxed(path, flags, mode))
+        guard = _local.guard.lock
+    except AttributeError:
+        guard = _thread_guard()
+    try:
+        with guard:
+            # Opened and stored from C (as _open_boxed): no handler runs between the two.
+            box.extend(map(os.open, (path,), (flags,), (mode,)))
             fd = box[0]
             _held.add(fd)
             # The holder last: storing an attribute calls nothing, so no signal handler
@@ -873,7 +887,11 @@ def _close_unheld(path: str, flags: int) -> None:
 def _close_held(fd: int, holder: Holder | None = None) -> None:
     """Close a descriptor from _open_held and forget it (also in ``holder``), in one
     guarded step."""
-    with _thread_guard():
+    try:
+        guard = _local.guard.lock
+    except AttributeError:
+        guard = _thread_guard()
+    with guard:
         # os.close is called directly: an interrupting exception (signal handler) can only
         # come after it returned, and the bookkeeping below runs all the same; the holder
         # forgets the number first (no call in between), so it never closes it twice.
@@ -934,7 +952,8 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
                 # os.link calls linkat(AT_SYMLINK_FOLLOW), which resolves the /proc magic
                 # link to the unnamed file, only when given a dir fd (ignored: both paths
                 # are absolute or relative to the cwd either way).
-                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=_root_fd(), follow_symlinks=True)
+                root = _root if _root is not None else _root_fd()
+                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=root, follow_symlinks=True)
                 if holder is not None:
                     holder.path = path
             except FileExistsError:

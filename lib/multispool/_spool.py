@@ -164,7 +164,7 @@ class _Claim:
     def __init__(self, fd: int | None, sched: Schedule = _DUE_NOW) -> None:
         self.fd = fd
         self.path: str | None = None  # the registry file an enqueue created (see _fs.Holder)
-        self.generation = _fs.lock_generation()
+        self.generation = _fs._generation  # lock_generation(), without a call: on every entry's path
         self.done = False
         self.sched = sched  # the entry's schedule record as it was claimed
         self._writing: threading.Lock | None = None
