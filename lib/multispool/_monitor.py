@@ -390,11 +390,15 @@ class Monitor:
         """Report the files of ``listing`` with no registry file; their names."""
         found: set[str] = set()
         for name in listing.names - reg:
-            # Re-check: an enqueue may have registered the name after our listing.
-            if os.path.lexists(self._layout.registry_file(name)):
+            # Re-check: an enqueue may have registered the name after our listing. Once
+            # more after the file is seen: a name freed by a removal may be taken again
+            # between the two looks (registry file, then the file), so the file seen may
+            # be a new entry's, whose registry file came just after the first look.
+            reg_file = self._layout.registry_file(name)
+            if os.path.lexists(reg_file):
                 continue
             m = _lstat_mtime(os.path.join(dir_path, name))
-            if m is not None:
+            if m is not None and not os.path.lexists(reg_file):
                 problems.append(Orphaned(FileWithMtime(name, m), d))
                 found.add(name)
         return found
