@@ -194,7 +194,11 @@ class _Claim:
         self.done = True
         fd = self.fd
         if fd is not None:
-            _fs.unlock(fd, self.generation, self)  # forgets self.fd in the same step
+            # _fs.unlock, without its call (every entry's enqueue and checkout end here).
+            if self.generation == _fs._generation:
+                _fs._close_held(fd, self)  # forgets self.fd in the same step
+            else:
+                self.fd = None  # a copy inherited by fork, closed in the child already
 
     @property
     def held(self) -> bool:
@@ -448,7 +452,7 @@ class CheckedOutEntry(Generic[M, D]):
     def _check_live(self) -> None:
         if self._claim.done:
             raise SpoolError(f"checkout of {self.name!r} already ended (saved, removed or released)")
-        if self._claim.generation != _fs.lock_generation():
+        if self._claim.generation != _fs._generation:  # lock_generation(), without the call
             # A forked child closed its copy of the lock: the parent still owns the entry.
             raise SpoolError(f"checkout of {self.name!r} belongs to the parent process (inherited by fork)")
 
@@ -462,7 +466,7 @@ class CheckedOutEntry(Generic[M, D]):
         not to be handed out by a reader before ``delay`` seconds (None: due at once).
         The attempt count goes back to 0."""
         self._check_live()
-        self._move(queue, self.contents, _schedule.due_at(delay, time.time()), 0)
+        self._move(queue, self.contents, 0.0 if delay is None else _schedule.due_at(delay, time.time()), 0)
 
     def retry(self, delay: Duration, metadata: M | None = None) -> None:
         """Back into the queue it came from, not to be handed out by a reader before
@@ -599,7 +603,7 @@ class Spool(Generic[M, D]):
         ``src`` is gone. A rename that a stale client cache turned into a no-op is retried
         until that cache expires (network filesystems keep names for about a second).
         With ``keep`` (durability "full"), the move is the durable one of ``_layout``."""
-        verify = self._fs_facts().verify_renames
+        verify = (self._facts or self._fs_facts()).verify_renames
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
         retried = False
         while True:
@@ -1097,9 +1101,8 @@ class Spool(Generic[M, D]):
                 # "full" the entry stays durable in the queue (keep link) until the
                 # checkout dir's fsync; the queue's own fsync is owed by the checkout's end.
                 keep = lay.keep_file(lay.queue(dirname), name) if full else None
-                moved = _fs.move(
-                    qfile, cofile, keep, verify=self._fs_facts().verify_renames, sync_src=False
-                )
+                facts = self._facts or self._fs_facts()  # on every claim: no call once known
+                moved = _fs.move(qfile, cofile, keep, verify=facts.verify_renames, sync_src=False)
                 if moved == _fs.MOVED and full:
                     claim.unsynced = lay.queue(dirname)
             except OSError as e:
