@@ -1161,3 +1161,51 @@ def test_a_guarded_step_inside_the_registration_of_its_threads_guard_does_not_de
     r = run_python(GUARD_REGISTRATION, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "registered: True", r.stdout
+
+
+LOST_SEARCH = """
+import os, sys, threading
+from multispool import _fs
+path = os.path.join(sys.argv[1], "reg")
+open(path, "wb").close()
+inside, go = threading.Event(), threading.Event()
+real_open = os.open
+
+def open_(p, flags, mode=0o777, *a, **k):
+    fd = real_open(p, flags, mode, *a, **k)
+    if p == path and threading.current_thread().name == "opener":
+        inside.set()  # opened, not yet recorded: the other thread's search must wait
+        if not go.wait(30):
+            raise SystemExit("never released")
+    return fd
+
+os.open = open_
+held = []
+a = threading.Thread(name="opener", target=lambda: held.append(_fs._open_held(path, _fs.O_LOCK)))
+a.start()
+assert inside.wait(30)
+searched = threading.Event()
+b = threading.Thread(target=lambda: (_fs._close_lost(path, _fs.O_LOCK), searched.set()), daemon=True)
+b.start()
+print("searched while the open was unrecorded:", searched.wait(0.3))
+go.set()
+a.join()
+print("search done:", searched.wait(30))
+fd = held[0]
+os.fstat(fd)  # EBADF if the search closed it
+print("the opener's descriptor is open and recorded:", fd in _fs._held)
+_fs._close_held(fd)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_the_search_for_a_lost_descriptor_waits_for_other_threads_opens(tmp_path: Path) -> None:
+    """An open interrupted after it opened leaves its descriptor to be found by its path
+    and closed. Another thread may have the same registry file open but not yet recorded
+    (two threads claiming one entry): the search waits until no thread is inside a
+    guarded step, so it never closes that thread's descriptor."""
+    r = run_python(LOST_SEARCH, str(tmp_path), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "searched while the open was unrecorded: False" in r.stdout, r.stdout
+    assert "search done: True" in r.stdout, r.stdout
+    assert "the opener's descriptor is open and recorded: True" in r.stdout, r.stdout
