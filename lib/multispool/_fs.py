@@ -481,7 +481,7 @@ def read_file(path: str) -> bytes:
     blocking on a FIFO or device there (OSError ``not_regular`` instead)."""
     box, close = _fd_box()
     try:
-        box.extend(map(os.open, (path,), (O_READ,)))  # _open_boxed, without its call
+        box.extend(_open_boxed(path, O_READ))
         fd = box[0]
         # Metadata files are small: one read usually returns all of it, and a short read
         # of a regular file means end of file, so no fstat is needed to size the buffer.

@@ -194,11 +194,7 @@ class _Claim:
         self.done = True
         fd = self.fd
         if fd is not None:
-            # _fs.unlock, without its call (every entry's enqueue and checkout end here).
-            if self.generation == _fs._generation:
-                _fs._close_held(fd, self)  # forgets self.fd in the same step
-            else:
-                self.fd = None  # a copy inherited by fork, closed in the child already
+            _fs.unlock(fd, self.generation, self)  # forgets self.fd in the same step
 
     @property
     def held(self) -> bool:
@@ -603,7 +599,7 @@ class Spool(Generic[M, D]):
         ``src`` is gone. A rename that a stale client cache turned into a no-op is retried
         until that cache expires (network filesystems keep names for about a second).
         With ``keep`` (durability "full"), the move is the durable one of ``_layout``."""
-        verify = (self._facts or self._fs_facts()).verify_renames
+        verify = self._fs_facts().verify_renames
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
         retried = False
         while True:
@@ -1101,8 +1097,8 @@ class Spool(Generic[M, D]):
                 # "full" the entry stays durable in the queue (keep link) until the
                 # checkout dir's fsync; the queue's own fsync is owed by the checkout's end.
                 keep = lay.keep_file(lay.queue(dirname), name) if full else None
-                facts = self._facts or self._fs_facts()  # on every claim: no call once known
-                moved = _fs.move(qfile, cofile, keep, verify=facts.verify_renames, sync_src=False)
+                verify = self._fs_facts().verify_renames
+                moved = _fs.move(qfile, cofile, keep, verify=verify, sync_src=False)
                 if moved == _fs.MOVED and full:
                     claim.unsynced = lay.queue(dirname)
             except OSError as e:
