@@ -18,7 +18,9 @@ fresh child process and a fresh queue, and reports entries per second:
               batch of 1 (five fsyncs one after another), 10, 100, 1000 (every fsync in
               flight at once). What the layout itself costs on this disk: the ratio of
               the floor's batch of 100 to litequeue bounds what any implementation of
-              the same files and syncs can reach here
+              the same files and syncs can reach here. Also 8 threads of single puts,
+              each syncing alone, and with the library's group commit written bare
+              (sys_floor.GroupProducer): their ratio bounds what group commit can gain
 
 With ``--baseline-ref REF`` the multispool cases of 1 and 8 threads also run on lib/ as of
 git REF ("today's figure in the same run"). Repetitions are interleaved between cases;
@@ -105,11 +107,11 @@ def _litequeue(d: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
     return put, lambda: [x.close() for x in queues] and None
 
 
-def _floor(d: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    from .sys_floor import BatchProducer, create
+def _floor(d: str, group: bool) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    from .sys_floor import BatchProducer, GroupProducer, create
 
     create(d)
-    p = BatchProducer(d)
+    p = GroupProducer(d) if group else BatchProducer(d)
     return p.put, p.close
 
 
@@ -146,7 +148,7 @@ def child(a: dict[str, Any]) -> dict[str, Any]:
     elif system == "pq-sqlite":
         put, close = _pq_sqlite(d)
     elif system == "floor":
-        put, close = _floor(d)
+        put, close = _floor(d, a.get("group", False))
     else:
         raise SystemExit(f"unknown system {system!r}")
     put(10**9, 1)  # first-use work (directories, schema) stays outside the measurement
@@ -203,13 +205,15 @@ def cases(baseline: bool) -> list[dict[str, Any]]:
         out.append({"system": s, "batch": 1, "threads": THREADS})
     for n in BATCHES:
         out.append({"system": "floor", "batch": n, "threads": 1})
+    out.append({"system": "floor", "batch": 1, "threads": THREADS, "group": True})
+    out.append({"system": "floor", "batch": 1, "threads": THREADS, "group": False})
     return out
 
 
 def label(c: dict[str, Any]) -> str:
     if c["threads"] > 1:
         what = f"{c['threads']} threads, single puts"
-        if c["system"] == "multispool" and not c.get("baseline"):
+        if c["system"] in ("multispool", "floor") and not c.get("baseline"):
             what += ", group commit" if c.get("group", True) else ", group commit off"
     elif c["batch"] == 1:
         what = "single puts (1 per call)"
@@ -381,6 +385,15 @@ def report(out_file: str, section: str, res: dict[str, list[float]], meta: dict[
     ratio(fl + "batch of 10", lq + f"{THREADS} threads, single puts",
           f"floor batch of 10 / litequeue {THREADS} threads", 2,
           f"(the bare os recipe for a round of {THREADS}, without threads: what the layout allows)")
+    # The same group commit with bare calls (sys_floor.GroupProducer), against the same
+    # 8 threads each syncing alone with bare calls: what sharing syncs between one
+    # process's threads can gain on this disk, whatever the implementation.
+    fl_on = fl + f"{THREADS} threads, single puts, group commit"
+    ratio(fl_on, fl_on + " off", f"floor {THREADS} threads, group commit on / off", 2,
+          "(the bare os recipe: what group commit allows on this disk)")
+    ratio(g_on, fl_on, f"{THREADS} threads, group commit / floor's group commit", 2)
+    ratio(fl_on, lq + f"{THREADS} threads, single puts",
+          f"floor {THREADS} threads, group commit / litequeue {THREADS} threads", 2)
     # The issue's targets compare with the library as it was when it was filed ("today's
     # single enqueue", "the same 8 threads each syncing on its own (today)"): the baseline.
     # The lines above hold the same targets against today's library, a stricter reading.
