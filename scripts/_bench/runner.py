@@ -428,6 +428,8 @@ def _main_batch(args: Any, argv: list[str]) -> int:
     from . import batch
 
     reps, seconds = (3, 1.0) if args.quick else (5, 3.0)
+    # --out is a directory: refused now, not after the whole run has been measured.
+    os.makedirs(args.out, exist_ok=True)
     load_before = os.getloadavg()
     base = tempfile.mkdtemp(prefix=".bench-batch-", dir=args.dir)
     global LIB_OVERRIDE
@@ -447,7 +449,6 @@ def _main_batch(args: Any, argv: list[str]) -> int:
             "load": (load_before[0], os.getloadavg()[0]),
             "reps": reps, "seconds": seconds, "command": "scripts/bench" + "".join(f" {a}" for a in argv),
             "rev": rev, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    os.makedirs(args.out, exist_ok=True)  # else a run's results die at the very end
     batch.report(os.path.join(args.out, "benchmarks-batch.md"), args.label or fs, res, meta)
     return 0
 
