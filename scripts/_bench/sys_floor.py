@@ -121,6 +121,12 @@ class BatchProducer:
             _fsync_dir(self.q)
             return
         entries = [self._write_entry(seq, False) for seq in range(start, start + n)]
+        self._sync_publish(entries)
+        _fsync_dir(self.q)
+
+    def _sync_publish(self, entries: list[tuple[str, list[int]]]) -> None:
+        """Stage one for written entries: every file written out (start all, then wait
+        for each), every fsync in flight at once, then each rename and close."""
         files = [fd for _, fds in entries for fd in fds[1:]]
         if self.sfr is not None:
             for fd in files:
@@ -133,7 +139,6 @@ class BatchProducer:
             os.rename(self.tmp + name, self.q + name)
             for fd in fds:
                 os.close(fd)
-        _fsync_dir(self.q)
 
     def _fsync_all(self, files: list[int]) -> None:
         from multispool import _aio
@@ -196,18 +201,7 @@ class GroupProducer(BatchProducer):
                 break
             group += new
             entries += [self._write_entry(j[0], False) for j in new]
-        files = [fd for _, fds in entries for fd in fds[1:]]
-        if self.sfr is not None:
-            for fd in files:
-                self.sfr(fd, 0, 0, 2)
-            for fd in files:
-                if self.sfr(fd, 0, 0, 7) != 0:
-                    raise OSError("sync_file_range failed")
-        self._fsync_all(files)
-        for name, fds in entries:
-            os.rename(self.tmp + name, self.q + name)
-            for fd in fds:
-                os.close(fd)
+        self._sync_publish(entries)
         with self.lock:
             self.busy = False
             if self.waiting:
