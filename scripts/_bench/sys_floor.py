@@ -173,7 +173,7 @@ class GroupProducer(BatchProducer):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.lock = threading.Lock()
-        self.waiting: list[list[Any]] = []  # [seq, wake lock, done]
+        self.waiting: list[list[Any]] = []  # [seq, wake lock, done, error]
         self.busy = False
 
     def put(self, start: int, n: int) -> None:
@@ -182,7 +182,7 @@ class GroupProducer(BatchProducer):
             return
         wake = threading.Lock()
         wake.acquire()
-        job: list[Any] = [start, wake, False]
+        job: list[Any] = [start, wake, False, None]
         with self.lock:
             self.waiting.append(job)
             follower = self.busy
@@ -190,28 +190,40 @@ class GroupProducer(BatchProducer):
         if follower:
             wake.acquire()  # released when the round is done, or to lead the next one
             if job[2]:
+                if job[3] is not None:
+                    raise job[3]
                 return
         group: list[list[Any]] = []
-        entries: list[tuple[str, list[int]]] = []
-        while len(group) < 128:
-            with self.lock:
-                new = self.waiting[: 128 - len(group)]
-                del self.waiting[: len(new)]
-            if not new:
-                break
-            group += new
-            entries += [self._write_entry(j[0], False) for j in new]
-        self._sync_publish(entries)
+        err: BaseException | None = None
+        try:
+            entries: list[tuple[str, list[int]]] = []
+            while len(group) < 128:
+                with self.lock:
+                    new = self.waiting[: 128 - len(group)]
+                    del self.waiting[: len(new)]
+                if not new:
+                    break
+                group += new
+                entries += [self._write_entry(j[0], False) for j in new]
+            self._sync_publish(entries)
+        except BaseException as e:  # the round fails as a whole; nobody is left asleep
+            err = e
         with self.lock:
             self.busy = False
             if self.waiting:
                 self.busy = True
                 self.waiting[0][1].release()
-        _fsync_dir(self.q)
+        if err is None:
+            try:
+                _fsync_dir(self.q)
+            except BaseException as e:
+                err = e
         for j in group:
-            j[2] = True
+            j[2], j[3] = True, err
             if j is not job:
                 j[1].release()
+        if err is not None:
+            raise err
 
 
 def _sync_file_range() -> Any:
