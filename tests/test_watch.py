@@ -729,3 +729,88 @@ def test_departures_stay_out_of_the_kernel_mask_until_a_subscriber_wants_them(
         drop_in(outside, queue, "new2")
         assert readers.wait()
     assert inotify_masks() == []
+
+
+class Names:
+    """A ``names=True`` callback that records every name and wakes a waiter once a
+    given name has been heard."""
+
+    def __init__(self) -> None:
+        self.names: list[str | None] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, name: str | None) -> None:
+        with self.cond:
+            self.names.append(name)
+            self.cond.notify_all()
+
+    def wait_for(self, name: str, times: int = 1, timeout: float = WAIT) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.names.count(name) >= times, timeout)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dot_names_wake_nobody(queue: Path, outside: Path, mode: ObserverMode) -> None:
+    """A dot-name is never an entry (``.checkout``, the keep link ``.~NAME`` of a durable
+    move): written, created, deleted or renamed, it wakes no subscriber, with or without
+    departures."""
+    readers, watcher = Names(), Names()
+    with (
+        subscribe(queue, readers, mode, polling_interval=POLL, departures=False, names=True),
+        subscribe(queue, watcher, mode, polling_interval=POLL, departures=True, names=True),
+    ):
+        (queue / ".~written").write_text("x")
+        os.link(queue / ".~written", queue / ".~linked")
+        (outside / "x").write_text("x")
+        os.rename(outside / "x", queue / ".~renamed")
+        drop_in(outside, queue, "seen")  # an entry: heard by both, after the above
+        assert readers.wait_for("seen") and watcher.wait_for("seen")
+        for n in (".~written", ".~linked", ".~renamed"):
+            os.unlink(queue / n)
+        os.rename(queue / "seen", queue / ".checkout" / "seen")
+        assert watcher.wait_for("seen", times=2)  # its departure
+        drop_in(outside, queue, "last")
+        assert readers.wait_for("last") and watcher.wait_for("last")
+    # (A poll reports what it found in one listing arrivals first: order aside.)
+    assert sorted(readers.names, key=str) == ["last", "seen"]
+    assert sorted(watcher.names, key=str) == ["last", "seen", "seen"]
+
+
+@pytest.mark.skipif(not IS_LINUX, reason="inotify masks are Linux-only")
+def test_a_durable_claim_reaches_no_reader_of_its_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under durability "full" every claim creates a keep link beside the entry and
+    removes it (the move protocol): no event of it may reach the observer thread of a
+    subscriber without departures (every reader of the queue woke on every claim when
+    IN_CREATE was in the mask). An arrival still does."""
+    import enum
+
+    import multispool
+
+    class Q(enum.Enum):
+        A = "a"
+        B = "b"
+
+    spool = multispool.Spool.create(str(tmp_path / "sp"), multispool.Spoolable(queues=Q, durability="full"))
+    entries = [spool.enqueue(Q.A, {"i": i}, b"x") for i in range(5)]
+    raw: list[str] = []  # every event the observer thread handed to the queue's watch
+    on_event = _watch._InotifyTarget.on_event
+
+    def record(self: _watch._InotifyTarget, event: object) -> None:
+        raw.append(os.fsdecode(getattr(event, "name", b"")))
+        on_event(self, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_watch._InotifyTarget, "on_event", record)
+    heard = Names()
+    qdir = tmp_path / "sp" / "a"
+    with subscribe(qdir, heard, "native", departures=False, names=True):
+        (mask,) = inotify_masks()
+        assert mask & 0x100 == 0  # IN_CREATE
+        for e in entries:
+            co = spool.checkout(e)
+            co.save(Q.B)
+        marker = spool.enqueue(Q.A, {"i": -1}, b"x")
+        assert heard.wait_for(marker.name)
+    assert heard.names == [marker.name]
+    assert raw == [marker.name]  # events come in order: nothing of the claims came before
