@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+import pytest
+
 import multispool
 from _torture_worker import SPOOLABLE, Queue
 
@@ -123,6 +125,9 @@ def _monitor_problems(spool_dir: str) -> list[object] | None:
     return list(monitor_cls(spool_dir, SPOOLABLE, limits=limits).run_once())
 
 
+# The run's length plus its setup, the final recovery and drain, and the checks (the
+# suite's default timeout would cut short any run longer than the default 45 s).
+@pytest.mark.timeout(int(_duration()) + 240)
 def test_torture(tmp_path: Path) -> None:
     duration = _duration()
     spool_dir = str(tmp_path / "spool")
