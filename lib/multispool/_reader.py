@@ -403,9 +403,8 @@ class QueueReader(Generic[M, D]):
 
     def _on_event(self, name: str | None = None) -> None:
         # Observer thread. The hint goes in before the wake, so a reader that cleared
-        # its wake flag and then drains the hints never misses one.
-        if name is not None and name[0] == ".":
-            return  # .checkout and other dot-names are never entries
+        # its wake flag and then drains the hints never misses one. (Dot-names never
+        # get here: the watch hands them to no subscriber.)
         hints = self._hints
         if len(hints) >= MAX_HINTS:
             hints.clear()
