@@ -778,7 +778,7 @@ def test_dot_names_wake_nobody(queue: Path, outside: Path, mode: ObserverMode) -
 
 @pytest.mark.skipif(not IS_LINUX, reason="inotify masks are Linux-only")
 def test_a_durable_claim_reaches_no_reader_of_its_queue(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under durability "full" every claim creates a keep link beside the entry and
     removes it (the move protocol): no event of it may reach the observer thread of a
@@ -811,6 +811,44 @@ def test_a_durable_claim_reaches_no_reader_of_its_queue(
             co = spool.checkout(e)
             co.save(Q.B)
         marker = spool.enqueue(Q.A, {"i": -1}, b"x")
-        assert heard.wait_for(marker.name)
-    assert heard.names == [marker.name]
-    assert raw == [marker.name]  # events come in order: nothing of the claims came before
+        drop_in(outside, qdir, "end")  # events come in order: all before it are in
+        assert heard.wait_for("end")
+    # Nothing of the claims reached the thread. (The marker may come twice: see the
+    # xfail below.)
+    assert set(heard.names) == {marker.name, "end"}
+    assert set(raw) == {marker.name, "end"}
+
+
+@pytest.mark.skipif(not IS_LINUX, reason="inotify event kinds are Linux-only")
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a lone durable enqueue closes its tmp file after the publishing rename "
+    "(IN_CLOSE_WRITE on the queue file, a second wake); closing it before changes the "
+    "premise of test_an_interrupt_while_releasing_a_published_entry_leaks_nothing",
+)
+@pytest.mark.parametrize("durability", ["full", "file"])
+def test_a_durable_enqueue_is_one_event_in_its_queue(tmp_path: Path, outside: Path, durability: str) -> None:
+    """A durable enqueue keeps its files open until they are synced; they are closed
+    before the publishing rename, not after it, when the tmp file is the queue file and
+    its close would wake every reader a second time (IN_CLOSE_WRITE)."""
+    import enum
+
+    import multispool
+
+    class Q(enum.Enum):
+        A = "a"
+
+    sp = multispool.Spoolable(queues=Q, durability=durability)
+    spool = multispool.Spool.create(str(tmp_path / "sp"), sp)
+    qdir = tmp_path / "sp" / "a"
+    heard = Names()
+    names: list[str] = []
+    with subscribe(qdir, heard, "native", departures=False, names=True):
+        names.append(spool.enqueue(Q.A, {"i": 0}, b"x").name)  # this (main) thread
+        t = threading.Thread(target=lambda: names.append(spool.enqueue(Q.A, {"i": 1}, b"x").name))
+        t.start()
+        t.join(WAIT)
+        names += [e.name for e in spool.enqueue_many(Q.A, [({"i": 2}, b"x"), ({"i": 3}, b"x")])]
+        drop_in(outside, qdir, "end")  # events come in order: all before it are in
+        assert heard.wait_for("end")
+    assert heard.names == [*names, "end"]
