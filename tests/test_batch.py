@@ -716,7 +716,7 @@ def test_a_close_that_fails_fails_its_enqueue_before_publishing(
     bad = msgspec.json.encode(Cog(n=3))
 
     def closing(st: Any) -> None:
-        # Before its rename only (the lone first leader closes its files after it).
+        # Its files are closed before its rename (publish closes any left open).
         doomed = st.tmp_hold.fd is not None and os.path.exists(st.tmp) and Path(st.tmp).read_bytes() == bad
         close_files(st)
         if doomed:
@@ -1347,18 +1347,23 @@ def test_a_batch_whose_files_do_not_fit_the_limit_syncs_them_by_path(
     assert _fs._held <= _HELD_BEFORE
 
 
-def test_an_interrupt_while_releasing_a_published_entry_leaks_nothing(
-    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("durability", ["full", "file"])
+def test_an_interrupt_between_an_entrys_closes_leaves_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
 ) -> None:
-    """A signal handler's exception between the closes of a published entry's two files:
-    the enqueue raises it, the entry stays queued, and its other file is closed and its
-    lock released all the same."""
-    full_spool.enqueue(Queue.QUEUE1, Cog(n=-1), b"")  # what is opened once per process
+    """A signal handler's exception between the closes of an entry's two files, which
+    come before its publishing rename: the enqueue raises it, the entry is not queued,
+    nothing of it is left, its other file is closed and its lock released."""
+    spool = multispool.Spool.create(
+        str(tmp_path / "sp"), multispool.Spoolable(queues=Queue, metadata=Cog, durability=durability)
+    )
+    spool.enqueue(Queue.QUEUE1, Cog(n=-1), b"")  # what is opened once per process
     real = _enqueue.Staged.close_files
     hit: list[bool] = []
 
     def interrupted(self: _enqueue.Staged) -> None:
-        if not hit and self.published and self.data_hold.fd is not None:
+        if not hit and self.data_hold.fd is not None:
+            assert not self.published and os.path.exists(self.tmp)
             hit.append(True)
             _fs._close_held(self.tmp_hold.fd, self.tmp_hold)  # type: ignore[arg-type]
             raise KeyboardInterrupt  # as the first close returns
@@ -1367,7 +1372,64 @@ def test_an_interrupt_while_releasing_a_published_entry_leaks_nothing(
     monkeypatch.setattr(_enqueue.Staged, "close_files", interrupted)
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(KeyboardInterrupt):
-        full_spool.enqueue(Queue.QUEUE1, Cog(n=1), b"1")
+        spool.enqueue(Queue.QUEUE1, Cog(n=1), b"1")
     assert hit
     assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
-    assert Cog(n=1) in [e.direct.contents() for e in full_spool.list(Queue.QUEUE1)]
+    assert [e.direct.contents() for e in spool.list(Queue.QUEUE1)] == [Cog(n=-1)]
+    for d, left in ((".tmp", 0), (".data", 1), (".registry", 1)):
+        assert len(os.listdir(tmp_path / "sp" / d)) == left, (d, os.listdir(tmp_path / "sp" / d))
+    # Its lock was released with the rest: the next enqueue goes through.
+    spool.enqueue(Queue.QUEUE1, Cog(n=2), b"2")
+
+
+@pytest.mark.parametrize("durability", ["full", "file"])
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_an_entry_is_never_published_with_a_file_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, where: str
+) -> None:
+    """Every path that publishes (a lone enqueue in the main thread or another, a batch,
+    durability "full" or "file") has closed the entry's files before its rename: a close
+    after it would be a close in the queue, a second wake of its readers."""
+    spool = multispool.Spool.create(
+        str(tmp_path / "sp"), multispool.Spoolable(queues=Queue, metadata=Cog, durability=durability)
+    )
+    qdir = os.path.join(spool.dir, Queue.QUEUE1.value)
+    rename = os.rename
+    published: list[str] = []
+    open_at_rename: list[str] = []
+
+    def renaming(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        if os.path.dirname(os.fspath(dst)) == qdir:
+            name = os.path.basename(os.fspath(src))
+            published.append(name)
+            mine = {os.fspath(src), os.path.join(spool.dir, ".data", name)}
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:
+                    continue  # closed meanwhile (the listing's own descriptor)
+                if target in mine:
+                    open_at_rename.append(target)
+        rename(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", renaming)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            spool.enqueue(Queue.QUEUE1, Cog(n=0), b"0")
+            spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"%d" % i) for i in range(1, 4)])
+        except BaseException as e:
+            errors.append(e)
+
+    if where == "main thread":
+        run()
+    else:
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+    assert errors == []
+    assert len(published) == 4, published
+    assert open_at_rename == []
+    assert sorted(e.direct.contents().n for e in spool.list(Queue.QUEUE1)) == [0, 1, 2, 3]

@@ -813,19 +813,12 @@ def test_a_durable_claim_reaches_no_reader_of_its_queue(
         marker = spool.enqueue(Q.A, {"i": -1}, b"x")
         drop_in(outside, qdir, "end")  # events come in order: all before it are in
         assert heard.wait_for("end")
-    # Nothing of the claims reached the thread. (The marker may come twice: see the
-    # xfail below.)
-    assert set(heard.names) == {marker.name, "end"}
-    assert set(raw) == {marker.name, "end"}
+    # Nothing of the claims reached the thread, and the marker came once.
+    assert heard.names == [marker.name, "end"]
+    assert raw == [marker.name, "end"]
 
 
 @pytest.mark.skipif(not IS_LINUX, reason="inotify event kinds are Linux-only")
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a lone durable enqueue closes its tmp file after the publishing rename "
-    "(IN_CLOSE_WRITE on the queue file, a second wake); closing it before changes the "
-    "premise of test_an_interrupt_while_releasing_a_published_entry_leaks_nothing",
-)
 @pytest.mark.parametrize("durability", ["full", "file"])
 def test_a_durable_enqueue_is_one_event_in_its_queue(tmp_path: Path, outside: Path, durability: str) -> None:
     """A durable enqueue keeps its files open until they are synced; they are closed

@@ -442,7 +442,17 @@ def publish(staged: Sequence[Staged]) -> None:
     those already made are undone (nobody can have claimed them: we hold their locks)
     and the error is raised, the entries left unpublished: all or nothing. An interrupt
     (KeyboardInterrupt, a signal handler's exception) that arrives just after a rename
-    keeps the entries renamed so far: they are whole and their files durable."""
+    keeps the entries renamed so far: they are whole and their files durable.
+
+    Each entry's files are closed first, every one before the first rename: a close
+    after it would be a close of a file in the queue, which inotify reports
+    (``IN_CLOSE_WRITE``) and which would wake every reader of the queue a second time
+    for one arrival. A close that fails (a network filesystem's EIO) leaves the whole
+    batch unpublished."""
+    for s in staged:
+        # Checked here: a group's leader has closed them already, "none" never opens.
+        if s.tmp_hold.fd is not None or s.data_hold.fd is not None:
+            s.close_files()
     done: list[Staged] = []
     st = None
     try:
