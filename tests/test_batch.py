@@ -1433,3 +1433,40 @@ def test_an_entry_is_never_published_with_a_file_open(
     assert len(published) == 4, published
     assert open_at_rename == []
     assert sorted(e.direct.contents().n for e in spool.list(Queue.QUEUE1)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("durability", ["full", "file"])
+@pytest.mark.parametrize("how", ["enqueue", "enqueue_many"])
+def test_a_close_that_fails_fails_a_lone_enqueue_before_publishing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, how: str
+) -> None:
+    """Outside a group too (the main thread, durability "file", a batch): a close that
+    reports a write error (a network filesystem's EIO) fails the enqueue, naming the
+    file, and nothing of it is left: it is not queued, its name and files are gone, and
+    no descriptor stays open."""
+    spool = multispool.Spool.create(
+        str(tmp_path / "sp"), multispool.Spoolable(queues=Queue, metadata=Cog, durability=durability)
+    )
+    spool.enqueue(Queue.QUEUE1, Cog(n=-1), b"")  # what is opened once per process
+    close_files = _enqueue.Staged.close_files
+    failed: list[str] = []
+
+    def closing(st: Any) -> None:
+        opened = st.tmp_hold.fd is not None
+        close_files(st)
+        if opened and not failed:
+            failed.append(st.tmp)
+            raise OSError(errno.EIO, "Input/output error", st.tmp)
+
+    monkeypatch.setattr(_enqueue.Staged, "close_files", closing)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as info:
+        if how == "enqueue":
+            spool.enqueue(Queue.QUEUE1, Cog(n=1), b"1")
+        else:
+            spool.enqueue_many(Queue.QUEUE1, [(Cog(n=1), b"1"), (Cog(n=2), b"2")])
+    assert info.value.errno == errno.EIO and info.value.filename == failed[0]
+    assert [e.direct.contents() for e in spool.list(Queue.QUEUE1)] == [Cog(n=-1)]
+    files = _files(spool)
+    assert files[".tmp"] == [] and len(files[".registry"]) == 1 and len(files[".data"]) == 1
+    assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
