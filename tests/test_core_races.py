@@ -462,6 +462,50 @@ def test_closing_a_lost_unnamed_file_closes_nothing_else_of_its_directory(tmp_pa
             os.close(lost)
 
 
+@pytest.mark.skipif(not multispool._fs._TMPFILE_OK, reason="the search for lost unnamed files is Linux's")
+def test_a_number_reused_by_another_thread_as_it_is_closed_stays_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closed descriptor's number is free at once, and another thread's open may take
+    it before the closing thread's bookkeeping has run (each thread has its own guard).
+    The new descriptor must stay recorded as held: forgotten, the search for a lost
+    unnamed file (``_close_lost``, after an interrupted open) would close that thread's
+    live registry file. (This happened under a signal storm on Python 3.10: the main
+    thread's search closed a worker's reservation, then both closed the number.)"""
+    import threading
+
+    from multispool import _fs
+
+    d = tmp_path / "reg"
+    d.mkdir()
+    flags = _fs._O_TMPFILE | os.O_RDWR | _fs._CLOEXEC
+    target = str(d)
+    mine = _fs._open_held(target, flags, 0o600)
+    real_close = os.close
+    theirs: list[int] = []
+
+    def closing(fd: int) -> None:
+        real_close(fd)
+        if fd == mine and not theirs:
+            # Another thread opens as the number comes free (it takes the lowest).
+            t = threading.Thread(target=lambda: theirs.append(_fs._open_held(target, flags, 0o600)))
+            t.start()
+            t.join(10)
+
+    monkeypatch.setattr(os, "close", closing)
+    _fs._close_held(mine)
+    monkeypatch.setattr(os, "close", real_close)
+    assert theirs, "the other thread's open did not run"
+    try:
+        assert theirs[0] == mine, "the number was not reused: the test proves nothing"
+        assert theirs[0] in _fs._held, "the other thread's descriptor was forgotten"
+        # And so the search for a lost unnamed file in the same directory leaves it open.
+        _fs._close_lost(target, flags)
+        os.fstat(theirs[0])
+    finally:
+        _fs._close_held(theirs[0])
+
+
 STORM_PRELUDE = """
 import enum, os, signal, sys, threading, time
 import multispool, multispool._fs as fs

@@ -891,9 +891,15 @@ def _close_held(fd: int, holder: Holder | None = None) -> None:
     except AttributeError:
         guard = _thread_guard()
     with guard:
+        # Forgotten before the close: once closed, the number is free, and another thread's
+        # open (under its own guard) may take it and record it at once; a discard after
+        # the close would then forget that thread's live descriptor, which the search for
+        # a lost one (_close_lost) may close. An exception between the two leaves the
+        # descriptor open with its holder, which closes it.
+        _held.discard(fd)
         # os.close is called directly: an interrupting exception (signal handler) can only
-        # come after it returned, and the bookkeeping below runs all the same; the holder
-        # forgets the number first (no call in between), so it never closes it twice.
+        # come after it returned, and the holder forgets the number all the same, first
+        # thing in the finally (no call in between), so it never closes it twice.
         try:
             os.close(fd)
         except OSError as e:
@@ -902,7 +908,6 @@ def _close_held(fd: int, holder: Holder | None = None) -> None:
         finally:
             if holder is not None and holder.fd == fd:
                 holder.fd = None
-            _held.discard(fd)
 
 
 def unlock(fd: int, generation: int, holder: Holder | None = None) -> None:
