@@ -604,21 +604,25 @@ for t in workers:
 ok = failed = attempts = 0
 deadline = time.monotonic() + float(sys.argv[2])
 signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
-while time.monotonic() < deadline:
-    attempts += 1
-    try:
-        armed = attempts % 4 != 0  # every fourth runs through: some main-thread acks too
-        e = spool.enqueue(Q.A, {"main": ok}, b"main")
-        armed = False
-        acked.append(e.name)
-        ok += 1
-    except Tick:
-        failed += 1
-armed = False
-signal.setitimer(signal.ITIMER_REAL, 0, 0)
-stop.set()
-for t in workers:
-    t.join()
+try:
+    while time.monotonic() < deadline:
+        attempts += 1
+        try:
+            armed = attempts % 4 != 0  # every fourth runs through: some main-thread acks too
+            e = spool.enqueue(Q.A, {"main": ok}, b"main")
+            armed = False
+            acked.append(e.name)
+            ok += 1
+        except Tick:
+            failed += 1
+finally:
+    # Any other exception fails the test with its traceback, rather than leaving the
+    # workers enqueueing until the test's timeout kills the process.
+    armed = False
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    stop.set()
+    for t in workers:
+        t.join()
 """
     + STORM_TALLY
     + """
