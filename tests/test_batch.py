@@ -1289,6 +1289,18 @@ class _Opens:
         monkeypatch.setattr(os, "open", counting)
 
 
+def _run_in(where: str, run: Callable[[], None]) -> None:
+    """Run ``run`` in the main thread, or in a thread of its own ("worker thread"), whose
+    end is waited for (30 s at most)."""
+    if where == "main thread":
+        run()
+        return
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the thread is still running"
+
+
 @pytest.mark.parametrize("where", ["main thread", "worker thread"])
 def test_written_files_are_synced_through_the_descriptors_that_wrote_them(
     full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, where: str
@@ -1308,12 +1320,7 @@ def test_written_files_are_synced_through_the_descriptors_that_wrote_them(
         except BaseException as e:
             out.append(e)
 
-    if where == "main thread":
-        run()
-    else:
-        t = threading.Thread(target=run)
-        t.start()
-        t.join(30)
+    _run_in(where, run)
     assert len(out) == 6 and all(isinstance(e, multispool.Entry) for e in out), out
     root = full_spool.dir
     for e in out:
@@ -1422,13 +1429,7 @@ def test_an_entry_is_never_published_with_a_file_open(
         except BaseException as e:
             errors.append(e)
 
-    if where == "main thread":
-        run()
-    else:
-        t = threading.Thread(target=run)
-        t.start()
-        t.join(30)
-        assert not t.is_alive()
+    _run_in(where, run)
     assert errors == []
     assert len(published) == 4, published
     assert open_at_rename == []
