@@ -42,6 +42,9 @@ class _Kernel:
         self.submit_errno_after: int | None = None  # refuse once this many were taken
         self.fail_data: dict[int, int] = {}  # aio_data -> negative result to report
         self.interrupt_wait = False
+        self.interrupt_after_setup = False  # as a signal handler would, as io_setup returns
+        self.setups: list[int] = []  # ids of the contexts io_setup made
+        self.destroyed: list[int] = []
         self.taken = 0
         self.waits: list[tuple[int, int]] = []  # io_getevents: (min_nr, nr)
         real = _aio._syscall
@@ -67,6 +70,12 @@ class _Kernel:
                 if self.interrupt_wait:
                     raise KeyboardInterrupt
             r = int(real(nr, *args))
+            if name == "io_setup" and r == 0:
+                self.setups.append(int(args[1]._obj.value))
+                if self.interrupt_after_setup:
+                    raise KeyboardInterrupt
+            if name == "io_destroy":
+                self.destroyed.append(int(args[0].value))
             if name == "io_getevents" and r > 0:
                 for ev in args[3][:r]:
                     if ev.data in self.fail_data:
@@ -223,6 +232,26 @@ def test_an_interrupted_wait_destroys_its_context_and_closes_what_it_opened(
     kernel.interrupt_wait = False
     assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 3
     assert len(_aio._contexts) == 1  # a clean run gives its context back for reuse
+
+
+def test_an_interrupt_as_a_context_is_made_loses_no_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler's exception right as io_setup returns: the new context is
+    destroyed all the same (each one holds part of the system's fs.aio-max-nr until it
+    is), and nothing is left open."""
+    monkeypatch.setattr(_aio, "_contexts", [])
+    kernel = _Kernel(monkeypatch)
+    kernel.interrupt_after_setup = True
+    paths = _files(tmp_path, 3)
+    before = _open_fds()
+    with pytest.raises(KeyboardInterrupt):
+        _aio.fsync_all([(p, None, False) for p in paths])
+    assert len(kernel.setups) == 1
+    assert kernel.destroyed == kernel.setups or _aio._contexts == kernel.setups, "the context was lost"
+    assert _open_fds() == before
+    kernel.interrupt_after_setup = False
+    assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 3
 
 
 def test_one_idle_context_is_kept_at_most(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,20 +87,41 @@ _usable = _syscall is not None  # False once the kernel refused AIO for good
 
 def _setup() -> int | None:
     """A context from the idle ones, or a new one; None where AIO is not to be had."""
+    box: list[int] = []
+    cell = ctypes.c_ulong(0)
+    if not _setup_into(box, cell):
+        return None
+    return box[0] if box else cell.value
+
+
+def _setup_into(box: list[int], cell: ctypes.c_ulong) -> bool:
+    """Get a context into ``box`` (an idle one) or ``cell`` (a new one), each stored in
+    the step that gets it: a signal handler's exception that interrupts the caller
+    afterwards still finds it there, to give back (``_had``). Each context holds about
+    2 x CAPACITY of the system's ``fs.aio-max-nr`` until it is destroyed, so one lost
+    to an interrupt is lost to every program on the machine for as long as this
+    process lives. False where AIO is not to be had."""
     global _usable
     with _lock:
         if not _usable:
-            return None
+            return False
         if _contexts:
-            return _contexts.pop()
-    ctx = ctypes.c_ulong(0)
-    if _syscall(ctypes.c_long(_NR[0]), ctypes.c_uint(CAPACITY), ctypes.byref(ctx)) != 0:
+            box.extend(map(list.pop, (_contexts,)))  # popped and stored in one C call
+            return True
+    # io_setup writes the new context's id into ``cell`` itself.
+    if _syscall(ctypes.c_long(_NR[0]), ctypes.c_uint(CAPACITY), ctypes.byref(cell)) != 0:
         err = ctypes.get_errno()
+        cell.value = 0
         if err != errno.EAGAIN:  # EAGAIN: the system's aio-max-nr is used up, for now
             with _lock:
                 _usable = False
-        return None
-    return ctx.value
+        return False
+    return True
+
+
+def _had(box: list[int], cell: ctypes.c_ulong) -> int:
+    """The context ``_setup_into`` got into ``box`` or ``cell``, or 0 if none."""
+    return box[0] if box else int(cell.value)
 
 
 def _release(ctx: int, idle: bool) -> None:
@@ -138,15 +159,16 @@ def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseExcep
     one descriptor each (the process's limit on open files is often 1,024)."""
     if not targets:
         return []
-    ctx = _setup()
-    if ctx is None:
-        return None
     errs: list[BaseException | None] = [None] * len(targets)
     holds = [_fs._FileHold() for _ in targets]
+    box: list[int] = []
+    cell = ctypes.c_ulong(0)
     idle = True
     try:
+        if not _setup_into(box, cell):
+            return None
         idle = False
-        serial = _run(ctx, targets, errs, holds)
+        serial = _run(_had(box, cell), targets, errs, holds)
         idle = True
         for i in serial:  # refused by the kernel mid-way: synced here, one by one
             path, fd, is_dir = targets[i]
@@ -161,10 +183,17 @@ def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseExcep
             except OSError as e:
                 errs[i] = _fs._name(e, path)
     finally:
-        _release(ctx, idle)
-        for h in holds:
-            if h.fd is not None:
-                _fs._close_held(h.fd, h)
+        # The descriptors first: the kernel holds its own references to the files of
+        # requests still in flight, and an interrupt in the context's release (after it
+        # is back among the idle ones) would otherwise leave them open.
+        try:
+            for h in holds:
+                if h.fd is not None:
+                    _fs._close_held(h.fd, h)
+        finally:
+            ctx = _had(box, cell)
+            if ctx:
+                _release(ctx, idle)
     return errs
 
 
