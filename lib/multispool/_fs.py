@@ -895,7 +895,8 @@ def _close_held(fd: int, holder: Holder | None = None) -> None:
         # open (under its own guard) may take it and record it at once; a discard after
         # the close would then forget that thread's live descriptor, which the search for
         # a lost one (_close_lost) may close. An exception between the two leaves the
-        # descriptor open with its holder, which closes it.
+        # descriptor open with its holder, which closes it (only _open_held's own error
+        # path passes none: that takes a second exception, and leaks, never closes twice).
         _held.discard(fd)
         # os.close is called directly: an interrupting exception (signal handler) can only
         # come after it returned, and the holder forgets the number all the same, first
