@@ -215,19 +215,27 @@ def test_refused_mid_way_the_rest_is_synced_one_by_one(
     assert _aio._usable is True  # refused for these files, not for good
 
 
-def test_an_interrupted_wait_destroys_its_context_and_closes_what_it_opened(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A signal handler's exception while fsyncs are in flight: the context is destroyed
-    (which waits for them), never reused; every descriptor it opened is closed."""
+def _interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> tuple[_Kernel, list[str]]:
+    """fsync_all of 3 files, no context idle, with the kernel's ``where`` flag set (a
+    signal handler's exception at that point): it raises KeyboardInterrupt, and every
+    descriptor it opened is closed. Returns the kernel and the files."""
     monkeypatch.setattr(_aio, "_contexts", [])
     kernel = _Kernel(monkeypatch)
-    kernel.interrupt_wait = True
+    setattr(kernel, where, True)
     paths = _files(tmp_path, 3)
     before = _open_fds()
     with pytest.raises(KeyboardInterrupt):
         _aio.fsync_all([(p, None, False) for p in paths])
     assert _open_fds() == before
+    return kernel, paths
+
+
+def test_an_interrupted_wait_destroys_its_context_and_closes_what_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler's exception while fsyncs are in flight: the context is destroyed
+    (which waits for them), never reused; every descriptor it opened is closed."""
+    kernel, paths = _interrupted(tmp_path, monkeypatch, "interrupt_wait")
     assert kernel.calls[-1] == "io_destroy" and _aio._contexts == []
     kernel.interrupt_wait = False
     assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 3
@@ -240,16 +248,9 @@ def test_an_interrupt_as_a_context_is_made_loses_no_context(
     """A signal handler's exception right as io_setup returns: the new context is
     destroyed all the same (each one holds part of the system's fs.aio-max-nr until it
     is), and nothing is left open."""
-    monkeypatch.setattr(_aio, "_contexts", [])
-    kernel = _Kernel(monkeypatch)
-    kernel.interrupt_after_setup = True
-    paths = _files(tmp_path, 3)
-    before = _open_fds()
-    with pytest.raises(KeyboardInterrupt):
-        _aio.fsync_all([(p, None, False) for p in paths])
+    kernel, paths = _interrupted(tmp_path, monkeypatch, "interrupt_after_setup")
     assert len(kernel.setups) == 1
     assert kernel.destroyed == kernel.setups or _aio._contexts == kernel.setups, "the context was lost"
-    assert _open_fds() == before
     kernel.interrupt_after_setup = False
     assert _aio.fsync_all([(p, None, False) for p in paths]) == [None] * 3
 
