@@ -618,6 +618,54 @@ def test_group_commit_after_fork_is_fresh(full_spool: multispool.Spool[bytes]) -
     assert len(full_spool.list(Queue.QUEUE1)) == 1
 
 
+def test_the_thread_that_forks_is_the_childs_main_thread(full_spool: multispool.Spool[bytes]) -> None:
+    """Signal handlers run in the main thread, which never joins a group: in a child
+    forked from a worker thread, that thread is the main one (it commits on its own),
+    while in the parent a worker thread is not."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    results: dict[str, object] = {}
+    r, w = os.pipe()
+
+    def worker() -> None:
+        results["parent worker"] = _enqueue._in_main_thread()
+        pid = os.fork()
+        if pid == 0:  # the child: report, enqueue once, and leave without cleanup
+            code = 1
+            try:
+                ok = _enqueue._in_main_thread()
+                full_spool.enqueue(Queue.QUEUE1, Cog(n=1), b"from the child")
+                os.write(w, b"1" if ok else b"0")
+                code = 0
+            finally:
+                os._exit(code)
+        results["pid"] = pid
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(20)
+    pid = results.get("pid")
+    assert isinstance(pid, int)
+    try:
+        os.close(w)
+        got = os.read(r, 1)
+        deadline = time.monotonic() + 20
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the child's exit, with a deadline
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        os.close(r)
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert results["parent worker"] is False
+    assert got == b"1"
+    assert _enqueue._in_main_thread()  # pytest's main thread, here
+    assert [e.direct.contents() for e in full_spool.list(Queue.QUEUE1)] == [Cog(n=1)]
+
+
 class _Writers:
     """Records which thread wrote each enqueue's entry (``_enqueue.write``), by the n of
     its Cog metadata."""
