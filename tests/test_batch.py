@@ -1090,8 +1090,10 @@ class _Writeback:
         self._lock = threading.Lock()
         fsync_fd = _fs.fsync_fd
 
-        def hint(fd: int, offset: int, nbytes: int, flags: int) -> int:
-            assert (offset, nbytes, flags) == (0, 0, 2)  # whole file, SYNC_FILE_RANGE_WRITE only
+        def hint(fd: int, offset: Any, nbytes: Any, flags: int) -> int:
+            # The whole file (the C int64s 0, as libc is called: no argtypes to convert
+            # them), SYNC_FILE_RANGE_WRITE only.
+            assert (offset.value, nbytes.value, flags) == (0, 0, 2)
             self._rec("hint", fd)
             return result
 
@@ -1207,7 +1209,7 @@ def test_writeback_hint_is_real_on_linux(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_CREAT | os.O_WRONLY, 0o600)
     try:
         os.write(fd, b"x" * 10000)
-        assert _fs._sync_file_range(fd, 0, 0, 2) == 0
+        assert _fs._sync_file_range(fd, _fs._WHOLE, _fs._WHOLE, 2) == 0  # as the library calls it
         _fs.start_writeback(fd)
     finally:
         os.close(fd)

@@ -104,7 +104,7 @@ class BatchProducer:
             f = os.open(path, O_EXCL, 0o644)
             os.write(f, body)
             if hint and self.sfr is not None:
-                self.sfr(f, 0, 0, 2)
+                self.sfr(f, WHOLE, WHOLE, 2)
             fds.append(f)
         return name, fds
 
@@ -130,9 +130,9 @@ class BatchProducer:
         files = [fd for _, fds in entries for fd in fds[1:]]
         if self.sfr is not None:
             for fd in files:
-                self.sfr(fd, 0, 0, 2)
+                self.sfr(fd, WHOLE, WHOLE, 2)
             for fd in files:
-                if self.sfr(fd, 0, 0, 7) != 0:
+                if self.sfr(fd, WHOLE, WHOLE, 7) != 0:
                     raise OSError("sync_file_range failed")
         self._fsync_all(files)
         for name, fds in entries:
@@ -235,8 +235,19 @@ def _sync_file_range() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     fn = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    # As the library calls it: no argtypes, the offset and length given as C int64s
+    # (WHOLE), which ctypes passes without converting anything.
+    fn.restype = ctypes.c_int
     return fn
+
+
+def _whole() -> Any:
+    import ctypes
+
+    return ctypes.c_int64(0)
+
+
+WHOLE = _whole()
 
 
 class Consumer:
