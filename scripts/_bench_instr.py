@@ -56,13 +56,17 @@ def child(impl: str, mode: str, d: str, ops: int, threads: int) -> None:
         q.checkout_save(n)
     for n in q.names("b"):
         q.checkout_remove(n)
+    # Each counted phase lies between two marks; the listings and set-up between
+    # phases get dumps of their own, which are not reported (COUNTED).
     os.getppid()
     for i in range(ops):
         q.enqueue({"n": i}, bc.PAYLOAD)
+    os.getppid()
     names = q.names("a")
     os.getppid()
     for n in names:
         q.checkout_save(n)
+    os.getppid()
     names = q.names("b")
     os.getppid()
     for n in names:
@@ -81,11 +85,16 @@ def child(impl: str, mode: str, d: str, ops: int, threads: int) -> None:
                 q.enqueue({"n": i}, bc.PAYLOAD)
 
         ts = [threading.Thread(target=work, args=(x,)) for x in qs]
+        os.getppid()
         for t in ts:
             t.start()
         for t in ts:
             t.join()
         os.getppid()
+
+
+# The dump (1-based: dump k holds what ran before the k-th mark) of each phase in PHASES.
+COUNTED = (2, 4, 6, 8)
 
 
 def _total(path: str) -> int:
@@ -108,10 +117,9 @@ def count(impl: str, mode: str, base: str, ops: int, threads: int) -> dict[str, 
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"{impl} {mode} failed under valgrind:\n{r.stderr[-3000:]}")
-        # Dump k (1-based) holds what ran before the k-th mark: 1 is start-up and warm-up.
         dumps = {int(p.rsplit(".", 1)[1]): _total(p) for p in glob.glob(out + ".*")}
         per = [ops, ops, ops] + ([ops // threads * threads] if threads else [])
-        return {PHASES[k]: dumps[k + 2] / n for k, n in enumerate(per)}
+        return {PHASES[k]: dumps[COUNTED[k]] / n for k, n in enumerate(per)}
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
