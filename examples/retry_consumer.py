@@ -75,9 +75,21 @@ def main() -> None:
         )
         stop = threading.Event()
 
+        def settled() -> bool:
+            # /down dead-lettered, and /flaky past its last (successful) call and removed.
+            # "Nothing in outgoing" alone is not enough: a hook going back to the queue
+            # after a failed attempt can leave the checkouts between the two listings
+            # below and be missed by both, and the consumer would stop before its last
+            # attempt. After its final call, /flaky stays checked out until removed.
+            return (
+                bool(spool.list(Queue.DEAD))
+                and FlakyHandler.calls.get("/flaky", 0) >= 3
+                and not spool.list_checkouts_unsafe(Queue.OUTGOING)
+                and not spool.list(Queue.OUTGOING)
+            )
+
         def until_settled() -> None:
-            # Stop the consumer once the outgoing queue is empty (both hooks settled).
-            while spool.list(Queue.OUTGOING) or spool.list_checkouts_unsafe(Queue.OUTGOING):
+            while not settled():
                 time.sleep(0.05)
             stop.set()
 
