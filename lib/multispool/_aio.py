@@ -41,6 +41,12 @@ CAPACITY: Final = 256
 
 
 class _Iocb(ctypes.Structure):
+    """The kernel's struct iocb. ``_run`` fills an array of them as 64-bit words
+    (``_IOCB_WORDS`` each): word 0 is ``aio_data``, word 2 holds ``aio_lio_opcode`` in
+    its low 16 bits and ``aio_fildes`` in its high 32 (little-endian); the rest stays 0.
+    Two stores into a ctypes array per request, where setting three fields of a
+    Structure and making a pointer to it cost 8,000 instructions a request."""
+
     _fields_ = [
         ("aio_data", ctypes.c_uint64),
         ("aio_key", ctypes.c_uint32),
@@ -57,13 +63,22 @@ class _Iocb(ctypes.Structure):
     ]
 
 
+_IOCB_WORDS: Final = ctypes.sizeof(_Iocb) // 8
+
+
 class _Event(ctypes.Structure):
+    """The kernel's struct io_event; ``_reap`` reads them as 64-bit words
+    (``_EVENT_WORDS`` each): word 0 is ``data``, word 2 ``res``."""
+
     _fields_ = [
         ("data", ctypes.c_uint64),
         ("obj", ctypes.c_uint64),
         ("res", ctypes.c_int64),
         ("res2", ctypes.c_int64),
     ]
+
+
+_EVENT_WORDS: Final = ctypes.sizeof(_Event) // 8
 
 
 def _syscall_function() -> Any:
@@ -160,7 +175,9 @@ def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseExcep
     if not targets:
         return []
     errs: list[BaseException | None] = [None] * len(targets)
-    holds = [_fs._FileHold() for _ in targets]
+    # A holder for each target this call opens, made by ``_open`` before it opens (None
+    # for a descriptor the caller gave).
+    holds: list[_fs._FileHold | None] = [None] * len(targets)
     box: list[int] = []
     cell = ctypes.c_ulong(0)
     idle = True
@@ -172,7 +189,8 @@ def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseExcep
         idle = True
         for i in serial:  # refused by the kernel mid-way: synced here, one by one
             path, fd, is_dir = targets[i]
-            fd = holds[i].fd if holds[i].fd is not None else fd
+            h = holds[i]
+            fd = h.fd if h is not None and h.fd is not None else fd
             try:
                 if fd is not None:
                     _fs.fsync_fd(fd)
@@ -188,7 +206,7 @@ def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseExcep
         # is back among the idle ones) would otherwise leave them open.
         try:
             for h in holds:
-                if h.fd is not None:
+                if h is not None and h.fd is not None:
                     _fs._close_held(h.fd, h)
         finally:
             ctx = _had(box, cell)
@@ -199,16 +217,19 @@ def fsync_all(targets: Sequence[tuple[str, int | None, bool]]) -> list[BaseExcep
 
 def _open(
     i: int, targets: Sequence[tuple[str, int | None, bool]], errs: list[BaseException | None],
-    holds: list[_fs._FileHold],
+    holds: list[_fs._FileHold | None],
 ) -> int | None:
-    """Target ``i``'s descriptor: the caller's, or opened into ``holds[i]``; None, with its
-    error in ``errs[i]``, if it cannot be opened or is not a regular file or dir."""
+    """Target ``i``'s descriptor (one the caller gave is taken without this call), opened
+    into a new ``holds[i]``; None, with its error in ``errs[i]``, if it cannot be opened
+    or is not a regular file or dir."""
     path, fd, is_dir = targets[i]
     if fd is not None:
         return fd
+    # In the list before the open: what the open stores in it is found by whoever cleans up.
+    hold = holds[i] = _fs._FileHold()
     try:
         flags = _fs._DIR_FLAGS if is_dir else _fs.O_READ
-        own = _fs._open_held(path, flags, 0o777, holds[i])
+        own = _fs._open_held(path, flags, 0o777, hold)
         if not is_dir and not stat.S_ISREG(os.fstat(own).st_mode):
             raise _fs.not_regular(path)
     except OSError as e:
@@ -221,7 +242,7 @@ def _run(
     ctx: int,
     targets: Sequence[tuple[str, int | None, bool]],
     errs: list[BaseException | None],
-    holds: list[_fs._FileHold],
+    holds: list[_fs._FileHold | None],
 ) -> list[int]:
     """Open (``_open``) and submit an fsync for each target, at most CAPACITY opened or in
     flight, and reap every one, closing what it opened as each completes. Returns the
@@ -230,23 +251,29 @@ def _run(
     destroys the context, which waits for them, and closes what is still open."""
     global _usable
     n = len(targets)
-    cbs = (_Iocb * n)()
-    ptrs = (ctypes.POINTER(_Iocb) * n)()
+    # The requests (struct iocb, as words: see _Iocb), and the array of their addresses
+    # that io_submit takes.
+    cbs = (ctypes.c_uint64 * (_IOCB_WORDS * n))()
+    ptrs = (ctypes.c_uint64 * n)()
+    base, size = ctypes.addressof(cbs), ctypes.sizeof(_Iocb)
     events = (_Event * CAPACITY)()
+    # The same memory as words (see _Event): _reap reads the events in place.
+    words = (ctypes.c_int64 * (_EVENT_WORDS * CAPACITY)).from_buffer(events)
     ptr_size = ctypes.sizeof(ctypes.c_void_p)
     opened = prepared = submitted = inflight = 0
     while opened < n or submitted < prepared or inflight:
         while opened < n and prepared - submitted + inflight < CAPACITY:
             i = opened
             opened += 1
-            fd = _open(i, targets, errs, holds)
+            fd = targets[i][1]
             if fd is None:
-                continue
-            cb = cbs[prepared]
-            cb.aio_data = i
-            cb.aio_lio_opcode = _IOCB_CMD_FSYNC
-            cb.aio_fildes = fd
-            ptrs[prepared] = ctypes.pointer(cb)
+                fd = _open(i, targets, errs, holds)
+                if fd is None:
+                    continue
+            w = _IOCB_WORDS * prepared
+            cbs[w] = i  # aio_data
+            cbs[w + 2] = _IOCB_CMD_FSYNC | fd << 32  # aio_lio_opcode, aio_fildes
+            ptrs[prepared] = base + size * prepared
             prepared += 1
         room = prepared - submitted
         if room:
@@ -268,8 +295,8 @@ def _run(
                     with _lock:
                         _usable = False
                 while inflight:
-                    inflight -= _reap(ctx, inflight, events, targets, errs, holds)
-                return [int(cbs[k].aio_data) for k in range(submitted, prepared)] + list(range(opened, n))
+                    inflight -= _reap(ctx, inflight, events, words, targets, errs, holds)
+                return [cbs[_IOCB_WORDS * k] for k in range(submitted, prepared)] + list(range(opened, n))
             if not inflight:
                 continue  # interrupted before anything was taken: submit again
         if inflight:
@@ -277,16 +304,17 @@ def _run(
             # (a batch of 100 woke 35 times, taking CPU from the kernel's fsync workers:
             # docs/benchmarks-batch.md). Before that, as soon as one is done, to refill.
             want = inflight if opened == n and submitted == prepared else 1
-            inflight -= _reap(ctx, inflight, events, targets, errs, holds, want)
+            inflight -= _reap(ctx, inflight, events, words, targets, errs, holds, want)
     return []
 
 
 def _reap(
-    ctx: int, inflight: int, events: Any, targets: Sequence[tuple[str, int | None, bool]],
-    errs: list[BaseException | None], holds: list[_fs._FileHold], want: int = 1,
+    ctx: int, inflight: int, events: Any, words: Any, targets: Sequence[tuple[str, int | None, bool]],
+    errs: list[BaseException | None], holds: list[_fs._FileHold | None], want: int = 1,
 ) -> int:
-    """Wait for at least ``want`` requests in flight to finish; record the results of all
-    that have, and close the descriptors ``_open`` opened for them. Returns how many."""
+    """Wait for at least ``want`` requests in flight to finish into ``events`` (``words``:
+    the same memory as 64-bit words); record the results of all that have, and close the
+    descriptors ``_open`` opened for them. Returns how many."""
     r = _syscall(
         ctypes.c_long(_NR[2]), ctypes.c_ulong(ctx), ctypes.c_long(want), ctypes.c_long(inflight),
         events, None,
@@ -296,11 +324,13 @@ def _reap(
         if err == errno.EINTR:
             return 0
         raise OSError(err, f"io_getevents: {os.strerror(err)}")
-    for ev in events[:r]:
-        i = int(ev.data)
-        if ev.res < 0:
-            errs[i] = OSError(-ev.res, os.strerror(-ev.res), targets[i][0])
+    # Read in place: no Structure made per event.
+    for w in range(0, _EVENT_WORDS * r, _EVENT_WORDS):
+        i = words[w]  # data: the target's index
+        res = words[w + 2]
+        if res < 0:
+            errs[i] = OSError(-res, os.strerror(-res), targets[i][0])
         h = holds[i]
-        if h.fd is not None:
+        if h is not None and h.fd is not None:
             _fs._close_held(h.fd, h)
     return int(r)
