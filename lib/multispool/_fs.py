@@ -9,6 +9,7 @@ Durability levels (see Spoolable.durability):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
@@ -78,7 +79,7 @@ else:
         """Make the entries of directory ``path`` durable."""
         box, close = _fd_box()
         try:
-            box.extend(_open_boxed(path, _DIR_FLAGS))
+            box.extend(map(os.open, (path,), (_DIR_FLAGS,)))  # see _fd_box
             fsync_fd(box[0])
         except OSError as e:
             raise _name(e, path) from None
@@ -87,25 +88,26 @@ else:
 
 
 
-def _open_boxed(path: str, flags: int) -> Iterator[int]:
-    """``os.open(path, flags)`` as a lazy iterator, for ``box.extend(...)`` on a box from
-    ``_fd_box``: the open runs and its descriptor is stored inside one C call (list.extend
+def _fd_box() -> tuple[list[int], Callable[[], None]]:
+    """An empty box for a descriptor, and what closes whatever it holds: made before the
+    ``try``, so that the close in its ``finally`` is one call of C code (extend drives a
+    map of os.close over the box) in which no signal handler runs.
+
+    The open goes into the box the same way, ``box.extend(map(os.open, (path,),
+    (flags,)))``: it runs and its descriptor is stored inside one C call (list.extend
     drives the map), where no signal handler runs. ``fd = os.open(...)`` loses the number
     to an exception raised as the call returns (a handler runs there), and ``try: ...
     finally: os.close(fd)`` can be cut short before its close. Measured with a SIGALRM
     storm every 70 us (100,000 opens): 2,321-3,285 descriptors lost the plain way on
     Python 3.10 to 3.13, 0 this way on 3.11 to 3.13, 508 on 3.10 (which also runs
     handlers between other bytecodes)."""
-    return map(os.open, (path,), (flags,))
-
-
-def _fd_box() -> tuple[list[int], Callable[[], None]]:
-    """An empty box for ``_open_boxed``, and what closes whatever it holds: made before
-    the ``try``, so that the close in its ``finally`` is one call of C code (extend drives
-    a map of os.close over the box) in which no signal handler runs."""
     box: list[int] = []
-    sink: list[None] = []  # os.close's results
-    return box, functools.partial(sink.extend, map(os.close, box))
+    return box, functools.partial(_DISCARD.extend, map(os.close, box))
+
+
+# Takes os.close's results and keeps none: extend of a deque of maxlen 0 only drives its
+# iterator, touching nothing of the deque, so every thread can share it.
+_DISCARD: Final[collections.deque[None]] = collections.deque(maxlen=0)
 
 
 def _libc_function(name: str, argtypes: list[Any] | None) -> Any:
@@ -499,7 +501,7 @@ def read_file(path: str) -> bytes:
     blocking on a FIFO or device there (OSError ``not_regular`` instead)."""
     box, close = _fd_box()
     try:
-        box.extend(_open_boxed(path, O_READ))
+        box.extend(map(os.open, (path,), (O_READ,)))  # see _fd_box
         fd = box[0]
         # Metadata files are small: one read usually returns all of it, and a short read
         # of a regular file means end of file, so no fstat is needed to size the buffer.
@@ -842,7 +844,7 @@ def _open_held(path: str, flags: int, mode: int = 0o777, holder: Holder | None =
         guard = _thread_guard()
     try:
         with guard:
-            # Opened and stored from C (as _open_boxed): no handler runs between the two.
+            # Opened and stored from C (as with _fd_box): no handler runs between the two.
             box.extend(map(os.open, (path,), (flags,), (mode,)))
             fd = box[0]
             _held.add(fd)
