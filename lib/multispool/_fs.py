@@ -146,24 +146,18 @@ _syncfs: Final = _syncfs_function()
 HAVE_SYNCFS: Final = _syncfs is not None
 
 
-def _sync_file_range_function() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    # No argtypes: every call passes the descriptor and the flags as Python ints (a C int
-    # each) and the offset and length as ``_WHOLE``, a c_int64, which ctypes then takes as
-    # they are. Converting through argtypes made a call 8,800 instructions against 4,900
-    # (callgrind; an ``os.fsync`` is 1,350), and this runs two to four times per durable
-    # entry. Any other caller must pass the same types.
-    return _libc_function("sync_file_range", None)
-
-
-_sync_file_range: Final = _sync_file_range_function()
+# No argtypes: every call passes the descriptor and the flags as Python ints (a C int
+# each) and the offset and length as ``_WHOLE``, a c_int64, which ctypes then takes as
+# they are. Converting through argtypes made a call 8,800 instructions against 4,900
+# (callgrind; an ``os.fsync`` is 1,350), and this runs two to four times per durable
+# entry. Any other caller must pass the same types.
+_sync_file_range: Final = _libc_function("sync_file_range", None)
 _SYNC_FILE_RANGE_WRITE: Final = 2  # <linux/fs.h>: start writeback, wait for nothing
 
 
 def _whole_file() -> Any:
     """sync_file_range's offset and length for a whole file (both 0), as the c_int64 its
-    C prototype wants (see ``_sync_file_range_function``), made once."""
+    C prototype wants (see ``_sync_file_range``), made once."""
     if _sync_file_range is None:
         return 0
     import ctypes
