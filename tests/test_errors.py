@@ -304,3 +304,29 @@ def test_unreadable_spool_is_a_permission_error_not_missing(shared_dir: Path) ->
     out = _as_nobody(str(root), "n")
     kind, msg, _ = out["load"]
     assert kind == "PermissionError" and str(root) in msg, out
+
+
+@pytest.mark.parametrize("seed", ["../up", "a/b", "\0", ".hidden"])
+def test_default_generator_checks_a_seeded_name(tmp_path: Path, seed: str) -> None:
+    # The default generator's own names are not checked again on each enqueue; a seed
+    # puts the caller's text into the name, which must be.
+    spool = multispool.Spool.create(tmp_path / "spool", multispool.Spoolable(queues=Queue))
+    before = find_sort(tmp_path)
+    with pytest.raises(multispool.InvalidNameError):
+        spool.enqueue(Queue.QUEUE1, {"a": 1}, b"x", reserve=seed)
+    assert find_sort(tmp_path) == before
+
+
+class BadTimeOrdered(multispool.TimeOrderedNames):
+    def next(self, seed: Any, attempt: int) -> str:
+        return "../" + super().next(seed, attempt)
+
+
+def test_a_subclass_of_the_default_generator_is_checked(tmp_path: Path) -> None:
+    spool = multispool.Spool.create(
+        tmp_path / "spool", multispool.Spoolable(queues=Queue, name_generator=BadTimeOrdered())
+    )
+    before = find_sort(tmp_path)
+    with pytest.raises(multispool.InvalidNameError):
+        spool.enqueue(Queue.QUEUE1, {"a": 1}, b"x")
+    assert find_sort(tmp_path) == before

@@ -370,3 +370,72 @@ def test_names_cannot_escape(tmp_path: Path, spool: multispool.Spool[Any, bytes]
     with pytest.raises(multispool.InvalidNameError):
         spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x", use=bad)
     assert find_sort(tmp_path) == before
+
+
+# -- path helpers on every entry's path ----------------------------------------------------
+from multispool import _fs, _layout  # noqa: E402
+
+
+def _keep_name_reference(name: str) -> str:
+    """keep_name as defined: verbatim behind the prefix if that fits in 255 bytes."""
+    n = len(name.encode("utf-8", "surrogateescape"))
+    if n <= _layout.MAX_NAME_BYTES - len(_layout.KEEP_PREFIX):
+        return _layout.KEEP_PREFIX + name
+    return _layout.keep_name(name)  # hashed: checked for length below
+
+
+@pytest.mark.parametrize("char", ["a", "é", "€", "😀", "\udcff"])
+@pytest.mark.parametrize("length", [1, 62, 63, 64, 84, 85, 126, 127, 253, 254, 255])
+def test_keep_name_fits_a_directory_entry(char: str, length: int) -> None:
+    _check_keep_name(char * length)
+
+
+@pytest.mark.parametrize(
+    "name",
+    # Just past what a name's length in characters alone vouches for (63): 254 and 255
+    # bytes in 64 characters, and the longest that still fits behind the prefix.
+    ["😀" * 63 + "€", "😀" * 63 + "é", "😀" * 63 + "a", "😀" * 62 + "€" + "é"],
+)
+def test_keep_name_of_long_multibyte_names(name: str) -> None:
+    _check_keep_name(name)
+
+
+def _check_keep_name(name: str) -> None:
+    if len(name.encode("utf-8", "surrogateescape")) > _layout.MAX_NAME_BYTES:
+        return  # not a valid entry name
+    kn = _layout.keep_name(name)
+    assert len(kn.encode("utf-8", "surrogateescape")) <= _layout.MAX_NAME_BYTES
+    assert kn.startswith(_layout.KEEP_PREFIX)
+    if len(name.encode("utf-8", "surrogateescape")) <= _layout.MAX_NAME_BYTES - len(_layout.KEEP_PREFIX):
+        assert kn == _layout.KEEP_PREFIX + name
+    else:
+        assert kn.startswith(_layout.KEEP_PREFIX + "#") and kn != _keep_name_reference(name + "x")
+
+
+@pytest.mark.parametrize("root", ["/", "/srv/spool", "/srv//spool/", "rel", "rel/dir/", ".", "./s"])
+def test_layout_paths_parent_and_keep_file(root: str) -> None:
+    lay = _layout.Layout(root)
+    for q in ("q1", "queue-2"):
+        for path, directory in (
+            (lay.queue_file(q, "n1"), lay.queue(q)),
+            (lay.checkout_file(q, "n1"), lay.checkout(q)),
+            (lay.registry_file("n1"), lay.registry),
+            (lay.tmp_file("n1"), lay.tmp),
+            (lay.data_file("n1"), lay.data),
+        ):
+            # The same directory as os.path.dirname gives (one C call instead).
+            assert _fs.parent(path) == os.path.dirname(path)
+            assert os.path.normpath(_fs.parent(path)) == os.path.normpath(directory)
+            for d in (directory, directory + os.sep, _fs.parent(path)):
+                assert lay.keep_file(d, "n1") == os.path.join(d, _layout.keep_name("n1"))
+        assert lay.checkout(q) == os.path.join(root, q, _layout.CHECKOUT)  # cached: same answer twice
+        assert lay.checkout(q) == os.path.join(root, q, _layout.CHECKOUT)
+
+
+@pytest.mark.parametrize(
+    "path", ["/name", "name", "", "/a/b", "a//b", "/a/b/"],
+)
+def test_parent_is_dirname_or_the_same_directory(path: str) -> None:
+    got = _fs.parent(path)
+    want = os.path.dirname(path)
+    assert got == want or os.path.normpath(got) == os.path.normpath(want)

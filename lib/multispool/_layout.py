@@ -101,10 +101,16 @@ LOST_FOUND: Final = ".lost+found"
 KEEP_PREFIX: Final = ".~"
 
 
+_KEEP_MAX: Final = MAX_NAME_BYTES - len(KEEP_PREFIX)
+_KEEP_SURE: Final = _KEEP_MAX // 4
+
+
 def keep_name(name: str) -> str:
     """The dot-name of the hard link a durable move leaves in its source directory (see
     the life-cycle table): ``.~NAME``, or ``.~#`` and a hash where that would be too long."""
-    if len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES - len(KEEP_PREFIX):
+    # At most 4 bytes a character in UTF-8 (1 for a surrogate escape): a name of up to 63
+    # characters fits whatever they are, without encoding it.
+    if len(name) <= _KEEP_SURE or len(name.encode("utf-8", "surrogateescape")) <= _KEEP_MAX:
         return KEEP_PREFIX + name
     import hashlib
 
@@ -152,7 +158,9 @@ def check_queue_dirname(value: object) -> str:
 class Layout:
     """Paths of one spool. Pure: builds strings, touches nothing."""
 
-    __slots__ = ("_co", "_data", "_q", "_reg", "_root", "_tmp", "data", "dir", "registry", "tmp")
+    __slots__ = (
+        "_co", "_cod", "_data", "_keep", "_q", "_reg", "_root", "_tmp", "data", "dir", "registry", "tmp",
+    )
 
     def __init__(self, spool_dir: str) -> None:
         self.dir = spool_dir
@@ -165,14 +173,20 @@ class Layout:
         self._reg = os.path.join(self.registry, "")
         self._tmp = os.path.join(self.tmp, "")
         self._data = os.path.join(self.data, "")
+        # Per queue dirname, or per directory: built once, as these are on every entry's path.
         self._q: dict[str, str] = {}
         self._co: dict[str, str] = {}
+        self._cod: dict[str, str] = {}
+        self._keep: dict[str, str] = {}
 
     def queue(self, dirname: str) -> str:
         return self._root + dirname
 
     def checkout(self, dirname: str) -> str:
-        return os.path.join(self._root + dirname, CHECKOUT)
+        p = self._cod.get(dirname)
+        if p is None:
+            p = self._cod[dirname] = os.path.join(self._root + dirname, CHECKOUT)
+        return p
 
     def registry_file(self, name: str) -> str:
         return self._reg + name
@@ -197,7 +211,12 @@ class Layout:
 
     def keep_file(self, directory: str, name: str) -> str:
         """The keep link of ``name`` in ``directory`` (a queue or checkout dir path)."""
-        return os.path.join(directory, keep_name(name))
+        p = self._keep.get(directory)
+        if p is None:
+            if len(self._keep) >= 1024:  # only a spool's own dirs come here; a bound all the same
+                self._keep.clear()
+            p = self._keep[directory] = os.path.join(directory, "")
+        return p + keep_name(name)
 
     @property
     def lost_found(self) -> str:

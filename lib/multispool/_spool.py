@@ -26,7 +26,7 @@ from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, Spoo
 from ._layout import CHECKOUT, KEEP_PREFIX, Layout, check_name, keep_name
 from ._schedule import NOW as _DUE_NOW
 from ._schedule import Backoff, Schedule
-from ._spoolable import Duration, Spoolable, seconds
+from ._spoolable import Duration, Spoolable, TimeOrderedNames, seconds
 
 if TYPE_CHECKING:
     from ._reader import QueueReader
@@ -493,7 +493,8 @@ class CheckedOutEntry(Generic[M, D]):
         sp = self.spool.spoolable
         lay = self.spool._layout
         dst_dir = sp.dirname(queue)
-        src = self.path
+        src_dirname = sp.dirname(self.queue)
+        src = lay.checkout_file(src_dirname, self.name)  # self.path
         dst = lay.queue_file(dst_dir, self.name)
         raw = sp._codec.encode(contents)
         full = sp.durability == "full"
@@ -516,7 +517,7 @@ class CheckedOutEntry(Generic[M, D]):
                 # Durable before the rename publishes the move: an acknowledged retry's
                 # count never goes backwards.
                 claim.sched = self.spool._write_schedule(claim.fd, self.name, old, due, attempts)
-            keep = lay.keep_file(os.path.dirname(src), self.name) if full else None
+            keep = lay.keep_file(lay.checkout(src_dirname), self.name) if full else None
             try:
                 if not self.spool._move_owned(src, dst, keep, sync_src=False):
                     raise EntryNotFoundError("checked-out entry vanished", src)
@@ -526,7 +527,7 @@ class CheckedOutEntry(Generic[M, D]):
                 # Step 5 of the move, and the claim's deferred one, after the lock is
                 # given up (nobody else needs to wait for them): before returning, the
                 # entry is durable only in its new queue.
-                _fs.fsync_dir(os.path.dirname(src))
+                _fs.fsync_dir(lay.checkout(src_dirname))
                 self._claim.sync_source(unless=lay.queue(dst_dir))
 
     def remove(self) -> None:
@@ -767,8 +768,13 @@ class Spool(Generic[M, D]):
         sp = self.spoolable
         lay = self._layout
         gen = sp.name_generator
+        # The default generator's names without a seed are digits, '-' and hex: safe by
+        # construction, so not checked again on every enqueue.
+        trusted = seed is None and type(gen) is TimeOrderedNames
         for attempt in range(MAX_NAME_ATTEMPTS):
-            name = check_name(gen.next(seed, attempt))
+            name = gen.next(seed, attempt)
+            if not trusted:
+                check_name(name)
             path = lay.registry_file(name)
             fd = _fs.create_locked(lay.registry, path, sp.file_mode, owner)
             if fd is None:
@@ -1007,7 +1013,7 @@ class Spool(Generic[M, D]):
         if not _fs.unlink_quiet(meta_path):
             raise EntryNotFoundError(gone, meta_path)
         if self.spoolable.durability == "full":
-            _fs.fsync_dir(os.path.dirname(meta_path))
+            _fs.fsync_dir(_fs.parent(meta_path))
             if claim is not None:
                 claim.sync_source()
         _fs.unlink_quiet(self._layout.data_file(name))
@@ -1181,9 +1187,9 @@ class Spool(Generic[M, D]):
             if q is not None and q != queue:
                 dst = self._layout.queue_file(sp.dirname(q), name)
                 full = sp.durability == "full"
-                keep = self._layout.keep_file(os.path.dirname(cofile), name) if full else None
+                keep = self._layout.keep_file(_fs.parent(cofile), name) if full else None
                 _fs.move(cofile, dst, keep)
-                claim.sync_source(unless=os.path.dirname(dst))
+                claim.sync_source(unless=_fs.parent(dst))
                 log.warning("multispool: quarantined %s to %s: %s", cofile, dst, reason)
                 raise CorruptEntryError(cofile, reason, quarantined_to=dst) from cause
             log.warning("multispool: left %s checked out (no quarantine queue): %s", cofile, reason)
