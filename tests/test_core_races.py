@@ -1081,7 +1081,7 @@ print(hits, len(set(os.listdir("/proc/self/fd")) - before))
 def test_a_signal_storm_loses_no_descriptor_opened_by_path(tmp_path: Path, what: str) -> None:
     """A handler's exception as ``os.open`` returns, or before the close in a ``finally``,
     lost the descriptor (about 1 in 20 interrupted calls, measured); opened and closed
-    from C (``_fs._open_boxed``, ``_fs._fd_box``), none is lost."""
+    from C (``_fs``'s descriptor box), none is lost."""
     r = run_python(OPEN_WINDOW_STORM, str(tmp_path), what, timeout=60)
     assert r.returncode == 0, r.stderr
     hits, leaked = map(int, r.stdout.split())

@@ -601,17 +601,12 @@ class Spool(Generic[M, D]):
         until that cache expires (network filesystems keep names for about a second).
         With ``keep`` (durability "full"), the move is the durable one of ``_layout``."""
         verify = self._fs_facts().verify_renames
+        r = _fs.move(src, dst, keep, verify=verify, sync_src=sync_src)
+        if r != _fs.NOT_MOVED:
+            return r == _fs.MOVED
+        # The clock is read only here: a move that went through (nearly all) never needs it.
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
-        retried = False
         while True:
-            r = _fs.move(src, dst, keep, verify=verify, sync_src=sync_src)
-            if r == _fs.SRC_GONE and retried:
-                # The source a stale cache still showed may have moved after all: we hold
-                # the lock, so if the destination is there, it is our move.
-                return _fs.lexists(dst)
-            if r != _fs.NOT_MOVED:
-                return r == _fs.MOVED
-            retried = True
             if time.monotonic() >= deadline:
                 raise SpoolError(
                     f"rename of {src} to {dst} kept reporting success without moving it "
@@ -619,6 +614,13 @@ class Spool(Generic[M, D]):
                 )
             time.sleep(delay)  # not synchronisation: waiting out the client's name cache
             delay = min(delay * 2, 0.2)
+            r = _fs.move(src, dst, keep, verify=verify, sync_src=sync_src)
+            if r == _fs.SRC_GONE:
+                # The source a stale cache still showed may have moved after all: we hold
+                # the lock, so if the destination is there, it is our move.
+                return _fs.lexists(dst)
+            if r != _fs.NOT_MOVED:
+                return r == _fs.MOVED
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
