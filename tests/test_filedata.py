@@ -127,6 +127,33 @@ def test_data_file_save_replaces_the_payload(tmp_path: Path) -> None:
         assert Path(co.data_file.load()).read_bytes() == b"two"
 
 
+@pytest.mark.parametrize("durability", ["full", "none"])
+@pytest.mark.parametrize("source", ["own path", "enqueued source"])
+def test_data_file_save_of_a_link_of_the_data_file_leaves_no_tmp_and_keeps_the_data(
+    tmp_path: Path, durability: str, source: str
+) -> None:
+    # Saving a path that is already a link of the entry's data file (the path load()
+    # returned, or the source file the enqueue hard-linked) stages .tmp/NAME as one more
+    # link of that inode: rename(2) of a link onto another link of the same file does
+    # nothing. The staging link left behind must not survive: the next metadata rewrite
+    # (O_TRUNC on .tmp/NAME) would truncate the data file through it.
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, data=multispool.FileData(),
+                              durability=durability)  # type: ignore[arg-type]
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    src = tmp_path / "payload.bin"
+    src.write_bytes(b"payload" * 100)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), str(src))
+    co = spool.checkout(e)
+    co.data_file.save(co.data_file.load() if source == "own path" else str(src))
+    assert os.listdir(os.path.join(spool.dir, ".tmp")) == []
+    co.update(lambda c: Cog(n=2)).save(Queue.QUEUE2)  # rewrites the metadata via .tmp/NAME
+    data = os.path.join(spool.dir, ".data", e.name)
+    assert Path(data).read_bytes() == b"payload" * 100
+    assert src.read_bytes() == b"payload" * 100
+    assert os.listdir(os.path.join(spool.dir, ".tmp")) == []
+    assert spool.list(Queue.QUEUE2)[0].direct.contents() == Cog(n=2)
+
+
 _RSS_CHILD = textwrap.dedent(
     """
     import enum, io, os, sys

@@ -251,7 +251,15 @@ class DataFile(Generic[D]):
                 with claim.writing:
                     try:
                         sp.encode_data(contents, tmp, sync=sp.durability != "none")
-                        os.rename(tmp, self.path)
+                        if _same_inode(tmp, self.path):
+                            # A codec that hard-links (FileData) was given a link of the
+                            # data file itself: rename(2) between two links of one file
+                            # does nothing and would leave .tmp/NAME a link of the data,
+                            # which the next staged write (O_TRUNC) truncates through.
+                            # The data already is what was asked for: drop the link.
+                            os.unlink(tmp)
+                        else:
+                            os.rename(tmp, self.path)
                     except BaseException:
                         _fs.unlink_quiet(tmp)
                         raise
@@ -560,6 +568,16 @@ class CheckedOutEntry(Generic[M, D]):
     def __repr__(self) -> str:
         state = "done" if self._claim.done else "held"
         return f"CheckedOutEntry({self.spool.dir!r}, {self.queue}, {self.name!r}, {state})"
+
+
+def _same_inode(a: str, b: str) -> bool:
+    """True if ``a`` and ``b`` are links of one file (not following symlinks); False if
+    either is absent."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
