@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -466,6 +467,53 @@ def test_requeue_refuses_an_item_without_clear_metadata(spool: multispool.Spool[
     with pytest.raises(multispool.EntryNotFoundError):
         _lostfound.requeue(spool, "nope", Q.A)
     assert (item / "data").read_bytes() == b"d"
+
+
+def test_requeue_never_follows_a_symlinked_item(spool: multispool.Spool[bytes], tmp_path: Path) -> None:
+    # A symlink planted as a lost+found item must not make requeue move files from
+    # wherever it points into the spool (nor leave a half-made entry behind).
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "metadata").write_bytes(b'{"secret":1}')
+    Path(spool.dir, ".lost+found").mkdir()
+    os.symlink(outside, Path(spool.dir, ".lost+found", "evil"))
+    with pytest.raises(multispool.SpoolError, match="evil"):
+        _lostfound.requeue(spool, "evil", Q.A)
+    assert (outside / "metadata").read_bytes() == b'{"secret":1}'
+    for d in (".registry", ".tmp", ".data", "a"):
+        assert [n for n in os.listdir(Path(spool.dir, d)) if n != ".checkout"] == [], d
+
+
+def test_requeue_refuses_an_item_holding_a_directory(spool: multispool.Spool[bytes]) -> None:
+    item = Path(spool.dir, ".lost+found", "x")
+    (item / "metadata").mkdir(parents=True)
+    with pytest.raises(multispool.SpoolError, match="metadata"):
+        _lostfound.requeue(spool, "x", Q.A)
+    assert (item / "metadata").is_dir()
+    assert [n for n in os.listdir(Path(spool.dir, "a")) if n != ".checkout"] == []
+    assert os.listdir(Path(spool.dir, ".registry")) == []
+
+
+def test_failed_requeue_puts_the_item_back(spool: multispool.Spool[bytes]) -> None:
+    # A requeue that fails half-way (here the queue directory vanished) must leave the
+    # item as it was in .lost+found, not its files as an abandoned enqueue (which
+    # clean_abandoned deletes: repair never deletes data).
+    item = Path(spool.dir, ".lost+found", "x")
+    item.mkdir(parents=True)
+    (item / "metadata").write_bytes(b'{"k":1}')
+    (item / "data").write_bytes(b"payload")
+    shutil.rmtree(Path(spool.dir, "b"))
+    with pytest.raises(FileNotFoundError):
+        _lostfound.requeue(spool, "x", Q.B)
+    assert (item / "metadata").read_bytes() == b'{"k":1}'
+    assert (item / "data").read_bytes() == b"payload"
+    for d in (".registry", ".tmp", ".data"):
+        assert os.listdir(Path(spool.dir, d)) == [], d
+    os.makedirs(Path(spool.dir, "b", ".checkout"))
+    assert spool.clean_abandoned(older_than=0) == []
+    back = _lostfound.requeue(spool, "x", Q.B)
+    with spool.checkout(back) as co:
+        assert co.contents == {"k": 1} and co.data_file.load() == b"payload"
 
 
 def test_cli_shows_lost_found_and_requeues_from_it(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import os
+import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -94,13 +95,19 @@ def requeue(spool: Spool[Any, Any], item: str, queue: enum.Enum) -> Entry[Any, A
 
     lay = spool._layout
     sp = spool.spoolable
-    if "/" in item or item in ("", ".", ".."):
+    if "/" in item or "\0" in item or item in ("", ".", ".."):
         raise ValueError(f"not a lost+found item: {item!r}")
     d = os.path.join(lay.lost_found, item)
-    try:
-        labels = set(os.listdir(d))
-    except FileNotFoundError:
-        raise EntryNotFoundError("no such lost+found item", d) from None
+    # Never through a symlink: a planted link (as the item, or as .lost+found itself)
+    # would make the renames below move files from wherever it points into the spool.
+    for p in (lay.lost_found, d):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise EntryNotFoundError("no such lost+found item", d) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise SpoolError(f"{p}: not a lost+found directory (symlinks are not followed)")
+    labels = set(os.listdir(d))
     if METADATA in labels:
         meta_label = METADATA
     else:
@@ -108,6 +115,11 @@ def requeue(spool: Spool[Any, Any], item: str, queue: enum.Enum) -> Entry[Any, A
         if len(others) != 1:
             raise SpoolError(f"{d}: cannot tell which file is the metadata ({sorted(labels)})")
         meta_label = others[0]
+    moving = [meta_label, *([DATA] if DATA in labels else [])]
+    for label in moving:
+        p = os.path.join(d, label)
+        if not stat.S_ISREG(os.lstat(p).st_mode):
+            raise SpoolError(f"{p}: not a regular file (symlinks are not followed)")
     full = sp.durability == "full"
     dirname = sp.dirname(queue)
     from ._spool import _Claim
@@ -115,16 +127,33 @@ def requeue(spool: Spool[Any, Any], item: str, queue: enum.Enum) -> Entry[Any, A
     with sp.throttled():
         owner = _Claim(None)
         name = spool._reserve(None, owner)
+        # (path in the item, where it goes): on failure, what was moved goes back.
+        placed: list[tuple[str, str]] = []
         try:
             tmp = lay.tmp_file(name)
             os.rename(os.path.join(d, meta_label), tmp)
+            placed.append((os.path.join(d, meta_label), tmp))
             if DATA in labels:
                 os.rename(os.path.join(d, DATA), lay.data_file(name))
+                placed.append((os.path.join(d, DATA), lay.data_file(name)))
             else:
                 _fs.write_file(lay.data_file(name), b"", sync=full, mode=sp.file_mode)
             if full:
                 _fs.fsync_dir(lay.data)
             os.rename(tmp, lay.queue_file(dirname, name))
+        except BaseException:
+            # Back into the item, and the name unreserved: left as an abandoned
+            # enqueue, clean_abandoned would delete what repair kept aside.
+            try:
+                for back, now in reversed(placed):
+                    os.rename(now, back)
+                if DATA not in labels:
+                    _fs.unlink_quiet(lay.data_file(name))
+                _fs.unlink_quiet(lay.registry_file(name))
+            finally:
+                owner.release()
+            raise
+        try:
             if full:
                 _fs.fsync_dir(lay.queue(dirname))
         finally:
