@@ -458,6 +458,46 @@ def test_orphans_go_to_lost_found_with_their_origin(spool: multispool.Spool[byte
     assert _lostfound.items(spool.dir) == ["junk", "junk.1"]
 
 
+def test_orphans_from_queues_named_data_or_metadata_are_all_kept(tmp_path: Path) -> None:
+    # Queue dirs named "data" and "metadata" are valid; their orphans' lost+found labels
+    # must not overwrite the files put aside from .data and .tmp (repair never deletes
+    # data), and the item must still requeue with the right file as its metadata.
+    QD = enum.Enum("QD", {"DATA": "data", "META": "metadata"})
+    spool = multispool.Spool.create(tmp_path / "spool", multispool.Spoolable(queues=QD))
+    Path(spool.dir, ".data", "junk").write_bytes(b"payload")
+    Path(spool.dir, "data", "junk").write_bytes(b'{"from":"queue data"}')
+    Path(spool.dir, ".tmp", "j2").write_bytes(b'{"from":"tmp"}')
+    Path(spool.dir, "metadata", "j2").write_bytes(b'{"from":"queue metadata"}')
+    limits = multispool.Limits(max_tmp_file_age=0)
+    mon = multispool.Monitor(spool.dir, spool.spoolable, limits)
+    from multispool._monitor import repair
+
+    repair(spool, limits, mon.run_once(), dry_run=False)
+    assert mon.run_once() == []
+    kept = sorted(
+        p.read_bytes() for item in Path(spool.dir, ".lost+found").iterdir() for p in item.iterdir()
+    )
+    assert kept == sorted([b"payload", b'{"from":"queue data"}', b'{"from":"tmp"}',
+                           b'{"from":"queue metadata"}'])
+    back = _lostfound.requeue(spool, "junk", QD.DATA)
+    with spool.checkout(back) as co:
+        assert co.contents == {"from": "queue data"} and co.data_file.load() == b"payload"
+
+
+def test_put_aside_never_renames_over_a_file_of_the_item(spool: multispool.Spool[bytes]) -> None:
+    # Two files with one label (queue "a"'s checkout dir and a queue named "a.checkout"
+    # give the same one): both are kept.
+    a = Path(spool.dir, "a", "x")
+    b = Path(spool.dir, "b", "x")
+    a.write_bytes(b"one")
+    b.write_bytes(b"two")
+    from multispool._layout import Layout
+
+    item = _lostfound.put_aside(Layout(spool.dir), "x", [(str(a), "same"), (str(b), "same")], sync=True)
+    assert item is not None
+    assert sorted(p.read_bytes() for p in Path(item).iterdir()) == [b"one", b"two"]
+
+
 def test_requeue_refuses_an_item_without_clear_metadata(spool: multispool.Spool[bytes]) -> None:
     item = Path(spool.dir, ".lost+found", "x")
     item.mkdir(parents=True)

@@ -7,8 +7,12 @@ appended when taken), under a label saying what it was:
 
     metadata        the entry's metadata (from .tmp/NAME)
     data            the entry's data payload (from .data/NAME)
-    QUEUE           metadata found in queue dir QUEUE (an orphan, or a differing duplicate)
+    QUEUE           metadata found in queue dir QUEUE (an orphan, or a differing duplicate);
+                    QUEUE.queue for a queue named "metadata" or "data"
     QUEUE.checkout  metadata found in QUEUE/.checkout
+
+A label already used in the item (queue "a"'s checkout dir and a queue named
+"a.checkout") gets ``.1``, ``.2``... appended: nothing is renamed over another file.
 
 A person inspects them (``multispool status``/``fsck`` count them) and puts an item back
 into a queue with ``requeue`` (``multispool lost+found DIR ITEM --to QUEUE``), or deletes
@@ -47,8 +51,15 @@ def put_aside(lay: Layout, name: str, files: Sequence[tuple[str, str]], *, sync:
     item = _fresh_dir(root, name)
     if sync:
         _fs.fsync_dir(root)
+    used: set[str] = set()
     for path, label in present:
-        os.rename(path, os.path.join(item, label))
+        # Never over a file already put into the item: rename(2) would replace it.
+        free, k = label, 0
+        while free in used:
+            k += 1
+            free = f"{label}.{k}"
+        used.add(free)
+        os.rename(path, os.path.join(item, free))
     if sync:
         _fs.fsync_dir(item)
         for d in sorted({os.path.dirname(p) for p, _ in present}):

@@ -708,7 +708,12 @@ def _label(d: Dir) -> str:
         return _lostfound.METADATA
     if d == Dir.DATA:
         return _lostfound.DATA
-    return d.name_on_disk.replace("/", "")
+    label = d.name_on_disk.replace("/", "")
+    if label in (_lostfound.METADATA, _lostfound.DATA):
+        # A queue named "metadata" or "data": its file must not pass for (or replace)
+        # the one put aside from .tmp or .data.
+        return f"{label}.queue"
+    return label
 
 
 def repair(
