@@ -133,6 +133,37 @@ def test_file_not_registered(spool: multispool.Spool[Any, bytes], where: Dir) ->
     assert m.run_once() == []
 
 
+def _plant(path: str, kind: str) -> None:
+    if kind == "symlink":
+        os.symlink("/dev/null", path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.mkdir(path)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "dir"])
+def test_registry_name_that_is_no_regular_file_is_reported_not_raised(
+    spool: multispool.Spool[Any, bytes], kind: str
+) -> None:
+    # Something planted in .registry can be locked by nobody (a symlink is never
+    # followed): in no queue, it is an orphaned registry name; with a checkout file,
+    # a checkout nobody holds. The check reports them and goes on with the others.
+    _plant(os.path.join(spool.dir, ".registry", "junk"), kind)
+    _plant(os.path.join(spool.dir, ".registry", "held"), kind)
+    touch(spool, CO1, "held")
+    touch(spool, Q1, "orphan")
+    m = make(spool)
+    problems = m.run_once()
+    assert shape(problems) == [
+        ("Orphaned", "junk", Dir.REGISTRY), ("Orphaned", "orphan", Q1), ("DeadCheckout", "held", CO1),
+    ]
+    from multispool._monitor import repair
+
+    repair(spool, m.limits, problems, dry_run=False)  # raises nothing; touches no junk
+    assert os.path.lexists(os.path.join(spool.dir, ".registry", "junk"))
+
+
 def test_checked_out_entry_too_old(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, CO1, "foo", age=2)

@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Final, Union
 
 from . import _fs, _lostfound, _schedule
 from ._layout import CHECKOUT, KEEP_PREFIX, LOST_FOUND, REGISTRY, TMP, Dir, Layout
-from ._spool import Spool, _Recovery
+from ._spool import _NOT_A_FILE, Spool, _Recovery
 from ._spoolable import Duration, Spoolable, seconds
 
 log = logging.getLogger("multispool")
@@ -270,14 +270,32 @@ class _Listing:
             raise
 
 
+# What ``_owner_lock`` yields for a registry name that is no regular file (a symlink,
+# FIFO or directory planted there): nobody can ever hold its lock, so nobody owns the
+# entry, and the check treats it as an entry whose lock it holds (never by descriptor).
+UNLOCKABLE: Final = -1
+
+
 @contextlib.contextmanager
 def _owner_lock(path: str) -> Iterator[int | None]:
     """Hold the owner lock of registry file ``path`` for the block: the descriptor, or None
-    if another process holds it or the file is gone. The lock is taken and released
+    if another process holds it or the file is gone, or ``UNLOCKABLE`` if it is no
+    regular file (a symlink is never followed). The lock is taken and released
     through ``_fs`` (which tracks held lock descriptors for fork safety), never by a bare
     ``os.close``."""
     gen = _fs.lock_generation()
-    fd = _fs.open_locked(path)
+    try:
+        fd = _fs.open_locked(path)
+    except OSError as e:
+        if e.errno not in _NOT_A_FILE:
+            raise
+        fd = None
+        unlockable = True
+    else:
+        unlockable = False
+    if unlockable:
+        yield UNLOCKABLE
+        return
     try:
         yield fd
     finally:
