@@ -209,6 +209,24 @@ def make_problems(sp: str) -> None:
     age(os.path.join(sp, ".tmp", stale.name), 3600)
 
 
+def test_planted_registry_symlink_spoils_no_listing(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # A symlink planted at .registry/NAME of a queued name (never followed: nobody can
+    # claim that entry) must not make status, ls or metrics fail for the whole spool.
+    assert main(["enqueue", sp, "in", "--metadata", '{"n": 1}']) == 0
+    good = capsys.readouterr().out.strip()
+    Path(sp, "in", "junk").write_bytes(b"{}")
+    os.symlink("/etc/hostname", os.path.join(sp, ".registry", "junk"))
+    assert main(["status", sp, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["in"]["entries"] == 2
+    assert main(["ls", sp, "in", "--json"]) == 0
+    out = capsys.readouterr()
+    assert good in [e["name"] for e in json.loads(out.out)]
+    assert ".registry/junk" in out.err
+    pytest.importorskip("prometheus_client")
+    assert main(["metrics", sp]) == 0
+    assert 'multispool_queue_entries{queue="in"' in capsys.readouterr().out
+
+
 def test_fsck_reports_and_repairs(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert main(["fsck", sp]) == 0

@@ -27,6 +27,7 @@ import keyword
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -356,7 +357,10 @@ def count_delayed(spool: Spool[Any, bytes], queue: enum.Enum, names: Iterable[st
     for name in names:
         reg = lay.registry_file(name)
         try:
-            if os.lstat(reg).st_size and _schedule.read_path(reg).due > now:
+            st = os.lstat(reg)
+            # Only a regular file holds a record: junk planted there (a symlink, never
+            # followed, a FIFO, a directory) is nobody's schedule.
+            if stat.S_ISREG(st.st_mode) and st.st_size and _schedule.read_path(reg).due > now:
                 n += 1
         except FileNotFoundError:
             continue  # gone since the listing
@@ -461,7 +465,12 @@ def ls_items(spool: Spool[Any, bytes], queue: enum.Enum, a: argparse.Namespace) 
         sched = _schedule.NOW
         reg = lay.registry_file(name)
         try:
-            if os.lstat(reg).st_size:  # empty: never delayed nor retried, nothing to read
+            reg_st = os.lstat(reg)
+            if not stat.S_ISREG(reg_st.st_mode):
+                # A symlink (never followed), FIFO or directory planted there: no record,
+                # and no reader can ever claim this entry.
+                sys.stderr.write(f"{PROG}: warning: {disp(reg)}: not a regular file\n")
+            elif reg_st.st_size:  # empty: never delayed nor retried, nothing to read
                 sched = _schedule.read_path(reg)
         except FileNotFoundError:
             pass
