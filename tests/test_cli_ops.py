@@ -244,6 +244,26 @@ def test_recover_goes_on_past_an_entry_it_cannot_read(sp: str, capsys: pytest.Ca
     assert [e.name for e in spool.list(q(spool, "in"))] == [good]
 
 
+def test_dead_checkout_that_cannot_be_read_is_reported_as_such(
+    sp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A dead owner's checkout that is no regular file (a FIFO here): recovery leaves it
+    # for a person. recover must say so in its exit code (1), and mv must not blame a
+    # live process that does not exist.
+    os.mkfifo(Path(sp, "in", ".checkout", "stuck"))
+    Path(sp, ".registry", "stuck").touch()  # nobody holds its lock: the owner died
+    capsys.readouterr()
+    assert main(["recover", sp]) == 1
+    assert "1 could not be recovered" in capsys.readouterr().out
+    assert main(["mv", sp, "stuck", "--to", "queue-2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "live process" not in err and "in/.checkout/stuck" in err and "not a regular file" in err
+    assert main(["fsck", sp, "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert "left dead checkout in/.checkout/stuck" in out and "not a regular file" in out
+    assert os.path.exists(Path(sp, "in", ".checkout", "stuck"))  # nothing lost
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True

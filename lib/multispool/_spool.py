@@ -1456,10 +1456,11 @@ class Spool(Generic[M, D]):
     ) -> bool:
         """A dead owner's checkout that cannot be decoded: quarantine it if the Spoolable
         has a quarantine queue, else leave it checked out for a person (moving it back
-        would only hand it to the next reader, and fail there again)."""
+        would only hand it to the next reader, and fail there again): logged, and
+        CorruptEntryError raised for ``_Recovery.recover`` to report (never beyond it)."""
         if self.spoolable.quarantine is None:
             log.warning("multispool: left undecodable checkout %s for a person: %s", cofile, reason)
-            return False
+            raise CorruptEntryError(cofile, reason)
         with contextlib.suppress(CorruptEntryError):
             self._corrupt(q, name, cofile, reason, claim)
         return False
@@ -1577,7 +1578,9 @@ class _Recovered:
     queue: enum.Enum
     name: str
     moved: bool  # put back into its queue
-    error: OSError | None = None  # could not be read or moved: logged, left in place
+    # Could not be read or moved, or cannot be decoded (and no quarantine queue): logged,
+    # left in place for a person.
+    error: OSError | CorruptEntryError | None = None
 
 
 class _Recovery(Generic[M, D]):
@@ -1590,8 +1593,9 @@ class _Recovery(Generic[M, D]):
     ``dead_after`` (seconds), a checkout must also be at least that old. ``checkouts``
     resolves each queue's keep links, then yields its checkouts in name order;
     ``recover`` puts one back under its owner lock and reports what it did, an OSError
-    being logged and reported, never raised (one entry's trouble, a symlink or FIFO
-    planted at its registry name or a permission, must not stop the others). ``run``
+    (or a checkout left undecodable for a person) being logged and reported, never
+    raised (one entry's trouble, a symlink or FIFO planted at its registry name or a
+    permission, must not stop the others). ``run``
     is the two together, entry by entry, for a caller that shows progress."""
 
     def __init__(self, spool: Spool[M, D], dead_after: Duration | None = None) -> None:
@@ -1623,6 +1627,8 @@ class _Recovery(Generic[M, D]):
                 moved = self.spool._recover_one(q, dirname, name, self.min_age)
             except OSError as e:
                 log.warning("multispool: cannot recover %s/%s, left in place: %s", dirname, name, e)
+                return _Recovered(q, name, False, e)
+            except CorruptEntryError as e:  # left for a person (logged)
                 return _Recovered(q, name, False, e)
         return _Recovered(q, name, moved)
 
