@@ -279,6 +279,18 @@ def test_stop_timeout_and_close_end_waits_promptly(tmp_path: Path) -> None:
     run(main)
 
 
+def test_dequeue_refuses_a_nan_timeout(tmp_path: Path) -> None:
+    # A NaN deadline is never reached: the dequeue would spin the loop forever.
+    async def main() -> None:
+        async with await AsyncSpool.create(tmp_path / "s", make_spoolable()) as spool:
+            reader = spool.reader(Queue.QUEUE1)
+            async with reader:
+                with pytest.raises(ValueError, match="timeout"):
+                    await asyncio.wait_for(reader.dequeue(timeout=float("nan")), 5)
+
+    run(main)
+
+
 def test_iter_with_sync_and_async_callbacks(tmp_path: Path) -> None:
     sp = make_spoolable(durability="none")
     path = tmp_path / "s"

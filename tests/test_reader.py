@@ -319,6 +319,30 @@ def test_bad_arguments(spool: multispool.Spool[Any, bytes]) -> None:
         spool.reader(Queue.QUEUE1, observer="bogus")
 
 
+def test_dequeue_refuses_a_nan_timeout(spool: multispool.Spool[Any, bytes]) -> None:
+    # A NaN deadline is never reached (every comparison with it is false): the call
+    # would wait forever. It is refused at once instead.
+    outcome: list[BaseException | None] = []
+    with spool.reader(Queue.QUEUE1) as reader:
+
+        def call() -> None:
+            try:
+                reader.dequeue(timeout=float("nan"))
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=call)
+        t.start()
+        try:
+            t.join(5)
+            assert not t.is_alive(), "dequeue(timeout=nan) did not return"
+        finally:
+            reader.close()  # ends the wait if it is still waiting
+            t.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], ValueError), outcome
+
+
 # --------------------------------------------------------------------------------------
 # iter / iter_available / dequeue / dequeue_available / __iter__
 # --------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from . import _watch
 from ._errors import CorruptEntryError, NotASpoolError
 from ._schedule import Backoff
 from ._spool import Action, CheckedOutEntry, DataFile, Spool, _Busy, _NotDue
-from ._spoolable import Duration, seconds
+from ._spoolable import Duration, seconds, timeout_seconds
 
 log = logging.getLogger("multispool")
 
@@ -667,7 +667,7 @@ class QueueReader(Generic[M, D]):
         """The next entry, waiting for one (filesystem events, plus a rescan every
         ``rescan_interval`` if the directory changed unseen). None once ``stop`` is set,
         ``timeout`` passes, or the reader is closed."""
-        deadline = None if timeout is None else time.monotonic() + seconds(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout_seconds(timeout)
         while True:
             if self._closed or (stop is not None and stop.is_set()):
                 return None

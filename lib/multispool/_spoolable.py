@@ -40,6 +40,15 @@ def seconds(d: Duration) -> float:
     return float(d)
 
 
+def timeout_seconds(timeout: Duration) -> float:
+    """A wait's ``timeout`` as float seconds; ValueError for NaN, which no clock ever
+    reaches (a wait would never end)."""
+    t = seconds(timeout)
+    if t != t:
+        raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
+    return t
+
+
 @runtime_checkable
 class MetadataCodec(Protocol):
     """Turns metadata into bytes and back."""

@@ -55,7 +55,7 @@ from typing import Any, Final, Generic, TypeAlias, TypeVar
 from ._reader import QueueReader
 from ._schedule import Backoff
 from ._spool import NOT_FOUND, Action, CheckedOutEntry, DataFile, Entry, NotFound, Spool
-from ._spoolable import Duration, Spoolable, seconds
+from ._spoolable import Duration, Spoolable, seconds, timeout_seconds
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
@@ -1119,7 +1119,7 @@ class AsyncQueueReader(Generic[M, D]):
         reader is closed. Cancelling it never loses an entry: a claim that completes
         for a cancelled caller goes back to the queue."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + seconds(timeout)
+        deadline = None if timeout is None else loop.time() + timeout_seconds(timeout)
         core = await self._ensure_open()
         while True:
             if core is None or self._closed or (stop is not None and stop.is_set()):
