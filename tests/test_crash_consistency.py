@@ -484,6 +484,25 @@ def test_orphans_from_queues_named_data_or_metadata_are_all_kept(tmp_path: Path)
         assert co.contents == {"from": "queue data"} and co.data_file.load() == b"payload"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_lost_found_dirs_follow_the_spoolable_dir_mode(tmp_path: Path) -> None:
+    # A spool shared by a group (dir_mode 0o770): what repair keeps aside must be
+    # reachable by the group too, like every other directory the library creates.
+    sp = multispool.Spoolable(queues=Q, dir_mode=0o770, file_mode=0o660)
+    old = os.umask(0)
+    try:
+        spool = multispool.Spool.create(tmp_path / "spool", sp)  # type: ignore[arg-type]
+        Path(spool.dir, "a", "junk").write_bytes(b"{}")
+        limits = multispool.Limits(max_tmp_file_age=0)
+        from multispool._monitor import repair
+
+        repair(spool, limits, multispool.Monitor(spool.dir, sp, limits).run_once(), dry_run=False)
+    finally:
+        os.umask(old)
+    for d in (Path(spool.dir, ".lost+found"), Path(spool.dir, ".lost+found", "junk")):
+        assert d.stat().st_mode & 0o777 == 0o770, d
+
+
 def test_put_aside_never_renames_over_a_file_of_the_item(spool: multispool.Spool[bytes]) -> None:
     # Two files with one label (queue "a"'s checkout dir and a queue named "a.checkout"
     # give the same one): both are kept.

@@ -39,16 +39,19 @@ METADATA = "metadata"
 DATA = "data"
 
 
-def put_aside(lay: Layout, name: str, files: Sequence[tuple[str, str]], *, sync: bool) -> str | None:
-    """Move the existing ``files`` ((path, label) pairs) into a fresh ``.lost+found/ITEM/``;
-    the item's path, or None if none of the files exists. The caller holds the entry's
-    owner lock (or its registry name reserved), so nobody else moves these files."""
+def put_aside(
+    lay: Layout, name: str, files: Sequence[tuple[str, str]], *, sync: bool, mode: int = 0o700
+) -> str | None:
+    """Move the existing ``files`` ((path, label) pairs) into a fresh ``.lost+found/ITEM/``
+    (directories made with ``mode``, the Spoolable's ``dir_mode``); the item's path, or
+    None if none of the files exists. The caller holds the entry's owner lock (or its
+    registry name reserved), so nobody else moves these files."""
     present = [(p, label) for p, label in files if os.path.lexists(p)]
     if not present:
         return None
     root = lay.lost_found
-    _fs.mkdir_durable(root, 0o700, sync=sync)
-    item = _fresh_dir(root, name)
+    _fs.mkdir_durable(root, mode, sync=sync)
+    item = _fresh_dir(root, name, mode)
     if sync:
         _fs.fsync_dir(root)
     used: set[str] = set()
@@ -78,11 +81,11 @@ def same_file(a: str, b: str) -> bool:
         return False
 
 
-def _fresh_dir(root: str, name: str) -> str:
+def _fresh_dir(root: str, name: str, mode: int) -> str:
     for k in range(100_000):
         p = os.path.join(root, name if k == 0 else f"{name}.{k}")
         try:
-            os.mkdir(p, 0o700)
+            os.mkdir(p, mode)
         except FileExistsError:
             continue
         return p

@@ -550,7 +550,8 @@ class _Repair:
         present = [d for d, _ in files if os.path.lexists(self.path(d, name))]
         if not self.dry_run:
             _lostfound.put_aside(
-                self.lay, name, [(self.path(d, n), _label(d)) for d, n in files], sync=self.full
+                self.lay, name, [(self.path(d, n), _label(d)) for d, n in files], sync=self.full,
+                mode=self.spool.spoolable.dir_mode,
             )
         return present
 

@@ -1431,7 +1431,8 @@ class Spool(Generic[M, D]):
                     _fs.unlink_quiet(cofile)
                 else:
                     _lostfound.put_aside(
-                        lay, name, [(cofile, f"{dirname}.checkout")], sync=sp.durability == "full"
+                        lay, name, [(cofile, f"{dirname}.checkout")], sync=sp.durability == "full",
+                        mode=sp.dir_mode,
                     )
                 if sp.durability == "full":
                     _fs.fsync_dir(lay.checkout(dirname))
@@ -1525,7 +1526,7 @@ class Spool(Generic[M, D]):
                         # Repair never deletes what may be an entry's data (an acknowledged
                         # enqueue whose rename a crash lost, under "file" or "none").
                         files = [(lay.tmp_file(name), "metadata"), (lay.data_file(name), "data")]
-                        _lostfound.put_aside(lay, name, files, sync=sp.durability == "full")
+                        _lostfound.put_aside(lay, name, files, sync=sp.durability == "full", mode=sp.dir_mode)
                     else:
                         _fs.unlink_quiet(lay.tmp_file(name))
                         _fs.unlink_quiet(lay.data_file(name))
