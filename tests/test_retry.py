@@ -99,6 +99,31 @@ def test_delayed_enqueue(spool: multispool.Spool[Any, bytes]) -> None:
         multispool.Entry(spool, Queue.QUEUE1, "nope").due()
 
 
+def test_infinite_delay_is_refused_before_touching_disk(
+    spool: multispool.Spool[Any, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An infinite due time is no time: a record holding it is shown by ls --json as
+    # Infinity (not JSON). Refused like a negative delay, everywhere a delay is taken.
+    before = find_sort(spool.dir)
+    with pytest.raises(ValueError, match="delay"):
+        spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="i", delay=float("inf"))
+    assert find_sort(spool.dir) == before
+    e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="e")
+    with spool.checkout(e) as co:
+        with pytest.raises(ValueError, match="delay"):
+            co.save(Queue.QUEUE2, delay=float("inf"))
+        with pytest.raises(ValueError, match="delay"):
+            co.retry(float("inf"))
+    assert e.due() is None and spool.list(Queue.QUEUE1) == [e]
+    # the command line: --delay of many digits parses to inf
+    from multispool.cli import main
+
+    assert main(["enqueue", spool.dir, "queue1", "--metadata", "{}", "--delay", "9" * 400]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "delay" in err
+    assert [x.name for x in spool.list(Queue.QUEUE1)] == [e.name]
+
+
 def test_save_with_delay_then_plain_save_restores_the_layout(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="p")
     co = spool.checkout(e)

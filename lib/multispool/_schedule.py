@@ -20,6 +20,7 @@ layout again). Records are written only by the owner of the entry's lock, fsynce
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import struct
@@ -152,8 +153,8 @@ def due_at(delay: Duration | None, now: float) -> float:
     if delay is None:
         return 0.0
     d = seconds(delay)
-    if not d >= 0:
-        raise ValueError(f"delay must be >= 0 seconds, got {delay!r}")
+    if not 0 <= d < math.inf:
+        raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay!r}")
     return now + d if d > 0 else 0.0
 
 

@@ -24,6 +24,7 @@ import enum
 import heapq
 import json
 import keyword
+import math
 import os
 import re
 import signal
@@ -73,9 +74,10 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$")
 def parse_duration(text: str) -> float:
     """Seconds from ``90``, ``90s``, ``1.5m``, ``2h``, ``1d``."""
     m = _DURATION.match(text)
-    if not m:
+    d = float(m.group(1)) * _UNITS[m.group(2)] if m else math.inf
+    if d == math.inf:  # no match, or too many digits for a float
         raise argparse.ArgumentTypeError(f"bad duration {text!r} (examples: 90, 90s, 10m, 2h, 1d)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    return d
 
 
 # -- a Spoolable for any spool --------------------------------------------------------------
