@@ -8,6 +8,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import os
 import statistics
 import sys
@@ -387,9 +388,25 @@ def test_backoff_schedule_and_jitter_bounds() -> None:
         {"jitter": -0.1},
         {"max_attempts": 0},
         {"max": -1},
+        # Not finite: a delay of infinity parks the entry for ever, and NaN never compares.
+        {"max": float("inf")},
+        {"first": float("inf")},
+        {"factor": float("inf")},
+        {"max": float("nan")},
+        {"first": float("nan")},
+        {"factor": float("nan")},
     ):
         with pytest.raises(ValueError):
             multispool.Backoff(**bad)
+
+
+def test_backoff_delays_stay_finite_however_many_attempts() -> None:
+    # Near the largest float: the exponential overflows and the cap holds it, then the
+    # jitter raises the cap past the largest float about half the time.
+    b = multispool.Backoff(first=1e300, factor=1e300, max=1.7e308, jitter=0.9)
+    for a in (0, 1, 2, 10, 10_000):
+        for _ in range(200):
+            assert math.isfinite(b.delay(a)), a
 
 
 def _failing(calls: list[tuple[str, float]]) -> Callable[[Any, Any], Any]:

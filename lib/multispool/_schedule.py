@@ -24,6 +24,7 @@ import math
 import os
 import random
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any, Final
@@ -182,12 +183,14 @@ class Backoff:
     ) -> None:
         self.first = seconds(first)
         self.max = seconds(max)
-        if not self.first >= 0:
-            raise ValueError(f"first must be >= 0 seconds, got {first!r}")
-        if not self.max >= 0:
-            raise ValueError(f"max must be >= 0 seconds, got {max!r}")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
-            raise ValueError(f"factor must be a number >= 1, got {factor!r}")
+        # Finite, all three: an infinite delay parks an entry for ever (and NaN compares
+        # with nothing), which a retry policy must never do silently.
+        if not 0 <= self.first < math.inf:
+            raise ValueError(f"first must be a finite number of seconds >= 0, got {first!r}")
+        if not 0 <= self.max < math.inf:
+            raise ValueError(f"max must be a finite number of seconds >= 0, got {max!r}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < math.inf:
+            raise ValueError(f"factor must be a finite number >= 1, got {factor!r}")
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
             raise ValueError(f"jitter must be a fraction in [0, 1), got {jitter!r}")
         if max_attempts is not None and (
@@ -212,6 +215,8 @@ class Backoff:
         d = self.base_delay(attempts)
         if self.jitter:
             d *= 1.0 + random.uniform(-self.jitter, self.jitter)
+            if d == math.inf:  # a cap near the largest float, raised by the jitter
+                d = sys.float_info.max
         return d
 
     def exhausted(self, attempts: int) -> bool:
