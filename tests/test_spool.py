@@ -214,6 +214,47 @@ def test_enqueue_failure_leaves_nothing(
     assert [e.name for e in spool.list(Queue.QUEUE1)] == ["keep000000"]
 
 
+@pytest.mark.parametrize("durability", ["none", "full"])
+@pytest.mark.parametrize("stuck", ["data", "tmp"])
+def test_enqueue_failure_whose_cleanup_fails_raises_its_own_error_and_leaves_an_abandoned_enqueue(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    durability: str,
+    stuck: str,
+) -> None:
+    # The codec fails (ENOSPC) and one of the files the enqueue wrote cannot be removed
+    # (EIO): the caller gets the codec's error, not the cleanup's; the other file is
+    # removed, the one left is logged by path and stays with its reservation (unlocked),
+    # an abandoned enqueue that clean_abandoned removes once it can.
+    data = FailingData(OSError(errno.ENOSPC, "No space left on device"))
+    sp = multispool.Spoolable(
+        queues=Queue, data=data, name_generator=multispool.PrefixNames(), durability=durability  # type: ignore[arg-type]
+    )
+    spool: multispool.Spool[Any, Any] = multispool.Spool.create(tmp_path / "spool", sp)
+    before = _snapshot(spool.dir)
+    data.armed = True
+    left = os.path.join(spool.dir, ".data" if stuck == "data" else ".tmp", "n000000")
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *a: Any, **kw: Any) -> None:
+        if os.fspath(path) == left:
+            raise OSError(errno.EIO, "Input/output error", path)
+        real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with caplog.at_level("WARNING", logger="multispool"), pytest.raises(OSError) as info:
+        spool.enqueue(Queue.QUEUE1, Cog(n=1), b"payload", reserve="n")
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    after = _snapshot(spool.dir)
+    assert set(after) - set(before) == {os.path.relpath(left, spool.dir), ".registry/n000000"}
+    assert any(left in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert spool.list(Queue.QUEUE1) == []
+    assert spool.clean_abandoned(older_than=0) == ["n000000"]
+    assert _snapshot(spool.dir) == before
+
+
 # -- listing ------------------------------------------------------------------------------
 
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import logging
 import operator
 import os
 import queue
@@ -65,6 +66,8 @@ from . import _spool as _spool_module  # a cycle: _spool imports this module; us
 
 if TYPE_CHECKING:
     from ._spool import Spool, _Claim
+
+log = logging.getLogger("multispool")
 
 # Where AIO is not to be had, the syncs of a round are issued from this many threads at
 # once (docs/benchmarks.md: on ext4 and xfs, concurrent fsyncs share journal commits;
@@ -124,13 +127,29 @@ class Staged:
     def abandon(self) -> None:
         """Remove what this enqueue created and release its lock (before publish). Tried
         once: if an interrupt stops it, the lock is released all the same and
-        clean_abandoned removes what is left."""
+        clean_abandoned removes what is left. A file that cannot be removed (EIO...) is
+        logged by path, and nothing is raised for it: the caller is already raising the
+        enqueue's own error, which must be the one that reaches its caller. The other
+        file is removed all the same; the reservation only once both are gone, so that
+        what is left is an abandoned enqueue (its name free of any lock), which
+        ``clean_abandoned`` finishes, rather than a file that no name accounts for."""
         self.abandoned = True
         try:
-            self.close_files()
-            _fs.unlink_quiet(self.tmp)
-            _fs.unlink_quiet(self.data)
-            _fs.unlink_quiet(self.reg)
+            try:
+                self.close_files()
+            except OSError as e:
+                log.warning("multispool: failed enqueue: cannot close %s or %s: %s", self.tmp, self.data, e)
+            left = False
+            for path in (self.tmp, self.data, self.reg):
+                if path is self.reg and left:
+                    break
+                try:
+                    _fs.unlink_quiet(path)
+                except OSError as e:
+                    left = True
+                    log.warning(
+                        "multispool: failed enqueue: cannot remove %s, left for clean_abandoned: %s", path, e
+                    )
         finally:
             self.unlock()
 
@@ -316,7 +335,8 @@ def write(
 
 
 def abandon(staged: Iterable[Staged]) -> None:
-    """Remove every unpublished entry of ``staged`` (first error raised after all)."""
+    """Remove every unpublished entry of ``staged`` (``Staged.abandon``); an exception
+    that interrupts one (a signal handler's) is raised once every other was tried."""
     err: BaseException | None = None
     for st in staged:
         if st.published or st.abandoned:
