@@ -888,7 +888,8 @@ class Spool(Generic[M, D]):
         match the Spoolable's ``metadata`` type raises (``msgspec.ValidationError`` or
         ``TypeError``) before anything touches disk, and so does ``data`` its codec
         rejects. If any step fails, every file the enqueue created (the reservation
-        included) is removed and the error raised; an exception that comes once the entry
+        included) is removed and the error raised (a file that cannot be removed is logged
+        and left, with its reservation, for ``clean_abandoned``); an exception that comes once the entry
         is in its queue (KeyboardInterrupt) leaves the entry whole. No descriptor or lock
         outlives the call. Concurrent enqueues in threads of this process share their
         syncs (group commit, see ``_enqueue``); each returns once its own entry is durable."""
