@@ -661,6 +661,36 @@ def test_cancel_inside_iter_callback(tmp_path: Path, kind: str) -> None:
     assert where["queue1" if kind == "async" else "queue2"] == {"None000000"}
 
 
+@pytest.mark.parametrize("dead_letter", [None, Queue.QUEUE3], ids=["exhausted-no-dead-letter", "dead-letter"])
+def test_cancel_while_on_error_policy_runs_never_strands_the_entry(tmp_path: Path, dead_letter: Any) -> None:
+    """An async callback raises; the task is cancelled while the Backoff policy's step
+    runs in the executor. Whatever the policy decides (dead-letter it, or leave it to the
+    caller because attempts ran out with no dead-letter queue), the entry must end up in
+    a queue, never left checked out by this live process."""
+    sp = make_spoolable()
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        async with await AsyncSpool.create(path, sp) as spool:
+            await spool.enqueue(Queue.QUEUE1, Cog(1), b"")
+            policy = multispool.Backoff(max_attempts=1, dead_letter=dead_letter)
+            tasks: list[asyncio.Future[Any]] = []
+
+            async def f(meta: Any, data_file: Any) -> Any:
+                # Cancelled at the task's next await: the policy step in the executor.
+                asyncio.get_running_loop().call_soon(tasks[0].cancel)
+                raise RuntimeError("boom")
+
+            async with spool.reader(Queue.QUEUE1, rescan_interval=NO_RESCAN) as reader:
+                tasks.append(asyncio.ensure_future(reader.iter(f, on_error=policy)))
+                with pytest.raises(asyncio.CancelledError):
+                    await tasks[0]
+
+    run(main)
+    where = check_settled(path, sp)
+    assert where["queue1" if dead_letter is None else "queue3"] == {"None000000"}
+
+
 @pytest.mark.parametrize("op", ["save", "remove", "release", "enqueue"])
 def test_cancelled_save_remove_release_enqueue_complete(tmp_path: Path, op: str) -> None:
     gate = Gate()

@@ -185,6 +185,15 @@ def _finish_or_release(co: CheckedOutEntry[Any, Any], action: Any) -> None:
         raise
 
 
+def _fail_or_release(co: CheckedOutEntry[Any, Any], policy: Backoff | None, exc: BaseException) -> bool:
+    """A callback raised ``exc`` on ``co``: apply ``policy`` (True if it took the entry:
+    retried later or dead-lettered), else give the entry back unchanged (False)."""
+    if policy is not None and Spool._on_failure(co, policy, exc):
+        return True
+    co.release()
+    return False
+
+
 def _apply_with_result(co: CheckedOutEntry[Any, Any], pair: Any) -> Any:
     action, result = pair
     _finish_or_release(co, action)
@@ -1229,12 +1238,13 @@ class AsyncQueueReader(Generic[M, D]):
         try:
             action = await f(co.contents, co.data_file)
         except Exception as e:
-            # The same policy step as the sync reader's, in the executor (it writes).
-            if on_error is not None and await self.spool._run(
-                Spool._on_failure, co.sync, on_error, e, cancellable=False, on_error=co.sync.release
+            # The same policy step as the sync reader's, and the release when the policy
+            # leaves the entry to us, in one executor call that completes even if this
+            # task is cancelled meanwhile (a release left for after it would be skipped).
+            if await self.spool._run(
+                _fail_or_release, co.sync, on_error, e, cancellable=False, on_error=co.sync.release
             ):
                 return
-            await co.release()
             raise
         except BaseException:
             await co.release()
