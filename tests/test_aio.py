@@ -661,6 +661,37 @@ def test_cancel_inside_iter_callback(tmp_path: Path, kind: str) -> None:
     assert where["queue1" if kind == "async" else "queue2"] == {"None000000"}
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("returned", ["action-only", "three-tuple", "none"])
+def test_with_entry_callback_not_returning_a_pair_gives_entry_back(
+    tmp_path: Path, kind: str, returned: str
+) -> None:
+    """As the sync ``with_entry``: a callback whose return value is not an
+    ``(action, result)`` pair raises, and the entry goes back unchanged."""
+    sp = make_spoolable()
+    path = tmp_path / "s"
+    value: Any = {"action-only": multispool.REMOVE, "three-tuple": (multispool.REMOVE, 1, 2), "none": None}
+    value = value[returned]
+
+    async def main() -> None:
+        async with await AsyncSpool.create(path, sp) as spool:
+            e = await spool.enqueue(Queue.QUEUE1, Cog(1), b"")
+
+            def sync_f(meta: Any, data_file: Any) -> Any:
+                return value
+
+            async def async_f(meta: Any, data_file: Any) -> Any:
+                return value
+
+            with pytest.raises((TypeError, ValueError)):
+                await spool.with_entry(e, sync_f if kind == "sync" else async_f)
+            with pytest.raises((TypeError, ValueError)):
+                await spool.with_entry_if_found(e, sync_f if kind == "sync" else async_f)
+
+    run(main)
+    assert check_settled(path, sp)["queue1"] == {"None000000"}
+
+
 @pytest.mark.parametrize("dead_letter", [None, Queue.QUEUE3], ids=["exhausted-no-dead-letter", "dead-letter"])
 def test_cancel_while_on_error_policy_runs_never_strands_the_entry(tmp_path: Path, dead_letter: Any) -> None:
     """An async callback raises; the task is cancelled while the Backoff policy's step

@@ -195,7 +195,13 @@ def _fail_or_release(co: CheckedOutEntry[Any, Any], policy: Backoff | None, exc:
 
 
 def _apply_with_result(co: CheckedOutEntry[Any, Any], pair: Any) -> Any:
-    action, result = pair
+    """Apply a ``with_entry`` callback's ``(action, result)``; if it is not such a pair,
+    or the action fails, the entry goes back unchanged (as ``Spool._apply``)."""
+    try:
+        action, result = pair
+    except BaseException:
+        co.release()
+        raise
     _finish_or_release(co, action)
     return result
 
