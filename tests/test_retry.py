@@ -214,6 +214,21 @@ def test_earlier_due_time_is_noticed(spool: multispool.Spool[Any, bytes]) -> Non
         co.remove()
 
 
+@pytest.mark.parametrize("how", ["dequeue_available", "dequeue"])
+def test_earlier_due_time_is_noticed_by_a_listing(spool: multispool.Spool[Any, bytes], how: str) -> None:
+    """As above, with no event naming the entry: a polling reader (whose polls compare
+    names, and the name stayed) and a fresh listing. The entry is due now and in its
+    queue: dequeue_available hands it out, dequeue does not wait for the cached hour."""
+    e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="e", delay=3600)
+    with spool.reader(Queue.QUEUE1, observer="polling", poll_interval=60, rescan_interval=0.1) as r:
+        assert r.dequeue_available() is None
+        spool.checkout(e).save(Queue.QUEUE1)
+        assert e.due() is None
+        co = r.dequeue_available() if how == "dequeue_available" else r.dequeue(timeout=2)
+        assert co is not None and co.name == e.name
+        co.remove()
+
+
 def test_many_delayed_entries_cost_no_cpu_and_wake_on_time(spool: multispool.Spool[Any, bytes]) -> None:
     """10,000 delayed entries, nothing due: the waiting reader stays under 0.1 % of a core
     (deferred names are not claimed again; rescans do not list an unchanged directory);

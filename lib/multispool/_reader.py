@@ -496,7 +496,13 @@ class QueueReader(Generic[M, D]):
         self._hinted.clear()  # announced before this listing: the listing has them
         try:
             st = os.stat(self._qdir)
-            names = self.spool._list_names(self._qdir)
+            if self._due_ino:
+                # Names deferred as not due: the listing's inode numbers (free, d_ino)
+                # tell which were moved back into the queue since, maybe due earlier.
+                inodes = self._list_inodes()
+                names = list(inodes)
+            else:
+                names = self.spool._list_names(self._qdir)
         except FileNotFoundError:
             raise NotASpoolError("queue directory disappeared", self._qdir) from None
         if self._watched is not None and self._watched != (st.st_dev, st.st_ino):
@@ -511,9 +517,29 @@ class QueueReader(Generic[M, D]):
             _clock.add(self, time.monotonic())  # rescans are scheduled from the first listing on
         racy = time.time() - st.st_mtime < RACY_MTIME
         self._listed = ((st.st_dev, st.st_ino, st.st_mtime_ns), racy)
+        if self._due_ino:
+            self._forget_requeued(inodes)
         names.sort(reverse=True)
         self._pending = names
         self._pending_listed = True
+
+    def _list_inodes(self) -> dict[str, int]:
+        """The queue's entry names (dot-names skipped) with their inode numbers as the
+        directory listing gives them (no stat per entry)."""
+        with self.spool.spoolable.throttled(), os.scandir(self._qdir) as it:
+            return {e.name: e.inode() for e in it if e.name[0] != "."}
+
+    def _forget_requeued(self, inodes: dict[str, int]) -> None:
+        """After a listing: drop the not-due deferral of every name whose queue file is
+        another inode now (moved back into the queue, possibly due earlier, with no
+        event naming it: a polling reader compares names, an event may be lost), and
+        forget the names no longer in the queue."""
+        for name, ino in list(self._due_ino.items()):
+            now_ino = inodes.get(name)
+            if now_ino is None:
+                del self._due_ino[name]
+            elif now_ino != ino:
+                self._requeued(name, listed=True)  # confirmed by lstat (d_ino may differ)
 
     def _drain_hints(self) -> None:
         hints = self._hints
@@ -618,12 +644,13 @@ class QueueReader(Generic[M, D]):
             # announced twice): not a sign of readers trailing each other in a listing.
         return None
 
-    def _requeued(self, name: str) -> bool:
-        """For a name deferred as not due, announced by an event: True (and the deferral
-        dropped) if its queue file is another inode now: it was moved back into the queue,
-        possibly due earlier. One lstat, only for such names."""
+    def _requeued(self, name: str, listed: bool = False) -> bool:
+        """For a name deferred as not due, announced by an event (or whose inode changed
+        in a listing, ``listed``): True (and the deferral dropped) if its queue file is
+        another inode now: it was moved back into the queue, possibly due earlier. One
+        lstat, only for such names."""
         ino = self._due_ino.get(name)
-        if ino is None or self._pending_listed:
+        if ino is None or (self._pending_listed and not listed):
             return False
         try:
             now_ino = os.lstat(self.spool._layout.queue_file(self._dirname, name)).st_ino
