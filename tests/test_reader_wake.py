@@ -374,6 +374,39 @@ def test_queue_directory_replaced_while_waiting(spool: multispool.Spool[bytes], 
         assert sub is not None and not sub.stale
 
 
+def test_close_from_another_thread_during_resubscription_leaves_no_watch(
+    spool: multispool.Spool[bytes], mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() runs in another thread while the reader re-subscribes to its replaced
+    queue directory: the new subscription must not outlive the closed reader (it kept
+    the directory watched, and the observer thread running, for ever)."""
+    q = qdir(spool)
+    reader = spool.reader(Queue.QUEUE1, observer=mode, rescan_interval=NO_RESCAN, poll_interval=POLL)
+    try:
+        assert reader.dequeue_available() is None
+        new = q + ".new"
+        os.makedirs(os.path.join(new, ".checkout"))
+        os.rename(q, q + ".old")
+        os.rename(new, q)
+        real_subscribe = _watch.subscribe
+
+        def subscribe_racing_close(*args: Any, **kwargs: Any) -> _watch.Subscription:
+            closer = threading.Thread(target=reader.close)  # "another thread", right now
+            closer.start()
+            closer.join(WAIT)
+            assert not closer.is_alive()
+            return real_subscribe(*args, **kwargs)
+
+        monkeypatch.setattr(_watch, "subscribe", subscribe_racing_close)
+        assert reader.dequeue_available() is None
+        monkeypatch.setattr(_watch, "subscribe", real_subscribe)
+        assert reader.closed
+        sub = reader._sub
+        assert sub is None or sub.closed, "a closed reader still watches its directory"
+    finally:
+        reader.close()
+
+
 def test_reader_made_before_fork_works_in_the_child(spool: multispool.Spool[bytes]) -> None:
     with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
         assert reader.dequeue_available() is None

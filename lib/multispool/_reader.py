@@ -400,6 +400,12 @@ class QueueReader(Generic[M, D]):
             raise NotASpoolError("queue directory does not exist", self._qdir) from None
         self._watched = (st.st_dev, st.st_ino)
         self._must_list = True
+        if self._closed:
+            # close() ran meanwhile in another thread: it sets _closed before it takes
+            # _sub, so either it closed this subscription or we see it closed here.
+            sub, self._sub = self._sub, None
+            if sub is not None:
+                sub.close()
 
     def _on_event(self, name: str | None = None) -> None:
         # Observer thread. The hint goes in before the wake, so a reader that cleared
