@@ -319,6 +319,57 @@ def test_bad_arguments(spool: multispool.Spool[Any, bytes]) -> None:
         spool.reader(Queue.QUEUE1, observer="bogus")
 
 
+@pytest.mark.parametrize("timeout", [float("inf"), 1e300], ids=["inf", "huge"])
+def test_dequeue_with_an_infinite_timeout_waits_until_stopped(
+    spool: multispool.Spool[Any, bytes], timeout: float
+) -> None:
+    """timeout=math.inf (or any timeout beyond what the OS can wait) means "no timeout",
+    as in the aio reader: it waits for an entry or stop; it does not raise OverflowError."""
+    stop = threading.Event()
+    outcome: list[object] = []
+    with spool.reader(Queue.QUEUE1, rescan_interval=NO_RESCAN) as reader:
+        waits = hook_waits(reader)
+
+        def call() -> None:
+            try:
+                outcome.append(reader.dequeue(stop=stop, timeout=timeout))
+            except BaseException as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=call)
+        t.start()
+        try:
+            deadline = time.monotonic() + 5
+            while not waits.is_set() and t.is_alive():
+                assert time.monotonic() < deadline, "dequeue neither waited nor returned"
+                waits.wait(0.01)
+            stop.set()
+            t.join(5)
+            assert not t.is_alive(), "dequeue did not return once stopped"
+        finally:
+            stop.set()
+            reader.close()
+            t.join(5)
+    assert outcome == [None], outcome
+
+
+@pytest.mark.parametrize("setting", ["rescan_interval", "poll_interval"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_reader_refuses_non_finite_intervals(
+    spool: multispool.Spool[Any, bytes], setting: str, value: float
+) -> None:
+    """An infinite rescan_interval made the first listing raise OverflowError; an
+    infinite poll_interval killed the polling thread. Both are refused, in the sync and
+    the aio reader alike, like a zero or negative one."""
+    with pytest.raises(ValueError, match=setting):
+        spool.reader(Queue.QUEUE1, observer="polling", **{setting: value})
+    from multispool.aio import AsyncSpool
+
+    aspool = AsyncSpool(spool)
+    with pytest.raises(ValueError, match=setting):
+        aspool.reader(Queue.QUEUE1, observer="polling", **{setting: value})
+
+
 def test_dequeue_refuses_a_nan_timeout(spool: multispool.Spool[Any, bytes]) -> None:
     # A NaN deadline is never reached (every comparison with it is false): the call
     # would wait forever. It is refused at once instead.

@@ -407,6 +407,47 @@ def test_close_from_another_thread_during_resubscription_leaves_no_watch(
         reader.close()
 
 
+def test_huge_poll_interval_does_not_kill_the_polling_thread(tmp_path: Path) -> None:
+    """A finite poll interval beyond threading.TIMEOUT_MAX made the polling thread's
+    timed wait raise OverflowError at once (an unhandled exception in that thread)."""
+    d = tmp_path / "q"
+    d.mkdir()
+    with _watch.subscribe(d, lambda: None, "polling", polling_interval=1e300) as sub:
+        backend = sub._entry.backend if sub._entry is not None else None
+        assert isinstance(backend, _watch._PollingBackend)
+        thread = backend._thread
+        assert thread is not None
+    # close() joined the thread: had it died, pytest reports its exception (an error).
+    assert not thread.is_alive()
+
+
+def test_huge_rescan_interval_does_not_kill_the_rescan_thread(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared rescan thread waits until the earliest reader's next check: with a
+    rescan_interval beyond threading.TIMEOUT_MAX that wait raised OverflowError and the
+    thread died, ending the safety-net rescans of every reader in the process."""
+    clock = _reader._RescanClock()
+    monkeypatch.setattr(_reader, "_clock", clock)
+    waits: list[float | None] = []
+    long_wait = threading.Event()
+    real_wait = clock.cond.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        waits.append(timeout)
+        if timeout is not None and timeout > 1e6:
+            long_wait.set()
+        return real_wait(timeout)
+
+    monkeypatch.setattr(clock.cond, "wait", wait)
+    with spool.reader(Queue.QUEUE1, rescan_interval=1e300) as reader:
+        assert reader.dequeue_available() is None  # the first listing schedules its checks
+        assert long_wait.wait(WAIT), waits
+        assert clock.thread is not None and clock.thread.is_alive()
+        assert max(w for w in waits if w is not None) <= threading.TIMEOUT_MAX, waits
+    wait_for(lambda: clock.thread is None, what="the rescan thread to end")
+
+
 def test_reader_made_before_fork_works_in_the_child(spool: multispool.Spool[bytes]) -> None:
     with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
         assert reader.dequeue_available() is None

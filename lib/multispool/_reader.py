@@ -90,6 +90,20 @@ RESCAN_GRID_MAX: Final = 1.0
 DUE_RECHECK: Final = 3600.0
 
 
+# The longest a thread can block in one wait (Event.wait, Condition.wait and
+# Lock.acquire raise OverflowError beyond it): longer waits are cut to it (and resumed).
+MAX_WAIT: Final = threading.TIMEOUT_MAX
+
+
+def interval_seconds(what: str, value: Duration) -> float:
+    """A reader's ``rescan_interval`` or ``poll_interval`` as float seconds: finite and
+    > 0, else ValueError (an infinite one can be neither scheduled nor waited for)."""
+    s = seconds(value)
+    if not 0 < s < math.inf:
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
+    return s
+
+
 class NotBefore:
     """The names a reader must not try before a given time (``time.monotonic()``).
 
@@ -284,7 +298,7 @@ class _RescanClock:
                         return
                     # No schedule yet (readers made, not yet listed): look again now
                     # and then, in case they are dropped without close().
-                    self.cond.wait(self.heap[0][0] - now if self.heap else 1.0)
+                    self.cond.wait(min(self.heap[0][0] - now, MAX_WAIT) if self.heap else 1.0)
                     now = time.monotonic()
                 due: list[tuple[int, weakref.ref[QueueReader[Any, Any]]]] = []
                 while self.heap and self.heap[0][0] <= now:
@@ -338,12 +352,8 @@ class QueueReader(Generic[M, D]):
         self.queue = queue
         self._dirname = spool.spoolable.dirname(queue)
         self._qdir = spool._layout.queue(self._dirname)
-        self.rescan_interval = seconds(rescan_interval)
-        if not self.rescan_interval > 0:
-            raise ValueError(f"rescan_interval must be > 0, got {rescan_interval!r}")
-        self.poll_interval = seconds(poll_interval)
-        if not self.poll_interval > 0:
-            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self.rescan_interval = interval_seconds("rescan_interval", rescan_interval)
+        self.poll_interval = interval_seconds("poll_interval", poll_interval)
         self.observer, self.observer_reason = _watch.choose_observer(self._qdir, observer)
         self._wake = threading.Event()
         # Called (from the observer or rescan thread) after every wake; the aio reader
@@ -688,7 +698,8 @@ class QueueReader(Generic[M, D]):
                 self._busy_delay = min(self._busy_delay * 2, BUSY_RETRY_MAX)
         if deadline is not None:
             wait = deadline - now if wait is None else min(wait, deadline - now)
-        return wait
+        # A deadline beyond what a thread can wait for (timeout=math.inf): wait in parts.
+        return wait if wait is None or wait <= MAX_WAIT else MAX_WAIT
 
     def dequeue_available(self) -> CheckedOutEntry[M, D] | None:
         """The next entry that is due and can be claimed now, else None. Never waits."""

@@ -829,7 +829,7 @@ class _PollingBackend(_Backend):
         entry.handle = None
 
     def _run(self) -> None:
-        interval = self.key[1]
+        interval = min(self.key[1], threading.TIMEOUT_MAX)  # acquire() refuses longer
         running = self._running
         while not running.acquire(timeout=interval):
             # Iterated without the lock: add/drop replace entries of the dict, and a

@@ -52,10 +52,10 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
-from ._reader import QueueReader
+from ._reader import QueueReader, interval_seconds
 from ._schedule import Backoff
 from ._spool import NOT_FOUND, Action, CheckedOutEntry, DataFile, Entry, NotFound, Spool
-from ._spoolable import Duration, Spoolable, seconds, timeout_seconds
+from ._spoolable import Duration, Spoolable, timeout_seconds
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
@@ -949,12 +949,8 @@ class AsyncQueueReader(Generic[M, D]):
         spool.spoolable.dirname(queue)
         if observer not in ("auto", "native", "polling"):
             raise ValueError(f"observer must be 'auto', 'native' or 'polling', got {observer!r}")
-        self.rescan_interval = seconds(rescan_interval)
-        if not self.rescan_interval > 0:
-            raise ValueError(f"rescan_interval must be > 0, got {rescan_interval!r}")
-        self.poll_interval = seconds(poll_interval)
-        if not self.poll_interval > 0:
-            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self.rescan_interval = interval_seconds("rescan_interval", rescan_interval)
+        self.poll_interval = interval_seconds("poll_interval", poll_interval)
         self.spool = spool
         self.queue = queue
         self._observer_request = observer
