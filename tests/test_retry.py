@@ -59,6 +59,31 @@ def test_record_round_trip_and_torn_write_keeps_previous() -> None:
     assert _schedule.decode(b"") == _schedule.NOW
 
 
+def test_record_sequence_number_wraps_around(spool: multispool.Spool[Any, bytes]) -> None:
+    """The slot sequence number is 32 bits on disk: the write after seq 0xFFFFFFFF stores
+    seq 0 (in the other slot, as always). That record must win over 0xFFFFFFFF, or every
+    later write is lost: the due time and the attempt count stop changing for good (an
+    entry failing under a Backoff policy would never reach max_attempts)."""
+    top = 0xFFFFFFFF
+    e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="w")
+    reg = os.path.join(spool.dir, ".registry", e.name)
+    with open(reg, "wb") as f:  # seq top - 1 in slot 0, seq top in slot 1
+        f.write(_schedule.encode_slot(0.0, 6, top - 1) + _schedule.encode_slot(0.0, 7, top))
+    assert e.attempts() == 7 and e.due() is None
+    co = spool.checkout(e)
+    co.retry(3600)
+    due = e.due()
+    assert due is not None and due > time.time() + 3000, "the retry's due time was lost"
+    assert e.attempts() == 7
+    co = spool.checkout(e)
+    co.retry(0)  # seq 1, in slot 1 again
+    assert e.due() is None and e.attempts() == 7
+    # Plain serial-number order around the wrap, either slot first.
+    a, b = _schedule.encode_slot(1.0, 1, top), _schedule.encode_slot(2.0, 2, 0)
+    assert _schedule.decode(b + a) == _schedule.Schedule(2.0, 2, 0)
+    assert _schedule.decode(_schedule.encode_slot(3.0, 3, 1) + b) == _schedule.Schedule(3.0, 3, 1)
+
+
 def test_unreadable_record_is_due_now_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="multispool"):
         assert _schedule.decode(b"garbage", "/x/.registry/n") == _schedule.NOW

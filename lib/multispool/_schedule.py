@@ -9,7 +9,8 @@ call. Otherwise the file holds two fixed-size slots::
     offset 24  slot B   (same)
 
 little-endian, the crc32 covering the 20 bytes before it. ``due`` is a POSIX time (0.0:
-due now); the valid slot with the higher ``seq`` is the record. A write goes to the
+due now); the valid slot with the later ``seq`` is the record (serial-number order: seq
+wraps from 0xFFFFFFFF to 0). A write goes to the
 other slot (``seq + 1``), so a write torn by a crash damages only the slot being
 written and the previous record stays readable: an acknowledged count never goes
 backwards. Going back to "due now, 0 attempts" truncates the file to empty (the OCaml
@@ -40,6 +41,7 @@ _CRC: Final = struct.Struct("<I")
 SLOT_SIZE: Final = _BODY.size + _CRC.size  # 24
 RECORD_SIZE: Final = 2 * SLOT_SIZE
 _MAX_ATTEMPTS: Final = 0xFFFFFFFF
+_SEQ_MASK: Final = 0xFFFFFFFF  # seq is stored in 32 bits, and wraps
 
 
 @dataclass(frozen=True)
@@ -84,14 +86,21 @@ def decode(raw: bytes, path: str = "?") -> Schedule:
     if a is None and b is None:
         log.warning("multispool: unreadable schedule record in %s (%d bytes): due now", path, len(raw))
         return NOW
-    if a is None or (b is not None and b.seq > a.seq):
+    if a is None or (b is not None and _newer(b.seq, a.seq)):
         assert b is not None
         return b
     return a
 
 
+def _newer(x: int, y: int) -> bool:
+    """Whether sequence number ``x`` comes after ``y``. They are 32 bits on disk and wrap
+    (the write after 0xFFFFFFFF stores 0), so compared as serial numbers (RFC 1982):
+    two valid slots' numbers differ by one."""
+    return 0 < (x - y) & _SEQ_MASK < 0x80000000
+
+
 def encode_slot(due: float, attempts: int, seq: int) -> bytes:
-    body = _BODY.pack(_MAGIC, due, min(attempts, _MAX_ATTEMPTS), seq & 0xFFFFFFFF)
+    body = _BODY.pack(_MAGIC, due, min(attempts, _MAX_ATTEMPTS), seq & _SEQ_MASK)
     return body + _CRC.pack(zlib.crc32(body))
 
 
