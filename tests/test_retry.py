@@ -498,6 +498,46 @@ def test_backoff_retries_then_dead_letters(
     assert e.name in caplog.text and "remote host down" in caplog.text
 
 
+@pytest.mark.parametrize("kind", ["sync", "aio-sync-f", "aio-async-f"])
+@pytest.mark.parametrize("dead_letter", [Queue.QUEUE3, None], ids=["dead-letter", "retry"])
+def test_policy_keeps_metadata_a_failing_handler_mutated_in_place(
+    spool: multispool.Spool[Any, bytes], kind: str, dead_letter: Any
+) -> None:
+    """A handler changes its metadata object in place (msgspec Structs are mutable), then
+    raises. Without a policy the entry goes back unchanged; with one it must too: the
+    dead-letter queue gets it "with its metadata and data untouched" (API.md §12), and
+    a retry tries again the entry as it was, not a half-done edit."""
+    e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="m")
+    policy = multispool.Backoff(first=3600, max_attempts=1 if dead_letter else None, dead_letter=dead_letter)
+
+    def f(m: Any, df: Any) -> Any:
+        m.n = 99
+        raise RuntimeError("half done")
+
+    async def af(m: Any, df: Any) -> Any:
+        return f(m, df)
+
+    if kind == "sync":
+        with spool.reader(Queue.QUEUE1) as r:
+            co = r.dequeue_available()
+            assert co is not None
+            r._process(co, f, policy)
+    else:
+        from multispool import aio
+
+        async def main() -> None:
+            async with aio.AsyncSpool(spool) as aspool, aspool.reader(Queue.QUEUE1) as r:
+                co = await r.dequeue_available()
+                assert co is not None
+                await r._process(co, f if kind == "aio-sync-f" else af, policy)
+
+        asyncio.run(main())
+    q = dead_letter or Queue.QUEUE1
+    got = multispool.Entry(spool, q, e.name)
+    assert spool.list(q) == [got] and got.attempts() == 1
+    assert got.direct.contents() == Cog(1)
+
+
 def test_attempts_count_up_and_reset_on_save(spool: multispool.Spool[Any, bytes]) -> None:
     e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="c")
     policy = multispool.Backoff(first=0.0, jitter=0.0)

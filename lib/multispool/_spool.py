@@ -484,27 +484,32 @@ class CheckedOutEntry(Generic[M, D]):
         """Count a failure under ``policy``: back into its queue after the policy's delay,
         or into its dead-letter queue once out of attempts (metadata and data untouched).
         Returns the dead-letter queue when it went there, else None. The caller checked
-        that a dead-letter queue exists if the policy is exhausted."""
+        that a dead-letter queue exists if the policy is exhausted. The metadata written
+        is the bytes as claimed: a failed handler may have changed its metadata object in
+        place, and a failure leaves the entry as it was (as a release does)."""
         self._check_live()
         attempts = self._claim.sched.attempts
         if policy.exhausted(attempts):
             dl = policy.dead_letter
-            self._move(dl, self.contents, 0.0, attempts + 1)
+            self._move(dl, self.contents, 0.0, attempts + 1, as_claimed=True)
             return dl  # type: ignore[no-any-return]
         due = time.time() + policy.delay(attempts)
-        self._move(self.queue, self.contents, due, attempts + 1)
+        self._move(self.queue, self.contents, due, attempts + 1, as_claimed=True)
         return None
 
-    def _move(self, queue: enum.Enum, contents: Any, due: float, attempts: int) -> None:
+    def _move(
+        self, queue: enum.Enum, contents: Any, due: float, attempts: int, *, as_claimed: bool = False
+    ) -> None:
         """Write ``contents`` (only if changed) and the schedule (only if changed), then
-        rename into ``queue``: the one step every save, retry and dead-letter ends with."""
+        rename into ``queue``: the one step every save, retry and dead-letter ends with.
+        ``as_claimed``: keep the metadata bytes read at the claim (``contents`` unused)."""
         sp = self.spool.spoolable
         lay = self.spool._layout
         dst_dir = sp.dirname(queue)
         src_dirname = sp.dirname(self.queue)
         src = lay.checkout_file(src_dirname, self.name)  # self.path
         dst = lay.queue_file(dst_dir, self.name)
-        raw = sp._codec.encode(contents)
+        raw = self._raw if as_claimed and self._raw is not None else sp._codec.encode(contents)
         full = sp.durability == "full"
         claim = self._claim
         old = claim.sched
