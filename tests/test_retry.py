@@ -567,6 +567,30 @@ def test_no_policy_or_no_dead_letter_propagates(spool: multispool.Spool[Any, byt
             r.iter(_failing([]), on_error="retry")  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             r.iter(_failing([]), on_error=multispool.Backoff(dead_letter="elsewhere"))
+        # Its own queue as the dead-letter queue: once out of attempts, every failure
+        # would put the entry straight back, due at once, for ever.
+        with pytest.raises(ValueError, match="dead_letter"):
+            r.iter(_failing([]), on_error=multispool.Backoff(max_attempts=1, dead_letter=Queue.QUEUE1))
+        assert e.attempts() == 0 and spool.list(Queue.QUEUE1) == [e]
+
+
+async def _aio_iter_own_dead_letter(spool: multispool.Spool[Any, bytes]) -> None:
+    import multispool.aio
+
+    async with multispool.aio.AsyncSpool(spool) as aspool:
+        r = aspool.reader(Queue.QUEUE1)
+        try:
+            own = multispool.Backoff(max_attempts=1, dead_letter=Queue.QUEUE1)
+            with pytest.raises(ValueError, match="dead_letter"):
+                await r.iter(_failing([]), on_error=own)
+        finally:
+            await r.aclose()
+
+
+def test_own_queue_as_dead_letter_is_refused_by_the_async_reader(spool: multispool.Spool[Any, bytes]) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="n")
+    asyncio.run(_aio_iter_own_dead_letter(spool))
+    assert e.attempts() == 0 and spool.list(Queue.QUEUE1) == [e]
 
 
 # -- crash safety -----------------------------------------------------------------------

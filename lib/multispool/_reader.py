@@ -773,7 +773,7 @@ class QueueReader(Generic[M, D]):
         ``on_error=None`` that entry goes back unchanged and the exception propagates;
         with a Backoff policy the exception is logged, the entry retried later or
         dead-lettered by the policy, and ``iter`` goes on."""
-        policy = self.spool._check_policy(on_error)
+        policy = self.spool._check_policy(on_error, self.queue)
         while True:
             co = self.dequeue(stop=stop)
             if co is None:

@@ -1261,14 +1261,21 @@ class Spool(Generic[M, D]):
                 f"expected multispool.Save(...), multispool.Retry(...) or multispool.REMOVE, got {action!r}"
             )
 
-    def _check_policy(self, on_error: object) -> Backoff | None:
-        """``on_error`` if it is None or a Backoff whose dead-letter queue is ours."""
+    def _check_policy(self, on_error: object, queue: enum.Enum) -> Backoff | None:
+        """``on_error`` if it is None or a Backoff whose dead-letter queue is one of ours
+        and not ``queue``, the one the reader reads (an entry out of attempts would go
+        straight back, due at once, for ever)."""
         if on_error is None:
             return None
         if not isinstance(on_error, Backoff):
             raise TypeError(f"on_error must be None or a multispool.Backoff, got {on_error!r}")
         if on_error.dead_letter is not None:
             self.spoolable.dirname(on_error.dead_letter)  # ValueError if not one of our queues
+            if on_error.dead_letter is queue:
+                raise ValueError(
+                    f"Backoff dead_letter must be another queue than the one read ({queue!r}): "
+                    "an entry out of attempts would come straight back"
+                )
         return on_error
 
     @staticmethod

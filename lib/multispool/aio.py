@@ -1263,7 +1263,7 @@ class AsyncQueueReader(Generic[M, D]):
         with the sync DataFile (several entries per trip there). If ``f`` raises (or the
         task is cancelled in it): with ``on_error=None`` that entry goes back unchanged
         and the exception propagates; with a Backoff policy, as ``QueueReader.iter``."""
-        policy = self.spool.sync._check_policy(on_error)
+        policy = self.spool.sync._check_policy(on_error, self.queue)
         if _is_async(f):
             while True:
                 co = await self.dequeue(stop=stop)
