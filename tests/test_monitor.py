@@ -449,6 +449,38 @@ def test_daemon_survives_failing_check(
     assert "disk on fire" in caplog.text
 
 
+@pytest.mark.parametrize("every", [1e10, 1e300, float("inf")])
+def test_daemon_with_a_period_longer_than_a_wait_can_take(
+    spool: multispool.Spool[Any, bytes], every: float
+) -> None:
+    """A check_every beyond threading.TIMEOUT_MAX (about 292 years) used to kill the
+    daemon's thread with OverflowError right after its first check: the wait is clamped."""
+    m = make(spool)
+    checked = threading.Event()
+    real = m.run_once
+
+    def once() -> list[Any]:
+        try:
+            return real()
+        finally:
+            checked.set()
+
+    m.run_once = once  # type: ignore[method-assign]
+    died: list[BaseException | None] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: died.append(args.exc_value)
+    stop = threading.Event()
+    try:
+        t = multispool.MonitorDaemon(check_every=every).start(m, lambda ev: None, stop)
+        assert checked.wait(10)
+    finally:
+        stop.set()
+        t.join(10)
+        threading.excepthook = old_hook
+    assert not t.is_alive()
+    assert died == []
+
+
 def test_daemon_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError):
         multispool.MonitorDaemon(check_every=0)

@@ -504,8 +504,11 @@ class MonitorDaemon:
                         callback(ev)
                     except Exception:
                         log.exception("multispool monitor: callback raised on %r", ev)
-                # Keep a steady period whatever the check cost.
-                stop_event.wait(max(0.0, every - (time.monotonic() - started)))
+                # Keep a steady period whatever the check cost. A wait longer than
+                # threading.TIMEOUT_MAX (about 292 years; an infinite period) raises
+                # OverflowError: clamped, the daemon then waits that long, as asked.
+                left = every - (time.monotonic() - started)
+                stop_event.wait(min(max(0.0, left), threading.TIMEOUT_MAX))
 
         t = threading.Thread(target=loop, name=f"multispool-monitor {monitor.spool.dir}", daemon=True)
         t.start()
