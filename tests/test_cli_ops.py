@@ -310,6 +310,26 @@ def test_watch_prints_plain_lines_off_a_terminal(sp: str, procs: list[subprocess
     assert "\x1b" not in "".join(first) + line + out
 
 
+@pytest.mark.parametrize("option", ["--interval", "--min-interval"])
+def test_watch_with_an_interval_longer_than_a_wait_can_take(
+    sp: str, procs: list[subprocess.Popen[str]], option: str
+) -> None:
+    """A finite duration beyond threading.TIMEOUT_MAX (about 292 years) used to end
+    watch with an OverflowError traceback right after its first table (no arrival
+    comes, so the wait is really entered); now it waits until told to stop."""
+    other = ["--min-interval", "0"] if option == "--interval" else ["--interval", "0.001"]
+    p = popen("watch", sp, option, "200000d", *other)
+    procs.append(p)
+    assert p.stdout is not None
+    first = [p.stdout.readline() for _ in range(3)]
+    assert [ln.split()[1] for ln in first] == ["in", "quarantine", "queue-2"], first
+    with pytest.raises(subprocess.TimeoutExpired):
+        p.wait(timeout=1.0)  # the crash came within a few ms; still running a second later
+    p.send_signal(signal.SIGTERM)
+    _out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and err == "", err
+
+
 def test_queue_view_counts_rates_and_oldest(sp: str) -> None:
     """watch's per-queue view: one listing per refresh, an lstat only for arrivals."""
     spool = spool_of(sp)

@@ -1130,9 +1130,11 @@ def cmd_watch(a: argparse.Namespace) -> int:
                                   f"oldest={_fmt_age(r['oldest_age'])} in/s={r['in_per_s']:.1f} "
                                   f"out/s={r['out_per_s']:.1f}\n")
             out.flush()
-            if stop.wait(max(a.min_interval, cost / WATCH_CPU_BUDGET)):
+            # Waits clamped to threading.TIMEOUT_MAX (about 292 years): a longer one
+            # raises OverflowError.
+            if stop.wait(min(max(a.min_interval, cost / WATCH_CPU_BUDGET), threading.TIMEOUT_MAX)):
                 break
-            wake.wait(a.interval)
+            wake.wait(min(a.interval, threading.TIMEOUT_MAX))
     finally:
         for sub in subs:
             sub.close()
