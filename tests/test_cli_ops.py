@@ -154,6 +154,34 @@ def test_rm_and_purge(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fsck", sp]) == 0
 
 
+@pytest.mark.parametrize("verb", ["purge", "rm"])
+def test_ctrl_c_in_rm_or_purge_leaves_no_entry_checked_out(
+    sp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, verb: str
+) -> None:
+    """Ctrl-C landing after an entry was claimed and before its removal began used to
+    leave that entry in in/.checkout (a dead checkout: fsck exit 1, a reader never sees
+    it until someone runs recover). It goes back into its queue."""
+    spool = spool_of(sp)
+    names = sorted(spool.enqueue(q(spool, "in"), b"{}", b"x").name for _ in range(5))
+    real_remove = multispool.CheckedOutEntry.remove
+    calls: list[str] = []
+
+    def remove(self: multispool.CheckedOutEntry[Any, bytes]) -> None:
+        calls.append(self.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the signal arrives as the third removal starts
+        real_remove(self)
+
+    monkeypatch.setattr(multispool.CheckedOutEntry, "remove", remove)
+    args = ["purge", sp, "in", "--yes"] if verb == "purge" else ["rm", sp, "in", *names]
+    assert main(args) == 130
+    assert [n for n in os.listdir(os.path.join(sp, "in", ".checkout")) if n[0] != "."] == []
+    left = [e.name for e in spool.list(q(spool, "in"))]
+    assert len(left) == 3 and calls[2] in left
+    capsys.readouterr()
+    assert main(["fsck", sp]) == 0, capsys.readouterr().out
+
+
 def test_ls_streams_and_limits(
     sp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

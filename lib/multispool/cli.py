@@ -638,6 +638,17 @@ def cmd_mv(a: argparse.Namespace) -> int:
     return 0
 
 
+def _remove(co: CheckedOutEntry[Any, bytes]) -> None:
+    """``co.remove()``; if it raises before the entry is gone (Ctrl-C between the claim
+    and the removal included), the entry goes back unchanged into its queue instead of
+    staying checked out by a process about to exit (a dead checkout)."""
+    try:
+        co.remove()
+    except BaseException:
+        co.release()  # nothing if the removal ended; else back into its queue
+        raise
+
+
 def cmd_rm(a: argparse.Namespace) -> int:
     """Remove entries of QUEUE under their owner locks; a name that cannot be removed
     (absent, held by a live process) is reported on stderr and makes the exit code 1."""
@@ -648,8 +659,7 @@ def cmd_rm(a: argparse.Namespace) -> int:
     for raw_name in a.names:
         try:
             name = _name_arg(raw_name)
-            co = _claim(spool, q, name, checked_out=False)
-            co.remove()
+            _remove(_claim(spool, q, name, checked_out=False))
         except (UsageError, SpoolError) as e:
             failed += 1
             sys.stderr.write(f"{PROG}: {' '.join(str(e).split())}\n")
@@ -677,7 +687,7 @@ def cmd_purge(a: argparse.Namespace) -> int:
                     if os.path.lexists(lay.queue_file(dn, name)):
                         skipped += 1
                     continue
-                co.remove()
+                _remove(co)
                 removed += 1
             except SpoolError as e:
                 skipped += 1
