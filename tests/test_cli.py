@@ -271,6 +271,37 @@ def test_fsck_reports_and_repairs(sp: str, capsys: pytest.CaptureFixture[str]) -
         assert os.listdir(os.path.join(lf, item)) == [label]
 
 
+def test_fsck_dry_run_removes_no_abandoned_enqueue_that_repair_keeps(
+    sp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run said "would remove abandoned enqueue" for registry names that --repair
+    does not remove: one whose entry a crash left as a keep link only (repair renames
+    it back into its queue) and junk planted at .registry/NAME (never locked, left)."""
+    from multispool._layout import keep_name
+
+    assert main(["enqueue", sp, "in", "--metadata", '{"n": 1}']) == 0
+    kept = capsys.readouterr().out.strip()
+    os.rename(os.path.join(sp, "in", kept), os.path.join(sp, "in", keep_name(kept)))  # cut move
+    os.symlink("/etc/hostname", os.path.join(sp, ".registry", "junk"))
+    Path(sp, ".registry", "gone").write_bytes(b"")  # a real abandoned enqueue
+    for n in (kept, "junk", "gone"):
+        os.utime(os.path.join(sp, ".registry", n), (time.time() - 3600,) * 2, follow_symlinks=False)
+
+    def abandoned(actions: list[str], verb: str) -> list[str]:
+        head = f"{verb} abandoned enqueue "
+        return sorted(a[len(head):].split(" ")[0] for a in actions if a.startswith(head))
+
+    before = tree(sp)
+    assert main(["fsck", sp, "--repair", "--dry-run", "--json"]) == 1
+    would = abandoned(json.loads(capsys.readouterr().out)["actions"], "would remove")
+    assert tree(sp) == before
+    assert main(["fsck", sp, "--repair", "--json"]) == 1  # the junk stays a problem
+    done = abandoned(json.loads(capsys.readouterr().out)["actions"], "removed")
+    assert done == ["gone"]
+    assert would == done
+    assert os.path.exists(os.path.join(sp, "in", kept))
+
+
 def test_fsck_repair_leaves_live_owner_alone(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     spool = multispool.Spool.load(sp, multispool.cli.make_spoolable(["in", "queue-2"]))
     e = spool.enqueue(spool.spoolable.queues("in"), b"{}", b"")

@@ -693,18 +693,24 @@ class _Repair:
             for name in self.spool._clean_abandoned(limit, keep_aside=True):
                 self.say("remove", "removed", f"abandoned enqueue {name} (files, if any, to {LOST_FOUND})")
             return
+        # What the run would remove, decided by its own checks (an entry a crash left as
+        # a keep link only goes back into its queue, junk at a registry name is left).
+        would = set(self.spool._clean_abandoned(limit, keep_aside=True, dry_run=True))
         now = time.time()
         for p in problems:
             if isinstance(p, Orphaned) and p.dir == Dir.REGISTRY:
                 name = p.file.filename
-                if now - p.file.mtime < limit:
+                if name in would:
+                    self.say("remove", "removed", f"abandoned enqueue {name}")
+                    would.discard(name)
+                elif now - p.file.mtime < limit:
                     self.done.append(f"left {REGISTRY}/{name}: younger than --max-tmp-file-age")
-                    continue
-                with _owner_lock(self.lay.registry_file(name)) as fd:
-                    if fd is None:
-                        self.done.append(f"left {REGISTRY}/{name}: held by a live process")
-                        continue
-                self.say("remove", "removed", f"abandoned enqueue {name}")
+                else:
+                    with _owner_lock(self.lay.registry_file(name)) as fd:
+                        if fd is None:
+                            self.done.append(f"left {REGISTRY}/{name}: held by a live process")
+        for name in sorted(would):  # abandoned since the check
+            self.say("remove", "removed", f"abandoned enqueue {name}")
 
     def stale_tmp(self, problems: list[Problem]) -> None:
         """TooOld tmp files of a registered entry: moved to ``.lost+found`` under its

@@ -1487,9 +1487,13 @@ class Spool(Generic[M, D]):
         keeps the tmp and data files in ``.lost+found``.)"""
         return self._clean_abandoned(older_than, keep_aside=False)
 
-    def _clean_abandoned(self, older_than: Duration, *, keep_aside: bool) -> builtins.list[str]:
+    def _clean_abandoned(
+        self, older_than: Duration, *, keep_aside: bool, dry_run: bool = False
+    ) -> builtins.list[str]:
         """``clean_abandoned``; with ``keep_aside``, the tmp and data files go to
-        ``.lost+found`` instead of being deleted (repair)."""
+        ``.lost+found`` instead of being deleted (repair). With ``dry_run``, the names it
+        would remove, decided by the same checks (the owner lock taken for an instant),
+        and nothing changed."""
         sp = self.spoolable
         lay = self._layout
         limit = seconds(older_than)
@@ -1535,6 +1539,9 @@ class Spool(Generic[M, D]):
                         for p in (os.path.join(d, name), lay.keep_file(d, name))
                     ):
                         continue
+                    if dry_run:
+                        removed.append(name)
+                        continue
                     if keep_aside:
                         # Repair never deletes what may be an entry's data (an acknowledged
                         # enqueue whose rename a crash lost, under "file" or "none").
@@ -1547,7 +1554,7 @@ class Spool(Generic[M, D]):
                     removed.append(name)
                 finally:
                     _fs.unlock(fd, gen)
-        if removed and sp.durability == "full":
+        if removed and sp.durability == "full" and not dry_run:
             _fs.fsync_dir(lay.registry)
         return removed
 
