@@ -37,6 +37,23 @@ def test_queues_must_be_a_non_empty_enum() -> None:
         multispool.Spoolable(queues=str)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("kw", ["file_mode", "dir_mode"])
+@pytest.mark.parametrize("bad", [-1, 0o10000, 2**40, True, 1.5, "0o600", None])
+def test_bad_modes_are_refused_at_construction(kw: str, bad: object) -> None:
+    """An invalid file_mode or dir_mode used to be accepted: -1 made every data and
+    registry file mode 7755 (setuid, setgid, executable), a str or float failed only at
+    the first enqueue, after Spool.create had made the spool."""
+    with pytest.raises(ValueError, match=kw):
+        multispool.Spoolable(queues=Queue, **{kw: bad})  # type: ignore[arg-type]
+
+
+def test_good_modes_are_kept() -> None:
+    sp = multispool.Spoolable(queues=Queue, file_mode=0o660, dir_mode=0o2770)
+    assert (sp.file_mode, sp.dir_mode) == (0o660, 0o2770)
+    sp = multispool.Spoolable(queues=Queue, file_mode=0, dir_mode=0o7777)
+    assert (sp.file_mode, sp.dir_mode) == (0, 0o7777)
+
+
 def test_duplicate_queue_values_are_enum_aliases(tmp_path: Path) -> None:
     # enum.Enum makes a repeated value an alias of the first member, so a Spoolable can
     # never see two queues with one directory: the alias is the same queue.

@@ -504,6 +504,11 @@ class Spoolable(Generic[M, D]):
             seen.add(dirname)
         if durability not in ("full", "file", "none"):
             raise ValueError(f"durability must be 'full', 'file' or 'none', got {durability!r}")
+        for kw, mode in (("file_mode", file_mode), ("dir_mode", dir_mode)):
+            # Permission bits only (0o7777): os.open and os.mkdir pass any int through,
+            # so -1 would create files with every bit set (setuid, setgid, executable).
+            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+                raise ValueError(f"{kw} must be an int of permission bits (0 to 0o7777), got {mode!r}")
         if quarantine is not None and quarantine not in members:
             raise ValueError(f"quarantine must be a member of {queues.__name__}, got {quarantine!r}")
         data = BytesData() if data is None else data
