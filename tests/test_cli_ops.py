@@ -69,6 +69,39 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"multispool {multispool.__version__}"
 
 
+def test_what_the_cli_creates_in_a_shared_spool_keeps_its_modes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spool shared by a group (file_mode=0o660, dir_mode=0o770) got 0o600 files and
+    0o700 directories from the command line (its Spoolable's defaults): an entry
+    enqueued, a queue added or an item put aside by an operator could not be read by
+    the group's consumers. The command line now uses the spool's own modes."""
+    import enum as enum_
+
+    old_umask = os.umask(0o007)
+    try:
+        Q = enum_.Enum("Q", {"IN": "in"})
+        shared = multispool.Spoolable(queues=Q, file_mode=0o660, dir_mode=0o770)
+        d = str(tmp_path / "shared")
+        multispool.Spool.create(d, shared)
+        assert main(["enqueue", d, "in", "--metadata", "{}"]) == 0
+        name = capsys.readouterr().out.strip()
+        assert main(["init", d, "--queue", "in", "--queue", "added"]) == 0
+        with open(os.path.join(d, "in", "orphan"), "wb") as f:
+            f.write(b"{}")
+        os.utime(os.path.join(d, "in", "orphan"), (time.time() - 3600,) * 2)
+        assert main(["fsck", d, "--repair"]) == 0
+    finally:
+        os.umask(old_umask)
+
+    def mode(*p: str) -> int:
+        return os.stat(os.path.join(d, *p)).st_mode & 0o7777
+
+    assert [mode(".registry", name), mode("in", name), mode(".data", name)] == [0o660] * 3
+    assert [mode("added"), mode("added", ".checkout")] == [0o770] * 2
+    assert [mode(".lost+found"), mode(".lost+found", "orphan")] == [0o770] * 2
+
+
 def test_show(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     spool = spool_of(sp)
     e = spool.enqueue(q(spool, "in"), b'{"url": "x"}', b"hello")

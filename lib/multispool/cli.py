@@ -111,8 +111,21 @@ def queue_enum(dirnames: Sequence[str]) -> type[enum.Enum]:
     return enum.Enum("Queue", [(_member_name(d, used), d) for d in dirnames])  # type: ignore[return-value]
 
 
-def make_spoolable(dirnames: Sequence[str]) -> Spoolable[Any, bytes]:
-    return Spoolable(queues=queue_enum(dirnames), metadata_codec=RawCodec(), data=BytesData())
+def make_spoolable(
+    dirnames: Sequence[str], file_mode: int = 0o600, dir_mode: int = 0o700
+) -> Spoolable[Any, bytes]:
+    return Spoolable(queues=queue_enum(dirnames), metadata_codec=RawCodec(), data=BytesData(),
+                     file_mode=file_mode, dir_mode=dir_mode)
+
+
+def spool_modes(spool_dir: str) -> tuple[int, int]:
+    """(file_mode, dir_mode) for what the command line creates in an existing spool: the
+    permissions of its ``.registry`` directory, and those without the execute and
+    special bits for files. A spool its users share (``dir_mode=0o2770``,
+    ``file_mode=0o660``) stays shared: an entry enqueued, a queue added, an item put
+    aside by the command line is readable by them, not the operator's alone."""
+    mode = stat.S_IMODE(os.stat(os.path.join(spool_dir, REGISTRY)).st_mode)
+    return mode & 0o666, mode
 
 
 def open_spool(spool_dir: str) -> Spool[Any, bytes]:
@@ -128,7 +141,7 @@ def open_spool(spool_dir: str) -> Spool[Any, bytes]:
         queues = sorted(e.name for e in it if e.name[0] != "." and e.is_dir(follow_symlinks=False))
     if not queues:
         raise UsageError(f"{spool_dir}: spool has no queue directories")
-    return Spool.load(spool_dir, make_spoolable(queues))
+    return Spool.load(spool_dir, make_spoolable(queues, *spool_modes(spool_dir)))
 
 
 def find_queue(spool: Spool[Any, bytes], name: str) -> enum.Enum:
@@ -317,7 +330,8 @@ def cmd_init(a: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"bad queue name: {e}") from None
     existed = set(_queue_dirs(a.dir)) if os.path.isdir(a.dir) else set()
-    spool = Spool.create(a.dir, make_spoolable(queues))
+    modes = spool_modes(a.dir) if _fs.is_real_dir(os.path.join(a.dir, REGISTRY)) else ()
+    spool = Spool.create(a.dir, make_spoolable(queues, *modes))
     every = _queue_dirs(spool.dir)
     added = [q for q in queues if q not in existed]
     if existed:
