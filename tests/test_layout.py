@@ -71,6 +71,40 @@ def test_load_create_if_missing_same_as_create(tmp_path: Path) -> None:
     assert find_sort(d) == ["spool", "spool/x"]
 
 
+@pytest.mark.parametrize(
+    "content",
+    [["queue1/readme.txt"], ["queue1/.checkout/x"], [".data/payload"], ["queue2/sub/"], ["queue1"]],
+)
+def test_create_on_dir_with_only_queue_named_content_fails_and_creates_nothing(
+    tmp_path: Path, content: list[str]
+) -> None:
+    """A directory whose only entries bear spool names (a user's ``queue1/`` holding
+    files, a file named ``queue1``) is a non-empty non-spool directory: create used to
+    turn it into a spool (its files then orphans that fsck --repair moves away), or fail
+    with FileExistsError instead of NotASpoolError."""
+    d = tmp_path / "spool"
+    d.mkdir()
+    for c in content:
+        p = d / c
+        if c.endswith("/"):
+            p.mkdir(parents=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"x")
+    before = find_sort(d)
+    with pytest.raises(multispool.NotASpoolError, match="dir is not empty while creating new spool"):
+        multispool.Spool.create(d, widget_spoolable())
+    assert find_sort(d) == before
+
+
+def test_create_completes_a_spool_built_in_place(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    (d / "queue1" / ".checkout").mkdir(parents=True)  # another creator, midway
+    (d / ".data").mkdir()
+    multispool.Spool.create(d, widget_spoolable())
+    assert find_sort(d) == EMPTY_TREE
+
+
 # -- "File Behavior" ----------------------------------------------------------------------
 
 

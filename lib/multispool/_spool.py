@@ -726,11 +726,33 @@ class Spool(Generic[M, D]):
         if not os.path.isdir(root):
             raise NotASpoolError("spool path exists and is not a directory", root)
         lay = self._layout
-        if not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)):
-            ours = {os.path.basename(d) for d in self._spool_dirs() if os.path.dirname(d) == root}
-            if not set(os.listdir(root)) <= ours:
-                raise NotASpoolError("dir is not empty while creating new spool", root)
+        if not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)) and not self._only_spool_dirs():
+            raise NotASpoolError("dir is not empty while creating new spool", root)
         self._create_missing()
+
+    def _only_spool_dirs(self) -> bool:
+        """True if the directory, not yet a spool, holds nothing but (empty) spool
+        directories: an empty directory, or a spool another creator is building in
+        place. A queue-named directory holding anything else (``in/readme.txt``), or a
+        file where a spool directory goes, makes it a non-empty non-spool directory."""
+        root = self.dir
+        allowed: dict[str, set[str]] = {}
+        for d in self._spool_dirs():
+            parent, base = os.path.split(os.path.relpath(d, root))
+            allowed.setdefault(parent, set()).add(base)
+        todo = [""]
+        while todo:
+            rel = todo.pop()
+            try:
+                names = os.listdir(os.path.join(root, rel))
+            except FileNotFoundError:
+                continue  # removed by a concurrent creator's rollback: holds nothing
+            for n in names:
+                sub = os.path.join(rel, n)
+                if n not in allowed.get(rel, ()) or not _fs.is_real_dir(os.path.join(root, sub)):
+                    return False
+                todo.append(sub)
+        return True
 
     def _create_by_rename(self, parent: str) -> bool:
         """Build the spool in a temporary sibling of ``self.dir`` and rename it into place.
