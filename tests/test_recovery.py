@@ -685,3 +685,60 @@ def test_checkout_inherited_by_fork_is_not_usable_in_the_child(spool: multispool
     assert spool.recover_checkouts() == []  # we still hold its lock
     co.remove()
     assert spool.list(Queue.QUEUE1) == []
+
+
+# -- a spool shared with a Spoolable that has more queues --------------------------------------
+
+
+class _Both(enum.Enum):
+    MINE = "mine"
+    THEIRS = "theirs"
+
+
+class _Mine(enum.Enum):
+    MINE = "mine"
+
+
+def test_entries_of_queues_another_spoolable_owns_are_not_abandoned(tmp_path: Path) -> None:
+    """A Spoolable that knows only some of a spool's queues (an application that dropped
+    a queue, or two sharing one spool) took every entry of the other queues for an
+    abandoned enqueue: clean_abandoned (run by reader(recover=True) and fsck --repair)
+    deleted their registry and data files, leaving theirs/NAME an orphan, and the
+    Monitor reported them as Orphaned registry names."""
+    d = str(tmp_path / "sp")
+    both = multispool.Spool.create(d, multispool.Spoolable(queues=_Both))
+    waiting = both.enqueue(_Both.THEIRS, {"n": 1}, b"precious")
+    co = both.checkout(both.enqueue(_Both.THEIRS, {"n": 2}, b"held"))
+    mine = multispool.Spool.load(d, multispool.Spoolable(queues=_Mine))
+    old = time.time() - 3600
+    for e in (waiting.name, co.name):
+        os.utime(os.path.join(d, ".registry", e), (old, old))
+    try:
+        m = multispool.Monitor(d, mine.spoolable)
+        assert m.run_once() == []
+        assert mine.clean_abandoned(older_than=0) == []
+        from multispool._monitor import repair
+
+        assert repair(mine, m.limits, m.run_once(), dry_run=False) == []
+        for e in (waiting.name, co.name):
+            assert os.path.exists(os.path.join(d, ".registry", e))
+            assert os.path.exists(os.path.join(d, ".data", e))
+        assert both.checkout(waiting).data_file.load() == b"precious"
+    finally:
+        co.release()
+
+
+def test_keep_link_of_a_move_into_a_queue_another_spoolable_owns_is_dropped(tmp_path: Path) -> None:
+    """A crash after a move from mine/ into theirs/ (by a process that knows both) left
+    the keep link mine/.~NAME; recovery by a Spoolable that knows only mine/ saw the
+    entry in no queue and renamed the link back: the entry was then in both queues."""
+    from multispool._layout import keep_name
+
+    d = str(tmp_path / "sp")
+    both = multispool.Spool.create(d, multispool.Spoolable(queues=_Both))
+    e = both.enqueue(_Both.THEIRS, {"n": 1}, b"x")
+    os.link(os.path.join(d, "theirs", e.name), os.path.join(d, "mine", keep_name(e.name)))
+    mine = multispool.Spool.load(d, multispool.Spoolable(queues=_Mine))
+    assert mine.recover_checkouts() == []
+    assert sorted(os.listdir(os.path.join(d, "mine"))) == [".checkout"]
+    assert [x.name for x in both.list(_Both.THEIRS)] == [e.name]

@@ -393,6 +393,10 @@ class Monitor:
                 where = _where(reg_dir_of, name)
                 if len(where) == 1:
                     continue
+                if not where and any(
+                    os.path.lexists(os.path.join(d, name)) for d in self.spool._entry_dirs()
+                ):
+                    continue  # in a queue of another Spoolable sharing the spool
                 m = _lstat_mtime(lay.registry_file(name))
             if m is None:
                 continue  # removed meanwhile

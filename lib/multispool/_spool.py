@@ -682,6 +682,21 @@ class Spool(Generic[M, D]):
             dirs += [lay.queue(dirname), lay.checkout(dirname)]
         return [*dirs, lay.tmp, lay.registry]
 
+    def _entry_dirs(self) -> builtins.list[str]:
+        """Every directory an entry's metadata may be in: the queue and checkout dirs of
+        the Spoolable's queues, then those of any other non-dot directory of the spool
+        (a queue of another Spoolable sharing it, or one this application dropped): an
+        entry there is an entry, never an abandoned enqueue or a name in no queue."""
+        sp = self.spoolable
+        lay = self._layout
+        known = [sp.dirname(q) for q in sp._queue_list]
+        with os.scandir(self.dir) as it:
+            other = sorted(
+                e.name for e in it
+                if e.name[0] != "." and e.name not in known and e.is_dir(follow_symlinks=False)
+            )
+        return [d for dn in known + other for d in (lay.queue(dn), lay.checkout(dn))]
+
     def _validate(self, create: bool) -> None:
         lay = self._layout
         root = self.dir
@@ -1404,11 +1419,7 @@ class Spool(Generic[M, D]):
             return
         try:
             kpath = os.path.join(d, keep)
-            placed = any(
-                os.path.lexists(p)
-                for q in sp._queue_list
-                for p in (lay.queue_file(sp.dirname(q), name), lay.checkout_file(sp.dirname(q), name))
-            )
+            placed = any(os.path.lexists(os.path.join(ed, name)) for ed in self._entry_dirs())
             if placed:
                 _fs.unlink_quiet(kpath)
                 log.info("multispool: removed keep link %s of a finished move", kpath)
@@ -1454,9 +1465,8 @@ class Spool(Generic[M, D]):
             # dropping "this copy" would drop the only one. There the verified move below
             # decides (a no-op rename counts as not done, and is tried again later).
             elsewhere = [] if verify else [
-                lay.queue_file(sp.dirname(other), name)
-                for other in sp._queue_list
-                if os.path.lexists(lay.queue_file(sp.dirname(other), name))
+                p for ed in self._entry_dirs()
+                if os.path.basename(ed) != CHECKOUT and os.path.lexists(p := os.path.join(ed, name))
             ]
             if elsewhere:
                 # A move out of the checkout (save, release) or the claim itself was cut by
@@ -1525,10 +1535,12 @@ class Spool(Generic[M, D]):
         with sp.throttled():
             regs = os.listdir(lay.registry)
             present: set[str] = set()
-            for q in sp._queue_list:
-                dirname = sp.dirname(q)
-                present.update(os.listdir(lay.queue(dirname)))
-                present.update(os.listdir(lay.checkout(dirname)))
+            entry_dirs = self._entry_dirs()
+            for ed in entry_dirs:
+                try:
+                    present.update(os.listdir(ed))
+                except FileNotFoundError:
+                    continue  # another Spoolable's queue without .checkout, or removed
         now = time.time()
         removed: list[str] = []
         for name in sorted(set(regs) - present):
@@ -1556,8 +1568,7 @@ class Spool(Generic[M, D]):
                     # held, nobody can move it into one now.
                     if any(
                         os.path.lexists(p)
-                        for q in sp._queue_list
-                        for d in (lay.queue(sp.dirname(q)), lay.checkout(sp.dirname(q)))
+                        for d in entry_dirs
                         for p in (os.path.join(d, name), lay.keep_file(d, name))
                     ):
                         continue
