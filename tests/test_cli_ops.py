@@ -102,6 +102,17 @@ def test_what_the_cli_creates_in_a_shared_spool_keeps_its_modes(
     assert [mode(".lost+found"), mode(".lost+found", "orphan")] == [0o770] * 2
 
 
+@pytest.mark.parametrize("port", ["65536", "99999", "-1"])
+def test_monitor_metrics_port_out_of_range_is_a_usage_error(
+    sp: str, capsys: pytest.CaptureFixture[str], port: str
+) -> None:
+    """--metrics-port 99999 reached socket.bind, whose OverflowError main() does not
+    catch: a traceback and exit 1 instead of exit 2 with one line."""
+    assert main(["monitor", sp, "--metrics-port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "--metrics-port" in err, err
+
+
 def test_show(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     spool = spool_of(sp)
     e = spool.enqueue(q(spool, "in"), b'{"url": "x"}', b"hello")

@@ -80,6 +80,17 @@ def parse_duration(text: str) -> float:
     return d
 
 
+def parse_port(text: str) -> int:
+    """A TCP port number, 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r} (0 to 65535; 0: any free port)")
+    return port
+
+
 # -- a Spoolable for any spool --------------------------------------------------------------
 class RawCodec:
     """Metadata as raw bytes both ways (the CLI never interprets what it stores)."""
@@ -1360,7 +1371,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time between checks (default 15s)")
     p.add_argument("--alert-after-cycles", type=int, default=2, metavar="N",
                    help="report a problem once seen in more than N consecutive checks (default 2)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
+    p.add_argument("--metrics-port", type=parse_port, metavar="PORT",
                    help="serve the metrics (as 'multispool metrics' prints them) over HTTP on PORT "
                         "(0: any free port, printed on stderr); needs multispool[metrics]")
     p.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
