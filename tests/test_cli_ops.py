@@ -113,6 +113,31 @@ def test_monitor_metrics_port_out_of_range_is_a_usage_error(
     assert err.count("\n") == 1 and "Traceback" not in err and "--metrics-port" in err, err
 
 
+def test_deeply_nested_metadata_is_shown_as_bytes(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Metadata nested deeper than Python's recursion limit (a corrupt or hostile entry)
+    made msgspec raise RecursionError, which nothing caught: ls, ls --json and show died
+    with a traceback (exit 1) at that entry. It is shown as base64 bytes, as any
+    metadata that does not decode."""
+    spool = spool_of(sp)
+    deep = {}
+    for depth in (100_000, 950):
+        e = spool.enqueue(q(spool, "in"), b"{}", b"")
+        Path(sp, "in", e.name).write_bytes(b"[" * depth + b"]" * depth)
+        deep[e.name] = depth
+    ok = spool.enqueue(q(spool, "in"), b'{"n": 1}', b"")
+    capsys.readouterr()
+    assert main(["ls", sp, "in", "--json"]) == 0
+    items = {x["name"]: x for x in json.loads(capsys.readouterr().out)}
+    assert items[ok.name]["metadata"] == {"n": 1}
+    for name in deep:
+        assert items[name]["metadata_format"] == "bytes"
+    assert main(["ls", sp, "in"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+    for name in deep:
+        assert main(["show", sp, "in", name, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["metadata_format"] == "bytes"
+
+
 def test_show(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     spool = spool_of(sp)
     e = spool.enqueue(q(spool, "in"), b'{"url": "x"}', b"hello")

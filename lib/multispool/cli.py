@@ -163,16 +163,41 @@ def find_queue(spool: Spool[Any, bytes], name: str) -> enum.Enum:
     raise UsageError(f"{spool.dir}: no such queue {name!r} (queues: {names})")
 
 
+# Metadata nested deeper than this is shown as bytes: rendering it (``_clean``, JSON
+# encoding) recurses once per level, and must stay far below the recursion limit.
+MAX_NESTING = 200
+
+
+def _nesting(value: Any) -> int:
+    """How deeply lists and dicts nest in ``value`` (iteratively: no recursion)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            depth += 1
+            deepest = max(deepest, depth)
+            todo.extend((x, depth) for x in v)
+    return deepest
+
+
 def show_metadata(raw: bytes) -> tuple[str, Any]:
-    """(format, JSON-able value): JSON if it parses, else MessagePack, else base64 bytes."""
+    """(format, JSON-able value): JSON if it parses, else MessagePack, else base64 bytes.
+    Metadata nested too deeply to decode or render (a corrupt or hostile entry: the
+    decoders raise RecursionError) is shown as bytes."""
     try:
-        return "json", msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+        value = msgspec.json.decode(raw)
+        if _nesting(value) <= MAX_NESTING:
+            return "json", value
+    except (msgspec.DecodeError, RecursionError):
         pass
     try:
         value = msgspec.msgpack.decode(raw)
-        return "msgpack", msgspec.json.decode(msgspec.json.encode(value))  # bytes -> base64 str
-    except (msgspec.DecodeError, TypeError, msgspec.EncodeError):
+        value = msgspec.json.decode(msgspec.json.encode(value))  # bytes -> base64 str
+        if _nesting(value) <= MAX_NESTING:
+            return "msgpack", value
+    except (msgspec.DecodeError, TypeError, msgspec.EncodeError, RecursionError):
         pass
     return "bytes", base64.b64encode(raw).decode("ascii")
 
