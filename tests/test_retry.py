@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import json
 import logging
 import math
 import os
@@ -82,6 +83,34 @@ def test_record_sequence_number_wraps_around(spool: multispool.Spool[Any, bytes]
     a, b = _schedule.encode_slot(1.0, 1, top), _schedule.encode_slot(2.0, 2, 0)
     assert _schedule.decode(b + a) == _schedule.Schedule(2.0, 2, 0)
     assert _schedule.decode(_schedule.encode_slot(3.0, 3, 1) + b) == _schedule.Schedule(3.0, 3, 1)
+
+
+def test_a_record_due_at_infinity_counts_as_damaged(
+    spool: multispool.Spool[Any, bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No version writes a due time of infinity now, but older ones did (an infinite
+    delay was accepted): such a slot would park the entry for ever and print as
+    ``Infinity`` in ``ls --json`` (not JSON). It is read as a damaged slot: the other
+    slot is the record, or, with none, the entry is due now."""
+    inf = float("inf")
+    earlier = _schedule.encode_slot(0.0, 1, 1)
+    assert _schedule.decode(earlier + _schedule.encode_slot(inf, 2, 2)) == _schedule.Schedule(0.0, 1, 1)
+    assert _schedule.decode(_schedule.encode_slot(inf, 2, 2) + bytes(_schedule.SLOT_SIZE)) == _schedule.NOW
+    e = spool.enqueue(Queue.QUEUE1, Cog(1), b"x", reserve="inf")
+    with open(os.path.join(spool.dir, ".registry", e.name), "wb") as f:
+        f.write(earlier + _schedule.encode_slot(inf, 2, 2))
+    assert e.due() is None and e.attempts() == 1
+    with spool.reader(Queue.QUEUE1) as r:
+        co = r.dequeue_available()
+        assert co is not None and co.name == e.name
+        co.release()
+    from multispool.cli import main
+
+    assert main(["ls", spool.dir, "queue1", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "Infinity" not in out
+    [row] = json.loads(out)
+    assert (row["name"], row["due"], row["attempts"]) == (e.name, None, 1)
 
 
 def test_unreadable_record_is_due_now_and_logged(caplog: pytest.LogCaptureFixture) -> None:

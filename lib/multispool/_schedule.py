@@ -70,7 +70,9 @@ def _slot(raw: bytes, at: int) -> Schedule | None:
     if zlib.crc32(body) != crc:
         return None
     magic, due, attempts, seq = _BODY.unpack(body)
-    if magic != _MAGIC or due != due:  # NaN is never written: a damaged slot
+    # NaN is never written, nor infinity any more (older versions took an infinite
+    # delay): a slot holding either is damaged, rather than an entry parked for ever.
+    if magic != _MAGIC or not due < math.inf:
         return None
     return Schedule(max(due, 0.0), attempts, seq)
 
