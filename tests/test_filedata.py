@@ -154,6 +154,37 @@ def test_data_file_save_of_a_link_of_the_data_file_leaves_no_tmp_and_keeps_the_d
     assert spool.list(Queue.QUEUE2)[0].direct.contents() == Cog(n=2)
 
 
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="symlinks")
+@pytest.mark.parametrize("durability", ["none", "file", "full"])
+@pytest.mark.parametrize("via", ["enqueue", "data_file.save"])
+def test_a_symlink_to_the_payload_links_the_payload_not_the_symlink(
+    tmp_path: Path, durability: str, via: str
+) -> None:
+    # link(2) does not follow a symlink: linking the path given made .data/NAME the
+    # symlink itself. A relative one then pointed into .data (a dangling data file,
+    # "none"), and the fsync of "file" and "full" (O_NOFOLLOW) failed the enqueue (ELOOP).
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, data=multispool.FileData(),
+                              durability=durability)  # type: ignore[arg-type]
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    (tmp_path / "src").mkdir()
+    target = tmp_path / "src" / "payload.bin"
+    target.write_bytes(b"payload" * 100)
+    os.symlink("payload.bin", tmp_path / "src" / "link")  # relative, as symlinks often are
+    link = str(tmp_path / "src" / "link")
+    if via == "enqueue":
+        e = spool.enqueue(Queue.QUEUE1, Cog(n=1), link)
+    else:
+        e = spool.enqueue(Queue.QUEUE1, Cog(n=1), io.BytesIO(b"first"))
+        with spool.checkout(e) as co:
+            co.data_file.save(link)  # type: ignore[arg-type]
+    path = e.direct.data_file().load()
+    assert not os.path.islink(path)
+    assert os.path.samefile(path, target)
+    assert Path(path).read_bytes() == b"payload" * 100
+    assert os.listdir(os.path.join(spool.dir, ".tmp")) == []
+
+
 _RSS_CHILD = textwrap.dedent(
     """
     import enum, io, os, sys

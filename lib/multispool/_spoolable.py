@@ -188,7 +188,7 @@ class FileData:
             src = os.fspath(value)
             if self.link:
                 try:
-                    os.link(src, path)
+                    _link_followed(src, path)
                     return
                 except OSError as e:
                     if e.errno not in _NO_LINK:
@@ -230,6 +230,22 @@ class FileData:
 
     def __repr__(self) -> str:
         return f"FileData(link={self.link!r})"
+
+
+# link(2) links a symlink itself, not the file it points to, and os.link calls it unless
+# given a directory descriptor: linkat(AT_SYMLINK_FOLLOW) then, from the root directory.
+_LINKAT_FOLLOW: Final = os.link in os.supports_dir_fd and os.link in os.supports_follow_symlinks
+
+
+def _link_followed(src: str, dst: str) -> None:
+    """Hard-link the file ``src`` names, following a symlink there, at ``dst``: a link of
+    the symlink would be a data file that is a symlink (dangling if it is relative)."""
+    if _LINKAT_FOLLOW:
+        if not os.path.isabs(src):
+            src = os.path.join(os.getcwd(), src)
+        os.link(src, dst, src_dir_fd=_fs._root_fd(), follow_symlinks=True)
+    else:  # pragma: no cover - without linkat
+        os.link(os.path.realpath(src), dst)
 
 
 def _fileno(f: Any) -> int | None:
