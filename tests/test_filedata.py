@@ -185,6 +185,34 @@ def test_a_symlink_to_the_payload_links_the_payload_not_the_symlink(
     assert os.listdir(os.path.join(spool.dir, ".tmp")) == []
 
 
+@pytest.mark.parametrize("link", [True, False])
+def test_a_data_file_left_by_a_lost_entry_does_not_fail_or_leak_into_a_new_entry(
+    tmp_path: Path, link: bool
+) -> None:
+    # A crash can leave .data/NAME without its reservation (durability "none" or "file":
+    # the unlinks of a removal reach the disk in any order). A generator that reuses names
+    # (PrefixNames) gives NAME again: the new entry's data must replace that file, not
+    # fail on it (link(2): EEXIST) nor write through it (O_TRUNC: when it is a hard link
+    # of a user's file, as FileData makes them, that file was overwritten).
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, data=multispool.FileData(link=link),
+                              name_generator=multispool.PrefixNames(), durability="file")
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    users = tmp_path / "users.bin"
+    users.write_bytes(b"the user's own file")
+    lost = os.path.join(spool.dir, ".data", "n000000")
+    os.link(users, lost)  # what an enqueue that hard-linked users.bin left, once lost
+    src = tmp_path / "payload.bin"
+    src.write_bytes(b"new payload")
+    for value in (str(src), io.BytesIO(b"streamed")):
+        e = spool.enqueue(Queue.QUEUE1, Cog(n=1), value, reserve="n")  # no error
+        assert e.name == "n000000"
+        want = b"new payload" if isinstance(value, str) else b"streamed"
+        assert Path(e.direct.data_file().load()).read_bytes() == want
+        assert users.read_bytes() == b"the user's own file"
+        e.direct.remove()
+        os.link(users, lost)
+
+
 _RSS_CHILD = textwrap.dedent(
     """
     import enum, io, os, sys

@@ -21,7 +21,7 @@ import msgspec
 
 from . import _fs
 from ._errors import CorruptEntryError
-from ._fs import O_CREATE_TRUNC, BytesWriter, _FileHold, fsync_file, read_file, unlink_quiet, write_file
+from ._fs import O_CREATE_EXCL, BytesWriter, _FileHold, fsync_file, read_file, unlink_quiet, write_file
 from ._layout import check_queue_dirname
 
 T = TypeVar("T")
@@ -183,12 +183,22 @@ class FileData:
             raise TypeError(f"FileData stores a path or a binary file object, got {type(value).__name__}")
 
     def _write(self, value: Any, path: str, mode: int) -> None:
-        """Write ``value`` at ``path`` (not synced); on failure nothing is left at ``path``."""
+        """Write ``value`` at ``path`` (not synced); on failure nothing is left at ``path``.
+
+        ``path`` is a file of the caller's own (an entry's data or staging file, under
+        its owner lock): a file already there is what a lost entry left (a crash can
+        leave ``.data/NAME`` without its reservation, and a generator that reuses names
+        gives NAME again). It is replaced, never written through: it may be a hard link
+        of a user's file."""
         if isinstance(value, (str, os.PathLike)):
             src = os.fspath(value)
             if self.link:
                 try:
-                    _link_followed(src, path)
+                    try:
+                        _link_followed(src, path)
+                    except FileExistsError:
+                        unlink_quiet(path)
+                        _link_followed(src, path)
                     return
                 except OSError as e:
                     if e.errno not in _NO_LINK:
@@ -200,7 +210,11 @@ class FileData:
 
     @staticmethod
     def _stream(f: Any, path: str, mode: int) -> None:
-        fd = os.open(path, O_CREATE_TRUNC, mode)
+        try:
+            fd = os.open(path, O_CREATE_EXCL, mode)
+        except FileExistsError:  # a lost entry's file (see _write): replaced, not truncated
+            unlink_quiet(path)
+            fd = os.open(path, O_CREATE_EXCL, mode)
         try:
             src_fd = _fileno(f)
             if src_fd is not None and _sendfile_all(src_fd, fd, f):
