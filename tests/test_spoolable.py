@@ -240,6 +240,33 @@ def test_msgspec_data(tmp_path: Path, fmt: str) -> None:
     assert codec.load(str(tmp_path / "x")) == Payload(1, "p")
 
 
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+def test_msgspec_data_of_the_wrong_type_is_refused_before_touching_disk(tmp_path: Path, fmt: str) -> None:
+    # msgspec's encoder does not check a value against the codec's type: data that no
+    # consumer can load (its load validates) was spooled, and failed every reader of it.
+    # As for metadata, such a value must be refused before anything touches the disk.
+    spool = _mk(tmp_path, data=multispool.MsgspecData(Payload, format=fmt))  # type: ignore[arg-type]
+    bad: Any = {"serial": "not an int", "who": 1}
+    before = find_sort(spool.dir)
+    with pytest.raises(msgspec.ValidationError):
+        spool.enqueue(Queue.QUEUE1, 1, bad, reserve="a")
+    with pytest.raises(msgspec.ValidationError):
+        spool.enqueue_many(Queue.QUEUE1, [(1, Payload(1, "ok")), (2, bad)], reserve="a")
+    assert find_sort(spool.dir) == before
+    e = spool.enqueue(Queue.QUEUE1, 1, {"serial": 2, "who": "a dict of the right shape"}, reserve="a")
+    with spool.checkout(e) as co:
+        assert co.data_file.load() == Payload(2, "a dict of the right shape")
+        with pytest.raises(msgspec.ValidationError):
+            co.data_file.save(bad)
+        assert co.data_file.load() == Payload(2, "a dict of the right shape")
+    with pytest.raises(msgspec.ValidationError):
+        multispool.MsgspecData(Payload, format=fmt).save(bad, str(tmp_path / "x"))  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()
+    # typing.Any (the default) takes whatever encodes.
+    untyped = _mk(tmp_path / "any", data=multispool.MsgspecData(format=fmt))
+    assert untyped.enqueue(Queue.QUEUE1, 1, bad).direct.data_file().load() == bad
+
+
 def test_msgspec_data_bad_format() -> None:
     with pytest.raises(ValueError):
         multispool.MsgspecData(Payload, format="yaml")  # type: ignore[arg-type]

@@ -121,17 +121,25 @@ class MsgspecData(Generic[T]):
             raise ValueError(f"format must be 'json' or 'msgpack', got {format!r}")
         self.type = type
         self.format = format
+        # As the metadata codec (_Codec): msgspec's encoder does not check a value against
+        # ``type``, so what is written is decoded back through it first; else a value no
+        # ``load`` accepts would be spooled, and fail every consumer. Any takes anything.
+        self._check = type is not Any
 
     def load(self, path: str) -> T:
         """Decode the file at ``path``, validated against ``type``."""
         return typing.cast(T, self._dec.decode(read_file(path)))
 
     def save(self, value: T, path: str) -> None:
-        """Encode ``value`` to ``path`` in this codec's format, mode 0600."""
-        write_file(path, self._enc.encode(value), sync=False, mode=0o600)
+        """Encode ``value`` to ``path`` in this codec's format, mode 0600; a value that
+        does not match ``type`` raises (``msgspec.ValidationError``) before any write."""
+        write_file(path, self._encode(value), sync=False, mode=0o600)
 
     def _encode(self, value: T) -> bytes:
-        return typing.cast(bytes, self._enc.encode(value))
+        raw = typing.cast(bytes, self._enc.encode(value))
+        if self._check:
+            self._dec.decode(raw)  # msgspec.ValidationError before any disk access
+        return raw
 
     def _decode(self, raw: bytes) -> T:
         return typing.cast(T, self._dec.decode(raw))
