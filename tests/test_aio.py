@@ -757,6 +757,44 @@ def test_cancelled_save_remove_release_enqueue_complete(tmp_path: Path, op: str)
     assert {q: names for q, names in where.items() if names} == expected
 
 
+@pytest.mark.parametrize("when", ["while reserving", "once reserved"])
+def test_cancelled_reserve_name_leaves_no_reservation(tmp_path: Path, when: str) -> None:
+    """A reserve_name whose task is cancelled once it started in the executor goes on
+    there, for nobody: the name it reserved, held locked by this process until an
+    enqueue(use=) that can never come, stayed in .registry with an open descriptor for
+    the life of the process (every timed-out reserve_name one more; clean_abandoned
+    cannot remove a live process's reservation). It is given up instead."""
+    gate = Gate()
+    sp = make_spoolable(throttle=gate)
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        async with await AsyncSpool.create(path, sp, max_workers=1) as spool:
+            held = set(_fs._held)
+            if when == "while reserving":
+                gate.arm(1)
+                await _cancel_when_gated(asyncio.ensure_future(spool.reserve_name("r")), gate)
+            else:
+                # The reservation is made, its result on its way to the loop: the task
+                # is cancelled before it resumes (the loop is held up meanwhile).
+                task = asyncio.ensure_future(spool.reserve_name("r"))
+                await asyncio.sleep(0)  # submitted
+                deadline = time.monotonic() + 10
+                while not os.listdir(path / ".registry"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            # One executor thread: this runs once the cancelled call (and the undoing of
+            # its reservation) is over. The name is free again: it takes it.
+            assert await spool.reserve_name("r") == "r000000"
+            assert os.listdir(path / ".registry") == ["r000000"]
+            assert len(_fs._held - held) == 1  # this reservation's lock, no other
+
+    run(main)
+
+
 def test_save_cancelled_while_queued_behind_other_work_still_happens(tmp_path: Path) -> None:
     gate = Gate()
     sp = make_spoolable(throttle=gate)

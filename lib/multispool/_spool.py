@@ -884,6 +884,27 @@ class Spool(Generic[M, D]):
                 raise
         return name
 
+    def _unreserve(self, name: str) -> None:
+        """Give up this process's reservation ``name`` from ``reserve_name``, which nobody
+        will use (the task awaiting ``AsyncSpool.reserve_name`` was cancelled): its
+        registry file removed, its lock released. A name this process does not hold
+        reserved is left alone."""
+        path = self._layout.registry_file(name)
+        with self.spoolable.throttled():
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            owner = _Claim(None)
+            with _reserved_lock:
+                # As in _take_reservation: the owner takes the descriptor over in one step.
+                owner.fd = _reserved.pop((st.st_dev, st.st_ino), None)
+            try:
+                if owner.fd is not None:
+                    _fs.unlink_quiet(path)
+            finally:
+                owner.release()
+
     def _take_reservation(self, name: str, owner: _Claim) -> None:
         """Hand the owner lock of reserved ``name`` to ``owner``: this process's
         reservation, or a dead reserver's (its lock is free)."""

@@ -388,8 +388,9 @@ class AsyncSpool(Generic[M, D]):
 
     # -- names, enqueue, listing ------------------------------------------------------
     async def reserve_name(self, seed: Any = None) -> str:
-        """``Spool.reserve_name``."""
-        return await self._run(self.sync.reserve_name, seed)
+        """``Spool.reserve_name``. Cancelled before it started, it does not happen; once
+        started, the name it reserved for nobody is given up (its registry file removed)."""
+        return await self._run(self.sync.reserve_name, seed, undo=self.sync._unreserve)
 
     async def enqueue(
         self,
