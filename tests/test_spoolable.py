@@ -317,6 +317,22 @@ def test_time_ordered_names_rapid_calls_are_ordered() -> None:
     assert all(s.startswith("job-") for s in seeded) and seeded == sorted(seeded)
 
 
+def test_time_ordered_names_never_go_back_within_a_process_across_instances(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each Spoolable gets its own default TimeOrderedNames. The clock part was bumped past
+    # the last name of the same instance only: once the wall clock stepped back (NTP, a
+    # VM resumed), another instance of the process gave names that sort before names
+    # made earlier, and readers (name order) took the later entries first.
+    clock = iter([2_000_000_000_000_000_000, 1_000_000_000_000_000_000, 1_000_000_000_000_000_001])
+    monkeypatch.setattr(multispool._spoolable.time, "time_ns", lambda: next(clock))
+    a, b = multispool.TimeOrderedNames(), multispool.TimeOrderedNames()
+    first = a.next(None, 0)
+    second = b.next(None, 0)  # the clock has stepped back a whole second
+    third = a.next(None, 0)
+    assert first < second < third
+
+
 def test_time_ordered_names_are_valid_entry_names(spool: multispool.Spool[Any, bytes]) -> None:
     g = multispool.TimeOrderedNames()
     for seed in (None, "x", "a-b_c."):

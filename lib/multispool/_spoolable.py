@@ -336,6 +336,10 @@ if hasattr(os, "register_at_fork"):
 # Serialises the clock bump of every TimeOrderedNames. Module-level, so that a forked
 # child can replace it: another thread of the parent may have held it at fork time.
 _names_lock = threading.Lock()
+# The clock part of the last name any TimeOrderedNames of this process gave out: the
+# next one is bumped past it. Shared by every instance (each Spoolable makes its own),
+# so that names of one process keep their order when the wall clock steps back.
+_last_ns = 0
 
 
 class TimeOrderedNames:
@@ -343,19 +347,16 @@ class TimeOrderedNames:
     creation order within one process: ``[seed]<ns since epoch, 19 digits>-<random 64 bits>``.
 
     The clock part never goes backwards within a process (it is bumped past the last name
-    given out), and the random part is drawn anew in every process (also after fork).
+    any instance gave out), and the random part is drawn anew in every process (also after fork).
     """
-
-    def __init__(self) -> None:
-        self._last = 0
 
     def next(self, seed: Any, attempt: int) -> str:
         """A new name, unique across hosts and processes, ordered by creation time within
         this process; ``seed`` (any value, or None) and ``attempt`` do not change it.
         """
+        global _last_ns
         with _names_lock:
-            now = max(time.time_ns(), self._last + 1)
-            self._last = now
+            now = _last_ns = max(time.time_ns(), _last_ns + 1)
         return f"{'' if seed is None else seed}{now:019d}-{_process_token}"
 
     def __repr__(self) -> str:
