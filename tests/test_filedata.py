@@ -89,6 +89,26 @@ def test_binary_file_objects_are_streamed_from_their_position(tmp_path: Path, ki
     assert Path(e.direct.data_file().load()).read_bytes() == body
 
 
+@pytest.mark.parametrize("module", ["gzip", "bz2", "lzma"])
+def test_a_file_object_that_decodes_its_file_is_stored_as_it_reads(tmp_path: Path, module: str) -> None:
+    # gzip.open(...) and its kin give fileno() of the compressed file underneath: the
+    # kernel copy (sendfile) from that descriptor stored the compressed bytes, not what
+    # the object reads. What is stored is what read() gives, from its position.
+    import importlib
+
+    mod: Any = importlib.import_module(module)
+    spool = _spool(tmp_path)
+    body = b"hello world " * 10_000
+    src = tmp_path / "payload.z"
+    with mod.open(src, "wb") as f:
+        f.write(b"HEAD" + body)
+    with mod.open(src, "rb") as f:
+        assert f.read(4) == b"HEAD"
+        e = spool.enqueue(Queue.QUEUE1, Cog(n=1), f)
+        assert f.read() == b""  # read to its end, as the docstring says
+    assert Path(e.direct.data_file().load()).read_bytes() == body
+
+
 @pytest.mark.parametrize("bad", ["missing", "directory", "not_a_file_object"])
 def test_bad_values_fail_before_touching_the_spool(tmp_path: Path, bad: str) -> None:
     spool = _spool(tmp_path)

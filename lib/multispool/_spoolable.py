@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import enum
 import errno
+import io
 import os
 import secrets
 import stat as stat_mod
@@ -271,6 +272,15 @@ def _link_followed(src: str, dst: str) -> None:
 
 
 def _fileno(f: Any) -> int | None:
+    """The descriptor whose bytes ``f`` reads, for a kernel copy: only a plain binary file
+    (``open(path, "rb")``, buffered or not). Other objects may give the descriptor of a
+    file they decode (``gzip.open``, ``bz2``, ``lzma``: the compressed file), whose bytes
+    are not what they read; they are read through their own ``readinto``/``read``."""
+    t = type(f)
+    if t is not io.FileIO and not (
+        t in (io.BufferedReader, io.BufferedRandom) and type(getattr(f, "raw", None)) is io.FileIO
+    ):
+        return None
     try:
         fd = f.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
