@@ -109,6 +109,29 @@ def test_a_file_object_that_decodes_its_file_is_stored_as_it_reads(tmp_path: Pat
     assert Path(e.direct.data_file().load()).read_bytes() == body
 
 
+@pytest.mark.skipif(not hasattr(os, "set_blocking"), reason="POSIX pipes")
+@pytest.mark.parametrize("buffering", [0, -1], ids=["raw", "buffered"])
+def test_a_non_blocking_file_object_is_not_cut_short(tmp_path: Path, buffering: int) -> None:
+    # A non-blocking stream with nothing to read yet gives None (not b"" or 0, its end):
+    # the copy took None for the end and spooled the part read so far, silently. It
+    # cannot be read to its end without waiting: the enqueue fails and leaves nothing.
+    spool = _spool(tmp_path)
+    r, w = os.pipe()
+    try:
+        os.set_blocking(r, False)
+        os.write(w, b"the first part, the rest is still to come")
+        with open(r, "rb", buffering=buffering) as f:
+            r = -1
+            with pytest.raises(BlockingIOError):
+                spool.enqueue(Queue.QUEUE1, Cog(n=1), f)
+    finally:
+        os.close(w)
+        if r != -1:
+            os.close(r)
+    for d in (".registry", ".tmp", ".data", "queue1"):
+        assert [n for n in os.listdir(os.path.join(spool.dir, d)) if n != ".checkout"] == []
+
+
 @pytest.mark.parametrize("bad", ["missing", "directory", "not_a_file_object"])
 def test_bad_values_fail_before_touching_the_spool(tmp_path: Path, bad: str) -> None:
     spool = _spool(tmp_path)

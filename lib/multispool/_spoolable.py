@@ -234,11 +234,15 @@ class FileData:
                 view = memoryview(buf)
                 while n := readinto(buf):
                     _fs._write_all(fd, view[:n])
+                if n is None:
+                    raise _would_block(f)
             else:
                 while chunk := f.read(_COPY_CHUNK):
                     if not isinstance(chunk, (bytes, bytearray, memoryview)):
                         raise TypeError(f"FileData: file object gave {type(chunk).__name__}, not bytes")
                     _fs._write_all(fd, chunk)
+                if chunk is None:
+                    raise _would_block(f)
         except OSError as e:
             os.close(fd)
             unlink_quiet(path)
@@ -269,6 +273,15 @@ def _link_followed(src: str, dst: str) -> None:
         os.link(src, dst, src_dir_fd=_fs._root_fd(), follow_symlinks=True)
     else:  # pragma: no cover - without linkat
         os.link(os.path.realpath(src), dst)
+
+
+def _would_block(f: Any) -> BlockingIOError:
+    """A non-blocking stream gave None (nothing to read now), not its end (b"" or 0):
+    what was read so far is not all of it, and storing it would cut the payload short."""
+    return BlockingIOError(
+        errno.EAGAIN,
+        f"FileData: {f!r} is non-blocking and has nothing to read now: it cannot be read to its end",
+    )
 
 
 def _fileno(f: Any) -> int | None:
