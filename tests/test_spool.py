@@ -86,6 +86,32 @@ def test_enqueue_use_a_name_already_in_use(spool: multispool.Spool[Any, bytes]) 
     assert _snapshot(spool.dir) == before
 
 
+@pytest.mark.parametrize("where", ["queue", "checkout"])
+def test_enqueue_use_the_name_of_an_entry_in_a_queue_this_spoolable_does_not_know(
+    spool: multispool.Spool[Any, bytes], where: str
+) -> None:
+    # A spool shared with another application (or a queue this one dropped) holds entries
+    # in queues the Spoolable at hand does not list. use= of such an entry's name (its
+    # lock is free while it waits) was taken for a dead reserver's name: the enqueue
+    # wrote over that entry's data and published it into a second queue.
+    import enum
+
+    class Theirs(enum.Enum):
+        THEIRS = "theirs"
+
+    other = multispool.Spool.create(
+        spool.dir, multispool.Spoolable(queues=Theirs, name_generator=multispool.PrefixNames())
+    )
+    e = other.enqueue(Theirs.THEIRS, {"n": 1}, b"their data", reserve="t")
+    if where == "checkout":
+        theirs = os.path.join(spool.dir, "theirs")
+        os.rename(os.path.join(theirs, e.name), os.path.join(theirs, ".checkout", e.name))  # its owner died
+    before = _snapshot(spool.dir)
+    with pytest.raises(multispool.SpoolError, match="in use by a spooled entry"):
+        spool.enqueue(Queue.QUEUE1, Cog(n=6), b"mine", use=e.name)
+    assert _snapshot(spool.dir) == before
+
+
 def test_enqueue_use_unreserved_name(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(spool.dir)
     with pytest.raises(multispool.EntryNotFoundError):

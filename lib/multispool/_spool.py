@@ -926,14 +926,19 @@ class Spool(Generic[M, D]):
             # (its lock is free). It must not be the name of an entry already spooled.
             if _fs.open_locked(path, owner) is None:
                 raise EntryNotFoundError("reservation is held by another process", path)
-            lay = self._layout
-            sp = self.spoolable
-            for q in sp._queue_list:
-                d = sp.dirname(q)
-                for p in (lay.queue_file(d, name), lay.checkout_file(d, name)):
-                    if os.path.lexists(p):
-                        owner.release()
-                        raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
+            # Every queue and checkout dir of the spool, also of queues this Spoolable
+            # does not know (another application's, or one dropped): an entry there is
+            # an entry, whose data the enqueue would overwrite.
+            try:
+                dirs = self._entry_dirs()
+            except BaseException:
+                owner.release()
+                raise
+            for d in dirs:
+                p = os.path.join(d, name)
+                if os.path.lexists(p):
+                    owner.release()
+                    raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
 
     def enqueue(
         self,
