@@ -468,7 +468,9 @@ class CheckedOutEntry(Generic[M, D]):
     def save(self, queue: enum.Enum, delay: Duration | None = None) -> None:
         """Write the contents (only if they changed) and move the entry into ``queue``,
         not to be handed out by a reader before ``delay`` seconds (None: due at once).
-        The attempt count goes back to 0."""
+        The attempt count goes back to 0. If it raises before the entry moved, what it
+        wrote is undone and the checkout is still held: ``release`` (or leaving the
+        ``with`` block) returns the entry unchanged."""
         self._check_live()
         self._move(queue, self.contents, 0.0 if delay is None else _schedule.due_at(delay, time.time()), 0)
 
@@ -519,29 +521,62 @@ class CheckedOutEntry(Generic[M, D]):
         # checked out before it was due), a new inode tells them the deferral is stale.
         new_inode = raw != self._raw or (sched_changed and old.due > time.time() and due < old.due)
         with sp.throttled():
-            if new_inode:
-                # Under "full", the move below makes the rewrite durable.
-                with self._claim.writing:
-                    self.spool._write_metadata(self.name, raw, src, sync_dir=False)
-            else:
-                # A fresh mtime in the new queue: the Monitor measures queue age from it.
-                _touch(src)
-            if sched_changed:
-                # Durable before the rename publishes the move: an acknowledged retry's
-                # count never goes backwards.
-                claim.sched = self.spool._write_schedule(claim.fd, self.name, old, due, attempts)
-            keep = lay.keep_file(lay.checkout(src_dirname), self.name) if full else None
+            rewrote = scheduled = False
             try:
-                if not self.spool._move_owned(src, dst, keep, sync_src=False):
-                    raise EntryNotFoundError("checked-out entry vanished", src)
-            finally:
-                self._claim.release()
+                if new_inode:
+                    rewrote = raw != self._raw
+                    # Under "full", the move below makes the rewrite durable.
+                    with claim.writing:
+                        self.spool._write_metadata(self.name, raw, src, sync_dir=False)
+                else:
+                    # A fresh mtime in the new queue: the Monitor measures queue age from it.
+                    _touch(src)
+                if sched_changed:
+                    # Durable before the rename publishes the move: an acknowledged retry's
+                    # count never goes backwards.
+                    scheduled = True
+                    claim.sched = self.spool._write_schedule(claim.fd, self.name, old, due, attempts)
+                keep = lay.keep_file(lay.checkout(src_dirname), self.name) if full else None
+                moved = self.spool._move_owned(src, dst, keep, sync_src=False)
+            except BaseException:
+                self._undo_move(src, dst, old, rewrote, scheduled)
+                raise
+            claim.release()
+            if not moved:
+                raise EntryNotFoundError("checked-out entry vanished", src)
             if full:
                 # Step 5 of the move, and the claim's deferred one, after the lock is
                 # given up (nobody else needs to wait for them): before returning, the
                 # entry is durable only in its new queue.
                 _fs.fsync_dir(lay.checkout(src_dirname))
                 self._claim.sync_source(unless=lay.queue(dst_dir))
+
+    def _undo_move(self, src: str, dst: str, old: Schedule, rewrote: bool, scheduled: bool) -> None:
+        """A save, retry or dead-letter move raised. If the entry did not move, undo what
+        it wrote (the metadata, the schedule record) and keep the checkout held: its owner
+        releases it unchanged into the queue it came from, or saves again. If it moved
+        (an error after the rename), the checkout is over. An undo that fails is logged;
+        the move's own error is what the caller sees."""
+        claim = self._claim
+        try:
+            if not _fs.lexists(src) or _same_inode(src, dst):
+                # Gone from the checkout dir: moved (the same inode at both names is a
+                # stale client cache still showing the name it moved away from).
+                claim.release()
+                return
+            if rewrote and self._raw is not None:
+                with claim.writing:
+                    self.spool._write_metadata(self.name, self._raw, src, sync_dir=False)
+            if scheduled:
+                # What is on disk is the record written (claim.sched), or, if that write
+                # failed, maybe its slot or its truncation: the write below goes to the
+                # same slot (or truncates), so it replaces whatever of it landed.
+                basis = claim.sched
+                if basis is old and old.empty:
+                    basis = _schedule.Schedule(0.0, 0, 1)  # not known empty: truncate
+                claim.sched = self.spool._write_schedule(claim.fd, self.name, basis, old.due, old.attempts)
+        except Exception as e:
+            log.warning("multispool: could not undo the failed move of %s: %s", src, e)
 
     def remove(self) -> None:
         """Delete the entry: checkout file, data, then the reservation."""

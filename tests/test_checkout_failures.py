@@ -1,0 +1,188 @@
+"""What a checkout's operations leave behind when they fail, or run concurrently: the
+entry goes back unchanged to the queue it came from, is never left checked out by
+nobody, and is handed out once."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multispool
+import multispool.aio
+from conftest import Cog, Queue, Widget
+
+DURABILITIES = ["none", "full"]
+
+
+def _spool(tmp_path: Path, durability: str, **kw: Any) -> multispool.Spool[Any, bytes]:
+    sp = multispool.Spoolable(
+        queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames(), durability=durability, **kw
+    )
+    return multispool.Spool.create(tmp_path / "spool", sp)
+
+
+def _plant_dir(spool: multispool.Spool[Any, bytes], queue: Queue, name: str) -> Path:
+    """A non-empty directory at QUEUE/NAME: renaming a file there fails (EISDIR)."""
+    d = Path(spool.dir, queue.value, name)
+    (d / "junk").mkdir(parents=True)
+    return d
+
+
+def _checkouts(spool: multispool.Spool[Any, bytes], queue: Queue) -> list[str]:
+    return sorted(n for n in os.listdir(Path(spool.dir, queue.value, ".checkout")) if n[0] != ".")
+
+
+# -- a save whose move fails ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_failed_save_in_with_block_returns_the_entry_unchanged(tmp_path: Path, durability: str) -> None:
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    _plant_dir(spool, Queue.QUEUE2, e.name)
+    with pytest.raises(OSError) as ei, spool.checkout(e) as co:
+        co.contents = Cog(n=2)
+        co.save(Queue.QUEUE2, delay=3600)
+    assert ei.value.errno == errno.EISDIR
+    # Back in its queue as it was claimed: metadata, due now, not left checked out.
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    assert e.direct.contents() == Cog(n=1)
+    assert e.due() is None and e.attempts() == 0
+    assert os.listdir(Path(spool.dir, ".tmp")) == []
+    assert [n for n in os.listdir(Path(spool.dir, "queue1", ".checkout"))] == []  # no keep link
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_failed_save_keeps_the_checkout_held(tmp_path: Path, durability: str) -> None:
+    """Until it is released, a checkout whose save failed is still its owner's: no
+    recovery takes it, and a second save (once the way is clear) moves it."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    planted = _plant_dir(spool, Queue.QUEUE2, e.name)
+    co = spool.checkout(e)
+    with pytest.raises(OSError):
+        co.save(Queue.QUEUE2)
+    assert not co.done
+    assert spool.recover_checkouts() == []
+    assert spool.checkout_if_found(e) is None
+    (planted / "junk").rmdir()
+    planted.rmdir()
+    co.contents = Cog(n=3)
+    co.save(Queue.QUEUE2)
+    assert co.done
+    (e2,) = spool.list(Queue.QUEUE2)
+    assert e2.direct.contents() == Cog(n=3)
+    assert _checkouts(spool, Queue.QUEUE1) == []
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_with_entry_whose_save_fails_puts_the_entry_back_unchanged(tmp_path: Path, durability: str) -> None:
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    _plant_dir(spool, Queue.QUEUE2, e.name)
+    with pytest.raises(OSError):
+        spool.with_entry(e, lambda m, d: (multispool.Save(Cog(n=9), Queue.QUEUE2, delay=60), None))
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert e.direct.contents() == Cog(n=1)
+    assert e.due() is None
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_failed_dead_letter_move_keeps_the_attempt_count(tmp_path: Path, durability: str) -> None:
+    """A Backoff failure whose move fails: the entry goes back as it was claimed (its
+    count not raised by a failure that was not recorded)."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    _plant_dir(spool, Queue.QUEUE2, e.name)
+    policy = multispool.Backoff(first=0, jitter=0, max_attempts=1, dead_letter=Queue.QUEUE2)
+
+    stop = threading.Event()
+
+    def boom(m: Any, d: Any) -> Any:
+        stop.set()
+        raise ValueError("handler failed")
+
+    with spool.reader(Queue.QUEUE1, observer="polling") as r, pytest.raises(OSError):
+        r.iter(boom, stop=stop, on_error=policy)
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert e.attempts() == 0
+    assert _checkouts(spool, Queue.QUEUE1) == []
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_failed_retry_of_a_delayed_entry_restores_its_schedule(tmp_path: Path, durability: str) -> None:
+    """A retry whose rename fails leaves the schedule record as claimed (here: a record
+    with attempts), whichever way the failed write went."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co = spool.checkout(e)
+    co._fail(multispool.Backoff(first=0, jitter=0))  # attempts 1, due now
+    assert e.attempts() == 1
+    real_rename = os.rename
+
+    def failing(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        if "/.checkout/" in str(src) and str(dst).endswith(f"/queue1/{e.name}"):
+            raise OSError(errno.EIO, "Input/output error", src)
+        real_rename(src, dst, *a, **kw)
+
+    co = spool.checkout(e)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "rename", failing)
+        with pytest.raises(OSError):
+            co.retry(3600)
+    co.release()
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert e.attempts() == 1 and e.due() is None
+
+
+def test_aio_failed_save_returns_the_entry(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, "none")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    _plant_dir(spool, Queue.QUEUE2, e.name)
+
+    async def main() -> None:
+        async with multispool.aio.AsyncSpool(spool) as aspool:
+            co = await aspool.checkout(e)
+            with pytest.raises(OSError):
+                async with co:
+                    await co.update(lambda m: Cog(n=5)).save(Queue.QUEUE2)
+
+    asyncio.run(main())
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert e.direct.contents() == Cog(n=1)
+
+
+@pytest.mark.parametrize("attempts", [0, 1])
+def test_retry_whose_schedule_write_fails_leaves_the_record_as_claimed(tmp_path: Path, attempts: int) -> None:
+    """The record's fsync fails after its slot was written: the undo must replace that
+    slot (or truncate the file) although the write did not return a record."""
+    spool = _spool(tmp_path, "file")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    if attempts:
+        spool.checkout(e)._fail(multispool.Backoff(first=0, jitter=0))
+    assert e.attempts() == attempts
+    co = spool.checkout(e)
+    real = multispool._fs.fsync_fd
+    calls: list[int] = []
+
+    def fsync_fails_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(multispool._fs, "fsync_fd", fsync_fails_once)
+        with pytest.raises(OSError):
+            co.retry(3600)
+    assert not co.done
+    co.release()
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert e.due() is None and e.attempts() == attempts
