@@ -186,3 +186,45 @@ def test_retry_whose_schedule_write_fails_leaves_the_record_as_claimed(tmp_path:
     co.release()
     assert spool.list(Queue.QUEUE1) == [e]
     assert e.due() is None and e.attempts() == attempts
+
+
+# -- a claim interrupted once its rename is done ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("durability", "call"),
+    [("none", "rename"), ("full", "rename"), ("full", "unlink"), ("full", "fsync_dir")],
+)
+def test_claim_interrupted_after_its_rename_gives_the_entry_back(
+    tmp_path: Path, durability: str, call: str
+) -> None:
+    """A signal handler's exception (Ctrl-C, a SIGALRM timeout) raised just after the
+    claim's rename: the caller gets no checkout, so the entry must not stay in the
+    checkout dir owned by nobody while the process lives on (only a recovery would
+    bring it back)."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co_dir = os.path.join(spool.dir, "queue1", ".checkout")
+    hit: list[bool] = []
+    target: Any = multispool._fs if call == "fsync_dir" else os
+    real = getattr(target, call)
+
+    def interrupted(*a: Any, **kw: Any) -> Any:
+        r = real(*a, **kw)
+        moved_in = os.path.exists(os.path.join(co_dir, e.name))
+        if moved_in and not hit:
+            hit.append(True)
+            raise KeyboardInterrupt  # as the call returns
+        return r
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(target, call, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            spool.checkout(e)
+    assert hit
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    assert sorted(os.listdir(os.path.join(spool.dir, "queue1"))) == [".checkout", e.name]  # no keep link
+    with spool.checkout(e) as co:
+        assert co.contents == Cog(n=1)
+    assert spool.recover_checkouts() == []

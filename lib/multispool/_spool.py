@@ -1231,13 +1231,12 @@ class Spool(Generic[M, D]):
                 moved = _fs.move(qfile, cofile, keep, verify=verify, sync_src=False)
                 if moved == _fs.MOVED and full:
                     claim.unsynced = lay.queue(dirname)
-            except OSError as e:
-                claim.release()
-                if _fs.gone(e):
+            except BaseException as e:
+                # Maybe after the rename (a failed fsync, a signal handler's exception):
+                # the caller gets no checkout, so the entry must not stay checked out.
+                self._undo_claim(dirname, name, cofile, claim)
+                if isinstance(e, OSError) and _fs.gone(e):
                     return None
-                raise
-            except BaseException:
-                claim.release()
                 raise
             if moved != _fs.MOVED:
                 claim.release()
@@ -1287,6 +1286,22 @@ class Spool(Generic[M, D]):
             time.sleep(delay)
             delay = min(delay * 2, 0.002)
         return None
+
+    def _undo_claim(self, dirname: str, name: str, cofile: str, claim: _Claim) -> None:
+        """A claim raised: give the entry back if its rename happened (we hold the lock,
+        so a checkout file is ours), else just let go of the lock. An error giving it
+        back is logged (the claim's own is what the caller sees)."""
+        try:
+            if _fs.lexists(cofile):
+                self._move_back(dirname, name, claim)
+            if self.spoolable.durability == "full":
+                # The claim's keep link, if the interruption left it: the entry is
+                # durable in its queue again (back, or never moved).
+                _fs.unlink_quiet(self._layout.keep_file(self._layout.queue(dirname), name))
+        except Exception as e:
+            log.warning("multispool: could not give back %s after a failed claim: %s", cofile, e)
+        finally:
+            claim.release()
 
     def _give_back(self, dirname: str, name: str, claim: _Claim) -> None:
         try:
