@@ -228,3 +228,24 @@ def test_claim_interrupted_after_its_rename_gives_the_entry_back(
     with spool.checkout(e) as co:
         assert co.contents == Cog(n=1)
     assert spool.recover_checkouts() == []
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_claim_interrupted_while_decoding_gives_the_entry_back(tmp_path: Path, durability: str) -> None:
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    codec = spool.spoolable._codec
+    real = codec.decode
+
+    def interrupted(raw: bytes, path: str) -> Any:
+        real(raw, path)
+        raise KeyboardInterrupt  # a signal handler's, as the decoder returns
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(codec, "decode", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            spool.checkout(e)
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    with spool.checkout(e) as co:
+        assert co.contents == Cog(n=1)

@@ -1264,6 +1264,12 @@ class Spool(Generic[M, D]):
             contents = sp._codec.decode(raw, cofile)
         except CorruptEntryError as e:
             self._corrupt(queue, name, cofile, e.reason, claim, cause=e.__cause__ or e)
+        except BaseException:
+            # A signal handler's exception (Ctrl-C, a timeout) as the decoder returned:
+            # nobody gets this checkout, so the entry goes back.
+            with sp.throttled():
+                self._undo_claim(dirname, name, cofile, claim)
+            raise
         return CheckedOutEntry(self, queue, name, contents, raw, claim)
 
     def _wait_busy(
