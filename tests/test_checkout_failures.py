@@ -249,3 +249,94 @@ def test_claim_interrupted_while_decoding_gives_the_entry_back(tmp_path: Path, d
     assert _checkouts(spool, Queue.QUEUE1) == []
     with spool.checkout(e) as co:
         assert co.contents == Cog(n=1)
+
+
+# -- the keep link of a move cut by a crash, outliving its entry ---------------------------------
+
+_SAVE_KILLED_AT_KEEP_UNLINK = """
+import os, signal, sys
+import multispool
+from conftest import Cog, Queue, Widget
+sp = multispool.Spoolable(
+    queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames(), durability="full"
+)
+spool = multispool.Spool.load(sys.argv[1], sp)
+co = spool.checkout(multispool.Entry(spool, Queue.QUEUE1, sys.argv[2]))
+real_unlink = os.unlink
+
+def unlink(path, *a, **kw):
+    if os.path.basename(str(path)).startswith(".~"):
+        os.kill(os.getpid(), signal.SIGKILL)  # the crash: after the rename, before step 4
+    return real_unlink(path, *a, **kw)
+
+os.unlink = unlink
+co.save(Queue.QUEUE2)
+print("not killed")
+"""
+
+
+def _keep_links(spool: multispool.Spool[Any, bytes]) -> list[str]:
+    out = []
+    for root, _dirs, files in os.walk(spool.dir):
+        out += [os.path.relpath(os.path.join(root, f), spool.dir) for f in files if f.startswith(".~")]
+    return sorted(out)
+
+
+def test_keep_link_of_an_entry_removed_since_is_dropped_by_recovery(tmp_path: Path) -> None:
+    """A save killed between its rename and the unlink of its keep link; the entry is
+    then handled in its new queue and removed, before any recovery ran. The keep link
+    (the old metadata) must not outlive the entry: recovery drops it. Left, it stayed
+    for good, and once the name was reserved again by a producer that died (a
+    PrefixNames generator reuses a free name), recovery "restored" it as a checkout
+    and put it back in the queue: the removed entry handed out a second time."""
+    from _procs import run_python
+
+    spool = _spool(tmp_path, "full")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    r = run_python(_SAVE_KILLED_AT_KEEP_UNLINK, spool.dir, e.name)
+    assert r.returncode == -9, (r.stdout, r.stderr)
+    assert _keep_links(spool) == [f"queue1/.checkout/.~{e.name}"]
+    moved = multispool.Entry(spool, Queue.QUEUE2, e.name)
+    spool.checkout(moved).remove()  # handled in its new queue, done with
+    spool.recover_checkouts()
+    assert _keep_links(spool) == []
+    # A producer reserving the freed name and dying: nothing comes back.
+    r = run_python(
+        "import sys, multispool\n"
+        "from conftest import Queue, Widget\n"
+        "sp = multispool.Spoolable(queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames())\n"
+        "print(multispool.Spool.load(sys.argv[1], sp).reserve_name())\n",
+        spool.dir,
+    )
+    assert r.stdout.strip() == e.name, r.stderr
+    assert spool.recover_checkouts() == []
+    for q in Queue:
+        assert spool.list(q) == [] and _checkouts(spool, q) == []
+    assert spool.clean_abandoned(older_than=0) == [e.name]
+
+
+def test_keep_link_of_a_removed_entry_is_not_restored_under_a_reused_name(tmp_path: Path) -> None:
+    """As above, but the freed name is reserved again by a producer that dies before any
+    recovery ran: the keep link is not the new name's entry (there is no data file), so
+    it is put aside, not restored and handed out."""
+    from _procs import run_python
+
+    spool = _spool(tmp_path, "full")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    r = run_python(_SAVE_KILLED_AT_KEEP_UNLINK, spool.dir, e.name)
+    assert r.returncode == -9, (r.stdout, r.stderr)
+    spool.checkout(multispool.Entry(spool, Queue.QUEUE2, e.name)).remove()
+    r = run_python(
+        "import sys, multispool\n"
+        "from conftest import Queue, Widget\n"
+        "sp = multispool.Spoolable(queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames())\n"
+        "print(multispool.Spool.load(sys.argv[1], sp).reserve_name())\n",
+        spool.dir,
+    )
+    assert r.stdout.strip() == e.name, r.stderr
+    assert spool.recover_checkouts() == []
+    for q in Queue:
+        assert spool.list(q) == [] and _checkouts(spool, q) == []
+    assert _keep_links(spool) == []
+    assert sorted(os.listdir(Path(spool.dir, ".lost+found", e.name))) == ["queue1.checkout"]
+    assert spool.clean_abandoned(older_than=0) == [e.name]

@@ -660,7 +660,9 @@ def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src
         return r
     fsync_dir(parent(dst))
     if linked:
-        os.unlink(keep)
+        # Quiet: recovery drops a keep link whose name has no entry; one of a brand-new
+        # entry of a reused name, made an instant after recovery looked, may go with it.
+        unlink_quiet(keep)
     if sync_src:
         fsync_dir(parent(src))
     return MOVED

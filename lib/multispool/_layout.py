@@ -56,6 +56,9 @@ After a crash, these states exist only where an operation was interrupted, and r
 (``recover_checkouts``, run by ``fsck --repair``) resolves them under the owner lock:
     SRC/KEEP and NAME in some queue or checkout dir   -> unlink KEEP (the move happened)
     SRC/KEEP only                                     -> rename KEEP back to SRC/NAME
+    SRC/KEEP, no .data/NAME (the entry was removed    -> unlink KEEP if NAME has no
+      after its cut move was done)                       registry file, else put it aside
+                                                         (the name is another entry's now)
     NAME in two dirs (a move cut between 2 and 5)     -> a dead checkout already queued
                                                          is not moved back (dropped, or
                                                          kept aside if it differs); else

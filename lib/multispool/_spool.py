@@ -1487,7 +1487,15 @@ class Spool(Generic[M, D]):
                             by_keep = {keep_name(n): n for n in os.listdir(lay.registry)}
                     name = by_keep.get(k)
                     if name is None:
-                        continue
+                        # No entry of that name now: a name with data but no
+                        # registry file (left for the Monitor), or none at all.
+                        with sp.throttled():
+                            by_keep.update({keep_name(n): n for n in os.listdir(lay.data)})
+                        name = by_keep.get(k)
+                        if name is None:
+                            with sp.throttled():
+                                self._drop_stale_keep(d, k, None)
+                            continue
                 else:
                     name = k[len(KEEP_PREFIX) :]
                 with sp.throttled():
@@ -1497,7 +1505,10 @@ class Spool(Generic[M, D]):
         sp = self.spoolable
         lay = self._layout
         claim = _Claim(None)
-        if _fs.open_locked(lay.registry_file(name), claim) is None:
+        reg = lay.registry_file(name)
+        if _fs.open_locked(reg, claim) is None:
+            if not _fs.lexists(reg) and not _fs.lexists(lay.data_file(name)):
+                self._drop_stale_keep(d, keep, name)
             return
         try:
             kpath = os.path.join(d, keep)
@@ -1505,6 +1516,22 @@ class Spool(Generic[M, D]):
             if placed:
                 _fs.unlink_quiet(kpath)
                 log.info("multispool: removed keep link %s of a finished move", kpath)
+            elif not _fs.lexists(lay.data_file(name)):
+                # Every entry has its data file from its enqueue to its removal: this is
+                # the keep link of an entry removed since, its name now taken by an
+                # enqueue that did not finish (or a removal cut before its registry
+                # file). Restoring it would hand a removed entry out again.
+                if _fs.lexists(kpath):
+                    if os.path.basename(d) == CHECKOUT:
+                        label = os.path.basename(os.path.dirname(d)) + "." + CHECKOUT[1:]
+                    else:
+                        label = os.path.basename(d)
+                        if label in (_lostfound.METADATA, _lostfound.DATA):
+                            label += ".queue"
+                    _lostfound.put_aside(
+                        lay, name, [(kpath, label)], sync=sp.durability == "full", mode=sp.dir_mode
+                    )
+                    log.warning("multispool: keep link %s outlived its entry: put aside", kpath)
             else:
                 _fs.rename_if_exists(kpath, os.path.join(d, name))
                 log.info("multispool: undid the interrupted move of %s (restored from %s)", name, kpath)
@@ -1512,6 +1539,17 @@ class Spool(Generic[M, D]):
                 _fs.fsync_dir(d)
         finally:
             claim.release()
+
+    def _drop_stale_keep(self, d: str, keep: str, name: str | None) -> None:
+        """Remove keep link ``keep`` of ``d`` whose name has neither a registry nor a
+        data file: the leftover of a move cut by a crash, whose entry has since been
+        handled and removed (a removal unlinks the metadata, the data, then the
+        registry file). Nobody owns it: no move of an entry of that name is under way."""
+        kpath = os.path.join(d, keep)
+        if _fs.unlink_quiet(kpath):
+            log.info("multispool: removed keep link %s of an entry removed since (%s)", kpath, name)
+            if self.spoolable.durability == "full":
+                _fs.fsync_dir(d)
 
     def _recover_one(self, q: enum.Enum, dirname: str, name: str, min_age: float | None = None) -> bool:
         """Move one dead checkout back into its queue; True only if it really moved. With
