@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import subprocess
@@ -128,6 +129,51 @@ def test_a_non_blocking_file_object_is_not_cut_short(tmp_path: Path, buffering: 
         os.close(w)
         if r != -1:
             os.close(r)
+    for d in (".registry", ".tmp", ".data", "queue1"):
+        assert [n for n in os.listdir(os.path.join(spool.dir, d)) if n != ".checkout"] == []
+
+
+class _FailingSource(io.RawIOBase):
+    """A source whose read fails midway (a disk error, a dropped mount)."""
+
+    name = "/srv/incoming/big.bin"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        self.calls += 1
+        if self.calls > 1:
+            raise OSError(errno.EIO, "Input/output error")
+        b[:4] = b"head"
+        return 4
+
+
+@pytest.mark.parametrize("how", ["readinto", "read"])
+def test_a_read_error_of_the_source_names_the_source(tmp_path: Path, how: str) -> None:
+    # The error came from reading the caller's file, not from writing .data/NAME: it
+    # must say so, and the enqueue leaves nothing.
+    spool = _spool(tmp_path)
+    src: Any = _FailingSource()
+    if how == "read":
+        inner = src
+
+        class ReadOnly:
+            name = inner.name
+
+            def read(self, n: int = -1) -> bytes:
+                buf = bytearray(n if n > 0 else 4)
+                k = inner.readinto(buf)
+                return bytes(buf[:k])
+
+        src = ReadOnly()
+    with pytest.raises(OSError) as ei:
+        spool.enqueue(Queue.QUEUE1, Cog(n=1), src)
+    assert ei.value.errno == errno.EIO
+    assert ei.value.filename == _FailingSource.name, ei.value
     for d in (".registry", ".tmp", ".data", "queue1"):
         assert [n for n in os.listdir(os.path.join(spool.dir, d)) if n != ".checkout"] == []
 

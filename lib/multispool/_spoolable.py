@@ -232,12 +232,12 @@ class FileData:
             if readinto is not None:
                 buf = bytearray(_COPY_CHUNK)
                 view = memoryview(buf)
-                while n := readinto(buf):
+                while n := _read_source(readinto, buf, f):
                     _fs._write_all(fd, view[:n])
                 if n is None:
                     raise _would_block(f)
             else:
-                while chunk := f.read(_COPY_CHUNK):
+                while chunk := _read_source(f.read, _COPY_CHUNK, f):
                     if not isinstance(chunk, (bytes, bytearray, memoryview)):
                         raise TypeError(f"FileData: file object gave {type(chunk).__name__}, not bytes")
                     _fs._write_all(fd, chunk)
@@ -273,6 +273,19 @@ def _link_followed(src: str, dst: str) -> None:
         os.link(src, dst, src_dir_fd=_fs._root_fd(), follow_symlinks=True)
     else:  # pragma: no cover - without linkat
         os.link(os.path.realpath(src), dst)
+
+
+def _read_source(read: Callable[[Any], Any], arg: Any, f: Any) -> Any:
+    """``read(arg)`` on the caller's file object ``f``: an OSError it raises without a
+    file name is given ``f``'s (its ``name``, or its repr), so that it is not taken for
+    an error of the spool's file that the copy writes."""
+    try:
+        return read(arg)
+    except OSError as e:
+        if e.filename is None:
+            name = getattr(f, "name", None)
+            e.filename = name if isinstance(name, str) else repr(f)
+        raise
 
 
 def _would_block(f: Any) -> BlockingIOError:
