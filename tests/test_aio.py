@@ -880,3 +880,49 @@ def test_round_trip_with_sync_producer_in_another_process(tmp_path: Path) -> Non
     assert len(theirs) == 30 and not mine & theirs
     assert sorted(got) == sorted(mine | theirs)  # each exactly once
     assert check_settled(path, sp)["queue1"] == set()
+
+
+@pytest.mark.parametrize("op", ["save", "retry", "remove"])
+def test_end_that_failed_then_cancelled_before_task_resumed_gives_entry_back(
+    tmp_path: Path, op: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save/retry/remove fail in the executor (the checkout stays held, as the sync API
+    leaves it); the task is cancelled after that, before it resumed to see the error. The
+    exception is then seen by nobody, as when it is cancelled while the call runs: the
+    entry must be released, not left checked out by this live process."""
+    sp = make_spoolable()
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        async with await AsyncSpool.create(path, sp) as spool:
+            e = await spool.enqueue(Queue.QUEUE1, Cog(1), b"")
+            co = await spool.checkout(e)
+            fired = threading.Event()
+
+            def once(real: Callable[..., Any]) -> Callable[..., Any]:
+                def fail_once(*args: Any, **kwargs: Any) -> Any:
+                    if fired.is_set():
+                        return real(*args, **kwargs)
+                    fired.set()  # only the end's own move or removal fails
+                    raise OSError(5, "injected")
+
+                return fail_once
+
+            monkeypatch.setattr(spool.sync, "_move_owned", once(spool.sync._move_owned))
+            monkeypatch.setattr(spool.sync, "_remove_files", once(spool.sync._remove_files))
+            ends = {"save": lambda: co.save(Queue.QUEUE2), "retry": lambda: co.retry(0), "remove": co.remove}
+            task = asyncio.ensure_future(ends[op]())
+            await asyncio.sleep(0)  # submitted
+            # Hold the loop until the executor is done with the failed call: its error is
+            # queued for the task, which we cancel before it can run.
+            deadline = time.monotonic() + 10
+            while spool._inflight:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            assert fired.is_set()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    run(main)
+    assert check_settled(path, sp)["queue1"] == {"None000000"}

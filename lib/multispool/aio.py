@@ -96,7 +96,9 @@ class _Call:
     whichever side finishes last undoes what nobody will receive: ``undo(result)`` for a
     result (a claim to give back), ``on_error()`` for an exception nobody will see."""
 
-    __slots__ = ("abandoned", "args", "collected", "fn", "handed", "lock", "on_error", "result", "undo")
+    __slots__ = (
+        "abandoned", "args", "collected", "failed", "fn", "handed", "lock", "on_error", "result", "undo",
+    )
 
     def __init__(
         self,
@@ -112,6 +114,9 @@ class _Call:
         self.lock = threading.Lock()
         self.abandoned = False
         self.handed = False
+        # The function raised while the call was not abandoned: its exception is on its
+        # way to the task, which may yet be cancelled before it sees it (see abandon).
+        self.failed = False
         self.collected = False  # a claim hand-off: the loop took the result (under lock)
         self.result: Any = None
 
@@ -121,6 +126,7 @@ class _Call:
         except BaseException:
             with self.lock:
                 abandoned = self.abandoned
+                self.failed = not abandoned
             if abandoned and self.on_error is not None:
                 self.on_error()
             raise
@@ -133,13 +139,17 @@ class _Call:
             self.undo(result)
         return None
 
-    def abandon(self) -> Any:
-        """Mark the call abandoned; the result to undo if the function already finished."""
+    def abandon(self) -> tuple[Any, bool]:
+        """Mark the call abandoned. Returns the result to undo if the function already
+        returned one, and whether it already raised: its exception, set for the task, will
+        not be seen either (the task was cancelled before it resumed), so ``on_error`` is
+        the abandoner's to run."""
         with self.lock:
             if self.abandoned:
-                return None  # already undone by whoever abandoned it first
+                return None, False  # already undone by whoever abandoned it first
             self.abandoned = True
-            return self.result if self.handed else None
+            failed, self.failed = self.failed, False
+            return (self.result if self.handed else None), failed
 
 
 def _bridge(
@@ -346,9 +356,11 @@ class AsyncSpool(Generic[M, D]):
         ``cancellable``), else have its result undone."""
         if cancellable and cf.cancel():
             return
-        leftover = call.abandon()
+        leftover, failed = call.abandon()
         if leftover is not None and call.undo is not None:
             self._background(call.undo, leftover)
+        if failed and call.on_error is not None:
+            self._background(call.on_error)
 
     # -- closing ----------------------------------------------------------------------
     async def aclose(self) -> None:
