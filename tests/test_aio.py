@@ -926,3 +926,39 @@ def test_end_that_failed_then_cancelled_before_task_resumed_gives_entry_back(
 
     run(main)
     assert check_settled(path, sp)["queue1"] == {"None000000"}
+
+
+def test_checkout_that_outlives_aclose_is_given_back(tmp_path: Path) -> None:
+    """A checkout still held when its AsyncSpool is closed could no longer be ended:
+    every end (release, save, ``async with``) raised "closed", and the entry stayed in
+    QUEUE/.checkout, locked by this live process, where no reader and no recovery takes
+    it. aclose gives it back; ending it afterwards is a no-op (release) or a clear error.
+    Handles from list_checkouts_unsafe hold no lock and are not this spool's: left alone."""
+    sp = make_spoolable()
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        spool = await AsyncSpool.create(path, sp)
+        other = multispool.Spool.load(path, sp)
+        theirs = other.checkout(other.enqueue(Queue.QUEUE2, Cog(0), b""))
+        e1 = await spool.enqueue(Queue.QUEUE1, Cog(1), b"")
+        await spool.enqueue(Queue.QUEUE1, Cog(2), b"")
+        co = await spool.checkout(e1)
+        updated = co.update(lambda m: Cog(10))
+        async with spool.reader(Queue.QUEUE1) as reader:
+            co2 = await reader.dequeue(timeout=10)
+        assert co2 is not None and co2.contents == Cog(2)
+        [unsafe] = await spool.list_checkouts_unsafe(Queue.QUEUE2)
+        await spool.aclose()
+        assert co.done and updated.done and co2.done and not unsafe.done
+        await co.release()  # already given back: nothing to do
+        async with co2:
+            pass
+        with pytest.raises(RuntimeError, match="closed"):
+            await updated.save(Queue.QUEUE3)
+        assert os.listdir(path / "queue2" / ".checkout") == [theirs.name]
+        theirs.release()
+
+    run(main)
+    where = check_settled(path, sp)
+    assert where["queue1"] == {"None000001", "None000002"} and where["queue2"] == {"None000000"}

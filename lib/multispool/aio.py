@@ -29,7 +29,9 @@ Cancellation never loses or strands an entry:
 
 An ``AsyncSpool`` belongs to one event loop at a time. Close it (``await spool.aclose()``
 or ``async with spool:``) to close its readers and stop its executor threads; closing
-waits for the disk operations still running, including those of cancelled tasks.
+waits for the disk operations still running, including those of cancelled tasks, then
+gives back unchanged every checkout it handed out that is still held (once closed, a
+checkout's ``release`` is a no-op and its ``save``/``remove`` raise RuntimeError).
 ``AsyncSpool.load_unsafe`` touches no disk and returns the spool directly; awaiting an
 AsyncSpool gives itself, so ``await AsyncSpool.load_unsafe(...)`` works as well.
 """
@@ -235,6 +237,9 @@ class AsyncSpool(Generic[M, D]):
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._inflight_lock = threading.Lock()
         self._readers: weakref.WeakSet[AsyncQueueReader[M, D]] = weakref.WeakSet()
+        # The checkouts this spool handed out that hold their owner lock: those still
+        # held when it closes are given back (nothing could end them afterwards).
+        self._checkouts: weakref.WeakSet[AsyncCheckedOutEntry[M, D]] = weakref.WeakSet()
         self._closed = False
 
     # -- opening ----------------------------------------------------------------------
@@ -365,21 +370,33 @@ class AsyncSpool(Generic[M, D]):
     # -- closing ----------------------------------------------------------------------
     async def aclose(self) -> None:
         """Close this spool's readers, wait for the disk operations still running (also
-        those of cancelled tasks), and stop the executor threads. Idempotent."""
+        those of cancelled tasks), give back unchanged the checkouts it handed out that
+        are still held (nothing could end them once it is closed), and stop the executor
+        threads. Idempotent."""
         for reader in list(self._readers):
             await reader.aclose()
         self._closed = True
         loop = asyncio.get_running_loop()
+        await self._settle(loop)
+        held = [co.sync for co in list(self._checkouts) if not co.sync.done]
+        self._checkouts = weakref.WeakSet()
+        if held:
+            for co in held:
+                self._background(co.release)
+            await self._settle(loop)
+        ex, self._executor = self._executor, None
+        if ex is not None:
+            # Every worker is idle now: they only need to see the shutdown and exit.
+            ex.shutdown(wait=True)
+
+    async def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until no call is running or queued in the executor."""
         while True:
             with self._inflight_lock:
                 pending = list(self._inflight)
             if not pending:
                 break
             await asyncio.wait([_bridge(cf, loop, outcome=False) for cf in pending])
-        ex, self._executor = self._executor, None
-        if ex is not None:
-            # Every worker is idle now: they only need to see the shutdown and exit.
-            ex.shutdown(wait=True)
 
     async def __aenter__(self) -> AsyncSpool[M, D]:
         return self
@@ -650,11 +667,13 @@ class AsyncCheckedOutEntry(Generic[M, D]):
     Exactly one of ``save``, ``remove`` or ``release`` ends it; leaving ``async with``
     without one returns it unchanged to its queue."""
 
-    __slots__ = ("spool", "sync")
+    __slots__ = ("__weakref__", "spool", "sync")
 
     def __init__(self, spool: AsyncSpool[M, D], co: CheckedOutEntry[M, D]) -> None:
         self.spool = spool
         self.sync = co
+        if co._claim.held:  # not a list_checkouts_unsafe handle (no lock, maybe not ours)
+            spool._checkouts.add(self)
 
     @property
     def name(self) -> str:
