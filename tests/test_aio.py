@@ -962,3 +962,63 @@ def test_checkout_that_outlives_aclose_is_given_back(tmp_path: Path) -> None:
     run(main)
     where = check_settled(path, sp)
     assert where["queue1"] == {"None000001", "None000002"} and where["queue2"] == {"None000000"}
+
+
+class _ContendedLock:
+    """An RLock that calls ``on_contended()`` when a second thread comes to take it."""
+
+    def __init__(self, on_contended: Callable[[], None]) -> None:
+        self._lock = threading.RLock()
+        self._first: int | None = None
+        self._on_contended = on_contended
+
+    def __enter__(self) -> None:
+        me = threading.get_ident()
+        if self._first is None:
+            self._first = me
+        elif me != self._first:
+            self._on_contended()
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_release_while_a_timed_out_save_still_runs_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``async with co: await asyncio.wait_for(co.save(q), t)``: the save times out (slow
+    disk) and goes on in its executor thread, as promised, while leaving the block
+    releases the entry in another thread. The release moved the entry back to its queue;
+    the save then wrote its new metadata at the checkout path (recreating it) and moved
+    that into QUEUE2: the entry was in two queues, to be handed out twice. The release
+    must wait for the save, then find the checkout ended."""
+    gate = Gate()
+    sp = make_spoolable(throttle=gate)
+    path = tmp_path / "s"
+    real_release = multispool.CheckedOutEntry.release
+
+    def release(self: Any) -> None:
+        try:
+            real_release(self)
+        finally:
+            gate.open()  # the release is over: let the save go on
+
+    async def main() -> None:
+        async with await AsyncSpool.create(path, sp) as spool:
+            e = await spool.enqueue(Queue.QUEUE1, Cog(1), b"")
+            co = (await spool.checkout(e)).update(lambda m: Cog(2))
+            # Or, once the release waits for the save, let the save go on.
+            co.sync._claim._writing = _ContendedLock(gate.open)  # type: ignore[assignment]
+            monkeypatch.setattr(multispool.CheckedOutEntry, "release", release)
+            gate.arm(1)
+            with pytest.raises(asyncio.CancelledError):
+                async with co:
+                    task = asyncio.ensure_future(co.save(Queue.QUEUE2))
+                    await until(gate.entered.is_set)  # the save is under way
+                    task.cancel()  # as wait_for does on its timeout
+                    await task
+
+    run(main)
+    where = check_settled(path, sp)
+    assert where == {"queue1": set(), "queue2": {"None000000"}, "queue3": set()}

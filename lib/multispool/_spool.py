@@ -134,7 +134,7 @@ NOT_FOUND: Final = NotFound()
 Action: TypeAlias = Save[M] | Retry[M] | Remove
 """What a handler returns: ``Save(metadata, queue)``, ``Retry(delay)`` or ``REMOVE``."""
 
-# Creates the per-claim write mutexes on first use (most checkouts never need one).
+# Creates the per-claim mutexes on first use.
 _claim_locks_lock = threading.Lock()
 
 # Reservations made by reserve_name, locked until enqueue(use=NAME) consumes them, keyed by
@@ -167,7 +167,7 @@ class _Claim:
         self.generation = _fs._generation  # lock_generation(), without a call: on every entry's path
         self.done = False
         self.sched = sched  # the entry's schedule record as it was claimed
-        self._writing: threading.Lock | None = None
+        self._writing: threading.RLock | None = None
         # Durability "full": the queue dir the claim renamed the entry out of, whose fsync
         # (step 5 of a move, see _layout) the checkout's end owes.
         self.unsynced: str | None = None
@@ -179,15 +179,21 @@ class _Claim:
             _fs.fsync_dir(d)
 
     @property
-    def writing(self) -> threading.Lock:
-        """Held around each staged write: the owner's own threads take turns with the
-        entry's staging file ``.tmp/NAME`` too (other processes are kept out by the lock)."""
+    def writing(self) -> threading.RLock:
+        """Held around each staged write and each end of the checkout (save, retry,
+        remove, release): the owner's own threads take turns with the entry's staging
+        file ``.tmp/NAME`` and with its checkout file (other processes are kept out by
+        the owner lock). An end that waited for another finds the checkout ended, instead
+        of moving, rewriting or deleting the entry after the other end gave it up (an
+        asyncio ``save`` that timed out and goes on in its thread while ``async with``
+        releases the entry: the save recreated the checkout file the release had moved
+        back, and the entry was in two queues)."""
         lock = self._writing
         if lock is None:
             with _claim_locks_lock:
                 lock = self._writing
                 if lock is None:
-                    lock = self._writing = threading.Lock()
+                    lock = self._writing = threading.RLock()
         return lock
 
     def release(self) -> None:
@@ -471,16 +477,19 @@ class CheckedOutEntry(Generic[M, D]):
         The attempt count goes back to 0. If it raises before the entry moved, what it
         wrote is undone and the checkout is still held: ``release`` (or leaving the
         ``with`` block) returns the entry unchanged."""
-        self._check_live()
-        self._move(queue, self.contents, 0.0 if delay is None else _schedule.due_at(delay, time.time()), 0)
+        with self._claim.writing:
+            self._check_live()
+            due = 0.0 if delay is None else _schedule.due_at(delay, time.time())
+            self._move(queue, self.contents, due, 0)
 
     def retry(self, delay: Duration, metadata: M | None = None) -> None:
         """Back into the queue it came from, not to be handed out by a reader before
         ``delay`` seconds; ``metadata=None`` keeps the contents. Attempts are kept."""
-        self._check_live()
-        contents = self.contents if metadata is None else metadata
-        due = _schedule.due_at(delay, time.time())
-        self._move(self.queue, contents, due, self._claim.sched.attempts)
+        with self._claim.writing:
+            self._check_live()
+            contents = self.contents if metadata is None else metadata
+            due = _schedule.due_at(delay, time.time())
+            self._move(self.queue, contents, due, self._claim.sched.attempts)
 
     def _fail(self, policy: Backoff) -> enum.Enum | None:
         """Count a failure under ``policy``: back into its queue after the policy's delay,
@@ -489,15 +498,16 @@ class CheckedOutEntry(Generic[M, D]):
         that a dead-letter queue exists if the policy is exhausted. The metadata written
         is the bytes as claimed: a failed handler may have changed its metadata object in
         place, and a failure leaves the entry as it was (as a release does)."""
-        self._check_live()
-        attempts = self._claim.sched.attempts
-        if policy.exhausted(attempts):
-            dl = policy.dead_letter
-            self._move(dl, self.contents, 0.0, attempts + 1, as_claimed=True)
-            return dl  # type: ignore[no-any-return]
-        due = time.time() + policy.delay(attempts)
-        self._move(self.queue, self.contents, due, attempts + 1, as_claimed=True)
-        return None
+        with self._claim.writing:
+            self._check_live()
+            attempts = self._claim.sched.attempts
+            if policy.exhausted(attempts):
+                dl = policy.dead_letter
+                self._move(dl, self.contents, 0.0, attempts + 1, as_claimed=True)
+                return dl  # type: ignore[no-any-return]
+            due = time.time() + policy.delay(attempts)
+            self._move(self.queue, self.contents, due, attempts + 1, as_claimed=True)
+            return None
 
     def _move(
         self, queue: enum.Enum, contents: Any, due: float, attempts: int, *, as_claimed: bool = False
@@ -580,23 +590,29 @@ class CheckedOutEntry(Generic[M, D]):
 
     def remove(self) -> None:
         """Delete the entry: checkout file, data, then the reservation."""
-        self._check_live()
-        with self.spool.spoolable.throttled():
-            self.spool._remove_files(self.name, self.path, "checked-out entry vanished", self._claim)
-            self._claim.release()
+        with self._claim.writing:
+            self._check_live()
+            with self.spool.spoolable.throttled():
+                self.spool._remove_files(self.name, self.path, "checked-out entry vanished", self._claim)
+                self._claim.release()
 
     def release(self) -> None:
         """Return the entry unchanged to the queue it came from."""
-        if self._claim.done or self._claim.generation != _fs.lock_generation():
+        claim = self._claim
+        if claim.done or claim.generation != _fs.lock_generation():
             return  # already ended, or owned by our parent (inherited by fork)
         sp = self.spool.spoolable
         dirname = sp.dirname(self.queue)
-        with sp.throttled():
-            try:
-                moved = self.spool._move_back(dirname, self.name, self._claim, sync_src=False)
-            finally:
-                self._claim.release()
-            if moved and sp.durability == "full":
+        with claim.writing:
+            if claim.done:
+                return  # ended by another thread of ours meanwhile
+            with sp.throttled():
+                try:
+                    moved = self.spool._move_back(dirname, self.name, claim, sync_src=False)
+                finally:
+                    claim.release()
+        if moved and sp.durability == "full":
+            with sp.throttled():
                 _fs.fsync_dir(self.spool._layout.checkout(dirname))  # step 5, lock given up
 
     def __enter__(self) -> CheckedOutEntry[M, D]:
