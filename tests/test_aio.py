@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import threading
 import time
@@ -1022,3 +1023,31 @@ def test_release_while_a_timed_out_save_still_runs_waits_for_it(
     run(main)
     where = check_settled(path, sp)
     assert where == {"queue1": set(), "queue2": {"None000000"}, "queue3": set()}
+
+
+def test_aclose_waiting_for_a_running_call_logs_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aclose waits for calls still running through loop futures that only say "done";
+    each one set its future twice (InvalidStateError), which asyncio logged as an
+    "Exception in callback" error on every close that had to wait."""
+    gate = Gate()
+    sp = make_spoolable(throttle=gate)
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        spool = await AsyncSpool.create(path, sp)
+        gate.arm(1)
+        task = asyncio.ensure_future(spool.enqueue(Queue.QUEUE1, Cog(1), b""))
+        await until(gate.entered.is_set)
+        closing = asyncio.ensure_future(spool.aclose())
+        await asyncio.sleep(0)  # aclose is waiting for the enqueue
+        assert spool.closed and not closing.done()
+        gate.open()
+        await closing
+        assert (await task).name == "None000000"
+
+    with caplog.at_level(logging.ERROR):
+        run(main)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert check_settled(path, sp)["queue1"] == {"None000000"}

@@ -166,7 +166,8 @@ def _bridge(
             return
         if not outcome:
             fut.set_result(None)
-        elif cf.cancelled():
+            return
+        if cf.cancelled():
             fut.cancel()
             return
         exc = cf.exception()
