@@ -1051,3 +1051,33 @@ def test_aclose_waiting_for_a_running_call_logs_no_error(
         run(main)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert check_settled(path, sp)["queue1"] == {"None000000"}
+
+
+def test_data_save_that_waited_for_a_remove_does_not_write_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout's ``data_file.save`` and its ``remove`` run in two executor threads (a
+    data save that timed out goes on). The data save found the checkout held, waited
+    for the remove to finish, then wrote ``.data/NAME`` anyway: a data file with no
+    entry left behind (the Monitor's Orphaned), or written under a lock given up. It
+    must see that the checkout ended while it waited."""
+    gate = Gate()
+    sp = make_spoolable(throttle=gate)
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        async with await AsyncSpool.create(path, sp) as spool:
+            e = await spool.enqueue(Queue.QUEUE1, Cog(1), b"old")
+            co = await spool.checkout(e)
+            # Once the data save waits for the remove, let the remove go on.
+            co.sync._claim._writing = _ContendedLock(gate.open)  # type: ignore[assignment]
+            gate.arm(1)
+            removing = asyncio.ensure_future(co.remove())
+            await until(gate.entered.is_set)  # the remove is under way, holding the mutex
+            with pytest.raises(multispool.EntryNotFoundError):
+                await co.data_file.save(b"new")
+            await removing
+
+    run(main)
+    assert os.listdir(path / ".data") == []
+    assert check_settled(path, sp) == {"queue1": set(), "queue2": set(), "queue3": set()}

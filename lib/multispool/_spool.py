@@ -248,32 +248,43 @@ class DataFile(Generic[D]):
         tmp = lay.tmp_file(self.name)
         with sp.throttled():
             claim = self._claim
-            if claim is None or not claim.held:
-                claim = self.spool._lock_entry(self.name)
-                own = True
-            else:
-                own = False
-            try:
+            written = False
+            if claim is not None and claim.held:
                 with claim.writing:
-                    try:
-                        sp.encode_data(contents, tmp, sync=sp.durability != "none")
-                        if _same_inode(tmp, self.path):
-                            # A codec that hard-links (FileData) was given a link of the
-                            # data file itself: rename(2) between two links of one file
-                            # does nothing and would leave .tmp/NAME a link of the data,
-                            # which the next staged write (O_TRUNC) truncates through.
-                            # The data already is what was asked for: drop the link.
-                            os.unlink(tmp)
-                        else:
-                            os.rename(tmp, self.path)
-                    except BaseException:
-                        _fs.unlink_quiet(tmp)
-                        raise
-            finally:
-                if own:
-                    claim.release()
+                    # Checked again under the mutex: an end of the checkout in another
+                    # thread of ours (a remove, a release) may have given it up while
+                    # this waited; writing then would leave a data file with no entry,
+                    # or write under a lock given up.
+                    if claim.held:
+                        self._stage(contents, tmp)
+                        written = True
+            if not written:
+                own = self.spool._lock_entry(self.name)
+                try:
+                    with own.writing:
+                        self._stage(contents, tmp)
+                finally:
+                    own.release()
             if sp.durability == "full":
                 _fs.fsync_dir(lay.data)
+
+    def _stage(self, contents: D, tmp: str) -> None:
+        """Write ``contents`` at ``tmp`` and rename it over the data file; the caller
+        holds the entry's owner lock and its claim's mutex."""
+        sp = self.spool.spoolable
+        try:
+            sp.encode_data(contents, tmp, sync=sp.durability != "none")
+            if _same_inode(tmp, self.path):
+                # A codec that hard-links (FileData) was given a link of the data file
+                # itself: rename(2) between two links of one file does nothing and would
+                # leave .tmp/NAME a link of the data, which the next staged write (O_TRUNC)
+                # truncates through. The data already is what was asked for: drop the link.
+                os.unlink(tmp)
+            else:
+                os.rename(tmp, self.path)
+        except BaseException:
+            _fs.unlink_quiet(tmp)
+            raise
 
     def stat(self) -> os.stat_result:
         """``os.stat_result`` of the data file (not following a symlink)."""
