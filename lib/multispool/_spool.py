@@ -1297,6 +1297,9 @@ class Spool(Generic[M, D]):
             with sp.throttled():
                 self._undo_claim(dirname, name, cofile, claim)
             raise
+        # Every end of the checkout takes this mutex (_Claim.writing): made here, where no
+        # other thread can see the claim yet, rather than on first use under a global lock.
+        claim._writing = threading.RLock()
         return CheckedOutEntry(self, queue, name, contents, raw, claim)
 
     def _wait_busy(
