@@ -600,3 +600,44 @@ def test_aio_reader_takes_poll_interval(tmp_path: Path) -> None:
                 spool.reader(Queue.QUEUE1, poll_interval=-1)
 
     asyncio.run(main())
+
+
+def test_polling_reader_wakes_for_a_name_it_took_that_is_back_by_the_next_poll(
+    spool: multispool.Spool[bytes],
+) -> None:
+    """A polling watch compares the names of two listings. An entry this reader claimed,
+    whose name is back in the queue by the next poll (released, or a new entry under the
+    freed name: PrefixNames, ``enqueue(use=)``), left both listings alike: the waiting
+    reader heard of it only at its next rescan. The reader's own claims are told to the
+    watch, which reports such a name as an arrival. Polls are made by hand here (the
+    interval is too long for any to happen on its own), so the timing is exact."""
+    with spool.reader(
+        Queue.QUEUE1, observer="polling", rescan_interval=NO_RESCAN, poll_interval=3600
+    ) as reader:
+        sub = reader._sub
+        assert sub is not None and sub._entry is not None
+        entry = sub._entry
+        backend = entry.backend
+        assert isinstance(backend, _watch._PollingBackend)
+        waiting = hook_waits(reader)
+        first = enqueue(spool, "r")
+        backend._poll(entry)  # the poll that sees it arrive
+        co = reader.dequeue(timeout=WAIT)
+        assert co is not None and co.name == first
+        co.remove()
+        again = enqueue(spool, "r")  # before the next poll
+        assert again == first  # PrefixNames: the freed name again
+        co, took = dequeue_when_blocked(reader, waiting, lambda: backend._poll(entry))
+        assert co is not None and co.name == again
+        assert took < WAIT / 2, f"{took:.1f} s: the entry was found by the last listing, not by a poll"
+        co.remove()
+        # Released by this reader and back before the next poll: the same.
+        enqueue(spool, "r")
+        backend._poll(entry)
+        co = reader.dequeue(timeout=WAIT)
+        assert co is not None
+        co.release()
+        co, took = dequeue_when_blocked(reader, waiting, lambda: backend._poll(entry))
+        assert co is not None and co.name == first
+        assert took < WAIT / 2, f"{took:.1f} s: the entry was found by the last listing, not by a poll"
+        co.remove()

@@ -653,6 +653,11 @@ class QueueReader(Generic[M, D]):
             if co is not None:
                 self._busy_delay = BUSY_RETRY_FIRST
                 self._loss_rate = 0.0
+                sub = self._sub
+                if sub is not None and getattr(sub, "mode", None) == "polling":
+                    # A polling watch cannot tell this name leaving and coming back
+                    # between two polls from its staying: it must know we took it.
+                    sub.took(name)
                 return co
             if self._pending_listed:
                 self._skip_ahead(pending)

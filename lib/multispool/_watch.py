@@ -41,6 +41,7 @@ nothing waits in the grouper.)
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -324,6 +325,17 @@ class Subscription:
         entry = self._entry
         return self._closed or entry is None or entry.stale or entry.backend.pid != os.getpid()
 
+    def took(self, name: str) -> None:
+        """Say that the subscriber itself moved `name` out of the directory (a consumer's
+        claim). A polling watch compares the names of two listings: an entry claimed
+        after one poll and back under the same name by the next (released, or a new entry
+        given the freed name) leaves them alike. So a name said taken here is reported as
+        an arrival if the next poll finds it there. No system call; nothing to do for a
+        native watch, whose kernel reports every arrival."""
+        entry = self._entry
+        if entry is not None and self.mode == "polling" and not entry.stale:
+            entry.taken.append(name)
+
     def _fire(self, name: str | None) -> None:
         if self._closed:
             return
@@ -523,6 +535,9 @@ class _Entry:
     # Whether the watch asks for departures at all. Readers do not want them, and a
     # consumer's own claim is one: left out of the kernel mask, it wakes no thread.
     departures: bool = True
+    # Names the subscribers moved out themselves since the last poll (Subscription.took);
+    # appended by their threads, taken by the polling thread.
+    taken: collections.deque[str] = field(default_factory=collections.deque)
 
     def notify(self, *, departure: bool, name: str | None = None) -> None:
         """Wake the subscribers that want this change; `name` is what it is about, None
@@ -841,6 +856,12 @@ class _PollingBackend(_Backend):
         names = entry.handle
         if not isinstance(names, frozenset) or entry.stale:
             return
+        # Names taken by subscribers, collected BEFORE the listing: one taken after it
+        # waits for the next poll, whose listing then tells whether it is back.
+        taken = entry.taken
+        left: set[str] = set()
+        while taken:
+            left.add(taken.popleft())
         try:
             now_names = frozenset(os.listdir(entry.path))  # the one system call of a poll
         except OSError:
@@ -848,10 +869,13 @@ class _PollingBackend(_Backend):
             entry.stale = True
             entry.notify(departure=False)
             return
-        if now_names == names:
+        # Taken since the last listing and there again: it came back (or another entry
+        # has its name), though both listings have it.
+        back = left & now_names
+        if now_names == names and not back:
             return
         entry.handle = now_names
-        for name in sorted(now_names - names):
+        for name in sorted((now_names - names) | back):
             entry.notify(departure=False, name=name)
         if entry.departures:
             for name in sorted(names - now_names):
