@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import itertools
 import os
 import statistics
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,9 @@ from test_reader import (
     enqueue,
     enqueue_in_child,
     hook_waits,
+    inotify_instances,
     qdir,
+    threads_besides,
     wait_for,
 )
 
@@ -641,3 +645,24 @@ def test_polling_reader_wakes_for_a_name_it_took_that_is_back_by_the_next_poll(
         assert co is not None and co.name == first
         assert took < WAIT / 2, f"{took:.1f} s: the entry was found by the last listing, not by a poll"
         co.remove()
+
+
+def test_a_reader_dropped_without_close_leaves_no_watch_nor_thread(
+    spool: multispool.Spool[bytes], mode: str
+) -> None:
+    """A reader nobody closes, once dropped, is collected and its watch removed. Its
+    subscription's callback held the reader: it was never collected, and its watch, the
+    observer thread, the inotify instance and the rescan thread stayed for the life of
+    the process, each such reader of a queue adding a callback to every event of it."""
+    before = set(threading.enumerate())
+    instances = inotify_instances()
+    for _ in range(3):
+        reader = spool.reader(Queue.QUEUE1, observer=mode, rescan_interval=0.2, poll_interval=POLL)
+        assert reader.dequeue_available() is None
+        ref = weakref.ref(reader)
+        del reader
+        gc.collect()
+        assert ref() is None, "the reader was not collected"
+        assert _watch._state.backends == {}, "its watch is still there"
+    wait_for(lambda: threads_besides(before) == [], what="the reader's threads to end")
+    assert inotify_instances() == instances

@@ -845,3 +845,26 @@ def test_a_durable_enqueue_is_one_event_in_its_queue(tmp_path: Path, outside: Pa
         drop_in(outside, qdir, "end")  # events come in order: all before it are in
         assert heard.wait_for("end")
     assert heard.names == [*names, "end"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_close_soon_with_the_lock_held_closes_once_it_is_released(queue: Path, mode: ObserverMode) -> None:
+    """close_soon() is what a garbage-collection callback calls (a reader collected
+    without closing its subscription), and such a callback may run in a thread that is
+    inside subscribe() or close(), holding the lock close() takes: it must not wait for
+    it, and the holder closes the subscription on its way out."""
+    baseline = set(threading.enumerate())
+    sub = subscribe(queue, Recorder(), mode, polling_interval=POLL)
+    other = subscribe(queue, Recorder(), mode, polling_interval=POLL)
+    with _watch._state.lock:  # as in subscribe() or close(), on this thread
+        sub.close_soon()
+        assert not sub.closed
+    other.close()
+    assert sub.closed
+    assert _watch._state.backends == {}
+    assert new_threads(baseline) == []
+    # With the lock free, at once.
+    sub = subscribe(queue, Recorder(), mode, polling_interval=POLL)
+    sub.close_soon()
+    assert sub.closed
+    assert new_threads(baseline) == []

@@ -332,6 +332,30 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_clock_after_fork)
 
 
+class _WeakWake:
+    """A reader's subscription callback. It holds the reader weakly: a subscription is
+    held by the observer for as long as it is open, and a reader dropped without
+    ``close()`` must still be collected; its subscription is then closed (watch removed,
+    observer threads stopped once no other subscription is left)."""
+
+    __slots__ = ("ref", "sub")
+
+    def __init__(self, reader: QueueReader[Any, Any]) -> None:
+        self.sub: _watch.Subscription | None = None
+        self.ref = weakref.ref(reader, self._collected)
+
+    def __call__(self, name: str | None = None) -> None:
+        reader = self.ref()
+        if reader is not None:
+            reader._on_event(name)
+
+    def _collected(self, _ref: object) -> None:
+        # Runs wherever the reader was collected, maybe inside subscribe() or close().
+        sub = self.sub
+        if sub is not None:
+            sub.close_soon()
+
+
 class QueueReader(Generic[M, D]):
     """Hands out the entries of one queue, each to exactly one reader among all the
     processes reading it, in name order of each directory listing (entries announced by
@@ -393,10 +417,11 @@ class QueueReader(Generic[M, D]):
     def _subscribe(self) -> None:
         # departures=False: our own claims (and other readers') rename entries out of the
         # queue; waking on those would only make every reader look for nothing.
+        wake = _WeakWake(self)
         try:
-            self._sub = _watch.subscribe(
+            self._sub = wake.sub = _watch.subscribe(
                 self._qdir,
-                self._on_event,
+                wake,
                 self.observer,
                 polling_interval=self.poll_interval,
                 departures=False,

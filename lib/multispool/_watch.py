@@ -357,6 +357,24 @@ class Subscription:
         thread, which then ends on its own). The callback may still run once if an event
         was being dispatched while close() ran: wakes are hints.
         """
+        try:
+            self._close()
+        finally:
+            if _closing:
+                _close_pending()
+
+    def close_soon(self) -> None:
+        """:meth:`close`, from where this thread may be holding the lock that close()
+        takes: a garbage-collection callback (the subscriber was collected without
+        closing this), which runs wherever the collection happens, subscribe() and
+        close() included. Closes now if the lock is free, else the thread holding it
+        does once it lets go."""
+        _closing.append(self)
+        if _state.lock.acquire(blocking=False):
+            _state.lock.release()
+            _close_pending()
+
+    def _close(self) -> None:
         stop: _Backend | None = None
         with _state.lock:
             if self._closed:
@@ -465,6 +483,21 @@ def subscribe(
 
 
 def _subscribe(
+    path: str,
+    callback: Callable[..., None],
+    mode: ObserverMode,
+    interval: float,
+    departures: bool,
+    names: bool,
+) -> Subscription:
+    try:
+        return _subscribe_locked(path, callback, mode, interval, departures, names)
+    finally:
+        if _closing:
+            _close_pending()
+
+
+def _subscribe_locked(
     path: str,
     callback: Callable[..., None],
     mode: ObserverMode,
@@ -1001,6 +1034,22 @@ class _State:
 
 _state = _State()
 
+# Subscriptions given to close_soon() while _state.lock was taken: closed by whoever
+# holds it, once released (every subscribe() and close() looks here on its way out).
+_closing: collections.deque[Subscription] = collections.deque()
+
+
+def _close_pending() -> None:
+    while True:
+        try:
+            sub = _closing.popleft()
+        except IndexError:
+            return
+        try:
+            sub.close()
+        except Exception:
+            logger.exception("multispool: closing the watch of %r failed", sub.directory)
+
 
 def _reset_after_fork() -> None:
     # The child has none of the parent's threads, and the lock may have been held by
@@ -1011,6 +1060,7 @@ def _reset_after_fork() -> None:
     # child's copies of its own, without touching the watches.)
     _state.lock = threading.Lock()
     _state.backends = {}
+    _closing.clear()
 
 
 if hasattr(os, "register_at_fork"):
