@@ -18,11 +18,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from _procs import in_forked_child
-from multispool import _watch
+from multispool import _inotify, _watch
 from multispool._watch import ObserverMode, choose_observer, subscribe
 
 pytestmark = pytest.mark.timeout(60)
@@ -868,3 +869,45 @@ def test_close_soon_with_the_lock_held_closes_once_it_is_released(queue: Path, m
     sub.close_soon()
     assert sub.closed
     assert new_threads(baseline) == []
+
+
+def _inotify_fd_classes() -> list[Any]:
+    classes: list[Any] = [_inotify.InotifyReader]
+    watchdog_fd = _watch._watchdog_inotify_fd_class()
+    if watchdog_fd is not None:
+        classes.append(watchdog_fd)
+    return classes
+
+
+@pytest.mark.skipif(not IS_LINUX, reason="the Linux inotify backend")
+@pytest.mark.parametrize("fd_class", _inotify_fd_classes(), ids=lambda c: c.__module__)
+def test_an_observer_thread_that_cannot_start_leaks_no_inotify_instance(
+    queue: Path, monkeypatch: pytest.MonkeyPatch, fd_class: Any
+) -> None:
+    """subscribe() raises when no thread can be started (a pids limit), and leaves
+    nothing open: watchdog's InotifyFD, made before its thread is started, kept its
+    inotify instance (counted against the user's fs.inotify.max_user_instances, shared
+    by all of the user's programs) and its two pipe descriptors, for each attempt."""
+    monkeypatch.setattr(_watch, "_inotify_fd_class", lambda: fd_class)
+    fds = fd_count()
+    start = threading.Thread.start
+
+    def cannot_start(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="can't start"):
+            subscribe(queue, Recorder(), "native")
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert fd_count() == fds
+    assert _watch._state.backends == {}
+    rec = Recorder()
+    with subscribe(queue, rec, "native") as sub:
+        assert sub.mode == "native"
+        (queue / "e").write_text("x")
+        assert rec.wait()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))

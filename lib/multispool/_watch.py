@@ -653,6 +653,19 @@ class _InotifyFD(_Thread, Protocol):
     def remove_callbacks(self, callbacks: list[tuple[int, int]]) -> None: ...
 
 
+def _close_unstarted(fd: _InotifyFD) -> None:
+    """Close an _InotifyFD whose thread could not be started (RuntimeError: a pids or
+    thread limit). Ours closes its descriptors itself then. watchdog's InotifyFD leaves
+    them to its thread, which never ran: its inotify instance, counted against the
+    user's fs.inotify.max_user_instances, would stay open for the life of the process."""
+    with contextlib.suppress(Exception):
+        fd.stop()  # marks it closed; watchdog's then wakes the thread that is not there
+    close_resources = getattr(fd, "_close_resources", None)  # watchdog's InotifyFD
+    if close_resources is not None and fd.ident is None:
+        with contextlib.suppress(OSError):
+            close_resources()
+
+
 def _join_unless_current(thread: _Thread) -> None:
     # A callback that closes the last subscription runs on this very thread, which
     # cannot join itself; it leaves its loop once it returns from the callback.
@@ -742,7 +755,11 @@ class _InotifyBackend(_Backend):
     def _watch(self, entry: _Entry) -> None:
         if self._fd is None:
             fd = self._fd_class()
-            fd.start()
+            try:
+                fd.start()
+            except BaseException:
+                _close_unstarted(fd)
+                raise
             self._fd = fd
         target = _InotifyTarget(entry)
         id_ = next(self._ids)
