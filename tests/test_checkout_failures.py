@@ -282,6 +282,15 @@ def _keep_links(spool: multispool.Spool[Any, bytes]) -> list[str]:
     return sorted(out)
 
 
+# A producer that reserves the next free name and exits (its lock goes with it).
+_RESERVE_NAME_AND_EXIT = (
+    "import sys, multispool\n"
+    "from conftest import Queue, Widget\n"
+    "sp = multispool.Spoolable(queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames())\n"
+    "print(multispool.Spool.load(sys.argv[1], sp).reserve_name())\n"
+)
+
+
 def test_keep_link_of_an_entry_removed_since_is_dropped_by_recovery(tmp_path: Path) -> None:
     """A save killed between its rename and the unlink of its keep link; the entry is
     then handled in its new queue and removed, before any recovery ran. The keep link
@@ -301,13 +310,7 @@ def test_keep_link_of_an_entry_removed_since_is_dropped_by_recovery(tmp_path: Pa
     spool.recover_checkouts()
     assert _keep_links(spool) == []
     # A producer reserving the freed name and dying: nothing comes back.
-    r = run_python(
-        "import sys, multispool\n"
-        "from conftest import Queue, Widget\n"
-        "sp = multispool.Spoolable(queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames())\n"
-        "print(multispool.Spool.load(sys.argv[1], sp).reserve_name())\n",
-        spool.dir,
-    )
+    r = run_python(_RESERVE_NAME_AND_EXIT, spool.dir)
     assert r.stdout.strip() == e.name, r.stderr
     assert spool.recover_checkouts() == []
     for q in Queue:
@@ -326,13 +329,7 @@ def test_keep_link_of_a_removed_entry_is_not_restored_under_a_reused_name(tmp_pa
     r = run_python(_SAVE_KILLED_AT_KEEP_UNLINK, spool.dir, e.name)
     assert r.returncode == -9, (r.stdout, r.stderr)
     spool.checkout(multispool.Entry(spool, Queue.QUEUE2, e.name)).remove()
-    r = run_python(
-        "import sys, multispool\n"
-        "from conftest import Queue, Widget\n"
-        "sp = multispool.Spoolable(queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames())\n"
-        "print(multispool.Spool.load(sys.argv[1], sp).reserve_name())\n",
-        spool.dir,
-    )
+    r = run_python(_RESERVE_NAME_AND_EXIT, spool.dir)
     assert r.stdout.strip() == e.name, r.stderr
     assert spool.recover_checkouts() == []
     for q in Queue:
