@@ -1019,6 +1019,16 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
         raise
 
 
+def same_inode(a: str, b: str) -> bool:
+    """True if ``a`` and ``b`` are links of one file (not following symlinks); False if
+    either is absent."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _is_file(path: str, fd: int) -> bool:
     """True if ``path`` names the file open as ``fd``."""
     try:

@@ -70,13 +70,19 @@ def put_aside(
     return item
 
 
+def queue_label(dirname: str, checkout: bool = False) -> str:
+    """The label of metadata found in queue dir ``dirname``, or in its checkout dir."""
+    if checkout:
+        return f"{dirname}.checkout"
+    # A queue named "metadata" or "data": its file must not pass for (or replace) the one
+    # put aside from .tmp or .data.
+    return f"{dirname}.queue" if dirname in (METADATA, DATA) else dirname
+
+
 def same_file(a: str, b: str) -> bool:
     """True if ``a`` and ``b`` are links of one file or hold the same bytes."""
     try:
-        sa, sb = os.lstat(a), os.lstat(b)
-        if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
-            return True
-        return _fs.read_file(a) == _fs.read_file(b)
+        return _fs.same_inode(a, b) or _fs.read_file(a) == _fs.read_file(b)
     except OSError:
         return False
 

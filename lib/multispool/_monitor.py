@@ -740,12 +740,9 @@ def _label(d: Dir) -> str:
         return _lostfound.METADATA
     if d == Dir.DATA:
         return _lostfound.DATA
-    label = d.name_on_disk.replace("/", "")
-    if label in (_lostfound.METADATA, _lostfound.DATA):
-        # A queue named "metadata" or "data": its file must not pass for (or replace)
-        # the one put aside from .tmp or .data.
-        return f"{label}.queue"
-    return label
+    if d.queue_member is not None:
+        return _lostfound.queue_label(str(d.queue_member.value), checkout=d == Dir.checkout(d.queue_member))
+    return d.name_on_disk.replace("/", "")
 
 
 def repair(

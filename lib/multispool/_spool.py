@@ -274,7 +274,7 @@ class DataFile(Generic[D]):
         sp = self.spool.spoolable
         try:
             sp.encode_data(contents, tmp, sync=sp.durability != "none")
-            if _same_inode(tmp, self.path):
+            if _fs.same_inode(tmp, self.path):
                 # A codec that hard-links (FileData) was given a link of the data file
                 # itself: rename(2) between two links of one file does nothing and would
                 # leave .tmp/NAME a link of the data, which the next staged write (O_TRUNC)
@@ -580,7 +580,7 @@ class CheckedOutEntry(Generic[M, D]):
         the move's own error is what the caller sees."""
         claim = self._claim
         try:
-            if not _fs.lexists(src) or _same_inode(src, dst):
+            if not _fs.lexists(src) or _fs.same_inode(src, dst):
                 # Gone from the checkout dir: moved (the same inode at both names is a
                 # stale client cache still showing the name it moved away from).
                 claim.release()
@@ -635,16 +635,6 @@ class CheckedOutEntry(Generic[M, D]):
     def __repr__(self) -> str:
         state = "done" if self._claim.done else "held"
         return f"CheckedOutEntry({self.spool.dir!r}, {self.queue}, {self.name!r}, {state})"
-
-
-def _same_inode(a: str, b: str) -> bool:
-    """True if ``a`` and ``b`` are links of one file (not following symlinks); False if
-    either is absent."""
-    try:
-        sa, sb = os.lstat(a), os.lstat(b)
-    except FileNotFoundError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
@@ -1552,12 +1542,8 @@ class Spool(Generic[M, D]):
                 # enqueue that did not finish (or a removal cut before its registry
                 # file). Restoring it would hand a removed entry out again.
                 if _fs.lexists(kpath):
-                    if os.path.basename(d) == CHECKOUT:
-                        label = os.path.basename(os.path.dirname(d)) + "." + CHECKOUT[1:]
-                    else:
-                        label = os.path.basename(d)
-                        if label in (_lostfound.METADATA, _lostfound.DATA):
-                            label += ".queue"
+                    co_dir = os.path.basename(d) == CHECKOUT
+                    label = _lostfound.queue_label(os.path.basename(_fs.parent(d) if co_dir else d), co_dir)
                     _lostfound.put_aside(
                         lay, name, [(kpath, label)], sync=sp.durability == "full", mode=sp.dir_mode
                     )
@@ -1626,8 +1612,8 @@ class Spool(Generic[M, D]):
                     _fs.unlink_quiet(cofile)
                 else:
                     _lostfound.put_aside(
-                        lay, name, [(cofile, f"{dirname}.checkout")], sync=sp.durability == "full",
-                        mode=sp.dir_mode,
+                        lay, name, [(cofile, _lostfound.queue_label(dirname, checkout=True))],
+                        sync=sp.durability == "full", mode=sp.dir_mode,
                     )
                 if sp.durability == "full":
                     _fs.fsync_dir(lay.checkout(dirname))
