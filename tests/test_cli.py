@@ -336,6 +336,31 @@ def test_fsck_repair_dead_after_requires_that_age_too(sp: str, capsys: pytest.Ca
     assert os.listdir(os.path.join(sp, "in", ".checkout")) == []
 
 
+def test_fsck_dry_run_says_what_repair_does_with_an_undecodable_dead_checkout(
+    sp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run said "would recover dead checkout" for a dead checkout whose metadata file
+    cannot be read (a FIFO planted in its place), which --repair leaves for a person."""
+    spool = multispool.Spool.load(sp, multispool.cli.make_spoolable(["in", "queue-2"]))
+    name = spool.enqueue(spool.spoolable.queues("in"), b"{}", b"").name
+    spool.checkout(multispool.Entry(spool, spool.spoolable.queues("in"), name))._claim.release()
+    cofile = os.path.join(sp, "in", ".checkout", name)
+    os.unlink(cofile)
+    os.mkfifo(cofile)
+    capsys.readouterr()
+    before = tree(sp)
+    assert main(["fsck", sp, "--repair", "--dry-run", "--json"]) == 1
+    would = json.loads(capsys.readouterr().out)["actions"]
+    assert tree(sp) == before
+    assert main(["fsck", sp, "--repair", "--json"]) == 1
+    done = json.loads(capsys.readouterr().out)["actions"]
+    assert os.listdir(os.path.join(sp, "in", ".checkout")) == [name]  # left for a person
+    what = f"dead checkout in/.checkout/{name}"
+    assert [a.split(":")[0] for a in done] == [f"left {what}"], done
+    assert [a.split(":")[0] for a in would] == [f"would leave {what}"], would
+    assert "not a regular file" in would[0] and "not a regular file" in done[0]
+
+
 def test_fsck_limits(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     spool = multispool.Spool.load(sp, multispool.cli.make_spoolable(["in", "queue-2"]))
     e = spool.enqueue(spool.spoolable.queues("in"), b"{}", b"")

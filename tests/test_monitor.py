@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -663,3 +664,35 @@ def test_a_name_taken_again_between_the_two_looks_is_no_orphan(
     monkeypatch.setattr(monitor_mod, "_lstat_mtime", lstat_as_the_name_is_taken_again)
     assert make(spool).run_once() == []
     assert reg.exists()  # the race did happen
+
+
+@pytest.mark.parametrize("quarantine", [None, Queue.QUEUE3])
+def test_repair_dry_run_predicts_what_becomes_of_an_undecodable_dead_checkout(
+    tmp_path: Path, quarantine: Queue | None
+) -> None:
+    """A dry run said it would put back a dead checkout whose metadata cannot be decoded;
+    the real run quarantines it, or leaves it for a person without a quarantine queue.
+    A decodable one beside it is put back in both."""
+    from multispool._monitor import repair
+
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, quarantine=quarantine)
+    spool = multispool.Spool.create(str(tmp_path / "sp"), sp)
+    bad, good = (spool.checkout(spool.enqueue(Queue.QUEUE1, Cog(n=i), b"x")) for i in range(2))
+    for co in (bad, good):
+        co._claim.release()  # dead checkouts
+    Path(bad.path).write_bytes(b"not json")
+    m = make(spool)
+
+    def said(dry_run: bool) -> list[str]:
+        """Each action as "VERB NAME" (the verb without a dry run's "would")."""
+        actions = repair(spool, m.limits, m.run_once(), dry_run=dry_run)
+        pattern = r"(?:would )?(\w+) dead checkout queue1/\.checkout/([^: ]+)[: ].*"
+        found = [re.fullmatch(pattern, a) for a in actions]
+        assert all(found), actions
+        return sorted(f"{f[1]} {f[2]}" for f in found if f)
+
+    predicted = said(True)
+    verb = "left" if quarantine is None else "quarantined"
+    pred_verb = "leave" if quarantine is None else "quarantine"
+    assert predicted == sorted([f"{pred_verb} {bad.name}", f"recover {good.name}"])
+    assert said(False) == sorted([f"{verb} {bad.name}", f"recovered {good.name}"])

@@ -33,6 +33,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Final, Union
 
 from . import _fs, _lostfound, _schedule
+from ._errors import CorruptEntryError
 from ._layout import CHECKOUT, KEEP_PREFIX, LOST_FOUND, REGISTRY, TMP, Dir, Layout
 from ._spool import _NOT_A_FILE, Spool, _Recovery
 from ._spoolable import Duration, Spoolable, seconds
@@ -638,7 +639,7 @@ class _Repair:
                 self.done.append(f"left {what}: younger than --dead-after")
                 continue
             if run is None:
-                self.say("recover", "recovered", f"{what} into {dn}")
+                self._predict_dead_checkout(q, name, what)
                 continue
             r = run.recover(q, name)
             if r.moved:
@@ -652,6 +653,33 @@ class _Repair:
                 self.lay.queue_file(sp.dirname(sp.quarantine), name)
             ):
                 self.say("quarantine", "quarantined", f"{what} into {sp.dirname(sp.quarantine)}")
+
+    def _predict_dead_checkout(self, q: enum.Enum, name: str, what: str) -> None:
+        """A dry run's word on dead checkout ``name``: what the recovery run would do,
+        which depends on whether its metadata can be decoded (read here, nothing
+        changed): put back, quarantined, or left for a person."""
+        sp = self.spool.spoolable
+        dn = sp.dirname(q)
+        cofile = self.lay.checkout_file(dn, name)
+        try:
+            sp._codec.decode(_fs.read_file(cofile), cofile)
+        except CorruptEntryError as e:
+            why: str | None = e.reason
+        except OSError as e:
+            if _fs.gone(e):
+                return  # its owner finished with it
+            if e.errno not in _NOT_A_FILE:
+                self.say("leave", "left", f"{what}: {e}")
+                return
+            why = str(e)
+        else:
+            why = None
+        if why is None:
+            self.say("recover", "recovered", f"{what} into {dn}")
+        elif sp.quarantine is not None:
+            self.say("quarantine", "quarantined", f"{what} into {sp.dirname(sp.quarantine)}")
+        else:
+            self.say("leave", "left", f"{what}: {CorruptEntryError(cofile, why)}")
 
     def orphans(self, problems: list[Problem]) -> None:
         """Files in .tmp, .data, a queue or checkout dir with no registry file, older than

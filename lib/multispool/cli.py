@@ -807,7 +807,8 @@ def problem_text(p: Problem, now: float) -> str:
             return f"orphaned: {REGISTRY}/{f} is in no queue (age {age})"
         return f"orphaned: {p.dir.name_on_disk}/{f} has no registry file (age {age})"
     if isinstance(p, DeadCheckout):
-        return f"dead checkout: {p.dir.name_on_disk}/{f} (its owner died; --repair or recover puts it back)"
+        return (f"dead checkout: {p.dir.name_on_disk}/{f} (its owner died; --repair or recover puts it back "
+                "if its metadata can be decoded)")
     dirs = ", ".join(d.name_on_disk for d in p.dirs)
     return f"duplicated: {f} is in {dirs}"
 
