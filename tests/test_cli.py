@@ -433,6 +433,36 @@ def test_queue_names_that_are_not_identifiers(tmp_path: Path, capsys: pytest.Cap
     assert sorted(st) == sorted(qs) and all(v["entries"] == 1 for v in st.values())
 
 
+def test_text_output_escapes_control_characters_of_planted_names(
+    sp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name planted in the spool (anyone who may write there can) holding terminal
+    escape sequences or a newline was printed as is: ``ls`` or ``fsck`` run by an
+    operator cleared the screen, set the window title, or forged output lines. Text
+    output shows control characters as ``\\xHH``; JSON output keeps the exact name."""
+    evil = "ev\x1b]0;pwned\x07\x1b[2J\nfake  0.0s  -  0  -  {}\x9b"
+    Path(sp, ".registry", evil).touch()
+    Path(sp, "in", evil).touch()
+    Path(sp, "queue-2", evil + "orphan").touch()
+    payload = Path(sp).parent / "payload"
+    payload.write_bytes(b"text\x1b[31m\nline 2\tx")
+    assert main(["enqueue", sp, "in", "--metadata", "{}", "--data", str(payload)]) == 0
+    good = capsys.readouterr().out.strip()
+    outs = []
+    for argv in (["ls", sp, "in"], ["fsck", sp], ["show", sp, "in", evil], ["show", sp, "in", good]):
+        main(argv)
+        captured = capsys.readouterr()
+        outs.append(captured.out + captured.err)
+    for out in outs:
+        assert not any(c in out for c in "\x1b\x07\x9b"), out
+        assert not any(line.startswith("fake") for line in out.splitlines()), out  # no forged line
+    assert "ev\\x1b]0;pwned\\x07" in outs[0]
+    assert "line 2\tx" in outs[3]  # a newline and a tab of the data itself are kept
+    assert main(["ls", sp, "in", "--json"]) == 0
+    names = [e["name"] for e in json.loads(capsys.readouterr().out)]
+    assert sorted(names) == sorted([evil, good])
+
+
 # -- real processes ----------------------------------------------------------------------
 def test_subprocess_every_subcommand(tmp_path: Path) -> None:
     d = str(tmp_path / "sp")

@@ -207,9 +207,9 @@ def _metadata_text(fmt: str, value: Any) -> str:
     return text if fmt == "json" else f"{fmt}:{text}"
 
 
-def disp(name: str) -> str:
-    """``name`` printable as valid UTF-8: undecodable bytes (held as lone surrogates by
-    Python's filesystem decoding) become ``\\xHH``."""
+def _utf8(name: str) -> str:
+    """``name`` as valid UTF-8: undecodable bytes (held as lone surrogates by Python's
+    filesystem decoding) become ``\\xHH``."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -217,19 +217,37 @@ def disp(name: str) -> str:
     return name
 
 
+# C0 and C1 controls and DEL. Names come from a directory anyone with write access to the
+# spool can fill: printed as they are, an escape sequence drives the operator's terminal
+# and a newline forges output lines.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    return f"\\x{ord(m.group()):02x}"
+
+
+def disp(name: str, *, lines: bool = False) -> str:
+    """``name`` safe to print on a terminal: valid UTF-8 (see ``_utf8``), and every
+    control character shown as ``\\xHH``, newlines and tabs too unless ``lines`` (for a
+    text that is meant to span lines, such as an entry's data)."""
+    return (_CONTROL_BUT_LINES if lines else _CONTROL).sub(_escape, _utf8(name))
+
+
 def _clean(obj: Any) -> Any:
-    """``obj`` with every str passed through ``disp`` (keys included)."""
+    """``obj`` with every str made valid UTF-8 (keys included); JSON escapes the rest."""
     if isinstance(obj, str):
-        return disp(obj)
+        return _utf8(obj)
     if isinstance(obj, dict):
-        return {disp(k) if isinstance(k, str) else k: _clean(v) for k, v in obj.items()}
+        return {_utf8(k) if isinstance(k, str) else k: _clean(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_clean(v) for v in obj]
     return obj
 
 
 def dumps(obj: Any) -> str:
-    """JSON text of ``obj``, always valid UTF-8 (see ``disp``)."""
+    """JSON text of ``obj``, always valid UTF-8 (see ``_utf8``)."""
     return json.dumps(_clean(obj))
 
 
@@ -635,7 +653,7 @@ def cmd_show(a: argparse.Namespace) -> int:
         print("data:     (no data file)")
     else:
         print(f"data:     {len(data)} bytes, {doc['data_encoding']} (--data-only for the raw bytes)")
-        print(disp(doc["data"]))
+        print(disp(doc["data"], lines=True))
     return 0
 
 
@@ -1455,7 +1473,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str) -> int:
-    line = " ".join(message.split())  # one line, whatever the error's text holds
+    line = disp(" ".join(message.split()))  # one line, whatever the error's text holds
     if not line.startswith(PROG):
         line = f"{PROG}: error: {line}"
     sys.stderr.write(line + "\n")
