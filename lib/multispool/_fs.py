@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
 # O_NOFOLLOW: a symlink planted at an entry's path must never be followed; O_CLOEXEC: lock
@@ -33,8 +33,12 @@ _DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
 _NONBLOCK: Final = getattr(os, "O_NONBLOCK", 0)
 _DIR_FLAGS: Final = os.O_RDONLY | _DIRECTORY | _CLOEXEC
 O_READ: Final = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
+# Files are only ever created, never opened to be truncated or rewritten: O_NOFOLLOW
+# refuses a symlink planted at the path, but a hard link planted there (a user's file
+# linked at a name the spool is about to write: names are predictable) is that user's
+# file itself. A file found at such a path is unlinked and the name created anew
+# (``write_file``).
 O_CREATE_EXCL: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
-O_CREATE_TRUNC: Final = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
 # Registry files are opened read-write: where flock is emulated with fcntl locks (NFS,
 # CIFS), an exclusive lock needs a descriptor open for writing.
 O_LOCK: Final = os.O_RDWR | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
@@ -354,8 +358,10 @@ def write_file(
     writeback: bool = False,
     holder: _FileHold | None = None,
 ) -> None:
-    """Write ``contents`` to ``path`` (created or truncated, never through a symlink),
-    fsync it when ``sync``. On failure the partly written file is removed. ``owned``:
+    """Write ``contents`` to ``path`` as a new file, fsync it when ``sync``. On failure the
+    partly written file is removed. A file already at ``path`` is replaced, never
+    written through (``replace_stale``: it may be a hard link of a user's file), or
+    with ``exclusive``, FileExistsError. ``owned``:
     nothing else in this process has ``path`` open (a file of an entry whose owner lock
     the caller holds), so a descriptor an interrupting exception lost can be found by
     its path and closed. With ``holder``, the descriptor stays open in it,
@@ -363,9 +369,9 @@ def write_file(
     lose it), for the caller to sync through and close (``_close_held``).
     ``writeback``: the caller will fsync the file later; start its writeback now
     (``start_writeback``)."""
-    flags = O_CREATE_EXCL if exclusive else O_CREATE_TRUNC
+    flags = O_CREATE_EXCL
     if holder is not None:
-        _write_held(path, contents, flags, mode, holder, sync, writeback)
+        _write_held(path, contents, exclusive, mode, holder, sync, writeback)
         return
     # Nothing runs between the open and the try that closes its descriptor, and the close
     # is inside it: Python 3.10 runs signal handlers at a jump, and an exception raised
@@ -375,6 +381,10 @@ def write_file(
     closed = False
     try:
         fd = os.open(path, flags, mode)
+    except FileExistsError:
+        if exclusive:
+            raise
+        fd = replace_stale(path, functools.partial(_open_owned, path, flags, mode, owned))
     except OSError:
         raise
     except BaseException:
@@ -403,6 +413,49 @@ def write_file(
         raise
 
 
+def _open_owned(path: str, flags: int, mode: int, owned: bool) -> int:
+    """``os.open`` for ``write_file``'s replacing open: a descriptor an interrupting
+    exception lost is closed as its first open's is."""
+    try:
+        return os.open(path, flags, mode)
+    except OSError:
+        raise
+    except BaseException:
+        if owned:
+            _close_lost(path, flags)
+        raise
+
+
+# How many times a file found at a path the spool creates is unlinked before giving up:
+# one that is back at once, time after time, is being planted there.
+_REPLACE_TRIES: Final = 3
+
+
+def replace_stale(path: str, create: Callable[[], int]) -> int:
+    """``create()`` (an O_EXCL open of ``path``) once the file in the way is gone.
+    ``path`` is a name of the caller's own (an entry's staging or data file, under the
+    entry's owner lock or reservation): what is there is a lost entry's leftover, or
+    was planted. It is unlinked, never opened: it may be a hard link of a user's
+    file, which a truncating open would destroy. A symlink there is refused (ELOOP
+    naming ``path``), as an open without following it refuses it; so is a file that
+    keeps coming back (FileExistsError)."""
+    for _ in range(_REPLACE_TRIES):
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            if not gone(e):
+                raise
+        else:
+            if stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            unlink_quiet(path)
+        try:
+            return create()
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "a file keeps reappearing where the spool creates one", path)
+
+
 def _write_all(fd: int, contents: bytes | bytearray | memoryview) -> None:
     """Write all of ``contents`` at ``fd``'s offset, however many writes it takes."""
     n = os.write(fd, contents)
@@ -419,11 +472,16 @@ def _write_rest(fd: int, contents: bytes | bytearray | memoryview, n: int) -> No
 
 
 def _write_held(
-    path: str, contents: bytes, flags: int, mode: int, holder: _FileHold, sync: bool, writeback: bool
+    path: str, contents: bytes, exclusive: bool, mode: int, holder: _FileHold, sync: bool, writeback: bool
 ) -> None:
     """``write_file`` with a ``holder``: on success the descriptor stays in it; on
     failure it is closed and the partly written file removed."""
-    fd = _open_held(path, flags, mode, holder)
+    try:
+        fd = _open_held(path, O_CREATE_EXCL, mode, holder)
+    except FileExistsError:
+        if exclusive:
+            raise
+        fd = replace_stale(path, functools.partial(_open_held, path, O_CREATE_EXCL, mode, holder))
     try:
         n = os.write(fd, contents)  # all of it, but for a rare short write
         if n < len(contents):

@@ -1,0 +1,86 @@
+"""A hostile local user who can write into the spool (a spool shared by a group): links
+planted at the paths the library writes must never make it write, truncate or lock
+anything outside the spool. The planted links point at a file the test user owns
+outside the spool (Linux's fs.protected_hardlinks allows that link whatever its
+setting), and every test asserts that file is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import multispool
+from conftest import Cog, Queue
+
+SECRET = b"the victim's own file: never to be written, truncated or locked by the spool\n"
+
+# Every name PrefixNames gives for seed "guess": predictable, as time-ordered names are.
+GUESS = "guess000000"
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A file of the user's own, outside the spool."""
+    p = tmp_path / "home" / "precious"
+    p.parent.mkdir()
+    p.write_bytes(SECRET)
+    return p
+
+
+def _untouched(victim: Path) -> None:
+    assert victim.read_bytes() == SECRET
+    assert victim.stat().st_nlink <= 2  # its own name and, at most, the planted link
+
+
+def _hard_link(victim: Path, at: Path) -> None:
+    try:
+        os.link(victim, at)
+    except PermissionError:  # pragma: no cover - a hardened kernel refusing even our own file
+        pytest.skip("hard links refused here")
+
+
+@pytest.mark.parametrize("where", [".tmp", ".data"])
+def test_enqueue_never_writes_through_a_hard_link_planted_at_its_files(
+    spool: multispool.Spool[Any, bytes], victim: Path, where: str
+) -> None:
+    planted = Path(spool.dir, where, GUESS)
+    _hard_link(victim, planted)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"payload", reserve="guess")
+    assert e.name == GUESS
+    _untouched(victim)
+    co = spool.checkout(e)
+    assert co.contents == Cog(n=1) and co.data_file.load() == b"payload"
+    co.remove()
+    _untouched(victim)
+
+
+def _save_checkout(spool: multispool.Spool[Any, bytes], e: multispool.Entry[Any, bytes]) -> None:
+    spool.checkout(e).update(lambda m: Cog(n=2)).save(Queue.QUEUE2)
+
+
+def _save_data(spool: multispool.Spool[Any, bytes], e: multispool.Entry[Any, bytes]) -> None:
+    co = spool.checkout(e)
+    co.data_file.save(b"new payload")
+    co.save(Queue.QUEUE2)
+
+
+def _save_direct(spool: multispool.Spool[Any, bytes], e: multispool.Entry[Any, bytes]) -> None:
+    e.direct.save(Cog(n=2))
+
+
+@pytest.mark.parametrize("op", [_save_checkout, _save_data, _save_direct])
+def test_rewrites_never_write_through_a_hard_link_planted_at_the_staging_file(
+    spool: multispool.Spool[Any, bytes],
+    victim: Path,
+    op: Callable[[multispool.Spool[Any, bytes], multispool.Entry[Any, bytes]], None],
+) -> None:
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"payload", reserve="guess")
+    _hard_link(victim, Path(spool.dir, ".tmp", e.name))  # planted once the entry is queued
+    op(spool, e)
+    _untouched(victim)
+    assert not os.path.lexists(Path(spool.dir, ".tmp", e.name))
