@@ -84,3 +84,40 @@ def test_rewrites_never_write_through_a_hard_link_planted_at_the_staging_file(
     op(spool, e)
     _untouched(victim)
     assert not os.path.lexists(Path(spool.dir, ".tmp", e.name))
+
+
+def _plant_registry_link(spool: multispool.Spool[Any, bytes], victim: Path, name: str) -> Path:
+    """An entry whose reservation is a hard link of the victim's file: its registry
+    file replaced by the link (a member can also craft a whole entry so)."""
+    reg = Path(spool.dir, ".registry", name)
+    reg.unlink()
+    _hard_link(victim, reg)
+    return reg
+
+
+def test_a_registry_file_planted_as_a_hard_link_is_refused_not_written(
+    spool: multispool.Spool[Any, bytes], victim: Path
+) -> None:
+    bad = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="bad")
+    good = spool.enqueue(Queue.QUEUE1, Cog(n=2), b"", reserve="good")
+    reg = _plant_registry_link(spool, victim, bad.name)
+    # A delayed save writes the schedule record into the registry file, under its lock.
+    with pytest.raises(OSError) as ei:
+        spool.checkout(bad).save(Queue.QUEUE1, delay=3600)
+    assert ei.value.filename == str(reg)
+    with pytest.raises(OSError):
+        bad.direct.save(Cog(n=3))
+    _untouched(victim)
+    # A reader skips it (logged) and goes on.
+    done = []
+
+    def handler(m: Any, d: Any) -> multispool.Remove:
+        done.append(m)
+        return multispool.REMOVE
+
+    with spool.reader(Queue.QUEUE1) as r:
+        r.iter_available(handler)
+    assert done == [Cog(n=2)]
+    assert [e.name for e in spool.list(Queue.QUEUE1)] == [bad.name]  # nothing moved or lost
+    assert good.name not in os.listdir(Path(spool.dir, ".registry"))
+    _untouched(victim)

@@ -52,6 +52,14 @@ ENOTREG: Final = getattr(errno, "EFTYPE", errno.ENXIO)
 def not_regular(path: str) -> OSError:
     """The error for a path that is not a regular file (never opened blocking)."""
     return OSError(ENOTREG, "not a regular file", path)
+
+
+def other_links(path: str) -> OSError:
+    """The error for a registry file with other hard links: the spool makes each with one
+    link, so it was planted (a user's file linked there), and the schedule record its
+    owner writes into it would be written into that file. EMLINK, as FreeBSD's
+    O_NOFOLLOW gives for a symlink: callers refuse both alike."""
+    return OSError(errno.EMLINK, "registry file has other hard links (not made by the spool)", path)
 # An existing file opened for writing in place (a registry file's schedule record,
 # when its lock was taken on a read-only descriptor).
 O_WRITE_EXISTING: Final = os.O_WRONLY | _NOFOLLOW | _CLOEXEC | _BINARY | _NONBLOCK
@@ -1113,7 +1121,8 @@ def open_locked(path: str, holder: Holder | None = None) -> int | None:
     """Open an existing registry file and lock it. None if it does not exist, another
     process holds it, or it was unlinked while we took the lock (a stale inode). Never
     blocks and never follows a symlink: OSError naming ``path`` if it is a symlink
-    (ELOOP), a directory (EISDIR) or otherwise not a regular file (``not_regular``).
+    (ELOOP), a directory (EISDIR), otherwise not a regular file (``not_regular``), or a
+    file with other hard links (``other_links``): never locked for, nor written as, an entry.
     ``holder`` gets the descriptor as soon as it exists (see _open_held)."""
     r = open_locked_sized(path, holder)
     return None if r is None else r[0]
@@ -1142,7 +1151,8 @@ def open_locked_sized(path: str, holder: Holder | None = None) -> tuple[int, int
 def _keep_if_locked(fd: int, path: str, holder: Holder | None = None) -> int | None:
     """Lock ``fd`` (recorded in _held) without waiting and keep it; None (and ``fd``
     closed) if another process holds the lock or the file was unlinked meanwhile (a stale
-    inode); OSError ``not_regular`` if it is not a regular file."""
+    inode); OSError ``not_regular`` if it is not a regular file, ``other_links`` if it
+    has other hard links."""
     return None if _keep_if_locked_sized(fd, path, holder) is None else fd
 
 
@@ -1158,6 +1168,8 @@ def _keep_if_locked_sized(fd: int, path: str, holder: Holder | None = None) -> i
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise not_regular(path)
+            if st.st_nlink > 1:
+                raise other_links(path)
             keep = not (HAVE_LOCKS and st.st_nlink == 0)
             size = st.st_size
     except OSError as e:
