@@ -121,3 +121,48 @@ def test_a_registry_file_planted_as_a_hard_link_is_refused_not_written(
     assert [e.name for e in spool.list(Queue.QUEUE1)] == [bad.name]  # nothing moved or lost
     assert good.name not in os.listdir(Path(spool.dir, ".registry"))
     _untouched(victim)
+
+
+def test_a_schedule_written_through_a_second_descriptor_goes_to_the_locked_file_only(
+    spool: multispool.Spool[Any, bytes], victim: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner lock taken on a read-only descriptor (no write access to the registry
+    file) writes the schedule record through a second descriptor, opened by path: a
+    member who has meanwhile replaced the path with a hard link of a user's file must
+    not get the record written into that file."""
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="e")
+    real_open = os.open
+
+    def read_only_registry(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        if ".registry" in str(path) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", path)  # as a non-owner sees it
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", read_only_registry)
+    co = spool.checkout(e)
+    monkeypatch.undo()
+    reg = Path(spool.dir, ".registry", e.name)
+    reg.rename(Path(spool.dir, "moved-away"))  # the locked inode, kept for the test
+    _hard_link(victim, reg)
+    with pytest.raises(OSError) as ei:
+        co.save(Queue.QUEUE1, delay=3600)
+    assert ei.value.filename == str(reg)
+    _untouched(victim)
+
+
+def test_an_unlocked_handle_never_writes_its_schedule_into_a_planted_hard_link(
+    spool: multispool.Spool[Any, bytes], victim: Path
+) -> None:
+    """A handle from list_checkouts_unsafe holds no lock and writes the schedule record
+    through a descriptor opened by path."""
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"", reserve="e")
+    co = spool.checkout(e)
+    (unsafe,) = spool.list_checkouts_unsafe(Queue.QUEUE1)
+    reg = Path(spool.dir, ".registry", e.name)
+    reg.rename(Path(spool.dir, "moved-away"))
+    _hard_link(victim, reg)
+    with pytest.raises(OSError) as ei:
+        unsafe.save(Queue.QUEUE1, delay=3600)
+    assert ei.value.filename == str(reg)
+    _untouched(victim)
+    co.release()

@@ -601,6 +601,28 @@ _READ_CHUNK: Final = 1 << 16
 _GONE: Final = frozenset({errno.ENOENT, errno.ESTALE})
 
 
+def reopen_for_writing(path: str, fd: int | None) -> int:
+    """A descriptor open for writing of registry file ``path``: with ``fd`` (its owner
+    lock, taken read-only), a second one of that very file. OSError naming ``path`` if
+    ``path`` names another file now (replaced meanwhile, maybe by a hard link of a
+    user's file: that file must not be written), one with other hard links (planted
+    so), or no regular file."""
+    wfd = os.open(path, O_WRITE_EXISTING)
+    try:
+        a = os.fstat(wfd)
+        if not stat.S_ISREG(a.st_mode):
+            raise not_regular(path)
+        if a.st_nlink > 1:
+            raise other_links(path)
+        b = a if fd is None else os.fstat(fd)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            raise OSError(errno.EMLINK, "registry file was replaced while its owner lock was held", path)
+    except BaseException:
+        os.close(wfd)
+        raise
+    return wfd
+
+
 def gone(e: OSError) -> bool:
     """True if ``e`` says the file it was about no longer exists (ENOENT, or ESTALE)."""
     return e.errno in _GONE

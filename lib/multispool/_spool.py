@@ -1095,8 +1095,8 @@ class Spool(Generic[M, D]):
                 if e.errno not in (errno.EBADF, errno.EINVAL):  # fd not open for writing
                     raise
                 # A lock taken on a read-only descriptor: write through a second one (the
-                # lock is on the file, whichever descriptor writes).
-        wfd = os.open(path, _fs.O_WRITE_EXISTING)
+                # lock is on the file, whichever descriptor writes), of that file only.
+        wfd = _fs.reopen_for_writing(path, fd)
         try:
             return _schedule.write_fd(wfd, old, due, attempts, sync=sync, path=path)
         finally:
