@@ -47,6 +47,9 @@ BUSY_WAIT: Final = 0.05
 # and NFS cache names for about 1 s by default; attribute/entry timeouts are mount options).
 OWNED_MOVE_PATIENCE: Final = 30.0
 
+# Why a spool directory's name held by a file or symlink makes the spool unusable.
+_NOT_A_DIR: Final = "not a directory (symlinks are not followed)"
+
 # errnos that mean "this queue file is not a regular entry file" (planted symlink, dir...)
 _NOT_A_FILE = {errno.ELOOP, errno.EISDIR, errno.ENXIO, getattr(errno, "EFTYPE", -1), errno.EMLINK}
 
@@ -767,7 +770,7 @@ class Spool(Generic[M, D]):
                     continue  # as the OCaml library: .data is created with the spool only
                 raise NotASpoolError("spool is missing directory", d) from None
             if not stat_mod.S_ISDIR(st.st_mode):
-                raise NotASpoolError("not a directory (symlinks are not followed)", d)
+                raise NotASpoolError(_NOT_A_DIR, d)
             devices.setdefault(st.st_dev, d)
         if len(devices) > 1:
             # rename(2) cannot cross filesystems (EXDEV): every spool dir must share one.
@@ -865,7 +868,15 @@ class Spool(Generic[M, D]):
         made: list[str] = []
         try:
             for d in self._spool_dirs():
-                if _fs.mkdir_durable(d, sp.dir_mode, sync=sync):
+                try:
+                    created = _fs.mkdir_durable(d, sp.dir_mode, sync=sync)
+                except FileExistsError:
+                    if os.path.lexists(d) and not _fs.is_real_dir(d):
+                        # A file or symlink where the spool has a directory: the spool
+                        # lacks it, as load says, and replacing it is not ours to do.
+                        raise NotASpoolError(_NOT_A_DIR, d) from None
+                    raise
+                if created:
                     made.append(d)
         except BaseException:
             for d in reversed(made):
