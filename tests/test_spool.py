@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
 import pytest
 
 import multispool
@@ -637,3 +639,23 @@ def test_a_non_durable_enqueue_stays_within_its_budget_of_python_calls(tmp_path:
         sys.setprofile(None)
     assert any(c.endswith("_enqueue.py:publish") for c in calls)  # the profile saw the path
     assert len(calls) <= 40, "\n".join(calls)
+
+
+@pytest.mark.parametrize("format", ["json", "msgpack"])
+def test_undecodable_data_error_names_the_file(tmp_path: Path, format: Literal["json", "msgpack"]) -> None:
+    """A data file that MsgspecData cannot decode raised msgspec's bare error ("JSON is
+    malformed"), naming no file; it names the data file, keeps msgspec's error type (a
+    handler may catch it), and the entry stays where it was."""
+    sp = multispool.Spoolable(queues=Queue, data=multispool.MsgspecData(dict[str, int], format=format))
+    spool = multispool.Spool.create(str(tmp_path / "sp"), sp)
+    e = spool.enqueue(Queue.QUEUE1, {"n": 1}, {"a": 1})
+    wrong_type = sp.data._enc.encode({"a": "x"})
+    for garbage, err in ((b"\xc1{", msgspec.DecodeError), (wrong_type, msgspec.ValidationError)):
+        Path(e.direct.data_file().path).write_bytes(garbage)
+        with spool.checkout(e) as co:
+            with pytest.raises(err) as info:
+                co.data_file.load()
+            assert co.data_file.path in str(info.value)
+        with pytest.raises(err, match=re.escape(e.direct.data_file().path)):
+            sp.data.load(e.direct.data_file().path)
+    assert [x.name for x in spool.list(Queue.QUEUE1)] == [e.name]

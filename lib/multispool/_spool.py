@@ -26,7 +26,7 @@ from ._errors import CorruptEntryError, EntryNotFoundError, NotASpoolError, Spoo
 from ._layout import CHECKOUT, KEEP_PREFIX, Layout, check_name, keep_name
 from ._schedule import NOW as _DUE_NOW
 from ._schedule import Backoff, Schedule
-from ._spoolable import Duration, Spoolable, TimeOrderedNames, seconds
+from ._spoolable import Duration, Spoolable, TimeOrderedNames, decode_naming, seconds
 
 if TYPE_CHECKING:
     from ._reader import QueueReader
@@ -237,7 +237,8 @@ class DataFile(Generic[D]):
         with sp.throttled():
             dec = sp._data_decode
             if dec is not None:
-                return dec(_fs.read_file(self.path))  # type: ignore[no-any-return]
+                path = self.path
+                return decode_naming(dec, _fs.read_file(path), path)  # type: ignore[no-any-return]
             return sp.data.load(self.path)  # type: ignore[no-any-return]
 
     def save(self, contents: D) -> None:

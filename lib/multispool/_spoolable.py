@@ -98,6 +98,16 @@ class BytesData:
         return "BytesData()"
 
 
+def decode_naming(decode: Callable[[bytes], Any], raw: bytes, path: str) -> Any:
+    """``decode(raw)``; a msgspec error it raises is raised again, of the same type, with
+    ``path`` in its message (msgspec's own says what and where in the document, not in
+    which file), the original as its cause."""
+    try:
+        return decode(raw)
+    except msgspec.DecodeError as e:
+        raise type(e)(f"{e} - in {path}") from e
+
+
 class MsgspecData(Generic[T]):
     """Data encoded with msgspec as JSON or MessagePack, decoded (and validated) as ``type``."""
 
@@ -128,8 +138,9 @@ class MsgspecData(Generic[T]):
         self._check = type is not Any
 
     def load(self, path: str) -> T:
-        """Decode the file at ``path``, validated against ``type``."""
-        return typing.cast(T, self._dec.decode(read_file(path)))
+        """Decode the file at ``path``, validated against ``type``; msgspec's
+        ``DecodeError`` (or ``ValidationError``) naming ``path`` if it cannot."""
+        return typing.cast(T, decode_naming(self._dec.decode, read_file(path), path))
 
     def save(self, value: T, path: str) -> None:
         """Encode ``value`` to ``path`` in this codec's format, mode 0600; a value that
