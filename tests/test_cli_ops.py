@@ -223,6 +223,21 @@ def test_rm_and_purge(sp: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fsck", sp]) == 0
 
 
+def test_rm_with_an_invalid_name_is_a_usage_error_and_removes_nothing(
+    sp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rm DIR Q good ../x`` removed ``good``, then counted ``../x`` as an entry it could
+    not remove (exit 1): an invalid name is a usage error (exit 2, one line), found
+    before anything is removed."""
+    spool = spool_of(sp)
+    e = spool.enqueue(q(spool, "in"), b"{}", b"")
+    for bad in ("../x", "a/b", ".checkout", ""):
+        assert main(["rm", sp, "in", e.name, bad]) == 2, bad
+        out, err = out_err(capsys)
+        assert out == "" and err.count("\n") == 1 and "error" in err, (bad, err)
+    assert [x.name for x in spool.list(q(spool, "in"))] == [e.name]
+
+
 @pytest.mark.parametrize("verb", ["purge", "rm"])
 def test_ctrl_c_in_rm_or_purge_leaves_no_entry_checked_out(
     sp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, verb: str

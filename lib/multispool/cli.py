@@ -719,18 +719,19 @@ def _remove(co: CheckedOutEntry[Any, bytes]) -> None:
 
 def cmd_rm(a: argparse.Namespace) -> int:
     """Remove entries of QUEUE under their owner locks; a name that cannot be removed
-    (absent, held by a live process) is reported on stderr and makes the exit code 1."""
+    (absent, held by a live process) is reported on stderr and makes the exit code 1.
+    A name that cannot be an entry's is a usage error, before anything is removed."""
     spool = open_spool(a.dir)
     q = find_queue(spool, a.queue)
     dn = str(q.value)
+    names = [_name_arg(n) for n in a.names]  # a name that is no name: nothing removed
     failed = 0
-    for raw_name in a.names:
+    for name in names:
         try:
-            name = _name_arg(raw_name)
             _remove(_claim(spool, q, name, checked_out=False))
         except (UsageError, SpoolError) as e:
             failed += 1
-            sys.stderr.write(f"{PROG}: {' '.join(str(e).split())}\n")
+            sys.stderr.write(f"{PROG}: {disp(' '.join(str(e).split()))}\n")
             continue
         print(f"removed {disp(dn)}/{disp(name)}")
     return 1 if failed else 0
