@@ -666,3 +666,34 @@ def test_a_reader_dropped_without_close_leaves_no_watch_nor_thread(
         assert _watch._state.backends == {}, "its watch is still there"
     wait_for(lambda: threads_besides(before) == [], what="the reader's threads to end")
     assert inotify_instances() == instances
+
+
+def test_a_reader_dropped_after_a_rescan_check_is_collected(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared rescan thread kept the last reader it checked in a local variable while
+    it waited for the next check: a reader dropped without close() once it had been
+    checked (after one rescan_interval) was never collected if it was the last one
+    checked, and its watch and threads stayed."""
+    before = set(threading.enumerate())
+    checked = threading.Event()
+    real = _reader.QueueReader._safety_check
+
+    def safety_check(self: _reader.QueueReader[Any, Any]) -> None:
+        real(self)
+        checked.set()
+
+    monkeypatch.setattr(_reader.QueueReader, "_safety_check", safety_check)
+    reader = spool.reader(Queue.QUEUE1, rescan_interval=0.05)
+    assert reader.dequeue_available() is None  # the first listing schedules the checks
+    assert checked.wait(WAIT)
+    ref = weakref.ref(reader)
+    del reader
+
+    def collected() -> bool:
+        gc.collect()
+        return ref() is None
+
+    wait_for(collected, what="the reader to be collected")
+    assert _watch._state.backends == {}, "its watch is still there"
+    wait_for(lambda: threads_besides(before) == [], what="the reader's threads to end")

@@ -305,16 +305,22 @@ class _RescanClock:
                     _, token, ref = heapq.heappop(self.heap)
                     due.append((token, ref))
             for token, ref in due:
-                reader = ref()
-                if reader is None or reader._clock_token != token:
-                    continue  # closed, collected, or registered anew
-                try:
-                    reader._safety_check()
-                except Exception:
-                    log.exception("multispool: rescan check of %s failed", reader._qdir)
-                with self.cond:
-                    if reader._clock_token == token:  # not removed meanwhile
-                        heapq.heappush(self.heap, (self._next_due(now, reader.rescan_interval), token, ref))
+                self._check(token, ref, now)
+
+    def _check(self, token: int, ref: weakref.ref[QueueReader[Any, Any]], now: float) -> None:
+        """One reader's check, and its next one scheduled. A function of its own: the
+        reader is held only while it runs, not by ``_run``'s frame while it waits for the
+        next check (a reader dropped without close() must be collected)."""
+        reader = ref()
+        if reader is None or reader._clock_token != token:
+            return  # closed, collected, or registered anew
+        try:
+            reader._safety_check()
+        except Exception:
+            log.exception("multispool: rescan check of %s failed", reader._qdir)
+        with self.cond:
+            if reader._clock_token == token:  # not removed meanwhile
+                heapq.heappush(self.heap, (self._next_due(now, reader.rescan_interval), token, ref))
 
 
 _clock = _RescanClock()
