@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 import multispool
 from _procs import Worker
 from conftest import Cog, Queue, Sprocket, Widget
-from multispool import _fs
+from multispool import _fs, _watch
 from multispool.aio import AsyncCheckedOutEntry, AsyncDataFile, AsyncEntry, AsyncQueueReader, AsyncSpool
 
 SLOW = os.environ.get("MULTISPOOL_SLOW") == "1"
@@ -1081,3 +1082,82 @@ def test_data_save_that_waited_for_a_remove_does_not_write_after_it(
     run(main)
     assert os.listdir(path / ".data") == []
     assert check_settled(path, sp) == {"queue1": set(), "queue2": set(), "queue3": set()}
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+def _alive(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+
+
+async def _collected(ref: weakref.ref[Any], timeout: float = 5.0) -> bool:
+    """Whether ``ref``'s object is collected within ``timeout``, the loop running meanwhile
+    (a wake it has yet to run holds a reader, and a claimer thread holds its last claim's
+    call for up to _Claimer.HANDOFF_CHECK)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        if ref() is None:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["dropped", "loop-closed"])
+def test_a_reader_dropped_without_aclose_leaves_no_thread_nor_watch(tmp_path: Path, how: str) -> None:
+    """An opened AsyncQueueReader dropped without ``aclose`` (or left parked in a dequeue
+    when its event loop was closed) is collected, like a sync reader: its watch is
+    removed and its claimer thread ends. The claimer thread waited for work forever, one
+    more per such reader, for the life of the process (and the last claim it made for a
+    parked dequeue kept the reader itself alive)."""
+    sp = make_spoolable()
+    path = tmp_path / "s"
+    refs: list[weakref.ref[AsyncQueueReader[Any, bytes]]] = []
+
+    async def open_one(spool: AsyncSpool[Any, bytes]) -> AsyncQueueReader[Any, bytes]:
+        # A short rescan_interval: the shared rescan thread outlives a collected reader
+        # by up to one interval (as for a sync reader).
+        reader = spool.reader(Queue.QUEUE1, rescan_interval=0.2)
+        # A claim made on the claimer thread for a parked dequeue.
+        task = asyncio.ensure_future(reader.dequeue(timeout=10))
+        await until(lambda: reader._waiting)
+        multispool.Spool.load(path, sp).enqueue(Queue.QUEUE1, Cog(1), b"")
+        co = await task
+        assert co is not None and reader._prefetches == 1
+        await co.remove()
+        assert _alive("multispool-aio-claim")
+        refs.append(weakref.ref(reader))
+        return reader
+
+    async def main() -> None:
+        async with await AsyncSpool.create(path, sp) as spool:
+            for _ in range(3):
+                await open_one(spool)
+                assert await _collected(refs[-1]), "the reader was not collected"
+                assert _watch._state.backends == {}, "its watch is still there"
+                await until(lambda: not _alive("multispool-aio-claim"))
+
+    if how == "dropped":
+        run(main)
+        return
+
+    async def leave_parked() -> tuple[AsyncSpool[Any, bytes], asyncio.Task[Any]]:
+        spool = await AsyncSpool.create(path, sp)
+        reader = await open_one(spool)
+        task = asyncio.ensure_future(reader.dequeue())
+        await until(lambda: reader._waiting)
+        return spool, task
+
+    loop = asyncio.new_event_loop()
+    spool, task = loop.run_until_complete(leave_parked())
+    loop.close()  # the parked dequeue is never resumed nor cancelled
+    task._log_destroy_pending = False  # type: ignore[attr-defined]
+    del spool, task, loop
+    assert asyncio.run(_collected(refs[-1])), "the reader was not collected"
+    assert _watch._state.backends == {}, "its watch is still there"
+    deadline = time.monotonic() + 10
+    while _alive("multispool-aio-claim"):
+        assert time.monotonic() < deadline, "the claimer thread is still there"
+        time.sleep(0.005)

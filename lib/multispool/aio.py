@@ -758,16 +758,22 @@ class _Claimer:
 
     A claim handed to a loop that is closed before it collects the claim (closed before
     the hand-off, or after it but before running the wake-up) is given back: the thread
-    looks at its uncollected hand-offs every HANDOFF_CHECK seconds while there are any."""
+    looks at its uncollected hand-offs every HANDOFF_CHECK seconds while there are any.
 
-    __slots__ = ("_jobs", "_lock", "_stopped", "_thread")
+    Between jobs the thread holds the reader only through such a hand-off, until that
+    check: a reader dropped without ``aclose`` is collected, and its finalizer ends the
+    thread (``stop_soon``)."""
+
+    __slots__ = ("__weakref__", "_jobs", "_lock", "_stopped", "_thread")
 
     HANDOFF_CHECK: Final = 0.5
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue_mod.Queue[
+        # A SimpleQueue: its put() is safe in a garbage-collection callback (stop_soon),
+        # whatever lock the collecting thread holds.
+        self._jobs: queue_mod.SimpleQueue[
             tuple[_Call, concurrent.futures.Future[Any], Callable[[], bool], Callable[[], bool]] | None
-        ] = queue_mod.Queue()
+        ] = queue_mod.SimpleQueue()
         self._lock = threading.Lock()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -815,21 +821,31 @@ class _Claimer:
             watched = [w for w in watched if not self._settle(*w)]
             if job is None:
                 return
-            call, cf, done, gone = job
-            if not cf.set_running_or_notify_cancel():
-                continue  # cancelled before it started: never happens
-            try:
-                result = call.run()
-            except BaseException as e:  # handed to the awaiting task
-                cf.set_exception(e)
-                done()
-            else:
-                # Wake the loop first: a result for the parked dequeue is in ``call``
-                # already, and completing ``cf`` overlaps with the loop waking up.
-                done()
-                if not self._settle(call, gone):
-                    watched.append((call, gone))
-                cf.set_result(result)
+            self._do(job, watched)
+            # Nothing of the job stays in this frame while waiting for the next: its call
+            # holds the reader, which must be collectable once dropped.
+            del job
+
+    def _do(
+        self,
+        job: tuple[_Call, concurrent.futures.Future[Any], Callable[[], bool], Callable[[], bool]],
+        watched: list[tuple[_Call, Callable[[], bool]]],
+    ) -> None:
+        call, cf, done, gone = job
+        if not cf.set_running_or_notify_cancel():
+            return  # cancelled before it started: never happens
+        try:
+            result = call.run()
+        except BaseException as e:  # handed to the awaiting task
+            cf.set_exception(e)
+            done()
+        else:
+            # Wake the loop first: a result for the parked dequeue is in ``call``
+            # already, and completing ``cf`` overlaps with the loop waking up.
+            done()
+            if not self._settle(call, gone):
+                watched.append((call, gone))
+            cf.set_result(result)
 
     def stop(self) -> None:
         """Let the claim in progress (and any queued) finish, then end the thread."""
@@ -840,6 +856,13 @@ class _Claimer:
             self._jobs.put(None)
         if self._thread is not threading.current_thread():
             self._thread.join()
+
+    def stop_soon(self) -> None:
+        """End the thread once it is idle, without waiting for it or taking a lock: the
+        finalizer of a reader collected without ``aclose`` (nothing submits to it any
+        more), which runs wherever that collection happens."""
+        self._stopped = True
+        self._jobs.put(None)
 
 
 def _resolve(fut: asyncio.Future[None] | _Waiter) -> None:
@@ -1014,7 +1037,11 @@ class AsyncQueueReader(Generic[M, D]):
         )
         # The core's wakes (events with the names they carry, shared rescans) also wake
         # the loop; the core's own Event is not waited on.
-        self._claimer = _Claimer("multispool-aio-claim")
+        claimer = self._claimer = _Claimer("multispool-aio-claim")
+        # Dropped without aclose (or left behind by its closed loop), the reader is
+        # collected with its core, whose watch then closes as a sync reader's does: its
+        # claimer thread must end with it, not wait for work forever.
+        weakref.finalize(self, claimer.stop_soon)
         core._on_wake = wake
         return core
 
