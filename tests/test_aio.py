@@ -1161,3 +1161,45 @@ def test_a_reader_dropped_without_aclose_leaves_no_thread_nor_watch(tmp_path: Pa
     while _alive("multispool-aio-claim"):
         assert time.monotonic() < deadline, "the claimer thread is still there"
         time.sleep(0.005)
+
+
+@pytest.mark.parametrize("cancelled", ["caller", "close-task"])
+def test_aclose_cancelled_while_it_waits_still_closes(tmp_path: Path, cancelled: str) -> None:
+    """``aclose`` cancelled while it waits for a disk operation still running (a timeout
+    around ``async with spool:``, a second cancellation of a task on its way out): the
+    spool was marked closed, but the rest of the close never ran. A checkout it had handed
+    out stayed in QUEUE/.checkout, locked by this live process, and could not be given
+    back any more (every end raised "closed"); the executor threads stayed. The close
+    must complete anyway, and a later ``aclose`` return once it has. (The close's own
+    task is cancelled only by the loop's shutdown, ``asyncio.run`` on its way out: it
+    goes on too.)"""
+    gate = Gate()
+    sp = make_spoolable(throttle=gate)
+    path = tmp_path / "s"
+
+    async def main() -> None:
+        spool = await AsyncSpool.create(path, sp)
+        co = await spool.checkout(await spool.enqueue(Queue.QUEUE1, Cog(1), b""))
+        gate.arm(1)
+        slow = asyncio.ensure_future(spool.enqueue(Queue.QUEUE2, Cog(2), b""))
+        await until(gate.entered.is_set)
+        closing = asyncio.ensure_future(spool.aclose())
+        await until(lambda: spool._closed)  # the close is waiting for the enqueue
+        if cancelled == "caller":
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+        else:
+            assert spool._closing is not None
+            spool._closing.cancel()
+        gate.open()
+        assert (await slow).name == "None000001"
+        await until(lambda: co.done)  # given back by the close, which went on
+        await until(lambda: not _alive("multispool-aio_0"))
+        await spool.aclose()
+        await co.release()  # a no-op, as after any close
+        if cancelled == "close-task":
+            await closing
+
+    run(main)
+    assert check_settled(path, sp) == {"queue1": {"None000000"}, "queue2": {"None000001"}, "queue3": set()}

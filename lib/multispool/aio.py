@@ -31,7 +31,8 @@ An ``AsyncSpool`` belongs to one event loop at a time. Close it (``await spool.a
 or ``async with spool:``) to close its readers and stop its executor threads; closing
 waits for the disk operations still running, including those of cancelled tasks, then
 gives back unchanged every checkout it handed out that is still held (once closed, a
-checkout's ``release`` is a no-op and its ``save``/``remove`` raise RuntimeError).
+checkout's ``release`` is a no-op and its ``save``/``remove`` raise RuntimeError). Once
+called, the close completes even if the awaiting task is cancelled.
 ``AsyncSpool.load_unsafe`` touches no disk and returns the spool directly; awaiting an
 AsyncSpool gives itself, so ``await AsyncSpool.load_unsafe(...)`` works as well.
 """
@@ -242,6 +243,7 @@ class AsyncSpool(Generic[M, D]):
         # held when it closes are given back (nothing could end them afterwards).
         self._checkouts: weakref.WeakSet[AsyncCheckedOutEntry[M, D]] = weakref.WeakSet()
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None  # the close, once aclose is called
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -305,7 +307,7 @@ class AsyncSpool(Generic[M, D]):
     @property
     def closed(self) -> bool:
         """True once ``aclose`` was called."""
-        return self._closed
+        return self._closed or self._closing is not None
 
     # -- running disk work off the loop ---------------------------------------------------
     def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
@@ -373,7 +375,29 @@ class AsyncSpool(Generic[M, D]):
         """Close this spool's readers, wait for the disk operations still running (also
         those of cancelled tasks), give back unchanged the checkouts it handed out that
         are still held (nothing could end them once it is closed), and stop the executor
-        threads. Idempotent."""
+        threads. Once called, the close completes even if the awaiting task is cancelled
+        (the cancellation is delivered at once); every call returns once it has."""
+        closing = self._closing
+        if closing is None or (closing.done() and (closing.cancelled() or closing.exception() is not None)):
+            # The first call, or the last close failed (a step raised): start it (again).
+            closing = self._closing = asyncio.ensure_future(self._close())
+        # Shielded: a cancelled caller stops waiting, the close goes on. Cut short, it
+        # would leave the spool closed with its checkouts held and no way left to give
+        # them back (their ends refuse a closed spool), and its threads running.
+        await asyncio.shield(closing)
+
+    async def _close(self) -> None:
+        """The close, in a task of its own (``aclose``). Only the loop's shutdown can
+        cancel it: it then goes on to the end (every step can be run again), as the
+        calls it waits for do."""
+        while True:
+            try:
+                await self._close_steps()
+            except asyncio.CancelledError:
+                continue
+            return
+
+    async def _close_steps(self) -> None:
         for reader in list(self._readers):
             await reader.aclose()
         self._closed = True
