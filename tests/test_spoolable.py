@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -190,6 +191,66 @@ def test_custom_codec_encode_must_return_bytes(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         spool.enqueue(Queue.QUEUE1, "x", b"", reserve="a")
     assert find_sort(spool.dir) == before
+
+
+class PickleCodec:
+    """A custom codec that encodes anything: it checks no type."""
+
+    def encode(self, obj: Any) -> bytes:
+        return pickle.dumps(obj)
+
+    def decode(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+class Opaque:
+    """A class msgspec cannot encode: only the custom codec knows it."""
+
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+
+def test_custom_codec_metadata_of_the_wrong_type_is_refused_before_touching_disk(tmp_path: Path) -> None:
+    # A custom codec's encoder may accept anything: a value that is not of the declared
+    # metadata type was spooled, and handed to consumers as if it were one. As with the
+    # built-in codecs, it must be refused (msgspec.ValidationError) before any write.
+    spool = _mk(tmp_path, metadata=Widget, metadata_codec=PickleCodec())
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x", reserve="a")
+    before = find_sort(spool.dir)
+    bads: list[Any] = ["not a widget", Cog(n="x"), {"type": "Cog", "n": "x"}, Opaque(1), 2**70]
+    for bad in bads:
+        with pytest.raises(msgspec.ValidationError):
+            spool.enqueue(Queue.QUEUE1, bad, b"x", reserve="a")
+        with pytest.raises(msgspec.ValidationError):
+            spool.enqueue_many(Queue.QUEUE1, [(Cog(n=2), b"x"), (bad, b"y")], reserve="a")
+        with pytest.raises(msgspec.ValidationError):
+            e.direct.save(bad)
+        with spool.checkout(e) as co, pytest.raises(msgspec.ValidationError):
+            co.update(lambda _, v=bad: v).save(Queue.QUEUE2)
+        assert find_sort(spool.dir) == before
+    assert e.direct.contents() == Cog(n=1)
+    # What the type takes the way the built-in codecs take it goes through unchanged.
+    e2 = spool.enqueue(Queue.QUEUE1, Sprocket(text="ok"), b"", reserve="a")
+    assert e2.direct.contents() == Sprocket(text="ok")
+
+
+def test_custom_codec_types_msgspec_cannot_encode_are_checked_by_isinstance(tmp_path: Path) -> None:
+    # A custom codec is often there for types msgspec does not know: their values are
+    # checked by class, not refused for being unencodable.
+    spool = _mk(tmp_path, metadata=Opaque, metadata_codec=PickleCodec())
+    e = spool.enqueue(Queue.QUEUE1, Opaque(3), b"", reserve="a")
+    assert e.direct.contents().v == 3
+    lst = _mk(tmp_path / "l", metadata=list[Opaque], metadata_codec=PickleCodec())
+    assert lst.enqueue(Queue.QUEUE1, [Opaque(1), Opaque(2)], b"", reserve="a").direct.contents()[1].v == 2
+    before = find_sort(spool.dir)
+    with pytest.raises(msgspec.ValidationError):
+        spool.enqueue(Queue.QUEUE1, 3, b"", reserve="a")
+    with pytest.raises(msgspec.ValidationError):
+        lst.enqueue(Queue.QUEUE1, [Opaque(1), 2], b"", reserve="a")
+    assert find_sort(spool.dir) == before
+    # Undeclared (typing.Any): anything the codec encodes.
+    anything = _mk(tmp_path / "a", metadata_codec=PickleCodec())
+    assert anything.enqueue(Queue.QUEUE1, Opaque(4), b"", reserve="a").direct.contents().v == 4
 
 
 # -- data codecs --------------------------------------------------------------------------

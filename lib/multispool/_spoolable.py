@@ -413,11 +413,45 @@ class TimeOrderedNames:
 _NULL_CM: Final = contextlib.nullcontext()  # reusable: holds no state
 
 
+def _type_checker(metadata_type: Any) -> Callable[[Any], None]:
+    """What checks a value against ``metadata_type`` for a custom metadata codec, the way
+    the built-in codecs do: msgspec.ValidationError if it is not of that type.
+
+    A custom codec may encode anything, so the check cannot be its encoder: the value
+    goes through msgspec (MessagePack, which loses no type a JSON round trip keeps) and
+    is decoded as ``metadata_type``, which checks a Struct's fields too. A value msgspec
+    cannot encode (a class only the custom codec knows) is checked by msgspec.convert
+    instead: by class for such types. A type msgspec cannot check at all (TypeError:
+    a Protocol...) lets every value through, as before."""
+    enc = msgspec.msgpack.Encoder()
+    try:
+        dec: Any = msgspec.msgpack.Decoder(metadata_type)
+    except TypeError:
+        dec = None
+
+    def check(obj: Any) -> None:
+        try:
+            if dec is not None:
+                try:
+                    raw = enc.encode(obj)
+                except (TypeError, ValueError, OverflowError):
+                    pass
+                else:
+                    dec.decode(raw)
+                    return
+            msgspec.convert(obj, metadata_type)
+        except TypeError:  # the type, not the value: msgspec cannot tell
+            pass
+
+    return check
+
+
 class _Codec:
     """msgspec encoder/decoder pair built once per Spoolable (not per call)."""
 
     def __init__(self, kind: Any, metadata_type: Any) -> None:
         self._custom: MetadataCodec | None = None
+        self._type_check: Callable[[Any], None] | None = None
         # With a declared type, what is written is decoded back through it first (a
         # msgspec encoder does not check field types: {"url": 1} for url: str would be
         # written, then fail every consumer). typing.Any accepts whatever encodes.
@@ -430,6 +464,7 @@ class _Codec:
             self._dec = msgspec.msgpack.Decoder(metadata_type)
         elif isinstance(kind, MetadataCodec):
             self._custom = kind
+            self._type_check = _type_checker(metadata_type) if self._check else None
         else:
             raise ValueError(
                 "metadata_codec must be 'json', 'msgpack' or an object with "
@@ -438,6 +473,8 @@ class _Codec:
 
     def encode(self, obj: Any) -> bytes:
         if self._custom is not None:
+            if self._type_check is not None:
+                self._type_check(obj)  # msgspec.ValidationError before any disk access
             out = self._custom.encode(obj)
             if not isinstance(out, (bytes, bytearray, memoryview)):
                 raise TypeError(f"metadata codec encode() returned {type(out).__name__}, not bytes")
@@ -469,7 +506,8 @@ class Spoolable(Generic[M, D]):
         msgspec handles: a ``msgspec.Struct``, a dataclass, ``dict``...); default
         ``typing.Any`` (no validation).
     :param metadata_codec: ``"json"`` (default), ``"msgpack"``, or an object with
-        ``encode(obj) -> bytes`` and ``decode(bytes) -> obj``.
+        ``encode(obj) -> bytes`` and ``decode(bytes) -> obj``. Whatever the codec, a
+        value that is not of the ``metadata`` type is refused before it is encoded.
     :param data: the data codec, an object with ``load(path)`` and ``save(value, path)``:
         ``BytesData()`` (default), ``MsgspecData(type)``, or your own.
     :param name_generator: an object with ``next(seed, attempt) -> str``;
