@@ -293,10 +293,15 @@ def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> Non
 
 
 def _group_of(
-    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, n: int, fail_queue_sync: bool = False
+    spool: multispool.Spool[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    n: int,
+    fail_queue_sync: bool = False,
+    setup: Callable[[int], None] | None = None,
 ) -> tuple[_Trace, list[Any]]:
     """n threads enqueue at once; the first leader is held in its first directory sync
-    until the n-1 others wait for the committer, so they form one group."""
+    until the n-1 others wait for the committer, so they form one group. ``setup(i)``
+    runs first in thread i."""
     tr = _Trace(monkeypatch, spool)
     release = threading.Event()
     first = [True]
@@ -316,6 +321,8 @@ def _group_of(
 
     def worker(i: int) -> None:
         try:
+            if setup is not None:
+                setup(i)
             e = spool.enqueue(Queue.QUEUE1, Cog(n=i), b"%d" % i)
             # Returned: its own entry is published and its queue dir synced since.
             assert os.path.exists(os.path.join(spool.dir, "queue1", e.name))
@@ -329,7 +336,11 @@ def _group_of(
         _wait_for(lambda: not first[0], "the first leader")
         for t in threads[1:]:
             t.start()
-        _wait_for(lambda: len(_enqueue._committer._waiting) == n - 1, "the others to queue up")
+        # Each of the others waits for the committer, or has failed before it could.
+        _wait_for(
+            lambda: len(_enqueue._committer._waiting) + sum(r is not None for r in results[1:]) == n - 1,
+            "the others to queue up",
+        )
     finally:
         release.set()
         for t in threads:
@@ -710,6 +721,81 @@ def test_leader_writes_the_entries_of_enqueues_waiting_for_it(
     assert _fs._held <= _HELD_BEFORE
 
 
+class _PerThreadNames:
+    """A name generator with per-thread state (as one reading a thread-local or a context
+    variable would have): the name says which worker asked for it. Records the thread
+    of every call."""
+
+    def __init__(self) -> None:
+        self.who = threading.local()
+        self.threads: dict[int, set[int]] = {}
+
+    def setup(self, i: int) -> None:
+        self.who.i = i
+        self.threads[i] = {threading.get_ident()}
+
+    def next(self, seed: Any, attempt: int) -> str:
+        i = self.who.i  # AttributeError in a thread that is no worker
+        if i == 3:
+            raise RuntimeError("no name for worker 3")
+        self.threads[i].add(threading.get_ident())
+        return f"w{i}-{attempt}"
+
+
+def test_a_followers_names_are_generated_in_its_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader writes its followers' entries, but a NameGenerator is the user's code:
+    run in the leader's thread, it saw the leader's thread-local state (the followers'
+    entries got names of the leader's, after collisions), and a generator that raised
+    there raised for a thread it was not called for. Each enqueue's names are proposed
+    in its own thread, and its generator's error is its own."""
+    names = _PerThreadNames()
+    sp = multispool.Spoolable(queues=Queue, metadata=Cog, durability="full", name_generator=names)
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    writers = _Writers(monkeypatch)
+    _, results = _group_of(spool, monkeypatch, 6, setup=names.setup)
+    err = results[3]
+    assert isinstance(err, RuntimeError) and "worker 3" in str(err), results
+    assert [r.name for i, r in enumerate(results) if i != 3] == [f"w{i}-0" for i in (0, 1, 2, 4, 5)]
+    assert all(len(t) == 1 for t in names.threads.values()), "a generator ran in another thread"
+    assert len({writers.by_n[i] for i in (1, 2, 4, 5)}) == 1, "one leader wrote the followers' entries"
+    _assert_only_it_failed(spool, results, 3)
+
+
+def test_followers_whose_proposed_names_are_taken_reserve_in_their_own_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PrefixNames with no seed proposes the same first name to every enqueue: in a group,
+    all but one find it taken, and go on with the generator's next attempts in their own
+    threads. Every entry is published, under a name of its own."""
+    sp = multispool.Spoolable(
+        queues=Queue, metadata=Cog, durability="full", name_generator=multispool.PrefixNames()
+    )
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    calls: list[tuple[int, int]] = []  # (attempt, thread)
+    callers: dict[int, int] = {}
+    real_next = sp.name_generator.next
+
+    def recording(seed: Any, attempt: int) -> str:
+        calls.append((attempt, threading.get_ident()))
+        return real_next(seed, attempt)
+
+    monkeypatch.setattr(sp.name_generator, "next", recording)
+
+    def setup(i: int) -> None:
+        callers[i] = threading.get_ident()
+
+    _, results = _group_of(spool, monkeypatch, 6, setup=setup)
+    assert all(isinstance(r, multispool.Entry) for r in results), results
+    assert sorted(r.name for r in results) == [f"None{k:06d}" for k in range(6)]
+    assert sorted(e.name for e in spool.list(Queue.QUEUE1)) == sorted(r.name for r in results)
+    first_proposals = [t for a, t in calls if a == 0]
+    assert sorted(first_proposals) == sorted(callers.values()), "attempt 0 once per enqueue, in its thread"
+    assert _files(spool)[".tmp"] == []
+    assert _fs._held <= _HELD_BEFORE
+
+
 def _assert_only_it_failed(spool: multispool.Spool[bytes], results: list[Any], failed: int) -> None:
     """Every enqueue of the group but ``failed`` is published, and nothing of the failed
     one's entry is left (no name, no tmp or data file, no descriptor)."""
@@ -1050,16 +1136,19 @@ def test_a_writeback_error_seen_while_writing_out_fails_its_own_enqueue(
             return -1
         return int(real(fd, offset, nbytes, flags))
 
-    names: list[str] = []  # reserved by the enqueuing threads
-    reserve = full_spool._reserve
+    names: list[str] = []  # proposed or reserved by the enqueuing threads
 
-    def noting(*a: Any, **kw: Any) -> str:
-        name = str(reserve(*a, **kw))
-        if threading.current_thread() is not threading.main_thread():
-            names.append(name)
-        return name
+    def noting(real: Callable[..., str]) -> Callable[..., str]:
+        def note(*a: Any, **kw: Any) -> str:
+            name = str(real(*a, **kw))
+            if threading.current_thread() is not threading.main_thread():
+                names.append(name)
+            return name
 
-    monkeypatch.setattr(full_spool, "_reserve", noting)
+        return note
+
+    monkeypatch.setattr(full_spool, "_reserve", noting(full_spool._reserve))
+    monkeypatch.setattr(full_spool, "_propose", noting(full_spool._propose))
     monkeypatch.setattr(_fs, "_write_out_range", failing)
     _, results = _group_of(full_spool, monkeypatch, 4)
     assert len(failed) == 1, results

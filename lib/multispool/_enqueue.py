@@ -38,7 +38,12 @@ encoded item and waits, and the next leader writes every waiting entry, one afte
 another, taking in those that arrive meanwhile, before the group's syncs. Measured
 (docs/benchmarks-batch.md), 8 threads that each wrote their own entry spent 0.6 ms
 on it, taking turns for the GIL with the rest, and so joined only every other round;
-one writer takes 40 us per entry, and every thread is in every round.
+one writer takes 40 us per entry, and every thread is in every round. The entry's
+name is proposed by its caller, in its own thread, before it hands over: a name
+generator is the user's code, which may keep per-thread state (a thread-local, a
+context variable) and whose errors are its caller's. The leader only reserves that
+name; one it finds taken sends the enqueue back to its caller's thread, which asks
+the generator for its next attempts and writes its entry itself.
 
 The main thread never joins a group: it syncs its own entries (through AIO when other
 enqueues are under way). Python runs signal handlers there, between any two bytecodes,
@@ -154,6 +159,11 @@ class Staged:
             self.unlock()
 
 
+class _NameTaken(Exception):
+    """The name an enqueue's caller proposed was taken when its group's leader came to
+    reserve it: the caller goes on in its own thread (``enqueue``)."""
+
+
 # Both holds of a Staged whose files are not kept open: never given to a writer (write()
 # passes None then), so its ``fd`` stays None.
 _UNHELD: Final = _fs._FileHold()
@@ -189,13 +199,26 @@ def enqueue(
     keep_open = keep_open and durable
     try:
         if durable and _leader_writes(spool, items, sfd):
+            # The name is proposed here, in the caller's thread: the generator is the
+            # user's code (thread-local state, context variables, its own errors).
+            proposed = None if use is not None else spool._propose(reserve, 0)
             lay = spool._layout
             job = _Job(staged, lay.registry, lay.data, files_synced=False, sfd=None)
             job.pending = functools.partial(
-                _write_job, spool, staged, dirname, items, reserve, use, prepare, keep_open
+                _write_job, spool, staged, dirname, items, reserve, use, prepare, keep_open, proposed
             )
             try:
                 _committer.commit(job)  # the leader of its round (this call, or another) writes it
+            except _NameTaken:
+                # Nothing was written. The generator's next attempts, and the writes, in
+                # this thread; then a group commit of the written entry, as below.
+                write(
+                    spool, staged, dirname, items, reserve=reserve, first=1,
+                    writeback=_writeback(spool, items, sfd), keep_open=keep_open,
+                )
+                if prepare is not None:
+                    prepare(staged)
+                commit(spool, staged, sfd)
             finally:
                 _release(staged)
         else:
@@ -249,10 +272,16 @@ def _write_job(
     use: str | None,
     prepare: Callable[[list[Staged]], None] | None,
     keep_open: bool,
+    proposed: str | None,
     writeback: bool,
 ) -> None:
-    """The write steps of ``enqueue``, run by the leader of the enqueue's group."""
-    write(spool, staged, dirname, items, reserve=reserve, use=use, writeback=writeback, keep_open=keep_open)
+    """The write steps of ``enqueue``, run by the leader of the enqueue's group, under
+    the name its caller ``proposed`` (unless it ``use``s one): _NameTaken if that is
+    taken, the generator's other attempts being for the caller's thread."""
+    write(
+        spool, staged, dirname, items, reserve=reserve, use=use, writeback=writeback, keep_open=keep_open,
+        proposed=proposed,
+    )
     if prepare is not None:
         prepare(staged)
 
@@ -284,6 +313,8 @@ def write(
     use: str | None = None,
     writeback: bool = False,
     keep_open: bool = False,
+    proposed: str | None = None,
+    first: int = 0,
 ) -> None:
     """Reserve a name for each item and write its metadata and data (not synced),
     recording each entry in ``staged`` as soon as its name is reserved. On failure,
@@ -292,7 +323,8 @@ def write(
     ``keep_open``: leave the files open in the entry's holders (``Staged.files``), to be
     synced through their descriptors rather than reopened by path (four system calls
     fewer per file); a writer that cannot (a codec's own ``save``) leaves its holder
-    empty."""
+    empty. ``proposed`` (one item): the name to reserve, already checked, without asking
+    the generator; _NameTaken if it is taken. ``first``: the generator's first attempt."""
     sp = spool.spoolable
     lay = spool._layout
     qdir = lay.queue(dirname)
@@ -304,8 +336,12 @@ def write(
             if use is not None:
                 spool._take_reservation(use, owner)
                 name = use
+            elif proposed is not None:
+                name = proposed
+                if _fs.create_locked(lay.registry, lay.registry_file(name), sp.file_mode, owner) is None:
+                    raise _NameTaken(name)
             else:
-                name = spool._reserve(reserve, owner, sync=False)
+                name = spool._reserve(reserve, owner, sync=False, first=first)
             staged.append(
                 Staged(
                     name, owner, lay.registry_file(name), lay.tmp_file(name), lay.data_file(name),

@@ -886,18 +886,31 @@ class Spool(Generic[M, D]):
             raise
 
     # -- names and enqueue ----------------------------------------------------------------
-    def _reserve(self, seed: Any, owner: _Claim, *, sync: bool = True) -> str:
+    def _propose(self, seed: Any, attempt: int) -> str:
+        """The name generator's proposal for ``attempt``, checked (InvalidNameError).
+        Called in the enqueuing thread: a generator is the user's code, and may keep
+        per-thread state (see ``_enqueue.enqueue``)."""
+        gen = self.spoolable.name_generator
+        name = gen.next(seed, attempt)
+        if not (seed is None and type(gen) is TimeOrderedNames):  # trusted: see _reserve
+            check_name(name)
+        return name
+
+    def _reserve(self, seed: Any, owner: _Claim, *, sync: bool = True, first: int = 0) -> str:
         """Reserve a fresh name: ``.registry/NAME`` created locked, its descriptor handed to
         ``owner`` in the step that opens it (so an interrupted caller still releases it).
         With ``sync`` (and durability "full") the name is made durable at once; enqueue
-        passes False and syncs ``.registry`` later, after its files, once per group."""
+        passes False and syncs ``.registry`` later, after its files, once per group.
+        ``first``: the first attempt to ask the generator for (the earlier ones were
+        found taken)."""
         sp = self.spoolable
         lay = self._layout
         gen = sp.name_generator
         # The default generator's names without a seed are digits, '-' and hex: safe by
-        # construction, so not checked again on every enqueue.
+        # construction, so not checked again on every enqueue. (As _propose, inline: this
+        # loop is on every enqueue's path.)
         trusted = seed is None and type(gen) is TimeOrderedNames
-        for attempt in range(MAX_NAME_ATTEMPTS):
+        for attempt in range(first, MAX_NAME_ATTEMPTS):
             name = gen.next(seed, attempt)
             if not trusted:
                 check_name(name)
