@@ -10,6 +10,8 @@
 - ``run_python(code, ...)``: run a one-shot script to completion (killed on timeout).
 - ``find_sort(dir)``: ``find NAME | env -i sort`` run from the parent of ``dir``, as the
   OCaml expect tests print spool trees.
+- ``unprivileged()``: the command prefix that runs a child unable to read what its user
+  may not (root without the capabilities that bypass file permissions).
 
 Children get the parent's multispool (normally ``lib/``) and ``tests/`` on PYTHONPATH, so a
 script can ``import multispool`` and ``from _procs import serve``.
@@ -27,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import select
@@ -225,3 +228,25 @@ def find_sort(path: str | os.PathLike[str]) -> list[str]:
         timeout=DEFAULT_TIMEOUT,
     ).stdout
     return out.splitlines()
+
+
+_NO_DAC = "-dac_override,-dac_read_search"
+
+
+@functools.cache
+def unprivileged() -> tuple[str, ...] | str:
+    """The prefix that runs a command without the power to read what its user may not
+    (a directory of mode 0o000): nothing for a user that is not root; for root, setpriv
+    without the capabilities that override file permissions (root stays root: the
+    interpreter may live where only root's own permissions reach). A str: why there is
+    no such prefix here (the test skips)."""
+    if os.geteuid() != 0:
+        return ()
+    prefix = ("setpriv", f"--inh-caps={_NO_DAC}", f"--bounding-set={_NO_DAC}", "--")
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=DEFAULT_TIMEOUT, check=False)
+    except FileNotFoundError:
+        return "root, and no setpriv to drop the capabilities that bypass file permissions"
+    if probe.returncode != 0:
+        return f"setpriv cannot drop capabilities here: {probe.stderr!r}"
+    return prefix

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import multispool
-from _procs import child_env
+from _procs import child_env, unprivileged
 from multispool import cli
 from multispool.cli import main
 
@@ -651,3 +651,75 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- a spool at the root of a filesystem ------------------------------------------------
+# Runs each command line of argv[2] (JSON) in turn, printing [exit code, stdout, stderr]
+# as a JSON line each, then the monitor until it is signalled: one interpreter for all.
+_COMMANDS = """
+import contextlib, io, json, sys
+from multispool.cli import main
+for args in json.loads(sys.argv[2]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(args)
+    print(json.dumps([rc, out.getvalue(), err.getvalue()]), flush=True)
+sys.exit(main(["monitor", sys.argv[1], "--check-every", "0.05", "--alert-after-cycles", "0"]))
+"""
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o700])
+def test_the_filesystems_lost_and_found_is_no_queue(
+    sp: str, procs: list[subprocess.Popen[str]], mode: int
+) -> None:
+    """A spool at the root of an ext2/3/4 filesystem shares it with the filesystem's
+    lost+found: a directory without .checkout, usually root's and unreadable to the
+    spool's user. The command line took every non-dot directory for a queue: every
+    command failed on lost+found/.checkout (exit 2), and the library's clean_abandoned
+    (recover, fsck --repair) on listing lost+found."""
+    prefix = unprivileged()
+    if isinstance(prefix, str):
+        pytest.skip(prefix)
+    spool = spool_of(sp)
+    name = spool.enqueue(q(spool, "in"), b'{"n": 1}', b"x").name
+    # An abandoned enqueue, for fsck --repair to find and clean.
+    Path(sp, ".registry", "abandoned").touch()
+    os.utime(Path(sp, ".registry", "abandoned"), (1, 1))
+    Path(sp, ".data", "orphan").touch()  # a problem for the monitor to report
+    commands = [
+        ["ls", sp, "in"], ["status", sp, "--json"], ["watch", sp, "--once"], ["metrics", sp],
+        ["fsck", sp, "--dry-run", "--repair"], ["fsck", sp, "--repair"], ["recover", sp],
+    ]
+    lf = Path(sp, "lost+found")
+    lf.mkdir()
+    lf.chmod(mode)
+    try:
+        p = subprocess.Popen(
+            [*prefix, sys.executable, "-c", _COMMANDS, sp, json.dumps(commands)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+        )
+        procs.append(p)
+        assert p.stdout is not None
+        results = {}
+        for args in commands:
+            line = p.stdout.readline()  # "" if it died
+            assert line, p.communicate(timeout=30)[1]
+            results[" ".join(args[:1] + args[2:])] = json.loads(line)
+        for what, (rc, out, err) in results.items():
+            # The spool's own .lost+found may be named (repair puts files aside there).
+            assert "lost+found" not in (out + err).replace(".lost+found", ""), (what, out, err)
+            # fsck: 1, the problems found (the orphan stays: it is younger than the limit).
+            assert rc == (1 if what.startswith("fsck") else 0), (what, out, err)
+        assert name in results["ls in"][1]
+        assert sorted(json.loads(results["status --json"][1])) == ["in", "quarantine", "queue-2"]
+        assert "queue-2" in results["watch --once"][1] and 'queue="in"' in results["metrics"][1]
+        assert "abandoned" in results["fsck --dry-run --repair"][1]
+        assert "abandoned" in results["fsck --repair"][1]
+        line = p.stdout.readline()  # the monitor's Start event
+        assert line, p.communicate(timeout=30)[1]
+        assert json.loads(line)["problem"]["file"] == "orphan"
+        assert not Path(sp, ".registry", "abandoned").exists()
+        assert [e.name for e in spool.list(q(spool, "in"))] == [name]
+        assert lf.is_dir()
+    finally:
+        lf.chmod(0o700)

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import multispool
+from _procs import child_env, unprivileged
 from conftest import Cog, Queue, Widget
 
 LIB = str(Path(__file__).resolve().parent.parent / "lib")
@@ -742,3 +743,39 @@ def test_keep_link_of_a_move_into_a_queue_another_spoolable_owns_is_dropped(tmp_
     assert mine.recover_checkouts() == []
     assert sorted(os.listdir(os.path.join(d, "mine"))) == [".checkout"]
     assert [x.name for x in both.list(_Both.THEIRS)] == [e.name]
+
+
+CLEAN_AS_USER = """
+print(json.dumps(spool.clean_abandoned(older_than=0)))
+with spool.reader(Queue.QUEUE1, recover=True) as reader:
+    co = reader.dequeue_available()
+    print(json.dumps(co and co.name))
+    co.release()
+"""
+
+
+def test_clean_abandoned_passes_over_the_filesystems_lost_and_found(tmp_path: Path) -> None:
+    """A spool at the root of an ext2/3/4 filesystem holds the filesystem's lost+found,
+    root's and unreadable to the spool's user. clean_abandoned listed it (and its
+    .checkout) as a queue another Spoolable might share, and failed with
+    PermissionError: so did every reader started with recover=True."""
+    prefix = unprivileged()
+    if isinstance(prefix, str):
+        pytest.skip(prefix)
+    spool = multispool.Spool.create(tmp_path / "spool", multispool.Spoolable(queues=Queue, metadata=Widget))
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    gone = Path(spool.dir, ".registry", "gone")
+    gone.touch()  # an enqueue whose process died
+    os.utime(gone, (1, 1))
+    lf = Path(spool.dir, "lost+found")
+    lf.mkdir()
+    lf.chmod(0)
+    try:
+        r = subprocess.run(
+            [*prefix, sys.executable, "-c", PRELUDE + CLEAN_AS_USER, spool.dir],
+            capture_output=True, text=True, timeout=60, env=child_env(), check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        assert [json.loads(line) for line in r.stdout.splitlines()] == [["gone"], e.name]
+    finally:
+        lf.chmod(0o700)

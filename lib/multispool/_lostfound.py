@@ -30,13 +30,31 @@ from typing import TYPE_CHECKING, Any
 
 from . import _fs
 from ._errors import EntryNotFoundError, SpoolError
-from ._layout import LOST_FOUND, Layout
+from ._layout import CHECKOUT, LOST_FOUND, Layout
 
 if TYPE_CHECKING:
     from ._spool import Entry, Spool
 
 METADATA = "metadata"
 DATA = "data"
+# The directory mke2fs makes at the root of an ext2/3/4 filesystem, for e2fsck: not the
+# spool's .lost+found, and no queue, in a spool made at the root of a filesystem.
+FS_LOST_FOUND = "lost+found"
+
+
+def is_fs_lost_found(spool_dir: str, name: str) -> bool:
+    """True if directory ``name`` of the spool is the filesystem's ``lost+found``, which
+    is no queue: so named, and without a ``.checkout`` in it, or one its user cannot
+    look into (it is root's, mode 0700). A queue named so has its ``.checkout``."""
+    if name != FS_LOST_FOUND:
+        return False
+    try:
+        st = os.lstat(os.path.join(spool_dir, name, CHECKOUT))
+    except FileNotFoundError:
+        return True
+    except PermissionError:
+        return True
+    return not stat.S_ISDIR(st.st_mode)
 
 
 def put_aside(

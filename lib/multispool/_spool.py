@@ -742,7 +742,8 @@ class Spool(Generic[M, D]):
         """Every directory an entry's metadata may be in: the queue and checkout dirs of
         the Spoolable's queues, then those of any other non-dot directory of the spool
         (a queue of another Spoolable sharing it, or one this application dropped): an
-        entry there is an entry, never an abandoned enqueue or a name in no queue."""
+        entry there is an entry, never an abandoned enqueue or a name in no queue. Not the
+        filesystem's ``lost+found`` (a spool at the root of one), which is no queue."""
         sp = self.spoolable
         lay = self._layout
         known = [sp.dirname(q) for q in sp._queue_list]
@@ -750,6 +751,7 @@ class Spool(Generic[M, D]):
             other = sorted(
                 e.name for e in it
                 if e.name[0] != "." and e.name not in known and e.is_dir(follow_symlinks=False)
+                and not _lostfound.is_fs_lost_found(self.dir, e.name)
             )
         return [d for dn in known + other for d in (lay.queue(dn), lay.checkout(dn))]
 

@@ -1,7 +1,8 @@
 """The ``multispool`` command line: inspect, check, repair and watch any spool.
 
-It needs no user code: the queues are the spool's non-dot directories (in sorted order)
-and metadata is handled as raw bytes, shown as JSON when it parses as JSON, else as
+It needs no user code: the queues are the spool's non-dot directories (in sorted order;
+not the filesystem's ``lost+found`` of a spool at its root, see ``_queue_dirs``) and
+metadata is handled as raw bytes, shown as JSON when it parses as JSON, else as
 MessagePack when it decodes as such, else as base64 bytes.
 
 Exit codes: 0 ok, 1 problems found (fsck; rm of a name it could not remove), 2 usage or
@@ -140,7 +141,7 @@ def spool_modes(spool_dir: str) -> tuple[int, int]:
 
 
 def open_spool(spool_dir: str) -> Spool[Any, bytes]:
-    """Load the spool at ``spool_dir`` with its non-dot directories as queues."""
+    """Load the spool at ``spool_dir`` with its queue directories (``_queue_dirs``) as queues."""
     if not os.path.isdir(spool_dir):
         if os.path.lexists(spool_dir):
             raise UsageError(f"{spool_dir}: not a directory")
@@ -148,8 +149,7 @@ def open_spool(spool_dir: str) -> Spool[Any, bytes]:
     lay = Layout(spool_dir)
     if not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)):
         raise UsageError(f"{spool_dir}: not a spool (no {REGISTRY} and {TMP})")
-    with os.scandir(spool_dir) as it:
-        queues = sorted(e.name for e in it if e.name[0] != "." and e.is_dir(follow_symlinks=False))
+    queues = _queue_dirs(spool_dir)
     if not queues:
         raise UsageError(f"{spool_dir}: spool has no queue directories")
     return Spool.load(spool_dir, make_spoolable(queues, *spool_modes(spool_dir)))
@@ -372,8 +372,14 @@ def _isatty(stream: TextIO) -> bool:
 
 # -- subcommands ---------------------------------------------------------------------------
 def _queue_dirs(spool_dir: str) -> list[str]:
+    """The spool's queues: its non-dot directories, but for the filesystem's lost+found
+    (a spool at the root of a filesystem), which is none."""
     with os.scandir(spool_dir) as it:
-        return sorted(e.name for e in it if e.name[0] != "." and e.is_dir(follow_symlinks=False))
+        return sorted(
+            e.name for e in it
+            if e.name[0] != "." and e.is_dir(follow_symlinks=False)
+            and not _lostfound.is_fs_lost_found(spool_dir, e.name)
+        )
 
 
 def cmd_init(a: argparse.Namespace) -> int:
