@@ -378,6 +378,42 @@ def test_queue_directory_replaced_while_waiting(spool: multispool.Spool[bytes], 
         assert sub is not None and not sub.stale
 
 
+def test_spool_directory_replaced_while_waiting(spool: multispool.Spool[bytes], mode: str) -> None:
+    """The spool directory (the queue directory's parent) is swapped for another spool
+    while a reader waits. A native watch is on a queue directory that has left the path,
+    and no event says so (the watched directory itself did not move): the reader learns
+    of it at its next rescan, which compares the path's inode with the watched one, and
+    watches the new directory from then on. Nothing is lost: the entry enqueued into the
+    new spool is delivered, the next one at once, and an entry put into the old spool
+    (which the old watch still announces) is not handed out. (A polling watch lists by
+    path: it sees the new directory at its next poll.)"""
+    old, new = spool.dir + ".old", spool.dir + ".new"
+    multispool.Spool.create(new, spool.spoolable)
+    with spool.reader(Queue.QUEUE1, observer=mode, rescan_interval=0.2, poll_interval=POLL) as reader:
+        waiting = hook_waits(reader)
+        assert reader.dequeue_available() is None
+
+        def swap_then_enqueue() -> None:
+            # Two renames, microseconds apart: a swap whose gap no rescan or poll meets.
+            os.rename(spool.dir, old)
+            os.rename(new, spool.dir)
+            enqueue(multispool.Spool.load(old, spool.spoolable), "left")
+            enqueue_in_child(spool, "r")
+
+        co, took = dequeue_when_blocked(reader, waiting, swap_then_enqueue)
+        assert co is not None and co.name == "r00000_000000", co
+        assert took < WAIT / 2
+        co.remove()
+        # Watching the new directory now: the next entry wakes the reader by its event.
+        sub = reader._sub
+        assert sub is not None and not sub.stale
+        co, took = dequeue_when_blocked(reader, waiting, lambda: enqueue_in_child(spool, "s"))
+        assert co is not None and co.name == "s00000_000000" and took < WAIT / 2
+        co.remove()
+        assert reader.dequeue_available() is None
+    assert sorted(os.listdir(os.path.join(old, "queue1"))) == [".checkout", "left000000"]
+
+
 def test_close_from_another_thread_during_resubscription_leaves_no_watch(
     spool: multispool.Spool[bytes], mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
