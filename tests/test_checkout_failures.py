@@ -337,3 +337,106 @@ def test_keep_link_of_a_removed_entry_is_not_restored_under_a_reused_name(tmp_pa
     assert _keep_links(spool) == []
     assert sorted(os.listdir(Path(spool.dir, ".lost+found", e.name))) == ["queue1.checkout"]
     assert spool.clean_abandoned(older_than=0) == [e.name]
+
+
+# -- an end of a checkout interrupted part way -------------------------------------------------
+
+# (durability, patched call, whether the interruption comes before the call or as it returns)
+_RELEASE_STEPS = [
+    ("none", "rename", "before"),
+    ("none", "rename", "after"),
+    ("full", "link", "before"),
+    ("full", "link", "after"),
+    ("full", "rename", "before"),
+    ("full", "rename", "after"),
+    ("full", "fsync_dir", "after"),
+    ("full", "unlink", "before"),
+    ("full", "unlink", "after"),
+]
+
+
+def _interrupt_once(mp: pytest.MonkeyPatch, call: str, when: str, name: str, nth: int = 1) -> list[bool]:
+    """Patch ``call`` (of ``os``, or ``_fs`` for fsync_dir) to raise KeyboardInterrupt (as a
+    signal handler would) once, before it runs or as it returns, at its ``nth`` call about
+    ``name`` (or its keep link); returns the list that records the hit."""
+    target: Any = multispool._fs if call == "fsync_dir" else os
+    real = getattr(target, call)
+    hit: list[bool] = []
+    seen: list[bool] = []
+
+    def interrupted(*a: Any, **kw: Any) -> Any:
+        ours = not hit and (call == "fsync_dir" or any(str(p).endswith(name) for p in a[:2]))
+        if ours:
+            seen.append(True)
+            ours = len(seen) == nth
+        if ours and when == "before":
+            hit.append(True)
+            raise KeyboardInterrupt
+        r = real(*a, **kw)
+        if ours:
+            hit.append(True)
+            raise KeyboardInterrupt
+        return r
+
+    mp.setattr(target, call, interrupted)
+    return hit
+
+
+@pytest.mark.parametrize(("durability", "call", "when"), _RELEASE_STEPS)
+def test_release_interrupted_part_way_still_gives_the_entry_back(
+    tmp_path: Path, durability: str, call: str, when: str
+) -> None:
+    """Ctrl-C (or a SIGALRM timeout's exception) at any step of a release, as a ``with``
+    block is left: the release is finished before the exception propagates. It left the
+    entry in the checkout dir with its lock given up while the process lived on (hidden
+    from every reader until some recovery ran), or left its keep link behind."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co = spool.checkout(e)
+    with pytest.MonkeyPatch.context() as mp:
+        hit = _interrupt_once(mp, call, when, e.name)
+        with pytest.raises(KeyboardInterrupt):
+            co.release()
+    assert hit
+    assert co.done
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    assert _keep_links(spool) == []
+    with spool.checkout(e) as co2:  # its lock is free
+        assert co2.contents == Cog(n=1)
+    assert spool.recover_checkouts() == []
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_failed_release_keeps_the_checkout_held(tmp_path: Path, durability: str) -> None:
+    """A release whose rename fails (EIO) leaves the entry checked out, and said so by
+    giving up its lock and marking the checkout ended: a second release did nothing, and
+    the entry stayed in the checkout dir while its owner lived on. As a failed save, it
+    keeps the checkout held (no recovery takes it), and a second release moves it."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co = spool.checkout(e)
+    real_rename = os.rename
+    failed: list[bool] = []
+
+    def failing(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        if not failed and str(dst).endswith(f"/queue1/{e.name}"):
+            failed.append(True)
+            raise OSError(errno.EIO, "Input/output error", src)
+        real_rename(src, dst, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "rename", failing)
+        with pytest.raises(OSError):
+            co.release()
+    assert failed
+    assert not co.done
+    assert spool.recover_checkouts() == []
+    assert spool.checkout_if_found(e) is None
+    assert _keep_links(spool) == []
+    co.release()
+    assert co.done
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    assert e.direct.contents() == Cog(n=1)
+

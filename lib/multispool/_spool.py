@@ -612,7 +612,11 @@ class CheckedOutEntry(Generic[M, D]):
                 self._claim.release()
 
     def release(self) -> None:
-        """Return the entry unchanged to the queue it came from."""
+        """Return the entry unchanged to the queue it came from. If its move fails (an
+        OSError, or SpoolError: a rename that never took effect), the entry is still
+        checked out and the checkout held: release again, or drop the handle (a
+        recovery then puts it back). An exception that interrupts it part way (a signal
+        handler's: KeyboardInterrupt, a timeout) propagates once the release is done."""
         claim = self._claim
         if claim.done or claim.generation != _fs.lock_generation():
             return  # already ended, or owned by our parent (inherited by fork)
@@ -624,11 +628,49 @@ class CheckedOutEntry(Generic[M, D]):
             with sp.throttled():
                 try:
                     moved = self.spool._move_back(dirname, self.name, claim, sync_src=False)
-                finally:
                     claim.release()
+                except BaseException as e:
+                    self._release_raised(dirname, e)
+                    raise
         if moved and sp.durability == "full":
             with sp.throttled():
                 _fs.fsync_dir(self.spool._layout.checkout(dirname))  # step 5, lock given up
+
+    def _release_raised(self, dirname: str, exc: BaseException) -> None:
+        """A release raised ``exc``. The entry must not stay in the checkout dir with its
+        lock given up while we live on (hidden from every reader until some recovery
+        ran): if it did not move, a failed move (OSError, SpoolError) keeps the checkout
+        held, and an interruption makes the move again; if it moved, the move's last
+        steps are made (``_finish_move``). Then the lock goes. Trouble doing so is logged
+        and keeps the checkout held; ``exc`` is what the caller sees."""
+        claim = self._claim
+        lay = self.spool._layout
+        src = lay.checkout_file(dirname, self.name)
+        dst = lay.queue_file(dirname, self.name)
+        try:
+            if claim.done:
+                pass  # interrupted giving up the lock, once moved: only that to finish
+            elif _fs.lexists(src) and not _fs.same_inode(src, dst):
+                if isinstance(exc, (OSError, SpoolError)):
+                    return
+                self.spool._move_back(dirname, self.name, claim, sync_src=False)
+            else:
+                self._finish_move(lay.checkout(dirname), lay.queue(dirname), exc)
+        except Exception as e:
+            log.warning("multispool: could not finish the interrupted release of %s: %s", src, e)
+            return
+        claim.release()
+
+    def _finish_move(self, src_dir: str, dst_dir: str, exc: BaseException) -> None:
+        """A move of this checkout out of ``src_dir`` raised ``exc`` after its rename.
+        An interruption (a signal handler's exception) is no failure of the move: under
+        durability "full", its last steps are made (``dst_dir`` fsynced, then the keep
+        link unlinked), so that no keep link outlives it. After a failed step (OSError)
+        the keep link stays, the one copy known durable, for recovery to resolve."""
+        if self.spool.spoolable.durability != "full" or isinstance(exc, OSError):
+            return
+        _fs.fsync_dir(dst_dir)
+        _fs.unlink_quiet(self.spool._layout.keep_file(src_dir, self.name))
 
     def __enter__(self) -> CheckedOutEntry[M, D]:
         return self
