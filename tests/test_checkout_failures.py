@@ -440,3 +440,32 @@ def test_failed_release_keeps_the_checkout_held(tmp_path: Path, durability: str)
     assert _checkouts(spool, Queue.QUEUE1) == []
     assert e.direct.contents() == Cog(n=1)
 
+
+@pytest.mark.parametrize(("durability", "call", "when"), _RELEASE_STEPS)
+def test_save_interrupted_part_way_is_undone_or_finished(
+    tmp_path: Path, durability: str, call: str, when: str
+) -> None:
+    """Ctrl-C at any step of a save's move: before its rename, the checkout is still
+    held and unchanged (a release gives the entry back); after it, the move is finished
+    (no keep link is left behind in the checkout dir)."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co = spool.checkout(e)
+    co.contents = Cog(n=2)
+    with pytest.MonkeyPatch.context() as mp:
+        hit = _interrupt_once(mp, call, when, e.name)
+        with pytest.raises(KeyboardInterrupt):
+            co.save(Queue.QUEUE2)
+    assert hit
+    co.release()
+    assert co.done
+    (where,) = [q for q in Queue if spool.list(q)]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    assert _keep_links(spool) == []
+    assert os.listdir(Path(spool.dir, ".tmp")) == []
+    entry = multispool.Entry(spool, where, e.name)
+    assert entry.direct.contents() == (Cog(n=2) if where is Queue.QUEUE2 else Cog(n=1))
+    with spool.checkout(entry):  # its lock is free
+        pass
+    assert spool.recover_checkouts() == []
+

@@ -563,8 +563,8 @@ class CheckedOutEntry(Generic[M, D]):
                     claim.sched = self.spool._write_schedule(claim.fd, self.name, old, due, attempts)
                 keep = lay.keep_file(lay.checkout(src_dirname), self.name) if full else None
                 moved = self.spool._move_owned(src, dst, keep, sync_src=False)
-            except BaseException:
-                self._undo_move(src, dst, old, rewrote, scheduled)
+            except BaseException as e:
+                self._undo_move(src, dst, old, rewrote, scheduled, e)
                 raise
             claim.release()
             if not moved:
@@ -576,18 +576,24 @@ class CheckedOutEntry(Generic[M, D]):
                 _fs.fsync_dir(lay.checkout(src_dirname))
                 self._claim.sync_source(unless=lay.queue(dst_dir))
 
-    def _undo_move(self, src: str, dst: str, old: Schedule, rewrote: bool, scheduled: bool) -> None:
-        """A save, retry or dead-letter move raised. If the entry did not move, undo what
-        it wrote (the metadata, the schedule record) and keep the checkout held: its owner
-        releases it unchanged into the queue it came from, or saves again. If it moved
-        (an error after the rename), the checkout is over. An undo that fails is logged;
-        the move's own error is what the caller sees."""
+    def _undo_move(
+        self, src: str, dst: str, old: Schedule, rewrote: bool, scheduled: bool, exc: BaseException
+    ) -> None:
+        """A save, retry or dead-letter move raised ``exc``. If the entry did not move,
+        undo what it wrote (the metadata, the schedule record) and keep the checkout held:
+        its owner releases it unchanged into the queue it came from, or saves again. If it
+        moved (an error after the rename), the checkout is over, the move finished if
+        ``exc`` interrupted it (``_finish_move``). An undo that fails is logged; the
+        move's own error is what the caller sees."""
         claim = self._claim
         try:
             if not _fs.lexists(src) or _fs.same_inode(src, dst):
                 # Gone from the checkout dir: moved (the same inode at both names is a
                 # stale client cache still showing the name it moved away from).
-                claim.release()
+                try:
+                    self._finish_move(_fs.parent(src), _fs.parent(dst), exc)
+                finally:
+                    claim.release()
                 return
             if rewrote and self._raw is not None:
                 with claim.writing:
