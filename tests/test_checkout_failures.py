@@ -469,3 +469,43 @@ def test_save_interrupted_part_way_is_undone_or_finished(
         pass
     assert spool.recover_checkouts() == []
 
+
+@pytest.mark.parametrize(
+    ("durability", "call", "when", "nth"),
+    [
+        ("none", "unlink", "before", 1),
+        ("none", "unlink", "after", 1),
+        ("none", "unlink", "after", 2),
+        ("full", "fsync_dir", "after", 1),
+        ("full", "unlink", "before", 2),
+        ("full", "unlink", "after", 2),
+        ("full", "unlink", "before", 3),
+    ],
+)
+def test_remove_interrupted_part_way_is_finished_or_not_begun(
+    tmp_path: Path, durability: str, call: str, when: str, nth: int
+) -> None:
+    """Ctrl-C at any step of a remove in a ``with`` block: the entry is either whole in
+    its queue again or gone whole. Interrupted once its metadata was unlinked, the remove
+    left the data and registry files behind (Orphaned for the Monitor, until a
+    clean_abandoned ten minutes later)."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co = spool.checkout(e)
+    with pytest.MonkeyPatch.context() as mp:
+        hit = _interrupt_once(mp, call, when, e.name, nth)
+        with pytest.raises(KeyboardInterrupt), co:
+            co.remove()
+    assert hit
+    assert co.done
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    assert _keep_links(spool) == []
+    if spool.list(Queue.QUEUE1):
+        assert e.direct.contents() == Cog(n=1)
+        assert e.direct.data_file().load() == b"data"
+        with spool.checkout(e):  # its lock is free
+            pass
+    else:
+        assert os.listdir(Path(spool.dir, ".data")) == []
+        assert os.listdir(Path(spool.dir, ".registry")) == []
+    assert spool.recover_checkouts() == []

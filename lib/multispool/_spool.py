@@ -610,12 +610,41 @@ class CheckedOutEntry(Generic[M, D]):
             log.warning("multispool: could not undo the failed move of %s: %s", src, e)
 
     def remove(self) -> None:
-        """Delete the entry: checkout file, data, then the reservation."""
-        with self._claim.writing:
+        """Delete the entry: checkout file, data, then the reservation. If it raises
+        with the checkout file still there, the checkout is still held (``release``
+        gives the entry back). An exception that interrupts it once that file is gone
+        (a signal handler's: KeyboardInterrupt, a timeout) propagates once the data
+        and the reservation are gone too."""
+        claim = self._claim
+        with claim.writing:
             self._check_live()
             with self.spool.spoolable.throttled():
-                self.spool._remove_files(self.name, self.path, "checked-out entry vanished", self._claim)
-                self._claim.release()
+                path = self.path
+                try:
+                    self.spool._remove_files(self.name, path, "checked-out entry vanished", claim)
+                    claim.release()
+                except BaseException as e:
+                    if _interruption(e) and not claim.done and not _fs.lexists(path):
+                        self._finish_remove(path)
+                    raise
+
+    def _finish_remove(self, path: str) -> None:
+        """A remove was interrupted once it unlinked the checkout file ``path``: the
+        entry is gone for everyone; its data and reservation go too (left, they were an
+        orphan until a ``clean_abandoned`` ten minutes later), then the lock. Trouble
+        doing so is logged and leaves them to ``clean_abandoned``."""
+        lay = self.spool._layout
+        try:
+            if self.spool.spoolable.durability == "full":
+                # The unlink durable before the data goes (a crash must not bring back
+                # metadata without its data); the queue's fsync, still owed by the claim.
+                _fs.fsync_dir(_fs.parent(path))
+                self._claim.sync_source()
+            _fs.unlink_quiet(lay.data_file(self.name))
+            _fs.unlink_quiet(lay.registry_file(self.name))
+        except Exception as e:
+            log.warning("multispool: could not finish the interrupted removal of %s: %s", path, e)
+        self._claim.release()
 
     def release(self) -> None:
         """Return the entry unchanged to the queue it came from. If its move fails (an
@@ -657,7 +686,7 @@ class CheckedOutEntry(Generic[M, D]):
             if claim.done:
                 pass  # interrupted giving up the lock, once moved: only that to finish
             elif _fs.lexists(src) and not _fs.same_inode(src, dst):
-                if isinstance(exc, (OSError, SpoolError)):
+                if not _interruption(exc):
                     return
                 self.spool._move_back(dirname, self.name, claim, sync_src=False)
             else:
@@ -673,7 +702,7 @@ class CheckedOutEntry(Generic[M, D]):
         durability "full", its last steps are made (``dst_dir`` fsynced, then the keep
         link unlinked), so that no keep link outlives it. After a failed step (OSError)
         the keep link stays, the one copy known durable, for recovery to resolve."""
-        if self.spool.spoolable.durability != "full" or isinstance(exc, OSError):
+        if self.spool.spoolable.durability != "full" or not _interruption(exc):
             return
         _fs.fsync_dir(dst_dir)
         _fs.unlink_quiet(self.spool._layout.keep_file(src_dir, self.name))
@@ -687,6 +716,13 @@ class CheckedOutEntry(Generic[M, D]):
     def __repr__(self) -> str:
         state = "done" if self._claim.done else "held"
         return f"CheckedOutEntry({self.spool.dir!r}, {self.queue}, {self.name!r}, {state})"
+
+
+def _interruption(exc: BaseException) -> bool:
+    """True if ``exc``, raised by an end of a checkout, is no failure of its own steps
+    (those raise OSError or SpoolError) but an exception from outside: a signal
+    handler's (KeyboardInterrupt, a timeout) raised between two of them."""
+    return not isinstance(exc, (OSError, SpoolError))
 
 
 _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
