@@ -509,3 +509,35 @@ def test_remove_interrupted_part_way_is_finished_or_not_begun(
         assert os.listdir(Path(spool.dir, ".data")) == []
         assert os.listdir(Path(spool.dir, ".registry")) == []
     assert spool.recover_checkouts() == []
+
+
+# -- a checkout's data file once the checkout ended ------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["remove", "release", "save"])
+def test_data_file_of_an_ended_checkout_writes_nothing(tmp_path: Path, end: str) -> None:
+    """A checkout's data_file handle outlives the checkout (kept by the handler, or a
+    data save that timed out in an asyncio executor thread and runs after the end).
+    Once the checkout ended, its save took the owner lock of whatever entry had the name
+    by then and wrote through: after a remove, the data of a new entry given the freed
+    name (PrefixNames hands it out again); after a release or save, the data of an entry
+    back in a queue, under no checkout of ours. It must refuse, writing nothing."""
+    spool = _spool(tmp_path, "none")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"one")
+    co = spool.checkout(e)
+    df = co.data_file
+    if end == "remove":
+        co.remove()
+        e = spool.enqueue(Queue.QUEUE1, Cog(n=2), b"new entry")
+        assert e.name == co.name  # the freed name, reused
+    elif end == "release":
+        co.release()
+    else:
+        co.save(Queue.QUEUE2)
+        e = multispool.Entry(spool, Queue.QUEUE2, e.name)
+    before = e.direct.data_file().load()
+    with pytest.raises(multispool.EntryNotFoundError) as ei:
+        df.save(b"stale write")
+    assert co.name in str(ei.value)
+    assert e.direct.data_file().load() == before
+    assert os.listdir(Path(spool.dir, ".tmp")) == []

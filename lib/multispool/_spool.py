@@ -245,8 +245,9 @@ class DataFile(Generic[D]):
         """Atomically replace the data (staged in ``.tmp/NAME``, then renamed), holding
         the entry's owner lock: the checkout's when this handle belongs to one this
         process holds, else taken for the write (EntryNotFoundError if the entry is gone
-        or another process owns it). The lock makes its holder the only writer of the
-        entry's staging file."""
+        or another process owns it). A handle of a checkout that has ended (saved,
+        removed or released) writes nothing: EntryNotFoundError. The lock makes its
+        holder the only writer of the entry's staging file."""
         sp = self.spool.spoolable
         lay = self.spool._layout
         tmp = lay.tmp_file(self.name)
@@ -262,6 +263,14 @@ class DataFile(Generic[D]):
                     if claim.held:
                         self._stage(contents, tmp)
                         written = True
+            if not written and claim is not None and claim.done:
+                # The name is no longer this checkout's entry: given back to a queue, or
+                # removed and maybe the name of a new entry by now (PrefixNames reuses
+                # freed names). Taking whatever lock the name has now and writing would
+                # change an entry this handle was never about.
+                raise EntryNotFoundError(
+                    "the checkout of this data file has ended (saved, removed or released)", self.path
+                )
             if not written:
                 own = self.spool._lock_entry(self.name)
                 try:
