@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1257,3 +1258,70 @@ def test_the_search_for_a_lost_descriptor_waits_for_other_threads_opens(tmp_path
     assert "searched while the open was unrecorded: False" in r.stdout, r.stdout
     assert "search done: True" in r.stdout, r.stdout
     assert "the opener's descriptor is open and recorded: True" in r.stdout, r.stdout
+
+
+class _NoticedLock:
+    """A lock that sets ``contended`` when a thread comes to take it while it is held."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self.contended = threading.Event()
+
+    def __enter__(self) -> None:
+        if self._lock.locked():
+            self.contended.set()
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_root_descriptor_is_opened_once_by_threads_racing_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_fs._root_fd`` (the directory descriptor that makes os.link call linkat with
+    AT_SYMLINK_FOLLOW) is opened on first use. Two threads making their first O_TMPFILE
+    reservation at once each found it unset, each opened "/", and one descriptor was
+    lost for the life of the process. The second thread must wait for the first's."""
+    import threading
+
+    from multispool import _fs
+
+    monkeypatch.setattr(_fs, "_root", None, raising=False)
+    monkeypatch.setattr(_fs, "_root_box", [], raising=False)
+    lock = _NoticedLock()
+    monkeypatch.setattr(_fs, "_root_lock", lock, raising=False)
+    real_open = os.open
+    opened: list[int] = []
+    second_opens = threading.Event()
+    got: list[int] = []
+    other: list[threading.Thread] = []
+
+    def racing_open(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        if path == "/":
+            if not other:
+                # The first opener: a second thread asks for the descriptor meanwhile.
+                t = threading.Thread(target=lambda: got.append(_fs._root_fd()))
+                other.append(t)
+                t.start()
+                deadline = time.monotonic() + 10
+                while not (second_opens.is_set() or lock.contended.is_set()):
+                    assert time.monotonic() < deadline, "the second thread never came"
+                    second_opens.wait(0.001)
+            else:
+                second_opens.set()
+        fd = real_open(path, flags, *a, **kw)
+        if path == "/":
+            opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", racing_open)
+    try:
+        got.append(_fs._root_fd())
+        other[0].join(10)
+        assert not other[0].is_alive()
+        assert len(opened) == 1, f"'/' opened {len(opened)} times"
+        assert got == [opened[0], opened[0]]
+    finally:
+        for fd in opened:
+            os.close(fd)

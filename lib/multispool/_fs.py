@@ -894,9 +894,10 @@ def _after_fork_in_parent() -> None:
 
 
 def _close_inherited_locks() -> None:
-    global _generation, _guards, _guards_lock, _local
+    global _generation, _guards, _guards_lock, _local, _root_lock
     # The parent's guards and their holds mean nothing in the child: start afresh.
     _forking.clear()
+    _root_lock = threading.Lock()  # maybe held by another thread of the parent at fork
     _guards = weakref.WeakSet()
     _guards_lock = threading.Lock()
     _local = threading.local()
@@ -1043,14 +1044,24 @@ _TMPFILE_OK: Final = bool(_O_TMPFILE) and _PROC_FDS
 _no_tmpfile: set[str] = set()
 
 
-_root: int | None = None
+# A descriptor of "/", opened on first use and kept for the life of the process: given as
+# a directory descriptor, it makes os.link call linkat(AT_SYMLINK_FOLLOW); with absolute
+# paths the kernel uses it for nothing else, so a spool replaced or moved changes nothing.
+# Held in a list, stored by the call that opens it (the descriptor box, above): a signal
+# handler's exception cannot lose it between the two.
+_root_box: list[int] = []
+# Threads making their first reservation at once: one opens, the others wait for it (each
+# opened its own, and all but one were lost).
+_root_lock = threading.Lock()
 
 
 def _root_fd() -> int:
-    global _root
-    if _root is None:
-        _root = os.open("/", _DIR_FLAGS)
-    return _root
+    """The descriptor of "/" (see ``_root_box``), opened once per process."""
+    if not _root_box:
+        with _root_lock:
+            if not _root_box:
+                _root_box.extend(map(os.open, ("/",), (_DIR_FLAGS,)))
+    return _root_box[0]
 
 
 def create_locked(parent: str, path: str, mode: int, holder: Holder | None = None) -> int | None:
@@ -1074,7 +1085,7 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
                 # os.link calls linkat(AT_SYMLINK_FOLLOW), which resolves the /proc magic
                 # link to the unnamed file, only when given a dir fd (ignored: both paths
                 # are absolute or relative to the cwd either way).
-                root = _root if _root is not None else _root_fd()
+                root = _root_box[0] if _root_box else _root_fd()
                 os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=root, follow_symlinks=True)
                 if holder is not None:
                     holder.path = path
