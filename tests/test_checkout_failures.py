@@ -441,17 +441,19 @@ def test_failed_release_keeps_the_checkout_held(tmp_path: Path, durability: str)
     assert e.direct.contents() == Cog(n=1)
 
 
+@pytest.mark.parametrize("rewrite", [True, False], ids=["rewrite", "same"])
 @pytest.mark.parametrize(("durability", "call", "when"), _RELEASE_STEPS)
 def test_save_interrupted_part_way_is_undone_or_finished(
-    tmp_path: Path, durability: str, call: str, when: str
+    tmp_path: Path, durability: str, call: str, when: str, rewrite: bool
 ) -> None:
     """Ctrl-C at any step of a save's move: before its rename, the checkout is still
     held and unchanged (a release gives the entry back); after it, the move is finished
-    (no keep link is left behind in the checkout dir)."""
+    (no keep link is left behind in the checkout dir). With new metadata, the first
+    rename is the rewrite's (``.tmp/NAME`` over the checkout file)."""
     spool = _spool(tmp_path, durability)
     e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
     co = spool.checkout(e)
-    co.contents = Cog(n=2)
+    co.contents = Cog(n=2) if rewrite else Cog(n=1)
     with pytest.MonkeyPatch.context() as mp:
         hit = _interrupt_once(mp, call, when, e.name)
         with pytest.raises(KeyboardInterrupt):
@@ -464,7 +466,7 @@ def test_save_interrupted_part_way_is_undone_or_finished(
     assert _keep_links(spool) == []
     assert os.listdir(Path(spool.dir, ".tmp")) == []
     entry = multispool.Entry(spool, where, e.name)
-    assert entry.direct.contents() == (Cog(n=2) if where is Queue.QUEUE2 else Cog(n=1))
+    assert entry.direct.contents() == (Cog(n=2) if where is Queue.QUEUE2 and rewrite else Cog(n=1))
     with spool.checkout(entry):  # its lock is free
         pass
     assert spool.recover_checkouts() == []
