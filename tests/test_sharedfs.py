@@ -339,6 +339,32 @@ def test_recovery_never_takes_a_live_checkout_held_through_another_mount(
 
 
 @pytest.mark.timeout(120)
+def test_a_lost_claim_never_gives_back_a_checkout_held_through_another_mount(
+    tmp_path: Path, spoolable: multispool.Spoolable[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim through m2 of an entry a live process checked out through m1: m1's lock
+    is invisible through m2, so the claim takes the lock, and finds the queue file gone
+    (the rename through m1 won). Its error path, made to give back a checkout file its
+    own interrupted rename put there, moved the live checkout back into the queue: the
+    entry was handed out twice. The rename is the claim: one that did not rename gives
+    nothing back."""
+    monkeypatch.delenv(_sharedfs.TRUST_ENV, raising=False)
+    source, m1, m2 = _mounted(tmp_path, spoolable)
+    with bindfs_mount(source, m1), bindfs_mount(source, m2):
+        spool1 = multispool.Spool.load(m1 / "spool", spoolable)
+        spool2 = multispool.Spool.load(m2 / "spool", spoolable)
+        e = spool1.enqueue(Queue.QUEUE1, Cog(n=1), b"live")
+        holder = Worker(HOLDER.format(tests=str(Path(__file__).parent)), str(m1 / "spool"))
+        try:
+            assert holder.recv() == f"HOLDING {e.name}"
+            assert spool2.checkout_if_found(multispool.Entry(spool2, Queue.QUEUE1, e.name)) is None
+            assert spool2.list(Queue.QUEUE1) == []
+            assert [c.name for c in spool2.list_checkouts_unsafe(Queue.QUEUE1)] == [e.name]
+        finally:
+            holder.close()
+
+
+@pytest.mark.timeout(120)
 def test_trust_locks_env_restores_lock_only_recovery_on_one_mount(
     tmp_path: Path, spoolable: multispool.Spoolable[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:

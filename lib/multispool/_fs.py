@@ -676,17 +676,26 @@ SRC_GONE: Final = 0
 NOT_MOVED: Final = -1
 
 
-def rename_verified(src: str, dst: str, *, verify: bool, dst_checked: bool = False) -> int:
+def rename_verified(
+    src: str, dst: str, *, verify: bool, dst_checked: bool = False, renamed: list[None] | None = None
+) -> int:
     """rename(2) ``src`` to ``dst`` for a caller holding the entry's owner lock (so nobody
     else moves either name meanwhile). MOVED, SRC_GONE if ``src`` does not exist, or,
     when ``verify``, NOT_MOVED if ``dst`` already resolves (nothing is renamed over it) or
     if rename said yes but ``src`` is still there: a client with a stale name cache
     resolves a name another client just moved away to the file now at the other name,
-    and the kernel's rename of a file onto itself succeeds without doing anything."""
+    and the kernel's rename of a file onto itself succeeds without doing anything.
+    ``renamed`` gets an item as rename(2) is tried, and a second once it succeeded, in
+    the call that makes it: an exception raised as it returns (a signal handler's)
+    still finds it recorded."""
     if verify and not dst_checked and lexists(dst):
         return _stale_or_gone(src)
     try:
-        os.rename(src, dst)
+        if renamed is None:
+            os.rename(src, dst)
+        else:
+            renamed.append(None)
+            renamed.extend(map(os.rename, (src,), (dst,)))  # as the descriptor box
     except OSError as e:
         if gone(e):
             return SRC_GONE
@@ -707,7 +716,15 @@ def _stale_or_gone(src: str) -> int:
 _NO_LINKS: Final = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
 
 
-def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src: bool = True) -> int:
+def move(
+    src: str,
+    dst: str,
+    keep: str | None,
+    *,
+    verify: bool = False,
+    sync_src: bool = True,
+    renamed: list[None] | None = None,
+) -> int:
     """rename(2) ``src`` to ``dst`` (as ``rename_verified``: MOVED, SRC_GONE or NOT_MOVED)
     for a caller holding the entry's owner lock.
 
@@ -715,9 +732,10 @@ def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src
     durable and never leaves the file in no durable place (the protocol in ``_layout``):
     link ``src`` to ``keep``, rename, fsync ``dst``'s directory, unlink ``keep``, then
     fsync ``src``'s directory when ``sync_src`` (a checkout defers that step). Where the
-    file system has no hard links, the keep link is skipped (a plain rename and fsyncs)."""
+    file system has no hard links, the keep link is skipped (a plain rename and fsyncs).
+    ``renamed``: as for ``rename_verified``."""
     if keep is None:
-        return rename_verified(src, dst, verify=verify)
+        return rename_verified(src, dst, verify=verify, renamed=renamed)
     if verify and lexists(dst):
         # Before the keep link: linking touches the file, and a stale client then keeps
         # resolving the moved-away name to it for as long as we retry.
@@ -729,7 +747,7 @@ def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src
         # A keep link left by a crash (recovery removes them; we hold the owner lock):
         # ours replaces it.
         os.unlink(keep)
-        return move(src, dst, keep, verify=verify, sync_src=sync_src)
+        return move(src, dst, keep, verify=verify, sync_src=sync_src, renamed=renamed)
     except OSError as e:
         if gone(e):
             return SRC_GONE
@@ -737,7 +755,7 @@ def move(src: str, dst: str, keep: str | None, *, verify: bool = False, sync_src
             raise
         linked = False
     try:
-        r = rename_verified(src, dst, verify=verify, dst_checked=True)
+        r = rename_verified(src, dst, verify=verify, dst_checked=True, renamed=renamed)
     except BaseException:
         if linked:
             unlink_quiet(keep)

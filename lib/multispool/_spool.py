@@ -1357,6 +1357,7 @@ class Spool(Generic[M, D]):
                     raise
             cofile = lay.checkout_file(dirname, name)
             full = sp.durability == "full"
+            renamed: list[None] = []  # an item as our rename is tried, two once made
             try:
                 _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
                 # Verified where a stale client could make rename a no-op: a claim that
@@ -1365,13 +1366,16 @@ class Spool(Generic[M, D]):
                 # checkout dir's fsync; the queue's own fsync is owed by the checkout's end.
                 keep = lay.keep_file(lay.queue(dirname), name) if full else None
                 verify = self._fs_facts().verify_renames
-                moved = _fs.move(qfile, cofile, keep, verify=verify, sync_src=False)
+                moved = _fs.move(qfile, cofile, keep, verify=verify, sync_src=False, renamed=renamed)
                 if moved == _fs.MOVED and full:
                     claim.unsynced = lay.queue(dirname)
             except BaseException as e:
                 # Maybe after the rename (a failed fsync, a signal handler's exception):
                 # the caller gets no checkout, so the entry must not stay checked out.
-                self._undo_claim(dirname, name, cofile, claim)
+                # Ours if our rename was made; if an interruption came from inside the
+                # rename call, maybe: what the checkout dir holds then decides.
+                tried = len(renamed) == 1 and not isinstance(e, OSError)
+                self._undo_claim(dirname, name, cofile, claim, ours=len(renamed) > 1 or tried)
                 if isinstance(e, OSError) and _fs.gone(e):
                     return None
                 raise
@@ -1433,12 +1437,15 @@ class Spool(Generic[M, D]):
             delay = min(delay * 2, 0.002)
         return None
 
-    def _undo_claim(self, dirname: str, name: str, cofile: str, claim: _Claim) -> None:
-        """A claim raised: give the entry back if its rename happened (we hold the lock,
-        so a checkout file is ours), else just let go of the lock. An error giving it
-        back is logged (the claim's own is what the caller sees)."""
+    def _undo_claim(self, dirname: str, name: str, cofile: str, claim: _Claim, ours: bool = True) -> None:
+        """A claim raised: give the entry back if its rename happened, else just let go
+        of the lock. ``ours`` False: the claim's rename was not made, so a checkout file
+        there is another's, never given back: holding the lock is no proof that it is
+        ours (its owner may hold it where our lock is not seen, through another mount
+        of a filesystem that does not share locks; or be dead, for recovery to decide).
+        An error giving it back is logged (the claim's own is what the caller sees)."""
         try:
-            if _fs.lexists(cofile):
+            if ours and _fs.lexists(cofile):
                 self._move_back(dirname, name, claim)
             if self.spoolable.durability == "full":
                 # The claim's keep link, if the interruption left it: the entry is
