@@ -543,3 +543,58 @@ def test_data_file_of_an_ended_checkout_writes_nothing(tmp_path: Path, end: str)
     assert co.name in str(ei.value)
     assert e.direct.data_file().load() == before
     assert os.listdir(Path(spool.dir, ".tmp")) == []
+
+
+class _InterruptingThrottle:
+    """A throttle whose exit raises KeyboardInterrupt once, the first time it is left
+    with the entry ``name`` in the checkout dir ``co_dir`` (armed by ``arm``)."""
+
+    def __init__(self) -> None:
+        self.where: tuple[str, str] | None = None
+        self.hit = False
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc: object) -> None:
+        if self.where is not None and not self.hit and os.path.exists(os.path.join(*self.where)):
+            self.hit = True
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["throttle exit", "mutex", "handle"])
+def test_claim_interrupted_as_it_hands_the_checkout_over_gives_the_entry_back(
+    tmp_path: Path, where: str
+) -> None:
+    """Ctrl-C in the last steps of a claim, after its metadata was read: leaving the
+    throttle, making the checkout's mutex, making the CheckedOutEntry. The caller gets
+    no checkout, and the entry stayed in the checkout dir, its lock given up when the
+    claim was collected."""
+    throttle = _InterruptingThrottle()
+    spool = _spool(tmp_path, "none", throttle=throttle)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    with pytest.MonkeyPatch.context() as mp:
+        if where == "throttle exit":
+            throttle.where = (spool.dir, "queue1", ".checkout", e.name)
+        elif where == "mutex":
+            real_rlock = threading.RLock
+
+            def rlock() -> Any:
+                real_rlock()
+                raise KeyboardInterrupt  # as it returns
+
+            mp.setattr(multispool._spool.threading, "RLock", rlock)
+        else:
+            real_init = multispool.CheckedOutEntry.__init__
+
+            def init(self: Any, *a: Any) -> None:
+                real_init(self, *a)
+                raise KeyboardInterrupt
+
+            mp.setattr(multispool.CheckedOutEntry, "__init__", init)
+        with pytest.raises(KeyboardInterrupt):
+            spool.checkout(e)
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    with spool.checkout(e) as co:
+        assert co.contents == Cog(n=1)

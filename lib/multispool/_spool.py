@@ -1334,87 +1334,91 @@ class Spool(Generic[M, D]):
         dirname = sp.dirname(queue)
         reg = lay.registry_file(name)
         qfile = lay.queue_file(dirname, name)
-        with sp.throttled():
-            claim = _Claim(None)  # holds the lock from the step that opens it
-            locked = _fs.open_locked_sized(reg, claim)
-            if locked is None:
-                locked = self._wait_busy(reg, qfile, busy_wait, claim)
-                if locked is None:
-                    if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
-                        raise _Busy(name)
-                    return None
-            fd, size = locked
-            if size:  # an empty registry file (st_size from the lock's fstat) is due now
-                try:
-                    claim.sched = sched = _schedule.read_fd(fd, size, reg)
-                    if when_due and sched.due > time.time():
-                        raise _NotDue(name, sched.due, os.lstat(qfile).st_ino)
-                except FileNotFoundError:
-                    claim.release()
-                    return None  # left its queue before we took the lock
-                except BaseException:
-                    claim.release()
-                    raise
-            cofile = lay.checkout_file(dirname, name)
-            full = sp.durability == "full"
-            renamed: list[None] = []  # an item as our rename is tried, two once made
-            try:
-                _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
-                # Verified where a stale client could make rename a no-op: a claim that
-                # did not move the entry is lost, never won (it stays in its queue). Under
-                # "full" the entry stays durable in the queue (keep link) until the
-                # checkout dir's fsync; the queue's own fsync is owed by the checkout's end.
-                keep = lay.keep_file(lay.queue(dirname), name) if full else None
-                verify = self._fs_facts().verify_renames
-                moved = _fs.move(qfile, cofile, keep, verify=verify, sync_src=False, renamed=renamed)
-                if moved == _fs.MOVED and full:
-                    claim.unsynced = lay.queue(dirname)
-            except BaseException as e:
-                # Maybe after the rename (a failed fsync, a signal handler's exception):
-                # the caller gets no checkout, so the entry must not stay checked out.
-                # Ours if our rename was made; if an interruption came from inside the
-                # rename call, maybe: what the checkout dir holds then decides.
-                tried = len(renamed) == 1 and not isinstance(e, OSError)
-                self._undo_claim(dirname, name, cofile, claim, ours=len(renamed) > 1 or tried)
-                if isinstance(e, OSError) and _fs.gone(e):
-                    return None
-                raise
-            if moved != _fs.MOVED:
-                claim.release()
-                if moved == _fs.NOT_MOVED:
-                    log.debug("multispool: claim of %s lost: rename moved nothing (stale cache)", qfile)
-                return None
-            try:
-                raw = _fs.read_file(cofile)
-            except OSError as e:
-                if _fs.gone(e):
-                    # Our own client lost track of the file it just moved (ESTALE): put
-                    # the entry back for a later attempt rather than fail the reader.
-                    self._give_back(dirname, name, claim)
-                    return None
-                if e.errno in _NOT_A_FILE:
-                    why = f"not a regular file ({os.strerror(e.errno or 0)})"
-                    self._corrupt(queue, name, cofile, why, claim)
-                # Unreadable for now (permissions, I/O): give it back, untouched.
-                self._give_back(dirname, name, claim)
-                raise
-            except BaseException:
-                self._give_back(dirname, name, claim)
-                raise
+        claim = _Claim(None)  # holds the lock from the step that opens it
+        cofile = lay.checkout_file(dirname, name)
+        renamed: list[None] = []  # an item as our rename is tried, two once made
         try:
-            contents = sp._codec.decode(raw, cofile)
-        except CorruptEntryError as e:
-            self._corrupt(queue, name, cofile, e.reason, claim, cause=e.__cause__ or e)
-        except BaseException:
-            # A signal handler's exception (Ctrl-C, a timeout) as the decoder returned:
-            # nobody gets this checkout, so the entry goes back.
             with sp.throttled():
-                self._undo_claim(dirname, name, cofile, claim)
+                locked = _fs.open_locked_sized(reg, claim)
+                if locked is None:
+                    locked = self._wait_busy(reg, qfile, busy_wait, claim)
+                    if locked is None:
+                        if raise_busy and os.path.lexists(qfile) and os.path.lexists(reg):
+                            raise _Busy(name)
+                        return None
+                fd, size = locked
+                if size:  # an empty registry file (st_size from the lock's fstat) is due now
+                    try:
+                        claim.sched = sched = _schedule.read_fd(fd, size, reg)
+                        if when_due and sched.due > time.time():
+                            raise _NotDue(name, sched.due, os.lstat(qfile).st_ino)
+                    except FileNotFoundError:
+                        claim.release()
+                        return None  # left its queue before we took the lock
+                    except BaseException:
+                        claim.release()
+                        raise
+                full = sp.durability == "full"
+                try:
+                    _touch(qfile)  # checkout age counts from now (the Monitor reads this mtime)
+                    # Verified where a stale client could make rename a no-op: a claim that
+                    # did not move the entry is lost, never won (it stays in its queue). Under
+                    # "full" the entry stays durable in the queue (keep link) until the
+                    # checkout dir's fsync; the queue's own fsync is owed by the checkout's end.
+                    keep = lay.keep_file(lay.queue(dirname), name) if full else None
+                    verify = self._fs_facts().verify_renames
+                    moved = _fs.move(qfile, cofile, keep, verify=verify, sync_src=False, renamed=renamed)
+                    if moved == _fs.MOVED and full:
+                        claim.unsynced = lay.queue(dirname)
+                except BaseException as e:
+                    # Maybe after the rename (a failed fsync, a signal handler's exception):
+                    # the caller gets no checkout, so the entry must not stay checked out.
+                    # Ours if our rename was made; if an interruption came from inside the
+                    # rename call, maybe: what the checkout dir holds then decides.
+                    tried = len(renamed) == 1 and not isinstance(e, OSError)
+                    self._undo_claim(dirname, name, cofile, claim, ours=len(renamed) > 1 or tried)
+                    if isinstance(e, OSError) and _fs.gone(e):
+                        return None
+                    raise
+                if moved != _fs.MOVED:
+                    claim.release()
+                    if moved == _fs.NOT_MOVED:
+                        log.debug("multispool: claim of %s lost: rename moved nothing (stale cache)", qfile)
+                    return None
+                try:
+                    raw = _fs.read_file(cofile)
+                except OSError as e:
+                    if _fs.gone(e):
+                        # Our own client lost track of the file it just moved (ESTALE): put
+                        # the entry back for a later attempt rather than fail the reader.
+                        self._give_back(dirname, name, claim)
+                        return None
+                    if e.errno in _NOT_A_FILE:
+                        why = f"not a regular file ({os.strerror(e.errno or 0)})"
+                        self._corrupt(queue, name, cofile, why, claim)
+                    # Unreadable for now (permissions, I/O): give it back, untouched.
+                    self._give_back(dirname, name, claim)
+                    raise
+                except BaseException:
+                    self._give_back(dirname, name, claim)
+                    raise
+            try:
+                contents = sp._codec.decode(raw, cofile)
+            except CorruptEntryError as e:
+                self._corrupt(queue, name, cofile, e.reason, claim, cause=e.__cause__ or e)
+            # Every end of the checkout takes this mutex (_Claim.writing): made here, where no
+            # other thread can see the claim yet, rather than on first use under a global lock.
+            claim._writing = threading.RLock()
+            return CheckedOutEntry(self, queue, name, contents, raw, claim)
+        except BaseException:
+            if claim.fd is not None and not claim.done:
+                # Raised where no step above undid the claim: a signal handler's
+                # exception (Ctrl-C, a timeout) between two steps, as the decoder
+                # returned, or leaving the throttle. Nobody gets this checkout: the entry
+                # goes back if our rename moved it, and the lock goes.
+                with sp.throttled():
+                    self._undo_claim(dirname, name, cofile, claim, ours=len(renamed) > 1)
             raise
-        # Every end of the checkout takes this mutex (_Claim.writing): made here, where no
-        # other thread can see the claim yet, rather than on first use under a global lock.
-        claim._writing = threading.RLock()
-        return CheckedOutEntry(self, queue, name, contents, raw, claim)
 
     def _wait_busy(
         self, reg: str, qfile: str, limit: float, holder: _Claim | None = None
