@@ -60,6 +60,42 @@ def test_link_false_copies_and_uses_the_spool_file_mode(tmp_path: Path) -> None:
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
+def _open_files_in(directory: str) -> list[str]:
+    """What this process has open under ``directory`` (Linux: /proc/self/fd)."""
+    out = []
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{n}")
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+        if target.startswith(directory + os.sep):
+            out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("how", ["copied path", "raw file object", "data_file.save"])
+def test_a_copied_payload_leaves_no_descriptor_open(tmp_path: Path, how: str) -> None:
+    """The copy by sendfile(2) (a path not linked, a file object with a descriptor) returned
+    from inside the block whose end closes the data file: every copy left it open."""
+    spool = _spool(tmp_path, multispool.FileData(link=False))
+    src = tmp_path / "payload.bin"
+    src.write_bytes(b"payload" * 100)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=0), io.BytesIO(b"first"))  # no descriptor: no sendfile
+    assert _open_files_in(spool.dir) == []
+    for i in range(3):
+        if how == "copied path":
+            e = spool.enqueue(Queue.QUEUE1, Cog(n=i), src)
+        elif how == "raw file object":
+            with open(src, "rb", buffering=0) as f:
+                e = spool.enqueue(Queue.QUEUE1, Cog(n=i), f)
+        else:
+            with spool.checkout(e) as co:
+                co.data_file.save(src)
+        assert Path(e.direct.data_file().load()).read_bytes() == src.read_bytes()
+    assert _open_files_in(spool.dir) == []
+
+
 @pytest.mark.parametrize("kind", ["raw_file", "buffered_at_offset", "bytesio", "read_only"])
 def test_binary_file_objects_are_streamed_from_their_position(tmp_path: Path, kind: str) -> None:
     spool = _spool(tmp_path)

@@ -235,25 +235,10 @@ class FileData:
         except FileExistsError:  # a lost entry's file (see _write): replaced, not truncated
             unlink_quiet(path)
             fd = os.open(path, O_CREATE_EXCL, mode)
+        # The copy is a call of its own: a return from inside this block (the sendfile
+        # path once returned here) would skip the close below and leave ``fd`` open.
         try:
-            src_fd = _fileno(f)
-            if src_fd is not None and _sendfile_all(src_fd, fd, f):
-                return
-            readinto = getattr(f, "readinto", None)
-            if readinto is not None:
-                buf = bytearray(_COPY_CHUNK)
-                view = memoryview(buf)
-                while n := _read_source(readinto, buf, f):
-                    _fs._write_all(fd, view[:n])
-                if n is None:
-                    raise _would_block(f)
-            else:
-                while chunk := _read_source(f.read, _COPY_CHUNK, f):
-                    if not isinstance(chunk, (bytes, bytearray, memoryview)):
-                        raise TypeError(f"FileData: file object gave {type(chunk).__name__}, not bytes")
-                    _fs._write_all(fd, chunk)
-                if chunk is None:
-                    raise _would_block(f)
+            FileData._copy(f, fd)
         except OSError as e:
             os.close(fd)
             unlink_quiet(path)
@@ -265,6 +250,28 @@ class FileData:
             unlink_quiet(path)
             raise
         os.close(fd)
+
+    @staticmethod
+    def _copy(f: Any, fd: int) -> None:
+        """Copy the caller's file object ``f`` from its position to its end at ``fd``."""
+        src_fd = _fileno(f)
+        if src_fd is not None and _sendfile_all(src_fd, fd, f):
+            return
+        readinto = getattr(f, "readinto", None)
+        if readinto is not None:
+            buf = bytearray(_COPY_CHUNK)
+            view = memoryview(buf)
+            while n := _read_source(readinto, buf, f):
+                _fs._write_all(fd, view[:n])
+            if n is None:
+                raise _would_block(f)
+        else:
+            while chunk := _read_source(f.read, _COPY_CHUNK, f):
+                if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"FileData: file object gave {type(chunk).__name__}, not bytes")
+                _fs._write_all(fd, chunk)
+            if chunk is None:
+                raise _would_block(f)
 
     def __repr__(self) -> str:
         return f"FileData(link={self.link!r})"
