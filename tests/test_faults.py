@@ -23,6 +23,7 @@ import pytest
 
 import multispool
 from conftest import Cog, Queue, Widget
+from multispool import _fs
 
 LIB = str(Path(__file__).resolve().parent.parent / "lib")
 
@@ -470,3 +471,41 @@ def test_tmp_on_another_filesystem_is_refused_at_load(tmp_path: Path) -> None:
     finally:
         _umount(tmp)
     multispool.Spool.load(spool.dir, _spoolable())  # fine again once it is one filesystem
+
+
+# ---------------------------------------------------------------------------------------
+# an error at one system call of an operation
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["direct.save", "direct.remove"])
+def test_a_direct_write_that_fails_its_queue_check_lets_go_of_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """The owner lock was taken, then the check that the entry waits in its queue raised
+    (EIO, EACCES from lstat): the lock stayed with a claim that only its garbage
+    collection released, and the traceback kept it alive. While the caller held on to
+    the error, nobody could check the entry out."""
+    spool = multispool.Spool.create(tmp_path / "spool", _spoolable())
+    entry = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d")
+    qfile = os.path.join(spool.dir, "queue1", entry.name)
+    real_lexists = _fs.lexists
+
+    def failing_lexists(path: str) -> bool:
+        if path == qfile:
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_lexists(path)
+
+    monkeypatch.setattr(_fs, "lexists", failing_lexists)
+    with pytest.raises(OSError) as info:
+        if op == "direct.save":
+            entry.direct.save(Cog(n=2))
+        else:
+            entry.direct.remove()
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO and qfile in str(info.value)
+    # The error (and its traceback) still alive: the entry is free to take, untouched.
+    with spool.checkout(entry) as co:
+        assert co.contents == Cog(n=1) and co.data_file.load() == b"d"
+        co.remove()
+    del info

@@ -1262,9 +1262,14 @@ class Spool(Generic[M, D]):
         watch = qfile or reg
         if _fs.open_locked(reg, claim) is None and self._wait_busy(reg, watch, BUSY_WAIT, claim) is None:
             raise EntryNotFoundError("entry is gone or checked out by another process", qfile or reg)
-        if qfile is not None and not _fs.lexists(qfile):
+        try:
+            if qfile is not None and not _fs.lexists(qfile):
+                raise EntryNotFoundError("no such entry (not in its queue)", qfile)
+        except BaseException:
+            # Released here, not by the claim's garbage collection: the error's traceback
+            # keeps the claim alive as long as the caller keeps the error.
             claim.release()
-            raise EntryNotFoundError("no such entry (not in its queue)", qfile)
+            raise
         return claim
 
     def _remove_files(self, name: str, meta_path: str, gone: str, claim: _Claim | None = None) -> None:
