@@ -509,3 +509,37 @@ def test_a_direct_write_that_fails_its_queue_check_lets_go_of_the_lock(
         assert co.contents == Cog(n=1) and co.data_file.load() == b"d"
         co.remove()
     del info
+
+
+@pytest.mark.parametrize("op", ["checkout", "direct.save", "reserve_name"])
+def test_an_error_of_the_lock_step_names_the_registry_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str
+) -> None:
+    """fstat(2) and flock(2) take a descriptor and give errors without a path: taking an
+    owner lock raised a bare "[Errno 5] Input/output error"."""
+    spool = multispool.Spool.create(tmp_path / "spool", _spoolable())
+    entry = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"d")
+    real_fstat = os.fstat
+
+    def failing_fstat(fd: int) -> os.stat_result:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(os.path.join(spool.dir, ".registry")):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fstat(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    before = _snapshot(spool.dir)
+    monkeypatch.setattr(os, "fstat", failing_fstat)
+    with pytest.raises(OSError) as info:
+        if op == "checkout":
+            spool.checkout(entry)
+        elif op == "direct.save":
+            entry.direct.save(Cog(n=2))
+        else:
+            spool.reserve_name("r")
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO
+    assert os.path.join(spool.dir, ".registry", "") in str(info.value), info.value
+    assert _snapshot(spool.dir) == before
+    with spool.checkout(entry) as co:
+        co.remove()

@@ -1110,7 +1110,7 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
             except FileExistsError:
                 _close_held(fd, holder)
                 return None
-            except BaseException:
+            except BaseException as e:
                 # Interrupted (a signal handler's exception) maybe after the link: a name
                 # that is our file goes with the descriptor.
                 try:
@@ -1118,6 +1118,8 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
                         unlink_quiet(path)
                 finally:
                     _close_held(fd, holder)
+                if isinstance(e, OSError):
+                    raise _name(e, path) from None  # flock gives no path
                 raise
             return fd
     try:
@@ -1131,8 +1133,10 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
         _await_lock(fd)
         # Someone may have locked (and even unlinked) it before us: then it is not ours.
         return _keep_if_locked(fd, path, holder)
-    except BaseException:
+    except BaseException as e:
         unlink_quiet(path)
+        if isinstance(e, OSError):
+            raise _name(e, path) from None  # flock gives no path
         raise
 
 
@@ -1225,7 +1229,7 @@ def _keep_if_locked_sized(fd: int, path: str, holder: Holder | None = None) -> i
             size = st.st_size
     except OSError as e:
         if not gone(e):  # unlinked through another client: ESTALE, or ENOENT from fstat
-            raise
+            raise _name(e, path) from None  # flock and fstat give no path
     finally:
         if not keep:
             _close_held(fd, holder)

@@ -1041,7 +1041,10 @@ class Spool(Generic[M, D]):
                 name = self._reserve(seed, owner)
                 fd = owner.fd
                 assert fd is not None
-                st = os.fstat(fd)
+                try:
+                    st = os.fstat(fd)
+                except OSError as e:
+                    raise _fs._name(e, self._layout.registry_file(name)) from None
                 with _reserved_lock:
                     # One step without a call, so no signal handler runs between: the
                     # table takes the descriptor over from the owner.
