@@ -114,6 +114,35 @@ def test_enqueue_use_the_name_of_an_entry_in_a_queue_this_spoolable_does_not_kno
     assert _snapshot(spool.dir) == before
 
 
+def test_enqueue_use_a_name_whose_queue_file_cannot_be_looked_up(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # use= of a spooled entry's name (its lock is free while it waits) must be refused.
+    # The lookup of QUEUE/NAME used os.path.lexists, which says False for any error (EIO,
+    # a queue dir its user may not search): the name passed for a dead reserver's, and
+    # the enqueue wrote over the entry's data and published it a second time.
+    e = spool.enqueue(Queue.QUEUE2, Cog(n=5), b"payload", reserve="u")
+    qfile = os.path.join(spool.dir, "queue2", e.name)
+    lstat = os.lstat
+
+    def failing(path: Any, *a: Any, **kw: Any) -> os.stat_result:
+        if os.fspath(path) == qfile:
+            raise OSError(errno.EIO, "Input/output error", qfile)
+        return lstat(path, *a, **kw)
+
+    before = _snapshot(spool.dir)
+    monkeypatch.setattr(os, "lstat", failing)
+    with pytest.raises(OSError) as ei:
+        spool.enqueue(Queue.QUEUE1, Cog(n=6), b"other", use=e.name)
+    monkeypatch.undo()
+    assert ei.value.errno == errno.EIO and ei.value.filename == qfile
+    assert _snapshot(spool.dir) == before
+    # Its owner lock was let go: a claim can take it.
+    co = spool.checkout(e)
+    assert co.data_file.load() == b"payload"
+    co.release()
+
+
 def test_enqueue_use_unreserved_name(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(spool.dir)
     with pytest.raises(multispool.EntryNotFoundError):

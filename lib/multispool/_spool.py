@@ -1104,16 +1104,16 @@ class Spool(Generic[M, D]):
             # Every queue and checkout dir of the spool, also of queues this Spoolable
             # does not know (another application's, or one dropped): an entry there is
             # an entry, whose data the enqueue would overwrite.
+            # A path that cannot be looked up (EIO, a dir its user may not search) may
+            # hold the entry: its error is raised, never taken for "not there".
             try:
-                dirs = self._entry_dirs()
+                for d in self._entry_dirs():
+                    p = os.path.join(d, name)
+                    if _fs.lexists(p):
+                        raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
             except BaseException:
                 owner.release()
                 raise
-            for d in dirs:
-                p = os.path.join(d, name)
-                if os.path.lexists(p):
-                    owner.release()
-                    raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
 
     def enqueue(
         self,
