@@ -143,6 +143,27 @@ def test_enqueue_use_a_name_whose_queue_file_cannot_be_looked_up(
     co.release()
 
 
+@pytest.mark.parametrize("where", ["queue2", "queue2/.checkout"])
+def test_enqueue_use_the_name_of_an_entry_kept_only_by_its_keep_link(
+    spool: multispool.Spool[Any, bytes], where: str
+) -> None:
+    # A durable move cut by a power loss may leave the entry only as the keep link in
+    # its source dir (_layout: "SRC/KEEP only", which recovery renames back). The name
+    # is an entry's, as clean_abandoned knows: use= of it must not write over its data.
+    e = spool.enqueue(Queue.QUEUE2, Cog(n=5), b"payload", reserve="u")
+    src = os.path.join(spool.dir, where, e.name)
+    if where != "queue2":
+        os.rename(os.path.join(spool.dir, "queue2", e.name), src)
+    os.rename(src, spool._layout.keep_file(os.path.dirname(src), e.name))
+    before = _snapshot(spool.dir)
+    with pytest.raises(multispool.SpoolError, match="in use by a spooled entry"):
+        spool.enqueue(Queue.QUEUE1, Cog(n=6), b"other", use=e.name)
+    assert _snapshot(spool.dir) == before
+    spool.recover_checkouts()  # puts it back whole
+    assert spool.list(Queue.QUEUE2) == [e]
+    assert e.direct.data_file().load() == b"payload"
+
+
 def test_enqueue_use_unreserved_name(spool: multispool.Spool[Any, bytes]) -> None:
     before = find_sort(spool.dir)
     with pytest.raises(multispool.EntryNotFoundError):

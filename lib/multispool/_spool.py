@@ -1105,12 +1105,15 @@ class Spool(Generic[M, D]):
             # does not know (another application's, or one dropped): an entry there is
             # an entry, whose data the enqueue would overwrite.
             # A path that cannot be looked up (EIO, a dir its user may not search) may
-            # hold the entry: its error is raised, never taken for "not there".
+            # hold the entry: its error is raised, never taken for "not there". A keep
+            # link is the entry too: a move cut by a crash may have left only that
+            # (_layout), which recovery puts back (as clean_abandoned, it counts).
+            lay = self._layout
             try:
                 for d in self._entry_dirs():
-                    p = os.path.join(d, name)
-                    if _fs.lexists(p):
-                        raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
+                    for p in (os.path.join(d, name), lay.keep_file(d, name)):
+                        if _fs.lexists(p):
+                            raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
             except BaseException:
                 owner.release()
                 raise
