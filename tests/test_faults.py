@@ -473,6 +473,32 @@ def test_tmp_on_another_filesystem_is_refused_at_load(tmp_path: Path) -> None:
     multispool.Spool.load(spool.dir, _spoolable())  # fine again once it is one filesystem
 
 
+def test_create_at_the_root_of_a_filesystem_with_its_lost_found(tmp_path: Path) -> None:
+    """A mount point is a normal place for a spool: the root of a fresh ext2/3/4
+    filesystem holds only the lost+found mke2fs made (root's, mode 0700), which is the
+    filesystem's, not a sign of a directory in use. A directory that is not a mount
+    point, holding a lost+found, is still never turned into a spool."""
+    mnt = tmp_path / "mnt"
+    _mount_tmpfs(mnt, "256k")
+    try:
+        (mnt / "lost+found").mkdir(mode=0o700)
+        (mnt / "lost+found" / "#12").write_bytes(b"what e2fsck found")
+        spool = multispool.Spool.create(mnt, _spoolable())
+        e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+        assert multispool.Spool.load(mnt, _spoolable()).list(Queue.QUEUE1) == [e]
+        assert (mnt / "lost+found" / "#12").read_bytes() == b"what e2fsck found"
+        assert sorted(os.listdir(mnt)) == sorted(
+            [".data", ".registry", ".tmp", "lost+found", "queue1", "queue2", "queue3"]
+        )
+    finally:
+        _umount(mnt)
+    plain = tmp_path / "plain"
+    (plain / "lost+found").mkdir(parents=True)
+    with pytest.raises(multispool.NotASpoolError, match="dir is not empty while creating new spool"):
+        multispool.Spool.create(plain, _spoolable())
+    assert os.listdir(plain) == ["lost+found"]
+
+
 # ---------------------------------------------------------------------------------------
 # an error at one system call of an operation
 # ---------------------------------------------------------------------------------------

@@ -900,7 +900,9 @@ class Spool(Generic[M, D]):
         """True if the directory, not yet a spool, holds nothing but (empty) spool
         directories: an empty directory, or a spool another creator is building in
         place. A queue-named directory holding anything else (``in/readme.txt``), or a
-        file where a spool directory goes, makes it a non-empty non-spool directory."""
+        file where a spool directory goes, makes it a non-empty non-spool directory.
+        At the root of a filesystem (a mount point), the filesystem's ``lost+found``
+        does not count: mke2fs makes it in every new ext2/3/4 filesystem."""
         root = self.dir
         allowed: dict[str, set[str]] = {}
         for d in self._spool_dirs():
@@ -915,10 +917,22 @@ class Spool(Generic[M, D]):
                 continue  # removed by a concurrent creator's rollback: holds nothing
             for n in names:
                 sub = os.path.join(rel, n)
+                if not rel and n == _lostfound.FS_LOST_FOUND and self._fs_lost_found():
+                    continue
                 if n not in allowed.get(rel, ()) or not _fs.is_real_dir(os.path.join(root, sub)):
                     return False
                 todo.append(sub)
         return True
+
+    def _fs_lost_found(self) -> bool:
+        """True if the spool directory is a mount point and its ``lost+found`` is the
+        filesystem's (a directory without ``.checkout``, see ``_lostfound``)."""
+        root = self.dir
+        return (
+            _fs.is_real_dir(os.path.join(root, _lostfound.FS_LOST_FOUND))
+            and os.path.ismount(root)
+            and _lostfound.is_fs_lost_found(root, _lostfound.FS_LOST_FOUND)
+        )
 
     def _create_by_rename(self, parent: str) -> bool:
         """Build the spool in a temporary sibling of ``self.dir`` and rename it into place.
