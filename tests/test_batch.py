@@ -281,6 +281,112 @@ def test_enqueue_many_queue_dir_sync_failure_raises_after_publishing(
     assert _fs._held <= _HELD_BEFORE
 
 
+def _published_error(err: BaseException | None, spool: multispool.Spool[bytes]) -> dict[int, str]:
+    """Check ``err`` is the error of an enqueue that failed once entries were published:
+    an OSError (the failure's errno and path) and a SpoolError whose message says, by
+    name, what is queued and must not be enqueued again; returns its ``published``."""
+    assert isinstance(err, OSError) and isinstance(err, multispool.SpoolError), repr(err)
+    published: dict[int, str] = getattr(err, "published")  # noqa: B009
+    assert published, "nothing published?"
+    msg = str(err)
+    assert all(n in msg for n in published.values()), msg
+    assert "do not enqueue" in msg and os.path.join(spool.dir, "queue1") in msg, msg
+    # Errors cross processes (workers): what was published survives pickling.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(err))
+    assert (type(again), again.errno, again.filename, again.published) == (
+        type(err), err.errno, err.filename, published
+    )
+    return published
+
+
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_enqueue_whose_queue_dir_sync_fails_says_its_entry_is_published(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The entry is in its queue (a consumer may have it already) when the queue dir's
+    sync fails: the error must not read as "not enqueued", which a caller retries into
+    a duplicate. It says the entry was published, names it, and keeps the sync's errno
+    and path."""
+    _fail_on(monkeypatch, _fs, "fsync_dir", lambda p: p.endswith("queue1"))
+    errs: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            full_spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+        except BaseException as e:
+            errs.append(e)
+
+    _run_in(where, run)
+    monkeypatch.undo()
+    [err] = errs
+    published = _published_error(err, full_spool)
+    assert isinstance(err, OSError) and err.errno == errno.EIO and err.filename.endswith("queue1")
+    [entry] = full_spool.list(Queue.QUEUE1)
+    assert published == {0: entry.name}
+    assert entry.direct.contents() == Cog(n=1) and entry.direct.data_file().load() == b"x"
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_enqueue_many_whose_queue_dir_sync_fails_says_every_entry_is_published(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_on(monkeypatch, _fs, "fsync_dir", lambda p: p.endswith("queue1"))
+    with pytest.raises(OSError) as ei:
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"%d" % i) for i in range(3)])
+    monkeypatch.undo()
+    published = _published_error(ei.value, full_spool)
+    queued = full_spool.list(Queue.QUEUE1)
+    assert published == {i: e.name for i, e in enumerate(queued)}
+    assert [e.direct.contents() for e in queued] == [Cog(n=i) for i in range(3)]
+
+
+def test_group_commit_queue_dir_sync_failure_names_each_members_own_entry(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, results = _group_of(full_spool, monkeypatch, 4, fail_queue_sync=True)
+    assert isinstance(results[0], multispool.Entry)
+    names = [_published_error(r, full_spool)[0] for r in results[1:]]
+    assert sorted(e.name for e in full_spool.list(Queue.QUEUE1)) == sorted([results[0].name, *names])
+    assert _fs._held <= _HELD_BEFORE
+
+
+def test_enqueue_many_persistent_rename_fault_while_publishing(
+    full_spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rename fails from the third entry's on (a filesystem gone bad): the two
+    published before it cannot be taken back (their renames back fail too). They stay
+    queued, whole, and the error says which items they are; the rest of the batch is
+    removed (no tmp, data or registry file) and every lock released."""
+    rename = os.rename
+    renames = [0]
+
+    def failing(a: Any, b: Any, **kw: Any) -> None:
+        if os.fspath(a).startswith(full_spool.dir + "/.tmp/"):
+            renames[0] += 1
+        if renames[0] >= 3:
+            raise OSError(errno.EIO, "Input/output error", os.fspath(a), None, os.fspath(b))
+        rename(a, b, **kw)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError) as ei:
+        full_spool.enqueue_many(Queue.QUEUE1, [(Cog(n=i), b"%d" % i) for i in range(6)])
+    monkeypatch.undo()
+    published = _published_error(ei.value, full_spool)
+    assert ei.value.errno == errno.EIO and "/.tmp/" in ei.value.filename  # the failed rename's
+    assert "2 of 6" in str(ei.value), str(ei.value)
+    queued = full_spool.list(Queue.QUEUE1)
+    assert published == {0: queued[0].name, 1: queued[1].name}
+    assert [e.direct.contents() for e in queued] == [Cog(n=0), Cog(n=1)]
+    assert [e.direct.data_file().load() for e in queued] == [b"0", b"1"]
+    names = sorted(published.values())
+    assert _files(full_spool) == _empty(full_spool) | {
+        ".registry": names, ".data": names, "queue1": sorted([".checkout", *names])
+    }
+    assert _fs._held <= _HELD_BEFORE
+
+
 # -- group commit -------------------------------------------------------------------------
 
 

@@ -13,7 +13,11 @@ Every enqueue goes through these steps, in this order, and only here:
 Publish is the only step that makes an entry visible, and it comes after every sync
 that makes the entry's files durable: no crash leaves an entry in a queue whose data,
 metadata or reservation is not on disk. Up to publish, a failure removes everything the
-failed enqueue created (reservations, tmp and data files) and releases its locks.
+failed enqueue created (reservations, tmp and data files) and releases its locks. After
+it (a queue dir sync that fails, a rename of a batch that fails and whose earlier ones
+cannot be undone), the entries published stay, and the error raised says which
+(``_errors._PublishedError``): a caller who took it for "not enqueued" would enqueue
+them twice.
 
 Why these five syncs ("full"): the tmp file's and the data file's contents, the names in
 ``.data`` and ``.registry`` (an entry whose reservation is lost cannot be claimed) must
@@ -68,6 +72,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _aio, _fs
 from . import _spool as _spool_module  # a cycle: _spool imports this module; used at call time
+from ._errors import _PublishedError
 
 if TYPE_CHECKING:
     from ._spool import Spool, _Claim
@@ -227,13 +232,21 @@ def enqueue(
             if prepare is not None:
                 prepare(staged)
             commit(spool, staged, sfd)
-    except BaseException:
+    except BaseException as e:
         try:
             abandon(staged)  # again: what commit did not get to (published entries are kept)
         finally:
             # Again too: an interrupt may have cut commit's short (a published entry's
             # files still open, its lock still held).
             _release(staged)
+        # Entries already published (the queue dir's sync failed, or a rename of the batch
+        # whose undo failed too) stay: a consumer may have one. The error says so, by
+        # name, lest the caller take it for "not enqueued" and enqueue them twice. Those
+        # failures are OSErrors; anything else here is an interrupt (KeyboardInterrupt,
+        # a signal handler's exception), raised as it is.
+        published = {i: st.name for i, st in enumerate(staged) if st.published}
+        if published and isinstance(e, OSError):
+            raise _PublishedError.of(e, published, staged[0].qdir, len(items)) from e
         raise
     return list(map(_NAME, staged))  # no comprehension: a call fewer per enqueue
 
@@ -879,7 +892,8 @@ def commit(spool: Spool[Any, Any], staged: Sequence[Staged], sfd: int | None = N
     sync queue dirs, as the durability asks; with ``sfd`` (from ``_fs.open_syncfs``,
     opened before the files were written), one syncfs replaces the file and dir syncs.
     Before publish, a failure abandons every entry of ``staged`` and raises; after it,
-    the entries stay queued and the error of the queue dir sync is raised."""
+    the entries stay queued and the error of the queue dir sync is raised (``enqueue``
+    turns it into a ``_PublishedError`` naming them)."""
     durability = spool.spoolable.durability
     try:
         if durability == "file" or (durability == "full" and not LEADER_SYNCS_FILES and sfd is None):

@@ -106,6 +106,50 @@ class InvalidNameError(SpoolError, ValueError):
         return f"invalid entry name {self.args[0]!r}: {self.args[1]}"
 
 
+class _PublishedError(SpoolError, OSError):
+    """An enqueue failed after some of its entries were published: they are in their
+    queue (a consumer may have one already) and must not be enqueued again; their
+    durability is unknown. ``published`` maps the index of each such item (0 for
+    ``enqueue``) to its entry name. An ``OSError`` too, with the errno, message and
+    paths of the failure (an OSError), so that a handler of the failure's kind still
+    sees it; its ``__cause__`` is the failure. Private (API.md
+    fixes the public names): users catch ``SpoolError`` or ``OSError`` and read
+    ``published``."""
+
+    published: dict[int, str]
+    queue_dir: str
+    total: int
+
+    @classmethod
+    def of(cls, exc: OSError, published: dict[int, str], queue_dir: str, total: int) -> _PublishedError:
+        """The error for ``exc``, which came once the items ``published`` (of ``total``)
+        were in ``queue_dir``."""
+        if exc.errno is None:  # an OSError made without one (its args are its message)
+            err = cls(*exc.args)
+        else:
+            err = cls(exc.errno, exc.strerror, exc.filename, None, exc.filename2)
+        # Instance attributes: pickled with the error (BaseException keeps __dict__).
+        err.published, err.queue_dir, err.total = published, queue_dir, total
+        return err
+
+    def __str__(self) -> str:
+        names = list(self.published.values())
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        cause = OSError.__str__(self)
+        if self.total == 1:
+            return (
+                f"entry {shown} is published in {self.queue_dir}, but the enqueue failed: {cause}. "
+                f"A consumer may have it already and its durability is unknown: do not enqueue it again"
+            )
+        rest = self.total - len(names)
+        tail = f"; the other {rest} were not enqueued" if rest else ""
+        return (
+            f"{len(names)} of {self.total} entries are published in {self.queue_dir} ({shown}), but "
+            f"the enqueue failed: {cause}. A consumer may have them already and their durability "
+            f"is unknown: do not enqueue them again{tail}"
+        )
+
+
 class _RecoveryRefused(SpoolError):
     """Recovery without ``dead_after`` on a filesystem where a free owner lock does not
     prove that its owner died (locks not shared between its mounts or clients); nothing

@@ -1150,8 +1150,12 @@ class Spool(Generic[M, D]):
         rejects. If any step fails, every file the enqueue created (the reservation
         included) is removed and the error raised (a file that cannot be removed is logged
         and left, with its reservation, for ``clean_abandoned``); an exception that comes once the entry
-        is in its queue (KeyboardInterrupt) leaves the entry whole. No descriptor or lock
-        outlives the call. Concurrent enqueues in threads of this process share their
+        is in its queue (KeyboardInterrupt) leaves the entry whole. A failure once the
+        entry is in its queue (under durability "full", the sync of the queue directory)
+        leaves it there, whole, for a consumer may have it already: the error raised is
+        a ``SpoolError`` that is also the failure's ``OSError`` (its errno and path), says
+        so in its message, and has ``published == {0: NAME}``; do not enqueue it again.
+        No descriptor or lock outlives the call. Concurrent enqueues in threads of this process share their
         syncs (group commit, see ``_enqueue``); each returns once its own entry is durable."""
         sp = self.spoolable
         dirname = sp.dirname(queue)
@@ -1182,7 +1186,13 @@ class Spool(Generic[M, D]):
         When it returns, every entry is as durable as the Spoolable's durability says.
         Every item is validated before anything touches disk; if it raises before
         publishing, nothing of the batch is left (names, tmp and data files removed, locks
-        released). The batch holds one open descriptor per entry until it is published
+        released). A rename into the queue that fails undoes the batch's earlier ones; if
+        some cannot be undone (a persistent fault), or the queue directory's sync fails
+        once all are published, the entries published stay queued and whole (a consumer
+        may have one already), the rest is removed as before publishing, and the error
+        is a ``SpoolError`` that is also the failure's ``OSError``, whose ``published``
+        maps the index in ``items`` of every entry published to its name: do not
+        enqueue those again. The batch holds one open descriptor per entry until it is published
         (three until its files are synced, where the limit on open files allows): where
         the process's soft limit on open files is too low for that, it is raised (up to
         the hard limit), else OSError EMFILE before anything is written."""
