@@ -417,6 +417,44 @@ def test_enqueue_onto_planted_data_symlink_does_not_follow(tmp_path: Path) -> No
     assert outside.read_bytes() == b"secret"
 
 
+class _OwnSave:
+    """A data codec of the user's own: ``save`` opens the path it is given, as any
+    codec written with ``open(path, "wb")`` does (following a symlink there)."""
+
+    def load(self, path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    def save(self, value: bytes, path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(value)
+
+
+@pytest.mark.parametrize("where", ["enqueue", "data_file.save"])
+def test_custom_codec_never_writes_through_a_planted_symlink(tmp_path: Path, where: str) -> None:
+    """The spool's own writers refuse a symlink where they create a file; a codec's own
+    ``save`` is handed a path with nothing at it, so it cannot follow one either."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret")
+    sp = multispool.Spoolable(
+        queues=Queue, metadata=Widget, data=_OwnSave(), name_generator=multispool.PrefixNames()
+    )
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    if where == "enqueue":
+        planted = Path(spool.dir, ".data", "guess000000")  # PrefixNames are predictable
+        planted.symlink_to(outside)
+        with pytest.raises(OSError) as info:
+            spool.enqueue(Queue.QUEUE1, Cog(n=1), b"payload", reserve="guess")
+    else:
+        e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"payload", reserve="guess")
+        planted = Path(spool.dir, ".tmp", e.name)  # where a data file's save stages it
+        planted.symlink_to(outside)
+        with pytest.raises(OSError) as info:
+            e.direct.data_file().save(b"other")
+        assert e.direct.data_file().load() == b"payload"
+    assert info.value.errno == errno.ELOOP and str(planted) in str(info.value)
+    assert outside.read_bytes() == b"secret"
+
+
 def test_junk_in_queue_dir(tmp_path: Path) -> None:
     spool = multispool.Spool.create(tmp_path / "spool", _spoolable(quarantine=True))
     names = [spool.enqueue(Queue.QUEUE1, Cog(n=i), b"d%d" % i).name for i in range(3)]

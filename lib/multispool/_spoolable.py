@@ -282,6 +282,21 @@ class FileData:
 _LINKAT_FOLLOW: Final = os.link in os.supports_dir_fd and os.link in os.supports_follow_symlinks
 
 
+def _clear_for_codec(path: str) -> None:
+    """Make way at ``path`` (an entry's data or staging file, under its owner lock) for
+    a codec's own ``save``, which opens it as it likes (``open(path, "wb")`` follows a
+    symlink and writes through a hard link): what is there is a lost entry's leftover,
+    or was planted. As ``_fs.replace_stale``: a symlink is refused (ELOOP naming
+    ``path``), anything else unlinked, never opened."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat_mod.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+    unlink_quiet(path)
+
+
 def _link_followed(src: str, dst: str) -> None:
     """Hard-link the file ``src`` names, following a symlink there, at ``dst``: a link of
     the symlink would be a data file that is a symlink (dangling if it is relative)."""
@@ -516,7 +531,9 @@ class Spoolable(Generic[M, D]):
         ``encode(obj) -> bytes`` and ``decode(bytes) -> obj``. Whatever the codec, a
         value that is not of the ``metadata`` type is refused before it is encoded.
     :param data: the data codec, an object with ``load(path)`` and ``save(value, path)``:
-        ``BytesData()`` (default), ``MsgspecData(type)``, or your own.
+        ``BytesData()`` (default), ``MsgspecData(type)``, or your own. Your own ``save``
+        is given a path with nothing at it (a file left there is removed first; a
+        symlink planted there fails the write with ``ELOOP``), to create the file.
     :param name_generator: an object with ``next(seed, attempt) -> str``;
         default ``TimeOrderedNames()``.
     :param throttle: an optional context manager entered around every disk operation
@@ -723,6 +740,7 @@ class Spoolable(Generic[M, D]):
         save = self.data.save
 
         def write_own(path: str, hold: _FileHold | None, writeback: bool) -> None:
+            _clear_for_codec(path)
             save(value, path)
 
         return write_own
@@ -739,6 +757,7 @@ class Spoolable(Generic[M, D]):
             if sync:
                 fsync_file(path)
         else:
+            _clear_for_codec(path)
             self.data.save(value, path)
             if sync:
                 fsync_file(path)
