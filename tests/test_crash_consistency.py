@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import shutil
 import sys
@@ -402,6 +403,85 @@ def test_dead_checkout_differing_from_its_queued_copy_goes_to_lost_found(
     assert _where(spool, e.name) == [f"b/{e.name}"]
     assert _lostfound.items(spool.dir) == [e.name]
     assert Path(spool.dir, ".lost+found", e.name, "a.checkout").read_bytes() == b'{"k":1}'
+
+
+def _lstat_fails_at(monkeypatch: pytest.MonkeyPatch, hidden: str) -> None:
+    real_lstat = os.lstat
+
+    def lstat(path: Any, *args: Any, **kw: Any) -> os.stat_result:
+        if os.fspath(path) == hidden:
+            raise OSError(5, "Input/output error", hidden)
+        return real_lstat(path, *args, **kw)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+
+
+def _left_in_place(caplog: pytest.LogCaptureFixture, path: str) -> bool:
+    return any("left in place" in r.getMessage() and path in r.getMessage() for r in caplog.records)
+
+
+def test_dead_checkout_whose_queued_copy_cannot_be_looked_up_is_left_in_place(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A save into B cut after its rename, and B's copy cannot be looked up (EIO, or a
+    # queue dir its user may not search): not knowing is not "not there". Putting the old
+    # copy back into A would hand the entry out twice.
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    co = spool.checkout(e)
+    co.contents = {"k": 2}
+    co.save(Q.B)
+    Path(spool.dir, "a", ".checkout", e.name).write_bytes(b'{"k":1}')
+    hidden = os.path.join(spool.dir, "b", e.name)
+    _lstat_fails_at(monkeypatch, hidden)
+    with caplog.at_level(logging.WARNING, logger="multispool"):
+        assert spool.recover_checkouts() == []
+    monkeypatch.undo()
+    assert _left_in_place(caplog, hidden)
+    assert _where(spool, e.name) == [f"a/.checkout/{e.name}", f"b/{e.name}"]
+
+
+def test_keep_link_whose_entry_cannot_be_looked_up_is_left_in_place(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A move from A to B cut by a crash after its rename, its keep link left in A; B's
+    # copy cannot be looked up. Restoring the keep link would queue the entry in A too.
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    a, b = os.path.join(spool.dir, "a"), os.path.join(spool.dir, "b")
+    os.link(os.path.join(a, e.name), os.path.join(a, ".~" + e.name))
+    os.rename(os.path.join(a, e.name), os.path.join(b, e.name))
+    _lstat_fails_at(monkeypatch, os.path.join(b, e.name))
+    with caplog.at_level(logging.WARNING, logger="multispool"):
+        assert spool.recover_checkouts() == []
+    monkeypatch.undo()
+    assert _left_in_place(caplog, os.path.join(b, e.name))
+    assert _where(spool, e.name) == [f"a/.~{e.name}", f"b/{e.name}"]
+    spool.recover_checkouts()  # the fault gone: the finished move's keep link goes
+    assert _where(spool, e.name) == [f"b/{e.name}"]
+
+
+def test_clean_abandoned_spares_an_entry_it_cannot_look_up(
+    spool: multispool.Spool[bytes], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An entry queued after clean_abandoned listed the queues, whose queue file then cannot
+    # be looked up (EIO): not knowing is not "abandoned"; its data must stay.
+    e = spool.enqueue(Q.A, {"k": 1}, b"d")
+    a = os.path.join(spool.dir, "a")
+    real_listdir = os.listdir
+
+    def listdir(path: Any = ".") -> list[Any]:
+        names = real_listdir(path)
+        return [n for n in names if n != e.name] if os.fspath(path) == a else names
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    _lstat_fails_at(monkeypatch, os.path.join(a, e.name))
+    with caplog.at_level(logging.WARNING, logger="multispool"):
+        assert spool.clean_abandoned(older_than=0) == []
+    monkeypatch.undo()
+    assert _left_in_place(caplog, os.path.join(a, e.name))
+    assert [x.name for x in spool.list(Q.A)] == [e.name]
+    with spool.checkout(e) as co:
+        assert co.data_file.load() == b"d"
+        co.remove()
 
 
 # -- repair never deletes data ----------------------------------------------------------------

@@ -1685,7 +1685,13 @@ class Spool(Generic[M, D]):
                 else:
                     name = k[len(KEEP_PREFIX) :]
                 with sp.throttled():
-                    self._resolve_keep(d, k, name)
+                    try:
+                        self._resolve_keep(d, k, name)
+                    except OSError as e:
+                        # As a dead checkout that cannot be recovered: one link in
+                        # trouble does not stop the recovery of the others.
+                        log.warning("multispool: cannot resolve keep link %s, left in place: %s",
+                                    os.path.join(d, k), e)
 
     def _resolve_keep(self, d: str, keep: str, name: str) -> None:
         sp = self.spoolable
@@ -1698,7 +1704,9 @@ class Spool(Generic[M, D]):
             return
         try:
             kpath = os.path.join(d, keep)
-            placed = any(os.path.lexists(os.path.join(ed, name)) for ed in self._entry_dirs())
+            # A copy that cannot be looked up (EIO, a dir its user may not search) may be
+            # the entry: an error, never "not placed" (restoring would queue it twice).
+            placed = any(_fs.lexists(os.path.join(ed, name)) for ed in self._entry_dirs())
             if placed:
                 _fs.unlink_quiet(kpath)
                 log.info("multispool: removed keep link %s of a finished move", kpath)
@@ -1768,7 +1776,7 @@ class Spool(Generic[M, D]):
             # decides (a no-op rename counts as not done, and is tried again later).
             elsewhere = [] if verify else [
                 p for ed in self._entry_dirs()
-                if os.path.basename(ed) != CHECKOUT and os.path.lexists(p := os.path.join(ed, name))
+                if os.path.basename(ed) != CHECKOUT and _fs.lexists(p := os.path.join(ed, name))
             ]
             if elsewhere:
                 # A move out of the checkout (save, release) or the claim itself was cut by
@@ -1867,12 +1875,17 @@ class Spool(Generic[M, D]):
                     continue
                 try:
                     # It may have reached a queue after the listing above; with the lock
-                    # held, nobody can move it into one now.
-                    if any(
-                        os.path.lexists(p)
-                        for d in entry_dirs
-                        for p in (os.path.join(d, name), lay.keep_file(d, name))
-                    ):
+                    # held, nobody can move it into one now. A file that cannot be looked
+                    # up may be the entry: left, never taken for absent.
+                    try:
+                        if any(
+                            _fs.lexists(p)
+                            for d in entry_dirs
+                            for p in (os.path.join(d, name), lay.keep_file(d, name))
+                        ):
+                            continue
+                    except OSError as e:
+                        log.warning("multispool: cannot clean %s, left in place: %s", reg, e)
                         continue
                     if dry_run:
                         removed.append(name)
