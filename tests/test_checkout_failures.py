@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 import multispool
 import multispool.aio
 from conftest import Cog, Queue, Widget
+from multispool import _fs
 
 DURABILITIES = ["none", "full"]
 
@@ -157,6 +160,55 @@ def test_aio_failed_save_returns_the_entry(tmp_path: Path) -> None:
     asyncio.run(main())
     assert spool.list(Queue.QUEUE1) == [e]
     assert e.direct.contents() == Cog(n=1)
+
+
+def _lock_free(spool: multispool.Spool[Any, bytes], name: str) -> bool:
+    """Whether no process (this one included) holds ``name``'s owner lock."""
+    fd = _fs.open_locked(os.path.join(spool.dir, ".registry", name))
+    if fd is None:
+        return False
+    _fs.unlock(fd, _fs.lock_generation())
+    return True
+
+
+def test_aio_failed_save_frees_the_lock_once_its_handle_is_dropped(tmp_path: Path) -> None:
+    """A checkout whose aio save failed is held until its owner releases it or drops the
+    handle (a recovery then puts it back). Dropped, with the exception, it was still held:
+    the executor's future kept the exception, whose traceback kept the frames awaiting
+    that future, which kept the future (cycles), and the handle with them, until a
+    garbage collection ran."""
+    spool = _spool(tmp_path, "none")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    planted = _plant_dir(spool, Queue.QUEUE2, e.name)
+    aspool = multispool.aio.AsyncSpool(spool)
+
+    async def fail() -> None:
+        co = await aspool.checkout(e)
+        try:
+            await co.save(Queue.QUEUE2)
+        except OSError as err:
+            assert err.errno == errno.EISDIR
+        else:
+            raise AssertionError("the save did not fail")
+        assert not co.done and not _lock_free(spool, e.name)
+
+    gc.collect()
+    gc.disable()  # only reference counting frees the handle, as the program's own would
+    try:
+        asyncio.run(fail())  # the handle and the exception dropped
+        # The executor's thread lets go of the call a moment after the loop resumed.
+        deadline = time.monotonic() + 2.0
+        while (held := not _lock_free(spool, e.name)) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        (planted / "junk").rmdir()
+        planted.rmdir()
+        recovered = spool.recover_checkouts()
+    finally:
+        gc.enable()
+        asyncio.run(aspool.aclose())
+    assert not held
+    assert recovered == [e]
+    assert spool.list(Queue.QUEUE1) == [e]
 
 
 @pytest.mark.parametrize("attempts", [0, 1])

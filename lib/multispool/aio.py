@@ -162,7 +162,10 @@ def _bridge(
     ``outcome``). Unlike ``asyncio.wrap_future``, cancelling it never cancels ``cf``."""
     fut: asyncio.Future[Any] = loop.create_future()
 
-    def copy(_: object) -> None:
+    # ``cf`` is passed along, never captured: ``cf`` keeps its callbacks, and one that
+    # closed over ``cf`` made a cycle keeping its exception, the frames of its traceback
+    # and what they hold (a checkout and its owner lock) until a garbage collection.
+    def copy(cf: concurrent.futures.Future[Any]) -> None:
         if fut.done():
             return
         if not outcome:
@@ -177,9 +180,9 @@ def _bridge(
         else:
             fut.set_result(cf.result())
 
-    def done(_: object) -> None:
+    def done(cf: concurrent.futures.Future[Any]) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            loop.call_soon_threadsafe(copy, None)
+            loop.call_soon_threadsafe(copy, cf)
 
     cf.add_done_callback(done)
     return fut
@@ -358,6 +361,11 @@ class AsyncSpool(Generic[M, D]):
         except asyncio.CancelledError:
             self._drop(call, cf, cancellable)
             raise
+        finally:
+            # An exception raised here keeps this frame in its traceback, and ``cf``
+            # keeps that exception: a cycle that kept the call's checkout (and its owner
+            # lock) after its owner dropped it, until a garbage collection.
+            del call, cf
 
     def _drop(self, call: _Call, cf: concurrent.futures.Future[Any], cancellable: bool = True) -> None:
         """Nobody will receive this call's outcome: cancel it if it has not started (and
