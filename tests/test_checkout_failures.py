@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import logging
 import os
 import threading
 import time
@@ -491,6 +492,49 @@ def test_failed_release_keeps_the_checkout_held(tmp_path: Path, durability: str)
     assert spool.list(Queue.QUEUE1) == [e]
     assert _checkouts(spool, Queue.QUEUE1) == []
     assert e.direct.contents() == Cog(n=1)
+
+
+@pytest.mark.parametrize("end", ["save", "release"])
+def test_failed_end_whose_undo_is_logged_frees_the_lock_once_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, end: str
+) -> None:
+    """A save or release whose move fails, and whose clean-up then fails too (EIO at the
+    checkout file at every step), logs the clean-up's error and keeps the checkout held
+    until its owner drops the handle (a recovery then puts it back). Dropped, it stayed
+    held for as long as a logging handler kept the record (pytest's does, as does a
+    MemoryHandler): the record kept the error object, its traceback the library's frame,
+    and that frame the handle."""
+    spool = _spool(tmp_path, "none")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co = spool.checkout(e)
+    cofile = co.path
+    real_rename, real_lstat = os.rename, os.lstat
+
+    def rename(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        if str(src) == cofile:
+            raise OSError(errno.EIO, "Input/output error", src)
+        real_rename(src, dst, *a, **kw)
+
+    def lstat(path: Any, *a: Any, **kw: Any) -> os.stat_result:
+        if str(path) == cofile:
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_lstat(path, *a, **kw)
+
+    with caplog.at_level(logging.WARNING, logger="multispool"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "rename", rename)
+        mp.setattr(os, "lstat", lstat)
+        try:
+            co.save(Queue.QUEUE2) if end == "save" else co.release()
+        except OSError as err:
+            assert err.errno == errno.EIO and cofile in str(err)
+        else:
+            raise AssertionError(f"the {end} did not fail")
+    assert f"could not {'undo' if end == 'save' else 'finish'}" in caplog.text
+    assert not co.done and not _lock_free(spool, e.name)
+    del co  # dropped by its owner, with the error: a dead checkout
+    assert _lock_free(spool, e.name)
+    assert spool.recover_checkouts() == [e]
+    assert spool.list(Queue.QUEUE1) == [e]
 
 
 @pytest.mark.parametrize("rewrite", [True, False], ids=["rewrite", "same"])

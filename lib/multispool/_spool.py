@@ -616,7 +616,9 @@ class CheckedOutEntry(Generic[M, D]):
                     basis = _schedule.Schedule(0.0, 0, 1)  # not known empty: truncate
                 claim.sched = self.spool._write_schedule(claim.fd, self.name, basis, old.due, old.attempts)
         except Exception as e:
-            log.warning("multispool: could not undo the failed move of %s: %s", src, e)
+            # Its text, not the error: a handler that keeps records (pytest's, a
+            # MemoryHandler) would keep its traceback, this frame, and the checkout held.
+            log.warning("multispool: could not undo the failed move of %s: %s", src, str(e))
 
     def remove(self) -> None:
         """Delete the entry: checkout file, data, then the reservation. If it raises
@@ -652,7 +654,7 @@ class CheckedOutEntry(Generic[M, D]):
             _fs.unlink_quiet(lay.data_file(self.name))
             _fs.unlink_quiet(lay.registry_file(self.name))
         except Exception as e:
-            log.warning("multispool: could not finish the interrupted removal of %s: %s", path, e)
+            log.warning("multispool: could not finish the interrupted removal of %s: %s", path, str(e))
         self._claim.release()
 
     def release(self) -> None:
@@ -701,7 +703,8 @@ class CheckedOutEntry(Generic[M, D]):
             else:
                 self._finish_move(lay.checkout(dirname), lay.queue(dirname), exc)
         except Exception as e:
-            log.warning("multispool: could not finish the interrupted release of %s: %s", src, e)
+            # Its text, as in _undo_move: the checkout stays held until its owner drops it.
+            log.warning("multispool: could not finish the interrupted release of %s: %s", src, str(e))
             return
         claim.release()
 
