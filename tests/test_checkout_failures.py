@@ -537,6 +537,72 @@ def test_failed_end_whose_undo_is_logged_frees_the_lock_once_dropped(
     assert spool.list(Queue.QUEUE1) == [e]
 
 
+def _failing_release(mp: pytest.MonkeyPatch, spool: multispool.Spool[Any, bytes], name: str) -> None:
+    """Make every move of ``name`` back into queue1 (a release) fail with EIO."""
+    real_rename = os.rename
+    back = os.path.join(spool.dir, "queue1", name)
+
+    def rename(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        if str(dst) == back:
+            raise OSError(errno.EIO, "Input/output error", src, None, dst)
+        real_rename(src, dst, *a, **kw)
+
+    mp.setattr(os, "rename", rename)
+
+
+async def _aio_save_action(
+    spool: multispool.Spool[Any, bytes], e: multispool.Entry[Any, bytes], save: Any, reader: bool
+) -> None:
+    """``save`` applied by asyncio's ``with_entry`` or reader (the async callback path)."""
+    async def asave(m: Any, d: Any) -> Any:
+        return save(m, d)
+
+    async def apair(m: Any, d: Any) -> Any:
+        return save(m, d), None
+
+    async with multispool.aio.AsyncSpool(spool) as aspool:
+        if reader:
+            async with aspool.reader(Queue.QUEUE1, observer="polling") as r:
+                await r.iter_available(asave)
+        else:
+            await aspool.with_entry(e, apair)
+
+
+@pytest.mark.parametrize("how", ["iter_available", "with_entry", "aio with_entry", "aio reader"])
+def test_library_held_checkout_whose_end_fails_is_let_go(tmp_path: Path, how: str) -> None:
+    """A checkout the library itself holds (a reader's, ``with_entry``'s) whose action
+    and then release fail: the error propagates, and the checkout must not stay locked
+    by this live process. It stayed held for as long as the caller kept the error (its
+    traceback keeps the library's frame and the handle), out of every recovery's reach;
+    only a user who holds a handle can release it again, so the library lets go of the
+    lock (as dropping the handle does) and a recovery puts the entry back."""
+    spool = _spool(tmp_path, "none")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    planted = _plant_dir(spool, Queue.QUEUE2, e.name)  # the save fails (EISDIR)
+
+    def save(m: Any, d: Any) -> Any:
+        return multispool.Save(Cog(n=2), Queue.QUEUE2)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(OSError) as info:
+        _failing_release(mp, spool, e.name)
+        if how == "iter_available":
+            with spool.reader(Queue.QUEUE1, observer="polling") as r:
+                r.iter_available(save)
+        elif how == "with_entry":
+            spool.with_entry(e, lambda m, d: (save(m, d), None))
+        else:
+            asyncio.run(_aio_save_action(spool, e, save, reader=how == "aio reader"))
+    assert info.value.errno == errno.EIO  # the release's, the save's as its context
+    assert _checkouts(spool, Queue.QUEUE1) == [e.name]
+    # The caller still holds the error (and its traceback): the lock is free all the same.
+    assert _lock_free(spool, e.name)
+    (planted / "junk").rmdir()
+    planted.rmdir()
+    assert spool.recover_checkouts() == [e]
+    assert e.direct.contents() == Cog(n=1)
+    del info
+
+
 @pytest.mark.parametrize("rewrite", [True, False], ids=["rewrite", "same"])
 @pytest.mark.parametrize(("durability", "call", "when"), _RELEASE_STEPS)
 def test_save_interrupted_part_way_is_undone_or_finished(

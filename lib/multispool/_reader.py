@@ -789,15 +789,15 @@ class QueueReader(Generic[M, D]):
         except Exception as e:
             if on_error is not None and Spool._on_failure(co, on_error, e):
                 return
-            co.release()
+            co._release_or_let_go()
             raise
         except BaseException:
-            co.release()
+            co._release_or_let_go()
             raise
         try:
             Spool._finish(co, action)
         except BaseException:
-            co.release()
+            co._release_or_let_go()
             raise
 
     def iter(

@@ -682,6 +682,22 @@ class CheckedOutEntry(Generic[M, D]):
             with sp.throttled():
                 _fs.fsync_dir(self.spool._layout.checkout(dirname))  # step 5, lock given up
 
+    def _release_or_let_go(self) -> None:
+        """``release``, for the library's own callers that hold this handle and will not
+        try again (a reader's ``iter``, ``with_entry``, the command line, the asyncio
+        wrappers): if the release fails, the owner lock is given up all the same, as
+        dropping the handle does. The entry, still checked out, is then a dead checkout
+        that a recovery puts back, instead of one locked by this live process for as
+        long as anything (the caller's error, its traceback) keeps the handle. The
+        release's error propagates."""
+        try:
+            self.release()
+        except BaseException:
+            claim = self._claim
+            with claim.writing:
+                claim.release()
+            raise
+
     def _release_raised(self, dirname: str, exc: BaseException) -> None:
         """A release raised ``exc``. The entry must not stay in the checkout dir with its
         lock given up while we live on (hidden from every reader until some recovery
@@ -1550,7 +1566,7 @@ class Spool(Generic[M, D]):
             action, result = f(co.contents, co.data_file)
             self._finish(co, action)
         except BaseException:
-            co.release()
+            co._release_or_let_go()
             raise
         return result
 
@@ -1597,7 +1613,7 @@ class Spool(Generic[M, D]):
         try:
             dl = co._fail(policy)
         except BaseException:
-            co.release()
+            co._release_or_let_go()
             raise
         if dl is None:
             # One line per retry (a flaky remote would flood the log with tracebacks);

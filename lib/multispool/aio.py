@@ -198,7 +198,7 @@ def _finish_or_release(co: CheckedOutEntry[Any, Any], action: Any) -> None:
     try:
         Spool._finish(co, action)
     except BaseException:
-        co.release()
+        co._release_or_let_go()
         raise
 
 
@@ -207,7 +207,7 @@ def _fail_or_release(co: CheckedOutEntry[Any, Any], policy: Backoff | None, exc:
     retried later or dead-lettered), else give the entry back unchanged (False)."""
     if policy is not None and Spool._on_failure(co, policy, exc):
         return True
-    co.release()
+    co._release_or_let_go()
     return False
 
 
@@ -217,14 +217,15 @@ def _apply_with_result(co: CheckedOutEntry[Any, Any], pair: Any) -> Any:
     try:
         action, result = pair
     except BaseException:
-        co.release()
+        co._release_or_let_go()
         raise
     _finish_or_release(co, action)
     return result
 
 
 def _release(co: CheckedOutEntry[Any, Any] | AsyncCheckedOutEntry[Any, Any]) -> None:
-    (co.sync if isinstance(co, AsyncCheckedOutEntry) else co).release()
+    # A claim nobody received: ours to give back, or at least to let go of.
+    (co.sync if isinstance(co, AsyncCheckedOutEntry) else co)._release_or_let_go()
 
 
 class AsyncSpool(Generic[M, D]):
@@ -415,7 +416,9 @@ class AsyncSpool(Generic[M, D]):
         self._checkouts = weakref.WeakSet()
         if held:
             for co in held:
-                self._background(co.release)
+                # Nothing could end them once closed: given back, or at least let go
+                # of (a dead checkout, for a recovery to put back), never kept locked.
+                self._background(co._release_or_let_go)
             await self._settle(loop)
         ex, self._executor = self._executor, None
         if ex is not None:
@@ -507,7 +510,7 @@ class AsyncSpool(Generic[M, D]):
         try:
             pair = await f(co.contents, co.data_file)
         except BaseException:
-            await co.release()
+            await co._release_or_let_go()
             raise
         return await self._run(_apply_with_result, co.sync, pair, cancellable=False)
 
@@ -768,6 +771,13 @@ class AsyncCheckedOutEntry(Generic[M, D]):
         if self.sync.done:
             return
         await self.spool._run(self.sync.release, cancellable=False)
+
+    async def _release_or_let_go(self) -> None:
+        """``release``, for the library's own callers that hold this handle: if it fails,
+        the owner lock is given up all the same (``CheckedOutEntry._release_or_let_go``)."""
+        if self.sync.done:
+            return
+        await self.spool._run(self.sync._release_or_let_go, cancellable=False)
 
     async def __aenter__(self) -> AsyncCheckedOutEntry[M, D]:
         return self
@@ -1154,7 +1164,7 @@ class AsyncQueueReader(Generic[M, D]):
     @staticmethod
     def _undo_take(result: tuple[CheckedOutEntry[Any, Any] | None, float | None]) -> None:
         if result[0] is not None:
-            result[0].release()
+            result[0]._release_or_let_go()
 
     async def _take(
         self, core: QueueReader[M, D], fresh: bool
@@ -1259,7 +1269,7 @@ class AsyncQueueReader(Generic[M, D]):
                 if raw is not None:
                     co = AsyncCheckedOutEntry(self.spool, raw)
                     if self._closed:
-                        await co.release()  # claimed as the reader was closing
+                        await co._release_or_let_go()  # claimed as the reader was closing
                         return None
                     return co
                 # Nothing (another reader was faster): look again.
@@ -1325,7 +1335,7 @@ class AsyncQueueReader(Generic[M, D]):
             # raises), in the executor; once started it completes even if we are cancelled.
             core = self._core
             if core is None:
-                await co.release()
+                await co._release_or_let_go()
                 return
             await self.spool._run(core._process, co.sync, f, on_error, cancellable=False)
             return
@@ -1336,12 +1346,12 @@ class AsyncQueueReader(Generic[M, D]):
             # leaves the entry to us, in one executor call that completes even if this
             # task is cancelled meanwhile (a release left for after it would be skipped).
             if await self.spool._run(
-                _fail_or_release, co.sync, on_error, e, cancellable=False, on_error=co.sync.release
+                _fail_or_release, co.sync, on_error, e, cancellable=False, on_error=co.sync._release_or_let_go
             ):
                 return
             raise
         except BaseException:
-            await co.release()
+            await co._release_or_let_go()
             raise
         await self.spool._run(_finish_or_release, co.sync, action, cancellable=False)
 

@@ -706,7 +706,7 @@ def cmd_mv(a: argparse.Namespace) -> int:
     try:
         co.save(dst)
     except BaseException:
-        co.release()
+        co._release_or_let_go()
         raise
     print(f"moved {disp(str(q.value))}/{disp(name)} to {disp(str(dst.value))}")
     return 0
@@ -719,7 +719,7 @@ def _remove(co: CheckedOutEntry[Any, bytes]) -> None:
     try:
         co.remove()
     except BaseException:
-        co.release()  # nothing if the removal ended; else back into its queue
+        co._release_or_let_go()  # nothing if the removal ended; else back into its queue
         raise
 
 
