@@ -9,6 +9,7 @@ import errno
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -592,7 +593,10 @@ def test_library_held_checkout_whose_end_fails_is_let_go(tmp_path: Path, how: st
             spool.with_entry(e, lambda m, d: (save(m, d), None))
         else:
             asyncio.run(_aio_save_action(spool, e, save, reader=how == "aio reader"))
-    assert info.value.errno == errno.EIO  # the release's, the save's as its context
+    # The save's error, the one that ended the checkout; the failed give-back noted on it.
+    assert info.value.errno == errno.EISDIR
+    if sys.version_info >= (3, 11):
+        assert any("could not be given back (left for a recovery)" in n for n in info.value.__notes__)
     assert _checkouts(spool, Queue.QUEUE1) == [e.name]
     # The caller still holds the error (and its traceback): the lock is free all the same.
     assert _lock_free(spool, e.name)
@@ -760,3 +764,97 @@ def test_claim_interrupted_as_it_hands_the_checkout_over_gives_the_entry_back(
     assert _checkouts(spool, Queue.QUEUE1) == []
     with spool.checkout(e) as co:
         assert co.contents == Cog(n=1)
+
+
+# -- an exception that ends a checkout, and a give-back that fails too ----------------------
+
+
+class _HandlerError(Exception):
+    pass
+
+
+def _ended_by(kind: str) -> BaseException:
+    return KeyboardInterrupt() if kind == "ctrl-c" else _HandlerError("handler failed")
+
+
+def _notes(exc: BaseException) -> str:
+    return "\n".join(getattr(exc, "__notes__", []))
+
+
+def _end_with_failing_give_back(
+    spool: multispool.Spool[Any, bytes], e: Any, how: str, exc: BaseException
+) -> None:
+    """Check ``e`` out and end its use with ``exc`` (raised by the user's code) the way
+    ``how`` says, while a directory planted at its queue name makes giving it back fail."""
+
+    def f(m: Any, df: Any) -> Any:
+        _plant_dir(spool, Queue.QUEUE1, e.name)
+        raise exc
+
+    if how == "with":
+        with spool.checkout(e):
+            f(None, None)
+    elif how == "with_entry":
+        spool.with_entry(e, f)
+    elif how == "reader":
+        with spool.reader(Queue.QUEUE1, observer="polling") as r:
+            r.iter_available(f)
+    else:
+
+        async def main() -> None:
+            async with multispool.aio.AsyncSpool(spool) as aspool:
+                co = await aspool.checkout(e)
+                async with co:
+                    f(None, None)
+
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["error", "ctrl-c"])
+@pytest.mark.parametrize("how", ["with", "with_entry", "reader", "aio"])
+def test_failed_give_back_never_replaces_the_exception_that_ended_the_checkout(
+    tmp_path: Path, how: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The user's code raised inside ``with co:`` (or a handler of ``with_entry``, a
+    reader's ``iter``, ``async with co``), and giving the entry back failed too (EISDIR:
+    a directory planted at its queue name). The release's OSError replaced the user's
+    exception: an ``except`` for it was skipped, and Ctrl-C became an OSError. The
+    user's exception propagates; the failed give-back is noted on it and logged, and the
+    entry stays checked out, held, nothing lost."""
+    spool = _spool(tmp_path, "full")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    exc = _ended_by(kind)
+    with pytest.raises(type(exc)) as ei:
+        _end_with_failing_give_back(spool, e, how, exc)
+    assert ei.value is exc
+    logged = [r.getMessage() for r in caplog.records if "could not be given back" in r.getMessage()]
+    assert len(logged) == 1 and e.name in logged[0] and "Is a directory" in logged[0], logged
+    if sys.version_info >= (3, 11):
+        assert _notes(exc) == f"multispool: {logged[0].removeprefix('multispool: ')}"
+    # Still checked out, and held by this process: no recovery takes it.
+    assert _checkouts(spool, Queue.QUEUE1) == [e.name]
+    assert spool.recover_checkouts() == []
+    planted = Path(spool.dir, "queue1", e.name)
+    (planted / "junk").rmdir()
+    planted.rmdir()
+
+
+def test_interrupted_give_back_still_propagates(tmp_path: Path) -> None:
+    """Ctrl-C during the give-back that follows a handler's error is no failure of the
+    release: it propagates (the handler's error as its context), and the release is
+    finished first."""
+    spool = _spool(tmp_path, "none")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    real_rename = os.rename
+
+    def interrupted(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        real_rename(src, dst, *a, **kw)
+        if str(dst).endswith(f"/queue1/{e.name}"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as ei, pytest.MonkeyPatch.context() as mp, spool.checkout(e):
+        mp.setattr(os, "rename", interrupted)
+        raise _HandlerError("handler failed")
+    assert isinstance(ei.value.__context__, _HandlerError)
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert _checkouts(spool, Queue.QUEUE1) == []

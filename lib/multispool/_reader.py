@@ -789,15 +789,15 @@ class QueueReader(Generic[M, D]):
         except Exception as e:
             if on_error is not None and Spool._on_failure(co, on_error, e):
                 return
-            co._release_or_let_go()
+            co._release_after(e, let_go=True)
             raise
-        except BaseException:
-            co._release_or_let_go()
+        except BaseException as e:
+            co._release_after(e, let_go=True)
             raise
         try:
             Spool._finish(co, action)
-        except BaseException:
-            co._release_or_let_go()
+        except BaseException as e:
+            co._release_after(e, let_go=True)
             raise
 
     def iter(

@@ -735,11 +735,47 @@ class CheckedOutEntry(Generic[M, D]):
         _fs.fsync_dir(dst_dir)
         _fs.unlink_quiet(self.spool._layout.keep_file(src_dir, self.name))
 
+    def _release_after(self, exc: BaseException, *, let_go: bool = False) -> None:
+        """Give the entry back after ``exc`` ended its use (raised by the user's code in
+        a ``with`` block or handler, or by a failed end of the checkout); the caller then
+        re-raises ``exc``. A release that fails (OSError, SpoolError) never replaces
+        ``exc``, which the user's ``except`` clauses expect (and Ctrl-C must stay
+        Ctrl-C): it is logged and noted on ``exc`` (``add_note``, Python >= 3.11). An
+        interruption of the release itself (a signal handler's exception) is no failure:
+        it propagates, ``exc`` as its context. A checkout that could not be given back
+        stays held, by its user's handle; with ``let_go`` (the library's own callers,
+        which hold the handle and will not try again: ``_release_or_let_go``) its owner
+        lock is given up all the same, a dead checkout for a recovery to put back."""
+        try:
+            self.release()
+        except BaseException as e:
+            if let_go:
+                claim = self._claim
+                with claim.writing:
+                    claim.release()
+            if not isinstance(e, Exception):
+                raise
+            state = "left for a recovery" if let_go else "it stays checked out, held"
+            why = f"{self.path} could not be given back ({state}): {e}"
+            # Text only: a handler that keeps records would keep the error's traceback,
+            # its frames, this checkout and its owner lock.
+            log.error("multispool: %s", why)
+            add_note = getattr(exc, "add_note", None)  # Python >= 3.11
+            if add_note is not None:
+                add_note(f"multispool: {why}")
+
     def __enter__(self) -> CheckedOutEntry[M, D]:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        """Return the entry unchanged unless saved or removed; an exception raised in the
+        block propagates, even if that fails (see ``_release_after``)."""
+        if exc is None:
+            self.release()
+        else:
+            self._release_after(exc)
 
     def __repr__(self) -> str:
         state = "done" if self._claim.done else "held"
@@ -1565,8 +1601,8 @@ class Spool(Generic[M, D]):
         try:
             action, result = f(co.contents, co.data_file)
             self._finish(co, action)
-        except BaseException:
-            co._release_or_let_go()
+        except BaseException as e:
+            co._release_after(e, let_go=True)
             raise
         return result
 
@@ -1612,8 +1648,8 @@ class Spool(Generic[M, D]):
             return False
         try:
             dl = co._fail(policy)
-        except BaseException:
-            co._release_or_let_go()
+        except BaseException as e:
+            co._release_after(e, let_go=True)
             raise
         if dl is None:
             # One line per retry (a flaky remote would flood the log with tracebacks);

@@ -197,8 +197,8 @@ def _finish_or_release(co: CheckedOutEntry[Any, Any], action: Any) -> None:
     """Apply a callback's action; if that fails, the entry goes back unchanged."""
     try:
         Spool._finish(co, action)
-    except BaseException:
-        co._release_or_let_go()
+    except BaseException as e:
+        co._release_after(e, let_go=True)
         raise
 
 
@@ -207,7 +207,7 @@ def _fail_or_release(co: CheckedOutEntry[Any, Any], policy: Backoff | None, exc:
     retried later or dead-lettered), else give the entry back unchanged (False)."""
     if policy is not None and Spool._on_failure(co, policy, exc):
         return True
-    co._release_or_let_go()
+    co._release_after(exc, let_go=True)
     return False
 
 
@@ -216,8 +216,8 @@ def _apply_with_result(co: CheckedOutEntry[Any, Any], pair: Any) -> Any:
     or the action fails, the entry goes back unchanged (as ``Spool._apply``)."""
     try:
         action, result = pair
-    except BaseException:
-        co._release_or_let_go()
+    except BaseException as e:
+        co._release_after(e, let_go=True)
         raise
     _finish_or_release(co, action)
     return result
@@ -509,8 +509,8 @@ class AsyncSpool(Generic[M, D]):
         # An async f runs on the loop; the action is then applied in the executor.
         try:
             pair = await f(co.contents, co.data_file)
-        except BaseException:
-            await co._release_or_let_go()
+        except BaseException as e:
+            await co._release_after(e, let_go=True)
             raise
         return await self._run(_apply_with_result, co.sync, pair, cancellable=False)
 
@@ -779,11 +779,27 @@ class AsyncCheckedOutEntry(Generic[M, D]):
             return
         await self.spool._run(self.sync._release_or_let_go, cancellable=False)
 
+    async def _release_after(self, exc: BaseException, *, let_go: bool = False) -> None:
+        """``CheckedOutEntry._release_after``: give the entry back after ``exc`` ended its
+        use, a failure to do so noted on ``exc``, never replacing it (``let_go``: the
+        lock given up all the same). Completes even if the awaiting task is cancelled."""
+        if self.sync.done:
+            return
+        give_back = functools.partial(self.sync._release_after, exc, let_go=let_go)
+        await self.spool._run(give_back, cancellable=False)
+
     async def __aenter__(self) -> AsyncCheckedOutEntry[M, D]:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.release()
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        """Return the entry unchanged unless saved or removed; an exception raised in the
+        block propagates, even if that fails."""
+        if exc is None:
+            await self.release()
+        else:
+            await self._release_after(exc)
 
     def __repr__(self) -> str:
         state = "done" if self.sync.done else "held"
@@ -1350,8 +1366,8 @@ class AsyncQueueReader(Generic[M, D]):
             ):
                 return
             raise
-        except BaseException:
-            await co._release_or_let_go()
+        except BaseException as e:
+            await co._release_after(e, let_go=True)
             raise
         await self.spool._run(_finish_or_release, co.sync, action, cancellable=False)
 

@@ -705,8 +705,8 @@ def cmd_mv(a: argparse.Namespace) -> int:
     co = _claim(spool, q, name, checked_out, a.dead_after)
     try:
         co.save(dst)
-    except BaseException:
-        co._release_or_let_go()
+    except BaseException as e:
+        co._release_after(e, let_go=True)
         raise
     print(f"moved {disp(str(q.value))}/{disp(name)} to {disp(str(dst.value))}")
     return 0
@@ -718,8 +718,8 @@ def _remove(co: CheckedOutEntry[Any, bytes]) -> None:
     staying checked out by a process about to exit (a dead checkout)."""
     try:
         co.remove()
-    except BaseException:
-        co._release_or_let_go()  # nothing if the removal ended; else back into its queue
+    except BaseException as e:
+        co._release_after(e, let_go=True)  # nothing if the removal ended; else back into its queue
         raise
 
 
