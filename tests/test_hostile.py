@@ -166,3 +166,35 @@ def test_an_unlocked_handle_never_writes_its_schedule_into_a_planted_hard_link(
     assert ei.value.filename == str(reg)
     _untouched(victim)
     co.release()
+
+
+def test_claim_and_save_never_touch_the_times_of_a_file_planted_as_a_hard_link(
+    spool: multispool.Spool[Any, bytes], tmp_path: Path
+) -> None:
+    """A member crafts an entry whose metadata file is a hard link of a user's file
+    (one that decodes as metadata). Claiming it, and saving it unchanged, set the
+    file's mtime to now (the Monitor's checkout and queue age): a file outside the
+    spool had its times changed through the link. Only a file with no other link is
+    touched; the user's file keeps its bytes and its mtime."""
+    victim = tmp_path / "home" / "settings.json"
+    victim.parent.mkdir()
+    victim.write_bytes(b'{"type": "Cog", "n": 7}')
+    old = 1_000_000_000
+    os.utime(victim, (old, old))
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"payload", reserve="guess")
+    qfile = Path(spool.dir, "queue1", e.name)
+    qfile.unlink()
+    _hard_link(victim, qfile)
+    co = spool.checkout(e)
+    assert co.contents == Cog(n=7)
+    assert victim.stat().st_mtime == old
+    co.save(Queue.QUEUE2)  # unchanged: no rewrite, just the new queue's age
+    assert victim.stat().st_mtime == old
+    assert victim.read_bytes() == b'{"type": "Cog", "n": 7}'
+    # The entry's own files are still touched: checkout age counts from the claim.
+    e2 = spool.enqueue(Queue.QUEUE1, Cog(n=2), b"", reserve="own")
+    own = Path(spool.dir, "queue1", e2.name)
+    os.utime(own, (old, old))
+    co2 = spool.checkout(e2)
+    assert Path(co2.path).stat().st_mtime > old
+    co2.release()

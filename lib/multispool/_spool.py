@@ -793,8 +793,17 @@ _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
 
 
 def _touch(path: str) -> None:
-    """Set mtime to now, without following a symlink where the OS allows."""
+    """Set the mtime of the entry file at ``path`` to now (the Monitor's queue and
+    checkout age), if it is a regular file with no other hard link: one with another
+    link may be a file of anyone's outside the spool, planted by a member of a shared
+    spool, whose times are not ours to change (it keeps them). Never through a symlink.
+    FileNotFoundError (naming ``path``) if it is gone."""
     try:
+        st = os.lstat(path)
+        if not stat_mod.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return  # a symlink, FIFO...: the read that follows says what it is
+        # By name, as checked an instant before: a member who swaps a hard link in
+        # between (a race to win each time) can still have that file touched.
         if _UTIME_NOFOLLOW:
             os.utime(path, follow_symlinks=False)
         else:  # pragma: no cover
