@@ -858,3 +858,45 @@ def test_interrupted_give_back_still_propagates(tmp_path: Path) -> None:
     assert isinstance(ei.value.__context__, _HandlerError)
     assert spool.list(Queue.QUEUE1) == [e]
     assert _checkouts(spool, Queue.QUEUE1) == []
+
+
+@pytest.mark.parametrize("op", ["claim", "save", "release"])
+def test_keep_link_name_taken_again_and_again_is_a_clear_error_and_loses_nothing(
+    tmp_path: Path, op: str
+) -> None:
+    """A durable move links its file at the keep name (``.~NAME``); a file found there
+    (a crash's leftover) was unlinked and the move started over, by recursion, with no
+    limit: a member planting a file at the keep name every time made it recurse until
+    RecursionError. After a few tries it is now an OSError (EEXIST) naming the keep
+    link, and the entry stays where it was: in its queue, or checked out and held."""
+    spool = _spool(tmp_path, "full")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    real_link = os.link
+    planted: list[str] = []
+
+    def planting(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        if os.path.basename(dst) == f".~{e.name}":
+            Path(dst).write_bytes(b"planted")  # the member is there first, every time
+            planted.append(str(dst))
+        real_link(src, dst, *a, **kw)
+
+    co = None if op == "claim" else spool.checkout(e)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "link", planting)
+        with pytest.raises(FileExistsError) as ei:
+            if co is None:
+                spool.checkout(e)
+            elif op == "save":
+                co.save(Queue.QUEUE2)
+            else:
+                co.release()
+    assert 1 < len(planted) <= 10
+    assert ei.value.filename == planted[0]
+    if co is None:
+        assert spool.list(Queue.QUEUE1) == [e]
+        assert _checkouts(spool, Queue.QUEUE1) == []
+    else:
+        assert not co.done and _checkouts(spool, Queue.QUEUE1) == [e.name]
+        co.release()
+        assert spool.list(Queue.QUEUE1) == [e]
+    assert e.direct.contents() == Cog(n=1) and e.direct.data_file().load() == b"data"

@@ -741,19 +741,25 @@ def move(
         # resolving the moved-away name to it for as long as we retry.
         return _stale_or_gone(src)
     linked = True
-    try:
-        os.link(src, keep, follow_symlinks=False)
-    except FileExistsError:
-        # A keep link left by a crash (recovery removes them; we hold the owner lock):
-        # ours replaces it.
-        os.unlink(keep)
-        return move(src, dst, keep, verify=verify, sync_src=sync_src, renamed=renamed)
-    except OSError as e:
-        if gone(e):
-            return SRC_GONE
-        if e.errno not in _NO_LINKS:
-            raise
-        linked = False
+    for _ in range(_REPLACE_TRIES):
+        try:
+            os.link(src, keep, follow_symlinks=False)
+        except FileExistsError:
+            # A keep link left by a crash (recovery removes them; we hold the owner
+            # lock): ours replaces it. One back at once, time after time, is planted.
+            unlink_quiet(keep)
+            continue
+        except OSError as e:
+            if gone(e):
+                return SRC_GONE
+            if e.errno not in _NO_LINKS:
+                raise
+            linked = False
+        break
+    else:
+        raise FileExistsError(
+            errno.EEXIST, f"a file keeps reappearing at the keep link name; {src} not moved", keep
+        )
     try:
         r = rename_verified(src, dst, verify=verify, dst_checked=True, renamed=renamed)
     except BaseException:
