@@ -900,3 +900,31 @@ def test_keep_link_name_taken_again_and_again_is_a_clear_error_and_loses_nothing
         co.release()
         assert spool.list(Queue.QUEUE1) == [e]
     assert e.direct.contents() == Cog(n=1) and e.direct.data_file().load() == b"data"
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+@pytest.mark.parametrize("how", ["checkout", "direct"])
+def test_remove_of_an_entry_whose_data_is_a_directory_removes_nothing(
+    tmp_path: Path, durability: str, how: str
+) -> None:
+    """A directory planted at ``.data/NAME``: a remove unlinked the metadata (the entry
+    was gone), then failed on the directory (EISDIR), leaving a registry file in no
+    queue. It is now refused before anything goes, naming the directory: the entry
+    stays in its queue, whole."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    data = Path(spool.dir, ".data", e.name)
+    data.unlink()
+    (data / "junk").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError) as ei:
+        if how == "direct":
+            e.direct.remove()
+        else:
+            with spool.checkout(e) as co:
+                co.remove()
+    assert ei.value.filename == str(data)
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+    assert e.direct.contents() == Cog(n=1)
+    assert os.path.exists(Path(spool.dir, ".registry", e.name))
+    assert spool.checkout(e).contents == Cog(n=1)  # its lock is free

@@ -1369,14 +1369,20 @@ class Spool(Generic[M, D]):
     def _remove_files(self, name: str, meta_path: str, gone: str, claim: _Claim | None = None) -> None:
         """Delete an entry whose metadata is at ``meta_path``: that file first (the step
         that makes the entry gone; EntryNotFoundError(``gone``) if it already is), then
-        its data and, last, its reservation. The caller holds the throttle."""
+        its data and, last, its reservation. The caller holds the throttle. A directory
+        at the data's name (planted: unlink cannot remove it) is refused first, with
+        IsADirectoryError naming it: once the metadata is gone, nothing could be undone."""
+        data = self._layout.data_file(name)
+        with contextlib.suppress(FileNotFoundError):
+            if stat_mod.S_ISDIR(os.lstat(data).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "entry data is a directory: nothing removed", data)
         if not _fs.unlink_quiet(meta_path):
             raise EntryNotFoundError(gone, meta_path)
         if self.spoolable.durability == "full":
             _fs.fsync_dir(_fs.parent(meta_path))
             if claim is not None:
                 claim.sync_source()
-        _fs.unlink_quiet(self._layout.data_file(name))
+        _fs.unlink_quiet(data)
         _fs.unlink_quiet(self._layout.registry_file(name))
 
     # -- listing ----------------------------------------------------------------------
