@@ -239,6 +239,40 @@ def test_rm_with_an_invalid_name_is_a_usage_error_and_removes_nothing(
 
 
 @pytest.mark.parametrize("verb", ["purge", "rm"])
+def test_rm_or_purge_reports_an_entry_it_cannot_remove_and_goes_on(
+    sp: str, capsys: pytest.CaptureFixture[str], verb: str
+) -> None:
+    """A directory planted at an entry's ``.data/NAME`` or ``.registry/NAME``: purge and
+    rm stopped there (exit 2) with the entries after it neither removed nor reported,
+    and the entry with a data directory lost its metadata while its registry file
+    stayed. Each such entry is now reported on stderr naming the path and left whole;
+    the others are removed; the exit code is 1."""
+    spool = spool_of(sp)
+    names = sorted(spool.enqueue(q(spool, "in"), b"{}", b"x").name for _ in range(4))
+    bad_data = Path(sp, ".data", names[1])
+    bad_reg = Path(sp, ".registry", names[2])
+    for p in (bad_data, bad_reg):
+        p.unlink()
+        (p / "junk").mkdir(parents=True)
+    capsys.readouterr()
+    args = ["purge", sp, "in", "--yes"] if verb == "purge" else ["rm", sp, "in", *names]
+    assert main(args) == 1
+    out, err = out_err(capsys)
+    if verb == "purge":
+        assert out.startswith("purged 2 entries from in (2 left"), out
+    else:
+        assert out.splitlines() == [f"removed in/{names[0]}", f"removed in/{names[3]}"]
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert any(str(bad_data) in ln and "directory" in ln for ln in lines), err
+    assert any(str(bad_reg) in ln and "directory" in ln for ln in lines), err
+    assert sorted(e.name for e in spool.list(q(spool, "in"))) == names[1:3]
+    assert sorted(os.listdir(Path(sp, "in", ".checkout"))) == []
+    assert sorted(os.listdir(Path(sp, ".registry"))) == names[1:3]
+    assert sorted(os.listdir(Path(sp, ".data"))) == names[1:3]
+
+
+@pytest.mark.parametrize("verb", ["purge", "rm"])
 def test_ctrl_c_in_rm_or_purge_leaves_no_entry_checked_out(
     sp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, verb: str
 ) -> None:

@@ -725,8 +725,10 @@ def _remove(co: CheckedOutEntry[Any, bytes]) -> None:
 
 def cmd_rm(a: argparse.Namespace) -> int:
     """Remove entries of QUEUE under their owner locks; a name that cannot be removed
-    (absent, held by a live process) is reported on stderr and makes the exit code 1.
-    A name that cannot be an entry's is a usage error, before anything is removed."""
+    (absent, held by a live process, or an error on its files: a directory planted at
+    its data or registry name...) is reported on stderr, is left whole, and makes the
+    exit code 1; the other names are removed. A name that cannot be an entry's is a
+    usage error, before anything is removed."""
     spool = open_spool(a.dir)
     q = find_queue(spool, a.queue)
     dn = str(q.value)
@@ -735,7 +737,7 @@ def cmd_rm(a: argparse.Namespace) -> int:
     for name in names:
         try:
             _remove(_claim(spool, q, name, checked_out=False))
-        except (UsageError, SpoolError) as e:
+        except (UsageError, SpoolError, OSError) as e:
             failed += 1
             sys.stderr.write(f"{PROG}: {disp(' '.join(str(e).split()))}\n")
             continue
@@ -745,7 +747,10 @@ def cmd_rm(a: argparse.Namespace) -> int:
 
 def cmd_purge(a: argparse.Namespace) -> int:
     """Remove every waiting entry of QUEUE (``--yes`` required), each under its owner
-    lock; entries held by a live process (checked out or being claimed) are left."""
+    lock; entries held by a live process (checked out or being claimed) are left. An
+    entry that cannot be removed for an error (unreadable, a directory planted at its
+    data or registry name...) is reported on stderr naming the file, and left whole;
+    purge goes on with the others and exits 1."""
     spool = open_spool(a.dir)
     q = find_queue(spool, a.queue)
     dn = str(q.value)
@@ -753,7 +758,7 @@ def cmd_purge(a: argparse.Namespace) -> int:
     names = [n for n in os.listdir(lay.queue(dn)) if n[0] != "."]
     if not a.yes:
         raise UsageError(f"purge removes the {len(names)} entries of {disp(dn)}: add --yes to confirm")
-    removed = skipped = 0
+    removed = skipped = failed = 0
     with Progress(f"purging {disp(dn)}", len(names)) as bar:
         for name in names:
             try:
@@ -764,9 +769,11 @@ def cmd_purge(a: argparse.Namespace) -> int:
                     continue
                 _remove(co)
                 removed += 1
-            except SpoolError as e:
+            except (SpoolError, OSError) as e:
+                # This entry's trouble (it is left whole): the others are still purged.
                 skipped += 1
-                sys.stderr.write(f"{PROG}: warning: {' '.join(str(e).split())}\n")
+                failed += 1
+                sys.stderr.write(f"{PROG}: warning: {disp(' '.join(str(e).split()))}\n")
             finally:
                 bar.advance()
     if a.json:
@@ -774,7 +781,7 @@ def cmd_purge(a: argparse.Namespace) -> int:
     else:
         tail = f" ({skipped} left: held by a live process or unreadable)" if skipped else ""
         print(f"purged {removed} entries from {disp(dn)}{tail}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_enqueue(a: argparse.Namespace) -> int:
