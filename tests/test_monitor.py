@@ -165,6 +165,28 @@ def test_registry_name_that_is_no_regular_file_is_reported_not_raised(
     assert os.path.lexists(os.path.join(spool.dir, ".registry", "junk"))
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "dir"])
+def test_waiting_entry_whose_registry_name_is_no_regular_file_is_reported(
+    spool: multispool.Spool[Any, bytes], kind: str
+) -> None:
+    """An entry waiting in its queue whose ``.registry/NAME`` is no regular file can be
+    claimed by nobody (a reader skips it, logged, every rescan): the check said nothing
+    about it. As a queue file with no registry file it is ``Orphaned`` in its queue,
+    once (not also TooOld), and a FIFO there is never opened blocking."""
+    _plant(os.path.join(spool.dir, ".registry", "waiting"), kind)
+    touch(spool, Q1, "waiting", age=10)
+    ok = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"")
+    assert shape(make(spool).run_once()) == [("Orphaned", "waiting", Q1)]
+    m = make(spool, max_queue_ages={Queue.QUEUE1: 5})
+    problems = m.run_once()
+    assert shape(problems) == [("Orphaned", "waiting", Q1)]
+    from multispool._monitor import repair
+
+    repair(spool, m.limits, problems, dry_run=False)  # raises nothing; touches no junk
+    assert os.path.lexists(os.path.join(spool.dir, ".registry", "waiting"))
+    assert [e.name for e in spool.list(Queue.QUEUE1)] == sorted([ok.name, "waiting"])
+
+
 def test_checked_out_entry_too_old(spool: multispool.Spool[Any, bytes]) -> None:
     touch(spool, Dir.REGISTRY, "foo")
     touch(spool, CO1, "foo", age=2)

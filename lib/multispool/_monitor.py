@@ -25,6 +25,7 @@ import contextlib
 import enum
 import logging
 import os
+import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -261,6 +262,15 @@ class _Listing:
             pass  # .data may be absent in an OCaml-made spool; a vanished dir is empty
 
     @staticmethod
+    def regular(e: os.DirEntry[str]) -> bool:
+        """Whether the entry is a regular file (a symlink is not followed); True if it
+        vanished since the listing (nothing to report)."""
+        try:
+            return e.is_file(follow_symlinks=False)
+        except OSError:
+            return True
+
+    @staticmethod
     def mtime(e: os.DirEntry[str]) -> float | None:
         """The entry's mtime, None if it vanished since the listing."""
         try:
@@ -350,7 +360,11 @@ class Monitor:
             queue_dirs.append((Dir.checkout(q), lay.checkout(dn), _Listing(lay.checkout(dn), stat=True)))
         tmp = _Listing(lay.tmp, stat=True)
         data = _Listing(lay.data, stat=False)
-        reg = _Listing(lay.registry, stat=False).names
+        registry = _Listing(lay.registry, stat=True)
+        reg = registry.names
+        # Junk at a registry name (a symlink, FIFO or directory planted there, told by
+        # the listing's file type, no stat) registers nothing: nobody can lock it.
+        junk = {n for n, e in registry.entries.items() if not _Listing.regular(e)}
 
         reg_dir_of = [(d, path) for d, path, _ in queue_dirs]
         counts: dict[str, int] = {}
@@ -368,6 +382,10 @@ class Monitor:
             is_checkout = d == Dir.checkout(d.queue_member)
             limit = lim.max_checked_out_age if is_checkout else lim.max_queue_ages.get(d.queue_member)
             orphans = self._orphans(listing, d, path, reg, problems)
+            if not is_checkout and junk:
+                # A waiting entry nobody can claim. (A checkout with junk there is one
+                # nobody holds: DeadCheckout, below.)
+                orphans |= self._junk_registered(listing.names & junk, d, path, problems)
             if limit is not None:
                 for name, e in listing.entries.items():
                     m = _Listing.mtime(e)
@@ -422,6 +440,26 @@ class Monitor:
                 continue
             m = _lstat_mtime(os.path.join(dir_path, name))
             if m is not None and not os.path.lexists(reg_file):
+                problems.append(Orphaned(FileWithMtime(name, m), d))
+                found.add(name)
+        return found
+
+    def _junk_registered(self, names: set[str], d: Dir, dir_path: str, problems: list[Problem]) -> set[str]:
+        """Report the files of ``names`` in ``dir_path`` whose registry name is still no
+        regular file (checked again: never opened) as ``Orphaned``: no registry file
+        registers them. Their names."""
+        found: set[str] = set()
+        for name in names:
+            try:
+                st = os.lstat(self._layout.registry_file(name))
+            except OSError as e:
+                if _fs.gone(e):
+                    continue
+                raise
+            if stat_mod.S_ISREG(st.st_mode):
+                continue  # replaced by a real registration meanwhile
+            m = _lstat_mtime(os.path.join(dir_path, name))
+            if m is not None:
                 problems.append(Orphaned(FileWithMtime(name, m), d))
                 found.add(name)
         return found
