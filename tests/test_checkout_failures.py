@@ -928,3 +928,65 @@ def test_remove_of_an_entry_whose_data_is_a_directory_removes_nothing(
     assert e.direct.contents() == Cog(n=1)
     assert os.path.exists(Path(spool.dir, ".registry", e.name))
     assert spool.checkout(e).contents == Cog(n=1)  # its lock is free
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_claim_into_a_missing_checkout_dir_is_an_error_not_a_lost_race(
+    tmp_path: Path, durability: str
+) -> None:
+    """With QUEUE/.checkout gone (removed by hand, or by another tool), the claim's
+    rename failed with ENOENT, taken for the entry having left its queue (a lost race):
+    ``checkout`` said the entry was gone, and a reader returned nothing and waited on,
+    for ever, the queue full, nothing logged. It is NotASpoolError naming the directory
+    (as a reader's queue directory that disappeared is), and the entry stays queued."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co_dir = Path(spool.dir, "queue1", ".checkout")
+    co_dir.rmdir()
+    with pytest.raises(multispool.NotASpoolError) as ei:
+        spool.checkout(e)
+    assert ei.value.path == str(co_dir)
+    with spool.reader(Queue.QUEUE1, observer="polling") as r, pytest.raises(multispool.NotASpoolError):
+        r.dequeue_available()
+    assert spool.list(Queue.QUEUE1) == [e]
+    assert [n for n in os.listdir(Path(spool.dir, "queue1")) if n[0] == "."] == []  # no keep link
+    co_dir.mkdir()
+    with spool.checkout(e) as co:
+        assert co.contents == Cog(n=1)
+
+
+@pytest.mark.parametrize("durability", DURABILITIES)
+def test_save_into_a_missing_queue_dir_keeps_the_checkout(tmp_path: Path, durability: str) -> None:
+    """A save whose destination queue directory is gone failed with ENOENT, taken for
+    the checkout file having vanished: EntryNotFoundError, and the checkout was given
+    up, the entry left in the checkout dir with its lock free. It is NotASpoolError
+    naming the directory; the checkout is still held, and a later save moves it."""
+    spool = _spool(tmp_path, durability)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    co = spool.checkout(e)
+    q2, aside = Path(spool.dir, "queue2"), tmp_path / "queue2-aside"
+    q2.rename(aside)
+    with pytest.raises(multispool.NotASpoolError) as ei:
+        co.save(Queue.QUEUE2)
+    assert ei.value.path == str(q2)
+    assert not co.done and _checkouts(spool, Queue.QUEUE1) == [e.name]
+    assert spool.recover_checkouts(Queue.QUEUE1) == []  # still held
+    aside.rename(q2)
+    co.save(Queue.QUEUE2)
+    assert [x.name for x in spool.list(Queue.QUEUE2)] == [e.name]
+    assert _checkouts(spool, Queue.QUEUE1) == []
+
+
+def test_quarantine_into_a_missing_queue_dir_is_an_error_not_a_quarantine(tmp_path: Path) -> None:
+    """Undecodable metadata, and the quarantine queue's directory gone: the move's
+    ENOENT was ignored, and CorruptEntryError said the entry was quarantined while it
+    stayed in the checkout dir. It is NotASpoolError naming the directory."""
+    spool = _spool(tmp_path, "none", quarantine=Queue.QUEUE3)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    Path(spool.dir, "queue1", e.name).write_bytes(b"not json")
+    q3 = Path(spool.dir, "queue3")
+    q3.rename(tmp_path / "queue3-aside")
+    with pytest.raises(multispool.NotASpoolError) as ei:
+        spool.checkout(e)
+    assert ei.value.path == str(q3)
+    assert _checkouts(spool, Queue.QUEUE1) == [e.name]  # left checked out, as without quarantine

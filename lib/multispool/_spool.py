@@ -789,6 +789,17 @@ def _interruption(exc: BaseException) -> bool:
     return not isinstance(exc, (OSError, SpoolError))
 
 
+def _check_dst_dir(src: str, dst: str) -> None:
+    """A move of ``src`` to ``dst`` said the source was gone (rename's ENOENT). If it is
+    there after all, the ENOENT was about ``dst``'s directory, which is gone (removed by
+    hand or by another tool): NotASpoolError naming it, never a lost race or a vanished
+    entry (a reader would wait for ever beside a full queue, saying nothing)."""
+    if _fs.lexists(src):
+        d = _fs.parent(dst)
+        if not _fs.is_real_dir(d):
+            raise NotASpoolError("spool is missing directory", d)
+
+
 _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
 
 
@@ -839,6 +850,8 @@ class Spool(Generic[M, D]):
         verify = self._fs_facts().verify_renames
         r = _fs.move(src, dst, keep, verify=verify, sync_src=sync_src)
         if r != _fs.NOT_MOVED:
+            if r == _fs.SRC_GONE:
+                _check_dst_dir(src, dst)
             return r == _fs.MOVED
         # The clock is read only here: a move that went through (nearly all) never needs it.
         delay, deadline = 0.005, time.monotonic() + OWNED_MOVE_PATIENCE
@@ -1475,6 +1488,8 @@ class Spool(Generic[M, D]):
                     moved = _fs.move(qfile, cofile, keep, verify=verify, sync_src=False, renamed=renamed)
                     if moved == _fs.MOVED and full:
                         claim.unsynced = lay.queue(dirname)
+                    elif moved == _fs.SRC_GONE:
+                        _check_dst_dir(qfile, cofile)
                 except BaseException as e:
                     # Maybe after the rename (a failed fsync, a signal handler's exception):
                     # the caller gets no checkout, so the entry must not stay checked out.
@@ -1589,7 +1604,8 @@ class Spool(Generic[M, D]):
                 dst = self._layout.queue_file(sp.dirname(q), name)
                 full = sp.durability == "full"
                 keep = self._layout.keep_file(_fs.parent(cofile), name) if full else None
-                _fs.move(cofile, dst, keep)
+                if _fs.move(cofile, dst, keep) == _fs.SRC_GONE:
+                    _check_dst_dir(cofile, dst)
                 claim.sync_source(unless=_fs.parent(dst))
                 log.warning("multispool: quarantined %s to %s: %s", cofile, dst, reason)
                 raise CorruptEntryError(cofile, reason, quarantined_to=dst) from cause
