@@ -1055,3 +1055,39 @@ def test_blocked_dequeue_without_stop_uses_no_cpu(spool: multispool.Spool[Any, b
 def test_blocked_dequeue_with_stop_uses_no_cpu(spool: multispool.Spool[Any, bytes]) -> None:
     with spool.reader(Queue.QUEUE1, observer="native", rescan_interval=NO_RESCAN) as reader:
         _assert_idle(*_blocked(reader, _CountingEvent(), 2.0), 2.0)
+
+
+def test_a_waiting_reader_outlives_every_repair_the_library_makes(
+    spool: multispool.Spool[Any, bytes], mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing the library does to repair a spool (``fsck --repair``, recovery,
+    ``clean_abandoned``, lost+found and its requeue) removes, replaces or re-creates a
+    queue or checkout directory: a reader waiting meanwhile never meets a missing
+    directory (NotASpoolError), and gets the entries they put back."""
+    from multispool.cli import main
+
+    dead = enqueue(spool, "dead")
+    spool.checkout(multispool.Entry(spool, Queue.QUEUE1, dead))._claim.release()  # its owner died
+    old = time.time() - 3600
+    for d in (".registry", ".tmp", ".data"):  # an enqueue abandoned an hour ago
+        p = Path(spool.dir, d, "abandoned000000")
+        p.write_bytes(b'{"type": "Cog", "n": 9}' if d == ".tmp" else b"")
+        os.utime(p, (old, old))
+    with spool.reader(Queue.QUEUE1, observer=mode, rescan_interval=NO_RESCAN) as reader:
+        waiting = hook_waits(reader)
+        t = BgThread(lambda: [reader.dequeue(timeout=WAIT) for _ in range(2)])
+        t.start()
+        try:
+            assert waiting.wait(WAIT)
+            assert main(["fsck", spool.dir, "--repair"]) == 0, capsys.readouterr().out
+            assert spool.recover_checkouts() == [] and spool.clean_abandoned(older_than=0) == []
+            (item,) = os.listdir(Path(spool.dir, ".lost+found"))
+            assert main(["lost+found", spool.dir, item, "--to", Queue.QUEUE1.value]) == 0
+            cos = t.finish()
+        finally:
+            t.join(WAIT)
+    assert all(co is not None for co in cos), cos
+    assert sorted(co.contents.n for co in cos) == [0, 9]
+    assert dead in [co.name for co in cos]
+    for co in cos:
+        co.remove()
