@@ -723,11 +723,13 @@ def _state(spool: multispool.Spool[Any, bytes]) -> State:
 
 
 def _cli(argv: list[str]) -> int:
-    """The command line in this process; exit 2 (a spool error) raised as its message."""
+    """The command line in this process; a failure raised as its message: exit 2 (a
+    spool error), or, for ``rm`` and ``purge``, exit 1 (names reported on stderr and left
+    whole: the others were removed)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli.main(argv)
-    if rc == 2:
+    if rc == 2 or (rc == 1 and argv[0] in ("rm", "purge")):
         raise multispool.SpoolError(err.getvalue().strip())
     return rc
 
