@@ -389,16 +389,23 @@ def test_dead_checkout_also_queued_is_not_handed_out_twice(spool: multispool.Spo
     assert _where(spool, e.name) == [f"a/{e.name}"]
 
 
-def test_dead_checkout_differing_from_its_queued_copy_goes_to_lost_found(
-    spool: multispool.Spool[bytes],
-) -> None:
-    # A save into B cut after its rename: B holds the new metadata; a differing old copy in
-    # the checkout dir is put aside, not deleted, and not queued.
+def _save_cut_after_its_rename(spool: multispool.Spool[bytes]) -> multispool.Entry[Any, bytes]:
+    """A save from A into B cut by a crash after its rename: B holds the new metadata,
+    and the old copy is still in A's checkout dir, its owner dead."""
     e = spool.enqueue(Q.A, {"k": 1}, b"d")
     co = spool.checkout(e)
     co.contents = {"k": 2}
     co.save(Q.B)
     Path(spool.dir, "a", ".checkout", e.name).write_bytes(b'{"k":1}')
+    return e
+
+
+def test_dead_checkout_differing_from_its_queued_copy_goes_to_lost_found(
+    spool: multispool.Spool[bytes],
+) -> None:
+    # A save into B cut after its rename: B holds the new metadata; a differing old copy in
+    # the checkout dir is put aside, not deleted, and not queued.
+    e = _save_cut_after_its_rename(spool)
     spool.recover_checkouts()
     assert _where(spool, e.name) == [f"b/{e.name}"]
     assert _lostfound.items(spool.dir) == [e.name]
@@ -426,11 +433,7 @@ def test_dead_checkout_whose_queued_copy_cannot_be_looked_up_is_left_in_place(
     # A save into B cut after its rename, and B's copy cannot be looked up (EIO, or a
     # queue dir its user may not search): not knowing is not "not there". Putting the old
     # copy back into A would hand the entry out twice.
-    e = spool.enqueue(Q.A, {"k": 1}, b"d")
-    co = spool.checkout(e)
-    co.contents = {"k": 2}
-    co.save(Q.B)
-    Path(spool.dir, "a", ".checkout", e.name).write_bytes(b'{"k":1}')
+    e = _save_cut_after_its_rename(spool)
     hidden = os.path.join(spool.dir, "b", e.name)
     _lstat_fails_at(monkeypatch, hidden)
     with caplog.at_level(logging.WARNING, logger="multispool"):
