@@ -946,6 +946,81 @@ def test_concurrent_create_of_one_new_spool(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == sorted(f"s{i}" for i in range(rounds))  # no temp left
 
 
+def _blocked_flock_on(path: Path) -> bool:
+    """True if /proc/locks shows a process waiting for a flock on ``path``'s inode."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as f:
+        return any("-> FLOCK" in line and dev in line.split() for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+def test_a_failed_create_never_removes_what_a_concurrent_creator_relies_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two creators build one spool in place with different queue sets; the one that
+    fails part way rolled back the directories it had made, which the other had found
+    made (mkdir said EEXIST) and returned on: the spool was left without queue1 for good.
+    In-place creations now exclude each other, so a rollback only ever undoes what no
+    other creator has seen."""
+    import enum
+    import threading
+
+    class Wide(enum.Enum):
+        Q1 = "queue1"
+        BAD = "bad"
+
+    class Narrow(enum.Enum):
+        Q1 = "queue1"
+
+    root = tmp_path / "spool"
+    root.mkdir()  # an existing empty directory: both build in place
+    paused, go = threading.Event(), threading.Event()
+    real_mkdir = multispool._fs.mkdir_durable
+
+    def mkdir(path: str, mode: int, *, sync: bool) -> bool:
+        if os.path.basename(path) == "bad":
+            paused.set()
+            assert go.wait(10)
+            raise OSError(errno.EIO, "injected", path)
+        return real_mkdir(path, mode, sync=sync)
+
+    monkeypatch.setattr(multispool._fs, "mkdir_durable", mkdir)
+    failed: list[BaseException] = []
+    narrow_done: list[object] = []
+
+    def wide() -> None:
+        try:
+            multispool.Spool.create(root, multispool.Spoolable(queues=Wide, durability="none"))
+        except OSError as e:
+            failed.append(e)
+
+    def narrow() -> None:
+        sp = multispool.Spoolable(queues=Narrow, durability="none")
+        narrow_done.append(multispool.Spool.create(root, sp))
+
+    a = threading.Thread(target=wide)
+    b = threading.Thread(target=narrow)
+    a.start()
+    try:
+        assert paused.wait(10)  # the wide creator has made .data, queue1, queue1/.checkout
+        b.start()
+        deadline = time.monotonic() + 10
+        while not narrow_done and not _blocked_flock_on(root):
+            assert time.monotonic() < deadline, "the narrow creator neither finished nor waits"
+            time.sleep(0.001)
+    finally:
+        go.set()
+        a.join(10)
+        if b.is_alive() or b.ident is not None:
+            b.join(10)
+    assert [type(e) for e in failed] == [OSError]
+    assert len(narrow_done) == 1
+    # The spool the narrow creator returned is whole, and stays so.
+    multispool.Spool.load(root, multispool.Spoolable(queues=Narrow))
+    assert not (root / "bad").exists()
+
+
 def test_create_refuses_non_spool_content_and_completes_a_spool(tmp_path: Path) -> None:
     d = tmp_path / "d"
     d.mkdir()

@@ -803,6 +803,37 @@ def _check_dst_dir(src: str, dst: str) -> None:
 _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
 
 
+@contextlib.contextmanager
+def _creation_lock(root: str, *, exclusive: bool) -> Iterator[None]:
+    """Hold a flock on the spool directory: exclusive while a creator makes (and maybe
+    rolls back) directories in place, shared while a load checks them. A creator that
+    failed part way removes what it made; without the lock another creator (whose mkdir
+    found those directories made) or a loader could have returned on them, and be left
+    with a spool that lacks them for good. Best effort where directories cannot be
+    locked (no flock, or one emulated with fcntl locks, which need a writable file)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        # A held descriptor: a child forked meanwhile closes its copy, and does not keep
+        # the lock after we let it go.
+        fd = _fs._open_held(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    except OSError:
+        yield  # checked and reported by the caller, which needs no lock to fail
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as e:
+            if e.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        yield
+    finally:
+        _fs._close_held(fd)
+
+
 def _touch(path: str) -> None:
     """Set the mtime of the entry file at ``path`` to now (the Monitor's queue and
     checkout age), if it is a regular file with no other hard link: one with another
@@ -926,13 +957,20 @@ class Spool(Generic[M, D]):
         return [d for dn in known + other for d in (lay.queue(dn), lay.checkout(dn))]
 
     def _validate(self, create: bool) -> None:
-        lay = self._layout
         root = self.dir
         if create:
             self._create()
         elif not os.path.isdir(root):
             raise NotASpoolError("spool directory does not exist", root)
-        elif not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)):
+        # Not while a creator builds in place: its rollback may remove a queue we would
+        # otherwise find and rely on.
+        with _creation_lock(root, exclusive=False):
+            self._check_dirs(create)
+
+    def _check_dirs(self, create: bool) -> None:
+        lay = self._layout
+        root = self.dir
+        if not create and not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)):
             raise NotASpoolError("directory does not look like a spool (no .registry and .tmp)", root)
         devices: dict[int, str] = {}
         for d in self._spool_dirs():
@@ -969,9 +1007,11 @@ class Spool(Generic[M, D]):
         if not os.path.isdir(root):
             raise NotASpoolError("spool path exists and is not a directory", root)
         lay = self._layout
-        if not (_fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)) and not self._only_spool_dirs():
-            raise NotASpoolError("dir is not empty while creating new spool", root)
-        self._create_missing()
+        with _creation_lock(root, exclusive=True):
+            spool = _fs.is_real_dir(lay.registry) and _fs.is_real_dir(lay.tmp)
+            if not spool and not self._only_spool_dirs():
+                raise NotASpoolError("dir is not empty while creating new spool", root)
+            self._create_missing()
 
     def _only_spool_dirs(self) -> bool:
         """True if the directory, not yet a spool, holds nothing but (empty) spool
@@ -1049,7 +1089,9 @@ class Spool(Generic[M, D]):
 
     def _create_missing(self) -> None:
         """Create the spool's missing directories in place; on failure, remove those this
-        call created (others' and older ones are kept: only empty dirs we made go)."""
+        call created (others' and older ones are kept: only empty dirs we made go). The
+        caller holds the creation lock: no other creator or loader has seen what this
+        call made, so none relies on what its rollback removes."""
         sp = self.spoolable
         sync = sp.durability == "full"
         made: list[str] = []
