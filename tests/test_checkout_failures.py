@@ -990,3 +990,50 @@ def test_quarantine_into_a_missing_queue_dir_is_an_error_not_a_quarantine(tmp_pa
         spool.checkout(e)
     assert ei.value.path == str(q3)
     assert _checkouts(spool, Queue.QUEUE1) == [e.name]  # left checked out, as without quarantine
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
+@pytest.mark.parametrize("how", ["checkout", "direct", "with_entry"])
+def test_remove_whose_data_unlink_fails_says_the_entry_is_gone_and_leaves_the_rest_to_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, how: str, code: int
+) -> None:
+    """The data unlink of a remove fails (EACCES in a sticky ``.data`` the file is not
+    ours in, EIO) once the metadata is gone: the entry is removed for everyone, and its
+    data and reservation are left. The error said only ``Permission denied`` (as if
+    nothing had happened), a checkout stayed held (its leftovers locked away from
+    ``clean_abandoned`` by this live process) and ``with_entry`` then tried to give back
+    the vanished entry, logging a failure. Now the error names the data file and says
+    the entry is removed and its leftovers are ``clean_abandoned``'s, the checkout is
+    over, and ``clean_abandoned`` removes them."""
+    spool = _spool(tmp_path, "full")
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data")
+    data = os.path.join(spool.dir, ".data", e.name)
+    real_unlink = _fs.unlink_quiet
+
+    def unlink(path: str) -> bool:
+        if path == data:
+            raise OSError(code, os.strerror(code), path)
+        return real_unlink(path)
+
+    monkeypatch.setattr(_fs, "unlink_quiet", unlink)
+    co: multispool.CheckedOutEntry[Any, bytes] | None = None
+    with caplog.at_level(logging.WARNING, logger="multispool"), pytest.raises(OSError) as ei:
+        if how == "direct":
+            e.direct.remove()
+        elif how == "checkout":
+            co = spool.checkout(e)
+            co.remove()
+        else:
+            spool.with_entry(e, lambda m, d: (multispool.REMOVE, None))
+    err = ei.value
+    assert err.errno == code and err.filename == data
+    assert "removed" in str(err) and "clean_abandoned" in str(err)
+    assert caplog.records == []
+    if co is not None:
+        assert co.done
+    assert spool.list(Queue.QUEUE1) == [] and _checkouts(spool, Queue.QUEUE1) == []
+    assert os.path.exists(data)  # left, not lost: clean_abandoned's
+    monkeypatch.undo()
+    assert spool.clean_abandoned(older_than=0) == [e.name]
+    assert not os.path.exists(data)
+    assert not os.path.exists(os.path.join(spool.dir, ".registry", e.name))

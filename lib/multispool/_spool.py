@@ -623,9 +623,10 @@ class CheckedOutEntry(Generic[M, D]):
     def remove(self) -> None:
         """Delete the entry: checkout file, data, then the reservation. If it raises
         with the checkout file still there, the checkout is still held (``release``
-        gives the entry back). An exception that interrupts it once that file is gone
-        (a signal handler's: KeyboardInterrupt, a timeout) propagates once the data
-        and the reservation are gone too."""
+        gives the entry back); an OSError once it is gone says the entry is removed and
+        ends the checkout, its leftovers ``clean_abandoned``'s. An exception that
+        interrupts it once that file is gone (a signal handler's: KeyboardInterrupt, a
+        timeout) propagates once the data and the reservation are gone too."""
         claim = self._claim
         with claim.writing:
             self._check_live()
@@ -1426,19 +1427,30 @@ class Spool(Generic[M, D]):
         that makes the entry gone; EntryNotFoundError(``gone``) if it already is), then
         its data and, last, its reservation. The caller holds the throttle. A directory
         at the data's name (planted: unlink cannot remove it) is refused first, with
-        IsADirectoryError naming it: once the metadata is gone, nothing could be undone."""
+        IsADirectoryError naming it: once the metadata is gone, nothing could be undone.
+        A later step that fails (EACCES, EIO) raises its OSError saying that the entry
+        is removed and what is left of it is ``clean_abandoned``'s; ``claim`` then ends,
+        its lock free for that clean-up (the entry is gone: there is nothing to give back)."""
         data = self._layout.data_file(name)
         with contextlib.suppress(FileNotFoundError):
             if stat_mod.S_ISDIR(os.lstat(data).st_mode):
                 raise IsADirectoryError(errno.EISDIR, "entry data is a directory: nothing removed", data)
         if not _fs.unlink_quiet(meta_path):
             raise EntryNotFoundError(gone, meta_path)
-        if self.spoolable.durability == "full":
-            _fs.fsync_dir(_fs.parent(meta_path))
+        try:
+            if self.spoolable.durability == "full":
+                _fs.fsync_dir(_fs.parent(meta_path))
+                if claim is not None:
+                    claim.sync_source()
+            # The reservation last: while the data is there, its name stays taken, and
+            # clean_abandoned finds the pair by it.
+            _fs.unlink_quiet(data)
+            _fs.unlink_quiet(self._layout.registry_file(name))
+        except OSError as e:
             if claim is not None:
-                claim.sync_source()
-        _fs.unlink_quiet(data)
-        _fs.unlink_quiet(self._layout.registry_file(name))
+                claim.release()
+            why = f"{e.strerror} (entry {name!r} is removed; what is left of it is for clean_abandoned)"
+            raise type(e)(e.errno, why, e.filename) from e
 
     # -- listing ----------------------------------------------------------------------
     def _list_names(self, directory: str) -> list[str]:
