@@ -88,6 +88,37 @@ def test_enqueue_use_a_name_already_in_use(spool: multispool.Spool[Any, bytes]) 
     assert _snapshot(spool.dir) == before
 
 
+
+@pytest.mark.parametrize("durability", ["none", "full"])
+@pytest.mark.parametrize("how", ["enqueue", "reserve_name", "enqueue_many"])
+@pytest.mark.parametrize("where", ["queue", "checkout"])
+def test_a_fresh_name_never_replaces_an_orphaned_entry_file(
+    tmp_path: Path, durability: str, how: str, where: str
+) -> None:
+    """An entry whose registry file was removed by hand (or lost) is still in its queue
+    (fsck: Orphaned), data and all. PrefixNames proposes its name again (the registry
+    name is free): the enqueue replaced the orphan's data and renamed over its metadata,
+    destroying both. A name whose queue or checkout file is there is now passed over."""
+    sp = multispool.Spoolable(queues=Queue, name_generator=multispool.PrefixNames(), durability=durability)
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    orphan = spool.enqueue(Queue.QUEUE1, {"n": 1}, b"orphan's data", reserve="n")
+    assert orphan.name == N
+    os.unlink(os.path.join(spool.dir, ".registry", N))
+    if where == "checkout":
+        q1 = os.path.join(spool.dir, "queue1")
+        os.rename(os.path.join(q1, N), os.path.join(q1, ".checkout", N))
+    before = _snapshot(spool.dir)
+    if how == "enqueue":
+        names = [spool.enqueue(Queue.QUEUE1, {"n": 2}, b"new", reserve="n").name]
+    elif how == "enqueue_many":
+        names = [e.name for e in spool.enqueue_many(Queue.QUEUE1, [({"n": 2}, b"new")], reserve="n")]
+    else:
+        names = [spool.enqueue(Queue.QUEUE1, {"n": 2}, b"new", use=spool.reserve_name("n")).name]
+    assert names == ["n000001"]
+    after = _snapshot(spool.dir)
+    assert {k: v for k, v in after.items() if N in k} == {k: v for k, v in before.items() if N in k}
+
+
 @pytest.mark.parametrize("where", ["queue", "checkout"])
 def test_enqueue_use_the_name_of_an_entry_in_a_queue_this_spoolable_does_not_know(
     spool: multispool.Spool[Any, bytes], where: str

@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import _aio, _fs
 from . import _spool as _spool_module  # a cycle: _spool imports this module; used at call time
 from ._errors import _PublishedError
+from ._spoolable import TimeOrderedNames
 
 if TYPE_CHECKING:
     from ._spool import Spool, _Claim
@@ -352,6 +353,8 @@ def write(
             elif proposed is not None:
                 name = proposed
                 if _fs.create_locked(lay.registry, lay.registry_file(name), sp.file_mode, owner) is None:
+                    raise _NameTaken(name)
+                if type(sp.name_generator) is not TimeOrderedNames and spool._orphan_in_the_way(name, owner):
                     raise _NameTaken(name)
             else:
                 name = spool._reserve(reserve, owner, sync=False, first=first)

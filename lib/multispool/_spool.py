@@ -1147,6 +1147,8 @@ class Spool(Generic[M, D]):
             fd = _fs.create_locked(lay.registry, path, sp.file_mode, owner)
             if fd is None:
                 continue  # taken: propose the next name
+            if type(gen) is not TimeOrderedNames and self._orphan_in_the_way(name, owner):
+                continue
             if sync and sp.durability == "full":
                 try:
                     _fs.fsync_dir(lay.registry)
@@ -1162,6 +1164,51 @@ class Spool(Generic[M, D]):
             f"(name generator {gen!r}, seed {seed!r})"
         )
         raise AssertionError("unreachable")
+
+    def _orphan_in_the_way(self, name: str, owner: _Claim) -> bool:
+        """``name``, whose registry file ``owner`` has just created, is still the name of
+        an entry file (one whose registry file was removed or lost: fsck's Orphaned): if
+        so, the reservation is given up again and True returned. Using it would replace
+        that entry's data and rename over its metadata. Only for generators that may
+        propose a name again (PrefixNames); TimeOrderedNames never does, and its
+        enqueues pay nothing."""
+        try:
+            # Not a keep link alone: without its registry file, it is no live entry's
+            # (a remove unlinks the registry file last), the enqueue replaces nothing of
+            # it, and recovery puts it aside (not restored under the reused name).
+            found = self._entry_file(name, keep_links=False)
+        except BaseException:
+            try:
+                _fs.unlink_quiet(self._layout.registry_file(name))
+            finally:
+                owner.release()
+            raise
+        if found is None:
+            return False
+        log.warning("multispool: name %r passed over: %s is an entry without a registry file", name, found)
+        try:
+            _fs.unlink_quiet(self._layout.registry_file(name))
+        finally:
+            fd = owner.fd
+            if fd is not None:
+                _fs.unlock(fd, owner.generation, owner)  # owner goes on to the next name
+        return True
+
+    def _entry_file(self, name: str, *, keep_links: bool = True) -> str | None:
+        """The path of a file named ``name`` in a queue or checkout dir of the spool, also
+        of queues this Spoolable does not know (another application's, or one dropped),
+        or (``keep_links``) of its keep link (a move cut by a crash may have left only
+        that, which recovery puts back): an entry's; None if there is none. A path
+        that cannot be looked up (EIO, a dir its user may not search) may hold one: its
+        error is raised, never taken for "not there"."""
+        lay = self._layout
+        for d in self._entry_dirs():
+            p = os.path.join(d, name)
+            if _fs.lexists(p):
+                return p
+            if keep_links and _fs.lexists(p := lay.keep_file(d, name)):
+                return p
+        return None
 
     def reserve_name(self, seed: Any = None) -> str:
         """Reserve a fresh name (``.registry/NAME``, created with O_CREAT|O_EXCL), to be
@@ -1235,19 +1282,11 @@ class Spool(Generic[M, D]):
             # (its lock is free). It must not be the name of an entry already spooled.
             if _fs.open_locked(path, owner) is None:
                 raise EntryNotFoundError("reservation is held by another process", path)
-            # Every queue and checkout dir of the spool, also of queues this Spoolable
-            # does not know (another application's, or one dropped): an entry there is
-            # an entry, whose data the enqueue would overwrite.
-            # A path that cannot be looked up (EIO, a dir its user may not search) may
-            # hold the entry: its error is raised, never taken for "not there". A keep
-            # link is the entry too: a move cut by a crash may have left only that
-            # (_layout), which recovery puts back (as clean_abandoned, it counts).
-            lay = self._layout
+            # An entry there (see _entry_file) is one whose data the enqueue would overwrite.
             try:
-                for d in self._entry_dirs():
-                    for p in (os.path.join(d, name), lay.keep_file(d, name)):
-                        if _fs.lexists(p):
-                            raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
+                p = self._entry_file(name)
+                if p is not None:
+                    raise SpoolError(f"name {name!r} is in use by a spooled entry: {p}")
             except BaseException:
                 owner.release()
                 raise
