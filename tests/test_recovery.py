@@ -779,3 +779,35 @@ def test_clean_abandoned_passes_over_the_filesystems_lost_and_found(tmp_path: Pa
         assert [json.loads(line) for line in r.stdout.splitlines()] == [["gone"], e.name]
     finally:
         lf.chmod(0o700)
+
+
+def test_clean_abandoned_goes_on_past_a_leftover_it_cannot_unlink(
+    spool: multispool.Spool[Any, bytes], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two removals left their data and reservations (a data unlink that failed: EACCES in
+    a sticky ``.data``, the file another user's). The first leftover's data still cannot
+    be unlinked: clean_abandoned raised that PermissionError and stopped, so no leftover
+    after it was ever cleaned, by any run. It now logs that one, naming the file, leaves
+    its reservation (the name stays taken while its data is there) and goes on."""
+    import multispool._fs as fs
+
+    a = spool.enqueue(Queue.QUEUE1, Cog(n=1), b"a", reserve="a")
+    b = spool.enqueue(Queue.QUEUE1, Cog(n=2), b"b", reserve="b")
+    for e in (a, b):
+        os.unlink(Path(spool.dir, "queue1", e.name))  # what a remove does first
+    stuck = os.path.join(spool.dir, ".data", a.name)
+    real_unlink = fs.unlink_quiet
+
+    def unlink(path: str) -> bool:
+        if path == stuck:
+            raise PermissionError(13, "Permission denied", path)
+        return real_unlink(path)
+
+    monkeypatch.setattr(fs, "unlink_quiet", unlink)
+    with caplog.at_level("WARNING", logger="multispool"):
+        assert spool.clean_abandoned(older_than=0) == [b.name]
+    assert [stuck in r.getMessage() for r in caplog.records] == [True]
+    assert os.path.exists(stuck) and os.path.exists(Path(spool.dir, ".registry", a.name))
+    assert not os.path.exists(Path(spool.dir, ".registry", b.name))
+    monkeypatch.undo()
+    assert spool.clean_abandoned(older_than=0) == [a.name]

@@ -2075,8 +2075,15 @@ class Spool(Generic[M, D]):
                         files = [(lay.tmp_file(name), "metadata"), (lay.data_file(name), "data")]
                         _lostfound.put_aside(lay, name, files, sync=sp.durability == "full", mode=sp.dir_mode)
                     else:
-                        _fs.unlink_quiet(lay.tmp_file(name))
-                        _fs.unlink_quiet(lay.data_file(name))
+                        try:
+                            _fs.unlink_quiet(lay.tmp_file(name))
+                            _fs.unlink_quiet(lay.data_file(name))
+                        except OSError as e:
+                            # One that cannot go (EACCES in a sticky .data, EIO) must not stop
+                            # the clean-up of every name after it, run after run. Its
+                            # reservation stays: the name is taken while its files are there.
+                            log.warning("multispool: cannot clean %s, left in place: %s", reg, e)
+                            continue
                     _fs.unlink_quiet(reg)
                     removed.append(name)
                 finally:
