@@ -946,15 +946,17 @@ def test_concurrent_create_of_one_new_spool(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == sorted(f"s{i}" for i in range(rounds))  # no temp left
 
 
-def _blocked_flock_on(path: Path) -> bool:
-    """True if /proc/locks shows a process waiting for a flock on ``path``'s inode."""
-    st = os.stat(path)
-    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    with open("/proc/locks") as f:
-        return any("-> FLOCK" in line and dev in line.split() for line in f)
+def _waits_for_creation_lock(thread: Any) -> bool:
+    """True if ``thread`` is inside ``_creation_lock`` taking the lock (while the lock is
+    held, its generator is suspended: not on the thread's stack)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "_creation_lock":
+            return True
+        frame = frame.f_back
+    return False
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
 def test_a_failed_create_never_removes_what_a_concurrent_creator_relies_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1006,7 +1008,7 @@ def test_a_failed_create_never_removes_what_a_concurrent_creator_relies_on(
         assert paused.wait(10)  # the wide creator has made .data, queue1, queue1/.checkout
         b.start()
         deadline = time.monotonic() + 10
-        while not narrow_done and not _blocked_flock_on(root):
+        while not narrow_done and not _waits_for_creation_lock(b):
             assert time.monotonic() < deadline, "the narrow creator neither finished nor waits"
             time.sleep(0.001)
     finally:
@@ -1400,3 +1402,27 @@ def test_root_descriptor_is_opened_once_by_threads_racing_for_it(monkeypatch: py
     finally:
         for fd in opened:
             os.close(fd)
+
+
+def test_a_spool_directory_locked_by_someone_else_delays_load_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The creation lock is a flock on the spool directory, which an operator may hold
+    for long (``flock SPOOL command``: the command inherits it). A load or create waits
+    for it only so long, then goes on, saying so."""
+    import fcntl
+
+    import multispool._spool
+
+    root = tmp_path / "spool"
+    multispool.Spool.create(root, multispool.Spoolable(queues=Queue))
+    monkeypatch.setattr(multispool._spool, "_CREATION_LOCK_WAIT", 0.05)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with caplog.at_level(logging.WARNING, logger="multispool"):
+            multispool.Spool.load(root, multispool.Spoolable(queues=Queue))
+            multispool.Spool.create(tmp_path / "spool", multispool.Spoolable(queues=Queue))
+        assert len(caplog.records) >= 2 and all(str(root) in r.getMessage() for r in caplog.records)
+    finally:
+        os.close(fd)

@@ -804,6 +804,9 @@ def _check_dst_dir(src: str, dst: str) -> None:
 _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
 
 
+_CREATION_LOCK_WAIT = 10.0  # seconds; see _creation_lock
+
+
 @contextlib.contextmanager
 def _creation_lock(root: str, *, exclusive: bool) -> Iterator[None]:
     """Hold a flock on the spool directory: exclusive while a creator makes (and maybe
@@ -811,7 +814,11 @@ def _creation_lock(root: str, *, exclusive: bool) -> Iterator[None]:
     failed part way removes what it made; without the lock another creator (whose mkdir
     found those directories made) or a loader could have returned on them, and be left
     with a spool that lacks them for good. Best effort where directories cannot be
-    locked (no flock, or one emulated with fcntl locks, which need a writable file)."""
+    locked (no flock, or one emulated with fcntl locks, which need a writable file), and
+    after ``_CREATION_LOCK_WAIT`` seconds: the directory may be locked by someone else
+    for long (``flock SPOOL command``, whose command inherits the lock and would
+    otherwise wait for itself for ever); going on unlocked, as before the lock, is
+    logged."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -825,11 +832,24 @@ def _creation_lock(root: str, *, exclusive: bool) -> Iterator[None]:
         yield  # checked and reported by the caller, which needs no lock to fail
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        except OSError as e:
-            if e.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
+        how = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + _CREATION_LOCK_WAIT
+        pause = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, how)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    if time.monotonic() < deadline:
+                        time.sleep(pause)  # an in-place creation: a few mkdirs
+                        pause = min(pause * 2, 0.05)
+                        continue
+                    log.warning(
+                        "multispool: %s stays locked by another process: going on without waiting", root
+                    )
+                elif e.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+            break
         yield
     finally:
         _fs._close_held(fd)
