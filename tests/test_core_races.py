@@ -1426,3 +1426,30 @@ def test_a_spool_directory_locked_by_someone_else_delays_load_only_so_long(
         assert len(caplog.records) >= 2 and all(str(root) in r.getMessage() for r in caplog.records)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSYS, errno.EPERM, errno.EIO])
+def test_a_spool_directory_that_cannot_be_flocked_is_loaded_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """The creation lock is best effort: a filesystem whose directories refuse flock
+    (a FUSE filesystem without it: ENOSYS; others EPERM, EIO) still loads and creates
+    spools, as before the lock."""
+    import fcntl
+
+    root = tmp_path / "spool"
+    multispool.Spool.create(root, multispool.Spoolable(queues=Queue))
+
+    real_flock = fcntl.flock
+    st = os.stat(root)
+
+    def flock(fd: int, how: int) -> None:
+        if os.path.samestat(os.fstat(fd), st):  # the spool directory's: the owner locks work
+            raise OSError(err, os.strerror(err))
+        real_flock(fd, how)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    spool = multispool.Spool.load(root, multispool.Spoolable(queues=Queue))
+    spool.enqueue(Queue.QUEUE1, Cog(n=1), b"x")
+    multispool.Spool.create(root, multispool.Spoolable(queues=Queue))
+    assert [e.queue for e in spool.list(Queue.QUEUE1)] == [Queue.QUEUE1]

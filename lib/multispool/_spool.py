@@ -847,8 +847,11 @@ def _creation_lock(root: str, *, exclusive: bool) -> Iterator[None]:
                     log.warning(
                         "multispool: %s stays locked by another process: going on without waiting", root
                     )
-                elif e.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
+                # Anything else (no flock on this filesystem: ENOSYS, EOPNOTSUPP, ENOLCK;
+                # fcntl-emulated flock on a read-only descriptor: EBADF; a FUSE daemon's
+                # own errors): the lock is best effort, the spool still opens.
+                else:
+                    log.debug("multispool: no creation lock on %s: %s", root, e)
             break
         yield
     finally:
