@@ -12,15 +12,12 @@ from typing import Any
 import pytest
 
 import multispool
+from _paths import open_fds as _open_fds
 from _procs import in_forked_child
 from conftest import Cog, Queue
 from multispool import _aio, _fs
 
 pytestmark = pytest.mark.skipif(not _aio._usable, reason="Linux AIO fsync is not available here")
-
-
-def _open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
 def _files(tmp_path: Path, n: int) -> list[str]:

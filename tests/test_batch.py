@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 import multispool
+from _paths import full, open_fds
 from conftest import Cog, Queue
 from multispool import _aio, _enqueue, _fs
 from multispool.aio import AsyncSpool
@@ -79,7 +80,7 @@ class _Trace:
 
         def t_rename(a: Any, b: Any, **kw: Any) -> None:
             rename(a, b, **kw)
-            rec("rename", b)
+            rec("rename", full(b, kw.get("dst_dir_fd")))
 
         fsync_all = _aio.fsync_all
 
@@ -1163,7 +1164,7 @@ def test_write_out_starts_every_file_then_waits_for_each(
     paths = [str(tmp_path / f"f{i}") for i in range(3)]
     for p in paths:
         Path(p).write_bytes(b"x" * 100)
-    before = set(os.listdir("/proc/self/fd"))
+    before = open_fds()
     # A path not there: skipped. A file given with its descriptor: written out through it.
     mine = os.open(paths[2], os.O_RDONLY)
     try:
@@ -1181,7 +1182,7 @@ def test_write_out_starts_every_file_then_waits_for_each(
         os.close(mine)
     assert errs == [None] * 4
     assert opened == [paths[0], paths[1], str(tmp_path / "missing")]
-    assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
+    assert open_fds() == before and _fs._held <= _HELD_BEFORE
     inos = [os.stat(p).st_ino for p in paths]
     assert calls == [(i, 2) for i in inos] + [(i, 7) for i in inos]  # all started, then each waited
 
@@ -1527,8 +1528,9 @@ class _Opens:
         real_open = os.open
 
         def counting(path: Any, *a: Any, **kw: Any) -> int:
+            p = full(path, kw.get("dir_fd"))
             with self.lock:
-                self.opens[str(path)] = self.opens.get(str(path), 0) + 1
+                self.opens[p] = self.opens.get(p, 0) + 1
             return real_open(path, *a, **kw)
 
         monkeypatch.setattr(os, "open", counting)
@@ -1555,7 +1557,7 @@ def test_written_files_are_synced_through_the_descriptors_that_wrote_them(
     saw it), which is closed once the entry is published."""
     full_spool.enqueue(Queue.QUEUE1, Cog(n=-1), b"")  # what is opened once per process
     opens = _Opens(monkeypatch)
-    before = set(os.listdir("/proc/self/fd"))
+    before = open_fds()
     out: list[Any] = []
 
     def run() -> None:
@@ -1571,7 +1573,7 @@ def test_written_files_are_synced_through_the_descriptors_that_wrote_them(
     for e in out:
         assert opens.opens.get(os.path.join(root, ".tmp", e.name)) == 1, opens.opens
         assert opens.opens.get(os.path.join(root, ".data", e.name)) == 1, opens.opens
-    assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
+    assert open_fds() == before and _fs._held <= _HELD_BEFORE
 
 
 def test_a_batch_whose_files_do_not_fit_the_limit_syncs_them_by_path(
@@ -1622,11 +1624,11 @@ def test_an_interrupt_between_an_entrys_closes_leaves_nothing_of_it(
         real(self)
 
     monkeypatch.setattr(_enqueue.Staged, "close_files", interrupted)
-    before = set(os.listdir("/proc/self/fd"))
+    before = open_fds()
     with pytest.raises(KeyboardInterrupt):
         spool.enqueue(Queue.QUEUE1, Cog(n=1), b"1")
     assert hit
-    assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
+    assert open_fds() == before and _fs._held <= _HELD_BEFORE
     assert [e.direct.contents() for e in spool.list(Queue.QUEUE1)] == [Cog(n=-1)]
     for d, left in ((".tmp", 0), (".data", 1), (".registry", 1)):
         assert len(os.listdir(tmp_path / "sp" / d)) == left, (d, os.listdir(tmp_path / "sp" / d))
@@ -1705,7 +1707,7 @@ def test_a_close_that_fails_fails_a_lone_enqueue_before_publishing(
             raise OSError(errno.EIO, "Input/output error", st.tmp)
 
     monkeypatch.setattr(_enqueue.Staged, "close_files", closing)
-    before = set(os.listdir("/proc/self/fd"))
+    before = open_fds()
     with pytest.raises(OSError) as info:
         if how == "enqueue":
             spool.enqueue(Queue.QUEUE1, Cog(n=1), b"1")
@@ -1715,4 +1717,4 @@ def test_a_close_that_fails_fails_a_lone_enqueue_before_publishing(
     assert [e.direct.contents() for e in spool.list(Queue.QUEUE1)] == [Cog(n=-1)]
     files = _files(spool)
     assert files[".tmp"] == [] and len(files[".registry"]) == 1 and len(files[".data"]) == 1
-    assert set(os.listdir("/proc/self/fd")) == before and _fs._held <= _HELD_BEFORE
+    assert open_fds() == before and _fs._held <= _HELD_BEFORE

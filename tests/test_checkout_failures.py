@@ -19,6 +19,7 @@ import pytest
 
 import multispool
 import multispool.aio
+from _paths import full, src_dst
 from conftest import Cog, Queue, Widget
 from multispool import _fs
 
@@ -133,8 +134,9 @@ def test_failed_retry_of_a_delayed_entry_restores_its_schedule(tmp_path: Path, d
     real_rename = os.rename
 
     def failing(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
-        if "/.checkout/" in str(src) and str(dst).endswith(f"/queue1/{e.name}"):
-            raise OSError(errno.EIO, "Input/output error", src)
+        s, d = src_dst(src, dst, kw)
+        if "/.checkout/" in s and d.endswith(f"/queue1/{e.name}"):
+            raise OSError(errno.EIO, "Input/output error", s)
         real_rename(src, dst, *a, **kw)
 
     co = spool.checkout(e)
@@ -474,9 +476,10 @@ def test_failed_release_keeps_the_checkout_held(tmp_path: Path, durability: str)
     failed: list[bool] = []
 
     def failing(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
-        if not failed and str(dst).endswith(f"/queue1/{e.name}"):
+        s, d = src_dst(src, dst, kw)
+        if not failed and d.endswith(f"/queue1/{e.name}"):
             failed.append(True)
-            raise OSError(errno.EIO, "Input/output error", src)
+            raise OSError(errno.EIO, "Input/output error", s)
         real_rename(src, dst, *a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -512,13 +515,15 @@ def test_failed_end_whose_undo_is_logged_frees_the_lock_once_dropped(
     real_rename, real_lstat = os.rename, os.lstat
 
     def rename(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
-        if str(src) == cofile:
-            raise OSError(errno.EIO, "Input/output error", src)
+        s, _ = src_dst(src, dst, kw)
+        if s == cofile:
+            raise OSError(errno.EIO, "Input/output error", s)
         real_rename(src, dst, *a, **kw)
 
     def lstat(path: Any, *a: Any, **kw: Any) -> os.stat_result:
-        if str(path) == cofile:
-            raise OSError(errno.EIO, "Input/output error", path)
+        p = full(path, kw.get("dir_fd"))
+        if p == cofile:
+            raise OSError(errno.EIO, "Input/output error", p)
         return real_lstat(path, *a, **kw)
 
     with caplog.at_level(logging.WARNING, logger="multispool"), pytest.MonkeyPatch.context() as mp:
@@ -544,8 +549,9 @@ def _failing_release(mp: pytest.MonkeyPatch, spool: multispool.Spool[Any, bytes]
     back = os.path.join(spool.dir, "queue1", name)
 
     def rename(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
-        if str(dst) == back:
-            raise OSError(errno.EIO, "Input/output error", src, None, dst)
+        s, d = src_dst(src, dst, kw)
+        if d == back:
+            raise OSError(errno.EIO, "Input/output error", s, None, d)
         real_rename(src, dst, *a, **kw)
 
     mp.setattr(os, "rename", rename)
@@ -848,8 +854,9 @@ def test_interrupted_give_back_still_propagates(tmp_path: Path) -> None:
     real_rename = os.rename
 
     def interrupted(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        _, d = src_dst(src, dst, kw)
         real_rename(src, dst, *a, **kw)
-        if str(dst).endswith(f"/queue1/{e.name}"):
+        if d.endswith(f"/queue1/{e.name}"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as ei, pytest.MonkeyPatch.context() as mp, spool.checkout(e):
@@ -875,9 +882,10 @@ def test_keep_link_name_taken_again_and_again_is_a_clear_error_and_loses_nothing
     planted: list[str] = []
 
     def planting(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
-        if os.path.basename(dst) == f".~{e.name}":
-            Path(dst).write_bytes(b"planted")  # the member is there first, every time
-            planted.append(str(dst))
+        _, d = src_dst(src, dst, kw)
+        if os.path.basename(d) == f".~{e.name}":
+            Path(d).write_bytes(b"planted")  # the member is there first, every time
+            planted.append(d)
         real_link(src, dst, *a, **kw)
 
     co = None if op == "claim" else spool.checkout(e)

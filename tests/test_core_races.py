@@ -25,6 +25,8 @@ import pytest
 
 import multispool
 import multispool._fs
+from _paths import full
+from _paths import open_fds as _open_fds
 from _procs import broadcast, child_env, find_sort, run_python, workers
 from conftest import Cog, Queue
 
@@ -43,10 +45,6 @@ def _untyped(path: str | os.PathLike[str], **kw: Any) -> multispool.Spool[bytes]
     return multispool.Spool.create(
         path, multispool.Spoolable(queues=Queue, name_generator=multispool.PrefixNames(), **kw)
     )
-
-
-def _open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
 def _lock_is_free(path: str) -> bool:
@@ -274,9 +272,10 @@ def _interrupt_opens(monkeypatch: pytest.MonkeyPatch, match: Any) -> list[str]:
     hit: list[str] = []
 
     def interrupted_open(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        p = full(path, kw.get("dir_fd"))
         fd = real_open(path, flags, *a, **kw)
-        if not hit and match(str(path), flags):
-            hit.append(str(path))
+        if not hit and match(p, flags):
+            hit.append(p)
             raise KeyboardInterrupt
         return fd
 
@@ -461,6 +460,31 @@ def test_closing_a_lost_unnamed_file_closes_nothing_else_of_its_directory(tmp_pa
         os.close(named)
         if not closed:
             os.close(lost)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_closing_a_lost_directory_open_never_closes_the_spools_own(spool: multispool.Spool[bytes]) -> None:
+    """An open of a spool directory (an AIO fsync's) interrupted as it returned loses a
+    descriptor of that directory, closed by its /proc link. The spool holds its
+    directories open and reaches every file through them: that one is not lost, and
+    closing it let the number go to the next file opened ("Not a directory", or a
+    rename through whatever directory took the number)."""
+    from multispool import _fs
+
+    data = spool._layout.data
+    held = data.fd  # type: ignore[attr-defined]
+    lost = os.open(data, _fs._DIR_FLAGS)  # the interrupted open's descriptor
+    try:
+        _fs._close_lost(data, _fs._DIR_FLAGS)
+        with pytest.raises(OSError) as e:
+            os.fstat(lost)
+        assert e.value.errno == errno.EBADF, "the lost descriptor was not closed"
+        lost = -1
+        assert os.path.samestat(os.fstat(held), os.stat(data)), "the spool's own descriptor was closed"
+    finally:
+        if lost >= 0:
+            os.close(lost)
+    spool.enqueue(Queue.QUEUE1, Cog(n=1), b"data").direct.remove()
 
 
 @pytest.mark.skipif(not multispool._fs._TMPFILE_OK, reason="the search for lost unnamed files is Linux's")

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _crashmodel
 from _crashmodel import Call, Model
+from _paths import full
 from _procs import run_python
 
 SLOW = os.environ.get("MULTISPOOL_SLOW") == "1"
@@ -416,7 +417,7 @@ def _lstat_fails_at(monkeypatch: pytest.MonkeyPatch, hidden: str) -> None:
     real_lstat = os.lstat
 
     def lstat(path: Any, *args: Any, **kw: Any) -> os.stat_result:
-        if os.fspath(path) == hidden:
+        if full(path, kw.get("dir_fd")) == hidden:
             raise OSError(5, "Input/output error", hidden)
         return real_lstat(path, *args, **kw)
 
@@ -473,7 +474,7 @@ def test_clean_abandoned_spares_an_entry_it_cannot_look_up(
 
     def listdir(path: Any = ".") -> list[Any]:
         names = real_listdir(path)
-        return [n for n in names if n != e.name] if os.fspath(path) == a else names
+        return [n for n in names if n != e.name] if full(path) == a else names
 
     monkeypatch.setattr(os, "listdir", listdir)
     _lstat_fails_at(monkeypatch, os.path.join(a, e.name))

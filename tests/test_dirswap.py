@@ -1,11 +1,10 @@
 """A hostile member of a shared spool's group swaps one of the spool's directories (a
 queue, its ``.checkout``, ``.data``, ``.tmp``, ``.registry``) for a symbolic link to a
 directory of another user's own, holding files at the names the spool is about to use.
-No operation may then rename over, unlink, move away or write a file of that directory.
-The defence these tests ask for: a spool holds each of its directories open once found
-and works relative to those descriptors (a later swap leaves it in the real directory),
-and a directory that is a symlink when first opened is refused by name. Loading such a
-spool is refused today; the rest is not defended yet (``UNDEFENDED``).
+No operation may then rename over, unlink, move away or write a file of that directory:
+a spool holds each of its directories open once found, and works relative to those
+descriptors (a later swap leaves it in the real directory), and a directory that is a
+symlink when first opened is refused by name.
 """
 
 from __future__ import annotations
@@ -21,13 +20,6 @@ from conftest import Cog, Queue
 
 # Every name PrefixNames gives for seed "guess": predictable, as time-ordered names are.
 GUESS = "guess000000"
-
-# Not defended yet (docs/guide/examples.md, "Who can do what in a shared spool"): every
-# operation still reaches the spool's directories by path. Strict, so that the change
-# that makes operations work relative to held directory descriptors must drop it.
-UNDEFENDED = pytest.mark.xfail(
-    strict=True, reason="spool directories are reached by path, not through held descriptors"
-)
 
 
 class Victim:
@@ -80,7 +72,6 @@ def _enqueue(spool: multispool.Spool[Any, bytes]) -> multispool.Entry[Any, bytes
 # -- the consumer side ------------------------------------------------------------------
 
 
-@UNDEFENDED
 def test_claim_with_checkout_dir_swapped_stays_in_the_spool(
     spool: multispool.Spool[Any, bytes], victim: Victim
 ) -> None:
@@ -95,7 +86,6 @@ def test_claim_with_checkout_dir_swapped_stays_in_the_spool(
     assert [x.name for x in spool.list(Queue.QUEUE2)] == [GUESS]
 
 
-@UNDEFENDED
 @pytest.mark.parametrize("how", ["save", "retry", "release"])
 def test_move_out_of_swapped_checkout_dir_never_takes_the_victims_file(
     spool: multispool.Spool[Any, bytes], victim: Victim, how: str
@@ -114,7 +104,6 @@ def test_move_out_of_swapped_checkout_dir_never_takes_the_victims_file(
     assert [x.name for x in spool.list(dst)] == [GUESS]
 
 
-@UNDEFENDED
 def test_save_into_swapped_queue_dir_stays_in_the_spool(
     spool: multispool.Spool[Any, bytes], victim: Victim
 ) -> None:
@@ -125,7 +114,6 @@ def test_save_into_swapped_queue_dir_stays_in_the_spool(
     assert sorted(os.listdir(real)) == [".checkout", GUESS]
 
 
-@UNDEFENDED
 def test_save_rewritten_with_tmp_swapped_stays_in_the_spool(
     spool: multispool.Spool[Any, bytes], victim: Victim
 ) -> None:
@@ -136,7 +124,6 @@ def test_save_rewritten_with_tmp_swapped_stays_in_the_spool(
     assert [x.direct.contents() for x in spool.list(Queue.QUEUE2)] == [Cog(n=2)]
 
 
-@UNDEFENDED
 @pytest.mark.parametrize("where", [".data", ".registry"])
 def test_remove_with_dir_swapped_never_unlinks_the_victims_file(
     spool: multispool.Spool[Any, bytes], victim: Victim, where: str
@@ -148,7 +135,6 @@ def test_remove_with_dir_swapped_never_unlinks_the_victims_file(
     assert os.listdir(real) == []
 
 
-@UNDEFENDED
 def test_recover_with_checkout_dir_swapped_never_takes_the_victims_file(
     spool: multispool.Spool[Any, bytes], tmp_path: Path
 ) -> None:
@@ -163,7 +149,6 @@ def test_recover_with_checkout_dir_swapped_never_takes_the_victims_file(
     assert spool.list(Queue.QUEUE1) == []
 
 
-@UNDEFENDED
 @pytest.mark.parametrize("where", [".data", ".tmp"])
 def test_clean_abandoned_with_dir_swapped_never_unlinks_the_victims_file(
     spool: multispool.Spool[Any, bytes], victim: Victim, where: str
@@ -191,7 +176,6 @@ def test_load_refuses_a_spool_dir_that_is_a_symlink_and_touches_nothing(
     victim.untouched()
 
 
-@UNDEFENDED
 def test_unsafe_spool_first_opening_a_swapped_dir_refuses_it_by_name(
     spool: multispool.Spool[Any, bytes], victim: Victim
 ) -> None:
@@ -203,3 +187,19 @@ def test_unsafe_spool_first_opening_a_swapped_dir_refuses_it_by_name(
     assert str(_q1(spool) / ".checkout") in str(ei.value)
     victim.untouched()
     assert [x.name for x in spool.list(Queue.QUEUE1)] == [GUESS]
+
+
+@pytest.mark.parametrize("mode", ["native", "polling"])
+def test_reader_whose_queue_dir_is_swapped_refuses_it_by_name(
+    spool: multispool.Spool[Any, bytes], victim: Victim, mode: str
+) -> None:
+    """A reader follows a queue directory renamed in its place (the spool's own,
+    replaced), but a symlink there is no spool directory: the reader raises
+    NotASpoolError naming it, and takes nothing from where it leads."""
+    with spool.reader(Queue.QUEUE1, observer=mode, rescan_interval=0.2, poll_interval=0.05) as reader:
+        assert reader.dequeue_available() is None
+        swap(_q1(spool), victim)
+        with pytest.raises(multispool.NotASpoolError) as ei:
+            reader.dequeue(timeout=10)
+    assert str(_q1(spool)) in str(ei.value)
+    victim.untouched()

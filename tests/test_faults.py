@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 import multispool
+from _paths import full, open_fds
 from conftest import Cog, Queue, Widget
 from multispool import _aio, _enqueue, _fs, aio, cli
 
@@ -671,7 +672,18 @@ class _Injector:
         # each CLI case's time, and building it touches no spool.
         monkeypatch.setattr(cli, "build_parser", functools.cache(cli.build_parser))
 
-    def _path(self, name: str, args: tuple[Any, ...], on_fd: bool) -> str | None:
+    @staticmethod
+    def _full(name: str, args: tuple[Any, ...], kw: dict[str, Any]) -> list[str]:
+        """The whole paths of a call's path arguments (a name in a directory descriptor
+        resolved: tests/_paths.py)."""
+        named = (str, bytes, os.PathLike)
+        if name in ("rename", "link"):
+            fds = (kw.get("src_dir_fd"), kw.get("dst_dir_fd"))
+            pairs = zip(args[:2], fds, strict=False)
+            return [os.path.abspath(full(a, fd)) for a, fd in pairs if isinstance(a, named)]
+        return [os.path.abspath(full(a, kw.get("dir_fd"))) for a in args[:1] if isinstance(a, named)]
+
+    def _path(self, name: str, args: tuple[Any, ...], kw: dict[str, Any], on_fd: bool) -> str | None:
         if not args:
             return None
         if on_fd or isinstance(args[0], int):
@@ -679,10 +691,7 @@ class _Injector:
                 return os.readlink(f"/proc/self/fd/{args[0]}")
             except (OSError, TypeError):
                 return None
-        named = (str, bytes, os.PathLike)
-        paths = [os.path.abspath(os.fsdecode(a)) for a in args[:2] if isinstance(a, named)]
-        paths = paths if name in ("rename", "link") else paths[:1]
-        return next((p for p in paths if p.startswith(self.root)), None)
+        return next((p for p in self._full(name, args, kw) if p.startswith(self.root)), None)
 
     def _wrap(self, name: str, real: Any, errs: tuple[int, ...], on_fd: bool) -> Any:
         def call(*args: Any, **kw: Any) -> Any:
@@ -690,7 +699,9 @@ class _Injector:
             if self.counting and counted and not getattr(self._inside, "on", False):
                 self._inside.on = True
                 try:
-                    path = self._path(name, args, on_fd)
+                    path = self._path(name, args, kw, on_fd)
+                    by_fd = path is None or on_fd or isinstance(args[0], int)
+                    paths = [] if by_fd else self._full(name, args, kw)
                 finally:
                     self._inside.on = False
                 if path is not None:
@@ -698,9 +709,9 @@ class _Injector:
                     self.calls.append((name, path))
                     if self.err in errs and (i == self.at or (self.sticky and self.fired is not None)):
                         self.fired = self.fired or path
-                        names = () if on_fd or isinstance(args[0], int) else (os.fsdecode(args[0]),)
-                        if name in ("rename", "link") and names:
-                            names = (*names, None, os.fsdecode(args[1]))
+                        names: tuple[str | None, ...] = tuple(paths[:1])
+                        if name in ("rename", "link") and len(paths) == 2:
+                            names = (paths[0], None, paths[1])
                         raise OSError(self.err, os.strerror(self.err), *names)
             if name == "fsync":
                 return None
@@ -975,8 +986,10 @@ _ANY_NAME = {"multispool enqueue"}
 
 
 def _open_under(root: str) -> list[str]:
+    """What this process has open under ``root``, but for the spool's own directories,
+    which it holds open (``open_fds``)."""
     out = []
-    for n in os.listdir("/proc/self/fd"):
+    for n in open_fds():
         with contextlib.suppress(OSError):
             if (t := os.readlink(f"/proc/self/fd/{n}")).startswith(root):
                 out.append(t)

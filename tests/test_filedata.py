@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import multispool
+from _paths import open_fds
 from conftest import Cog, Queue
 from multispool import _fs
 
@@ -61,9 +62,10 @@ def test_link_false_copies_and_uses_the_spool_file_mode(tmp_path: Path) -> None:
 
 
 def _open_files_in(directory: str) -> list[str]:
-    """What this process has open under ``directory`` (Linux: /proc/self/fd)."""
+    """What this process has open under ``directory`` (Linux: /proc/self/fd), but for
+    the spool's own directories, which it holds open."""
     out = []
-    for n in os.listdir("/proc/self/fd"):
+    for n in open_fds():
         try:
             target = os.readlink(f"/proc/self/fd/{n}")
         except OSError:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import multispool
+from _paths import full
 from conftest import Cog, Queue
 
 SECRET = b"the victim's own file: never to be written, truncated or locked by the spool\n"
@@ -134,8 +135,9 @@ def test_a_schedule_written_through_a_second_descriptor_goes_to_the_locked_file_
     real_open = os.open
 
     def read_only_registry(path: Any, flags: int, *a: Any, **kw: Any) -> int:
-        if ".registry" in str(path) and flags & os.O_RDWR:
-            raise PermissionError(13, "Permission denied", path)  # as a non-owner sees it
+        p = full(path, kw.get("dir_fd"))
+        if ".registry" in p and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", p)  # as a non-owner sees it
         return real_open(path, flags, *a, **kw)
 
     monkeypatch.setattr(os, "open", read_only_registry)

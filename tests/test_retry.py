@@ -628,6 +628,7 @@ KILL_CHILD = """
 import os, sys, time
 import multispool
 from multispool import _schedule, _spool
+from _paths import src_dst
 from conftest import Queue, Widget
 sp = multispool.Spoolable(queues=Queue, metadata=Widget, name_generator=multispool.PrefixNames())
 spool = multispool.Spool.load(sys.argv[1], sp)
@@ -640,7 +641,7 @@ if where == "before-record":
     _spool._schedule.write_fd = hang
 else:
     def rename(src, dst, **k):
-        if ".checkout" in src and where == "before-rename":
+        if ".checkout" in src_dst(src, dst, k)[0] and where == "before-rename":
             hang()
         return real_rename(src, dst, **k)
     _spool.os.rename = rename

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import multispool
+from _paths import full, src_dst
 from _procs import Worker, child_env
 from conftest import Cog, Queue
 from multispool import _sharedfs, cli
@@ -44,7 +45,7 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, match: Callable[[str], 
     failed: list[str] = []
 
     def fake(path: Any, *a: Any, **kw: Any) -> Any:
-        p = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
+        p = full(path, kw.get("dir_fd", kw.get("src_dir_fd"))) if isinstance(path, (str, os.PathLike)) else ""
         if match(p):
             failed.append(p)
             raise OSError(err, os.strerror(err), p)
@@ -138,11 +139,11 @@ def _noop_renames(monkeypatch: pytest.MonkeyPatch, times: int) -> list[tuple[str
     calls: list[tuple[str, str]] = []
 
     def fake(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
-        src, dst = os.fspath(src), os.fspath(dst)
+        s, d = src_dst(src, dst, kw)
         if len(calls) < times:
-            calls.append((src, dst))
-            if not os.path.lexists(dst):
-                os.link(src, dst)
+            calls.append((s, d))
+            if not os.path.lexists(d):
+                os.link(s, d)
             return
         expire_stale_names(calls)
         real(src, dst, *a, **kw)
@@ -529,8 +530,9 @@ def test_close_of_a_registry_descriptor_saying_enoent_is_not_an_error(
     registry_fds: set[int] = set()
 
     def fake_open(path: Any, *a: Any, **kw: Any) -> int:
+        p = full(path, kw.get("dir_fd"))
         fd = real_open(path, *a, **kw)
-        if "/.registry/" in os.fspath(path):
+        if "/.registry/" in p:
             registry_fds.add(fd)
         return fd
 

@@ -15,6 +15,7 @@ import pytest
 import multispool
 import multispool._fs
 import multispool._spool
+from _paths import full
 from _procs import Worker, broadcast, find_sort, workers
 from conftest import Cog, Queue, Sprocket
 
@@ -157,7 +158,7 @@ def test_enqueue_use_a_name_whose_queue_file_cannot_be_looked_up(
     lstat = os.lstat
 
     def failing(path: Any, *a: Any, **kw: Any) -> os.stat_result:
-        if os.fspath(path) == qfile:
+        if full(path, kw.get("dir_fd")) == qfile:
             raise OSError(errno.EIO, "Input/output error", qfile)
         return lstat(path, *a, **kw)
 
@@ -347,8 +348,9 @@ def test_enqueue_failure_whose_cleanup_fails_raises_its_own_error_and_leaves_an_
     real_unlink = os.unlink
 
     def unlink(path: Any, *a: Any, **kw: Any) -> None:
-        if os.fspath(path) == left:
-            raise OSError(errno.EIO, "Input/output error", path)
+        p = full(path, kw.get("dir_fd"))
+        if p == left:
+            raise OSError(errno.EIO, "Input/output error", p)
         real_unlink(path, *a, **kw)
 
     monkeypatch.setattr(os, "unlink", unlink)

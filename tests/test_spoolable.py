@@ -18,6 +18,7 @@ import pytest
 
 import multispool
 import multispool._fs
+from _paths import full, src_dst
 from _procs import broadcast, child_env, find_sort, run_python, workers
 from conftest import Cog, Queue, Sprocket, Widget
 
@@ -564,11 +565,11 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> list[Event]:
         real_fsync(fd)
 
     def rename(src: Any, dst: Any, **kw: Any) -> None:
-        events.append(("rename", os.fspath(src), os.fspath(dst)))
+        events.append(("rename", *src_dst(src, dst, kw)))
         real_rename(src, dst, **kw)
 
     def unlink(path: Any, **kw: Any) -> None:
-        events.append(("unlink", os.fspath(path)))
+        events.append(("unlink", full(path, kw.get("dir_fd"))))
         real_unlink(path, **kw)
 
     monkeypatch.setattr(multispool._fs, "fsync_fd", fsync_fd)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from _paths import open_fds
 from _procs import in_forked_child
 from multispool import _inotify, _watch
 from multispool._watch import ObserverMode, choose_observer, subscribe
@@ -910,4 +911,4 @@ def test_an_observer_thread_that_cannot_start_leaks_no_inotify_instance(
 
 
 def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return len(open_fds())

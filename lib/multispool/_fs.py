@@ -49,6 +49,198 @@ O_LOCK_RO: Final = O_READ
 ENOTREG: Final = getattr(errno, "EFTYPE", errno.ENXIO)
 
 
+# -- paths held through directory descriptors -----------------------------------------
+# A member of a shared spool's group may replace one of its directories (a queue, its
+# .checkout, .data, .tmp, .registry) with a symlink to a directory elsewhere: an operation
+# by path would then rename over, or unlink, a file there with the caller's rights. So a
+# spool opens each of its directories once (O_NOFOLLOW, relative to its parent's
+# descriptor: ``_layout.Layout``) and every primitive here reaches a spool path through
+# its directory's descriptor (openat, renameat, linkat, unlinkat, fstatat): once a
+# directory is held, swapping its path changes nothing. The paths stay strs (messages and
+# errors name the whole path); the primitives also take plain paths (a spool's parent,
+# a user's file), reached as before.
+
+
+class Dirs:
+    """The descriptors of one spool's directories, by key ("" the spool, ".registry",
+    "QUEUE", "QUEUE/.checkout"): each opened on first use, relative to its parent's and
+    never through a symlink (NotASpoolError naming it; the spool's own path, as given,
+    may be one: a user's choice), then held until this object is collected. A forked
+    child keeps them (they hold no lock). ``refresh`` follows directories replaced
+    since (by rename: real directories) without changing a descriptor's number, so a
+    number read by another thread never names another file."""
+
+    def __init__(self, root: str, not_a_spool: Callable[[str, str], Exception]) -> None:
+        self.root = root
+        self._prefix = os.path.join(root, "")
+        self._not_a_spool = not_a_spool
+        # Each descriptor in a list that the call opening it fills (the descriptor box,
+        # below): an interrupting exception cannot lose it between the open and the store.
+        self.fds: dict[str, list[int]] = {}
+        # (st_dev, st_ino) of each held directory, taken as it is opened: what a reader
+        # compares its queue directory's path with, at no system call (see refresh).
+        self.idents: dict[str, tuple[int, int]] = {}
+        self._lock = threading.RLock()
+        weakref.finalize(self, _close_dirs, self.fds)
+
+    def path(self, key: str) -> str:
+        return self._prefix + key if key else self.root
+
+    def _open(self, key: str, held: set[int]) -> int:
+        """A new descriptor of directory ``key`` (its parent's held one, opened if need
+        be), added to ``held`` as soon as it is opened (closed again if an exception
+        comes in between)."""
+        parent, _, base = key.rpartition("/")
+        if key:
+            pfd: int | None = self.fd(parent)
+            flags = _DIR_NOFOLLOW
+        else:
+            pfd, base, flags = None, self.root, _DIR_FLAGS
+        box: list[int] = []
+        try:
+            box.extend(map(functools.partial(os.open, dir_fd=pfd), (base,), (flags,)))
+            held.add(box[0])
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR) and key:
+                raise self._not_a_spool(_NOT_A_DIR, self.path(key)) from None
+            e.filename = self.path(key)
+            raise
+        except BaseException:
+            for fd in box:
+                held.discard(fd)
+            _DISCARD.extend(map(os.close, box))
+            raise
+        return box[0]
+
+    def fd(self, key: str) -> int:
+        """The held descriptor of directory ``key``, opened on first use."""
+        box = self.fds.get(key)
+        if box:
+            return box[0]
+        with self._lock:
+            box = self.fds.get(key)
+            if box:
+                return box[0]
+            box = self.fds[key] = []
+            try:
+                # In _dir_fds from its open on: _close_unheld, run by another thread's
+                # interrupted open, must never take it for lost.
+                box.append(self._open(key, _dir_fds))
+            finally:
+                if not box:
+                    del self.fds[key]
+            st = os.fstat(box[0])
+            self.idents[key] = (st.st_dev, st.st_ino)
+            return box[0]
+
+    def refresh(self) -> None:
+        """Hold what each held directory's path names now, parents first: a directory
+        renamed there is followed, a symlink refused (NotASpoolError naming it). A path
+        that names nothing now keeps its directory (nothing else is taken for it). Each
+        new directory takes the number of the old (dup2), which it closes."""
+        with self._lock:
+            for key in sorted(self.fds, key=lambda k: (k.count("/"), k != "", k)):
+                if not self.fds[key]:
+                    continue
+                try:
+                    new = self._open(key, _dir_fds)
+                except FileNotFoundError:
+                    continue
+                try:
+                    st = os.fstat(new)
+                    os.dup2(new, self.fds[key][0], inheritable=False)
+                    self.idents[key] = (st.st_dev, st.st_ino)
+                finally:
+                    _dir_fds.discard(new)
+                    os.close(new)
+
+
+def _close_dirs(fds: dict[str, list[int]]) -> None:
+    for box in fds.values():
+        for fd in box:
+            _dir_fds.discard(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    fds.clear()
+
+
+_DIR_NOFOLLOW: Final = (
+    os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+_NOT_A_DIR: Final = "not a directory (symlinks are not followed)"
+
+
+class SpoolDir(str):
+    """A directory of a spool, as a str its path; ``fd`` is its descriptor (``Dirs``),
+    looked up on first use, then a plain attribute. Reached as "." in itself."""
+
+    rel = "."
+    _dirs: Dirs
+    _key: str
+    fd: int
+
+    def __getattr__(self, name: str) -> Any:
+        # Only a missing attribute comes here: ``fd`` before its first use.
+        if name != "fd":
+            raise AttributeError(name)
+        fd = self.fd = self._dirs.fd(self._key)
+        return fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (str, (str(self),))  # a descriptor means nothing in another process
+
+
+def held_ident(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory a spool holds for ``path`` (a SpoolDir; opened
+    if need be), None for a path reached by path."""
+    if type(path) is not SpoolDir:
+        return None
+    path.fd  # noqa: B018 - opened (and its identity taken) on first use
+    return path._dirs.idents[path._key]
+
+
+def spool_dir(path: str, dirs: Dirs, key: str) -> SpoolDir:
+    d = SpoolDir(path)
+    d._dirs = dirs
+    d._key = key
+    return d
+
+
+class At(str):
+    """A file of a spool, as a str its whole path: ``rel``, its name in directory
+    ``home`` (a SpoolDir), through whose descriptor it is reached. Built by the Layout
+    with ``At(path)`` and two attribute stores: no Python call on an entry's path."""
+
+    home: SpoolDir
+    rel: str
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (str, (str(self),))
+
+
+def at(path: str) -> tuple[str, int | None]:
+    """Where a system call reaches ``path``: its name and directory descriptor for a
+    spool path (SpoolDir, At), the path itself and None (the cwd) for any other."""
+    t = type(path)
+    if t is At:
+        return path.rel, path.home.fd  # type: ignore[attr-defined]
+    if t is SpoolDir:
+        return ".", path.fd  # type: ignore[attr-defined]
+    return path, None
+
+
+def _renamed(e: OSError, path: str, path2: str | None = None) -> OSError:
+    """``e`` from a call given ``at(path)`` (and ``at(path2)``): named by the whole paths,
+    not the names relative to a directory descriptor."""
+    if e.filename is None or (type(path) is not str and e.filename == getattr(path, "rel", None)):
+        e.filename = str(path)
+    if path2 is not None and (
+        e.filename2 is None or (type(path2) is not str and e.filename2 == getattr(path2, "rel", None))
+    ):
+        e.filename2 = str(path2)
+    return e
+
+
 def not_regular(path: str) -> OSError:
     """The error for a path that is not a regular file (never opened blocking)."""
     return OSError(ENOTREG, "not a regular file", path)
@@ -86,7 +278,14 @@ if os.name == "nt":  # pragma: no cover - Windows only
 else:
 
     def fsync_dir(path: str) -> None:
-        """Make the entries of directory ``path`` durable."""
+        """Make the entries of directory ``path`` durable (a spool's own directory through
+        the descriptor it holds: no open or close)."""
+        if type(path) is SpoolDir:
+            try:
+                fsync_fd(path.fd)
+            except OSError as e:
+                raise _renamed(e, path) from None
+            return
         box: list[int] = []  # the descriptor box (below)
         close = functools.partial(_DISCARD.extend, map(os.close, box))
         try:
@@ -334,7 +533,11 @@ def _room(resource: Any, n: int) -> tuple[bool, int, int | None, int]:
 def open_syncfs(path: str) -> int:
     """A descriptor for ``syncfs``: open it BEFORE writing what it must make durable, as
     syncfs reports the writeback errors of the filesystem since the descriptor opened."""
-    return os.open(path, _DIR_FLAGS)
+    try:
+        rel, dfd = at(path)
+        return os.open(rel, _DIR_FLAGS, dir_fd=dfd)
+    except OSError as e:
+        raise _renamed(e, path) from None
 
 
 def syncfs(fd: int, path: str) -> None:
@@ -350,9 +553,7 @@ def syncfs(fd: int, path: str) -> None:
 def _name(e: OSError, path: str) -> OSError:
     """Errors from calls on a descriptor (write, fsync, read, utimensat) carry no path;
     give them the file's, so every error says where."""
-    if e.filename is None:
-        e.filename = path
-    return e
+    return _renamed(e, path)
 
 
 def write_file(
@@ -388,13 +589,16 @@ def write_file(
     # returns must not close the number again (another file may have it by then).
     closed = False
     try:
-        fd = os.open(path, flags, mode)
-    except FileExistsError:
+        if type(path) is At:  # inline (no call): every entry's files come here
+            fd = os.open(path.rel, flags, mode, dir_fd=path.home.fd)
+        else:
+            fd = os.open(path, flags, mode)
+    except FileExistsError as e:
         if exclusive:
-            raise
+            raise _renamed(e, path) from None
         fd = replace_stale(path, functools.partial(_open_owned, path, flags, mode, owned))
-    except OSError:
-        raise
+    except OSError as e:
+        raise _renamed(e, path) from None
     except BaseException:
         if owned:
             _close_lost(path, flags)
@@ -425,9 +629,10 @@ def _open_owned(path: str, flags: int, mode: int, owned: bool) -> int:
     """``os.open`` for ``write_file``'s replacing open: a descriptor an interrupting
     exception lost is closed as its first open's is."""
     try:
-        return os.open(path, flags, mode)
-    except OSError:
-        raise
+        rel, dfd = at(path)
+        return os.open(rel, flags, mode, dir_fd=dfd)
+    except OSError as e:
+        raise _renamed(e, path) from None
     except BaseException:
         if owned:
             _close_lost(path, flags)
@@ -449,10 +654,11 @@ def replace_stale(path: str, create: Callable[[], int]) -> int:
     keeps coming back (FileExistsError)."""
     for _ in range(_REPLACE_TRIES):
         try:
-            st = os.lstat(path)
+            rel, dfd = at(path)
+            st = os.lstat(rel, dir_fd=dfd)
         except OSError as e:
             if not gone(e):
-                raise
+                raise _renamed(e, path) from None
         else:
             if stat.S_ISLNK(st.st_mode):
                 raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
@@ -486,9 +692,9 @@ def _write_held(
     failure it is closed and the partly written file removed."""
     try:
         fd = _open_held(path, O_CREATE_EXCL, mode, holder)
-    except FileExistsError:
+    except FileExistsError as e:
         if exclusive:
-            raise
+            raise _renamed(e, path) from None
         fd = replace_stale(path, functools.partial(_open_held, path, O_CREATE_EXCL, mode, holder))
     try:
         n = os.write(fd, contents)  # all of it, but for a rare short write
@@ -565,7 +771,8 @@ def read_file(path: str) -> bytes:
     box: list[int] = []  # the descriptor box (above)
     close = functools.partial(_DISCARD.extend, map(os.close, box))
     try:
-        box.extend(map(os.open, (path,), (O_READ,)))
+        rel, dfd = at(path)
+        box.extend(map(functools.partial(os.open, dir_fd=dfd), (rel,), (O_READ,)))
         fd = box[0]
         # Metadata files are small: one read usually returns all of it, and a short read
         # of a regular file means end of file, so no fstat is needed to size the buffer.
@@ -607,7 +814,11 @@ def reopen_for_writing(path: str, fd: int | None) -> int:
     ``path`` names another file now (replaced meanwhile, maybe by a hard link of a
     user's file: that file must not be written), one with other hard links (planted
     so), or no regular file."""
-    wfd = os.open(path, O_WRITE_EXISTING)
+    try:
+        rel, dfd = at(path)
+        wfd = os.open(rel, O_WRITE_EXISTING, dir_fd=dfd)
+    except OSError as e:
+        raise _renamed(e, path) from None
     try:
         a = os.fstat(wfd)
         if not stat.S_ISREG(a.st_mode):
@@ -632,34 +843,92 @@ def lexists(path: str) -> bool:
     """True if ``path`` exists (not following a symlink); False if it is gone, ESTALE
     included. Other errors propagate."""
     try:
-        os.lstat(path)
+        rel, dfd = at(path)
+        os.lstat(rel, dir_fd=dfd)
     except OSError as e:
         if gone(e):
             return False
-        raise
+        raise _renamed(e, path) from None
     return True
 
 
 def unlink_quiet(path: str) -> bool:
     """Unlink ``path``; False if it was already gone. Other errors propagate."""
     try:
-        os.unlink(path)
+        rel, dfd = at(path)
+        os.unlink(rel, dir_fd=dfd)
     except OSError as e:
         if gone(e):
             return False
-        raise
+        raise _renamed(e, path) from None
     return True
 
 
 def rename_if_exists(src: str, dst: str) -> bool:
     """rename(2) ``src`` to ``dst``; False if ``src`` does not exist."""
     try:
-        os.rename(src, dst)
+        rename(src, dst)
     except OSError as e:
         if gone(e):
             return False
         raise
     return True
+
+
+def rename(src: str, dst: str) -> None:
+    """rename(2) ``src`` to ``dst``, each reached as ``at`` says (once more if a held
+    directory was found deleted: ``follow_deleted``)."""
+    try:
+        s, sfd = at(src)
+        d, dfd = at(dst)
+        os.rename(s, d, src_dir_fd=sfd, dst_dir_fd=dfd)
+    except OSError as e:
+        if gone(e) and follow_deleted(src, dst):
+            return rename(src, dst)
+        raise _renamed(e, src, dst) from None
+
+
+def listdir(path: str) -> list[str]:
+    """``os.listdir`` of directory ``path``; a spool's own directory is listed through a
+    new descriptor of the one it holds (the held one's offset is every thread's)."""
+    if type(path) is not SpoolDir:
+        return os.listdir(path)
+    if _PROC_FDS:
+        # The /proc link leads to the open directory itself, whatever its path names
+        # now: the system calls of a listing by path (os.listdir of a descriptor dups it).
+        try:
+            return os.listdir(f"/proc/self/fd/{path.fd}")
+        except OSError as e:
+            e.filename = str(path)
+            raise
+    try:
+        fd = os.open(".", _DIR_FLAGS, dir_fd=path.fd)
+    except OSError as e:
+        raise _renamed(e, path) from None
+    try:
+        return os.listdir(fd)
+    except OSError as e:
+        raise _renamed(e, path) from None
+    finally:
+        os.close(fd)
+
+
+def unlink(path: str) -> None:
+    """``os.unlink``, reaching ``path`` as ``at`` says."""
+    try:
+        rel, dfd = at(path)
+        os.unlink(rel, dir_fd=dfd)
+    except OSError as e:
+        raise _renamed(e, path) from None
+
+
+def lstat(path: str) -> os.stat_result:
+    """``os.lstat``, reaching ``path`` as ``at`` says."""
+    try:
+        rel, dfd = at(path)
+        return os.lstat(rel, dir_fd=dfd)
+    except OSError as e:
+        raise _renamed(e, path) from None
 
 
 def parent(path: str) -> str:
@@ -667,6 +936,8 @@ def parent(path: str) -> str:
     separator, a name): ``os.path.dirname`` as one C call. Where a path has doubled
     separators before its name, the result keeps one ("a//b" -> "a/"): the same
     directory."""
+    if type(path) is At:
+        return path.home
     head = path.rpartition(os.sep)[0]
     return head if head else os.path.dirname(path)
 
@@ -690,19 +961,54 @@ def rename_verified(
     still finds it recorded."""
     if verify and not dst_checked and lexists(dst):
         return _stale_or_gone(src)
+    n = 0 if renamed is None else len(renamed)
     try:
+        s, sfd = at(src)
+        d, dfd = at(dst)
         if renamed is None:
-            os.rename(src, dst)
+            os.rename(s, d, src_dir_fd=sfd, dst_dir_fd=dfd)
         else:
             renamed.append(None)
-            renamed.extend(map(os.rename, (src,), (dst,)))  # as the descriptor box
+            # As the descriptor box.
+            renamed.extend(map(functools.partial(os.rename, src_dir_fd=sfd, dst_dir_fd=dfd), (s,), (d,)))
     except OSError as e:
         if gone(e):
+            if follow_deleted(src, dst):
+                if renamed is not None:
+                    del renamed[n:]  # not tried: the retry records its own
+                return rename_verified(src, dst, verify=verify, dst_checked=dst_checked, renamed=renamed)
             return SRC_GONE
-        raise
+        raise _renamed(e, src, dst) from None
     if verify and lexists(src):
         return NOT_MOVED
     return MOVED
+
+
+def follow_deleted(*paths: str) -> bool:
+    """After ENOENT (or ESTALE) through a held directory of the spool: if one of the
+    directories of ``paths`` was deleted since it was opened (no link left, as a
+    directory removed, or renamed over by another), the spool's directories are opened
+    again from their paths (``Dirs.refresh``: a directory renamed there is followed, a
+    symlink refused) and True returned: the caller tries once more. A directory merely
+    moved away keeps a link: the spool stays in it (a symlink put at its path is no
+    spool directory)."""
+    for p in paths:
+        if isinstance(p, At):
+            d = p.home
+        elif isinstance(p, SpoolDir):
+            d = p
+        else:
+            continue
+        try:
+            if os.fstat(d.fd).st_nlink != 0:
+                continue
+        except OSError:
+            continue
+        before = os.fstat(d.fd)
+        d._dirs.refresh()
+        after = os.fstat(d.fd)
+        return (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino)
+    return False
 
 
 def _stale_or_gone(src: str) -> int:
@@ -743,7 +1049,9 @@ def move(
     linked = True
     for _ in range(_REPLACE_TRIES):
         try:
-            os.link(src, keep, follow_symlinks=False)
+            s, sfd = at(src)
+            k, kfd = at(keep)
+            os.link(s, k, src_dir_fd=sfd, dst_dir_fd=kfd, follow_symlinks=False)
         except FileExistsError:
             # A keep link left by a crash (recovery removes them; we hold the owner
             # lock): ours replaces it. One back at once, time after time, is planted.
@@ -751,9 +1059,11 @@ def move(
             continue
         except OSError as e:
             if gone(e):
+                if follow_deleted(src, keep):
+                    return move(src, dst, keep, verify=verify, sync_src=sync_src, renamed=renamed)
                 return SRC_GONE
             if e.errno not in _NO_LINKS:
-                raise
+                raise _renamed(e, src, keep) from None
             linked = False
         break
     else:
@@ -781,12 +1091,13 @@ def move(
 
 
 def is_real_dir(path: str) -> bool:
-    """True if ``path`` is a directory and not a symlink to one."""
+    """True if ``path`` is a directory and not a symlink to one (a spool's own directory,
+    held open: one not deleted since)."""
     try:
-        st = os.lstat(path)
+        st = lstat(path)
     except FileNotFoundError:
         return False
-    return stat.S_ISDIR(st.st_mode)
+    return stat.S_ISDIR(st.st_mode) and not (type(path) is SpoolDir and st.st_nlink == 0)
 
 
 def mkdir_durable(path: str, mode: int, *, sync: bool) -> bool:
@@ -850,6 +1161,10 @@ except ImportError:  # pragma: no cover - Windows: no owner locks, recovery is d
 # GIL makes atomic.
 _held: set[int] = set()
 _generation = 0
+# The descriptors spools hold for their directories (Dirs): never a lost descriptor
+# that _close_unheld may close (an interrupted open of a spool directory, to fsync it,
+# names the same directory).
+_dir_fds: set[int] = set()
 
 
 class _Guard:
@@ -967,7 +1282,17 @@ def _open_held(path: str, flags: int, mode: int = 0o777, holder: Holder | None =
     try:
         with guard:
             # Opened and stored from C (as in the descriptor box): no handler runs between the two.
-            box.extend(map(os.open, (path,), (flags,), (mode,)))
+            if type(path) is str:
+                box.extend(map(os.open, (path,), (flags,), (mode,)))
+            elif type(path) is SpoolDir:  # O_TMPFILE in it; inline (no call), as below
+                opener = functools.partial(os.open, dir_fd=path.fd)
+                box.extend(map(opener, (".",), (flags,), (mode,)))
+            elif type(path) is At:  # inline (no call): every entry's registry file comes here
+                opener = functools.partial(os.open, dir_fd=path.home.fd)
+                box.extend(map(opener, (path.rel,), (flags,), (mode,)))
+            else:
+                rel, dfd = at(path)
+                box.extend(map(functools.partial(os.open, dir_fd=dfd), (rel,), (flags,), (mode,)))
             fd = box[0]
             _held.add(fd)
             # The holder last: storing an attribute calls nothing, so no signal handler
@@ -979,6 +1304,8 @@ def _open_held(path: str, flags: int, mode: int = 0o777, holder: Holder | None =
         if box:
             if holder is None or holder.fd != box[0]:
                 _close_held(box[0])  # not handed over: ours to close
+        elif isinstance(e, OSError):
+            _renamed(e, path)
         elif not isinstance(e, OSError):
             # An exception from inside the open (a handler run while it retried after
             # EINTR opened nothing); should one come once it opened, the number is lost:
@@ -1010,7 +1337,7 @@ def _close_unheld(path: str, flags: int) -> None:
     with contextlib.suppress(OSError):
         for n in os.listdir("/proc/self/fd"):
             fd = int(n)
-            if fd in _held:
+            if fd in _held or fd in _dir_fds:
                 continue
             try:
                 target = os.readlink(f"/proc/self/fd/{n}")
@@ -1102,7 +1429,7 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            _no_tmpfile.add(parent)
+            _no_tmpfile.add(str(parent))
         else:
             try:
                 try_lock(fd)
@@ -1110,7 +1437,15 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
                 # link to the unnamed file, only when given a dir fd (ignored: both paths
                 # are absolute or relative to the cwd either way).
                 root = _root_box[0] if _root_box else _root_fd()
-                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=root, follow_symlinks=True)
+                if type(path) is At:
+                    os.link(
+                        f"/proc/self/fd/{fd}", path.rel, src_dir_fd=root,
+                        dst_dir_fd=path.home.fd, follow_symlinks=True,
+                    )
+                else:
+                    os.link(
+                        f"/proc/self/fd/{fd}", path, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=True
+                    )
                 if holder is not None:
                     holder.path = path
             except FileExistsError:
@@ -1125,6 +1460,8 @@ def create_locked(parent: str, path: str, mode: int, holder: Holder | None = Non
                 finally:
                     _close_held(fd, holder)
                 if isinstance(e, OSError):
+                    if e.filename2 is not None and e.filename2 == getattr(path, "rel", None):
+                        e.filename2 = str(path)  # linkat's, named relative to the dir
                     raise _name(e, path) from None  # flock gives no path
                 raise
             return fd
@@ -1150,7 +1487,7 @@ def same_inode(a: str, b: str) -> bool:
     """True if ``a`` and ``b`` are links of one file (not following symlinks); False if
     either is absent."""
     try:
-        sa, sb = os.lstat(a), os.lstat(b)
+        sa, sb = lstat(a), lstat(b)
     except FileNotFoundError:
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
@@ -1159,7 +1496,7 @@ def same_inode(a: str, b: str) -> bool:
 def _is_file(path: str, fd: int) -> bool:
     """True if ``path`` names the file open as ``fd``."""
     try:
-        a, b = os.lstat(path), os.fstat(fd)
+        a, b = lstat(path), os.fstat(fd)
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

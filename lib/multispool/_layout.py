@@ -92,7 +92,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
-from ._errors import InvalidNameError
+from ._errors import InvalidNameError, NotASpoolError
+from ._fs import At, Dirs, SpoolDir, spool_dir
 
 REGISTRY: Final = ".registry"
 TMP: Final = ".tmp"
@@ -158,68 +159,129 @@ def check_queue_dirname(value: object) -> str:
     return value
 
 
-class Layout:
-    """Paths of one spool. Pure: builds strings, touches nothing."""
+# Whether this platform reaches files through directory descriptors (not Windows): where
+# not, a Layout's paths are plain strs, used by path as before.
+HOLD_DIRS: Final = {os.open, os.rename, os.link, os.unlink, os.stat} <= os.supports_dir_fd
 
-    __slots__ = (
-        "_co", "_cod", "_data", "_keep", "_q", "_reg", "_root", "_tmp", "data", "dir", "registry", "tmp",
-    )
+
+class Layout:
+    """Paths of one spool. Builds strs and touches nothing, but for the descriptors of the
+    spool's directories (``_fs.Dirs``): the paths it gives (``_fs.SpoolDir``,
+    ``_fs.At``) are reached through them, each directory opened (never through a
+    symlink: NotASpoolError naming it) the first time a path in it is used, then held
+    until the Layout is collected. A directory swapped for a symlink, or moved, once
+    held changes nothing: operations stay in the directory that was there, until
+    ``refresh`` (a reader that found its queue directory replaced). A pickled Layout is
+    opened afresh."""
+
+    __slots__ = ("_dirs", "_files", "_qfiles", "_root", "data", "dir", "fds", "registry", "root", "tmp")
 
     def __init__(self, spool_dir: str) -> None:
         self.dir = spool_dir
-        self.registry = os.path.join(spool_dir, REGISTRY)
-        self.tmp = os.path.join(spool_dir, TMP)
-        self.data = os.path.join(spool_dir, DATA)
         # Entry names and queue dirnames are checked to hold no separator, so a plain
         # concatenation is what os.path.join would return, at a fraction of its cost.
         self._root = os.path.join(spool_dir, "")
-        self._reg = os.path.join(self.registry, "")
-        self._tmp = os.path.join(self.tmp, "")
-        self._data = os.path.join(self.data, "")
-        # Per queue dirname, or per directory: built once, as these are on every entry's path.
-        self._q: dict[str, str] = {}
-        self._co: dict[str, str] = {}
-        self._cod: dict[str, str] = {}
-        self._keep: dict[str, str] = {}
+        self.fds = Dirs(spool_dir, NotASpoolError)
+        self._dirs: dict[str, str] = {}
+        # Per directory path: the prefix of its files' paths, and the directory; per
+        # queue dirname, the same for its queue dir. Built once, as these are on every
+        # entry's path.
+        self._files: dict[str, tuple[str, str]] = {}
+        self._qfiles: dict[str, tuple[str, str]] = {}
+        self.root = self._dir("")
+        self.registry = self._dir(REGISTRY)
+        self.tmp = self._dir(TMP)
+        self.data = self._dir(DATA)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Layout, (self.dir,))  # descriptors mean nothing in another process
+
+    def _dir(self, key: str) -> str:
+        d = self._dirs.get(key)
+        if d is None:
+            if len(self._dirs) >= 1024:  # only a spool's dirs come here; a bound all the same
+                self._dirs.clear()
+                self._files.clear()
+                self._qfiles.clear()
+            path = self._root + key if key else self.dir
+            d = self._dirs[key] = spool_dir(path, self.fds, key) if HOLD_DIRS else path
+        return d
+
+    def refresh(self) -> None:
+        """Follow the spool's directories renamed since they were opened (``Dirs.refresh``)."""
+        self.fds.refresh()
+
+    def _in(self, directory: str, name: str) -> str:
+        """The path of ``name`` in ``directory`` (one of this Layout's)."""
+        f = self._files.get(directory)
+        if f is None:
+            f = self._files[directory] = (os.path.join(directory, ""), directory)
+        if type(f[1]) is SpoolDir:
+            # At(str) is built in C, its attributes stored: no Python call.
+            a = At(f[0] + name)
+            a.home = f[1]
+            a.rel = name
+            return a
+        return f[0] + name
 
     def queue(self, dirname: str) -> str:
-        return self._root + dirname
+        d = self._dirs.get(dirname)  # inline: on every enqueue's path
+        return self._dir(dirname) if d is None else d
 
     def checkout(self, dirname: str) -> str:
-        p = self._cod.get(dirname)
-        if p is None:
-            p = self._cod[dirname] = os.path.join(self._root + dirname, CHECKOUT)
-        return p
+        return self._dir(dirname + "/" + CHECKOUT)
 
+    # The entry-path methods inline _in: they are on every entry's path.
     def registry_file(self, name: str) -> str:
-        return self._reg + name
+        d = self.registry
+        if type(d) is SpoolDir:
+            a = At(d + "/" + name)
+            a.home = d
+            a.rel = name
+            return a
+        return os.path.join(d, name)
 
     def tmp_file(self, name: str) -> str:
-        return self._tmp + name
+        d = self.tmp
+        if type(d) is SpoolDir:
+            a = At(d + "/" + name)
+            a.home = d
+            a.rel = name
+            return a
+        return os.path.join(d, name)
 
     def data_file(self, name: str) -> str:
-        return self._data + name
+        d = self.data
+        if type(d) is SpoolDir:
+            a = At(d + "/" + name)
+            a.home = d
+            a.rel = name
+            return a
+        return os.path.join(d, name)
 
     def queue_file(self, dirname: str, name: str) -> str:
-        p = self._q.get(dirname)
-        if p is None:
-            p = self._q[dirname] = os.path.join(self._root + dirname, "")
-        return p + name
+        f = self._qfiles.get(dirname)
+        if f is None:
+            d = self._dir(dirname)
+            f = self._qfiles[dirname] = (os.path.join(d, ""), d)
+        d = f[1]
+        if type(d) is SpoolDir:
+            a = At(f[0] + name)
+            a.home = d
+            a.rel = name
+            return a
+        return f[0] + name
 
     def checkout_file(self, dirname: str, name: str) -> str:
-        p = self._co.get(dirname)
-        if p is None:
-            p = self._co[dirname] = os.path.join(self._root + dirname, CHECKOUT, "")
-        return p + name
+        return self._in(self._dir(dirname + "/" + CHECKOUT), name)
+
+    def file_in(self, directory: str, name: str) -> str:
+        """The path of ``name`` in ``directory`` (a queue or checkout dir path)."""
+        return self._in(directory, name)
 
     def keep_file(self, directory: str, name: str) -> str:
         """The keep link of ``name`` in ``directory`` (a queue or checkout dir path)."""
-        p = self._keep.get(directory)
-        if p is None:
-            if len(self._keep) >= 1024:  # only a spool's own dirs come here; a bound all the same
-                self._keep.clear()
-            p = self._keep[directory] = os.path.join(directory, "")
-        return p + keep_name(name)
+        return self._in(directory, keep_name(name))
 
     @property
     def lost_found(self) -> str:

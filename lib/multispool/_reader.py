@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Final, Generic, TypeAlias, TypeVar
 
-from . import _watch
+from . import _fs, _watch
 from ._errors import CorruptEntryError, NotASpoolError
 from ._schedule import Backoff
 from ._spool import Action, CheckedOutEntry, DataFile, Spool, _Busy, _NotDue
@@ -362,6 +362,29 @@ class _WeakWake:
             sub.close_soon()
 
 
+class _RootWake(_WeakWake):
+    """The callback of a reader's watch on the spool directory (see ``_subscribe``):
+    its queue directory deleted or renamed (away, or another one there), or the spool
+    directory itself moved, has the reader list its queue, which follows a directory
+    renamed there (``_follow``)."""
+
+    __slots__ = ("dirname",)
+
+    def __init__(self, reader: QueueReader[Any, Any], dirname: str) -> None:
+        super().__init__(reader)
+        self.dirname = dirname
+
+    def __call__(self, name: str | None = None) -> None:
+        if name is None:
+            # Maybe the spool directory's own move (the watch is stale then): checked by
+            # the reader's next take, which has no system call to spend on it otherwise.
+            reader = self.ref()
+            if reader is not None:
+                reader._root_check = True
+        if name is None or name == self.dirname:
+            super().__call__(None)
+
+
 class QueueReader(Generic[M, D]):
     """Hands out the entries of one queue, each to exactly one reader among all the
     processes reading it, in name order of each directory listing (entries announced by
@@ -412,6 +435,10 @@ class QueueReader(Generic[M, D]):
         self._pid = os.getpid()
         self._clock_token = 0
         self._sub: _watch.Subscription | None = None
+        # Native watches only: the watch on the spool directory (see _subscribe), and
+        # whether it may have gone stale since the last take.
+        self._root_sub: _watch.Subscription | None = None
+        self._root_check = False
         if recover:
             spool.recover_checkouts(queue)
             spool.clean_abandoned()
@@ -441,12 +468,44 @@ class QueueReader(Generic[M, D]):
             raise NotASpoolError("queue directory does not exist", self._qdir) from None
         self._watched = (st.st_dev, st.st_ino)
         self._must_list = True
+        self._subscribe_root()
         if self._closed:
             # close() ran meanwhile in another thread: it sets _closed before it takes
             # _sub, so either it closed this subscription or we see it closed here.
             sub, self._sub = self._sub, None
             if sub is not None:
                 sub.close()
+
+    def _subscribe_root(self) -> None:
+        """The spool holds its directories open (``_layout.Layout``), and so keeps a
+        queue directory deleted or renamed over alive: the kernel then reports no
+        IN_DELETE_SELF on its native watch, and the reader would wait on a directory
+        that left the spool. The spool directory's own watch reports both (an entry of
+        it, named as the queue dir, deleted or renamed) and its own move; it sees no
+        entry traffic (the spool directory holds only directories). A polling watch
+        lists by path: the reader checks the directory when a named entry is not there
+        (``_take_pending``)."""
+        root_sub = self._root_sub
+        if root_sub is not None and not getattr(root_sub, "stale", False):
+            return
+        sub = self._sub
+        if sub is None or getattr(sub, "mode", None) == "polling" or getattr(self._qdir, "fd", None) is None:
+            return
+        self._root_sub = None
+        if root_sub is not None:
+            root_sub.close()
+        wake = _RootWake(self, self._dirname)
+        try:
+            self._root_sub = wake.sub = _watch.subscribe(
+                self.spool._layout.root, wake, "native", departures=True, names=True
+            )
+        except FileNotFoundError:
+            raise NotASpoolError("spool directory does not exist", self.spool.dir) from None
+        if self._closed:
+            # As in _subscribe: close() ran meanwhile, maybe before the store.
+            root_sub, self._root_sub = self._root_sub, None
+            if root_sub is not None:
+                root_sub.close()
 
     def _on_event(self, name: str | None = None) -> None:
         # Observer thread. The hint goes in before the wake, so a reader that cleared
@@ -500,6 +559,12 @@ class QueueReader(Generic[M, D]):
         sub = self._sub  # None here: a re-subscription failed (the directory was missing)
         forked = self._pid != os.getpid()
         if sub is not None and not forked and not getattr(sub, "stale", False):
+            if self._root_check:
+                self._root_check = False
+                root_sub = self._root_sub
+                if root_sub is not None and getattr(root_sub, "stale", False):
+                    self._subscribe_root()  # the spool directory moved: watch what is there now
+                    self._must_list = True
             return
         if forked:
             # The parent's threads may have held the Event's lock at fork time.
@@ -508,6 +573,10 @@ class QueueReader(Generic[M, D]):
         if sub is not None:
             sub.close()  # inert for a subscription inherited across fork
             self._sub = None
+        if forked:
+            root_sub, self._root_sub = self._root_sub, None
+            if root_sub is not None:
+                root_sub.close()
         self._subscribe()
         if forked:
             self._clock_token = 0  # scheduled with the child's clock at the next listing
@@ -522,6 +591,9 @@ class QueueReader(Generic[M, D]):
         sub, self._sub = self._sub, None
         if sub is not None:
             sub.close()
+        root_sub, self._root_sub = self._root_sub, None
+        if root_sub is not None:
+            root_sub.close()
 
     @property
     def closed(self) -> bool:
@@ -543,6 +615,7 @@ class QueueReader(Generic[M, D]):
         self._hinted.clear()  # announced before this listing: the listing has them
         try:
             st = os.stat(self._qdir)
+            self._follow(st)
             if self._due_ino:
                 # Names deferred as not due: the listing's inode numbers (free, d_ino)
                 # tell which were moved back into the queue since, maybe due earlier.
@@ -569,6 +642,16 @@ class QueueReader(Generic[M, D]):
         names.sort(reverse=True)
         self._pending = names
         self._pending_listed = True
+
+    def _follow(self, st: os.stat_result) -> None:
+        """The spool works in the directories it holds open (``_layout.Layout``): if the
+        queue directory's path (``st``) names another directory now, renamed there (as
+        the spool's, or the spool itself, replaced), the spool follows it, and every
+        directory of the spool renamed meanwhile; a symlink found there is refused
+        (NotASpoolError naming it)."""
+        held = _fs.held_ident(self._qdir)
+        if held is not None and held != (st.st_dev, st.st_ino):
+            self.spool._layout.refresh()
 
     def _list_inodes(self) -> dict[str, int]:
         """The queue's entry names (dot-names skipped) with their inode numbers as the
@@ -692,8 +775,26 @@ class QueueReader(Generic[M, D]):
                 return co
             if self._pending_listed:
                 self._skip_ahead(pending)
-            # else: an event's name that is gone already (taken by another reader, or
-            # announced twice): not a sign of readers trailing each other in a listing.
+            else:
+                # An event's name that is gone already (taken by another reader, or
+                # announced twice): not a sign of readers trailing each other in a
+                # listing. A polling watch lists the path: it may have seen a directory
+                # renamed there, which the spool does not hold yet.
+                sub = self._sub
+                if sub is not None and getattr(sub, "mode", None) == "polling" and self._moved():
+                    self._must_list = True
+                    return None
+        return None
+
+    def _moved(self) -> bool:
+        """True if the queue directory's path names another directory than the spool
+        holds (or none)."""
+        try:
+            st = os.stat(self._qdir)
+        except OSError:
+            return True  # the listing says what is wrong
+        held = _fs.held_ident(self._qdir)
+        return held is not None and held != (st.st_dev, st.st_ino)
         return None
 
     def _requeued(self, name: str, listed: bool = False) -> bool:

@@ -229,6 +229,10 @@ class DataFile(Generic[D]):
     @property
     def path(self) -> str:
         """Where the data is: ``SPOOL/.data/NAME``."""
+        return str(self.spool._layout.data_file(self.name))
+
+    def _at(self) -> str:
+        """The data file's path, reached through the held ``.data`` directory."""
         return self.spool._layout.data_file(self.name)
 
     def load(self) -> D:
@@ -237,8 +241,8 @@ class DataFile(Generic[D]):
         with sp.throttled():
             dec = sp._data_decode
             if dec is not None:
-                path = self.path
-                return decode_naming(dec, _fs.read_file(path), path)  # type: ignore[no-any-return]
+                path = self._at()
+                return decode_naming(dec, _fs.read_file(path), str(path))  # type: ignore[no-any-return]
             return sp.data.load(self.path)  # type: ignore[no-any-return]
 
     def save(self, contents: D) -> None:
@@ -287,14 +291,14 @@ class DataFile(Generic[D]):
         sp = self.spool.spoolable
         try:
             sp.encode_data(contents, tmp, sync=sp.durability != "none")
-            if _fs.same_inode(tmp, self.path):
+            if _fs.same_inode(tmp, self._at()):
                 # A codec that hard-links (FileData) was given a link of the data file
                 # itself: rename(2) between two links of one file does nothing and would
                 # leave .tmp/NAME a link of the data, which the next staged write (O_TRUNC)
                 # truncates through. The data already is what was asked for: drop the link.
-                os.unlink(tmp)
+                _fs.unlink(tmp)
             else:
-                os.rename(tmp, self.path)
+                _fs.rename(tmp, self._at())
         except BaseException:
             _fs.unlink_quiet(tmp)
             raise
@@ -302,7 +306,7 @@ class DataFile(Generic[D]):
     def stat(self) -> os.stat_result:
         """``os.stat_result`` of the data file (not following a symlink)."""
         with self.spool.spoolable.throttled():
-            return os.stat(self.path, follow_symlinks=False)
+            return _fs.lstat(self._at())
 
     def __repr__(self) -> str:
         return f"DataFile({self.path!r})"
@@ -397,7 +401,7 @@ class Entry(Generic[M, D]):
         path = self.spool._layout.registry_file(self.name)
         with self.spool.spoolable.throttled():
             try:
-                return os.stat(path, follow_symlinks=False)
+                return _fs.lstat(path)
             except OSError as e:
                 if _fs.gone(e):
                     raise EntryNotFoundError("no such entry", path) from None
@@ -801,6 +805,26 @@ def _check_dst_dir(src: str, dst: str) -> None:
             raise NotASpoolError("spool is missing directory", d)
 
 
+def _check_dst_here(spool: Spool[Any, Any], dst: str) -> None:
+    """Before a move out of a checkout into ``dst``'s queue directory, which the spool
+    holds open (``_layout.Layout``): if its path names nothing now (the directory
+    removed, or moved out of the spool), NotASpoolError naming it, the entry still
+    checked out: moved into the held directory it would be where no reader looks.
+    Another directory renamed there is followed (``Layout.refresh``); a symlink there
+    is no spool directory (a member's swap), and the move stays in the one held. One
+    lstat, by path."""
+    d = _fs.parent(dst)
+    held = _fs.held_ident(d)
+    if held is None:
+        return
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        raise NotASpoolError("spool is missing directory", d) from None
+    if stat_mod.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) != held:
+        spool._layout.refresh()
+
+
 _UTIME_NOFOLLOW: Final = os.utime in os.supports_follow_symlinks
 
 
@@ -865,16 +889,19 @@ def _touch(path: str) -> None:
     spool, whose times are not ours to change (it keeps them). Never through a symlink.
     FileNotFoundError (naming ``path``) if it is gone."""
     try:
-        st = os.lstat(path)
+        rel, dfd = _fs.at(path)
+        st = os.lstat(rel, dir_fd=dfd)
         if not stat_mod.S_ISREG(st.st_mode) or st.st_nlink != 1:
             return  # a symlink, FIFO...: the read that follows says what it is
         # By name, as checked an instant before: a member who swaps a hard link in
         # between (a race to win each time) can still have that file touched.
         if _UTIME_NOFOLLOW:
-            os.utime(path, follow_symlinks=False)
+            os.utime(rel, dir_fd=dfd, follow_symlinks=False)
         else:  # pragma: no cover
-            os.utime(path)
+            os.utime(rel, dir_fd=dfd)
     except OSError as e:
+        if _fs.gone(e) and _fs.follow_deleted(path):
+            return _touch(path)  # its directory was replaced: the claim's first step there
         raise _fs._name(e, path) from None  # utimensat(AT_SYMLINK_NOFOLLOW) gives no path
 
 
@@ -903,6 +930,7 @@ class Spool(Generic[M, D]):
         until that cache expires (network filesystems keep names for about a second).
         With ``keep`` (durability "full"), the move is the durable one of ``_layout``."""
         verify = self._fs_facts().verify_renames
+        _check_dst_here(self, dst)
         r = _fs.move(src, dst, keep, verify=verify, sync_src=sync_src)
         if r != _fs.NOT_MOVED:
             if r == _fs.SRC_GONE:
@@ -972,12 +1000,11 @@ class Spool(Generic[M, D]):
         sp = self.spoolable
         lay = self._layout
         known = [sp.dirname(q) for q in sp._queue_list]
-        with os.scandir(self.dir) as it:
-            other = sorted(
-                e.name for e in it
-                if e.name[0] != "." and e.name not in known and e.is_dir(follow_symlinks=False)
-                and not _lostfound.is_fs_lost_found(self.dir, e.name)
-            )
+        other = sorted(
+            n for n in _fs.listdir(lay.root)
+            if n[0] != "." and n not in known and _fs.is_real_dir(lay.file_in(lay.root, n))
+            and not _lostfound.is_fs_lost_found(self.dir, n)
+        )
         return [d for dn in known + other for d in (lay.queue(dn), lay.checkout(dn))]
 
     def _validate(self, create: bool) -> None:
@@ -999,7 +1026,9 @@ class Spool(Generic[M, D]):
         devices: dict[int, str] = {}
         for d in self._spool_dirs():
             try:
-                st = os.lstat(d)
+                # Opens and holds d, never through a symlink (NotASpoolError naming it):
+                # the spool works in these directories whatever their paths lead to later.
+                st = _fs.lstat(d)
             except FileNotFoundError:
                 if d == lay.data:
                     continue  # as the OCaml library: .data is created with the spool only
@@ -1226,7 +1255,7 @@ class Spool(Generic[M, D]):
         error is raised, never taken for "not there"."""
         lay = self._layout
         for d in self._entry_dirs():
-            p = os.path.join(d, name)
+            p = lay.file_in(d, name)
             if _fs.lexists(p):
                 return p
             if keep_links and _fs.lexists(p := lay.keep_file(d, name)):
@@ -1271,7 +1300,7 @@ class Spool(Generic[M, D]):
         path = self._layout.registry_file(name)
         with self.spoolable.throttled():
             try:
-                st = os.stat(path, follow_symlinks=False)
+                st = _fs.lstat(path)
             except FileNotFoundError:
                 return
             owner = _Claim(None)
@@ -1289,7 +1318,7 @@ class Spool(Generic[M, D]):
         reservation, or a dead reserver's (its lock is free)."""
         path = self._layout.registry_file(name)
         try:
-            st = os.stat(path, follow_symlinks=False)
+            st = _fs.lstat(path)
         except FileNotFoundError:
             raise EntryNotFoundError("name is not reserved", path) from None
         key = (st.st_dev, st.st_ino)
@@ -1442,12 +1471,12 @@ class Spool(Generic[M, D]):
         tmp = self._layout.tmp_file(name)
         try:
             _fs.write_file(tmp, raw, sync=sp.durability != "none", mode=sp.file_mode, owned=True)
-            os.rename(tmp, path)
+            _fs.rename(tmp, path)
         except BaseException:
             _fs.unlink_quiet(tmp)
             raise
         if sync_dir and sp.durability == "full":
-            _fs.fsync_dir(os.path.dirname(path))
+            _fs.fsync_dir(_fs.parent(path))
 
     def _move_back(self, dirname: str, name: str, claim: _Claim | None, sync_src: bool = True) -> bool:
         """Move a checked-out entry back into its queue (release, give-back); False if it
@@ -1495,7 +1524,7 @@ class Spool(Generic[M, D]):
         its lock free for that clean-up (the entry is gone: there is nothing to give back)."""
         data = self._layout.data_file(name)
         with contextlib.suppress(FileNotFoundError):
-            if stat_mod.S_ISDIR(os.lstat(data).st_mode):
+            if stat_mod.S_ISDIR(_fs.lstat(data).st_mode):
                 raise IsADirectoryError(errno.EISDIR, "entry data is a directory: nothing removed", data)
         if not _fs.unlink_quiet(meta_path):
             raise EntryNotFoundError(gone, meta_path)
@@ -1518,7 +1547,7 @@ class Spool(Generic[M, D]):
     def _list_names(self, directory: str) -> list[str]:
         """Unsorted entry names in ``directory`` (dot-names such as .checkout skipped)."""
         with self.spoolable.throttled():
-            return [n for n in os.listdir(directory) if n[0] != "."]
+            return [n for n in _fs.listdir(directory) if n[0] != "."]
 
     def list(self, queue: enum.Enum) -> list[Entry[M, D]]:
         """Entries waiting in ``queue``, sorted by name (dot-names skipped)."""
@@ -1585,7 +1614,7 @@ class Spool(Generic[M, D]):
                     try:
                         claim.sched = sched = _schedule.read_fd(fd, size, reg)
                         if when_due and sched.due > time.time():
-                            raise _NotDue(name, sched.due, os.lstat(qfile).st_ino)
+                            raise _NotDue(name, sched.due, _fs.lstat(qfile).st_ino)
                     except FileNotFoundError:
                         claim.release()
                         return None  # left its queue before we took the lock
@@ -1720,6 +1749,7 @@ class Spool(Generic[M, D]):
                 dst = self._layout.queue_file(sp.dirname(q), name)
                 full = sp.durability == "full"
                 keep = self._layout.keep_file(_fs.parent(cofile), name) if full else None
+                _check_dst_here(self, dst)
                 if _fs.move(cofile, dst, keep) == _fs.SRC_GONE:
                     _check_dst_dir(cofile, dst)
                 claim.sync_source(unless=_fs.parent(dst))
@@ -1867,18 +1897,18 @@ class Spool(Generic[M, D]):
         by_keep: dict[str, str] | None = None
         for d in (lay.queue(dirname), lay.checkout(dirname)):
             with sp.throttled():
-                keeps = [n for n in os.listdir(d) if n.startswith(KEEP_PREFIX)]
+                keeps = [n for n in _fs.listdir(d) if n.startswith(KEEP_PREFIX)]
             for k in sorted(keeps):
                 if k.startswith(KEEP_PREFIX + "#"):
                     if by_keep is None:
                         with sp.throttled():
-                            by_keep = {keep_name(n): n for n in os.listdir(lay.registry)}
+                            by_keep = {keep_name(n): n for n in _fs.listdir(lay.registry)}
                     name = by_keep.get(k)
                     if name is None:
                         # No entry of that name now: a name with data but no
                         # registry file (left for the Monitor), or none at all.
                         with sp.throttled():
-                            by_keep.update({keep_name(n): n for n in os.listdir(lay.data)})
+                            by_keep.update({keep_name(n): n for n in _fs.listdir(lay.data)})
                         name = by_keep.get(k)
                         if name is None:
                             with sp.throttled():
@@ -1905,10 +1935,10 @@ class Spool(Generic[M, D]):
                 self._drop_stale_keep(d, keep, name)
             return
         try:
-            kpath = os.path.join(d, keep)
+            kpath = lay.file_in(d, keep)
             # A copy that cannot be looked up (EIO, a dir its user may not search) may be
             # the entry: an error, never "not placed" (restoring would queue it twice).
-            placed = any(_fs.lexists(os.path.join(ed, name)) for ed in self._entry_dirs())
+            placed = any(_fs.lexists(lay.file_in(ed, name)) for ed in self._entry_dirs())
             if placed:
                 _fs.unlink_quiet(kpath)
                 log.info("multispool: removed keep link %s of a finished move", kpath)
@@ -1925,7 +1955,7 @@ class Spool(Generic[M, D]):
                     )
                     log.warning("multispool: keep link %s outlived its entry: put aside", kpath)
             else:
-                _fs.rename_if_exists(kpath, os.path.join(d, name))
+                _fs.rename_if_exists(kpath, lay.file_in(d, name))
                 log.info("multispool: undid the interrupted move of %s (restored from %s)", name, kpath)
             if sp.durability == "full":
                 _fs.fsync_dir(d)
@@ -1937,7 +1967,7 @@ class Spool(Generic[M, D]):
         data file: the leftover of a move cut by a crash, whose entry has since been
         handled and removed (a removal unlinks the metadata, the data, then the
         registry file). Nobody owns it: no move of an entry of that name is under way."""
-        kpath = os.path.join(d, keep)
+        kpath = self._layout.file_in(d, keep)
         if _fs.unlink_quiet(kpath):
             log.info("multispool: removed keep link %s of an entry removed since (%s)", kpath, name)
             if self.spoolable.durability == "full":
@@ -1956,7 +1986,7 @@ class Spool(Generic[M, D]):
         try:
             cofile = lay.checkout_file(dirname, name)
             try:
-                if min_age is not None and time.time() - os.lstat(cofile).st_mtime < min_age:
+                if min_age is not None and time.time() - _fs.lstat(cofile).st_mtime < min_age:
                     return False  # too young for the stated proof of death
                 sp._codec.decode(_fs.read_file(cofile), cofile)
             except OSError as e:
@@ -1978,7 +2008,7 @@ class Spool(Generic[M, D]):
             # decides (a no-op rename counts as not done, and is tried again later).
             elsewhere = [] if verify else [
                 p for ed in self._entry_dirs()
-                if os.path.basename(ed) != CHECKOUT and _fs.lexists(p := os.path.join(ed, name))
+                if os.path.basename(ed) != CHECKOUT and _fs.lexists(p := lay.file_in(ed, name))
             ]
             if elsewhere:
                 # A move out of the checkout (save, release) or the claim itself was cut by
@@ -2045,12 +2075,12 @@ class Spool(Generic[M, D]):
             log.warning("multispool: no owner locks on this platform: clean_abandoned does nothing")
             return []
         with sp.throttled():
-            regs = os.listdir(lay.registry)
+            regs = _fs.listdir(lay.registry)
             present: set[str] = set()
             entry_dirs = self._entry_dirs()
             for ed in entry_dirs:
                 try:
-                    present.update(os.listdir(ed))
+                    present.update(_fs.listdir(ed))
                 except FileNotFoundError:
                     continue  # another Spoolable's queue without .checkout, or removed
         now = time.time()
@@ -2061,7 +2091,7 @@ class Spool(Generic[M, D]):
             reg = lay.registry_file(name)
             with sp.throttled():
                 try:
-                    if now - os.lstat(reg).st_mtime < limit:
+                    if now - _fs.lstat(reg).st_mtime < limit:
                         continue
                 except OSError as e:
                     if _fs.gone(e):
@@ -2083,7 +2113,7 @@ class Spool(Generic[M, D]):
                         if any(
                             _fs.lexists(p)
                             for d in entry_dirs
-                            for p in (os.path.join(d, name), lay.keep_file(d, name))
+                            for p in (lay.file_in(d, name), lay.keep_file(d, name))
                         ):
                             continue
                     except OSError as e:
