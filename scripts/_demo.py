@@ -54,10 +54,18 @@ def time_publishing_renames(queue_dir: str, visible: dict[str, int]) -> None:
     ``queue_dir``: the entry becomes visible to consumers during that call."""
     real_rename = os.rename
     queue_dir = os.path.normpath(queue_dir)
+    st = os.stat(queue_dir)
+    queue_id = (st.st_dev, st.st_ino)
 
     def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
         d = os.fsdecode(dst)
-        if os.path.normpath(os.path.dirname(d)) == queue_dir:
+        dfd = kwargs.get("dst_dir_fd")
+        if dfd is not None:  # a name in the spool's held directory (multispool._fs.At)
+            held = os.fstat(dfd)
+            into = os.path.sep not in d and (held.st_dev, held.st_ino) == queue_id
+        else:
+            into = os.path.normpath(os.path.dirname(d)) == queue_dir
+        if into:
             visible[os.path.basename(d)] = time.perf_counter_ns()
         real_rename(src, dst, *args, **kwargs)
 

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 import multispool
-from _paths import full, open_fds
+from _paths import full, open_fds, src_dst
 from conftest import Cog, Queue
 from multispool import _aio, _enqueue, _fs
 from multispool.aio import AsyncSpool
@@ -206,8 +206,9 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, target: Any, attr: str, when: Call
     orig = getattr(target, attr)
 
     def f(*a: Any, **kw: Any) -> Any:
-        if when(a[0]):
-            raise OSError(errno.EIO, "Input/output error", os.fspath(a[0]))
+        p = full(a[0], kw.get("dir_fd", kw.get("src_dir_fd")))
+        if when(p):
+            raise OSError(errno.EIO, "Input/output error", p)
         return orig(*a, **kw)
 
     monkeypatch.setattr(target, attr, f)
@@ -364,10 +365,11 @@ def test_enqueue_many_persistent_rename_fault_while_publishing(
     renames = [0]
 
     def failing(a: Any, b: Any, **kw: Any) -> None:
-        if os.fspath(a).startswith(full_spool.dir + "/.tmp/"):
+        src, dst = src_dst(a, b, kw)
+        if src.startswith(full_spool.dir + "/.tmp/"):
             renames[0] += 1
         if renames[0] >= 3:
-            raise OSError(errno.EIO, "Input/output error", os.fspath(a), None, os.fspath(b))
+            raise OSError(errno.EIO, "Input/output error", src, None, dst)
         rename(a, b, **kw)
 
     monkeypatch.setattr(os, "rename", failing)
@@ -1496,8 +1498,9 @@ def test_interrupt_right_after_a_publishing_rename_keeps_what_was_published(
     count = [0]
 
     def interrupted(a: Any, b: Any, **kw: Any) -> None:
+        dst = full(b, kw.get("dst_dir_fd"))
         rename(a, b, **kw)
-        if os.fspath(b).startswith(os.path.join(full_spool.dir, "queue1")):
+        if dst.startswith(os.path.join(full_spool.dir, "queue1")):
             count[0] += 1
             if count[0] == n:
                 raise KeyboardInterrupt
@@ -1653,10 +1656,11 @@ def test_an_entry_is_never_published_with_a_file_open(
     open_at_rename: list[str] = []
 
     def renaming(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
-        if os.path.dirname(os.fspath(dst)) == qdir:
-            name = os.path.basename(os.fspath(src))
+        s, d = src_dst(src, dst, kw)
+        if os.path.dirname(d) == qdir:
+            name = os.path.basename(s)
             published.append(name)
-            mine = {os.fspath(src), os.path.join(spool.dir, ".data", name)}
+            mine = {s, os.path.join(spool.dir, ".data", name)}
             for fd in os.listdir("/proc/self/fd"):
                 try:
                     target = os.readlink(f"/proc/self/fd/{fd}")

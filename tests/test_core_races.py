@@ -25,7 +25,7 @@ import pytest
 
 import multispool
 import multispool._fs
-from _paths import full
+from _paths import full, src_dst
 from _paths import open_fds as _open_fds
 from _procs import broadcast, child_env, find_sort, run_python, workers
 from conftest import Cog, Queue
@@ -203,8 +203,9 @@ def test_interrupt_right_after_enqueue_rename_keeps_the_entry_whole(
     before = _open_fds()
 
     def rename_then_interrupt(src: Any, dst: Any, *a: Any, **kw: Any) -> None:
+        s, d = src_dst(src, dst, kw)
         real_rename(src, dst, *a, **kw)
-        if "/.tmp/" in str(src) and "/queue1/" in str(dst):
+        if "/.tmp/" in s and "/queue1/" in d:
             raise KeyboardInterrupt  # Ctrl-C delivered as the rename returns
 
     monkeypatch.setattr(os, "rename", rename_then_interrupt)

@@ -203,3 +203,47 @@ def test_reader_whose_queue_dir_is_swapped_refuses_it_by_name(
             reader.dequeue(timeout=10)
     assert str(_q1(spool)) in str(ei.value)
     victim.untouched()
+
+
+# -- the producer side ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["queue1", ".tmp", ".data", ".registry"])
+@pytest.mark.parametrize("durability", ["none", "full"])
+def test_enqueue_with_dir_swapped_stays_in_the_spool(
+    tmp_path: Path, spoolable: multispool.Spoolable[Any, bytes], where: str, durability: str
+) -> None:
+    sp = multispool.Spoolable(
+        queues=Queue, metadata=spoolable.metadata, name_generator=multispool.PrefixNames(),
+        durability=durability,
+    )
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    victim = Victim(tmp_path)
+    real = swap(Path(spool.dir, where), victim)
+    e = _enqueue(spool)
+    victim.untouched()
+    # The entry's files went through the real directory (.tmp: renamed on, into queue1).
+    want = {".tmp": [], "queue1": [".checkout", GUESS]}.get(where, [GUESS])
+    assert sorted(os.listdir(real)) == want
+    with spool.checkout(e) as co:
+        assert co.contents == Cog(n=1) and co.data_file.load() == b"payload"
+
+
+@pytest.mark.parametrize("link", [True, False])
+def test_file_data_enqueue_with_data_dir_swapped_stays_in_the_spool(
+    tmp_path: Path, victim: Victim, link: bool
+) -> None:
+    """FileData links (or copies) the caller's file in as ``.data/NAME``, through the
+    spool's held ``.data``: nothing is created where a symlink put there leads."""
+    sp = multispool.Spoolable(
+        queues=Queue, metadata=Cog, data=multispool.FileData(link=link),
+        name_generator=multispool.PrefixNames(),
+    )
+    spool = multispool.Spool.create(tmp_path / "spool", sp)
+    src = tmp_path / "payload.bin"
+    src.write_bytes(b"payload")
+    real = swap(Path(spool.dir, ".data"), victim)
+    e = spool.enqueue(Queue.QUEUE1, Cog(n=1), src, reserve="guess")
+    assert e.name == GUESS
+    victim.untouched()
+    assert os.listdir(real) == [GUESS]

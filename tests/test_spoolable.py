@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -688,6 +689,16 @@ spool.checkout(multispool.Entry(spool, Q.B, e.name)).remove()
 """
 
 
+def _renamed_to(ln: str) -> str | None:
+    """The destination of a rename line of ``strace -y``: ``rename("A", "B")``, or
+    ``renameat(3</dir>, "A", 4</dir2>, "B")`` (a name in a directory descriptor)."""
+    m = re.match(r'rename\("[^"]*", "([^"]*)"\)', ln)
+    if m:
+        return m.group(1)
+    m = re.match(r'renameat2?\(\S+, "[^"]*", -?\d+<([^>]*)>, "([^"]*)"', ln)
+    return f"{m.group(1)}/{m.group(2)}" if m else None
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
 @pytest.mark.parametrize("durability", ["full", "file", "none"])
 def test_fsync_syscalls_under_strace(tmp_path: Path, durability: str) -> None:
@@ -709,9 +720,7 @@ def test_fsync_syscalls_under_strace(tmp_path: Path, durability: str) -> None:
     if durability == "none":
         assert fsyncs == []
         return
-    publish = next(
-        i for i, ln in enumerate(lines) if ln.startswith("rename") and "/a/n000000" in ln.split(",")[1]
-    )
+    publish = next(i for i, ln in enumerate(lines) if _renamed_to(ln) == f"{root}/a/n000000")
     assert any(f"{root}/.tmp/n000000>" in ln for ln in lines[:publish] if ln.startswith("fsync"))
     assert any(f"{root}/.data/n000000>" in ln for ln in lines[:publish] if ln.startswith("fsync"))
     # fsync(3</path>) = 0: the decorated path tells files (named n0...) from directories.

@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any, Final
 from . import _aio, _fs
 from . import _spool as _spool_module  # a cycle: _spool imports this module; used at call time
 from ._errors import _PublishedError
+from ._fs import At
 from ._spoolable import TimeOrderedNames
 
 if TYPE_CHECKING:
@@ -535,11 +536,19 @@ def publish(staged: Sequence[Staged]) -> None:
     st = None
     try:
         for st in staged:
-            os.rename(st.tmp, st.dst)
+            tmp, dst = st.tmp, st.dst
+            if type(tmp) is At and type(dst) is At:
+                # Through the spool's held directories (_layout.Layout): a queue or .tmp
+                # dir swapped for a symlink leads nowhere else. Inline: no Python call.
+                os.rename(tmp.rel, dst.rel, src_dir_fd=tmp.home.fd, dst_dir_fd=dst.home.fd)
+            else:
+                os.rename(tmp, dst)
             done.append(st)  # before the flag: an interrupt between is seen below
             st.published = True
-    except BaseException:
-        if st is not None and not st.published and not os.path.lexists(st.tmp) and os.path.lexists(st.dst):
+    except BaseException as e:
+        if isinstance(e, OSError) and st is not None and not st.published:
+            _fs._renamed(e, st.tmp, st.dst)  # named by the whole paths
+        if st is not None and not st.published and not _exists(st.tmp) and _exists(st.dst):
             st.published = True  # the rename happened: an interrupt, not a failed rename
             for s in staged:
                 if s.published:
@@ -547,7 +556,7 @@ def publish(staged: Sequence[Staged]) -> None:
             raise
         for st in reversed(done):
             try:
-                os.rename(st.dst, st.tmp)
+                _fs.rename(st.dst, st.tmp)
             except OSError:
                 st.owner.release()  # stays published: it is in its queue, complete and durable files
                 continue
@@ -555,6 +564,14 @@ def publish(staged: Sequence[Staged]) -> None:
         raise
     for st in staged:
         st.owner.release()
+
+
+def _exists(path: str) -> bool:
+    """Whether ``path`` exists, as the spool reaches it (False on any error)."""
+    try:
+        return _fs.lexists(path)
+    except OSError:
+        return False
 
 
 # -- commit: sync dirs, publish, sync queue ----------------------------------------------

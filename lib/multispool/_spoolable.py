@@ -230,11 +230,16 @@ class FileData:
 
     @staticmethod
     def _stream(f: Any, path: str, mode: int) -> None:
+        # Through the spool's held .data (_layout.Layout), as every spool path.
+        rel, dfd = _fs.at(path)
         try:
-            fd = os.open(path, O_CREATE_EXCL, mode)
-        except FileExistsError:  # a lost entry's file (see _write): replaced, not truncated
-            unlink_quiet(path)
-            fd = os.open(path, O_CREATE_EXCL, mode)
+            try:
+                fd = os.open(rel, O_CREATE_EXCL, mode, dir_fd=dfd)
+            except FileExistsError:  # a lost entry's file (see _write): replaced, not truncated
+                unlink_quiet(path)
+                fd = os.open(rel, O_CREATE_EXCL, mode, dir_fd=dfd)
+        except OSError as e:
+            raise _fs._renamed(e, path) from None
         # The copy is a call of its own: a return from inside this block (the sendfile
         # path once returned here) would skip the close below and leave ``fd`` open.
         try:
@@ -303,7 +308,12 @@ def _link_followed(src: str, dst: str) -> None:
     if _LINKAT_FOLLOW:
         if not os.path.isabs(src):
             src = os.path.join(os.getcwd(), src)
-        os.link(src, dst, src_dir_fd=_fs._root_fd(), follow_symlinks=True)
+        root = _fs._root_fd()
+        rel, dfd = _fs.at(dst)  # through the spool's held .data (_layout.Layout)
+        try:
+            os.link(src, rel, src_dir_fd=root, dst_dir_fd=root if dfd is None else dfd, follow_symlinks=True)
+        except OSError as e:
+            raise _fs._renamed(e, src, dst) from None
     else:  # pragma: no cover - without linkat
         os.link(os.path.realpath(src), dst)
 
