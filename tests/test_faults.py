@@ -700,8 +700,6 @@ class _Injector:
                 self._inside.on = True
                 try:
                     path = self._path(name, args, kw, on_fd)
-                    by_fd = path is None or on_fd or isinstance(args[0], int)
-                    paths = [] if by_fd else self._full(name, args, kw)
                 finally:
                     self._inside.on = False
                 if path is not None:
@@ -709,6 +707,13 @@ class _Injector:
                     self.calls.append((name, path))
                     if self.err in errs and (i == self.at or (self.sticky and self.fired is not None)):
                         self.fired = self.fired or path
+                        # The paths the error names, only for the call that fails.
+                        self._inside.on = True
+                        try:
+                            by_fd = on_fd or isinstance(args[0], int)
+                            paths = [] if by_fd else self._full(name, args, kw)
+                        finally:
+                            self._inside.on = False
                         names: tuple[str | None, ...] = tuple(paths[:1])
                         if name in ("rename", "link") and len(paths) == 2:
                             names = (paths[0], None, paths[1])

@@ -626,16 +626,21 @@ def bindfs_mount(source: Path, target: Path) -> Iterator[None]:
             pytest.skip(f"bindfs could not mount (FUSE unusable here?): {err.strip()}")
         yield
     finally:
+        patience = WAIT
         if os.path.ismount(target):
             umount = shutil.which("fusermount3") or shutil.which("fusermount")
             cmd = [umount, "-u", str(target)] if umount else ["umount", str(target)]
             if subprocess.run(cmd, check=False, capture_output=True).returncode != 0:
-                # Busy (a watch or an open file still pins it): detach lazily rather than
-                # leave a dead mount behind for every later pytest run to trip over.
+                # Busy (a watch or an open file still pins it: a Spool the test still
+                # holds keeps its directories open): detach lazily rather than leave a
+                # dead mount behind for every later pytest run to trip over. The daemon
+                # then serves those descriptors until they are closed, which may be
+                # never in this test: it is not waited for.
                 lazy = [umount, "-u", "-z", str(target)] if umount else ["umount", "-l", str(target)]
                 subprocess.run(lazy, check=False, capture_output=True)
+                patience = 0.5
         try:
-            proc.wait(WAIT)
+            proc.wait(patience)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
